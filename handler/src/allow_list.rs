@@ -1,0 +1,328 @@
+//! The peers this node talks to.
+//!
+//! Every connection, in either direction, is checked against the allow list once the Noise
+//! handshake has authenticated the remote static key: a responder rejects a peer that is not
+//! listed, or that connects from an address its entry does not allow; a dialer refuses to
+//! send a request to a peer that is not listed. Allowing every peer exists only as
+//! [`AllowList::allow_any_peer_insecure`], a name meant to stand out in review.
+//!
+//! File format (TOML):
+//!
+//! ```toml
+//! [[peer]]
+//! id = "3b0c…64 hex digits…"   # required: the peer id
+//! name = "bob"                  # optional: a label for logs
+//! addresses = ["10.0.0.7"]      # optional: IPs it may connect from; absent = any
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::identity::PeerId;
+
+/// What the list knows about one allowed peer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllowedPeer {
+    /// A label for logs, if given.
+    pub name: Option<String>,
+    /// The IPs it may connect from; empty means any address.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The set of peers allowed to talk to this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowList {
+    mode: Mode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    /// Only the listed peers. A `BTreeMap` so iteration (e.g. when listing) is ordered.
+    Only(BTreeMap<PeerId, AllowedPeer>),
+    /// Any authenticated peer. Explicit and loudly named: see `allow_any_peer_insecure`.
+    AnyPeerInsecure,
+}
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The peer id is not on the list.
+    #[error("peer is not on the allow list")]
+    NotListed,
+    /// The peer is listed, but not for the address it connected from.
+    #[error("peer connected from {0}, which its allow-list entry does not include")]
+    AddressNotAllowed(IpAddr),
+}
+
+/// Why an allow-list file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum AllowListError {
+    /// The file could not be read.
+    #[error("cannot read allow list {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a valid allow list. The message names line, column and field.
+    #[error("invalid allow list {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The parser's message, with line, column and the offending field.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFormat {
+    #[serde(default)]
+    peer: Vec<FilePeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeer {
+    id: PeerId,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    addresses: Vec<IpAddr>,
+}
+
+impl AllowList {
+    /// An empty list: nobody is allowed until added.
+    pub fn new() -> Self {
+        Self {
+            mode: Mode::Only(BTreeMap::new()),
+        }
+    }
+
+    /// Allows every authenticated peer from any address. Peers are still authenticated by
+    /// Noise, but anyone who can reach the port can use this node. Use only in tests or
+    /// behind another access control.
+    pub fn allow_any_peer_insecure() -> Self {
+        Self {
+            mode: Mode::AnyPeerInsecure,
+        }
+    }
+
+    /// A list of the given peers, each allowed from any address.
+    pub fn from_peers(peers: impl IntoIterator<Item = PeerId>) -> Self {
+        let mut list = Self::new();
+        for peer in peers {
+            list.insert(peer, AllowedPeer::default());
+        }
+        list
+    }
+
+    /// Parses the TOML form; `origin` names the source in errors (a path, or e.g. "<inline>").
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, AllowListError> {
+        let file: FileFormat = toml::from_str(text).map_err(|e| AllowListError::Invalid {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut list = Self::new();
+        for entry in file.peer {
+            if list.contains(&entry.id) {
+                return Err(AllowListError::Invalid {
+                    path: origin.to_owned(),
+                    message: format!("peer {} is listed twice", entry.id),
+                });
+            }
+            list.insert(
+                entry.id,
+                AllowedPeer {
+                    name: entry.name,
+                    addresses: entry.addresses,
+                },
+            );
+        }
+        Ok(list)
+    }
+
+    /// Loads the TOML file at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, AllowListError> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| AllowListError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &shown)
+    }
+
+    /// Adds or replaces a peer. Turns nothing off in allow-any mode (everyone is in already).
+    pub fn insert(&mut self, peer: PeerId, entry: AllowedPeer) {
+        if let Mode::Only(peers) = &mut self.mode {
+            peers.insert(peer, entry);
+        }
+    }
+
+    /// Removes a peer; returns whether it was listed. Revoking one peer of "everyone" is not
+    /// expressible, so in allow-any mode this returns `false` and changes nothing: callers
+    /// that need revocation use an explicit list.
+    pub fn remove(&mut self, peer: &PeerId) -> bool {
+        match &mut self.mode {
+            Mode::Only(peers) => peers.remove(peer).is_some(),
+            Mode::AnyPeerInsecure => false,
+        }
+    }
+
+    /// Whether the peer may talk to us at all (from some address).
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        match &self.mode {
+            Mode::Only(peers) => peers.contains_key(peer),
+            Mode::AnyPeerInsecure => true,
+        }
+    }
+
+    /// Whether this list allows any peer.
+    pub fn is_allow_any(&self) -> bool {
+        matches!(self.mode, Mode::AnyPeerInsecure)
+    }
+
+    /// The entry for a peer, if listed explicitly.
+    pub fn get(&self, peer: &PeerId) -> Option<&AllowedPeer> {
+        match &self.mode {
+            Mode::Only(peers) => peers.get(peer),
+            Mode::AnyPeerInsecure => None,
+        }
+    }
+
+    /// Listed peers in id order (empty in allow-any mode).
+    pub fn peers(&self) -> impl Iterator<Item = (&PeerId, &AllowedPeer)> {
+        let map = match &self.mode {
+            Mode::Only(peers) => Some(peers),
+            Mode::AnyPeerInsecure => None,
+        };
+        map.into_iter().flat_map(|m| m.iter())
+    }
+
+    /// Checks an authenticated peer connecting from `ip`.
+    pub fn check(&self, peer: &PeerId, ip: IpAddr) -> Result<(), Rejection> {
+        match &self.mode {
+            Mode::AnyPeerInsecure => Ok(()),
+            Mode::Only(peers) => {
+                let entry = peers.get(peer).ok_or(Rejection::NotListed)?;
+                if entry.addresses.is_empty() || entry.addresses.contains(&ip) {
+                    Ok(())
+                } else {
+                    Err(Rejection::AddressNotAllowed(ip))
+                }
+            }
+        }
+    }
+}
+
+impl Default for AllowList {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Keypair;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    fn id(seed: u64) -> PeerId {
+        Keypair::generate(&mut ChaCha20Rng::seed_from_u64(seed)).peer_id()
+    }
+
+    #[test]
+    fn loads_peers_with_and_without_addresses() {
+        let (a, b) = (id(1), id(2));
+        let text = format!(
+            "[[peer]]\nid = \"{a}\"\nname = \"alice\"\naddresses = [\"10.0.0.1\", \"::1\"]\n\n[[peer]]\nid = \"{b}\"\n"
+        );
+        let list = AllowList::from_toml_str(&text, "allow.toml").unwrap();
+        assert_eq!(list.get(&a).unwrap().name.as_deref(), Some("alice"));
+        assert_eq!(list.check(&a, "10.0.0.1".parse().unwrap()), Ok(()));
+        assert_eq!(list.check(&a, "::1".parse().unwrap()), Ok(()));
+        assert_eq!(
+            list.check(&a, "10.0.0.2".parse().unwrap()),
+            Err(Rejection::AddressNotAllowed("10.0.0.2".parse().unwrap()))
+        );
+        assert_eq!(list.check(&b, "192.0.2.9".parse().unwrap()), Ok(()));
+        assert_eq!(
+            list.check(&id(3), "10.0.0.1".parse().unwrap()),
+            Err(Rejection::NotListed)
+        );
+        assert_eq!(list.peers().count(), 2);
+    }
+
+    #[test]
+    fn bad_files_name_origin_line_and_field() {
+        let a = id(1);
+        let cases = [
+            // Unknown field.
+            (
+                format!("[[peer]]\nid = \"{a}\"\nadress = []\n"),
+                "adress",
+                "line 3",
+            ),
+            // Bad peer id.
+            (
+                "[[peer]]\nid = \"beef\"\n".to_owned(),
+                "64 hex digits",
+                "line 2",
+            ),
+            // Bad address.
+            (
+                format!("[[peer]]\nid = \"{a}\"\naddresses = [\"10.0.0.300\"]\n"),
+                "address",
+                "line 3",
+            ),
+            // Missing id.
+            ("[[peer]]\nname = \"x\"\n".to_owned(), "id", "line 1"),
+        ];
+        for (text, field, line) in cases {
+            let err = AllowList::from_toml_str(&text, "nodes/allow.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("nodes/allow.toml"), "{err}");
+            assert!(err.contains(field), "expected {field:?} in {err}");
+            assert!(err.contains(line), "expected {line:?} in {err}");
+        }
+        let dup = format!("[[peer]]\nid = \"{a}\"\n[[peer]]\nid = \"{a}\"\n");
+        let err = AllowList::from_toml_str(&dup, "x").unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn runtime_changes() {
+        let (a, b) = (id(1), id(2));
+        let mut list = AllowList::from_peers([a]);
+        let ip = "127.0.0.1".parse().unwrap();
+        assert!(list.check(&b, ip).is_err());
+        list.insert(b, AllowedPeer::default());
+        assert_eq!(list.check(&b, ip), Ok(()));
+        assert!(list.remove(&a));
+        assert!(!list.remove(&a));
+        assert_eq!(list.check(&a, ip), Err(Rejection::NotListed));
+    }
+
+    #[test]
+    fn allow_any_is_explicit() {
+        assert!(!AllowList::default().contains(&id(1)));
+        let any = AllowList::allow_any_peer_insecure();
+        assert!(any.is_allow_any());
+        assert_eq!(any.check(&id(1), "192.0.2.1".parse().unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn file_errors_name_the_path() {
+        let err = AllowList::from_file("/nonexistent/allow.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/allow.toml"), "{err}");
+    }
+}

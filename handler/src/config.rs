@@ -1,0 +1,195 @@
+//! Every bound the handler enforces, in one place, with its default.
+//!
+//! Nothing in the crate is unbounded: queues, attempts, sizes, caches, timeouts and rates
+//! all come from here. [`Config::validate`] rejects combinations that cannot work.
+
+use std::time::Duration;
+
+/// A token bucket: `burst` events at once, refilled at `per_second` events per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Bucket capacity: how many events may arrive back to back.
+    pub burst: u32,
+    /// Sustained rate in events per second.
+    pub per_second: u32,
+}
+
+/// Handler configuration. Defaults suit a handful to hundreds of operator nodes on a WAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Largest application payload, in bytes, accepted or sent. Default 16 MiB.
+    pub max_message_size: usize,
+    /// How many times one exchange's request is tried (first try included), counting failed
+    /// dials, before the app gets a failure with its payload back. Default 6.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt. Default 100 ms.
+    pub backoff_initial: Duration,
+    /// Ceiling on the retry delay. Default 5 s.
+    pub backoff_max: Duration,
+    /// Dial plus Noise handshake must finish within this. Default 5 s.
+    pub connect_timeout: Duration,
+    /// A responder drops a connection whose handshake is not done within this. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// The dialer waits this long for the Ack of its Request. Default 2 s.
+    pub ack_timeout: Duration,
+    /// After the Ack, the dialer waits this long for the Reply before resending. Default 30 s.
+    pub reply_timeout: Duration,
+    /// The responder's application must answer a request within this, or the dialer is told
+    /// (Abort `NoResponse`). Should be below `reply_timeout`. Default 25 s.
+    pub response_timeout: Duration,
+    /// After sending a Reply, the responder waits this long for its Ack before reporting the
+    /// reply unconfirmed. Default 10 s.
+    pub reply_ack_timeout: Duration,
+    /// A connection with no exchange in flight for this long is closed. Default 30 s.
+    pub idle_timeout: Duration,
+    /// Keep a dialed connection open after its exchange for the next one. Default false.
+    pub reuse_connections: bool,
+    /// Requests waiting behind a peer's current exchange. Default 64.
+    pub max_queued_per_peer: usize,
+    /// Inbound requests handed to the app and not yet answered, over all peers; past this new
+    /// requests are Nacked `Busy`. Default 1024.
+    pub max_pending_inbound: usize,
+    /// Exchange ids remembered per peer to drop duplicate requests. Default 1024.
+    pub dedupe_per_peer: usize,
+    /// Bytes of sent replies kept to answer a resent request without asking the app again.
+    /// Default 64 MiB.
+    pub reply_cache_bytes: usize,
+    /// Incoming requests per peer. Default burst 64, 32 per second.
+    pub request_rate: RateLimit,
+    /// Incoming connections per peer. Default burst 32, 16 per second.
+    pub connection_rate: RateLimit,
+    /// Consecutive rate-limited requests after which the peer is disconnected. Default 16.
+    pub rate_limit_strikes: u32,
+    /// Peers whose rate-limit state is tracked at once (bounds memory in allow-any mode).
+    /// Default 4096.
+    pub max_tracked_peers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_message_size: 16 * 1024 * 1024,
+            max_attempts: 6,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(2),
+            reply_timeout: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(25),
+            reply_ack_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            reuse_connections: false,
+            max_queued_per_peer: 64,
+            max_pending_inbound: 1024,
+            dedupe_per_peer: 1024,
+            reply_cache_bytes: 64 * 1024 * 1024,
+            request_rate: RateLimit {
+                burst: 64,
+                per_second: 32,
+            },
+            connection_rate: RateLimit {
+                burst: 32,
+                per_second: 16,
+            },
+            rate_limit_strikes: 16,
+            max_tracked_peers: 4096,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks that every bound is usable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |what: &str| Err(ConfigError(what.to_owned()));
+        if self.max_message_size == 0 || self.max_message_size > crate::wire::MAX_MESSAGE_SIZE_LIMIT
+        {
+            return fail("max_message_size must be between 1 byte and 1 GiB");
+        }
+        if self.max_attempts == 0 {
+            return fail("max_attempts must be at least 1");
+        }
+        if self.backoff_initial > self.backoff_max {
+            return fail("backoff_initial must not exceed backoff_max");
+        }
+        let timeouts = [
+            ("connect_timeout", self.connect_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("ack_timeout", self.ack_timeout),
+            ("reply_timeout", self.reply_timeout),
+            ("response_timeout", self.response_timeout),
+            ("reply_ack_timeout", self.reply_ack_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ];
+        for (name, value) in timeouts {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{name} must be positive")));
+            }
+        }
+        if self.max_queued_per_peer == 0
+            || self.max_pending_inbound == 0
+            || self.dedupe_per_peer == 0
+            || self.max_tracked_peers == 0
+        {
+            return fail("queue, inbox, dedupe and tracking bounds must be at least 1");
+        }
+        for (name, rate) in [
+            ("request_rate", self.request_rate),
+            ("connection_rate", self.connection_rate),
+        ] {
+            if rate.burst == 0 || rate.per_second == 0 {
+                return Err(ConfigError(format!(
+                    "{name} needs a positive burst and rate"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_unusable_bounds() {
+        let bad = [
+            Config {
+                max_attempts: 0,
+                ..Config::default()
+            },
+            Config {
+                max_message_size: 0,
+                ..Config::default()
+            },
+            Config {
+                backoff_initial: Duration::from_secs(10),
+                ..Config::default()
+            },
+            Config {
+                ack_timeout: Duration::ZERO,
+                ..Config::default()
+            },
+            Config {
+                request_rate: RateLimit {
+                    burst: 0,
+                    per_second: 1,
+                },
+                ..Config::default()
+            },
+        ];
+        for config in bad {
+            assert!(config.validate().is_err(), "{config:?}");
+        }
+    }
+}

@@ -1,0 +1,899 @@
+//! One authenticated, encrypted connection, free of I/O.
+//!
+//! A [`Connection`] turns frame bodies read from a stream into [`ConnEvent`]s and messages to
+//! send into frame bodies to write. It performs the Noise XX handshake, checks the remote's
+//! identity (the dialer: the key must hash to the peer id it dialed; the responder: the peer
+//! must be on the allow list, from that address), encrypts and chunks outgoing messages, and
+//! decrypts and reassembles incoming ones within the size limit. The driver owns the socket,
+//! frames bodies with a 2-byte length prefix, and calls in the order documented on each
+//! method. Every failure is a [`ConnError`] that names the peer, followed by `Closed`.
+//!
+//! ```text
+//!   Dialer                                   Responder
+//!   ------                                   ---------
+//!   AwaitingMsg2  --- msg1: e, hello ----->  AwaitingMsg1
+//!                 <-- msg2: e,ee,s,es,hello  AwaitingMsg3     (dialer checks s == peer id)
+//!   Established   --- msg3: s,se --------->  Established      (responder checks allow list)
+//!        |        <== chunks (encrypted) ==>      |
+//!   Closed        <-- Close{reason} / error -->  Closed
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use snow::{HandshakeState, TransportState};
+
+use crate::allow_list::{AllowList, Rejection};
+use crate::config::Config;
+use crate::identity::{KEY_LEN, Keypair, PeerId};
+use crate::noise::{HandshakeRole, handshake};
+use crate::wire::{
+    CloseReason, ExchangeId, Hello, Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled,
+    Reassembler, WireError, chunk_message,
+};
+
+/// The remote side as far as it is known: always its address, its peer id once authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remote {
+    /// Socket address of the remote end.
+    pub addr: SocketAddr,
+    /// Its peer id, once the handshake revealed (or the dial named) it.
+    pub peer: Option<PeerId>,
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.peer {
+            Some(peer) => write!(f, "peer {} at {}", peer.short(), self.addr),
+            None => write!(f, "unidentified peer at {}", self.addr),
+        }
+    }
+}
+
+/// What went wrong on a connection. Every variant names the remote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// The Noise handshake failed (bad message, wrong prologue, failed DH or decryption).
+    #[error("{remote}: handshake failed: {detail}")]
+    Handshake {
+        /// Who.
+        remote: Remote,
+        /// snow's or the hello parser's description.
+        detail: String,
+    },
+    /// The peer speaks another protocol version.
+    #[error("{remote}: incompatible protocol version {theirs} (ours is {ours})")]
+    IncompatibleVersion {
+        /// Who.
+        remote: Remote,
+        /// Their version.
+        theirs: u8,
+        /// Ours.
+        ours: u8,
+    },
+    /// The key at the dialed address is not the peer we dialed.
+    #[error("{remote}: impostor: expected peer {expected}, the key there is peer {actual}")]
+    Impostor {
+        /// Who (address and expected peer).
+        remote: Remote,
+        /// The peer id we dialed.
+        expected: PeerId,
+        /// The peer id of the key that answered.
+        actual: PeerId,
+    },
+    /// We refused the peer: not on our allow list, or not from that address.
+    #[error("{remote}: rejected: {rejection}")]
+    NotAllowed {
+        /// Who.
+        remote: Remote,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// The handshake did not finish in time.
+    #[error("{remote}: handshake timed out")]
+    HandshakeTimeout {
+        /// Who.
+        remote: Remote,
+    },
+    /// A transport message failed to decrypt: corruption or tampering.
+    #[error("{remote}: decryption failed")]
+    Decrypt {
+        /// Who.
+        remote: Remote,
+    },
+    /// A decrypted message or chunk is malformed.
+    #[error("{remote}: protocol violation: {source}")]
+    Protocol {
+        /// Who.
+        remote: Remote,
+        /// What.
+        source: WireError,
+    },
+    /// A frame that no Noise message can be (empty or over 65535 bytes).
+    #[error("{remote}: invalid frame of {len} bytes")]
+    BadFrame {
+        /// Who.
+        remote: Remote,
+        /// Its length.
+        len: usize,
+    },
+    /// A message was given to a connection that cannot send (not established, or closed).
+    #[error("{remote}: connection is not open for sending")]
+    NotOpen {
+        /// Who.
+        remote: Remote,
+    },
+}
+
+impl ConnError {
+    /// The remote this error is about.
+    pub fn remote(&self) -> Remote {
+        match self {
+            Self::Handshake { remote, .. }
+            | Self::IncompatibleVersion { remote, .. }
+            | Self::Impostor { remote, .. }
+            | Self::NotAllowed { remote, .. }
+            | Self::HandshakeTimeout { remote }
+            | Self::Decrypt { remote }
+            | Self::Protocol { remote, .. }
+            | Self::BadFrame { remote, .. }
+            | Self::NotOpen { remote } => *remote,
+        }
+    }
+
+    /// Whether retrying the same peer at the same address cannot help.
+    pub fn is_definite(&self) -> bool {
+        matches!(
+            self,
+            Self::IncompatibleVersion { .. } | Self::Impostor { .. }
+        )
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// The peer sent `Close` with this reason.
+    ByPeer(CloseReason),
+    /// We closed it with this reason (an error, when the cause was the peer's fault, is
+    /// reported through `Error` instead).
+    Locally(CloseReason),
+    /// It failed: the error names the peer.
+    Error(ConnError),
+    /// The stream broke or could not be opened (reported by the driver).
+    Io(String),
+}
+
+/// What a connection reports to its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// The handshake finished and the peer is authenticated (and allowed).
+    Established {
+        /// The authenticated peer.
+        peer: PeerId,
+        /// Largest application payload the peer accepts.
+        remote_max_message_size: usize,
+    },
+    /// A complete message arrived.
+    Message(Message),
+    /// The peer started a message larger than our limit; its chunks are being discarded.
+    Oversized {
+        /// Kind of that message.
+        kind: Kind,
+        /// Its exchange, if it has one.
+        exchange: Option<ExchangeId>,
+        /// Its attempt, if it has one.
+        attempt: Option<u32>,
+        /// Announced length.
+        len: usize,
+    },
+    /// The connection is over; the driver flushes pending transmits, then drops the stream.
+    Closed(Closed),
+}
+
+enum State {
+    /// Dialer, after sending message 1.
+    AwaitingMsg2(Box<HandshakeState>),
+    /// Responder, before message 1.
+    AwaitingMsg1(Box<HandshakeState>),
+    /// Responder, after sending message 2.
+    AwaitingMsg3(Box<HandshakeState>),
+    /// Handshake done.
+    Established {
+        session: Box<TransportState>,
+        reassembler: Reassembler,
+    },
+    Closed,
+}
+
+/// One connection's protocol state. See the module docs for the call order.
+pub struct Connection {
+    remote: Remote,
+    /// The dialer's expectation; `None` on the responder.
+    expected: Option<PeerId>,
+    state: State,
+    max_message_size: usize,
+    handshake_deadline: Option<Instant>,
+    /// The dialer's advertised limit, read from message 1 (responder only).
+    dialer_max_message_size: usize,
+    transmits: VecDeque<Vec<u8>>,
+    events: VecDeque<ConnEvent>,
+    /// Scratch buffer for Noise output/input, one max-size message.
+    scratch: Vec<u8>,
+    /// Whether `Closed` was reported. Separate from `state`, which `frame` takes out while it
+    /// works, so an error found mid-transition is still reported.
+    closed_reported: bool,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("remote", &self.remote)
+            .field("established", &self.is_established())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Starts the dialer side: queues handshake message 1. `seed` feeds the ephemeral key.
+    pub fn dial(
+        keypair: &Keypair,
+        expected: PeerId,
+        addr: SocketAddr,
+        seed: [u8; 32],
+        config: &Config,
+        now: Instant,
+    ) -> Result<Self, ConnError> {
+        let remote = Remote {
+            addr,
+            peer: Some(expected),
+        };
+        let hs = handshake(keypair, HandshakeRole::Initiator, seed)
+            .map_err(|e| handshake_error(remote, e))?;
+        let mut conn = Self::new(remote, Some(expected), State::Closed, config, now);
+        conn.state = State::AwaitingMsg2(Box::new(hs));
+        let hello = conn.hello();
+        conn.write_handshake(&hello)?;
+        Ok(conn)
+    }
+
+    /// Starts the responder side of an accepted stream from `addr`.
+    pub fn accept(
+        keypair: &Keypair,
+        addr: SocketAddr,
+        seed: [u8; 32],
+        config: &Config,
+        now: Instant,
+    ) -> Result<Self, ConnError> {
+        let remote = Remote { addr, peer: None };
+        let hs = handshake(keypair, HandshakeRole::Responder, seed)
+            .map_err(|e| handshake_error(remote, e))?;
+        Ok(Self::new(
+            remote,
+            None,
+            State::AwaitingMsg1(Box::new(hs)),
+            config,
+            now,
+        ))
+    }
+
+    fn new(
+        remote: Remote,
+        expected: Option<PeerId>,
+        state: State,
+        config: &Config,
+        now: Instant,
+    ) -> Self {
+        Self {
+            remote,
+            expected,
+            state,
+            max_message_size: config.max_message_size,
+            handshake_deadline: Some(now + config.handshake_timeout),
+            dialer_max_message_size: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: vec![0u8; MAX_FRAME_LEN],
+            closed_reported: false,
+        }
+    }
+
+    fn hello(&self) -> [u8; Hello::LEN] {
+        Hello {
+            version: PROTOCOL_VERSION,
+            max_message_size: u32::try_from(self.max_message_size).unwrap_or(u32::MAX),
+        }
+        .encode()
+    }
+
+    /// The remote end (address, and peer once known).
+    pub fn remote(&self) -> Remote {
+        self.remote
+    }
+
+    /// Whether the handshake is done and the connection is not closed.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established { .. })
+    }
+
+    /// Whether the connection is over (pending transmits may remain to flush).
+    pub fn is_closed(&self) -> bool {
+        self.closed_reported
+    }
+
+    /// Input: one frame body read from the stream (without its length prefix). The allow
+    /// list is consulted when the responder learns who the dialer is.
+    pub fn handle_frame(&mut self, frame: &[u8], allow: &AllowList) {
+        if let Err(error) = self.frame(frame, allow) {
+            self.fail(error);
+        }
+    }
+
+    /// Input: time passed. Closes the connection if its handshake is overdue.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self
+            .handshake_deadline
+            .is_some_and(|deadline| now >= deadline)
+        {
+            self.fail(ConnError::HandshakeTimeout {
+                remote: self.remote,
+            });
+        }
+    }
+
+    /// Command: encrypts and queues a message.
+    pub fn send(&mut self, message: &Message) -> Result<(), ConnError> {
+        let State::Established { session, .. } = &mut self.state else {
+            return Err(ConnError::NotOpen {
+                remote: self.remote,
+            });
+        };
+        for chunk in chunk_message(message) {
+            let n = session
+                .write_message(&chunk, &mut self.scratch)
+                .map_err(|e| ConnError::Handshake {
+                    remote: self.remote,
+                    detail: format!("encryption failed: {e}"),
+                })?;
+            self.transmits.push_back(self.scratch[..n].to_vec());
+        }
+        Ok(())
+    }
+
+    /// Command: sends `Close{reason}` if the session is up, then closes.
+    pub fn close(&mut self, reason: CloseReason) {
+        if self.is_established() {
+            // Sending can only fail if not established, which was just checked.
+            let _ = self.send(&Message::Close { reason });
+        }
+        if !self.closed_reported {
+            self.closed_reported = true;
+            self.state = State::Closed;
+            self.handshake_deadline = None;
+            self.events
+                .push_back(ConnEvent::Closed(Closed::Locally(reason)));
+        }
+    }
+
+    /// Output: the next frame body to write (the driver adds the 2-byte length prefix).
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    /// Output: the next event.
+    pub fn poll_event(&mut self) -> Option<ConnEvent> {
+        self.events.pop_front()
+    }
+
+    /// Output: when `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.handshake_deadline
+    }
+
+    fn fail(&mut self, error: ConnError) {
+        if self.closed_reported {
+            return;
+        }
+        self.closed_reported = true;
+        self.state = State::Closed;
+        self.handshake_deadline = None;
+        self.events
+            .push_back(ConnEvent::Closed(Closed::Error(error)));
+    }
+
+    fn write_handshake(&mut self, payload: &[u8]) -> Result<(), ConnError> {
+        let remote = self.remote;
+        let hs = match &mut self.state {
+            State::AwaitingMsg1(hs) | State::AwaitingMsg2(hs) | State::AwaitingMsg3(hs) => hs,
+            _ => return Err(ConnError::NotOpen { remote }),
+        };
+        let n = hs
+            .write_message(payload, &mut self.scratch)
+            .map_err(|e| handshake_error(remote, e))?;
+        self.transmits.push_back(self.scratch[..n].to_vec());
+        Ok(())
+    }
+
+    fn frame(&mut self, frame: &[u8], allow: &AllowList) -> Result<(), ConnError> {
+        if frame.is_empty() || frame.len() > MAX_FRAME_LEN {
+            return Err(ConnError::BadFrame {
+                remote: self.remote,
+                len: frame.len(),
+            });
+        }
+        let remote = self.remote;
+        match std::mem::replace(&mut self.state, State::Closed) {
+            // Late frames after close are ignored.
+            State::Closed => Ok(()),
+            State::AwaitingMsg1(mut hs) => {
+                let n = hs
+                    .read_message(frame, &mut self.scratch)
+                    .map_err(|e| handshake_error(remote, e))?;
+                let theirs =
+                    Hello::decode(&self.scratch[..n]).map_err(|e| ConnError::Handshake {
+                        remote,
+                        detail: e.to_string(),
+                    })?;
+                self.dialer_max_message_size = theirs.max_message_size as usize;
+                self.state = State::AwaitingMsg3(hs);
+                // Answer with our hello even on a version mismatch, so the dialer can report
+                // the incompatibility instead of an unexplained disconnect.
+                let hello = self.hello();
+                self.write_handshake(&hello)?;
+                if theirs.version != PROTOCOL_VERSION {
+                    return Err(ConnError::IncompatibleVersion {
+                        remote,
+                        theirs: theirs.version,
+                        ours: PROTOCOL_VERSION,
+                    });
+                }
+                Ok(())
+            }
+            State::AwaitingMsg2(mut hs) => {
+                let n = hs
+                    .read_message(frame, &mut self.scratch)
+                    .map_err(|e| handshake_error(remote, e))?;
+                let theirs =
+                    Hello::decode(&self.scratch[..n]).map_err(|e| ConnError::Handshake {
+                        remote,
+                        detail: e.to_string(),
+                    })?;
+                let actual = remote_peer(&hs, remote)?;
+                if Some(actual) != self.expected {
+                    // Abort before message 3: an impostor never learns who we are.
+                    return Err(ConnError::Impostor {
+                        remote,
+                        expected: self.expected.unwrap_or(actual),
+                        actual,
+                    });
+                }
+                if theirs.version != PROTOCOL_VERSION {
+                    return Err(ConnError::IncompatibleVersion {
+                        remote,
+                        theirs: theirs.version,
+                        ours: PROTOCOL_VERSION,
+                    });
+                }
+                self.state = State::AwaitingMsg3(hs);
+                self.write_handshake(&[])?;
+                let State::AwaitingMsg3(hs) = std::mem::replace(&mut self.state, State::Closed)
+                else {
+                    return Err(ConnError::NotOpen { remote });
+                };
+                self.establish(hs)?;
+                self.events.push_back(ConnEvent::Established {
+                    peer: actual,
+                    remote_max_message_size: theirs.max_message_size as usize,
+                });
+                Ok(())
+            }
+            State::AwaitingMsg3(mut hs) => {
+                hs.read_message(frame, &mut self.scratch)
+                    .map_err(|e| handshake_error(remote, e))?;
+                let peer = remote_peer(&hs, remote)?;
+                self.remote.peer = Some(peer);
+                let rejection = allow.check(&peer, remote.addr.ip()).err();
+                self.establish(hs)?;
+                if let Some(rejection) = rejection {
+                    // Tell the dialer why before hanging up, so it fails definitively.
+                    self.send(&Message::Close {
+                        reason: CloseReason::NotAllowed,
+                    })?;
+                    return Err(ConnError::NotAllowed {
+                        remote: self.remote,
+                        rejection,
+                    });
+                }
+                self.events.push_back(ConnEvent::Established {
+                    peer,
+                    remote_max_message_size: self.dialer_max_message_size,
+                });
+                Ok(())
+            }
+            State::Established {
+                mut session,
+                mut reassembler,
+            } => {
+                let n = session
+                    .read_message(frame, &mut self.scratch)
+                    .map_err(|_| ConnError::Decrypt { remote })?;
+                let result = reassembler.push(&self.scratch[..n]);
+                self.state = State::Established {
+                    session,
+                    reassembler,
+                };
+                match result.map_err(|source| ConnError::Protocol { remote, source })? {
+                    Reassembled::Pending => {}
+                    Reassembled::Message(Message::Close { reason }) => {
+                        self.state = State::Closed;
+                        self.closed_reported = true;
+                        self.handshake_deadline = None;
+                        self.events
+                            .push_back(ConnEvent::Closed(Closed::ByPeer(reason)));
+                    }
+                    Reassembled::Message(message) => {
+                        self.events.push_back(ConnEvent::Message(message));
+                    }
+                    Reassembled::Oversized {
+                        kind,
+                        exchange,
+                        attempt,
+                        len,
+                    } => self.events.push_back(ConnEvent::Oversized {
+                        kind,
+                        exchange,
+                        attempt,
+                        len: len.saturating_sub(crate::wire::EXCHANGE_HEADER_LEN),
+                    }),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn establish(&mut self, hs: Box<HandshakeState>) -> Result<(), ConnError> {
+        let remote = self.remote;
+        let session = hs
+            .into_transport_mode()
+            .map_err(|e| handshake_error(remote, e))?;
+        self.state = State::Established {
+            session: Box::new(session),
+            reassembler: Reassembler::new(self.max_message_size),
+        };
+        self.handshake_deadline = None;
+        Ok(())
+    }
+}
+
+fn handshake_error(remote: Remote, error: snow::Error) -> ConnError {
+    ConnError::Handshake {
+        remote,
+        detail: error.to_string(),
+    }
+}
+
+fn remote_peer(hs: &HandshakeState, remote: Remote) -> Result<PeerId, ConnError> {
+    let key: [u8; KEY_LEN] = hs
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| ConnError::Handshake {
+            remote,
+            detail: "no remote static key".to_owned(),
+        })?;
+    Ok(PeerId::from_public_key(&key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use crate::wire::{NackReason, chunk_message};
+
+    struct Fixture {
+        alice: Keypair,
+        bob: Keypair,
+        config: Config,
+        now: Instant,
+    }
+
+    fn fixture() -> Fixture {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        Fixture {
+            alice: Keypair::generate(&mut rng),
+            bob: Keypair::generate(&mut rng),
+            config: Config {
+                max_message_size: 200_000,
+                ..Config::default()
+            },
+            now: Instant::now(),
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Moves every pending frame from `from` to `to`.
+    fn pump(from: &mut Connection, to: &mut Connection, allow: &AllowList) -> usize {
+        let mut n = 0;
+        while let Some(frame) = from.poll_transmit() {
+            to.handle_frame(&frame, allow);
+            n += 1;
+        }
+        n
+    }
+
+    fn events(c: &mut Connection) -> Vec<ConnEvent> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    fn connect(f: &Fixture, bob_allows: &AllowList) -> (Connection, Connection) {
+        let mut d = Connection::dial(
+            &f.alice,
+            f.bob.peer_id(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        let any = AllowList::allow_any_peer_insecure();
+        while pump(&mut d, &mut r, bob_allows) + pump(&mut r, &mut d, &any) > 0 {}
+        (d, r)
+    }
+
+    #[test]
+    fn handshake_authenticates_both_sides() {
+        let f = fixture();
+        let (mut d, mut r) = connect(&f, &AllowList::from_peers([f.alice.peer_id()]));
+        assert_eq!(
+            events(&mut d),
+            vec![ConnEvent::Established {
+                peer: f.bob.peer_id(),
+                remote_max_message_size: 200_000
+            }]
+        );
+        assert!(matches!(
+            events(&mut r).as_slice(),
+            [ConnEvent::Established { peer, .. }] if *peer == f.alice.peer_id()
+        ));
+        assert_eq!(r.remote().peer, Some(f.alice.peer_id()));
+        assert_eq!(d.poll_timeout(), None);
+    }
+
+    #[test]
+    fn messages_cross_in_both_directions_including_large_ones() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = connect(&f, &allow);
+        events(&mut d);
+        events(&mut r);
+        let big = Message::Request {
+            exchange: ExchangeId(9),
+            attempt: 1,
+            payload: Bytes::from((0..150_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+        };
+        d.send(&big).unwrap();
+        assert_eq!(
+            pump(&mut d, &mut r, &allow),
+            3,
+            "150 kB spans three Noise messages"
+        );
+        assert_eq!(events(&mut r), vec![ConnEvent::Message(big)]);
+        let nack = Message::Nack {
+            exchange: ExchangeId(9),
+            attempt: 1,
+            reason: NackReason::Busy,
+            retry_after_ms: 0,
+        };
+        r.send(&nack).unwrap();
+        pump(&mut r, &mut d, &allow);
+        assert_eq!(events(&mut d), vec![ConnEvent::Message(nack)]);
+    }
+
+    #[test]
+    fn impostor_is_detected_before_the_dialer_reveals_itself() {
+        let f = fixture();
+        let mallory = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(99));
+        let mut d = Connection::dial(
+            &f.alice,
+            f.bob.peer_id(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let mut m =
+            Connection::accept(&mallory, addr("10.0.0.1:1"), [2; 32], &f.config, f.now).unwrap();
+        let any = AllowList::allow_any_peer_insecure();
+        pump(&mut d, &mut m, &any);
+        pump(&mut m, &mut d, &any);
+        let evs = events(&mut d);
+        let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
+            panic!("{evs:?}")
+        };
+        assert!(matches!(err, ConnError::Impostor { actual, .. } if *actual == mallory.peer_id()));
+        assert!(err.to_string().contains("impostor"), "{err}");
+        assert!(err.to_string().contains(&f.bob.peer_id().short()), "{err}");
+        assert_eq!(
+            d.poll_transmit(),
+            None,
+            "message 3 (our identity) is never sent"
+        );
+    }
+
+    #[test]
+    fn responder_rejects_unlisted_peer_and_tells_it_why() {
+        let f = fixture();
+        let (mut d, mut r) = connect(&f, &AllowList::new());
+        let evs = events(&mut r);
+        let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
+            panic!("{evs:?}")
+        };
+        assert!(matches!(
+            err,
+            ConnError::NotAllowed {
+                rejection: Rejection::NotListed,
+                ..
+            }
+        ));
+        assert!(
+            err.to_string().contains(&f.alice.peer_id().short()),
+            "{err}"
+        );
+        let evs = events(&mut d);
+        assert!(
+            evs.contains(&ConnEvent::Closed(Closed::ByPeer(CloseReason::NotAllowed))),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn responder_rejects_peer_from_wrong_address() {
+        let f = fixture();
+        let mut allow = AllowList::new();
+        allow.insert(
+            f.alice.peer_id(),
+            crate::allow_list::AllowedPeer {
+                name: None,
+                addresses: vec!["10.9.9.9".parse().unwrap()],
+            },
+        );
+        let (_, mut r) = connect(&f, &allow);
+        assert!(matches!(
+            events(&mut r).as_slice(),
+            [ConnEvent::Closed(Closed::Error(ConnError::NotAllowed {
+                rejection: Rejection::AddressNotAllowed(_),
+                ..
+            }))]
+        ));
+    }
+
+    #[test]
+    fn corrupted_frame_is_a_decrypt_error_naming_the_peer() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = connect(&f, &allow);
+        events(&mut r);
+        d.send(&Message::Close {
+            reason: CloseReason::Done,
+        })
+        .unwrap();
+        let mut frame = d.poll_transmit().unwrap();
+        frame[3] ^= 0x40;
+        r.handle_frame(&frame, &allow);
+        let evs = events(&mut r);
+        let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
+            panic!("{evs:?}")
+        };
+        assert!(matches!(err, ConnError::Decrypt { .. }));
+        assert!(
+            err.to_string().contains(&f.alice.peer_id().short()),
+            "{err}"
+        );
+        assert!(r.is_closed());
+    }
+
+    #[test]
+    fn garbage_handshake_and_bad_frames_are_errors_naming_the_address() {
+        let f = fixture();
+        let any = AllowList::allow_any_peer_insecure();
+        for frame in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0u8; 32][..], &[][..]] {
+            let mut r =
+                Connection::accept(&f.bob, addr("192.0.2.7:4444"), [2; 32], &f.config, f.now)
+                    .unwrap();
+            r.handle_frame(frame, &any);
+            let evs = events(&mut r);
+            let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
+                panic!("{evs:?}")
+            };
+            assert!(err.to_string().contains("192.0.2.7:4444"), "{err}");
+        }
+    }
+
+    #[test]
+    fn handshake_times_out() {
+        let f = fixture();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:1"), [2; 32], &f.config, f.now).unwrap();
+        let deadline = r.poll_timeout().unwrap();
+        r.handle_timeout(deadline - std::time::Duration::from_millis(1));
+        assert!(events(&mut r).is_empty());
+        r.handle_timeout(deadline);
+        assert!(matches!(
+            events(&mut r).as_slice(),
+            [ConnEvent::Closed(Closed::Error(
+                ConnError::HandshakeTimeout { .. }
+            ))]
+        ));
+    }
+
+    #[test]
+    fn oversized_message_is_reported_with_its_exchange() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = connect(&f, &allow);
+        events(&mut r);
+        let big = Message::Request {
+            exchange: ExchangeId(5),
+            attempt: 2,
+            payload: Bytes::from(vec![0u8; 300_000]),
+        };
+        assert!(chunk_message(&big).len() > 1);
+        d.send(&big).unwrap();
+        pump(&mut d, &mut r, &allow);
+        assert_eq!(
+            events(&mut r),
+            vec![ConnEvent::Oversized {
+                kind: Kind::Request,
+                exchange: Some(ExchangeId(5)),
+                attempt: Some(2),
+                len: 300_000
+            }]
+        );
+        // The session stays usable.
+        let small = Message::Ack {
+            exchange: ExchangeId(6),
+            attempt: 1,
+            of: crate::wire::AckOf::Reply,
+        };
+        d.send(&small).unwrap();
+        pump(&mut d, &mut r, &allow);
+        assert_eq!(events(&mut r), vec![ConnEvent::Message(small)]);
+    }
+
+    #[test]
+    fn close_is_delivered_and_ends_both_sides() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = connect(&f, &allow);
+        events(&mut d);
+        events(&mut r);
+        d.close(CloseReason::Idle);
+        assert!(d.is_closed());
+        assert_eq!(
+            events(&mut d),
+            vec![ConnEvent::Closed(Closed::Locally(CloseReason::Idle))]
+        );
+        pump(&mut d, &mut r, &allow);
+        assert_eq!(
+            events(&mut r),
+            vec![ConnEvent::Closed(Closed::ByPeer(CloseReason::Idle))]
+        );
+        assert!(
+            d.send(&Message::Close {
+                reason: CloseReason::Done
+            })
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,952 @@
+//! The wire format: message kinds, their encoding, and chunking into Noise messages.
+//!
+//! `docs/PROTOCOL.md` is the normative description; this module is its implementation and
+//! the two must agree. In short:
+//!
+//! * a frame on the stream is a 2-byte big-endian length and that many bytes of one Noise
+//!   message (1..=65535 bytes);
+//! * after the handshake, each Noise message decrypts to one *chunk*: a flags byte
+//!   (`FIRST`, `LAST`), a 4-byte total length on `FIRST` chunks, and a slice of an encoded
+//!   message; a message larger than one Noise message spans several chunks;
+//! * an encoded message is a kind byte, then (except `Close`) the exchange id (u64) and the
+//!   attempt (u32), then the kind's fields.
+//!
+//! Decoding never panics: every malformed input is a [`WireError`].
+
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
+
+/// Version of this protocol, carried in the handshake hello.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// First bytes of every hello, so a stray client is recognised at once.
+pub const HELLO_MAGIC: [u8; 4] = *b"P2PH";
+/// Noise protocol name: XX pattern, X25519, ChaCha20-Poly1305, BLAKE2s.
+pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// Prologue mixed into the handshake hash; a peer speaking another protocol fails the handshake.
+pub const NOISE_PROLOGUE: &[u8] = b"p2p-handler/1";
+/// Largest Noise message, and so the largest frame body.
+pub const MAX_FRAME_LEN: usize = 65_535;
+/// Poly1305 tag appended to each encrypted Noise message.
+pub const TAG_LEN: usize = 16;
+/// Largest plaintext chunk that fits in one Noise transport message.
+pub const MAX_CHUNK_LEN: usize = MAX_FRAME_LEN - TAG_LEN;
+/// Upper limit for `Config::max_message_size`: the total length field is a u32, and 1 GiB
+/// is far beyond any sensible message.
+pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
+/// Bytes of an encoded exchange message before its payload (kind, exchange id, attempt).
+pub const EXCHANGE_HEADER_LEN: usize = 1 + 8 + 4;
+/// The largest fixed part any message adds to its payload (a Nack: header + reason + u32).
+pub const MAX_MESSAGE_OVERHEAD: usize = EXCHANGE_HEADER_LEN + 1 + 4;
+
+const FLAG_FIRST: u8 = 0b01;
+const FLAG_LAST: u8 = 0b10;
+
+/// Identifies one exchange. Chosen by the dialer; unique per dialer (a random start drawn
+/// from the dialer's RNG, then counting up), so a responder deduplicates by (peer, id).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExchangeId(pub u64);
+
+impl fmt::Display for ExchangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "x{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for ExchangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+macro_rules! reason_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $code:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+            /// A code this version does not know (sent by a newer peer).
+            Other(u8),
+        }
+
+        impl $name {
+            /// The wire code.
+            pub fn code(self) -> u8 {
+                match self {
+                    $(Self::$variant => $code,)*
+                    Self::Other(code) => code,
+                }
+            }
+
+            /// Reads a wire code; unknown codes are kept as `Other`.
+            pub fn from_code(code: u8) -> Self {
+                match code {
+                    $($code => Self::$variant,)*
+                    other => Self::Other(other),
+                }
+            }
+        }
+    };
+}
+
+reason_enum! {
+    /// Why a responder refused a request for now (or for good, for `TooLarge`).
+    NackReason {
+        /// Too many requests are waiting for the responder's application.
+        Busy = 1,
+        /// The dialer exceeded its request rate; `retry_after_ms` says when to come back.
+        RateLimited = 2,
+        /// The request exceeds the responder's maximum message size. Final.
+        TooLarge = 3,
+        /// The responder is shutting down.
+        ShuttingDown = 4,
+    }
+}
+
+reason_enum! {
+    /// Why a responder gave up on an exchange it had acknowledged. Always final.
+    AbortReason {
+        /// Its application did not answer within the response timeout.
+        NoResponse = 1,
+        /// The request was answered, but the reply is no longer cached to be sent again.
+        ReplyExpired = 2,
+        /// The responder is shutting down.
+        ShuttingDown = 3,
+        /// The responder's reply would exceed the dialer's maximum message size.
+        ReplyTooLarge = 4,
+    }
+}
+
+reason_enum! {
+    /// Why a connection is being closed.
+    CloseReason {
+        /// The exchange is over and the connection is not kept.
+        Done = 0,
+        /// No exchange for the idle timeout.
+        Idle = 1,
+        /// The peer is not (or no longer) on the allow list, or not from that address.
+        NotAllowed = 2,
+        /// The peer broke the protocol.
+        ProtocolViolation = 3,
+        /// The peer exceeded a rate limit.
+        RateLimited = 4,
+        /// The node is shutting down.
+        ShuttingDown = 5,
+        /// The node has too many connections.
+        TooManyConnections = 6,
+    }
+}
+
+/// What an `Ack` acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AckOf {
+    /// The dialer's Request (sent by the responder).
+    Request,
+    /// The responder's Reply (sent by the dialer).
+    Reply,
+}
+
+/// Message kind codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Dialer to responder: the application's request.
+    Request = 1,
+    /// Either way: receipt of a Request or Reply.
+    Ack = 2,
+    /// Responder to dialer: request refused, try later (or never, for TooLarge).
+    Nack = 3,
+    /// Responder to dialer: the application's answer.
+    Reply = 4,
+    /// Responder to dialer: the exchange will not be answered.
+    Abort = 5,
+    /// Either way: the connection is being closed.
+    Close = 6,
+}
+
+impl Kind {
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Self::Request,
+            2 => Self::Ack,
+            3 => Self::Nack,
+            4 => Self::Reply,
+            5 => Self::Abort,
+            6 => Self::Close,
+            _ => return None,
+        })
+    }
+}
+
+/// One protocol message, as carried inside the encrypted session.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Message {
+    /// The dialer's request.
+    Request {
+        /// Exchange.
+        exchange: ExchangeId,
+        /// 1 for the first transmission, counting up on each resend.
+        attempt: u32,
+        /// Application bytes.
+        payload: Bytes,
+    },
+    /// Acknowledges a Request (from the responder) or a Reply (from the dialer).
+    Ack {
+        /// Exchange.
+        exchange: ExchangeId,
+        /// Attempt of the acknowledged message.
+        attempt: u32,
+        /// What is acknowledged.
+        of: AckOf,
+    },
+    /// The responder refuses a Request.
+    Nack {
+        /// Exchange.
+        exchange: ExchangeId,
+        /// Attempt refused.
+        attempt: u32,
+        /// Why.
+        reason: NackReason,
+        /// Earliest sensible retry, in milliseconds (0: use the normal backoff).
+        retry_after_ms: u32,
+    },
+    /// The responder's answer.
+    Reply {
+        /// Exchange.
+        exchange: ExchangeId,
+        /// Attempt of the Request this answers.
+        attempt: u32,
+        /// Application bytes.
+        payload: Bytes,
+    },
+    /// The responder gives up on an exchange.
+    Abort {
+        /// Exchange.
+        exchange: ExchangeId,
+        /// Attempt of the Request this answers.
+        attempt: u32,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// The sender is closing the connection.
+    Close {
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+impl Message {
+    /// The kind of this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Request { .. } => Kind::Request,
+            Self::Ack { .. } => Kind::Ack,
+            Self::Nack { .. } => Kind::Nack,
+            Self::Reply { .. } => Kind::Reply,
+            Self::Abort { .. } => Kind::Abort,
+            Self::Close { .. } => Kind::Close,
+        }
+    }
+
+    /// The exchange this message belongs to, if any.
+    pub fn exchange(&self) -> Option<ExchangeId> {
+        match self {
+            Self::Request { exchange, .. }
+            | Self::Ack { exchange, .. }
+            | Self::Nack { exchange, .. }
+            | Self::Reply { exchange, .. }
+            | Self::Abort { exchange, .. } => Some(*exchange),
+            Self::Close { .. } => None,
+        }
+    }
+
+    /// The attempt number, if any.
+    pub fn attempt(&self) -> Option<u32> {
+        match self {
+            Self::Request { attempt, .. }
+            | Self::Ack { attempt, .. }
+            | Self::Nack { attempt, .. }
+            | Self::Reply { attempt, .. }
+            | Self::Abort { attempt, .. } => Some(*attempt),
+            Self::Close { .. } => None,
+        }
+    }
+
+    /// Length of the encoded message in bytes.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Self::Request { payload, .. } | Self::Reply { payload, .. } => {
+                EXCHANGE_HEADER_LEN + payload.len()
+            }
+            Self::Ack { .. } | Self::Abort { .. } => EXCHANGE_HEADER_LEN + 1,
+            Self::Nack { .. } => EXCHANGE_HEADER_LEN + 1 + 4,
+            Self::Close { .. } => 2,
+        }
+    }
+
+    /// Encodes everything except a Request's or Reply's payload, which the chunker appends
+    /// without copying it into an intermediate buffer.
+    fn encode_head(&self) -> (Vec<u8>, &[u8]) {
+        let mut head = Vec::with_capacity(MAX_MESSAGE_OVERHEAD);
+        head.push(self.kind() as u8);
+        if let (Some(exchange), Some(attempt)) = (self.exchange(), self.attempt()) {
+            head.extend_from_slice(&exchange.0.to_be_bytes());
+            head.extend_from_slice(&attempt.to_be_bytes());
+        }
+        let mut body: &[u8] = &[];
+        match self {
+            Self::Request { payload, .. } | Self::Reply { payload, .. } => body = payload,
+            Self::Ack { of, .. } => head.push(match of {
+                AckOf::Request => Kind::Request as u8,
+                AckOf::Reply => Kind::Reply as u8,
+            }),
+            Self::Nack {
+                reason,
+                retry_after_ms,
+                ..
+            } => {
+                head.push(reason.code());
+                head.extend_from_slice(&retry_after_ms.to_be_bytes());
+            }
+            Self::Abort { reason, .. } => head.push(reason.code()),
+            Self::Close { reason } => head.push(reason.code()),
+        }
+        (head, body)
+    }
+
+    /// Encodes the whole message into one buffer (tests and small messages).
+    pub fn encode(&self) -> Vec<u8> {
+        let (mut head, body) = self.encode_head();
+        head.extend_from_slice(body);
+        head
+    }
+
+    /// Decodes one complete encoded message.
+    pub fn decode(bytes: Bytes) -> Result<Self, WireError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let code = r.u8("kind")?;
+        let kind = Kind::from_code(code).ok_or(WireError::UnknownKind(code))?;
+        let message = match kind {
+            Kind::Close => Self::Close {
+                reason: CloseReason::from_code(r.u8("close reason")?),
+            },
+            Kind::Request => {
+                let (exchange, attempt) = r.exchange_header()?;
+                Self::Request {
+                    exchange,
+                    attempt,
+                    payload: r.rest(),
+                }
+            }
+            Kind::Reply => {
+                let (exchange, attempt) = r.exchange_header()?;
+                Self::Reply {
+                    exchange,
+                    attempt,
+                    payload: r.rest(),
+                }
+            }
+            Kind::Ack => {
+                let (exchange, attempt) = r.exchange_header()?;
+                let of = match r.u8("acknowledged kind")? {
+                    1 => AckOf::Request,
+                    4 => AckOf::Reply,
+                    other => return Err(WireError::BadAckOf(other)),
+                };
+                Self::Ack {
+                    exchange,
+                    attempt,
+                    of,
+                }
+            }
+            Kind::Nack => {
+                let (exchange, attempt) = r.exchange_header()?;
+                Self::Nack {
+                    exchange,
+                    attempt,
+                    reason: NackReason::from_code(r.u8("nack reason")?),
+                    retry_after_ms: r.u32("retry after")?,
+                }
+            }
+            Kind::Abort => {
+                let (exchange, attempt) = r.exchange_header()?;
+                Self::Abort {
+                    exchange,
+                    attempt,
+                    reason: AbortReason::from_code(r.u8("abort reason")?),
+                }
+            }
+        };
+        r.finish(kind)?;
+        Ok(message)
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Request {
+                exchange,
+                attempt,
+                payload,
+            } => write!(f, "Request({exchange} #{attempt}, {} B)", payload.len()),
+            Self::Reply {
+                exchange,
+                attempt,
+                payload,
+            } => write!(f, "Reply({exchange} #{attempt}, {} B)", payload.len()),
+            Self::Ack {
+                exchange,
+                attempt,
+                of,
+            } => write!(f, "Ack({exchange} #{attempt}, {of:?})"),
+            Self::Nack {
+                exchange,
+                attempt,
+                reason,
+                retry_after_ms,
+            } => write!(
+                f,
+                "Nack({exchange} #{attempt}, {reason:?}, {retry_after_ms} ms)"
+            ),
+            Self::Abort {
+                exchange,
+                attempt,
+                reason,
+            } => write!(f, "Abort({exchange} #{attempt}, {reason:?})"),
+            Self::Close { reason } => write!(f, "Close({reason:?})"),
+        }
+    }
+}
+
+/// A malformed message, chunk or hello. The connection layer adds the peer's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The input ended inside a field.
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    /// Unknown message kind.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// An Ack of something that is neither Request nor Reply.
+    #[error("ack of unknown kind {0}")]
+    BadAckOf(u8),
+    /// Bytes left after a fixed-size message.
+    #[error("{0} trailing bytes after a {1:?}")]
+    Trailing(usize, Kind),
+    /// Reserved chunk flag bits set, or an empty chunk.
+    #[error("invalid chunk flags {0:#04x}")]
+    BadFlags(u8),
+    /// A FIRST chunk while a message was still being reassembled, or a continuation without one.
+    #[error("chunk out of sequence: {0}")]
+    Sequence(&'static str),
+    /// The chunks do not add up to the announced length.
+    #[error("message length mismatch: announced {announced}, got {got}")]
+    LengthMismatch {
+        /// Announced in the FIRST chunk.
+        announced: usize,
+        /// Received.
+        got: usize,
+    },
+    /// The handshake hello is malformed.
+    #[error("bad hello: {0}")]
+    BadHello(&'static str),
+}
+
+struct Reader {
+    bytes: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn take<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        let end = self.pos.checked_add(N).ok_or(WireError::Truncated(what))?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(WireError::Truncated(what))?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(slice);
+        self.pos = end;
+        Ok(out)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take::<1>(what)?[0])
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.take(what)?))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.take(what)?))
+    }
+    fn exchange_header(&mut self) -> Result<(ExchangeId, u32), WireError> {
+        Ok((ExchangeId(self.u64("exchange id")?), self.u32("attempt")?))
+    }
+    fn rest(&mut self) -> Bytes {
+        let rest = self.bytes.slice(self.pos.min(self.bytes.len())..);
+        self.pos = self.bytes.len();
+        rest
+    }
+    fn finish(&self, kind: Kind) -> Result<(), WireError> {
+        match self.bytes.len().saturating_sub(self.pos) {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n, kind)),
+        }
+    }
+}
+
+/// Splits a message into chunk plaintexts of at most `MAX_CHUNK_LEN` bytes each.
+pub fn chunk_message(message: &Message) -> Vec<Vec<u8>> {
+    chunk_message_with(message, MAX_CHUNK_LEN)
+}
+
+/// [`chunk_message`] with a smaller chunk size (tests use it to exercise reassembly).
+pub(crate) fn chunk_message_with(message: &Message, max_chunk: usize) -> Vec<Vec<u8>> {
+    debug_assert!(max_chunk > 5 && max_chunk <= MAX_CHUNK_LEN);
+    let (head, body) = message.encode_head();
+    let total = head.len() + body.len();
+    debug_assert!(total <= MAX_MESSAGE_SIZE_LIMIT + MAX_MESSAGE_OVERHEAD);
+    let mut chunks = Vec::with_capacity(total / max_chunk + 1);
+    // Walk the concatenation head ++ body without materialising it.
+    let mut offset = 0;
+    while offset < total || chunks.is_empty() {
+        let first = offset == 0;
+        let room = max_chunk - 1 - if first { 4 } else { 0 };
+        let take = room.min(total - offset);
+        let last = offset + take == total;
+        let mut chunk = Vec::with_capacity(1 + 4 + take);
+        chunk.push(u8::from(first) * FLAG_FIRST | u8::from(last) * FLAG_LAST);
+        if first {
+            // `total` is bounded by MAX_MESSAGE_SIZE_LIMIT plus a few bytes (asserted above).
+            chunk.extend_from_slice(&(total as u32).to_be_bytes());
+        }
+        let end = offset + take;
+        if offset < head.len() {
+            chunk.extend_from_slice(&head[offset..end.min(head.len())]);
+        }
+        if end > head.len() {
+            chunk.extend_from_slice(&body[offset.max(head.len()) - head.len()..end - head.len()]);
+        }
+        chunks.push(chunk);
+        offset = end;
+    }
+    chunks
+}
+
+/// What the reassembler produced from a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reassembled {
+    /// Need more chunks.
+    Pending,
+    /// A complete message.
+    Message(Message),
+    /// The FIRST chunk announced a message larger than allowed. Its header is reported so the
+    /// receiver can Nack it; the rest of its chunks are discarded as they arrive.
+    Oversized {
+        /// Kind of the oversized message.
+        kind: Kind,
+        /// Its exchange (if it has one).
+        exchange: Option<ExchangeId>,
+        /// Its attempt (if it has one).
+        attempt: Option<u32>,
+        /// Announced length.
+        len: usize,
+    },
+}
+
+/// Rebuilds messages from chunks, enforcing the size limit before buffering anything.
+#[derive(Debug)]
+pub struct Reassembler {
+    max_encoded: usize,
+    state: ReassemblyState,
+}
+
+#[derive(Debug)]
+enum ReassemblyState {
+    Idle,
+    Collecting { announced: usize, buf: BytesMut },
+    Discarding { announced: usize, got: usize },
+}
+
+impl Reassembler {
+    /// A reassembler accepting application payloads up to `max_message_size` bytes.
+    pub fn new(max_message_size: usize) -> Self {
+        Self {
+            max_encoded: max_message_size.saturating_add(MAX_MESSAGE_OVERHEAD),
+            state: ReassemblyState::Idle,
+        }
+    }
+
+    /// Feeds one decrypted chunk.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Reassembled, WireError> {
+        let (&flags, rest) = chunk
+            .split_first()
+            .ok_or(WireError::Truncated("chunk flags"))?;
+        if flags & !(FLAG_FIRST | FLAG_LAST) != 0 {
+            return Err(WireError::BadFlags(flags));
+        }
+        let (first, last) = (flags & FLAG_FIRST != 0, flags & FLAG_LAST != 0);
+        let body = if first {
+            let (len, body) = rest
+                .split_first_chunk::<4>()
+                .ok_or(WireError::Truncated("message length"))?;
+            if !matches!(self.state, ReassemblyState::Idle) {
+                return Err(WireError::Sequence("FIRST chunk inside a message"));
+            }
+            let announced = u32::from_be_bytes(*len) as usize;
+            if announced == 0 {
+                return Err(WireError::Truncated("empty message"));
+            }
+            if announced > self.max_encoded {
+                return self.start_discarding(announced, body, last);
+            }
+            self.state = ReassemblyState::Collecting {
+                announced,
+                // Grow as bytes arrive rather than trusting the announced length up front.
+                buf: BytesMut::with_capacity(announced.min(MAX_CHUNK_LEN)),
+            };
+            body
+        } else {
+            if rest.is_empty() {
+                return Err(WireError::BadFlags(flags));
+            }
+            rest
+        };
+        match &mut self.state {
+            ReassemblyState::Idle => Err(WireError::Sequence("continuation without FIRST")),
+            ReassemblyState::Discarding { announced, got } => {
+                *got += body.len();
+                let (announced, got) = (*announced, *got);
+                check_progress(announced, got, last)?;
+                if last {
+                    self.state = ReassemblyState::Idle;
+                }
+                Ok(Reassembled::Pending)
+            }
+            ReassemblyState::Collecting { announced, buf } => {
+                let announced = *announced;
+                check_progress(announced, buf.len() + body.len(), last)?;
+                buf.extend_from_slice(body);
+                if !last {
+                    return Ok(Reassembled::Pending);
+                }
+                let bytes = std::mem::take(buf).freeze();
+                self.state = ReassemblyState::Idle;
+                Message::decode(bytes).map(Reassembled::Message)
+            }
+        }
+    }
+
+    fn start_discarding(
+        &mut self,
+        announced: usize,
+        body: &[u8],
+        last: bool,
+    ) -> Result<Reassembled, WireError> {
+        check_progress(announced, body.len(), last)?;
+        // Peek at the header so the responder can name the exchange in its Nack.
+        let kind_code = *body.first().ok_or(WireError::Truncated("kind"))?;
+        let kind = Kind::from_code(kind_code).ok_or(WireError::UnknownKind(kind_code))?;
+        let (exchange, attempt) = match (body.get(1..9), body.get(9..13)) {
+            (Some(id), Some(attempt)) if kind != Kind::Close => (
+                id.try_into()
+                    .ok()
+                    .map(|b| ExchangeId(u64::from_be_bytes(b))),
+                attempt.try_into().ok().map(u32::from_be_bytes),
+            ),
+            _ => (None, None),
+        };
+        if !last {
+            self.state = ReassemblyState::Discarding {
+                announced,
+                got: body.len(),
+            };
+        }
+        Ok(Reassembled::Oversized {
+            kind,
+            exchange,
+            attempt,
+            len: announced,
+        })
+    }
+}
+
+fn check_progress(announced: usize, got: usize, last: bool) -> Result<(), WireError> {
+    if got > announced || (last && got != announced) {
+        Err(WireError::LengthMismatch { announced, got })
+    } else {
+        Ok(())
+    }
+}
+
+/// The hello carried in handshake messages 1 (dialer) and 2 (responder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Sender's protocol version.
+    pub version: u8,
+    /// Largest application payload the sender accepts.
+    pub max_message_size: u32,
+}
+
+impl Hello {
+    /// Encoded length.
+    pub const LEN: usize = 4 + 1 + 4;
+
+    /// Encodes the hello.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..4].copy_from_slice(&HELLO_MAGIC);
+        out[4] = self.version;
+        out[5..].copy_from_slice(&self.max_message_size.to_be_bytes());
+        out
+    }
+
+    /// Decodes a hello. Extra trailing bytes are allowed (a later version may add fields),
+    /// so version checks happen after a successful decode.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let magic = bytes.get(..4).ok_or(WireError::BadHello("too short"))?;
+        if magic != HELLO_MAGIC {
+            return Err(WireError::BadHello("wrong magic"));
+        }
+        let version = *bytes.get(4).ok_or(WireError::BadHello("too short"))?;
+        let size = bytes
+            .get(5..9)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .ok_or(WireError::BadHello("too short"))?;
+        Ok(Self {
+            version,
+            max_message_size: u32::from_be_bytes(size),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        let exchange = ExchangeId(0x0102_0304_0506_0708);
+        vec![
+            Message::Request {
+                exchange,
+                attempt: 1,
+                payload: Bytes::from_static(b"hello"),
+            },
+            Message::Request {
+                exchange,
+                attempt: 2,
+                payload: Bytes::new(),
+            },
+            Message::Ack {
+                exchange,
+                attempt: 3,
+                of: AckOf::Request,
+            },
+            Message::Ack {
+                exchange,
+                attempt: 1,
+                of: AckOf::Reply,
+            },
+            Message::Nack {
+                exchange,
+                attempt: 1,
+                reason: NackReason::RateLimited,
+                retry_after_ms: 250,
+            },
+            Message::Nack {
+                exchange,
+                attempt: 1,
+                reason: NackReason::Other(77),
+                retry_after_ms: 0,
+            },
+            Message::Reply {
+                exchange,
+                attempt: 9,
+                payload: Bytes::from(vec![7; 1000]),
+            },
+            Message::Abort {
+                exchange,
+                attempt: 2,
+                reason: AbortReason::NoResponse,
+            },
+            Message::Close {
+                reason: CloseReason::Idle,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for m in samples() {
+            let encoded = m.encode();
+            assert_eq!(encoded.len(), m.encoded_len(), "{m:?}");
+            assert_eq!(Message::decode(Bytes::from(encoded)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn request_encoding_is_as_documented() {
+        // docs/PROTOCOL.md, "Request" example.
+        let m = Message::Request {
+            exchange: ExchangeId(5),
+            attempt: 2,
+            payload: Bytes::from_static(b"hi"),
+        };
+        assert_eq!(
+            hex::encode(m.encode()),
+            "01000000000000000500000002".to_owned() + "6869"
+        );
+        let chunks = chunk_message(&m);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(
+            hex::encode(&chunks[0]),
+            "030000000f010000000000000005000000026869"
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        let cases: &[(&[u8], WireError)] = &[
+            (&[], WireError::Truncated("kind")),
+            (&[9], WireError::UnknownKind(9)),
+            (&[1, 0, 0], WireError::Truncated("exchange id")),
+            (
+                &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
+                WireError::Truncated("acknowledged kind"),
+            ),
+            (
+                &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 3],
+                WireError::BadAckOf(3),
+            ),
+            (&[6, 1, 0], WireError::Trailing(1, Kind::Close)),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(
+                Message::decode(Bytes::copy_from_slice(bytes)).unwrap_err(),
+                *expected
+            );
+        }
+    }
+
+    #[test]
+    fn large_messages_span_chunks_and_reassemble() {
+        let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let m = Message::Reply {
+            exchange: ExchangeId(1),
+            attempt: 1,
+            payload: Bytes::from(payload),
+        };
+        let chunks = chunk_message(&m);
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|c| c.len() <= MAX_CHUNK_LEN));
+        let mut r = Reassembler::new(1 << 20);
+        for c in &chunks[..3] {
+            assert_eq!(r.push(c).unwrap(), Reassembled::Pending);
+        }
+        assert_eq!(r.push(&chunks[3]).unwrap(), Reassembled::Message(m));
+    }
+
+    #[test]
+    fn oversized_messages_are_reported_then_discarded() {
+        let m = Message::Request {
+            exchange: ExchangeId(42),
+            attempt: 3,
+            payload: Bytes::from(vec![0; 100]),
+        };
+        let chunks = chunk_message_with(&m, 40);
+        let mut r = Reassembler::new(50);
+        assert_eq!(
+            r.push(&chunks[0]).unwrap(),
+            Reassembled::Oversized {
+                kind: Kind::Request,
+                exchange: Some(ExchangeId(42)),
+                attempt: Some(3),
+                len: 113
+            }
+        );
+        for c in &chunks[1..] {
+            assert_eq!(r.push(c).unwrap(), Reassembled::Pending);
+        }
+        // The reassembler is usable again afterwards.
+        let small = Message::Close {
+            reason: CloseReason::Done,
+        };
+        let chunk = &chunk_message(&small)[0];
+        assert_eq!(r.push(chunk).unwrap(), Reassembled::Message(small));
+    }
+
+    #[test]
+    fn chunk_sequence_errors() {
+        let mut r = Reassembler::new(100);
+        assert_eq!(r.push(&[]), Err(WireError::Truncated("chunk flags")));
+        assert_eq!(r.push(&[0x04]), Err(WireError::BadFlags(0x04)));
+        assert!(matches!(r.push(&[0x00, 1]), Err(WireError::Sequence(_))));
+        assert_eq!(r.push(&[0x01, 0, 0, 0, 5, 1]), Ok(Reassembled::Pending));
+        assert!(matches!(
+            r.push(&[0x01, 0, 0, 0, 5, 1]),
+            Err(WireError::Sequence(_))
+        ));
+        let mut r = Reassembler::new(100);
+        assert_eq!(r.push(&[0x01, 0, 0, 0, 2, 6]), Ok(Reassembled::Pending));
+        assert_eq!(
+            r.push(&[0x02, 1, 2]),
+            Err(WireError::LengthMismatch {
+                announced: 2,
+                got: 3
+            })
+        );
+        let mut r = Reassembler::new(100);
+        assert_eq!(
+            r.push(&[0x03, 0, 0, 0, 0]),
+            Err(WireError::Truncated("empty message"))
+        );
+    }
+
+    #[test]
+    fn hello_round_trips_and_rejects_garbage() {
+        let h = Hello {
+            version: PROTOCOL_VERSION,
+            max_message_size: 1 << 24,
+        };
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        assert!(Hello::decode(b"GET / HTTP/1.1").is_err());
+        assert!(Hello::decode(b"P2PH").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Message::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn reassembler_never_panics(chunks in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..24), 0..16)) {
+            let mut r = Reassembler::new(32);
+            for c in chunks {
+                let _ = r.push(&c);
+            }
+        }
+
+        #[test]
+        fn chunking_round_trips(len in 0usize..600, max_chunk in 6usize..100, id: u64, attempt: u32) {
+            let m = Message::Request {
+                exchange: ExchangeId(id),
+                attempt,
+                payload: Bytes::from(vec![0xAB; len]),
+            };
+            let mut r = Reassembler::new(600);
+            let chunks = chunk_message_with(&m, max_chunk);
+            let mut out = None;
+            for (i, c) in chunks.iter().enumerate() {
+                prop_assert!(c.len() <= max_chunk);
+                match r.push(c).unwrap() {
+                    Reassembled::Pending => prop_assert!(i + 1 < chunks.len()),
+                    Reassembled::Message(got) => out = Some(got),
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            prop_assert_eq!(out, Some(m));
+        }
+    }
+}
