@@ -74,13 +74,11 @@ pub enum ConnError {
         /// Ours.
         ours: u8,
     },
-    /// The key at the dialed address is not the peer we dialed.
-    #[error("{remote}: impostor: expected peer {expected}, the key there is peer {actual}")]
+    /// The key at the dialed address is not the peer we dialed (`remote.peer`).
+    #[error("{remote}: impostor: the key that answered is peer {actual}")]
     Impostor {
-        /// Who (address and expected peer).
+        /// Who we dialed: the expected peer and its address.
         remote: Remote,
-        /// The peer id we dialed.
-        expected: PeerId,
         /// The peer id of the key that answered.
         actual: PeerId,
     },
@@ -464,11 +462,7 @@ impl Connection {
                 let actual = remote_peer(&hs, remote)?;
                 if Some(actual) != self.expected {
                     // Abort before message 3: an impostor never learns who we are.
-                    return Err(ConnError::Impostor {
-                        remote,
-                        expected: self.expected.unwrap_or(actual),
-                        actual,
-                    });
+                    return Err(ConnError::Impostor { remote, actual });
                 }
                 if theirs.version != PROTOCOL_VERSION {
                     return Err(ConnError::IncompatibleVersion {

@@ -369,8 +369,12 @@ enum Timer {
 ///   or timeout    v  |                  |      |                      |
 ///              Backoff <--(Nack / ack timeout / lost)   (Ack)         |
 ///                 ^  |                         v                      |
-///                 |  +--(conn alive)-->  AwaitingReply --(Reply)-----+-> done: Ack the
-///                 +--(reply timeout / lost)----+                        Reply, Event::Reply
+///                 |  +--(after a Nack: -> AwaitingReply --(Reply)-----+-> done: Ack the
+///                 |     same conn)             |                        Reply, Event::Reply
+///                 +--(reply timeout / lost)----+
+///
+///   A timeout abandons the connection (a black-holed stream never errors): the retry
+///   redials. A Nack proves the connection alive: the retry reuses it.
 ///
 ///   any state --(attempts exhausted, Abort, final Nack, rejection)--> done: Event::Failed
 /// ```
@@ -745,7 +749,14 @@ impl Endpoint {
             .map(|(k, r)| (*k, r.conn, r.attempt))
             .collect();
         for ((peer, exchange), conn, attempt) in waiting {
-            self.abort_inbound(peer, exchange, conn, attempt, AbortReason::ShuttingDown);
+            self.abort_inbound(
+                peer,
+                exchange,
+                conn,
+                attempt,
+                AbortReason::ShuttingDown,
+                now,
+            );
         }
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
@@ -845,7 +856,7 @@ impl Endpoint {
         while let Some(timer) = self.timers.pop_expired(now) {
             match timer {
                 Timer::Outbound(id) => self.on_outbound_timer(id, now),
-                Timer::Inbound(peer, id) => self.on_inbound_timer(peer, id),
+                Timer::Inbound(peer, id) => self.on_inbound_timer(peer, id, now),
                 Timer::Idle(conn) => {
                     if self.conns.get(&conn).is_some_and(|c| c.exchange.is_none()) {
                         self.close(conn, CloseReason::Idle, now);
@@ -1013,18 +1024,19 @@ impl Endpoint {
         match ex.state {
             OutState::Queued => {}
             OutState::Connecting { conn } => {
-                self.forget_conn(conn);
-                self.outputs.push_back(Output::Close {
-                    conn,
-                    reason: CloseReason::Done,
-                });
+                self.abandon_conn(conn, now);
                 self.retry(id, RetryCause::ConnectTimeout, None, now);
             }
+            // A timeout makes the connection suspect: a black-holed stream never reports an
+            // error, so the retry goes out on a fresh connection. (A Nack, in contrast,
+            // proves the connection alive and the retry reuses it.)
             OutState::AwaitingAck { conn } => {
-                self.retry(id, RetryCause::AckTimeout, Some(conn), now);
+                self.abandon_conn(conn, now);
+                self.retry(id, RetryCause::AckTimeout, None, now);
             }
             OutState::AwaitingReply { conn } => {
-                self.retry(id, RetryCause::ReplyTimeout, Some(conn), now);
+                self.abandon_conn(conn, now);
+                self.retry(id, RetryCause::ReplyTimeout, None, now);
             }
             OutState::Backoff { conn } => {
                 match conn.filter(|c| self.conns.get(c).is_some_and(|c| c.established)) {
@@ -1136,7 +1148,11 @@ impl Endpoint {
             | Message::Reply { exchange, .. }
             | Message::Abort { exchange, .. } => *exchange,
             _ => {
-                return self.violation(conn, "responder sent a message only a dialer may send", now);
+                return self.violation(
+                    conn,
+                    "responder sent a message only a dialer may send",
+                    now,
+                );
             }
         };
         let state = match self.outbound.get(&id) {
@@ -1242,28 +1258,14 @@ impl Endpoint {
         payload: Bytes,
         now: Instant,
     ) {
-        let key = (peer, exchange);
-        if self.inbound.contains_key(&key) {
-            return self.on_duplicate_request(conn, key, attempt, now);
-        }
         let nack = |reason, retry_after_ms| Message::Nack {
             exchange,
             attempt,
             reason,
             retry_after_ms,
         };
-        if self.shutting_down {
-            return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
-        }
-        // One exchange per connection at a time; a correct dialer never overlaps them.
-        let busy_conn = self
-            .conns
-            .get(&conn)
-            .and_then(|c| c.exchange)
-            .is_some_and(|other| other != exchange);
-        if busy_conn {
-            return self.send_nack(conn, nack(NackReason::Busy, 0));
-        }
+        // The rate limit applies to every copy, duplicates included: a resend can make us
+        // send a cached reply of up to `max_message_size` again.
         let limit = self.config.request_rate;
         let strikes_max = self.config.rate_limit_strikes;
         let Some(p) = self.peers.get_mut(&peer) else {
@@ -1292,6 +1294,22 @@ impl Endpoint {
             return;
         }
         p.strikes = 0;
+        let key = (peer, exchange);
+        if self.inbound.contains_key(&key) {
+            return self.on_duplicate_request(conn, key, attempt, now);
+        }
+        if self.shutting_down {
+            return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
+        }
+        // One exchange per connection at a time; a correct dialer never overlaps them.
+        let busy_conn = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.exchange)
+            .is_some_and(|other| other != exchange);
+        if busy_conn {
+            return self.send_nack(conn, nack(NackReason::Busy, 0));
+        }
         if self.pending_inbound >= self.config.max_pending_inbound || !self.make_room(peer) {
             return self.send_nack(conn, nack(NackReason::Busy, 0));
         }
@@ -1342,9 +1360,14 @@ impl Endpoint {
         let Some(record) = self.inbound.get_mut(&key) else {
             return;
         };
-        record.conn = conn;
+        let old = std::mem::replace(&mut record.conn, conn);
         record.attempt = attempt;
         let state = record.state.clone();
+        if old != conn {
+            // The dialer moved to a new connection; the old one no longer carries this
+            // exchange and may idle out (it may be a black hole that never closes itself).
+            self.unbind_inbound(old, exchange, now);
+        }
         let ack = Message::Ack {
             exchange,
             attempt,
@@ -1390,7 +1413,6 @@ impl Endpoint {
                 },
             ),
         }
-        let _ = now;
     }
 
     fn on_reply_ack(&mut self, conn: ConnId, peer: PeerId, exchange: ExchangeId, now: Instant) {
@@ -1417,14 +1439,14 @@ impl Endpoint {
         self.unbind_inbound(conn, exchange, now);
     }
 
-    fn on_inbound_timer(&mut self, peer: PeerId, exchange: ExchangeId) {
+    fn on_inbound_timer(&mut self, peer: PeerId, exchange: ExchangeId, now: Instant) {
         let Some(record) = self.inbound.get_mut(&(peer, exchange)) else {
             return;
         };
         match &mut record.state {
             InState::AwaitingResponse => {
                 let (conn, attempt) = (record.conn, record.attempt);
-                self.abort_inbound(peer, exchange, conn, attempt, AbortReason::NoResponse);
+                self.abort_inbound(peer, exchange, conn, attempt, AbortReason::NoResponse, now);
                 self.events
                     .push_back(Event::ResponseTimedOut { peer, exchange });
             }
@@ -1432,6 +1454,8 @@ impl Endpoint {
                 record.state = InState::Unconfirmed {
                     reply: reply.take(),
                 };
+                let conn = record.conn;
+                self.unbind_inbound(conn, exchange, now);
                 self.events
                     .push_back(Event::ResponseUnconfirmed { peer, exchange });
             }
@@ -1446,6 +1470,7 @@ impl Endpoint {
         conn: ConnId,
         attempt: u32,
         reason: AbortReason,
+        now: Instant,
     ) {
         if let Some(record) = self.inbound.get_mut(&(peer, exchange)) {
             debug_assert_eq!(record.state, InState::AwaitingResponse);
@@ -1461,11 +1486,7 @@ impl Endpoint {
                 reason,
             },
         );
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.exchange == Some(exchange) {
-                c.exchange = None;
-            }
-        }
+        self.unbind_inbound(conn, exchange, now);
     }
 
     fn on_oversized(
@@ -1621,12 +1642,10 @@ impl Endpoint {
         let Some(c) = self.forget_conn(conn) else {
             return;
         };
-        let remote = Remote {
-            addr: c.addr,
-            peer: Some(c.peer),
-        };
-        // Errors the peer caused (or that name it) are reported once, here.
+        // Errors the peer caused (or that name it) are reported once, here. A handshake that
+        // timed out is the network's doing, not the peer's: it is a retry cause instead.
         let report = match &closed {
+            Closed::Error(ConnError::HandshakeTimeout { .. }) => None,
             Closed::Error(e) => Some(PeerError::Connection(e.clone())),
             _ => None,
         };
@@ -1638,7 +1657,6 @@ impl Endpoint {
             // connection rebinds them.
             return;
         };
-        let _ = remote;
         let definite = match &closed {
             Closed::ByPeer(CloseReason::NotAllowed) => {
                 Some(Failure::Rejected(CloseReason::NotAllowed))
@@ -1659,6 +1677,9 @@ impl Endpoint {
                     ex.state = OutState::Backoff { conn: None };
                 }
                 return;
+            }
+            (OutState::Connecting { .. }, Closed::Error(ConnError::HandshakeTimeout { .. })) => {
+                RetryCause::ConnectTimeout
             }
             (OutState::Connecting { .. }, why) => RetryCause::DialFailed(describe(why)),
             (_, why) => RetryCause::ConnectionLost(describe(why)),
@@ -1688,6 +1709,15 @@ impl Endpoint {
                 }
             }
         }
+    }
+
+    /// Closes an outbound connection whose exchange will be retried elsewhere. The exchange
+    /// is unbound first so that closing does not count as a second failure.
+    fn abandon_conn(&mut self, conn: ConnId, now: Instant) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.exchange = None;
+        }
+        self.close(conn, CloseReason::Done, now);
     }
 
     /// Removes a connection from every table. Returns it if it was known.

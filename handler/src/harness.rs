@@ -1,1 +1,975 @@
+//! A deterministic test network for endpoints: no tokio, no sockets, a virtual clock.
+//!
+//! Each node is an [`Endpoint`]; each link is a pair of real [`Connection`]s, so every
+//! message is chunked, encrypted and decrypted as in production. Faults are scripted:
+//! message rules (drop, delay, corrupt, answer with a forged Nack), black-hole partitions,
+//! crashes and restarts. After every step the endpoints' invariants are checked, and
+//! exactly-once delivery is checked across the whole run.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+
+use crate::allow_list::AllowList;
+use crate::config::Config;
+use crate::connection::{Closed, ConnEvent, Connection};
+use crate::endpoint::{ConnId, Endpoint, Event, Output};
+use crate::identity::{Keypair, PeerId};
+use crate::wire::{AckOf, ExchangeId, Kind, Message, NackReason};
+
+/// How a node's application answers requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum App {
+    /// Replies `re:` + payload at once.
+    Echo,
+    /// Replies after a delay.
+    EchoAfter(Duration),
+    /// Never replies on its own; the test calls `respond`.
+    Manual,
+}
+
+/// What a message rule does to a matching message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// The message vanishes.
+    Drop,
+    /// The message is sent later (later messages overtake it).
+    Delay(Duration),
+    /// The message is sent with one ciphertext byte flipped.
+    Corrupt,
+    /// A Request is not delivered; the receiver's connection answers with this Nack.
+    Nack(NackReason),
+}
+
+/// Matches messages by sender, receiver and kind; applies `action` to the next `count`.
+#[derive(Debug, Clone)]
+pub(crate) struct Rule {
+    pub from: Option<usize>,
+    pub to: Option<usize>,
+    pub kind: Option<Kind>,
+    pub ack_of: Option<AckOf>,
+    pub action: Action,
+    pub count: u32,
+}
+
+impl Rule {
+    pub(crate) fn new(from: usize, to: usize, kind: Kind, action: Action) -> Self {
+        Self {
+            from: Some(from),
+            to: Some(to),
+            kind: Some(kind),
+            ack_of: None,
+            action,
+            count: 1,
+        }
+    }
+    pub(crate) fn times(mut self, count: u32) -> Self {
+        self.count = count;
+        self
+    }
+    pub(crate) fn ack_of(mut self, of: AckOf) -> Self {
+        self.ack_of = Some(of);
+        self
+    }
+    fn matches(&self, from: usize, to: usize, message: &Message) -> bool {
+        self.count > 0
+            && self.from.is_none_or(|f| f == from)
+            && self.to.is_none_or(|t| t == to)
+            && self.kind.is_none_or(|k| k == message.kind())
+            && self
+                .ack_of
+                .is_none_or(|of| matches!(message, Message::Ack { of: o, .. } if *o == of))
+    }
+}
+
+pub(crate) struct Node {
+    pub name: &'static str,
+    pub keypair: Keypair,
+    pub addr: SocketAddr,
+    pub endpoint: Endpoint,
+    pub config: Config,
+    pub allow: AllowList,
+    pub app: App,
+    pub up: bool,
+    /// Every event this node's application saw (across restarts).
+    pub events: Vec<Event>,
+    incarnation: u64,
+    /// Connection id -> link carrying it.
+    conn_links: BTreeMap<ConnId, usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Dialer,
+    Acceptor,
+}
+
+struct End {
+    node: usize,
+    conn: Option<ConnId>,
+    connection: Option<Connection>,
+    /// The node incarnation this end belongs to; a crash orphans it.
+    incarnation: u64,
+}
+
+struct Link {
+    dialer: End,
+    acceptor: End,
+    /// A partition swallowed a frame: the stream is silently dead (a black hole).
+    black_holed: bool,
+}
+
+impl Link {
+    fn end(&mut self, side: Side) -> &mut End {
+        match side {
+            Side::Dialer => &mut self.dialer,
+            Side::Acceptor => &mut self.acceptor,
+        }
+    }
+}
+
+enum Delivery {
+    Frame {
+        link: usize,
+        to: Side,
+        frame: Vec<u8>,
+    },
+    Send {
+        link: usize,
+        from: Side,
+        message: Message,
+    },
+    Respond {
+        node: usize,
+        incarnation: u64,
+        peer: PeerId,
+        exchange: ExchangeId,
+        payload: Bytes,
+    },
+    Refused {
+        link: usize,
+    },
+    Fin {
+        link: usize,
+        to: Side,
+    },
+}
+
+pub(crate) struct Net {
+    pub start: Instant,
+    pub now: Instant,
+    pub nodes: Vec<Node>,
+    pub latency: Duration,
+    pub rules: Vec<Rule>,
+    pub trace: Vec<String>,
+    links: Vec<Link>,
+    queue: BTreeMap<(Instant, u64), Delivery>,
+    seq: u64,
+    rng: ChaCha20Rng,
+    partitions: BTreeSet<(usize, usize)>,
+    /// (responder, responder incarnation, dialer, exchange) -> times delivered.
+    delivered: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
+}
+
+impl Net {
+    /// A network of nodes, each allowing all the others, with keys from `seed`.
+    pub(crate) fn new(seed: u64, names: &[&'static str], config: Config) -> Self {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let keys: Vec<Keypair> = names.iter().map(|_| Keypair::generate(&mut rng)).collect();
+        let start = Instant::now();
+        let mut net = Self {
+            start,
+            now: start,
+            nodes: Vec::new(),
+            latency: Duration::from_millis(10),
+            rules: Vec::new(),
+            trace: Vec::new(),
+            links: Vec::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            rng,
+            partitions: BTreeSet::new(),
+            delivered: BTreeMap::new(),
+        };
+        for (i, (name, keypair)) in names.iter().zip(&keys).enumerate() {
+            let allow = AllowList::from_peers(
+                keys.iter()
+                    .map(Keypair::peer_id)
+                    .filter(|p| *p != keypair.peer_id()),
+            );
+            let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 7000));
+            let mut seed = [0u8; 32];
+            net.rng.fill_bytes(&mut seed);
+            let endpoint = Endpoint::new(config.clone(), keypair.peer_id(), allow.clone(), seed)
+                .expect("valid test config");
+            net.nodes.push(Node {
+                name,
+                keypair: keypair.clone(),
+                addr,
+                endpoint,
+                config: config.clone(),
+                allow,
+                app: App::Echo,
+                up: true,
+                events: Vec::new(),
+                incarnation: 0,
+                conn_links: BTreeMap::new(),
+            });
+        }
+        net
+    }
+
+    pub(crate) fn id(&self, node: usize) -> PeerId {
+        self.nodes[node].keypair.peer_id()
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn log(&mut self, line: String) {
+        let t = self.elapsed();
+        self.trace.push(format!(
+            "{:>4}.{:03}s {line}",
+            t.as_secs(),
+            t.subsec_millis()
+        ));
+    }
+
+    fn schedule(&mut self, at: Instant, delivery: Delivery) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), delivery);
+    }
+
+    // ----- application actions -----
+
+    pub(crate) fn request(&mut self, from: usize, to: usize, payload: &[u8]) -> ExchangeId {
+        self.try_request(from, to, payload)
+            .expect("request accepted")
+    }
+
+    pub(crate) fn try_request(
+        &mut self,
+        from: usize,
+        to: usize,
+        payload: &[u8],
+    ) -> Result<ExchangeId, crate::endpoint::RequestError> {
+        let (peer, addr, now) = (self.id(to), self.nodes[to].addr, self.now);
+        let id =
+            self.nodes[from]
+                .endpoint
+                .request(peer, addr, Bytes::copy_from_slice(payload), now)?;
+        let name = (self.nodes[from].name, self.nodes[to].name);
+        self.log(format!(
+            "{} app: request {id} to {} ({} B)",
+            name.0,
+            name.1,
+            payload.len()
+        ));
+        self.drain(from);
+        Ok(id)
+    }
+
+    pub(crate) fn respond(
+        &mut self,
+        node: usize,
+        peer: PeerId,
+        exchange: ExchangeId,
+        payload: &[u8],
+    ) {
+        let now = self.now;
+        let result =
+            self.nodes[node]
+                .endpoint
+                .respond(peer, exchange, Bytes::copy_from_slice(payload), now);
+        let name = self.nodes[node].name;
+        self.log(format!("{name} app: respond {exchange} -> {result:?}"));
+        self.drain(node);
+    }
+
+    pub(crate) fn shutdown(&mut self, node: usize) {
+        let now = self.now;
+        self.nodes[node].endpoint.shutdown(now);
+        let name = self.nodes[node].name;
+        self.log(format!("{name} app: shutdown"));
+        self.drain(node);
+    }
+
+    // ----- faults -----
+
+    pub(crate) fn partition(&mut self, a: usize, b: usize) {
+        self.partitions.insert((a.min(b), a.max(b)));
+        self.log(format!(
+            "fault: partition {} | {}",
+            self.nodes[a].name, self.nodes[b].name
+        ));
+    }
+
+    pub(crate) fn repair(&mut self, a: usize, b: usize) {
+        self.partitions.remove(&(a.min(b), a.max(b)));
+        self.log(format!(
+            "fault: repair {} | {}",
+            self.nodes[a].name, self.nodes[b].name
+        ));
+    }
+
+    fn partitioned(&self, a: usize, b: usize) -> bool {
+        self.partitions.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// The node's process dies: its peers see their connections reset.
+    pub(crate) fn crash(&mut self, node: usize) {
+        self.log(format!("fault: crash {}", self.nodes[node].name));
+        self.nodes[node].up = false;
+        self.nodes[node].conn_links.clear();
+        for link in 0..self.links.len() {
+            for (side, other) in [
+                (Side::Dialer, Side::Acceptor),
+                (Side::Acceptor, Side::Dialer),
+            ] {
+                let end = self.links[link].end(side);
+                if end.node == node && end.connection.is_some() {
+                    end.connection = None;
+                    end.conn = None;
+                    self.reset(link, other, "connection reset by peer (crashed)");
+                }
+            }
+        }
+    }
+
+    /// The node comes back with the same key and a fresh endpoint (no memory).
+    pub(crate) fn restart(&mut self, node: usize) {
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        let n = &mut self.nodes[node];
+        n.endpoint = Endpoint::new(n.config.clone(), n.keypair.peer_id(), n.allow.clone(), seed)
+            .expect("valid config");
+        n.up = true;
+        n.incarnation += 1;
+        self.log(format!("fault: restart {}", self.nodes[node].name));
+    }
+
+    /// Tells one end that its stream broke.
+    fn reset(&mut self, link: usize, side: Side, why: &str) {
+        let end = self.links[link].end(side);
+        let (node, conn) = (end.node, end.conn);
+        end.connection = None;
+        end.conn = None;
+        if !self.nodes[node].up || end.incarnation != self.nodes[node].incarnation {
+            return;
+        }
+        if let Some(conn) = conn {
+            self.nodes[node].conn_links.remove(&conn);
+            let now = self.now;
+            self.nodes[node].endpoint.handle_conn_event(
+                conn,
+                ConnEvent::Closed(Closed::Io(why.to_owned())),
+                now,
+            );
+            self.drain(node);
+        }
+    }
+
+    // ----- running -----
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let queued = self.queue.keys().next().map(|(t, _)| *t);
+        let timers = self
+            .nodes
+            .iter()
+            .filter(|n| n.up)
+            .filter_map(|n| n.endpoint.poll_timeout());
+        let handshakes = self.links.iter().flat_map(|l| {
+            [&l.dialer, &l.acceptor]
+                .into_iter()
+                .filter_map(|e| e.connection.as_ref()?.poll_timeout())
+        });
+        queued.into_iter().chain(timers).chain(handshakes).min()
+    }
+
+    /// Advances to the next scheduled thing and does it. False when nothing is left.
+    pub(crate) fn step(&mut self) -> bool {
+        let Some(at) = self.next_deadline() else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        let now = self.now;
+        if let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 <= now {
+                let delivery = entry.remove();
+                self.deliver(delivery);
+                self.check();
+                return true;
+            }
+        }
+        for link in 0..self.links.len() {
+            for side in [Side::Dialer, Side::Acceptor] {
+                let due = self.links[link]
+                    .end(side)
+                    .connection
+                    .as_ref()
+                    .and_then(Connection::poll_timeout)
+                    .is_some_and(|t| t <= now);
+                if due {
+                    if let Some(c) = self.links[link].end(side).connection.as_mut() {
+                        c.handle_timeout(now);
+                    }
+                    self.after_connection_input(link, side);
+                }
+            }
+        }
+        for node in 0..self.nodes.len() {
+            if self.nodes[node].up
+                && self.nodes[node]
+                    .endpoint
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+            {
+                self.nodes[node].endpoint.handle_timeout(now);
+                self.drain(node);
+            }
+        }
+        self.check();
+        true
+    }
+
+    /// Runs until nothing is scheduled (all timers fired, all frames delivered) or `limit`
+    /// of virtual time passed. Returns whether it went quiet.
+    pub(crate) fn run(&mut self, limit: Duration) -> bool {
+        let end = self.now + limit;
+        for _ in 0..1_000_000 {
+            match self.next_deadline() {
+                None => return true,
+                Some(t) if t > end => {
+                    self.now = end;
+                    return false;
+                }
+                Some(_) => {
+                    self.step();
+                }
+            }
+        }
+        panic!("harness did not settle in a million steps");
+    }
+
+    /// Runs until `done` holds, at most `limit` of virtual time.
+    pub(crate) fn run_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Net) -> bool,
+    ) -> bool {
+        let end = self.now + limit;
+        while !done(self) {
+            match self.next_deadline() {
+                Some(t) if t <= end => {
+                    self.step();
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Runs for exactly `d` of virtual time.
+    pub(crate) fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.next_deadline().is_some_and(|t| t <= end) {
+            self.step();
+        }
+        self.now = end;
+    }
+
+    fn check(&self) {
+        for n in self.nodes.iter().filter(|n| n.up) {
+            n.endpoint.check_invariants();
+        }
+        for ((node, _, peer, exchange), count) in &self.delivered {
+            assert!(
+                *count <= 1,
+                "{} got request {exchange} from {} {count} times",
+                self.nodes[*node].name,
+                peer.short()
+            );
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Frame { link, to, frame } => {
+                let node = self.links[link].end(to).node;
+                let allow = self.nodes[node].endpoint.allow_list().clone();
+                let Some(c) = self.links[link].end(to).connection.as_mut() else {
+                    return;
+                };
+                c.handle_frame(&frame, &allow);
+                self.after_connection_input(link, to);
+            }
+            Delivery::Send {
+                link,
+                from,
+                message,
+            } => self.encrypt_and_ship(link, from, &message, false),
+            Delivery::Respond {
+                node,
+                incarnation,
+                peer,
+                exchange,
+                payload,
+            } => {
+                if self.nodes[node].up && self.nodes[node].incarnation == incarnation {
+                    self.respond(node, peer, exchange, &payload);
+                }
+            }
+            Delivery::Refused { link } => {
+                self.log("net: connection refused".to_owned());
+                self.reset(link, Side::Dialer, "connection refused");
+            }
+            Delivery::Fin { link, to } => {
+                if self.links[link].end(to).connection.is_some() {
+                    self.reset(link, to, "connection closed by peer");
+                }
+            }
+        }
+    }
+
+    /// Forwards a connection's events to its endpoint and ships its frames.
+    fn after_connection_input(&mut self, link: usize, side: Side) {
+        self.ship_frames(link, side);
+        loop {
+            let end = self.links[link].end(side);
+            let (node, conn) = (end.node, end.conn);
+            let Some(event) = end.connection.as_mut().and_then(Connection::poll_event) else {
+                break;
+            };
+            let closed = matches!(event, ConnEvent::Closed(_));
+            if closed {
+                // Keep nothing but what must still be flushed (already shipped above).
+                self.links[link].end(side).connection = None;
+                self.links[link].end(side).conn = None;
+            }
+            if !self.nodes[node].up {
+                continue;
+            }
+            let now = self.now;
+            let name = self.nodes[node].name;
+            match (conn, event) {
+                (
+                    None,
+                    ConnEvent::Established {
+                        peer,
+                        remote_max_message_size,
+                    },
+                ) => {
+                    let addr = self.nodes[self.links[link].dialer.node].addr;
+                    let id = self.nodes[node].endpoint.handle_accepted(
+                        peer,
+                        addr,
+                        remote_max_message_size,
+                        now,
+                    );
+                    self.links[link].end(side).conn = Some(id);
+                    self.nodes[node].conn_links.insert(id, link);
+                    self.log(format!("{name} accepted {id} from {}", peer.short()));
+                }
+                (None, ConnEvent::Closed(Closed::Error(e))) => {
+                    self.log(format!("{name} rejected connection: {e}"));
+                    self.nodes[node].endpoint.handle_rejected(e, now);
+                }
+                (None, _) => {}
+                (Some(id), event) => {
+                    if closed {
+                        self.nodes[node].conn_links.remove(&id);
+                    }
+                    if let ConnEvent::Message(m) = &event {
+                        self.log(format!("{name} {id} <- {m:?}"));
+                    } else {
+                        self.log(format!("{name} {id} {event:?}"));
+                    }
+                    self.nodes[node].endpoint.handle_conn_event(id, event, now);
+                }
+            }
+            self.drain(node);
+        }
+    }
+
+    fn ship_frames(&mut self, link: usize, from: Side) {
+        let to = match from {
+            Side::Dialer => Side::Acceptor,
+            Side::Acceptor => Side::Dialer,
+        };
+        let (a, b) = (self.links[link].dialer.node, self.links[link].acceptor.node);
+        while let Some(frame) = self.links[link]
+            .end(from)
+            .connection
+            .as_mut()
+            .and_then(Connection::poll_transmit)
+        {
+            if self.partitioned(a, b) || self.links[link].black_holed {
+                self.links[link].black_holed = true;
+                continue;
+            }
+            let at = self.now + self.latency;
+            self.schedule(at, Delivery::Frame { link, to, frame });
+        }
+    }
+
+    /// Performs every output of a node's endpoint and collects its events.
+    fn drain(&mut self, node: usize) {
+        if !self.nodes[node].up {
+            return;
+        }
+        while let Some(output) = self.nodes[node].endpoint.poll_output() {
+            self.perform(node, output);
+        }
+        while let Some(event) = self.nodes[node].endpoint.poll_event() {
+            self.on_app_event(node, event);
+        }
+    }
+
+    fn perform(&mut self, node: usize, output: Output) {
+        let now = self.now;
+        let name = self.nodes[node].name;
+        match output {
+            Output::Dial { conn, peer, addr } => {
+                self.log(format!("{name} dial {conn} to {} at {addr}", peer.short()));
+                let mut seed = [0u8; 32];
+                self.rng.fill_bytes(&mut seed);
+                let n = &self.nodes[node];
+                let dialer = Connection::dial(&n.keypair, peer, addr, seed, &n.config, now)
+                    .expect("dial state");
+                let target = self.nodes.iter().position(|n| n.addr == addr);
+                let link = self.links.len();
+                self.nodes[node].conn_links.insert(conn, link);
+                let incarnation = self.nodes[node].incarnation;
+                let acceptor = match target {
+                    Some(t) if self.nodes[t].up => {
+                        self.rng.fill_bytes(&mut seed);
+                        let from = self.nodes[node].addr;
+                        let tn = &self.nodes[t];
+                        Some((
+                            t,
+                            Connection::accept(&tn.keypair, from, seed, &tn.config, now)
+                                .expect("accept state"),
+                            tn.incarnation,
+                        ))
+                    }
+                    _ => None,
+                };
+                let refused = acceptor.is_none();
+                let (t, acc, t_inc) = match acceptor {
+                    Some((t, c, inc)) => (t, Some(c), inc),
+                    None => (target.unwrap_or(usize::MAX), None, 0),
+                };
+                self.links.push(Link {
+                    dialer: End {
+                        node,
+                        conn: Some(conn),
+                        connection: Some(dialer),
+                        incarnation,
+                    },
+                    acceptor: End {
+                        node: t,
+                        conn: None,
+                        connection: acc,
+                        incarnation: t_inc,
+                    },
+                    black_holed: false,
+                });
+                if refused {
+                    let partitioned = target.is_some_and(|t| self.partitioned(node, t));
+                    if !partitioned {
+                        let at = now + self.latency;
+                        self.schedule(at, Delivery::Refused { link });
+                    }
+                    // Drop the dialer's first frame; nothing is listening.
+                    if let Some(c) = self.links[link].dialer.connection.as_mut() {
+                        while c.poll_transmit().is_some() {}
+                    }
+                } else {
+                    self.ship_frames(link, Side::Dialer);
+                }
+            }
+            Output::Send { conn, message } => {
+                let Some(&link) = self.nodes[node].conn_links.get(&conn) else {
+                    return;
+                };
+                let from = if self.links[link].dialer.node == node
+                    && self.links[link].dialer.conn == Some(conn)
+                {
+                    Side::Dialer
+                } else {
+                    Side::Acceptor
+                };
+                self.log(format!("{name} {conn} -> {message:?}"));
+                let other = match from {
+                    Side::Dialer => self.links[link].acceptor.node,
+                    Side::Acceptor => self.links[link].dialer.node,
+                };
+                let rule = self
+                    .rules
+                    .iter_mut()
+                    .find(|r| r.matches(node, other, &message));
+                let action = rule.map(|r| {
+                    r.count -= 1;
+                    r.action
+                });
+                match action {
+                    None => self.encrypt_and_ship(link, from, &message, false),
+                    Some(Action::Drop) => self.log(format!("fault: drop {message:?}")),
+                    Some(Action::Corrupt) => {
+                        self.log(format!("fault: corrupt {message:?}"));
+                        self.encrypt_and_ship(link, from, &message, true);
+                    }
+                    Some(Action::Delay(d)) => {
+                        self.log(format!("fault: delay {message:?} by {d:?}"));
+                        self.schedule(
+                            now + d,
+                            Delivery::Send {
+                                link,
+                                from,
+                                message,
+                            },
+                        );
+                    }
+                    Some(Action::Nack(reason)) => {
+                        self.log(format!("fault: answer {message:?} with Nack {reason:?}"));
+                        if let (Some(exchange), Some(attempt)) =
+                            (message.exchange(), message.attempt())
+                        {
+                            let nack = Message::Nack {
+                                exchange,
+                                attempt,
+                                reason,
+                                retry_after_ms: 0,
+                            };
+                            let to = match from {
+                                Side::Dialer => Side::Acceptor,
+                                Side::Acceptor => Side::Dialer,
+                            };
+                            // Forged by the receiver when the request would have arrived,
+                            // so its side of the handshake is done by then.
+                            let at = now + self.latency;
+                            self.schedule(
+                                at,
+                                Delivery::Send {
+                                    link,
+                                    from: to,
+                                    message: nack,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Output::Close { conn, reason } => {
+                self.log(format!("{name} close {conn} ({reason:?})"));
+                let Some(link) = self.nodes[node].conn_links.remove(&conn) else {
+                    return;
+                };
+                let side = if self.links[link].dialer.node == node
+                    && self.links[link].dialer.conn == Some(conn)
+                {
+                    Side::Dialer
+                } else {
+                    Side::Acceptor
+                };
+                if let Some(c) = self.links[link].end(side).connection.as_mut() {
+                    c.close(reason);
+                }
+                self.ship_frames(link, side);
+                let end = self.links[link].end(side);
+                end.connection = None;
+                end.conn = None;
+                // A TCP close reaches the other side even without a Close message (FIN).
+                // It arrives after any frame already in flight, so a Close message, when
+                // there was one, is processed first.
+                let other = match side {
+                    Side::Dialer => Side::Acceptor,
+                    Side::Acceptor => Side::Dialer,
+                };
+                let (a, b) = (self.links[link].dialer.node, self.links[link].acceptor.node);
+                if !self.partitioned(a, b) && !self.links[link].black_holed {
+                    let at = now + self.latency;
+                    self.schedule(at, Delivery::Fin { link, to: other });
+                }
+            }
+        }
+    }
+
+    fn encrypt_and_ship(&mut self, link: usize, from: Side, message: &Message, corrupt: bool) {
+        let Some(c) = self.links[link].end(from).connection.as_mut() else {
+            return;
+        };
+        if c.send(message).is_err() {
+            return;
+        }
+        if corrupt {
+            let mut frames: Vec<Vec<u8>> = std::iter::from_fn(|| c.poll_transmit()).collect();
+            if let Some(first) = frames.first_mut() {
+                let i = first.len() / 2;
+                first[i] ^= 0x5a;
+            }
+            let to = match from {
+                Side::Dialer => Side::Acceptor,
+                Side::Acceptor => Side::Dialer,
+            };
+            let at = self.now + self.latency;
+            for frame in frames {
+                self.schedule(at, Delivery::Frame { link, to, frame });
+            }
+        } else {
+            self.ship_frames(link, from);
+        }
+    }
+
+    fn on_app_event(&mut self, node: usize, event: Event) {
+        let name = self.nodes[node].name;
+        self.log(format!("{name} event: {}", short_event(&event)));
+        if let Event::Request {
+            peer,
+            exchange,
+            payload,
+        } = &event
+        {
+            let incarnation = self.nodes[node].incarnation;
+            *self
+                .delivered
+                .entry((node, incarnation, *peer, *exchange))
+                .or_default() += 1;
+            let mut reply = b"re:".to_vec();
+            reply.extend_from_slice(payload);
+            match self.nodes[node].app {
+                App::Echo => {
+                    let at = self.now;
+                    self.schedule(
+                        at,
+                        Delivery::Respond {
+                            node,
+                            incarnation,
+                            peer: *peer,
+                            exchange: *exchange,
+                            payload: reply.into(),
+                        },
+                    );
+                }
+                App::EchoAfter(d) => {
+                    let at = self.now + d;
+                    self.schedule(
+                        at,
+                        Delivery::Respond {
+                            node,
+                            incarnation,
+                            peer: *peer,
+                            exchange: *exchange,
+                            payload: reply.into(),
+                        },
+                    );
+                }
+                App::Manual => {}
+            }
+        }
+        self.nodes[node].events.push(event);
+    }
+
+    // ----- queries -----
+
+    pub(crate) fn replies(&self, node: usize) -> Vec<(ExchangeId, Bytes)> {
+        self.nodes[node]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Reply {
+                    exchange, payload, ..
+                } => Some((*exchange, payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(crate) fn requests_seen(&self, node: usize) -> Vec<(PeerId, ExchangeId, Bytes)> {
+        self.nodes[node]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Request {
+                    peer,
+                    exchange,
+                    payload,
+                } => Some((*peer, *exchange, payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub(crate) fn failures(
+        &self,
+        node: usize,
+    ) -> Vec<(ExchangeId, crate::endpoint::Failure, Bytes)> {
+        self.nodes[node]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Failed {
+                    exchange,
+                    failure,
+                    payload,
+                    ..
+                } => Some((*exchange, failure.clone(), payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The outcome events (Reply or Failed) of `node`'s exchange `id`.
+    pub(crate) fn outcomes(&self, node: usize, id: ExchangeId) -> usize {
+        self.nodes[node]
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(e, Event::Reply { exchange, .. } | Event::Failed { exchange, .. } if *exchange == id)
+            })
+            .count()
+    }
+
+    pub(crate) fn has_outcome(&self, node: usize, id: ExchangeId) -> bool {
+        self.outcomes(node, id) > 0
+    }
+
+    pub(crate) fn open_links(&self) -> usize {
+        self.links
+            .iter()
+            .filter(|l| l.dialer.connection.is_some() || l.acceptor.connection.is_some())
+            .count()
+    }
+}
+
+fn short_event(event: &Event) -> String {
+    match event {
+        Event::Request {
+            peer,
+            exchange,
+            payload,
+        } => format!(
+            "Request {exchange} from {} ({} B)",
+            peer.short(),
+            payload.len()
+        ),
+        Event::Reply {
+            peer,
+            exchange,
+            payload,
+        } => format!(
+            "Reply {exchange} from {} ({} B)",
+            peer.short(),
+            payload.len()
+        ),
+        Event::Failed {
+            exchange, failure, ..
+        } => format!("Failed {exchange}: {failure:?}"),
+        other => format!("{other:?}"),
+    }
+}

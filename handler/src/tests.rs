@@ -1,1 +1,1220 @@
+//! Exchange tests: endpoints driven against each other by the harness on a virtual clock,
+//! through real encrypted connections, with scripted faults. One test per behaviour.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::config::{Config, RateLimit};
+use crate::connection::ConnError;
+use crate::endpoint::{Event, Failure, PeerError, RequestError, RespondError, RetryCause};
+use crate::harness::{Action, App, Net, Rule};
+use crate::wire::{AbortReason, AckOf, CloseReason, Kind, NackReason};
+
+const ALICE: usize = 0;
+const BOB: usize = 1;
+const CAROL: usize = 2;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Short timeouts so tests reach their interesting parts quickly in virtual time.
+fn config() -> Config {
+    Config {
+        ack_timeout: Duration::from_millis(500),
+        reply_timeout: secs(3),
+        response_timeout: secs(2),
+        reply_ack_timeout: secs(1),
+        connect_timeout: secs(1),
+        handshake_timeout: secs(1),
+        idle_timeout: secs(5),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: secs(1),
+        ..Config::default()
+    }
+}
+
+fn net(names: &[&'static str]) -> Net {
+    Net::new(7, names, config())
+}
+
+fn pair() -> Net {
+    net(&["alice", "bob"])
+}
+
+#[test]
+fn happy_path_request_ack_reply_ack() {
+    let mut net = pair();
+    let id = net.request(ALICE, BOB, b"hello");
+    assert!(net.run(secs(60)));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:hello"))]
+    );
+    let seen = net.requests_seen(BOB);
+    assert_eq!(
+        seen,
+        vec![(net.id(ALICE), id, Bytes::from_static(b"hello"))]
+    );
+    assert!(net.nodes[BOB].events.contains(&Event::ResponseDelivered {
+        peer: net.id(ALICE),
+        exchange: id
+    }));
+    // Without reuse the dialer disconnects after the exchange; nothing is left open.
+    assert_eq!(net.open_links(), 0);
+    for n in &net.nodes {
+        assert!(n.endpoint.is_idle(), "{} idle", n.name);
+    }
+    let s = net.nodes[ALICE].endpoint.stats();
+    assert_eq!(
+        (s.dials, s.redials, s.requests_sent, s.resends),
+        (1, 0, 1, 0)
+    );
+    // Two network round trips plus the handshake: well under a second of virtual time.
+    assert!(net.trace.iter().any(|l| l.contains("Reply")));
+}
+
+#[test]
+fn application_never_sees_acks() {
+    let mut net = pair();
+    net.request(ALICE, BOB, b"x");
+    net.run(secs(60));
+    for n in &net.nodes {
+        for e in &n.events {
+            assert!(
+                matches!(
+                    e,
+                    Event::Request { .. } | Event::Reply { .. } | Event::ResponseDelivered { .. }
+                ),
+                "{e:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nack_then_resend_succeeds_on_the_same_connection() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Request, Action::Nack(NackReason::Busy)).times(2));
+    let id = net.request(ALICE, BOB, b"retry me");
+    net.run(secs(60));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:retry me"))]
+    );
+    let s = net.nodes[ALICE].endpoint.stats();
+    assert_eq!(s.nacks_received, 2);
+    assert_eq!(s.resends, 2);
+    assert_eq!(s.dials, 1, "a Nack proves the connection alive: no redial");
+    assert_eq!(net.requests_seen(BOB).len(), 1);
+}
+
+#[test]
+fn nacks_until_attempts_run_out_fail_with_payload_returned() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Request, Action::Nack(NackReason::Busy)).times(100));
+    let id = net.request(ALICE, BOB, b"precious");
+    net.run(secs(60));
+    let failures = net.failures(ALICE);
+    assert_eq!(failures.len(), 1);
+    let (fid, failure, payload) = &failures[0];
+    assert_eq!(*fid, id);
+    assert_eq!(payload, &Bytes::from_static(b"precious"));
+    assert_eq!(
+        *failure,
+        Failure::Exhausted {
+            attempts: config().max_attempts,
+            last: RetryCause::Nacked(NackReason::Busy),
+            request_acked: false
+        }
+    );
+    assert!(net.requests_seen(BOB).is_empty());
+    assert_eq!(net.outcomes(ALICE, id), 1);
+    assert_eq!(net.open_links(), 0);
+}
+
+#[test]
+fn backoff_grows_and_is_bounded() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Request, Action::Nack(NackReason::Busy)).times(100));
+    net.request(ALICE, BOB, b"x");
+    net.run(secs(60));
+    let resend_times: Vec<f64> = net
+        .trace
+        .iter()
+        .filter(|l| l.contains("alice") && l.contains("-> Request"))
+        .map(|l| {
+            l.trim_start()
+                .split('s')
+                .next()
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+        })
+        .collect();
+    let gaps: Vec<f64> = resend_times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps.len(), 5);
+    // Equal jitter: each delay lies in [base/2, base], base = 100 ms * 2^(n-1) capped at 1 s,
+    // plus one 20 ms round trip for the Nack.
+    let bases = [0.1, 0.2, 0.4, 0.8, 1.0];
+    for (gap, base) in gaps.iter().zip(bases) {
+        assert!(
+            *gap >= base / 2.0 + 0.019 && *gap <= base + 0.021,
+            "{gaps:?}"
+        );
+    }
+}
+
+#[test]
+fn final_nack_fails_at_once() {
+    let mut net = pair();
+    net.rules.push(Rule::new(
+        ALICE,
+        BOB,
+        Kind::Request,
+        Action::Nack(NackReason::TooLarge),
+    ));
+    let id = net.request(ALICE, BOB, b"x");
+    net.run(secs(60));
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            id,
+            Failure::Refused(NackReason::TooLarge),
+            Bytes::from_static(b"x")
+        )]
+    );
+    assert_eq!(net.nodes[ALICE].endpoint.stats().requests_sent, 1);
+}
+
+#[test]
+fn lost_ack_resend_is_not_delivered_twice() {
+    let mut net = pair();
+    // Bob answers after the ack timeout, so Alice resends first.
+    net.nodes[BOB].app = App::EchoAfter(Duration::from_millis(1500));
+    net.rules
+        .push(Rule::new(BOB, ALICE, Kind::Ack, Action::Drop).ack_of(AckOf::Request));
+    let id = net.request(ALICE, BOB, b"once");
+    net.run(secs(60));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:once"))]
+    );
+    assert_eq!(net.requests_seen(BOB).len(), 1, "delivered exactly once");
+    assert_eq!(net.nodes[BOB].endpoint.stats().duplicates_dropped, 1);
+    assert_eq!(net.nodes[ALICE].endpoint.stats().resends, 1);
+    assert_eq!(
+        net.nodes[ALICE].endpoint.stats().redials,
+        1,
+        "a timeout redials"
+    );
+}
+
+#[test]
+fn lost_reply_is_resent_from_the_responders_cache() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(BOB, ALICE, Kind::Reply, Action::Drop));
+    let id = net.request(ALICE, BOB, b"answer me");
+    net.run(secs(60));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:answer me"))]
+    );
+    assert_eq!(
+        net.requests_seen(BOB).len(),
+        1,
+        "the app was not asked again"
+    );
+    let bob = net.nodes[BOB].endpoint.stats();
+    assert_eq!(bob.replies_from_cache, 1);
+    assert_eq!(bob.duplicates_dropped, 1);
+    // The first reply was never acknowledged in time; the cached copy was, later.
+    let bob_events = &net.nodes[BOB].events;
+    assert!(bob_events.contains(&Event::ResponseUnconfirmed {
+        peer: net.id(ALICE),
+        exchange: id
+    }));
+    assert!(!bob_events.contains(&Event::ResponseDelivered {
+        peer: net.id(ALICE),
+        exchange: id
+    }));
+}
+
+#[test]
+fn lost_reply_ack_reports_unconfirmed_once() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Ack, Action::Drop).ack_of(AckOf::Reply));
+    let id = net.request(ALICE, BOB, b"x");
+    net.run(secs(60));
+    assert_eq!(net.replies(ALICE).len(), 1);
+    let outcomes: Vec<&Event> = net.nodes[BOB]
+        .events
+        .iter()
+        .filter(|e| !matches!(e, Event::Request { .. }))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![&Event::ResponseUnconfirmed {
+            peer: net.id(ALICE),
+            exchange: id
+        }]
+    );
+}
+
+#[test]
+fn delayed_request_overtaken_by_its_resend_is_delivered_once() {
+    let mut net = pair();
+    net.rules.push(Rule::new(
+        ALICE,
+        BOB,
+        Kind::Request,
+        Action::Delay(Duration::from_millis(800)),
+    ));
+    let id = net.request(ALICE, BOB, b"slow");
+    net.run(secs(60));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:slow"))]
+    );
+    assert_eq!(net.requests_seen(BOB).len(), 1);
+    assert_eq!(net.outcomes(ALICE, id), 1);
+}
+
+#[test]
+fn partition_mid_exchange_then_repair_redials_and_completes() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::EchoAfter(Duration::from_millis(300));
+    let id = net.request(ALICE, BOB, b"through the storm");
+    // Let the request be acknowledged, then cut the network before the reply.
+    net.run_until(secs(5), |n| n.trace.iter().any(|l| l.contains("<- Ack")));
+    net.partition(ALICE, BOB);
+    net.run_for(secs(4));
+    assert!(!net.has_outcome(ALICE, id), "still retrying");
+    net.repair(ALICE, BOB);
+    net.run(secs(120));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:through the storm"))]
+    );
+    assert_eq!(net.requests_seen(BOB).len(), 1);
+    assert!(net.nodes[ALICE].endpoint.stats().redials >= 1);
+    assert!(net.nodes[BOB].endpoint.stats().replies_from_cache >= 1);
+    assert_eq!(net.open_links(), 0);
+}
+
+#[test]
+fn permanent_partition_fails_after_bounded_attempts() {
+    let mut net = pair();
+    net.partition(ALICE, BOB);
+    let id = net.request(ALICE, BOB, b"void");
+    net.run(secs(120));
+    let failures = net.failures(ALICE);
+    assert_eq!(failures.len(), 1);
+    assert!(matches!(
+        failures[0].1,
+        Failure::Exhausted {
+            last: RetryCause::ConnectTimeout,
+            request_acked: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        net.nodes[ALICE].endpoint.stats().dials,
+        u64::from(config().max_attempts)
+    );
+    assert_eq!(net.outcomes(ALICE, id), 1);
+    assert!(net.nodes[ALICE].endpoint.is_idle());
+}
+
+#[test]
+fn responder_crash_and_restart_redial_and_completion() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"survive");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    net.crash(BOB);
+    net.run_for(Duration::from_millis(400));
+    net.restart(BOB);
+    net.nodes[BOB].app = App::Echo;
+    net.run(secs(60));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:survive"))]
+    );
+    assert!(net.nodes[ALICE].endpoint.stats().redials >= 1);
+}
+
+#[test]
+fn requests_to_a_busy_peer_queue_and_complete_in_order() {
+    let mut net = pair();
+    let ids: Vec<_> = (0..5)
+        .map(|i| net.request(ALICE, BOB, format!("m{i}").as_bytes()))
+        .collect();
+    assert_eq!(
+        net.nodes[ALICE].endpoint.stats().dials,
+        1,
+        "one exchange at a time"
+    );
+    net.run(secs(60));
+    let replies: Vec<_> = net.replies(ALICE).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(replies, ids);
+    let order: Vec<Bytes> = net
+        .requests_seen(BOB)
+        .into_iter()
+        .map(|(_, _, p)| p)
+        .collect();
+    let expected: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("m{i}"))).collect();
+    assert_eq!(order, expected);
+}
+
+#[test]
+fn full_queue_is_a_clear_error() {
+    let mut net = Net::new(
+        1,
+        &["alice", "bob"],
+        Config {
+            max_queued_per_peer: 2,
+            ..config()
+        },
+    );
+    for _ in 0..3 {
+        net.request(ALICE, BOB, b"x"); // one active, two queued
+    }
+    let err = net.try_request(ALICE, BOB, b"x").unwrap_err();
+    assert_eq!(
+        err,
+        RequestError::QueueFull {
+            peer: net.id(BOB),
+            limit: 2
+        }
+    );
+    assert!(err.to_string().contains("full"));
+    net.run(secs(60));
+    assert_eq!(net.replies(ALICE).len(), 3);
+}
+
+#[test]
+fn reused_connection_carries_consecutive_exchanges_then_idles_out() {
+    let mut net = Net::new(
+        3,
+        &["alice", "bob"],
+        Config {
+            reuse_connections: true,
+            ..config()
+        },
+    );
+    for i in 0..3 {
+        net.request(ALICE, BOB, format!("r{i}").as_bytes());
+    }
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 3);
+    assert_eq!(
+        net.nodes[ALICE].endpoint.stats().dials,
+        1,
+        "one connection for all three"
+    );
+    assert_eq!(net.open_links(), 1, "kept open for reuse");
+    // A later request reuses it too, without dialing.
+    net.run_for(secs(1));
+    net.request(ALICE, BOB, b"later");
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 4);
+    assert_eq!(net.nodes[ALICE].endpoint.stats().dials, 1);
+    // Then the idle timeout closes it.
+    let before = net.elapsed();
+    assert!(net.run(secs(60)));
+    assert_eq!(net.open_links(), 0);
+    assert!(net.elapsed() - before >= config().idle_timeout);
+    assert!(net.trace.iter().any(|l| l.contains("(Idle)")));
+}
+
+#[test]
+fn responder_closes_idle_inbound_connections() {
+    // A dialer that keeps its connection (reuse) but then goes quiet is cut by the responder
+    // too, whichever idle timer fires first.
+    let mut net = Net::new(
+        3,
+        &["alice", "bob"],
+        Config {
+            reuse_connections: true,
+            ..config()
+        },
+    );
+    net.nodes[BOB].endpoint = crate::endpoint::Endpoint::new(
+        Config {
+            idle_timeout: secs(2),
+            ..config()
+        },
+        net.id(BOB),
+        net.nodes[BOB].allow.clone(),
+        [9; 32],
+    )
+    .unwrap();
+    net.request(ALICE, BOB, b"x");
+    assert!(net.run(secs(60)));
+    assert_eq!(net.open_links(), 0);
+    assert!(
+        net.trace
+            .iter()
+            .any(|l| l.starts_with("   2") && l.contains("bob close") && l.contains("(Idle)"))
+    );
+}
+
+#[test]
+fn application_that_never_replies_times_out_on_both_sides() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"anyone?");
+    net.run(secs(60));
+    let alice = net.id(ALICE);
+    assert!(net.nodes[BOB].events.contains(&Event::ResponseTimedOut {
+        peer: alice,
+        exchange: id
+    }));
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            id,
+            Failure::Aborted(AbortReason::NoResponse),
+            Bytes::from_static(b"anyone?")
+        )]
+    );
+    // Answering late is an error, not a silent drop.
+    let late = net.nodes[BOB]
+        .endpoint
+        .respond(alice, id, Bytes::from_static(b"sorry"), net.now);
+    assert_eq!(
+        late,
+        Err(RespondError::NotPending {
+            peer: alice,
+            exchange: id
+        })
+    );
+}
+
+#[test]
+fn responder_answers_by_peer_and_by_exchange() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"q");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let alice = net.id(ALICE);
+    assert_eq!(
+        net.nodes[BOB].endpoint.pending_request_from(&alice),
+        Some(id)
+    );
+    assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 1);
+    net.respond(BOB, alice, id, b"a");
+    assert_eq!(net.nodes[BOB].endpoint.pending_request_from(&alice), None);
+    net.run(secs(60));
+    assert_eq!(net.replies(ALICE), vec![(id, Bytes::from_static(b"a"))]);
+}
+
+#[test]
+fn peer_not_on_the_allow_list_is_rejected() {
+    let mut net = net(&["alice", "bob", "carol"]);
+    let carol = net.id(CAROL);
+    // Bob no longer lists Carol; Carol still lists Bob.
+    net.nodes[BOB].endpoint.revoke(&carol, net.now);
+    let id = net.request(CAROL, BOB, b"let me in");
+    net.run(secs(60));
+    assert_eq!(
+        net.failures(CAROL),
+        vec![(
+            id,
+            Failure::Rejected(CloseReason::NotAllowed),
+            Bytes::from_static(b"let me in")
+        )]
+    );
+    assert!(net.requests_seen(BOB).is_empty());
+    let errors: Vec<String> = net.nodes[BOB]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::PeerError(PeerError::Connection(e @ ConnError::NotAllowed { .. })) => {
+                Some(e.to_string())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains(&carol.short()), "{}", errors[0]);
+    // The rejected peer gets no retry storm: one dial.
+    assert_eq!(net.nodes[CAROL].endpoint.stats().dials, 1);
+}
+
+#[test]
+fn request_to_unlisted_peer_is_refused_locally() {
+    let mut net = pair();
+    let bob = net.id(BOB);
+    net.nodes[ALICE].endpoint.revoke(&bob, net.now);
+    assert_eq!(
+        net.try_request(ALICE, BOB, b"x"),
+        Err(RequestError::NotAllowed(bob))
+    );
+    assert_eq!(
+        net.try_request(ALICE, ALICE, b"x"),
+        Err(RequestError::SelfRequest)
+    );
+}
+
+#[test]
+fn impostor_key_at_a_known_address_is_rejected() {
+    let mut net = net(&["alice", "bob", "mallory"]);
+    // Mallory sits at Bob's address: the key answering there is not Bob's.
+    let bob_addr = net.nodes[BOB].addr;
+    net.nodes[BOB].addr = "10.9.9.9:1".parse().unwrap();
+    net.nodes[2].addr = bob_addr;
+    let bob = net.id(BOB);
+    let now = net.now;
+    let id = net.nodes[ALICE]
+        .endpoint
+        .request(bob, bob_addr, Bytes::from_static(b"secret"), now)
+        .unwrap();
+    net.run(secs(60));
+    let failures = net.failures(ALICE);
+    assert_eq!(failures.len(), 1);
+    let (fid, Failure::Connection(err @ ConnError::Impostor { actual, .. }), payload) =
+        &failures[0]
+    else {
+        panic!("{failures:?}");
+    };
+    assert_eq!((*fid, *actual), (id, net.id(2)));
+    assert_eq!(payload, &Bytes::from_static(b"secret"));
+    assert!(err.to_string().contains(&bob.short()));
+    assert!(
+        net.requests_seen(2).is_empty(),
+        "the impostor never sees the request"
+    );
+    assert!(
+        net.nodes[ALICE]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::PeerError(_)))
+    );
+}
+
+#[test]
+fn corrupted_frame_names_the_peer_disconnects_and_the_exchange_recovers() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Request, Action::Corrupt));
+    let id = net.request(ALICE, BOB, b"intact");
+    net.run(secs(60));
+    let alice = net.id(ALICE);
+    let decrypt = net.nodes[BOB].events.iter().find_map(|e| match e {
+        Event::PeerError(PeerError::Connection(e @ ConnError::Decrypt { .. })) => Some(e.clone()),
+        _ => None,
+    });
+    let decrypt = decrypt.expect("decrypt error reported");
+    assert_eq!(decrypt.remote().peer, Some(alice));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:intact"))]
+    );
+    assert_eq!(net.requests_seen(BOB).len(), 1);
+}
+
+#[test]
+fn rate_limited_requests_are_nacked_then_get_through() {
+    let limited = Config {
+        request_rate: RateLimit {
+            burst: 2,
+            per_second: 2,
+        },
+        ..config()
+    };
+    let mut net = Net::new(5, &["alice", "bob"], config());
+    net.nodes[BOB].endpoint =
+        crate::endpoint::Endpoint::new(limited, net.id(BOB), net.nodes[BOB].allow.clone(), [4; 32])
+            .unwrap();
+    let ids: Vec<_> = (0..5).map(|i| net.request(ALICE, BOB, &[i])).collect();
+    net.run(secs(60));
+    let replies: Vec<_> = net.replies(ALICE).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(replies, ids, "all complete, in order");
+    let limited_events = net.nodes[BOB]
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::RateLimited {
+                    limit: crate::endpoint::LimitKind::Requests,
+                    disconnected: false,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(limited_events >= 1);
+    assert!(net.nodes[ALICE].endpoint.stats().nacks_received >= 1);
+}
+
+#[test]
+fn connection_rate_limit_closes_excess_connections() {
+    let limited = Config {
+        connection_rate: RateLimit {
+            burst: 1,
+            per_second: 1,
+        },
+        ..config()
+    };
+    let mut net = Net::new(5, &["alice", "bob"], config());
+    net.nodes[BOB].endpoint =
+        crate::endpoint::Endpoint::new(limited, net.id(BOB), net.nodes[BOB].allow.clone(), [4; 32])
+            .unwrap();
+    let ids: Vec<_> = (0..3).map(|i| net.request(ALICE, BOB, &[i])).collect();
+    net.run(secs(60));
+    let replies: Vec<_> = net.replies(ALICE).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(replies, ids);
+    assert!(net.nodes[BOB].events.iter().any(|e| matches!(
+        e,
+        Event::RateLimited {
+            limit: crate::endpoint::LimitKind::Connections,
+            disconnected: true,
+            ..
+        }
+    )));
+    assert!(net.nodes[ALICE].endpoint.stats().redials >= 1);
+}
+
+#[test]
+fn large_fragmented_message_survives_a_lost_reply() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(BOB, ALICE, Kind::Reply, Action::Drop));
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let id = net.request(ALICE, BOB, &payload);
+    net.run(secs(60));
+    let replies = net.replies(ALICE);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, id);
+    assert_eq!(&replies[0].1[..3], b"re:");
+    assert_eq!(&replies[0].1[3..], &payload[..]);
+    assert_eq!(net.nodes[BOB].endpoint.stats().replies_from_cache, 1);
+}
+
+#[test]
+fn sixteen_mib_message_at_the_default_limit() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let payload = vec![0x5a_u8; 16 * 1024 * 1024];
+    let id = net.request(ALICE, BOB, &payload);
+    net.run_until(secs(10), |n| !n.requests_seen(BOB).is_empty());
+    assert_eq!(net.requests_seen(BOB)[0].2.len(), payload.len());
+    net.respond(BOB, net.id(ALICE), id, &payload);
+    net.run(secs(60));
+    assert_eq!(net.replies(ALICE)[0].1.len(), payload.len());
+    let too_big = vec![0u8; 16 * 1024 * 1024 + 1];
+    assert!(matches!(
+        net.try_request(ALICE, BOB, &too_big),
+        Err(RequestError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn payload_over_the_responders_limit_fails_without_being_sent() {
+    let mut net = Net::new(5, &["alice", "bob"], config());
+    let small = Config {
+        max_message_size: 1000,
+        ..config()
+    };
+    net.nodes[BOB].config = small.clone();
+    net.nodes[BOB].endpoint =
+        crate::endpoint::Endpoint::new(small, net.id(BOB), net.nodes[BOB].allow.clone(), [4; 32])
+            .unwrap();
+    let id = net.request(ALICE, BOB, &[1u8; 2000]);
+    net.run(secs(60));
+    let failures = net.failures(ALICE);
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].0, id);
+    assert_eq!(
+        failures[0].1,
+        Failure::TooLarge {
+            len: 2000,
+            max: 1000
+        }
+    );
+    assert_eq!(net.nodes[ALICE].endpoint.stats().requests_sent, 0);
+}
+
+#[test]
+fn revoking_a_peer_at_runtime_disconnects_it() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"in flight");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let alice = net.id(ALICE);
+    let now = net.now;
+    assert!(net.nodes[BOB].endpoint.revoke(&alice, now));
+    assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 0);
+    net.run(secs(60));
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            id,
+            Failure::Rejected(CloseReason::NotAllowed),
+            Bytes::from_static(b"in flight")
+        )]
+    );
+    assert_eq!(net.open_links(), 0);
+}
+
+#[test]
+fn shutdown_reports_every_pending_exchange_and_closes_everything() {
+    let mut net = net(&["alice", "bob", "carol"]);
+    net.nodes[BOB].app = App::Manual;
+    let queued: Vec<_> = (0..3).map(|i| net.request(ALICE, BOB, &[i])).collect();
+    let other = net.request(ALICE, CAROL, b"c");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    net.shutdown(ALICE);
+    // Drain the outputs and events shutdown produced.
+    net.run(secs(60));
+    let mut failed: Vec<_> = net
+        .failures(ALICE)
+        .into_iter()
+        .filter(|(_, f, _)| *f == Failure::ShuttingDown)
+        .map(|(id, _, _)| id)
+        .collect();
+    failed.sort();
+    let mut expected = queued.clone();
+    if !net.has_outcome(ALICE, other) || net.failures(ALICE).iter().any(|(id, _, _)| *id == other) {
+        expected.push(other);
+    }
+    expected.sort();
+    assert_eq!(failed, expected);
+    for id in queued {
+        assert_eq!(net.outcomes(ALICE, id), 1);
+    }
+    assert!(net.nodes[ALICE].endpoint.is_idle());
+    assert_eq!(
+        net.try_request(ALICE, BOB, b"x"),
+        Err(RequestError::ShuttingDown)
+    );
+}
+
+#[test]
+fn responder_shutdown_aborts_pending_requests() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"x");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let now = net.now;
+    let _ = now;
+    net.shutdown(BOB);
+    net.run(secs(60));
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            id,
+            Failure::Aborted(AbortReason::ShuttingDown),
+            Bytes::from_static(b"x")
+        )]
+    );
+}
+
+#[test]
+fn many_nodes_exchange_at_once_without_loss_or_duplicates() {
+    let names: Vec<&'static str> = vec!["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
+    let mut net = Net::new(11, &names, config());
+    let mut ids = Vec::new();
+    for from in 0..names.len() {
+        for k in 1..=4 {
+            let to = (from + k) % names.len();
+            ids.push((
+                from,
+                net.request(from, to, format!("{from}->{to}").as_bytes()),
+            ));
+        }
+    }
+    assert!(net.run(secs(120)));
+    for (from, id) in ids {
+        assert_eq!(net.outcomes(from, id), 1);
+        assert!(net.replies(from).iter().any(|(r, _)| *r == id));
+    }
+    let delivered: usize = (0..names.len()).map(|n| net.requests_seen(n).len()).sum();
+    assert_eq!(delivered, names.len() * 4);
+    assert_eq!(net.open_links(), 0);
+}
+
+#[test]
+fn same_seed_same_trace_byte_for_byte() {
+    fn run(seed: u64) -> Vec<String> {
+        let mut net = Net::new(seed, &["alice", "bob", "carol"], config());
+        net.rules
+            .push(Rule::new(BOB, ALICE, Kind::Reply, Action::Drop));
+        net.rules
+            .push(Rule::new(ALICE, CAROL, Kind::Request, Action::Nack(NackReason::Busy)).times(2));
+        for i in 0..3 {
+            net.request(ALICE, BOB, &[i]);
+            net.request(ALICE, CAROL, &[i]);
+            net.request(CAROL, BOB, &[i]);
+        }
+        net.run(secs(120));
+        net.trace
+    }
+    let a = run(42);
+    assert_eq!(a, run(42));
+    assert_ne!(a, run(43), "the seed matters (ids, jitter, keys)");
+}
+
+mod endpoint_unit {
+    //! Transitions driven by hand, for paths a correct peer never takes.
+
+    use super::*;
+    use crate::allow_list::AllowList;
+    use crate::connection::ConnEvent;
+    use crate::endpoint::{ConnId, Endpoint, LimitKind, Output};
+    use crate::identity::{Keypair, PeerId};
+    use crate::wire::{ExchangeId, Message};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    struct Fixture {
+        ep: Endpoint,
+        peer: PeerId,
+        addr: SocketAddr,
+        now: Instant,
+    }
+
+    fn fixture(config: Config) -> Fixture {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let me = Keypair::generate(&mut rng).peer_id();
+        let peer = Keypair::generate(&mut rng).peer_id();
+        Fixture {
+            ep: Endpoint::new(config, me, AllowList::from_peers([peer]), [0; 32]).unwrap(),
+            peer,
+            addr: "10.0.0.2:1234".parse().unwrap(),
+            now: Instant::now(),
+        }
+    }
+
+    fn outputs(ep: &mut Endpoint) -> Vec<Output> {
+        std::iter::from_fn(|| ep.poll_output()).collect()
+    }
+
+    fn events(ep: &mut Endpoint) -> Vec<Event> {
+        std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    fn request(id: u64, attempt: u32) -> ConnEvent {
+        ConnEvent::Message(Message::Request {
+            exchange: ExchangeId(id),
+            attempt,
+            payload: Bytes::from_static(b"p"),
+        })
+    }
+
+    #[test]
+    fn inbound_request_is_acked_and_delivered() {
+        let mut f = fixture(config());
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(7, 1), f.now);
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Send {
+                conn: c,
+                message: Message::Ack {
+                    exchange: ExchangeId(7),
+                    attempt: 1,
+                    of: AckOf::Request
+                }
+            }]
+        );
+        assert_eq!(
+            events(&mut f.ep),
+            vec![Event::Request {
+                peer: f.peer,
+                exchange: ExchangeId(7),
+                payload: Bytes::from_static(b"p")
+            }]
+        );
+        assert_eq!(f.ep.poll_timeout(), Some(f.now + config().response_timeout));
+    }
+
+    #[test]
+    fn responder_sending_requests_is_a_violation() {
+        let mut f = fixture(config());
+        f.ep.request(f.peer, f.addr, Bytes::from_static(b"x"), f.now)
+            .unwrap();
+        let Some(Output::Dial { conn, .. }) = f.ep.poll_output() else {
+            panic!()
+        };
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Established {
+                peer: f.peer,
+                remote_max_message_size: 1 << 20,
+            },
+            f.now,
+        );
+        outputs(&mut f.ep);
+        f.ep.handle_conn_event(conn, request(1, 1), f.now);
+        let evs = events(&mut f.ep);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::PeerError(PeerError::Violation { remote, .. })] if remote.peer == Some(f.peer)
+            ),
+            "{evs:?}"
+        );
+        assert!(outputs(&mut f.ep).contains(&Output::Close {
+            conn,
+            reason: CloseReason::ProtocolViolation
+        }));
+    }
+
+    #[test]
+    fn dialer_sending_replies_is_a_violation() {
+        let mut f = fixture(config());
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(
+            c,
+            ConnEvent::Message(Message::Reply {
+                exchange: ExchangeId(1),
+                attempt: 1,
+                payload: Bytes::new(),
+            }),
+            f.now,
+        );
+        assert!(matches!(
+            events(&mut f.ep).as_slice(),
+            [Event::PeerError(PeerError::Violation { .. })]
+        ));
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Close {
+                conn: c,
+                reason: CloseReason::ProtocolViolation
+            }]
+        );
+        assert_eq!(f.ep.open_connections(), 0);
+    }
+
+    #[test]
+    fn oversized_request_is_nacked_too_large() {
+        let mut f = fixture(config());
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(
+            c,
+            ConnEvent::Oversized {
+                kind: Kind::Request,
+                exchange: Some(ExchangeId(3)),
+                attempt: Some(1),
+                len: 1 << 30,
+            },
+            f.now,
+        );
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Send {
+                conn: c,
+                message: Message::Nack {
+                    exchange: ExchangeId(3),
+                    attempt: 1,
+                    reason: NackReason::TooLarge,
+                    retry_after_ms: 0
+                }
+            }]
+        );
+        assert!(events(&mut f.ep).is_empty());
+    }
+
+    #[test]
+    fn second_request_on_a_busy_connection_is_nacked_busy() {
+        let mut f = fixture(config());
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        outputs(&mut f.ep);
+        f.ep.handle_conn_event(c, request(2, 1), f.now);
+        assert!(matches!(
+            outputs(&mut f.ep).as_slice(),
+            [Output::Send {
+                message: Message::Nack {
+                    reason: NackReason::Busy,
+                    ..
+                },
+                ..
+            }]
+        ));
+        assert_eq!(events(&mut f.ep).len(), 1, "only the first was delivered");
+    }
+
+    #[test]
+    fn full_inbox_nacks_busy() {
+        let mut f = fixture(Config {
+            max_pending_inbound: 1,
+            ..config()
+        });
+        let c1 = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c2 = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c1, request(1, 1), f.now);
+        f.ep.handle_conn_event(c2, request(2, 1), f.now);
+        let outs = outputs(&mut f.ep);
+        assert!(
+            matches!(
+                outs.last(),
+                Some(Output::Send { conn, message: Message::Nack { reason: NackReason::Busy, .. } }) if *conn == c2
+            ),
+            "{outs:?}"
+        );
+    }
+
+    #[test]
+    fn rate_limit_abuse_disconnects_the_peer() {
+        let mut f = fixture(Config {
+            request_rate: RateLimit {
+                burst: 1,
+                per_second: 1,
+            },
+            rate_limit_strikes: 3,
+            ..config()
+        });
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        for id in 2..=4 {
+            f.ep.handle_conn_event(c, request(id, 1), f.now);
+        }
+        let evs = events(&mut f.ep);
+        let limited: Vec<bool> = evs
+            .iter()
+            .filter_map(|e| match e {
+                Event::RateLimited {
+                    limit: LimitKind::Requests,
+                    disconnected,
+                    ..
+                } => Some(*disconnected),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(limited, vec![false, false, true]);
+        assert!(evs.iter().any(|e| matches!(
+            e,
+            Event::PeerError(PeerError::RateLimitAbuse { strikes: 3, .. })
+        )));
+        let outs = outputs(&mut f.ep);
+        let retry_after = outs.iter().find_map(|o| match o {
+            Output::Send {
+                message:
+                    Message::Nack {
+                        reason: NackReason::RateLimited,
+                        retry_after_ms,
+                        ..
+                    },
+                ..
+            } => Some(*retry_after_ms),
+            _ => None,
+        });
+        assert_eq!(retry_after, Some(1000));
+        assert!(outs.contains(&Output::Close {
+            conn: c,
+            reason: CloseReason::RateLimited
+        }));
+    }
+
+    #[test]
+    fn dedupe_memory_is_bounded_per_peer() {
+        let mut f = fixture(Config {
+            dedupe_per_peer: 4,
+            ..config()
+        });
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        for id in 0..10u64 {
+            f.ep.handle_conn_event(c, request(id, 1), f.now);
+            f.ep.respond(f.peer, ExchangeId(id), Bytes::from_static(b"r"), f.now)
+                .unwrap();
+            f.ep.handle_conn_event(
+                c,
+                ConnEvent::Message(Message::Ack {
+                    exchange: ExchangeId(id),
+                    attempt: 1,
+                    of: AckOf::Reply,
+                }),
+                f.now,
+            );
+            f.ep.check_invariants();
+        }
+        let delivered = events(&mut f.ep)
+            .iter()
+            .filter(|e| matches!(e, Event::Request { .. }))
+            .count();
+        assert_eq!(delivered, 10);
+        // The most recent ids are still recognised.
+        f.ep.handle_conn_event(c, request(9, 2), f.now);
+        assert!(events(&mut f.ep).is_empty());
+    }
+
+    #[test]
+    fn reply_cache_is_bounded_and_expired_replies_abort() {
+        let mut f = fixture(Config {
+            reply_cache_bytes: 10,
+            ..config()
+        });
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        f.ep.respond(
+            f.peer,
+            ExchangeId(1),
+            Bytes::from_static(b"0123456789abc"),
+            f.now,
+        )
+        .unwrap();
+        f.ep.check_invariants();
+        outputs(&mut f.ep);
+        // The reply was sent but could not be kept; a resend gets a definite Abort.
+        f.ep.handle_conn_event(c, request(1, 2), f.now);
+        assert!(outputs(&mut f.ep).contains(&Output::Send {
+            conn: c,
+            message: Message::Abort {
+                exchange: ExchangeId(1),
+                attempt: 2,
+                reason: AbortReason::ReplyExpired
+            }
+        }));
+    }
+
+    #[test]
+    fn connect_timeout_closes_the_half_open_connection_and_redials() {
+        let mut f = fixture(config());
+        f.ep.request(f.peer, f.addr, Bytes::from_static(b"x"), f.now)
+            .unwrap();
+        let Some(Output::Dial { conn, .. }) = f.ep.poll_output() else {
+            panic!()
+        };
+        let deadline = f.ep.poll_timeout().unwrap();
+        assert_eq!(deadline, f.now + config().connect_timeout);
+        f.ep.handle_timeout(deadline);
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Close {
+                conn,
+                reason: CloseReason::Done
+            }]
+        );
+        let retry_at = f.ep.poll_timeout().unwrap();
+        let wait = retry_at - deadline;
+        assert!(
+            wait >= Duration::from_millis(50) && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        f.ep.handle_timeout(retry_at);
+        assert!(
+            matches!(outputs(&mut f.ep).as_slice(), [Output::Dial { conn: c2, .. }] if *c2 != conn)
+        );
+        assert_eq!(f.ep.stats().redials, 1);
+    }
+
+    #[test]
+    fn events_for_unknown_connections_are_ignored() {
+        let mut f = fixture(config());
+        f.ep.handle_conn_event(ConnId(99), request(1, 1), f.now);
+        assert!(outputs(&mut f.ep).is_empty());
+        assert!(events(&mut f.ep).is_empty());
+    }
+}

@@ -514,7 +514,7 @@ pub(crate) fn chunk_message_with(message: &Message, max_chunk: usize) -> Vec<Vec
         let take = room.min(total - offset);
         let last = offset + take == total;
         let mut chunk = Vec::with_capacity(1 + 4 + take);
-        chunk.push(u8::from(first) * FLAG_FIRST | u8::from(last) * FLAG_LAST);
+        chunk.push((u8::from(first) * FLAG_FIRST) | (u8::from(last) * FLAG_LAST));
         if first {
             // `total` is bounded by MAX_MESSAGE_SIZE_LIMIT plus a few bytes (asserted above).
             chunk.extend_from_slice(&(total as u32).to_be_bytes());
