@@ -890,4 +890,69 @@ mod tests {
             .is_err()
         );
     }
+
+    /// A peer speaking another version, built from the raw Noise handshake.
+    fn hello_v9() -> [u8; Hello::LEN] {
+        Hello {
+            version: 9,
+            max_message_size: 1000,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn responder_reports_incompatible_version_after_answering() {
+        let f = fixture();
+        let mut fake = handshake(&f.alice, HandshakeRole::Initiator, [7; 32]).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let n = fake.write_message(&hello_v9(), &mut buf).unwrap();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:1"), [2; 32], &f.config, f.now).unwrap();
+        r.handle_frame(&buf[..n], &AllowList::allow_any_peer_insecure());
+        // Message 2 still goes out, so the dialer can tell what went wrong.
+        assert!(r.poll_transmit().is_some());
+        let evs = events(&mut r);
+        let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
+            panic!("{evs:?}")
+        };
+        assert!(matches!(
+            err,
+            ConnError::IncompatibleVersion {
+                theirs: 9,
+                ours: PROTOCOL_VERSION,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("10.0.0.1:1"), "{err}");
+    }
+
+    #[test]
+    fn dialer_reports_incompatible_version_definitively() {
+        let f = fixture();
+        let mut d = Connection::dial(
+            &f.alice,
+            f.bob.peer_id(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let mut fake = handshake(&f.bob, HandshakeRole::Responder, [8; 32]).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let msg1 = d.poll_transmit().unwrap();
+        fake.read_message(&msg1, &mut buf).unwrap();
+        let n = fake.write_message(&hello_v9(), &mut buf).unwrap();
+        d.handle_frame(&buf[..n], &AllowList::new());
+        let evs = events(&mut d);
+        let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
+            panic!("{evs:?}")
+        };
+        assert!(matches!(
+            err,
+            ConnError::IncompatibleVersion { theirs: 9, .. }
+        ));
+        assert!(err.is_definite());
+        assert!(err.to_string().contains(&f.bob.peer_id().short()), "{err}");
+    }
 }

@@ -1128,7 +1128,11 @@ impl Endpoint {
         if c.direction != Direction::Outbound || c.established {
             return; // Inbound connections are registered by `handle_accepted`.
         }
-        debug_assert_eq!(c.peer, peer, "the connection checked the dialed identity");
+        if c.peer != peer {
+            // The Connection checks the dialed identity; a driver passing another peer is a
+            // bug, handled as an impostor rather than trusted.
+            return self.violation(conn, "established with an unexpected identity", now);
+        }
         c.established = true;
         c.remote_max = remote_max;
         match c.exchange {

@@ -34,6 +34,8 @@ pub mod wire;
 #[cfg(test)]
 mod harness;
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
 
 pub use allow_list::{AllowList, AllowedPeer, Rejection};
