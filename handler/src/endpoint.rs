@@ -1178,6 +1178,11 @@ impl Endpoint {
             }
         };
         match message {
+            Message::Reply { payload, .. } if payload.len() > self.config.max_message_size => {
+                // We advertised our limit; a responder exceeding it broke the protocol.
+                self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
+                self.violation(conn, "reply exceeds our advertised maximum", now);
+            }
             Message::Reply {
                 attempt, payload, ..
             } => {
@@ -1313,6 +1318,10 @@ impl Endpoint {
             .is_some_and(|other| other != exchange);
         if busy_conn {
             return self.send_nack(conn, nack(NackReason::Busy, 0));
+        }
+        // The reassembler bounds the encoded message; the payload bound is checked here.
+        if payload.len() > self.config.max_message_size {
+            return self.send_nack(conn, nack(NackReason::TooLarge, 0));
         }
         if self.pending_inbound >= self.config.max_pending_inbound || !self.make_room(peer) {
             return self.send_nack(conn, nack(NackReason::Busy, 0));

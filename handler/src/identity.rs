@@ -10,8 +10,6 @@ use std::str::FromStr;
 
 use blake2::{Blake2s256, Digest};
 use rand_core::Rng;
-use snow::params::DHChoice;
-use snow::resolvers::{CryptoResolver, DefaultResolver};
 
 /// Domain separation for peer ids, so a hash of the key used elsewhere is never a peer id.
 const PEER_ID_DOMAIN: &[u8] = b"p2p-handler peer id v1";
@@ -208,19 +206,10 @@ impl fmt::Debug for Keypair {
     }
 }
 
-/// X25519 base-point multiplication through snow's own Curve25519 implementation, so the
-/// public key we advertise is by construction the one Noise will use.
+/// X25519 base-point multiplication (RFC 7748), with the same curve25519-dalek snow uses for
+/// its Diffie-Hellman, so the public key we advertise is the one Noise will present.
 fn x25519_public(private: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
-    let mut out = [0u8; KEY_LEN];
-    // The default resolver always provides Curve25519 with the `use-curve25519` feature,
-    // which the workspace enables; the fallback branch is unreachable in practice.
-    if let Some(mut dh) = DefaultResolver.resolve_dh(&DHChoice::Curve25519) {
-        dh.set(private);
-        out.copy_from_slice(dh.pubkey());
-    } else {
-        unreachable!("snow built without use-curve25519");
-    }
-    out
+    curve25519_dalek::MontgomeryPoint::mul_base_clamped(*private).to_bytes()
 }
 
 #[cfg(test)]

@@ -1027,6 +1027,31 @@ mod endpoint_unit {
     }
 
     #[test]
+    fn request_just_over_the_payload_limit_is_nacked_too_large() {
+        // The encoded-size bound leaves room for headers; the payload bound is exact.
+        let max = config().max_message_size;
+        let mut f = fixture(config());
+        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let over = ConnEvent::Message(Message::Request {
+            exchange: ExchangeId(1),
+            attempt: 1,
+            payload: Bytes::from(vec![0u8; max + 5]),
+        });
+        f.ep.handle_conn_event(c, over, f.now);
+        assert!(matches!(
+            outputs(&mut f.ep).as_slice(),
+            [Output::Send {
+                message: Message::Nack {
+                    reason: NackReason::TooLarge,
+                    ..
+                },
+                ..
+            }]
+        ));
+        assert!(events(&mut f.ep).is_empty());
+    }
+
+    #[test]
     fn second_request_on_a_busy_connection_is_nacked_busy() {
         let mut f = fixture(config());
         let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
