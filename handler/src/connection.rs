@@ -427,50 +427,23 @@ impl Connection {
             // Late frames after close are ignored.
             State::Closed => Ok(()),
             State::AwaitingMsg1(mut hs) => {
-                let n = hs
-                    .read_message(frame, &mut self.scratch)
-                    .map_err(|e| handshake_error(remote, e))?;
-                let theirs =
-                    Hello::decode(&self.scratch[..n]).map_err(|e| ConnError::Handshake {
-                        remote,
-                        detail: e.to_string(),
-                    })?;
+                let theirs = self.read_hello(&mut hs, frame)?;
                 self.dialer_max_message_size = theirs.max_message_size as usize;
                 self.state = State::AwaitingMsg3(hs);
                 // Answer with our hello even on a version mismatch, so the dialer can report
                 // the incompatibility instead of an unexplained disconnect.
                 let hello = self.hello();
                 self.write_handshake(&hello)?;
-                if theirs.version != PROTOCOL_VERSION {
-                    return Err(ConnError::IncompatibleVersion {
-                        remote,
-                        theirs: theirs.version,
-                        ours: PROTOCOL_VERSION,
-                    });
-                }
-                Ok(())
+                check_version(remote, theirs)
             }
             State::AwaitingMsg2(mut hs) => {
-                let n = hs
-                    .read_message(frame, &mut self.scratch)
-                    .map_err(|e| handshake_error(remote, e))?;
-                let theirs =
-                    Hello::decode(&self.scratch[..n]).map_err(|e| ConnError::Handshake {
-                        remote,
-                        detail: e.to_string(),
-                    })?;
+                let theirs = self.read_hello(&mut hs, frame)?;
                 let actual = remote_peer(&hs, remote)?;
                 if Some(actual) != self.expected {
                     // Abort before message 3: an impostor never learns who we are.
                     return Err(ConnError::Impostor { remote, actual });
                 }
-                if theirs.version != PROTOCOL_VERSION {
-                    return Err(ConnError::IncompatibleVersion {
-                        remote,
-                        theirs: theirs.version,
-                        ours: PROTOCOL_VERSION,
-                    });
-                }
+                check_version(remote, theirs)?;
                 self.state = State::AwaitingMsg3(hs);
                 self.write_handshake(&[])?;
                 let State::AwaitingMsg3(hs) = std::mem::replace(&mut self.state, State::Closed)
@@ -548,6 +521,18 @@ impl Connection {
         }
     }
 
+    /// Reads handshake message 1 or 2 and the hello it carries.
+    fn read_hello(&mut self, hs: &mut HandshakeState, frame: &[u8]) -> Result<Hello, ConnError> {
+        let remote = self.remote;
+        let n = hs
+            .read_message(frame, &mut self.scratch)
+            .map_err(|e| handshake_error(remote, e))?;
+        Hello::decode(&self.scratch[..n]).map_err(|e| ConnError::Handshake {
+            remote,
+            detail: e.to_string(),
+        })
+    }
+
     fn establish(&mut self, hs: Box<HandshakeState>) -> Result<(), ConnError> {
         let remote = self.remote;
         let session = hs
@@ -566,6 +551,18 @@ fn handshake_error(remote: Remote, error: snow::Error) -> ConnError {
     ConnError::Handshake {
         remote,
         detail: error.to_string(),
+    }
+}
+
+fn check_version(remote: Remote, theirs: Hello) -> Result<(), ConnError> {
+    if theirs.version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ConnError::IncompatibleVersion {
+            remote,
+            theirs: theirs.version,
+            ours: PROTOCOL_VERSION,
+        })
     }
 }
 

@@ -123,6 +123,15 @@ struct Link {
     black_holed: bool,
 }
 
+impl Side {
+    fn other(self) -> Self {
+        match self {
+            Self::Dialer => Self::Acceptor,
+            Self::Acceptor => Self::Dialer,
+        }
+    }
+}
+
 impl Link {
     fn end(&mut self, side: Side) -> &mut End {
         match side {
@@ -597,10 +606,7 @@ impl Net {
     }
 
     fn ship_frames(&mut self, link: usize, from: Side) {
-        let to = match from {
-            Side::Dialer => Side::Acceptor,
-            Side::Acceptor => Side::Dialer,
-        };
+        let to = from.other();
         let (a, b) = (self.links[link].dialer.node, self.links[link].acceptor.node);
         while let Some(frame) = self.links[link]
             .end(from)
@@ -697,13 +703,7 @@ impl Net {
                 let Some(&link) = self.nodes[node].conn_links.get(&conn) else {
                     return;
                 };
-                let from = if self.links[link].dialer.node == node
-                    && self.links[link].dialer.conn == Some(conn)
-                {
-                    Side::Dialer
-                } else {
-                    Side::Acceptor
-                };
+                let from = self.side_of(link, node, conn);
                 self.log(format!("{name} {conn} -> {message:?}"));
                 let other = match from {
                     Side::Dialer => self.links[link].acceptor.node,
@@ -746,10 +746,7 @@ impl Net {
                                 reason,
                                 retry_after_ms: 0,
                             };
-                            let to = match from {
-                                Side::Dialer => Side::Acceptor,
-                                Side::Acceptor => Side::Dialer,
-                            };
+                            let to = from.other();
                             // Forged by the receiver when the request would have arrived,
                             // so its side of the handshake is done by then.
                             let at = now + self.latency;
@@ -770,13 +767,7 @@ impl Net {
                 let Some(link) = self.nodes[node].conn_links.remove(&conn) else {
                     return;
                 };
-                let side = if self.links[link].dialer.node == node
-                    && self.links[link].dialer.conn == Some(conn)
-                {
-                    Side::Dialer
-                } else {
-                    Side::Acceptor
-                };
+                let side = self.side_of(link, node, conn);
                 if let Some(c) = self.links[link].end(side).connection.as_mut() {
                     c.close(reason);
                 }
@@ -787,16 +778,24 @@ impl Net {
                 // A TCP close reaches the other side even without a Close message (FIN).
                 // It arrives after any frame already in flight, so a Close message, when
                 // there was one, is processed first.
-                let other = match side {
-                    Side::Dialer => Side::Acceptor,
-                    Side::Acceptor => Side::Dialer,
-                };
+                let other = side.other();
                 let (a, b) = (self.links[link].dialer.node, self.links[link].acceptor.node);
                 if !self.partitioned(a, b) && !self.links[link].black_holed {
                     let at = now + self.latency;
                     self.schedule(at, Delivery::Fin { link, to: other });
                 }
             }
+        }
+    }
+
+    /// Which end of `link` is `node`'s connection `conn`. Connection ids are per endpoint,
+    /// so both the node and the id must match.
+    fn side_of(&self, link: usize, node: usize, conn: ConnId) -> Side {
+        let dialer = &self.links[link].dialer;
+        if dialer.node == node && dialer.conn == Some(conn) {
+            Side::Dialer
+        } else {
+            Side::Acceptor
         }
     }
 
@@ -813,10 +812,7 @@ impl Net {
                 let i = first.len() / 2;
                 first[i] ^= 0x5a;
             }
-            let to = match from {
-                Side::Dialer => Side::Acceptor,
-                Side::Acceptor => Side::Dialer,
-            };
+            let to = from.other();
             let at = self.now + self.latency;
             for frame in frames {
                 self.schedule(at, Delivery::Frame { link, to, frame });
