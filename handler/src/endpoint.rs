@@ -38,13 +38,42 @@ use crate::rate::Bucket;
 use crate::timers::Timers;
 use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Kind, Message, NackReason};
 
-/// Names one connection for the lifetime of an [`Endpoint`]. Allocated by the endpoint.
+/// Names one connection for the lifetime of an [`Endpoint`].
+///
+/// Two id spaces, so the two sides that open connections never collide: the endpoint numbers
+/// the connections it dials (in [`Output::Dial`]); the driver numbers the ones it accepts with
+/// [`ConnId::inbound`] and passes them to [`Endpoint::handle_accepted`].
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ConnId(pub u64);
+pub struct ConnId(u64);
+
+const INBOUND_BIT: u64 = 1 << 63;
+
+impl ConnId {
+    /// The `n`th connection the driver accepted.
+    pub fn inbound(n: u64) -> Self {
+        Self(n | INBOUND_BIT)
+    }
+
+    fn outbound(n: u64) -> Self {
+        Self(n & !INBOUND_BIT)
+    }
+
+    /// The id the endpoint gives its `n`th dial (tests forge events for it).
+    #[cfg(test)]
+    pub(crate) fn outbound_for_tests(n: u64) -> Self {
+        Self::outbound(n)
+    }
+
+    /// Whether this id names an accepted connection.
+    pub fn is_inbound(self) -> bool {
+        self.0 & INBOUND_BIT != 0
+    }
+}
 
 impl fmt::Debug for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "c{}", self.0)
+        let prefix = if self.is_inbound() { 'i' } else { 'c' };
+        write!(f, "{prefix}{}", self.0 & !INBOUND_BIT)
     }
 }
 
@@ -200,6 +229,8 @@ pub enum Event {
     Request {
         /// From.
         peer: PeerId,
+        /// The address the request came from.
+        addr: SocketAddr,
         /// Its exchange (unique per peer).
         exchange: ExchangeId,
         /// Application bytes.
@@ -209,6 +240,8 @@ pub enum Event {
     Reply {
         /// From.
         peer: PeerId,
+        /// The address the reply came from (the one dialed).
+        addr: SocketAddr,
         /// The id [`Endpoint::request`] returned.
         exchange: ExchangeId,
         /// Application bytes.
@@ -767,17 +800,25 @@ impl Endpoint {
 
     // ----- inputs -----
 
-    /// Input: an inbound connection finished its handshake and passed the allow list.
-    /// Returns its id for later events. If the peer is over its connection rate (or the
-    /// endpoint cannot track it), a `Close` is already queued for the returned id.
+    /// Input: the inbound connection `conn` (numbered by the driver with
+    /// [`ConnId::inbound`]) finished its handshake and passed the allow list. If the peer is
+    /// over its connection rate (or the endpoint cannot track it), a `Close` is queued at once.
     pub fn handle_accepted(
         &mut self,
+        conn: ConnId,
         peer: PeerId,
         addr: SocketAddr,
         remote_max_message_size: usize,
         now: Instant,
-    ) -> ConnId {
-        let conn = self.alloc_conn();
+    ) {
+        if !conn.is_inbound() || self.conns.contains_key(&conn) {
+            // A driver bug; refuse the connection rather than corrupt our tables.
+            self.outputs.push_back(Output::Close {
+                conn,
+                reason: CloseReason::ProtocolViolation,
+            });
+            return;
+        }
         let limit = self.config.connection_rate;
         let verdict = if self.shutting_down {
             Err(CloseReason::ShuttingDown)
@@ -802,7 +843,7 @@ impl Endpoint {
                 });
             }
             self.outputs.push_back(Output::Close { conn, reason });
-            return conn;
+            return;
         }
         self.conns.insert(
             conn,
@@ -819,7 +860,6 @@ impl Endpoint {
             state.conns += 1;
         }
         self.arm_idle(conn, now);
-        conn
     }
 
     /// Input: an inbound connection failed before it was established (bad handshake,
@@ -1071,6 +1111,7 @@ impl Endpoint {
         self.events.push_back(match outcome {
             Ok(payload) => Event::Reply {
                 peer,
+                addr: ex.addr,
                 exchange: id,
                 payload,
             },
@@ -1353,8 +1394,10 @@ impl Endpoint {
             },
         );
         self.stats.requests_delivered += 1;
+        let addr = self.remote_of(conn).addr;
         self.events.push_back(Event::Request {
             peer,
+            addr,
             exchange,
             payload,
         });
@@ -1779,7 +1822,7 @@ impl Endpoint {
     }
 
     fn alloc_conn(&mut self) -> ConnId {
-        let id = ConnId(self.next_conn);
+        let id = ConnId::outbound(self.next_conn);
         self.next_conn += 1;
         id
     }

@@ -98,6 +98,8 @@ pub(crate) struct Node {
     /// Every event this node's application saw (across restarts).
     pub events: Vec<Event>,
     incarnation: u64,
+    /// Inbound connections accepted so far (numbers their ids).
+    accepted: u64,
     /// Connection id -> link carrying it.
     conn_links: BTreeMap<ConnId, usize>,
 }
@@ -226,6 +228,7 @@ impl Net {
                 up: true,
                 events: Vec::new(),
                 incarnation: 0,
+                accepted: 0,
                 conn_links: BTreeMap::new(),
             });
         }
@@ -574,7 +577,10 @@ impl Net {
                     },
                 ) => {
                     let addr = self.nodes[self.links[link].dialer.node].addr;
-                    let id = self.nodes[node].endpoint.handle_accepted(
+                    self.nodes[node].accepted += 1;
+                    let id = ConnId::inbound(self.nodes[node].accepted);
+                    self.nodes[node].endpoint.handle_accepted(
+                        id,
                         peer,
                         addr,
                         remote_max_message_size,
@@ -829,6 +835,7 @@ impl Net {
             peer,
             exchange,
             payload,
+            ..
         } = &event
         {
             let incarnation = self.nodes[node].incarnation;
@@ -895,6 +902,7 @@ impl Net {
                     peer,
                     exchange,
                     payload,
+                    ..
                 } => Some((*peer, *exchange, payload.clone())),
                 _ => None,
             })
@@ -949,6 +957,7 @@ fn short_event(event: &Event) -> String {
             peer,
             exchange,
             payload,
+            ..
         } => format!(
             "Request {exchange} from {} ({} B)",
             peer.short(),
@@ -958,6 +967,7 @@ fn short_event(event: &Event) -> String {
             peer,
             exchange,
             payload,
+            ..
         } => format!(
             "Reply {exchange} from {} ({} B)",
             peer.short(),

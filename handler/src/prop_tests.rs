@@ -96,6 +96,16 @@ fn input() -> impl Strategy<Value = Input> {
     ]
 }
 
+/// Inputs name connections 0..10: even ones dialed by the endpoint, odd ones accepted.
+fn conn_id(n: u8) -> ConnId {
+    let k = u64::from(n / 2) + 1;
+    if n % 2 == 0 {
+        ConnId::outbound_for_tests(k)
+    } else {
+        ConnId::inbound(k)
+    }
+}
+
 /// Feeds inputs to one endpoint, checking invariants and exactly-once delivery throughout.
 fn drive(inputs: Vec<Input>) {
     let mut rng = ChaCha20Rng::seed_from_u64(3);
@@ -122,14 +132,16 @@ fn drive(inputs: Vec<Input>) {
     let addr: SocketAddr = "10.0.0.9:1".parse().expect("addr");
     let mut now = Instant::now();
     let mut delivered: BTreeMap<(PeerId, ExchangeId), u32> = BTreeMap::new();
+    let mut accepted = 0;
     for input in inputs {
         let peer_of = |i: u8| peers[usize::from(i) % peers.len()];
         match input {
             Input::Accept { peer } => {
-                ep.handle_accepted(peer_of(peer), addr, 1000, now);
+                accepted += 1;
+                ep.handle_accepted(ConnId::inbound(accepted), peer_of(peer), addr, 1000, now);
             }
             Input::Established { conn, peer } => ep.handle_conn_event(
-                ConnId(u64::from(conn)),
+                conn_id(conn),
                 ConnEvent::Established {
                     peer: peer_of(peer),
                     remote_max_message_size: 150,
@@ -137,10 +149,10 @@ fn drive(inputs: Vec<Input>) {
                 now,
             ),
             Input::Message { conn, message } => {
-                ep.handle_conn_event(ConnId(u64::from(conn)), ConnEvent::Message(message), now)
+                ep.handle_conn_event(conn_id(conn), ConnEvent::Message(message), now)
             }
             Input::Oversized { conn, kind, id } => ep.handle_conn_event(
-                ConnId(u64::from(conn)),
+                conn_id(conn),
                 ConnEvent::Oversized {
                     kind: [
                         Kind::Request,
@@ -165,7 +177,7 @@ fn drive(inputs: Vec<Input>) {
                         remote: Remote { addr, peer: None },
                     }),
                 };
-                ep.handle_conn_event(ConnId(u64::from(conn)), ConnEvent::Closed(closed), now)
+                ep.handle_conn_event(conn_id(conn), ConnEvent::Closed(closed), now)
             }
             Input::Rejected { peer } => ep.handle_rejected(
                 ConnError::Handshake {

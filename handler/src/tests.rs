@@ -914,7 +914,8 @@ mod endpoint_unit {
     #[test]
     fn inbound_request_is_acked_and_delivered() {
         let mut f = fixture(config());
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(c, request(7, 1), f.now);
         assert_eq!(
             outputs(&mut f.ep),
@@ -931,6 +932,7 @@ mod endpoint_unit {
             events(&mut f.ep),
             vec![Event::Request {
                 peer: f.peer,
+                addr: f.addr,
                 exchange: ExchangeId(7),
                 payload: Bytes::from_static(b"p")
             }]
@@ -973,7 +975,8 @@ mod endpoint_unit {
     #[test]
     fn dialer_sending_replies_is_a_violation() {
         let mut f = fixture(config());
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(
             c,
             ConnEvent::Message(Message::Reply {
@@ -1000,7 +1003,8 @@ mod endpoint_unit {
     #[test]
     fn oversized_request_is_nacked_too_large() {
         let mut f = fixture(config());
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(
             c,
             ConnEvent::Oversized {
@@ -1031,7 +1035,8 @@ mod endpoint_unit {
         // The encoded-size bound leaves room for headers; the payload bound is exact.
         let max = config().max_message_size;
         let mut f = fixture(config());
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         let over = ConnEvent::Message(Message::Request {
             exchange: ExchangeId(1),
             attempt: 1,
@@ -1054,7 +1059,8 @@ mod endpoint_unit {
     #[test]
     fn second_request_on_a_busy_connection_is_nacked_busy() {
         let mut f = fixture(config());
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         outputs(&mut f.ep);
         f.ep.handle_conn_event(c, request(2, 1), f.now);
@@ -1077,8 +1083,10 @@ mod endpoint_unit {
             max_pending_inbound: 1,
             ..config()
         });
-        let c1 = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
-        let c2 = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c1 = ConnId::inbound(1);
+        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, f.now);
+        let c2 = ConnId::inbound(2);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(c1, request(1, 1), f.now);
         f.ep.handle_conn_event(c2, request(2, 1), f.now);
         let outs = outputs(&mut f.ep);
@@ -1101,7 +1109,8 @@ mod endpoint_unit {
             rate_limit_strikes: 3,
             ..config()
         });
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         for id in 2..=4 {
             f.ep.handle_conn_event(c, request(id, 1), f.now);
@@ -1149,7 +1158,8 @@ mod endpoint_unit {
             dedupe_per_peer: 4,
             ..config()
         });
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         for id in 0..10u64 {
             f.ep.handle_conn_event(c, request(id, 1), f.now);
             f.ep.respond(f.peer, ExchangeId(id), Bytes::from_static(b"r"), f.now)
@@ -1181,7 +1191,8 @@ mod endpoint_unit {
             reply_cache_bytes: 10,
             ..config()
         });
-        let c = f.ep.handle_accepted(f.peer, f.addr, 1 << 20, f.now);
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         f.ep.respond(
             f.peer,
@@ -1238,7 +1249,7 @@ mod endpoint_unit {
     #[test]
     fn events_for_unknown_connections_are_ignored() {
         let mut f = fixture(config());
-        f.ep.handle_conn_event(ConnId(99), request(1, 1), f.now);
+        f.ep.handle_conn_event(ConnId::inbound(99), request(1, 1), f.now);
         assert!(outputs(&mut f.ep).is_empty());
         assert!(events(&mut f.ep).is_empty());
     }
