@@ -63,6 +63,13 @@ pub struct Config {
     /// Peers whose rate-limit state is tracked at once (bounds memory in allow-any mode).
     /// Default 4096.
     pub max_tracked_peers: usize,
+    /// Open connections, both directions, handshaking ones included. Past this, accepted
+    /// streams are dropped at once and dials wait for a free slot (reported as a priority
+    /// event either way). Default 1024.
+    pub max_connections: usize,
+    /// Capacity of each of the six channels between the application, the handler task and
+    /// the network side, and of each connection's outgoing queue. Default 1024.
+    pub channel_capacity: usize,
 }
 
 impl Default for Config {
@@ -94,6 +101,8 @@ impl Default for Config {
             },
             rate_limit_strikes: 16,
             max_tracked_peers: 4096,
+            max_connections: 1024,
+            channel_capacity: 1024,
         }
     }
 }
@@ -135,6 +144,8 @@ impl Config {
             || self.max_pending_inbound == 0
             || self.dedupe_per_peer == 0
             || self.max_tracked_peers == 0
+            || self.max_connections == 0
+            || self.channel_capacity == 0
         {
             return fail("queue, inbox, dedupe and tracking bounds must be at least 1");
         }

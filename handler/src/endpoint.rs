@@ -348,6 +348,12 @@ pub enum RespondError {
         /// Exchange.
         exchange: ExchangeId,
     },
+    /// The peer has no request awaiting an answer.
+    #[error("no pending request from peer {peer}")]
+    NoPendingRequest {
+        /// Peer.
+        peer: PeerId,
+    },
     /// The reply exceeds what the dialer accepts. The request stays pending.
     #[error("reply of {len} bytes exceeds the peer's maximum of {max}")]
     TooLarge {

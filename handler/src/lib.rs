@@ -25,10 +25,13 @@ pub mod allow_list;
 pub mod config;
 pub mod connection;
 pub mod endpoint;
+mod facade;
 pub mod identity;
 pub mod noise;
 mod rate;
+pub mod runtime;
 mod timers;
+pub mod transport;
 pub mod wire;
 
 #[cfg(test)]
@@ -44,5 +47,8 @@ pub use connection::{Closed, ConnError, ConnEvent, Connection, Remote};
 pub use endpoint::{
     ConnId, Direction, Endpoint, Event, Failure, Output, RequestError, RespondError,
 };
+pub use facade::P2pHandler;
 pub use identity::{Keypair, PeerId};
+pub use runtime::{Handler, HandlerError, Inbox, Notice, ShutdownReport, Status};
+pub use transport::{MemoryTransport, TcpTransport, Transport};
 pub use wire::{ExchangeId, Message};

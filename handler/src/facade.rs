@@ -1,0 +1,233 @@
+//! The synchronous API: [`P2pHandler`], usable without writing async code.
+//!
+//! Like mini-redis's `BlockingClient`, it holds no logic: it owns a small multi-threaded
+//! tokio runtime on which the handler's tasks run in the background, and each method
+//! `block_on`s the matching [`Handler`] call. Async users use [`Handler`] directly.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::allow_list::{AllowList, AllowedPeer};
+use crate::config::Config;
+use crate::endpoint::Event;
+use crate::identity::{Keypair, PeerId};
+use crate::runtime::{Handler, HandlerError, Inbox, Notice, ShutdownReport, Status};
+use crate::transport::TcpTransport;
+use crate::wire::ExchangeId;
+
+/// How long dropping or shutting down waits for the runtime's threads to end.
+const RUNTIME_STOP: Duration = Duration::from_secs(2);
+
+/// A node on real TCP, driven from synchronous code.
+///
+/// ```no_run
+/// use p2p_handler::{AllowList, Keypair, P2pHandler};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let key = Keypair::from_file("node.key")?;
+/// let allow = AllowList::from_file("allow.toml")?;
+/// let node = P2pHandler::new("0.0.0.0:7000", key, allow)?;
+/// println!("I am {} on {}", node.local_peer_id(), node.local_address());
+/// # Ok(()) }
+/// ```
+pub struct P2pHandler {
+    runtime: Option<tokio::runtime::Runtime>,
+    handler: Handler,
+    inbox: Mutex<Inbox>,
+}
+
+impl std::fmt::Debug for P2pHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("P2pHandler")
+            .field("peer_id", &self.handler.local_peer_id())
+            .field("address", &self.handler.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl P2pHandler {
+    /// Listens on `address` (port 0 picks a free port) with the default configuration.
+    pub fn new(
+        address: impl ToSocketAddrs,
+        private_key: Keypair,
+        allow_list: AllowList,
+    ) -> Result<Self, HandlerError> {
+        Self::with_config(address, private_key, allow_list, Config::default())
+    }
+
+    /// [`P2pHandler::new`] with a configuration. Randomness is seeded from the OS.
+    pub fn with_config(
+        address: impl ToSocketAddrs,
+        private_key: Keypair,
+        allow_list: AllowList,
+        config: Config,
+    ) -> Result<Self, HandlerError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| HandlerError::Runtime(std::io::Error::other(e.to_string())))?;
+        Self::with_seed(address, private_key, allow_list, config, seed)
+    }
+
+    /// [`P2pHandler::with_config`] with an explicit seed for all of its randomness.
+    pub fn with_seed(
+        address: impl ToSocketAddrs,
+        private_key: Keypair,
+        allow_list: AllowList,
+        config: Config,
+        seed: [u8; 32],
+    ) -> Result<Self, HandlerError> {
+        let addr = resolve(address)?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("p2p-handler")
+            .enable_all()
+            .build()
+            .map_err(HandlerError::Runtime)?;
+        let (handler, inbox) = runtime.block_on(Handler::spawn(
+            TcpTransport,
+            addr,
+            private_key,
+            allow_list,
+            config,
+            seed,
+        ))?;
+        Ok(Self {
+            runtime: Some(runtime),
+            handler,
+            inbox: Mutex::new(inbox),
+        })
+    }
+
+    fn block_on<F: std::future::Future>(&self, future: F) -> Result<F::Output, HandlerError> {
+        let runtime = self.runtime.as_ref().ok_or(HandlerError::Stopped)?;
+        Ok(runtime.block_on(future))
+    }
+
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.handler.local_peer_id()
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_address(&self) -> SocketAddr {
+        self.handler.local_addr()
+    }
+
+    /// The async handle underneath, for mixing in tokio code.
+    pub fn handler(&self) -> &Handler {
+        &self.handler
+    }
+
+    /// Sends `msg` to `peer_id` at `address`; returns the exchange id its outcome will carry.
+    /// Dials, or queues behind the peer's current exchange.
+    pub fn request(
+        &self,
+        peer_id: PeerId,
+        address: SocketAddr,
+        msg: impl Into<Bytes>,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.block_on(self.handler.request(peer_id, address, msg))?
+    }
+
+    /// Answers `peer_id`'s oldest pending request; returns the exchange answered.
+    pub fn response(
+        &self,
+        peer_id: PeerId,
+        msg: impl Into<Bytes>,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.block_on(self.handler.response(peer_id, msg))?
+    }
+
+    /// Answers `peer_id`'s request `exchange`.
+    pub fn response_to(
+        &self,
+        peer_id: PeerId,
+        exchange: ExchangeId,
+        msg: impl Into<Bytes>,
+    ) -> Result<(), HandlerError> {
+        self.block_on(self.handler.response_to(peer_id, exchange, msg))?
+    }
+
+    /// The next request or reply, if one is waiting. Never blocks.
+    pub fn check_receive(&self) -> Option<Event> {
+        self.inbox.lock().ok()?.received.try_recv().ok()
+    }
+
+    /// The next priority notice (failure, error, limit), if one is waiting. Never blocks.
+    pub fn check_priority(&self) -> Option<Notice> {
+        self.inbox.lock().ok()?.priority.try_recv().ok()
+    }
+
+    /// Waits up to `timeout` for the next request or reply.
+    pub fn receive_timeout(&self, timeout: Duration) -> Option<Event> {
+        let mut inbox = self.inbox.lock().ok()?;
+        self.block_on(async { tokio::time::timeout(timeout, inbox.received.recv()).await })
+            .ok()?
+            .ok()?
+    }
+
+    /// Waits up to `timeout` for the next priority notice.
+    pub fn priority_timeout(&self, timeout: Duration) -> Option<Notice> {
+        let mut inbox = self.inbox.lock().ok()?;
+        self.block_on(async { tokio::time::timeout(timeout, inbox.priority.recv()).await })
+            .ok()?
+            .ok()?
+    }
+
+    /// Allows (or updates) a peer at runtime.
+    pub fn allow(&self, peer_id: PeerId, entry: AllowedPeer) -> Result<(), HandlerError> {
+        self.block_on(self.handler.allow(peer_id, entry))?
+    }
+
+    /// Revokes a peer at runtime and disconnects it. Returns whether it was listed.
+    pub fn revoke(&self, peer_id: PeerId) -> Result<bool, HandlerError> {
+        self.block_on(self.handler.revoke(peer_id))?
+    }
+
+    /// Counters and sizes.
+    pub fn status(&self) -> Result<Status, HandlerError> {
+        self.block_on(self.handler.status())?
+    }
+
+    /// Stops the node and hands back everything pending: our unfinished exchanges with their
+    /// payloads, and whatever the application had not read. No task or socket remains.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> ShutdownReport {
+        let Some(runtime) = self.runtime.take() else {
+            return ShutdownReport::default();
+        };
+        let mut report = runtime
+            .block_on(self.handler.shutdown())
+            .unwrap_or_default();
+        if let Ok(mut inbox) = self.inbox.lock() {
+            while let Ok(event) = inbox.received.try_recv() {
+                report.unread.push(event);
+            }
+            while let Ok(notice) = inbox.priority.try_recv() {
+                report.unread_notices.push(notice);
+            }
+        }
+        runtime.shutdown_timeout(RUNTIME_STOP);
+        report
+    }
+}
+
+impl Drop for P2pHandler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn resolve(address: impl ToSocketAddrs) -> Result<SocketAddr, HandlerError> {
+    address
+        .to_socket_addrs()
+        .map_err(|e| HandlerError::Address(e.to_string()))?
+        .next()
+        .ok_or_else(|| HandlerError::Address("resolves to no address".to_owned()))
+}
