@@ -294,10 +294,14 @@ pub enum Event {
 }
 
 impl Event {
-    /// Whether this event belongs on the priority channel (failures, errors, limits, status)
-    /// rather than the receive channel (requests and replies).
+    /// Whether this event belongs on the priority channel (failures, errors, limits) rather
+    /// than the receive channel (requests, replies, and confirmations that our replies
+    /// arrived: the normal outcomes of exchanges).
     pub fn is_priority(&self) -> bool {
-        !matches!(self, Self::Request { .. } | Self::Reply { .. })
+        !matches!(
+            self,
+            Self::Request { .. } | Self::Reply { .. } | Self::ResponseDelivered { .. }
+        )
     }
 }
 

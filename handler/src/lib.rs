@@ -34,6 +34,11 @@ mod timers;
 pub mod transport;
 pub mod wire;
 
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExample;
+
 #[cfg(test)]
 mod harness;
 #[cfg(test)]

@@ -9,8 +9,9 @@
 //!                          +----------------------+                                       framing)
 //! ```
 //!
-//! Six bounded channels: (1) app commands; (2) requests and replies for the app; (3) priority
-//! notices for the app (failures with payloads, peer errors, rate limits, limits hit);
+//! Six bounded channels: (1) app commands; (2) requests, replies and reply confirmations for
+//! the app; (3) priority notices for the app (failures with payloads, peer errors, rate
+//! limits, limits hit);
 //! (4) dial/send/close for the network; (5) connection events; (6) network notices
 //! (connection limit, accept errors, connections dropped for being too slow).
 //!
@@ -24,7 +25,8 @@
 //! * (1) full: `Handler` methods wait for room (they are async; the sync facade blocks).
 //! * (2)/(3) full: events wait in the handler task's backlog, and the handler stops reading
 //!   connection events (5) until the backlog drains, so slowness reaches the peers as TCP
-//!   back-pressure instead of as loss.
+//!   back-pressure instead of as loss. An application must therefore read both channels;
+//!   the priority one carries only problems, so it is quiet when all is well.
 //! * (4) never blocks for long: the router forwards with `try_send` and never waits on the
 //!   handler; (5) full makes connection tasks wait (back-pressure again).
 //! * A connection whose outgoing queue is full is dropped and reported on (6) as lost; the
@@ -190,10 +192,12 @@ pub struct Handler {
     local_addr: SocketAddr,
 }
 
-/// The application's two receiving channels.
+/// The application's two receiving channels. Read both: when either is full the handler
+/// stops reading the network until there is room (back-pressure, never loss).
 #[derive(Debug)]
 pub struct Inbox {
-    /// Requests from peers and replies to our requests.
+    /// Requests from peers, replies to our requests, and confirmations that our replies
+    /// arrived (`Event::ResponseDelivered`).
     pub received: mpsc::Receiver<Event>,
     /// Failures (with payloads), errors, limits, and the fate of our replies.
     pub priority: mpsc::Receiver<Notice>,
