@@ -569,3 +569,33 @@ fn shutdown_hands_back_pending_exchanges_and_frees_the_port() {
     eventually(|| bob.status().unwrap().open_connections == 0);
     let _ = AbortReason::ShuttingDown;
 }
+
+#[test]
+fn connection_limit_drops_excess_streams_and_the_dialer_retries() {
+    let k = keys(14, 3);
+    let one = Config {
+        max_connections: 1,
+        ..Config::default()
+    };
+    let bob = node(&k[1], &[&k[0], &k[2]], one);
+    let alice = node(&k[0], &[&k[1]], Config::default());
+    let carol = node(&k[2], &[&k[1]], Config::default());
+    let a = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"a"[..])
+        .unwrap();
+    let (from, exchange, _) = expect_request(&bob);
+    assert_eq!((from, exchange), (alice.local_peer_id(), a));
+    // Bob's only connection slot is taken: Carol's stream is dropped and reported.
+    let c = carol
+        .request(bob.local_peer_id(), bob.local_address(), &b"c"[..])
+        .unwrap();
+    wait_notice(&bob, |n| matches!(n, Notice::ConnectionLimit { .. }));
+    bob.response(from, &b"ok"[..]).unwrap();
+    assert_eq!(expect_reply(&alice).0, a);
+    // The slot frees when Alice hangs up; Carol's retry gets in.
+    let (from, exchange, _) = expect_request(&bob);
+    assert_eq!((from, exchange), (carol.local_peer_id(), c));
+    bob.response(from, &b"ok"[..]).unwrap();
+    assert_eq!(expect_reply(&carol).0, c);
+    assert!(carol.status().unwrap().stats.redials >= 1);
+}
