@@ -794,10 +794,21 @@ impl<T: Transport> Router<T> {
             }
             conn
         });
+        self.register(conn, tx, abort, addr);
+    }
+
+    /// Records a spawned connection task so commands can reach it and limits count it.
+    fn register(
+        &mut self,
+        conn: ConnId,
+        commands: mpsc::Sender<ConnCommand>,
+        abort: AbortHandle,
+        addr: SocketAddr,
+    ) {
         self.conns.insert(
             conn,
             ConnSlot {
-                commands: tx,
+                commands,
                 abort,
                 addr,
             },
@@ -848,15 +859,7 @@ impl<T: Transport> Router<T> {
             task.run(stream).await;
             conn
         });
-        self.conns.insert(
-            conn,
-            ConnSlot {
-                commands: tx,
-                abort,
-                addr,
-            },
-        );
-        self.notify(NetNotice::Tasks(self.tasks.len()));
+        self.register(conn, tx, abort, addr);
     }
 
     async fn shutdown(mut self) {
