@@ -620,6 +620,11 @@ impl Endpoint {
         self.conns.len()
     }
 
+    /// The peer on connection `conn`, if the endpoint knows the connection.
+    pub fn peer_of(&self, conn: ConnId) -> Option<PeerId> {
+        self.conns.get(&conn).map(|c| c.peer)
+    }
+
     /// Our exchanges not finished yet (active or queued).
     pub fn outbound_in_flight(&self) -> usize {
         self.outbound.len()

@@ -54,6 +54,8 @@ pub use endpoint::{
 };
 pub use facade::P2pHandler;
 pub use identity::{Keypair, PeerId};
-pub use runtime::{Handler, HandlerError, Inbox, Notice, ShutdownReport, Status};
+pub use runtime::{
+    Arrival, Handler, HandlerError, Inbox, NoTap, Notice, ShutdownReport, Status, Tap, Verdict,
+};
 pub use transport::{MemoryTransport, TcpTransport, Transport};
 pub use wire::{ExchangeId, Message};

@@ -70,6 +70,56 @@ fn sleep_until(deadline: std::time::Instant) -> tokio::time::Sleep {
     tokio::time::sleep_until(tokio::time::Instant::from_std(deadline))
 }
 
+/// What a [`Tap`] decides for an outgoing message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it.
+    Pass,
+    /// Do not send it (as if lost).
+    Drop,
+    /// Send it after this long; later messages may overtake it.
+    Delay(Duration),
+    /// Send it with one ciphertext byte flipped (the receiver's decryption fails).
+    Corrupt,
+}
+
+/// What a [`Tap`] decides for an incoming message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Hand it to the endpoint.
+    Pass,
+    /// Ignore it (as if lost).
+    Drop,
+    /// A Request only: answer it with this Nack instead of handing it on (a refusing node).
+    Nack(crate::wire::NackReason),
+}
+
+/// Observes what a node sends and receives and, for fault injection, may alter outgoing
+/// messages. The simulator implements it to trace runs and apply message-level faults;
+/// production code uses [`NoTap`]. Called from the handler task: keep it quick.
+pub trait Tap: Send + Sync + 'static {
+    /// A message is about to go to `peer` on `conn`.
+    fn outgoing(&self, _conn: ConnId, _peer: PeerId, _message: &Message) -> Verdict {
+        Verdict::Pass
+    }
+    /// A message arrived from `peer` on `conn`.
+    fn incoming(&self, _conn: ConnId, _peer: PeerId, _message: &Message) -> Arrival {
+        Arrival::Pass
+    }
+    /// The endpoint asked for a dial.
+    fn dial(&self, _conn: ConnId, _peer: PeerId, _addr: SocketAddr) {}
+    /// A connection was established, closed or failed (`peer` once known).
+    fn connection(&self, _conn: ConnId, _peer: Option<PeerId>, _event: &ConnEvent) {}
+    /// An inbound connection failed before it was established.
+    fn rejected(&self, _error: &ConnError) {}
+}
+
+/// The tap that changes nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTap;
+
+impl Tap for NoTap {}
+
 /// Errors of the handler API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -214,6 +264,28 @@ impl Handler {
         config: Config,
         seed: [u8; 32],
     ) -> Result<(Self, Inbox), HandlerError> {
+        Self::spawn_with_tap(
+            transport,
+            addr,
+            keypair,
+            allow,
+            config,
+            seed,
+            Arc::new(NoTap),
+        )
+        .await
+    }
+
+    /// [`Handler::spawn`] with a [`Tap`] observing (and possibly altering) traffic.
+    pub async fn spawn_with_tap<T: Transport>(
+        transport: T,
+        addr: SocketAddr,
+        keypair: Keypair,
+        allow: AllowList,
+        config: Config,
+        seed: [u8; 32],
+        tap: Arc<dyn Tap>,
+    ) -> Result<(Self, Inbox), HandlerError> {
         config.validate()?;
         let listener = transport
             .bind(addr)
@@ -251,6 +323,7 @@ impl Handler {
         };
         let network = tokio::spawn(router.run(listener));
         let task = HandlerTask {
+            tap,
             endpoint,
             allow: shared_allow,
             commands: cmd_rx,
@@ -262,6 +335,7 @@ impl Handler {
             recv_backlog: VecDeque::new(),
             prio_backlog: VecDeque::new(),
             connection_tasks: 0,
+            pending_net: VecDeque::new(),
         };
         tokio::spawn(task.run(network));
         Ok((
@@ -381,6 +455,7 @@ impl Handler {
 // ----- handler task -----
 
 struct HandlerTask {
+    tap: Arc<dyn Tap>,
     endpoint: Endpoint,
     allow: SharedAllow,
     commands: mpsc::Receiver<Command>,
@@ -393,6 +468,8 @@ struct HandlerTask {
     recv_backlog: VecDeque<Event>,
     prio_backlog: VecDeque<Notice>,
     connection_tasks: usize,
+    /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
+    pending_net: VecDeque<NetCommand>,
 }
 
 impl HandlerTask {
@@ -440,10 +517,36 @@ impl HandlerTask {
     }
 
     async fn perform_outputs(&mut self) {
+        while let Some(command) = self.pending_net.pop_front() {
+            if self.network.send(command).await.is_err() {
+                return;
+            }
+        }
         while let Some(output) = self.endpoint.poll_output() {
             let command = match output {
-                Output::Dial { conn, peer, addr } => NetCommand::Dial { conn, peer, addr },
-                Output::Send { conn, message } => NetCommand::Send { conn, message },
+                Output::Dial { conn, peer, addr } => {
+                    self.tap.dial(conn, peer, addr);
+                    NetCommand::Dial { conn, peer, addr }
+                }
+                Output::Send { conn, message } => {
+                    let verdict = match self.endpoint.peer_of(conn) {
+                        Some(peer) => self.tap.outgoing(conn, peer, &message),
+                        None => Verdict::Pass,
+                    };
+                    match verdict {
+                        Verdict::Pass => NetCommand::Send { conn, message },
+                        Verdict::Corrupt => NetCommand::SendCorrupted { conn, message },
+                        Verdict::Drop => continue,
+                        Verdict::Delay(delay) => {
+                            let network = self.network.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = network.send(NetCommand::Send { conn, message }).await;
+                            });
+                            continue;
+                        }
+                    }
+                }
                 Output::Close { conn, reason } => NetCommand::Close { conn, reason },
             };
             // The router never waits on us, so this wait is short.
@@ -543,11 +646,57 @@ impl HandlerTask {
                 peer,
                 addr,
                 remote_max_message_size,
-            } => self
-                .endpoint
-                .handle_accepted(conn, peer, addr, remote_max_message_size, now),
-            NetEvent::Rejected(error) => self.endpoint.handle_rejected(error, now),
-            NetEvent::Conn { conn, event } => self.endpoint.handle_conn_event(conn, event, now),
+            } => {
+                self.tap.connection(
+                    conn,
+                    Some(peer),
+                    &ConnEvent::Established {
+                        peer,
+                        remote_max_message_size,
+                    },
+                );
+                self.endpoint
+                    .handle_accepted(conn, peer, addr, remote_max_message_size, now);
+            }
+            NetEvent::Rejected(error) => {
+                self.tap.rejected(&error);
+                self.endpoint.handle_rejected(error, now);
+            }
+            NetEvent::Conn { conn, event } => {
+                let peer = self.endpoint.peer_of(conn);
+                let arrival = match (&event, peer) {
+                    (ConnEvent::Message(message), Some(peer)) => {
+                        self.tap.incoming(conn, peer, message)
+                    }
+                    (ConnEvent::Message(_), None) => Arrival::Pass,
+                    (other, peer) => {
+                        self.tap.connection(conn, peer, other);
+                        Arrival::Pass
+                    }
+                };
+                match (arrival, event) {
+                    (Arrival::Pass, event) => self.endpoint.handle_conn_event(conn, event, now),
+                    (Arrival::Drop, _) => {}
+                    (
+                        Arrival::Nack(reason),
+                        ConnEvent::Message(Message::Request {
+                            exchange, attempt, ..
+                        }),
+                    ) => {
+                        let message = Message::Nack {
+                            exchange,
+                            attempt,
+                            reason,
+                            retry_after_ms: 0,
+                        };
+                        self.tap
+                            .outgoing(conn, self.endpoint.local_peer_id(), &message);
+                        self.pending_net
+                            .push_back(NetCommand::Send { conn, message });
+                    }
+                    (Arrival::Nack(_), event) => self.endpoint.handle_conn_event(conn, event, now),
+                }
+            }
         }
     }
 
@@ -610,6 +759,11 @@ enum NetCommand {
         conn: ConnId,
         message: Message,
     },
+    /// Fault injection (a [`Tap`]'s `Corrupt` verdict).
+    SendCorrupted {
+        conn: ConnId,
+        message: Message,
+    },
     Close {
         conn: ConnId,
         reason: CloseReason,
@@ -642,6 +796,7 @@ enum NetNotice {
 
 enum ConnCommand {
     Send(Message),
+    SendCorrupted(Message),
     Close(CloseReason),
 }
 
@@ -715,6 +870,9 @@ impl<T: Transport> Router<T> {
         match command {
             NetCommand::Dial { conn, peer, addr } => self.dial(conn, peer, addr),
             NetCommand::Send { conn, message } => self.forward(conn, ConnCommand::Send(message)),
+            NetCommand::SendCorrupted { conn, message } => {
+                self.forward(conn, ConnCommand::SendCorrupted(message));
+            }
             NetCommand::Close { conn, reason } => self.forward(conn, ConnCommand::Close(reason)),
             NetCommand::Shutdown => {}
         }
@@ -784,6 +942,7 @@ impl<T: Transport> Router<T> {
                         allow,
                         commands: rx,
                         events,
+                        corrupt_next: false,
                     };
                     task.run(stream).await;
                 }
@@ -854,6 +1013,7 @@ impl<T: Transport> Router<T> {
             allow: self.allow.clone(),
             commands: rx,
             events: self.events.clone(),
+            corrupt_next: false,
         };
         let abort = self.tasks.spawn(async move {
             task.run(stream).await;
@@ -916,6 +1076,8 @@ struct ConnTask {
     allow: SharedAllow,
     commands: mpsc::Receiver<ConnCommand>,
     events: mpsc::Sender<NetEvent>,
+    /// Fault injection: flip a byte of the next frame written.
+    corrupt_next: bool,
 }
 
 impl ConnTask {
@@ -937,6 +1099,11 @@ impl ConnTask {
                         // Fails only if the connection is not open, in which case its
                         // Closed event is on its way to the endpoint already.
                         let _ = self.connection.send(&message);
+                    }
+                    Some(ConnCommand::SendCorrupted(message)) => {
+                        if self.connection.send(&message).is_ok() {
+                            self.corrupt_next = true;
+                        }
                     }
                     Some(ConnCommand::Close(reason)) => self.connection.close(reason),
                     None => return,
@@ -970,7 +1137,13 @@ impl ConnTask {
         framed: &mut Framed<S, LengthDelimitedCodec>,
     ) -> io::Result<()> {
         let mut wrote = false;
-        while let Some(frame) = self.connection.poll_transmit() {
+        while let Some(mut frame) = self.connection.poll_transmit() {
+            if std::mem::take(&mut self.corrupt_next) {
+                let middle = frame.len() / 2;
+                if let Some(byte) = frame.get_mut(middle) {
+                    *byte ^= 0x5a;
+                }
+            }
             framed.feed(Bytes::from(frame)).await?;
             wrote = true;
         }

@@ -1,0 +1,2 @@
+//! Deterministic simulation of p2p-handler nodes on turmoil.
+pub mod transport;
