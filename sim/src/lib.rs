@@ -1,2 +1,13 @@
 //! Deterministic simulation of p2p-handler nodes on turmoil.
+//!
+//! * [`scenario`]: the scenario file format (TOML), parsed strictly.
+//! * [`run`]: runs one scenario under one seed, checks the built-in invariants and the
+//!   scenario's expectations, and records a [`trace::Trace`].
+//! * [`transport`]: the handler's transport trait over turmoil's TCP.
+//!
+//! The `p2p-sim` binary runs directories of scenarios, sweeps seeds, and writes traces.
+
+pub mod run;
+pub mod scenario;
+pub mod trace;
 pub mod transport;

@@ -1,1 +1,307 @@
-fn main() {}
+//! `p2p-sim`: run scenarios, sweep seeds, write traces.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use p2p_sim::run::{Outcome, run};
+use p2p_sim::scenario::Scenario;
+
+#[derive(Parser)]
+#[command(name = "p2p-sim", version, about = "Deterministic simulation of p2p-handler nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenario files (or every .toml in the given directories) under their default seed.
+    Run {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Use this seed instead of each scenario's own.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Randomise latency and step timing from the seed (invariants only).
+        #[arg(long)]
+        swarm: bool,
+    },
+    /// Run every scenario over many seeds in swarm mode, in parallel.
+    Sweep {
+        /// Files or directories (default: scenarios/).
+        paths: Vec<PathBuf>,
+        /// Seeds per scenario.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 0)]
+        first_seed: u64,
+        /// Parallel jobs (default: the number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Run only shard K of M (as K/M, 1-based): split a sweep across machines.
+        #[arg(long, value_parser = parse_shard)]
+        shard: Option<(u64, u64)>,
+    },
+    /// Write one run's trace (text) and sequence diagram (Mermaid).
+    Trace {
+        /// Scenario file.
+        file: PathBuf,
+        /// Seed (default: the scenario's own).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Randomise as in a sweep.
+        #[arg(long)]
+        swarm: bool,
+        /// Output directory.
+        #[arg(long, default_value = "traces")]
+        out: PathBuf,
+    },
+}
+
+fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let (k, m) = s.split_once('/').ok_or("shard is K/M, e.g. 2/8")?;
+    let k: u64 = k.parse().map_err(|_| "K must be a number")?;
+    let m: u64 = m.parse().map_err(|_| "M must be a number")?;
+    if m == 0 || k == 0 || k > m {
+        return Err("need 1 <= K <= M".into());
+    }
+    Ok((k, m))
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Run { paths, seed, swarm } => cmd_run(&paths, seed, swarm),
+        Cmd::Sweep {
+            paths,
+            seeds,
+            first_seed,
+            jobs,
+            shard,
+        } => cmd_sweep(&paths, seeds, first_seed, jobs, shard),
+        Cmd::Trace {
+            file,
+            seed,
+            swarm,
+            out,
+        } => cmd_trace(&file, seed, swarm, &out),
+    }
+}
+
+/// Scenario files under `paths`, sorted, each loaded (or the error that stops the run).
+fn load_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, String> {
+    let mut files = Vec::new();
+    let paths: Vec<PathBuf> = if paths.is_empty() {
+        vec![PathBuf::from("scenarios")]
+    } else {
+        paths.to_vec()
+    };
+    for path in &paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    if files.is_empty() {
+        return Err("no scenario files found".into());
+    }
+    files
+        .into_iter()
+        .map(|f| Scenario::load(&f).map(|s| (f, s)).map_err(|e| e.to_string()))
+        .collect()
+}
+
+fn reproduce(path: &Path, seed: u64, swarm: bool) -> String {
+    format!(
+        "cargo run --release -p p2p-sim -- trace {} --seed {seed}{}",
+        path.display(),
+        if swarm { " --swarm" } else { "" }
+    )
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+fn cmd_run(paths: &[PathBuf], seed: Option<u64>, swarm: bool) -> ExitCode {
+    let scenarios = match load_all(paths) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("p2p-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{:<28} {:>7} {:>9} {:>7} {:>7} {:>9} {:>8}",
+        "scenario", "verdict", "exchanges", "resends", "redials", "virtual", "wall"
+    );
+    let mut failed = Vec::new();
+    for (path, scenario) in &scenarios {
+        let seed = seed.unwrap_or(scenario.seed);
+        let outcome = run(scenario, seed, swarm);
+        print_row(&outcome);
+        if !outcome.passed() {
+            failed.push((path.clone(), outcome));
+        }
+    }
+    for (path, outcome) in &failed {
+        println!("\nFAILED {} (seed {}):", outcome.scenario, outcome.seed);
+        for f in &outcome.failures {
+            println!("  - {f}");
+        }
+        println!("  reproduce: {}", reproduce(path, outcome.seed, outcome.swarm));
+    }
+    println!(
+        "\n{} passed, {} failed",
+        scenarios.len() - failed.len(),
+        failed.len()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_row(o: &Outcome) {
+    println!(
+        "{:<28} {:>7} {:>9} {:>7} {:>7} {:>9} {:>8}",
+        o.scenario,
+        if o.passed() { "pass" } else { "FAIL" },
+        o.exchanges,
+        o.resends,
+        o.redials,
+        secs(o.virtual_time),
+        secs(o.wall_time)
+    );
+}
+
+fn cmd_sweep(
+    paths: &[PathBuf],
+    seeds: u64,
+    first_seed: u64,
+    jobs: Option<usize>,
+    shard: Option<(u64, u64)>,
+) -> ExitCode {
+    let scenarios = match load_all(paths) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("p2p-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Every (scenario, seed) pair, then this shard's share of them.
+    let mut work: Vec<(usize, u64)> = Vec::new();
+    for (i, _) in scenarios.iter().enumerate() {
+        for seed in first_seed..first_seed + seeds {
+            work.push((i, seed));
+        }
+    }
+    if let Some((k, m)) = shard {
+        work = work
+            .into_iter()
+            .enumerate()
+            .filter(|(n, _)| (*n as u64) % m == k - 1)
+            .map(|(_, w)| w)
+            .collect();
+    }
+    let jobs = jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let bar = indicatif::ProgressBar::new(work.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} runs, {msg} failed, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("0");
+    let next = AtomicUsize::new(0);
+    let failures: Mutex<Vec<(PathBuf, Outcome)>> = Mutex::new(Vec::new());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(i, seed)) = work.get(n) else {
+                        break;
+                    };
+                    let (path, scenario) = &scenarios[i];
+                    let outcome = run(scenario, seed, true);
+                    if !outcome.passed() {
+                        if let Ok(mut f) = failures.lock() {
+                            f.push((path.clone(), outcome));
+                            bar.set_message(f.len().to_string());
+                        }
+                    }
+                    bar.inc(1);
+                }
+            });
+        }
+    });
+    bar.finish();
+    let mut failures = failures.into_inner().unwrap_or_default();
+    failures.sort_by(|a, b| (&a.1.scenario, a.1.seed).cmp(&(&b.1.scenario, b.1.seed)));
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{} runs in {:.1}s ({:.1} seeds/s), {} failed",
+        work.len(),
+        elapsed,
+        work.len() as f64 / elapsed.max(1e-9),
+        failures.len()
+    );
+    for (path, o) in &failures {
+        println!("FAILED {} seed {}: {}", o.scenario, o.seed, o.failures.join("; "));
+        println!("  reproduce: {}", reproduce(path, o.seed, true));
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn cmd_trace(file: &Path, seed: Option<u64>, swarm: bool, out: &Path) -> ExitCode {
+    let scenario = match Scenario::load(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("p2p-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let seed = seed.unwrap_or(scenario.seed);
+    let outcome = run(&scenario, seed, swarm);
+    let stem = format!("{}-seed{seed}", scenario.name);
+    let text = out.join(format!("{stem}.txt"));
+    let diagram = out.join(format!("{stem}.mmd"));
+    let written = std::fs::create_dir_all(out)
+        .and_then(|()| std::fs::write(&text, outcome.trace.text()))
+        .and_then(|()| std::fs::write(&diagram, outcome.trace.mermaid(&outcome.nodes)));
+    if let Err(e) = written {
+        eprintln!("p2p-sim: cannot write to {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    print_row(&outcome);
+    for f in &outcome.failures {
+        println!("  - {f}");
+    }
+    println!("trace: {}\ndiagram: {}", text.display(), diagram.display());
+    if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

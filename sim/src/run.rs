@@ -1,0 +1,1244 @@
+//! Runs one scenario under one seed on turmoil and judges it.
+//!
+//! Each node is a turmoil host running the real handler (driver, Noise sessions, framing,
+//! state machines) over [`TurmoilTransport`], plus a small simulated application. The
+//! simulator drives turmoil step by step from outside: it executes timed steps, applies
+//! faults, and relays step actions to the hosts through channels. A [`Tap`] in each node
+//! records every message into the trace, counts triggers and applies message faults.
+//!
+//! One seed controls everything: turmoil's `rng_seed` (latency, loss), a fixed epoch, the
+//! node keys, each handler's seed (exchange ids, jitter, ephemeral keys) and, in swarm mode,
+//! the randomised latency, loss and step timing. Same scenario, same seed, same trace.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use bytes::Bytes;
+use p2p_handler::endpoint::Failure;
+use p2p_handler::wire::{AckOf, ExchangeId, Message};
+use p2p_handler::{
+    AllowList, AllowedPeer, Arrival, ConnError, ConnEvent, Event, Handler, Keypair, Notice,
+    PeerId, Status, Tap, Verdict,
+};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::scenario::{ActionKind, App, MessageMatch, MsgKind, Scenario, Step, NACK_REASON};
+use crate::trace::{Trace, What};
+use crate::transport::TurmoilTransport;
+
+/// The port every node listens on.
+pub const PORT: u16 = 7000;
+
+/// Length of a simulation tick (turmoil's default).
+const TICK: Duration = Duration::from_millis(1);
+
+/// Extra virtual time after the last exchange, for idle connections to close.
+const SETTLE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How often a quiet run asks the nodes whether anything is still open.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// How a run went.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Scenario name.
+    pub scenario: String,
+    /// Seed used.
+    pub seed: u64,
+    /// Whether swarm randomisation was on.
+    pub swarm: bool,
+    /// Broken invariants and unmet expectations; empty when the run passed.
+    pub failures: Vec<String>,
+    /// Requests issued.
+    pub exchanges: usize,
+    /// Requests resent, all nodes.
+    pub resends: u64,
+    /// Redials, all nodes.
+    pub redials: u64,
+    /// Virtual time simulated.
+    pub virtual_time: Duration,
+    /// Wall-clock time taken.
+    pub wall_time: Duration,
+    /// What happened.
+    pub trace: Trace,
+    /// Node names, in order (for the diagram).
+    pub nodes: Vec<String>,
+}
+
+impl Outcome {
+    /// Whether every invariant and expectation held.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// A message fault armed by a step.
+#[derive(Debug, Clone)]
+struct Rule {
+    step: usize,
+    action: ActionKind,
+    matches: Matcher,
+    delay: Duration,
+    remaining: u32,
+}
+
+/// A trigger waiting for its nth message.
+#[derive(Debug, Clone)]
+struct Waiting {
+    step: usize,
+    matches: Matcher,
+    sent: bool,
+    nth: u32,
+    seen: u32,
+}
+
+/// A `MessageMatch` with node names resolved to indices.
+#[derive(Debug, Clone)]
+struct Matcher {
+    kind: MsgKind,
+    from: Option<usize>,
+    to: Option<usize>,
+    of: Option<MsgKind>,
+    resend: Option<bool>,
+}
+
+impl Matcher {
+    fn new(m: &MessageMatch, scenario: &Scenario) -> Self {
+        let idx = |n: &Option<String>| n.as_deref().and_then(|n| scenario.node_index(n));
+        Self {
+            kind: m.kind,
+            from: idx(&m.from),
+            to: idx(&m.to),
+            of: m.of,
+            resend: m.resend,
+        }
+    }
+
+    fn matches(&self, from: usize, to: usize, message: &Message) -> bool {
+        let kind = match message {
+            Message::Request { .. } => MsgKind::Request,
+            Message::Ack { .. } => MsgKind::Ack,
+            Message::Nack { .. } => MsgKind::Nack,
+            Message::Reply { .. } => MsgKind::Reply,
+            Message::Abort { .. } => MsgKind::Abort,
+            Message::Close { .. } => MsgKind::Close,
+        };
+        let of = match message {
+            Message::Ack {
+                of: AckOf::Request, ..
+            } => Some(MsgKind::Request),
+            Message::Ack { of: AckOf::Reply, .. } => Some(MsgKind::Reply),
+            _ => None,
+        };
+        let resend = message.attempt().map(|a| a > 1);
+        kind == self.kind
+            && self.from.is_none_or(|f| f == from)
+            && self.to.is_none_or(|t| t == to)
+            && (self.of.is_none() || self.of == of)
+            && (self.resend.is_none() || self.resend == resend)
+    }
+}
+
+enum NodeCommand {
+    Request {
+        to: PeerId,
+        addr: SocketAddr,
+        payload: Bytes,
+    },
+    Respond {
+        peer: PeerId,
+    },
+    Allow {
+        peer: PeerId,
+    },
+    Revoke {
+        peer: PeerId,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+}
+
+#[derive(Default)]
+struct NodeState {
+    incarnation: u64,
+    up: bool,
+    commands: Option<mpsc::UnboundedSender<NodeCommand>>,
+    /// Request copies seen by a `refuse` app, and requests by a `crash_prone` app.
+    refused: u32,
+    received: u32,
+}
+
+/// Everything hosts and the simulator share. Single-threaded in practice (turmoil runs
+/// hosts one at a time); the mutex satisfies the handler's `Send + Sync` tap bound.
+struct Shared {
+    names: Vec<String>,
+    keys: Vec<Keypair>,
+    by_peer: BTreeMap<PeerId, usize>,
+    scenario: Scenario,
+    seed: u64,
+    nodes: Vec<NodeState>,
+    trace: Trace,
+    rules: Vec<Rule>,
+    waiting: Vec<Waiting>,
+    fired: VecDeque<usize>,
+    crash_requests: VecDeque<usize>,
+    /// Exchange labels for the trace: (dialer, id) -> "alice#3".
+    labels: BTreeMap<(usize, ExchangeId), String>,
+    issued_count: Vec<u32>,
+    /// (dialer, incarnation, id) -> outcome count.
+    outcomes: BTreeMap<(usize, u64, ExchangeId), u32>,
+    /// (responder, incarnation, dialer peer, id) -> deliveries.
+    delivered: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
+    /// (dialer, id) -> highest attempt sent.
+    attempts: BTreeMap<(usize, ExchangeId), u32>,
+    replied: u64,
+    failures: Vec<String>,
+    peer_errors: u64,
+    rate_limited: u64,
+    last_outcome: Duration,
+    errors: Vec<String>,
+}
+
+fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
+impl Shared {
+    fn name(&self, peer: &PeerId) -> String {
+        self.by_peer
+            .get(peer)
+            .map_or_else(|| peer.short(), |i| self.names[*i].clone())
+    }
+
+    fn label(&self, dialer: usize, id: ExchangeId) -> String {
+        self.labels
+            .get(&(dialer, id))
+            .cloned()
+            .unwrap_or_else(|| format!("{}:{id}", self.names[dialer]))
+    }
+
+    /// Describes a message, naming its exchange by label. `dialer` is the node that owns
+    /// the exchange (the sender of Requests).
+    fn describe(&self, dialer: usize, message: &Message) -> String {
+        let ex = |id: &ExchangeId| self.label(dialer, *id);
+        match message {
+            Message::Request {
+                exchange,
+                attempt,
+                payload,
+            } => format!("Request {} try {attempt} ({} B)", ex(exchange), payload.len()),
+            Message::Ack {
+                exchange,
+                attempt,
+                of,
+            } => format!("Ack({of:?}) {} try {attempt}", ex(exchange)),
+            Message::Nack {
+                exchange,
+                attempt,
+                reason,
+                ..
+            } => format!("Nack({reason:?}) {} try {attempt}", ex(exchange)),
+            Message::Reply {
+                exchange,
+                attempt,
+                payload,
+            } => format!("Reply {} try {attempt} ({} B)", ex(exchange), payload.len()),
+            Message::Abort {
+                exchange,
+                attempt,
+                reason,
+            } => format!("Abort({reason:?}) {} try {attempt}", ex(exchange)),
+            Message::Close { reason } => format!("Close({reason:?})"),
+        }
+    }
+
+    fn push(&mut self, node: usize, what: What) {
+        let name = self.names[node].clone();
+        self.trace.push(now(), &name, what);
+    }
+
+    fn rule_text(&self, step: usize) -> String {
+        let line = self.scenario.step_lines.get(step).copied().unwrap_or(0);
+        format!("step {}, line {line}", step + 1)
+    }
+
+    /// Counts a message against waiting triggers; fired steps run after this tick.
+    fn count_triggers(&mut self, from: usize, to: usize, message: &Message, sent: bool) {
+        for w in &mut self.waiting {
+            if w.sent == sent && w.seen < w.nth && w.matches.matches(from, to, message) {
+                w.seen += 1;
+                if w.seen == w.nth {
+                    self.fired.push_back(w.step);
+                }
+            }
+        }
+    }
+}
+
+/// Locks the shared state; a poisoned lock means a host panicked, which the run reports.
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct SimTap {
+    shared: Arc<Mutex<Shared>>,
+    node: usize,
+}
+
+impl Tap for SimTap {
+    fn outgoing(&self, conn: p2p_handler::ConnId, peer: PeerId, message: &Message) -> Verdict {
+        let mut s = lock(&self.shared);
+        let Some(&to) = s.by_peer.get(&peer) else {
+            return Verdict::Pass;
+        };
+        let from = self.node;
+        let dialer = if matches!(message, Message::Request { .. } | Message::Ack { of: AckOf::Reply, .. }) {
+            from
+        } else {
+            to
+        };
+        if let Message::Request {
+            exchange, attempt, ..
+        } = message
+        {
+            let max = s.attempts.entry((from, *exchange)).or_insert(0);
+            *max = (*max).max(*attempt);
+        }
+        let text = s.describe(dialer, message);
+        let rule = s
+            .rules
+            .iter_mut()
+            .find(|r| r.remaining > 0 && r.action != ActionKind::Nack && r.matches.matches(from, to, message));
+        let verdict = match rule {
+            None => Verdict::Pass,
+            Some(rule) => {
+                rule.remaining -= 1;
+                let (verdict, what) = match rule.action {
+                    ActionKind::Drop => (Verdict::Drop, format!("drop {text}")),
+                    ActionKind::Corrupt => (Verdict::Corrupt, format!("corrupt {text}")),
+                    _ => (
+                        Verdict::Delay(rule.delay),
+                        format!("delay {text} by {:?}", rule.delay),
+                    ),
+                };
+                let step = rule.step;
+                let rule = s.rule_text(step);
+                let link = Some((s.names[from].clone(), s.names[to].clone()));
+                s.push(from, What::Fault { what, rule, link });
+                verdict
+            }
+        };
+        if verdict != Verdict::Drop {
+            let to_name = s.names[to].clone();
+            s.push(
+                from,
+                What::Send {
+                    to: to_name,
+                    message: format!("{conn} {text}"),
+                },
+            );
+            s.count_triggers(from, to, message, true);
+        }
+        verdict
+    }
+
+    fn incoming(&self, conn: p2p_handler::ConnId, peer: PeerId, message: &Message) -> Arrival {
+        let mut s = lock(&self.shared);
+        let Some(&from) = s.by_peer.get(&peer) else {
+            return Arrival::Pass;
+        };
+        let to = self.node;
+        let dialer = if matches!(message, Message::Request { .. } | Message::Ack { of: AckOf::Reply, .. }) {
+            from
+        } else {
+            to
+        };
+        let text = s.describe(dialer, message);
+        let from_name = s.names[from].clone();
+        s.push(
+            to,
+            What::Recv {
+                from: from_name,
+                message: format!("{conn} {text}"),
+            },
+        );
+        s.count_triggers(from, to, message, false);
+        if !matches!(message, Message::Request { .. }) {
+            return Arrival::Pass;
+        }
+        // A `refuse` application, or a `nack` step, answers with a Nack.
+        let refuse_first = match s.scenario.nodes[to].app {
+            App::Refuse { first } => first,
+            _ => 0,
+        };
+        if s.nodes[to].refused < refuse_first {
+            s.nodes[to].refused += 1;
+            s.push(to, What::App(format!("refuse {text} (app refuses the first {refuse_first})")));
+            return Arrival::Nack(NACK_REASON);
+        }
+        let rule = s
+            .rules
+            .iter_mut()
+            .find(|r| r.remaining > 0 && r.action == ActionKind::Nack && r.matches.matches(from, to, message));
+        if let Some(rule) = rule {
+            rule.remaining -= 1;
+            let step = rule.step;
+            let rule = s.rule_text(step);
+            let link = Some((s.names[to].clone(), s.names[from].clone()));
+            s.push(
+                to,
+                What::Fault {
+                    what: format!("answer {text} with Nack({NACK_REASON:?})"),
+                    rule,
+                    link,
+                },
+            );
+            return Arrival::Nack(NACK_REASON);
+        }
+        Arrival::Pass
+    }
+
+    fn dial(&self, conn: p2p_handler::ConnId, peer: PeerId, addr: SocketAddr) {
+        let mut s = lock(&self.shared);
+        let name = s.name(&peer);
+        let host = host_of(addr);
+        s.push(self.node, What::Conn(format!("{conn} dial {name} at {host}")));
+    }
+
+    fn connection(&self, conn: p2p_handler::ConnId, peer: Option<PeerId>, event: &ConnEvent) {
+        let mut s = lock(&self.shared);
+        let name = peer.map_or_else(|| "?".to_owned(), |p| s.name(&p));
+        let text = match event {
+            ConnEvent::Established { .. } => format!("{conn} established with {name}"),
+            ConnEvent::Closed(closed) => format!("{conn} closed ({name}): {}", closed_text(closed)),
+            ConnEvent::Oversized { len, .. } => format!("{conn} oversized message of {len} B from {name}"),
+            ConnEvent::Message(_) => return,
+        };
+        s.push(self.node, What::Conn(text));
+    }
+
+    fn rejected(&self, error: &ConnError) {
+        let mut s = lock(&self.shared);
+        let text = error_text(&s, error);
+        s.push(self.node, What::Conn(format!("rejected: {text}")));
+    }
+}
+
+fn closed_text(closed: &p2p_handler::Closed) -> String {
+    match closed {
+        p2p_handler::Closed::ByPeer(r) => format!("by peer, {r:?}"),
+        p2p_handler::Closed::Locally(r) => format!("locally, {r:?}"),
+        p2p_handler::Closed::Error(e) => format!("error: {}", short_error(e)),
+        p2p_handler::Closed::Io(e) => format!("io: {e}"),
+    }
+}
+
+/// Error kinds without addresses or ids (which vary), for stable traces.
+fn short_error(e: &ConnError) -> String {
+    let text = format!("{e:?}");
+    text.split([' ', '{', '(']).next().unwrap_or("error").to_owned()
+}
+
+fn error_text(s: &Shared, e: &ConnError) -> String {
+    let who = e.remote().peer.map_or_else(|| "unknown peer".to_owned(), |p| s.name(&p));
+    format!("{} from {who}", short_error(e))
+}
+
+/// The turmoil host name at `addr` (inside a host, reverse lookup gives it).
+fn host_of(addr: SocketAddr) -> String {
+    turmoil::reverse_lookup(addr.ip()).unwrap_or_else(|| addr.ip().to_string())
+}
+
+fn failure_kind(failure: &Failure) -> String {
+    match failure {
+        Failure::Connection(e) => format!("Connection({})", short_error(e)),
+        other => {
+            let text = format!("{other:?}");
+            // Exhausted carries details that vary run to run (the last cause text).
+            match text.find(" {") {
+                Some(i) if text.starts_with("Exhausted") => {
+                    let last = match failure {
+                        Failure::Exhausted { last, .. } => format!("{last:?}"),
+                        _ => String::new(),
+                    };
+                    let last = last.split('(').next().unwrap_or("").to_owned();
+                    format!("{}(last: {last})", &text[..i])
+                }
+                _ => text,
+            }
+        }
+    }
+}
+
+async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
+    let (tx, mut commands) = mpsc::unbounded_channel();
+    let (key, allow, config, seed, app) = {
+        let mut s = lock(&shared);
+        let state = &mut s.nodes[node];
+        state.incarnation += 1;
+        state.up = true;
+        state.commands = Some(tx);
+        state.received = 0;
+        let incarnation = state.incarnation;
+        let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
+        rng.set_stream(1 + node as u64 * 1000 + incarnation);
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let spec = &s.scenario.nodes[node];
+        let allow = match &spec.allow {
+            Some(names) => AllowList::from_peers(
+                names
+                    .iter()
+                    .filter_map(|n| s.scenario.node_index(n))
+                    .map(|i| s.keys[i].peer_id()),
+            ),
+            None => AllowList::from_peers(
+                s.keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != node)
+                    .map(|(_, k)| k.peer_id()),
+            ),
+        };
+        let app = spec.app.clone();
+        let config = s.scenario.config_of(node);
+        s.push(node, What::Start);
+        (s.keys[node].clone(), allow, config, seed, app)
+    };
+    let tap = Arc::new(SimTap {
+        shared: shared.clone(),
+        node,
+    });
+    let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
+    let (handler, mut inbox) =
+        Handler::spawn_with_tap(TurmoilTransport, listen, key, allow, config, seed, tap)
+            .await
+            .map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            biased;
+            command = commands.recv() => match command {
+                Some(command) => run_command(&shared, node, &handler, command).await,
+                None => break,
+            },
+            Some(event) = inbox.received.recv() => on_event(&shared, node, &handler, &app, event),
+            Some(notice) = inbox.priority.recv() => on_notice(&shared, node, notice),
+        }
+    }
+    Ok(())
+}
+
+async fn run_command(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, command: NodeCommand) {
+    match command {
+        NodeCommand::Request { to, addr, payload } => {
+            let len = payload.len();
+            let result = handler.request(to, addr, payload).await;
+            let mut s = lock(shared);
+            let to_name = s.name(&to);
+            match result {
+                Ok(id) => {
+                    s.issued_count[node] += 1;
+                    let label = format!("{}#{}", s.names[node], s.issued_count[node]);
+                    s.labels.insert((node, id), label.clone());
+                    let incarnation = s.nodes[node].incarnation;
+                    s.outcomes.insert((node, incarnation, id), 0);
+                    s.push(node, What::App(format!("request {label} to {to_name} ({len} B)")));
+                }
+                Err(e) => s.push(node, What::App(format!("request to {to_name} refused: {e}"))),
+            }
+        }
+        NodeCommand::Respond { peer } => {
+            let result = handler.response(peer, Bytes::from_static(b"manual reply")).await;
+            let mut s = lock(shared);
+            let name = s.name(&peer);
+            let text = match result {
+                Ok(id) => format!("respond to {}", s.label(s.by_peer.get(&peer).copied().unwrap_or(node), id)),
+                Err(e) => format!("respond to {name} failed: {e}"),
+            };
+            s.push(node, What::App(text));
+        }
+        NodeCommand::Allow { peer } => {
+            let _ = handler.allow(peer, AllowedPeer::default()).await;
+        }
+        NodeCommand::Revoke { peer } => {
+            let _ = handler.revoke(peer).await;
+        }
+        NodeCommand::Status { reply } => {
+            if let Ok(status) = handler.status().await {
+                let _ = reply.send(status);
+            }
+        }
+    }
+}
+
+fn on_event(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, app: &App, event: Event) {
+    let mut s = lock(shared);
+    let incarnation = s.nodes[node].incarnation;
+    match event {
+        Event::Request {
+            peer,
+            exchange,
+            payload,
+            ..
+        } => {
+            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+            let label = s.label(dialer, exchange);
+            *s.delivered
+                .entry((node, incarnation, peer, exchange))
+                .or_default() += 1;
+            s.push(node, What::Event(format!("request {label} ({} B)", payload.len())));
+            s.nodes[node].received += 1;
+            let mut reply = b"re:".to_vec();
+            reply.extend_from_slice(&payload);
+            let delay = match app {
+                App::Echo | App::Refuse { .. } => Some(Duration::ZERO),
+                App::Slow { reply_after } => Some(*reply_after),
+                App::CrashProne { after, .. } => {
+                    if s.nodes[node].received >= *after {
+                        s.crash_requests.push_back(node);
+                        None
+                    } else {
+                        Some(Duration::ZERO)
+                    }
+                }
+                App::Never | App::Manual => None,
+            };
+            drop(s);
+            if let Some(delay) = delay {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let _ = handler.response_to(peer, exchange, reply).await;
+                });
+            }
+        }
+        Event::Reply {
+            exchange, payload, ..
+        } => {
+            let label = s.label(node, exchange);
+            s.push(node, What::Event(format!("reply {label} ({} B)", payload.len())));
+            s.replied += 1;
+            s.last_outcome = now();
+            *s.outcomes.entry((node, incarnation, exchange)).or_default() += 1;
+        }
+        Event::ResponseDelivered { peer, exchange } => {
+            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+            let label = s.label(dialer, exchange);
+            s.push(node, What::Event(format!("reply {label} delivered")));
+        }
+        other => {
+            drop(s);
+            on_notice(shared, node, Notice::Event(other));
+        }
+    }
+}
+
+fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
+    let mut s = lock(shared);
+    let incarnation = s.nodes[node].incarnation;
+    let text = match notice {
+        Notice::Event(Event::Failed {
+            exchange,
+            failure,
+            payload,
+            ..
+        }) => {
+            let label = s.label(node, exchange);
+            let kind = failure_kind(&failure);
+            s.failures.push(kind.clone());
+            s.last_outcome = now();
+            *s.outcomes.entry((node, incarnation, exchange)).or_default() += 1;
+            format!("failed {label}: {kind} ({} B handed back)", payload.len())
+        }
+        Notice::Event(Event::PeerError(e)) => {
+            s.peer_errors += 1;
+            let who = e.remote().peer.map_or_else(|| "unknown peer".to_owned(), |p| s.name(&p));
+            let kind = match &e {
+                p2p_handler::endpoint::PeerError::Connection(c) => short_error(c),
+                other => format!("{other:?}").split([' ', '{']).next().unwrap_or("").to_owned(),
+            };
+            format!("peer error: {kind} from {who}")
+        }
+        Notice::Event(Event::RateLimited {
+            peer,
+            limit,
+            disconnected,
+        }) => {
+            s.rate_limited += 1;
+            let name = s.name(&peer);
+            format!("rate limited {name} ({limit:?}, disconnected: {disconnected})")
+        }
+        Notice::Event(Event::ResponseTimedOut { peer, exchange }) => {
+            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+            format!("response timed out for {}", s.label(dialer, exchange))
+        }
+        Notice::Event(Event::ResponseUnconfirmed { peer, exchange }) => {
+            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+            format!("reply {} unconfirmed", s.label(dialer, exchange))
+        }
+        Notice::ConnectionLimit { direction, .. } => format!("connection limit ({direction:?})"),
+        Notice::SlowConnection { .. } => "slow connection dropped".to_owned(),
+        Notice::AcceptFailed(e) => format!("accept failed: {e}"),
+        other => format!("{other:?}"),
+    };
+    s.push(node, What::Event(text));
+}
+
+/// A timed or triggered step, ready to run.
+struct Timeline {
+    /// (virtual time, step index), in time order.
+    timed: VecDeque<(Duration, usize)>,
+    /// (virtual time, node) restarts scheduled by crash-prone apps.
+    restarts: Vec<(Duration, usize)>,
+    /// Virtual time of the last fault or heal.
+    last_fault: Duration,
+}
+
+/// Runs `scenario` under `seed`. With `swarm`, latency, loss and step timing are
+/// randomised from the seed too.
+pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
+    let started = Instant::now();
+    let mut scenario = scenario.clone();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    if swarm {
+        randomise(&mut scenario, &mut rng);
+    }
+    let keys: Vec<Keypair> = scenario.nodes.iter().map(|_| Keypair::generate(&mut rng)).collect();
+    let names: Vec<String> = scenario.nodes.iter().map(|n| n.name.clone()).collect();
+    let shared = Arc::new(Mutex::new(Shared {
+        by_peer: keys.iter().enumerate().map(|(i, k)| (k.peer_id(), i)).collect(),
+        names: names.clone(),
+        keys,
+        seed,
+        nodes: scenario.nodes.iter().map(|_| NodeState::default()).collect(),
+        trace: Trace::default(),
+        rules: Vec::new(),
+        waiting: Vec::new(),
+        fired: VecDeque::new(),
+        crash_requests: VecDeque::new(),
+        labels: BTreeMap::new(),
+        issued_count: vec![0; scenario.nodes.len()],
+        outcomes: BTreeMap::new(),
+        delivered: BTreeMap::new(),
+        attempts: BTreeMap::new(),
+        replied: 0,
+        failures: Vec::new(),
+        peer_errors: 0,
+        rate_limited: 0,
+        last_outcome: Duration::ZERO,
+        errors: Vec::new(),
+        scenario: scenario.clone(),
+    }));
+    let settle = (0..scenario.nodes.len())
+        .map(|i| scenario.config_of(i).idle_timeout)
+        .max()
+        .unwrap_or_default()
+        + SETTLE_MARGIN;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        .tick_duration(TICK)
+        .simulation_duration(scenario.duration + settle + Duration::from_secs(60))
+        .min_message_latency(scenario.network.min_latency)
+        .max_message_latency(scenario.network.max_latency)
+        .fail_rate(scenario.network.fail_rate)
+        .repair_rate(scenario.network.repair_rate)
+        .build();
+    for (i, name) in names.iter().enumerate() {
+        let shared = shared.clone();
+        sim.host(name.as_str(), move || node_main(shared.clone(), i));
+    }
+    for link in &scenario.network.links {
+        if let Some(latency) = link.latency {
+            sim.set_link_latency(link.a.as_str(), link.b.as_str(), latency);
+        }
+        if let Some(rate) = link.fail_rate {
+            sim.set_link_fail_rate(link.a.as_str(), link.b.as_str(), rate);
+        }
+    }
+    let mut timeline = Timeline {
+        timed: VecDeque::new(),
+        restarts: Vec::new(),
+        last_fault: Duration::ZERO,
+    };
+    {
+        let mut s = lock(&shared);
+        let mut timed: Vec<(Duration, usize)> = Vec::new();
+        for (i, step) in scenario.steps.iter().enumerate() {
+            let step = step.get_ref();
+            match &step.on {
+                Some(trigger) => s.waiting.push(Waiting {
+                    step: i,
+                    matches: Matcher::new(&trigger.message, &scenario),
+                    sent: trigger.sent,
+                    nth: trigger.nth.max(1),
+                    seen: 0,
+                }),
+                None => timed.push((step.at.unwrap_or_default(), i)),
+            }
+        }
+        timed.sort_by_key(|(at, i)| (*at, *i));
+        timeline.timed = timed.into();
+    }
+    let mut failures = Vec::new();
+    let mut quiet_since: Option<Duration> = None;
+    let mut probe: Option<(Duration, Vec<Option<oneshot::Receiver<Status>>>)> = None;
+    let mut probe_clean = true;
+    let mut last_probe = Duration::ZERO;
+    let limit = scenario.duration;
+    loop {
+        let now = sim.elapsed();
+        run_due_steps(&mut sim, &shared, &scenario, &mut timeline, now);
+        let (pending, busy) = {
+            let s = lock(&shared);
+            let pending = pending_exchanges(&s);
+            let busy = !timeline.timed.is_empty()
+                || !timeline.restarts.is_empty()
+                || !s.fired.is_empty()
+                || !s.crash_requests.is_empty();
+            (pending, busy)
+        };
+        if pending == 0 && !busy {
+            let since = *quiet_since.get_or_insert(now);
+            if now >= since + settle {
+                break;
+            }
+            // Quiet: stop as soon as every node reports nothing open, rather than always
+            // waiting out the idle timeout.
+            match &mut probe {
+                Some((_, receivers)) if receivers.iter().all(|r| r.is_none()) => {
+                    if probe_clean {
+                        break;
+                    }
+                    probe = None;
+                }
+                Some((at, receivers)) => {
+                    let _ = at;
+                    for r in receivers.iter_mut() {
+                        if let Some(rx) = r {
+                            if let Ok(status) = rx.try_recv() {
+                                probe_clean &= status.open_connections == 0
+                                    && status.connection_tasks == 0
+                                    && status.pending_responses == 0;
+                                *r = None;
+                            }
+                        }
+                    }
+                }
+                None if now >= last_probe + PROBE_EVERY => {
+                    last_probe = now;
+                    probe_clean = true;
+                    probe = Some((now, request_statuses(&shared)));
+                }
+                None => {}
+            }
+        } else {
+            quiet_since = None;
+            probe = None;
+        }
+        if now >= limit {
+            if pending > 0 {
+                failures.push(format!(
+                    "liveness: {pending} exchange(s) still pending at the time limit ({limit:?})"
+                ));
+            }
+            break;
+        }
+        if let Err(e) = sim.step() {
+            failures.push(format!("simulation error: {e}"));
+            break;
+        }
+    }
+    let end = sim.elapsed();
+    let statuses = collect_statuses(&mut sim, &shared);
+    let s = lock(&shared);
+    check(&scenario, &s, &statuses, &timeline, !swarm, &mut failures);
+    failures.extend(s.errors.iter().cloned());
+    Outcome {
+        scenario: scenario.name.clone(),
+        seed,
+        swarm,
+        failures,
+        exchanges: s.outcomes.len(),
+        resends: statuses.iter().flatten().map(|st| st.stats.resends).sum(),
+        redials: statuses.iter().flatten().map(|st| st.stats.redials).sum(),
+        virtual_time: end,
+        wall_time: started.elapsed(),
+        trace: s.trace.clone(),
+        nodes: names,
+    }
+}
+
+/// Exchanges issued by live incarnations that have no outcome yet.
+fn pending_exchanges(s: &Shared) -> usize {
+    s.outcomes
+        .iter()
+        .filter(|((node, inc, _), n)| **n == 0 && s.nodes[*node].up && s.nodes[*node].incarnation == *inc)
+        .count()
+}
+
+fn run_due_steps(
+    sim: &mut turmoil::Sim<'_>,
+    shared: &Arc<Mutex<Shared>>,
+    scenario: &Scenario,
+    timeline: &mut Timeline,
+    now: Duration,
+) {
+    let mut due: Vec<usize> = Vec::new();
+    while timeline.timed.front().is_some_and(|(at, _)| *at <= now) {
+        if let Some((_, i)) = timeline.timed.pop_front() {
+            due.push(i);
+        }
+    }
+    let (fired, crashes): (Vec<usize>, Vec<usize>) = {
+        let mut s = lock(shared);
+        (s.fired.drain(..).collect(), s.crash_requests.drain(..).collect())
+    };
+    due.extend(fired);
+    for i in due {
+        if let Some(step) = scenario.steps.get(i) {
+            execute(sim, shared, scenario, timeline, i, step.get_ref(), now);
+        }
+    }
+    for node in crashes {
+        let restart_after = match scenario.nodes[node].app {
+            App::CrashProne { restart_after, .. } => restart_after,
+            _ => Duration::ZERO,
+        };
+        crash(sim, shared, node, "app is crash-prone".into());
+        timeline.restarts.push((now + restart_after, node));
+        timeline.last_fault = now;
+    }
+    let (ready, later): (Vec<_>, Vec<_>) = timeline.restarts.iter().partition(|(at, _)| *at <= now);
+    timeline.restarts = later;
+    for (_, node) in ready {
+        restart(sim, shared, node, "crash-prone app restarts".into());
+        timeline.last_fault = now;
+    }
+}
+
+fn crash(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>, node: usize, rule: String) {
+    let name = {
+        let mut s = lock(shared);
+        s.nodes[node].up = false;
+        s.nodes[node].commands = None;
+        let name = s.names[node].clone();
+        s.trace.push(sim.elapsed(), "sim", What::Fault {
+            what: format!("crash {name}"),
+            rule,
+            link: None,
+        });
+        name
+    };
+    sim.crash(name.as_str());
+}
+
+fn restart(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>, node: usize, rule: String) {
+    let name = {
+        let mut s = lock(shared);
+        let name = s.names[node].clone();
+        s.trace.push(sim.elapsed(), "sim", What::Fault {
+            what: format!("restart {name}"),
+            rule,
+            link: None,
+        });
+        name
+    };
+    sim.bounce(name.as_str());
+}
+
+fn execute(
+    sim: &mut turmoil::Sim<'_>,
+    shared: &Arc<Mutex<Shared>>,
+    scenario: &Scenario,
+    timeline: &mut Timeline,
+    index: usize,
+    step: &Step,
+    now: Duration,
+) {
+    let idx = |n: &Option<String>| n.as_deref().and_then(|n| scenario.node_index(n)).unwrap_or(0);
+    let name = |n: &Option<String>| n.clone().unwrap_or_default();
+    let rule = lock(shared).rule_text(index);
+    if step.action.is_fault() || step.action.is_heal() {
+        timeline.last_fault = now;
+    }
+    let fault = |what: String| {
+        let mut s = lock(shared);
+        s.trace.push(now, "sim", What::Fault {
+            what,
+            rule: rule.clone(),
+            link: None,
+        });
+    };
+    let send = |node: usize, command: NodeCommand| {
+        let s = lock(shared);
+        match &s.nodes[node].commands {
+            Some(tx) if s.nodes[node].up => tx.send(command).is_ok(),
+            _ => false,
+        }
+    };
+    let peer = |i: usize| lock(shared).keys[i].peer_id();
+    let addr = |i: usize| SocketAddr::new(sim.lookup(scenario.nodes[i].name.as_str()), PORT);
+    use ActionKind as A;
+    match step.action {
+        A::Request => {
+            let (from, to) = (idx(&step.from), idx(&step.to));
+            let target = step.via.as_ref().map_or(to, |v| idx(&Some(v.clone())));
+            let payload = match (step.size, &step.payload) {
+                (Some(n), _) => Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+                (None, Some(p)) => Bytes::from(p.clone()),
+                (None, None) => Bytes::from(format!("hello from {}", name(&step.from))),
+            };
+            for _ in 0..step.count.unwrap_or(1) {
+                let command = NodeCommand::Request {
+                    to: peer(to),
+                    addr: addr(target),
+                    payload: payload.clone(),
+                };
+                if !send(from, command) {
+                    fault(format!("request from {} skipped: node is down", name(&step.from)));
+                }
+            }
+        }
+        A::Respond => {
+            let _ = send(idx(&step.node), NodeCommand::Respond { peer: peer(idx(&step.to)) });
+        }
+        A::Allow => {
+            let _ = send(idx(&step.node), NodeCommand::Allow { peer: peer(idx(&step.to)) });
+            lock(shared).trace.push(now, &name(&step.node), What::App(format!("allow {}", name(&step.to))));
+        }
+        A::Revoke => {
+            let _ = send(idx(&step.node), NodeCommand::Revoke { peer: peer(idx(&step.to)) });
+            lock(shared).trace.push(now, &name(&step.node), What::App(format!("revoke {}", name(&step.to))));
+        }
+        A::Partition => {
+            fault(format!("partition {} | {}", name(&step.a), name(&step.b)));
+            sim.partition(name(&step.a).as_str(), name(&step.b).as_str());
+        }
+        A::PartitionOneway => {
+            fault(format!("partition {} -> {}", name(&step.from), name(&step.to)));
+            sim.partition_oneway(name(&step.from).as_str(), name(&step.to).as_str());
+        }
+        A::Hold => {
+            fault(format!("hold {} | {}", name(&step.a), name(&step.b)));
+            sim.hold(name(&step.a).as_str(), name(&step.b).as_str());
+        }
+        A::Release => {
+            fault(format!("release {} | {}", name(&step.a), name(&step.b)));
+            sim.release(name(&step.a).as_str(), name(&step.b).as_str());
+        }
+        A::Repair => {
+            fault(format!("repair {} | {}", name(&step.a), name(&step.b)));
+            sim.repair(name(&step.a).as_str(), name(&step.b).as_str());
+        }
+        A::RepairOneway => {
+            fault(format!("repair {} -> {}", name(&step.from), name(&step.to)));
+            sim.repair_oneway(name(&step.from).as_str(), name(&step.to).as_str());
+        }
+        A::Crash => crash(sim, shared, idx(&step.node), rule.clone()),
+        A::Restart => restart(sim, shared, idx(&step.node), rule.clone()),
+        A::Latency => {
+            let latency = step.latency.unwrap_or_default();
+            fault(format!("latency {} | {} = {latency:?}", name(&step.a), name(&step.b)));
+            sim.set_link_latency(name(&step.a).as_str(), name(&step.b).as_str(), latency);
+        }
+        A::FailRate => {
+            let rate = step.rate.unwrap_or_default();
+            fault(format!("fail rate {} | {} = {rate}", name(&step.a), name(&step.b)));
+            sim.set_link_fail_rate(name(&step.a).as_str(), name(&step.b).as_str(), rate);
+        }
+        A::Drop | A::Delay | A::Corrupt | A::Nack => {
+            if let Some(m) = &step.matches {
+                let mut s = lock(shared);
+                s.rules.push(Rule {
+                    step: index,
+                    action: step.action,
+                    matches: Matcher::new(m, scenario),
+                    delay: step.by.unwrap_or_default(),
+                    remaining: step.count.unwrap_or(1),
+                });
+            }
+        }
+    }
+}
+
+/// Sends a status request to every running node.
+fn request_statuses(shared: &Arc<Mutex<Shared>>) -> Vec<Option<oneshot::Receiver<Status>>> {
+    let s = lock(shared);
+    s.nodes
+        .iter()
+        .map(|n| {
+            let tx = n.commands.as_ref().filter(|_| n.up)?;
+            let (reply, rx) = oneshot::channel();
+            tx.send(NodeCommand::Status { reply }).ok()?;
+            Some(rx)
+        })
+        .collect()
+}
+
+/// Asks every running node for its status, stepping the simulation until they answer.
+fn collect_statuses(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>) -> Vec<Option<Status>> {
+    let mut receivers = request_statuses(shared);
+    let mut statuses: Vec<Option<Status>> = vec![None; receivers.len()];
+    for _ in 0..10_000 {
+        for (i, rx) in receivers.iter_mut().enumerate() {
+            if let Some(r) = rx {
+                if let Ok(status) = r.try_recv() {
+                    statuses[i] = Some(status);
+                    *rx = None;
+                }
+            }
+        }
+        if receivers.iter().all(Option::is_none) || sim.step().is_err() {
+            break;
+        }
+    }
+    statuses
+}
+
+fn check(
+    scenario: &Scenario,
+    s: &Shared,
+    statuses: &[Option<Status>],
+    timeline: &Timeline,
+    expectations: bool,
+    failures: &mut Vec<String>,
+) {
+    // Invariant: no request reaches an application twice.
+    for ((node, _, peer, exchange), n) in &s.delivered {
+        if *n > 1 {
+            let dialer = s.by_peer.get(peer).copied().unwrap_or(*node);
+            failures.push(format!(
+                "duplicate: {} delivered {} times to {}",
+                s.label(dialer, *exchange),
+                n,
+                s.names[*node]
+            ));
+        }
+    }
+    // Invariant: every request ends in exactly one reply or failure (unless its node died).
+    for ((node, inc, exchange), n) in &s.outcomes {
+        let alive = s.nodes[*node].up && s.nodes[*node].incarnation == *inc;
+        if *n > 1 || (*n == 0 && alive) {
+            failures.push(format!(
+                "exchange {} ended {} times (exactly once expected)",
+                s.label(*node, *exchange),
+                n
+            ));
+        }
+    }
+    // Invariant: resends stay within the configured bound.
+    for ((node, exchange), attempt) in &s.attempts {
+        let max = scenario.config_of(*node).max_attempts;
+        if *attempt > max {
+            failures.push(format!(
+                "{} was sent {attempt} times; max_attempts is {max}",
+                s.label(*node, *exchange)
+            ));
+        }
+    }
+    // Invariant: no connection or task leaks at the end.
+    let open: u64 = statuses
+        .iter()
+        .flatten()
+        .map(|st| st.open_connections as u64)
+        .sum();
+    let tasks: u64 = statuses
+        .iter()
+        .flatten()
+        .map(|st| st.connection_tasks as u64)
+        .sum();
+    match scenario.expect.open_connections {
+        Some(count) => {
+            if !count.holds(open) {
+                failures.push(format!("open connections at the end: {open}, expected {count}"));
+            }
+        }
+        None if open > 0 || tasks > 0 => failures.push(format!(
+            "leak: {open} connection(s) and {tasks} connection task(s) still open at the end"
+        )),
+        None => {}
+    }
+    for (i, status) in statuses.iter().enumerate() {
+        if status.is_none() && s.nodes[i].up {
+            failures.push(format!("{} did not report its status", s.names[i]));
+        }
+    }
+    // Invariant: liveness once healed.
+    if s.last_outcome > timeline.last_fault + scenario.liveness {
+        failures.push(format!(
+            "liveness: last exchange ended at {:?}, more than {:?} after the last fault ({:?})",
+            s.last_outcome, scenario.liveness, timeline.last_fault
+        ));
+    }
+    // Scenario expectations (they assume the scenario's own timing, so a swarm run, which
+    // shifts timing and latency, checks only the invariants above).
+    if !expectations {
+        return;
+    }
+    let sum = |f: fn(&Status) -> u64| -> u64 { statuses.iter().flatten().map(f).sum() };
+    let delivered = s.delivered.values().map(|n| u64::from(*n)).sum::<u64>();
+    let e = &scenario.expect;
+    let counts: [(&str, Option<crate::scenario::Count>, u64); 10] = [
+        ("delivered", e.delivered, delivered),
+        ("replied", e.replied, s.replied),
+        ("failed", e.failed, s.failures.len() as u64),
+        ("resends", e.resends, sum(|st| st.stats.resends)),
+        ("redials", e.redials, sum(|st| st.stats.redials)),
+        ("duplicates_dropped", e.duplicates_dropped, sum(|st| st.stats.duplicates_dropped)),
+        ("replies_from_cache", e.replies_from_cache, sum(|st| st.stats.replies_from_cache)),
+        ("nacks", e.nacks, sum(|st| st.stats.nacks_received)),
+        ("peer_errors", e.peer_errors, s.peer_errors),
+        ("rate_limited", e.rate_limited, s.rate_limited),
+    ];
+    for (what, want, got) in counts {
+        if let Some(want) = want {
+            if !want.holds(got) {
+                failures.push(format!("expected {what} = {want}, got {got}"));
+            }
+        }
+    }
+    if let Some(kind) = &e.failure {
+        for f in &s.failures {
+            if !f.starts_with(kind.as_str()) {
+                failures.push(format!("expected failures of kind {kind}, got {f}"));
+            }
+        }
+    }
+    if let Some(within) = e.completes_within {
+        if s.last_outcome > within {
+            failures.push(format!("last exchange ended at {:?}, expected by {within:?}", s.last_outcome));
+        }
+    }
+    if let Some(after) = e.completes_after {
+        if s.last_outcome < after {
+            failures.push(format!("last exchange ended at {:?}, expected after {after:?}", s.last_outcome));
+        }
+    }
+}
+
+/// Swarm mode: latency, loss and step timing drawn from the seed.
+fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
+    let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo + 1);
+    let min = pick(1, 20);
+    let max = min + pick(0, 40);
+    scenario.network.min_latency = Duration::from_millis(min);
+    scenario.network.max_latency = Duration::from_millis(max);
+    for step in &mut scenario.steps {
+        let step = step.get_mut();
+        if let Some(at) = step.at {
+            // Shift each timed step by up to +-25% (at least +-50 ms).
+            let spread = (at.as_millis() as u64 / 4).max(50);
+            let shift = pick(0, 2 * spread);
+            let at_ms = (at.as_millis() as u64 + shift).saturating_sub(spread);
+            step.at = Some(Duration::from_millis(at_ms));
+        }
+    }
+}

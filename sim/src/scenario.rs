@@ -1,0 +1,788 @@
+//! Scenario files: nodes, network, a timeline of steps, and expectations.
+//!
+//! The format is documented with examples in `docs/SCENARIOS.md`. Parsing is strict: an
+//! unknown field, a bad value or a step that misses what its action needs is an error that
+//! names the file, the line and the field.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use p2p_handler::Config;
+use p2p_handler::wire::NackReason;
+use serde::Deserialize;
+
+/// A parsed, validated scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name (defaults to the file stem).
+    #[serde(default)]
+    pub name: String,
+    /// What the scenario shows, in a sentence or two.
+    #[serde(default)]
+    pub description: String,
+    /// The seed `run` uses unless told otherwise.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Virtual time limit.
+    #[serde(default = "default_duration", with = "humantime_serde")]
+    pub duration: Duration,
+    /// Liveness bound: once the last fault is healed, every pending exchange must finish
+    /// within this much virtual time.
+    #[serde(default = "default_liveness", with = "humantime_serde")]
+    pub liveness: Duration,
+    /// Network model.
+    #[serde(default)]
+    pub network: Network,
+    /// Handler configuration overrides for every node.
+    #[serde(default)]
+    pub config: ConfigOverrides,
+    /// The nodes.
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeSpec>,
+    /// The timeline.
+    #[serde(rename = "step", default)]
+    pub steps: Vec<toml::Spanned<Step>>,
+    /// What must hold at the end.
+    #[serde(default)]
+    pub expect: Expect,
+    /// Line of each step, filled in after parsing.
+    #[serde(skip)]
+    pub step_lines: Vec<usize>,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+fn default_duration() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_liveness() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Latency and loss.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Minimum one-way latency.
+    #[serde(default = "default_min_latency", with = "humantime_serde")]
+    pub min_latency: Duration,
+    /// Maximum one-way latency.
+    #[serde(default = "default_max_latency", with = "humantime_serde")]
+    pub max_latency: Duration,
+    /// turmoil's fail rate: the chance per message that a link breaks for a while (TCP
+    /// connections across it stall or break).
+    #[serde(default)]
+    pub fail_rate: f64,
+    /// Chance per message that a broken link repairs.
+    #[serde(default = "default_repair_rate")]
+    pub repair_rate: f64,
+    /// Per-link settings.
+    #[serde(default, rename = "link")]
+    pub links: Vec<LinkSpec>,
+}
+
+fn default_min_latency() -> Duration {
+    Duration::from_millis(2)
+}
+fn default_max_latency() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_repair_rate() -> f64 {
+    1.0
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            min_latency: default_min_latency(),
+            max_latency: default_max_latency(),
+            fail_rate: 0.0,
+            repair_rate: default_repair_rate(),
+            links: Vec::new(),
+        }
+    }
+}
+
+/// Settings for the link between two nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// One end.
+    pub a: String,
+    /// The other end.
+    pub b: String,
+    /// Fixed latency on this link.
+    #[serde(default, with = "humantime_serde")]
+    pub latency: Option<Duration>,
+    /// Fail rate on this link.
+    #[serde(default)]
+    pub fail_rate: Option<f64>,
+}
+
+/// A token bucket, as in the handler's `RateLimit`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Burst.
+    pub burst: u32,
+    /// Per second.
+    pub per_second: u32,
+}
+
+/// Optional overrides of the handler's `Config` (field names and meanings as there).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct ConfigOverrides {
+    pub max_message_size: Option<usize>,
+    pub max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_initial: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_max: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub ack_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub reply_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub response_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub reply_ack_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    pub reuse_connections: Option<bool>,
+    pub max_queued_per_peer: Option<usize>,
+    pub max_pending_inbound: Option<usize>,
+    pub dedupe_per_peer: Option<usize>,
+    pub reply_cache_bytes: Option<usize>,
+    pub request_rate: Option<Rate>,
+    pub connection_rate: Option<Rate>,
+    pub rate_limit_strikes: Option<u32>,
+    pub max_connections: Option<usize>,
+    pub channel_capacity: Option<usize>,
+}
+
+impl ConfigOverrides {
+    /// Applies the overrides that are set.
+    pub fn apply(&self, config: &mut Config) {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
+        }
+        set!(
+            max_message_size,
+            max_attempts,
+            backoff_initial,
+            backoff_max,
+            connect_timeout,
+            handshake_timeout,
+            ack_timeout,
+            reply_timeout,
+            response_timeout,
+            reply_ack_timeout,
+            idle_timeout,
+            reuse_connections,
+            max_queued_per_peer,
+            max_pending_inbound,
+            dedupe_per_peer,
+            reply_cache_bytes,
+            rate_limit_strikes,
+            max_connections,
+            channel_capacity
+        );
+        if let Some(r) = self.request_rate {
+            config.request_rate = p2p_handler::RateLimit {
+                burst: r.burst,
+                per_second: r.per_second,
+            };
+        }
+        if let Some(r) = self.connection_rate {
+            config.connection_rate = p2p_handler::RateLimit {
+                burst: r.burst,
+                per_second: r.per_second,
+            };
+        }
+    }
+}
+
+/// One node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Its name (also its turmoil host name).
+    pub name: String,
+    /// How its application answers requests.
+    #[serde(default)]
+    pub app: App,
+    /// Configuration overrides for this node (on top of the scenario's).
+    #[serde(default)]
+    pub config: ConfigOverrides,
+    /// The nodes it allows; all others when absent.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+}
+
+/// Application behaviour of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum App {
+    /// Reply with `re:` + the request at once.
+    #[default]
+    Echo,
+    /// Reply after a delay.
+    Slow {
+        /// The delay.
+        #[serde(with = "humantime_serde")]
+        reply_after: Duration,
+    },
+    /// Never reply (the dialer gets `Aborted(NoResponse)`).
+    Never,
+    /// Refuse (Nack `Busy`) the first `n` request copies, then echo.
+    Refuse {
+        /// How many.
+        first: u32,
+    },
+    /// Echo, but crash after receiving `after` requests, and restart after `restart_after`.
+    CrashProne {
+        /// Requests before the crash.
+        after: u32,
+        /// Downtime.
+        #[serde(with = "humantime_serde")]
+        restart_after: Duration,
+    },
+    /// Reply only when a `respond` step says so.
+    Manual,
+}
+
+/// One timeline entry: an action, triggered at a virtual time or by a message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// When (virtual time since start). Default: at the start, unless `on` is given.
+    #[serde(default, with = "humantime_serde")]
+    pub at: Option<Duration>,
+    /// Or: when a message matching this is seen (the nth such).
+    #[serde(default)]
+    pub on: Option<Trigger>,
+    /// What to do.
+    #[serde(rename = "do")]
+    pub action: ActionKind,
+    /// Node that acts / sends (request, respond, allow, revoke, crash, restart).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Sender (request).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Receiver (request, respond) or the peer allowed/revoked.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Link ends (partition, hold, release, repair, latency, fail_rate).
+    #[serde(default)]
+    pub a: Option<String>,
+    /// Link ends.
+    #[serde(default)]
+    pub b: Option<String>,
+    /// Request payload text.
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// Request payload size in bytes (filled with a pattern) instead of `payload`.
+    #[serde(default)]
+    pub size: Option<usize>,
+    /// How many requests (request), or how many messages a message fault applies to.
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Dial this node's address instead of the target's own (an impostor there).
+    #[serde(default)]
+    pub via: Option<String>,
+    /// Latency (latency).
+    #[serde(default, with = "humantime_serde")]
+    pub latency: Option<Duration>,
+    /// Fail rate (fail_rate).
+    #[serde(default)]
+    pub rate: Option<f64>,
+    /// Delay (delay).
+    #[serde(default, with = "humantime_serde")]
+    pub by: Option<Duration>,
+    /// Which messages a message fault applies to.
+    #[serde(default, rename = "match")]
+    pub matches: Option<MessageMatch>,
+}
+
+/// Step actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum ActionKind {
+    // Application.
+    Request,
+    Respond,
+    Allow,
+    Revoke,
+    // Network faults (turmoil verbs).
+    Partition,
+    PartitionOneway,
+    Hold,
+    Release,
+    Repair,
+    RepairOneway,
+    Crash,
+    Restart,
+    Latency,
+    FailRate,
+    // Message faults, keyed on decoded messages.
+    Drop,
+    Delay,
+    Corrupt,
+    Nack,
+}
+
+impl ActionKind {
+    /// Whether this action breaks something that a later step must heal.
+    pub fn is_fault(self) -> bool {
+        matches!(
+            self,
+            Self::Partition | Self::PartitionOneway | Self::Hold | Self::Crash | Self::FailRate
+        )
+    }
+    /// Whether this action heals a fault.
+    pub fn is_heal(self) -> bool {
+        matches!(
+            self,
+            Self::Release | Self::Repair | Self::RepairOneway | Self::Restart
+        )
+    }
+}
+
+/// Message kinds as written in scenario files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum MsgKind {
+    Request,
+    Ack,
+    Nack,
+    Reply,
+    Abort,
+    Close,
+}
+
+/// Selects messages by kind, direction and attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageMatch {
+    /// Kind.
+    pub kind: MsgKind,
+    /// Sender.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Receiver.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// For acks: what is acknowledged.
+    #[serde(default)]
+    pub of: Option<MsgKind>,
+    /// Only resends (attempt > 1), or only first attempts.
+    #[serde(default)]
+    pub resend: Option<bool>,
+}
+
+/// Fires a step when the `nth` message matching `message` is sent or received.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// The messages counted.
+    #[serde(flatten)]
+    pub message: MessageMatch,
+    /// Which occurrence fires (1 = the first).
+    #[serde(default = "one")]
+    pub nth: u32,
+    /// Count messages when they are sent (default: when they are received).
+    #[serde(default)]
+    pub sent: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An exact count or a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Count {
+    /// Exactly this many.
+    Exactly(u64),
+    /// Within bounds.
+    Range {
+        /// At least.
+        #[serde(default)]
+        min: Option<u64>,
+        /// At most.
+        #[serde(default)]
+        max: Option<u64>,
+    },
+}
+
+impl Count {
+    /// Whether `n` satisfies the count.
+    pub fn holds(&self, n: u64) -> bool {
+        match *self {
+            Self::Exactly(want) => n == want,
+            Self::Range { min, max } => min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m),
+        }
+    }
+}
+
+impl std::fmt::Display for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Exactly(n) => write!(f, "{n}"),
+            Self::Range { min, max } => write!(
+                f,
+                "{}..={}",
+                min.map_or(String::new(), |m| m.to_string()),
+                max.map_or(String::new(), |m| m.to_string())
+            ),
+        }
+    }
+}
+
+/// What must hold at the end of a run (on top of the built-in invariants).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Requests handed to responders' applications.
+    pub delivered: Option<Count>,
+    /// Replies handed to dialers' applications.
+    pub replied: Option<Count>,
+    /// Failure events.
+    pub failed: Option<Count>,
+    /// Every failure's kind starts with this (e.g. "Exhausted", "Aborted(NoResponse)",
+    /// "Rejected", "Connection(Impostor", "Refused").
+    pub failure: Option<String>,
+    /// Requests resent (all nodes).
+    pub resends: Option<Count>,
+    /// Redials (all nodes).
+    pub redials: Option<Count>,
+    /// Duplicate requests recognised (all nodes).
+    pub duplicates_dropped: Option<Count>,
+    /// Replies re-sent from the responder's cache (all nodes).
+    pub replies_from_cache: Option<Count>,
+    /// Nacks received (all nodes).
+    pub nacks: Option<Count>,
+    /// Peer errors reported (all nodes).
+    pub peer_errors: Option<Count>,
+    /// Rate-limit notices (all nodes).
+    pub rate_limited: Option<Count>,
+    /// Connections open at the end (all nodes). The leak invariant expects 0 when unset.
+    pub open_connections: Option<Count>,
+    /// The last exchange outcome happens no later than this virtual time.
+    #[serde(default, with = "humantime_serde")]
+    pub completes_within: Option<Duration>,
+    /// ... and no earlier than this.
+    #[serde(default, with = "humantime_serde")]
+    pub completes_after: Option<Duration>,
+}
+
+/// A scenario file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// Unreadable.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Invalid; the message names the line and the field.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// What is wrong, where.
+        message: String,
+    },
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::parse(&text, &shown, &stem)
+    }
+
+    /// Parses and validates scenario text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str, default_name: &str) -> Result<Self, ScenarioError> {
+        let invalid = |message: String| ScenarioError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let mut scenario: Self = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if scenario.name.is_empty() {
+            scenario.name = default_name.to_owned();
+        }
+        scenario.step_lines = scenario
+            .steps
+            .iter()
+            .map(|s| line_of(text, s.span().start))
+            .collect();
+        scenario.validate().map_err(invalid)?;
+        Ok(scenario)
+    }
+
+    /// The node index of `name`.
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// The handler configuration of node `i`.
+    pub fn config_of(&self, i: usize) -> Config {
+        let mut config = Config::default();
+        self.config.apply(&mut config);
+        if let Some(node) = self.nodes.get(i) {
+            node.config.apply(&mut config);
+        }
+        config
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.nodes.is_empty() {
+            return Err("a scenario needs at least one [[node]]".into());
+        }
+        let mut names = BTreeSet::new();
+        for node in &self.nodes {
+            if node.name.is_empty()
+                || !node
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "node name {:?}: use letters, digits, '-' and '_'",
+                    node.name
+                ));
+            }
+            if !names.insert(node.name.as_str()) {
+                return Err(format!("node {:?} is defined twice", node.name));
+            }
+        }
+        let known = |field: &str, name: &Option<String>| -> Result<(), String> {
+            match name {
+                Some(n) if !names.contains(n.as_str()) => {
+                    Err(format!("`{field}`: unknown node {n:?}"))
+                }
+                _ => Ok(()),
+            }
+        };
+        for node in &self.nodes {
+            for peer in node.allow.iter().flatten() {
+                known("allow", &Some(peer.clone()))
+                    .map_err(|e| format!("node {:?}: {e}", node.name))?;
+            }
+            let config = self.config_of(self.node_index(&node.name).unwrap_or(0));
+            config
+                .validate()
+                .map_err(|e| format!("node {:?}: {e}", node.name))?;
+        }
+        for link in &self.network.links {
+            known("a", &Some(link.a.clone()))?;
+            known("b", &Some(link.b.clone()))?;
+        }
+        if self.network.min_latency > self.network.max_latency {
+            return Err("network: min_latency exceeds max_latency".into());
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            let line = self.step_lines.get(i).copied().unwrap_or(0);
+            let step = step.get_ref();
+            validate_step(step, &known)
+                .map_err(|e| format!("line {line}: step {} (`{:?}`): {e}", i + 1, step.action))?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_step(
+    step: &Step,
+    known: &dyn Fn(&str, &Option<String>) -> Result<(), String>,
+) -> Result<(), String> {
+    use ActionKind as A;
+    let need = |field: &str, value: bool| {
+        if value {
+            Ok(())
+        } else {
+            Err(format!("needs `{field}`"))
+        }
+    };
+    if step.at.is_some() && step.on.is_some() {
+        return Err("give `at` or `on`, not both".into());
+    }
+    for (field, value) in [
+        ("node", &step.node),
+        ("from", &step.from),
+        ("to", &step.to),
+        ("a", &step.a),
+        ("b", &step.b),
+        ("via", &step.via),
+    ] {
+        known(field, value)?;
+    }
+    for m in step
+        .matches
+        .iter()
+        .chain(step.on.as_ref().map(|t| &t.message))
+    {
+        known("from", &m.from)?;
+        known("to", &m.to)?;
+    }
+    match step.action {
+        A::Request => {
+            need("from", step.from.is_some())?;
+            need("to", step.to.is_some())?;
+            if step.payload.is_some() && step.size.is_some() {
+                return Err("give `payload` or `size`, not both".into());
+            }
+        }
+        A::Respond => {
+            need("node", step.node.is_some())?;
+            need("to", step.to.is_some())?;
+        }
+        A::Allow | A::Revoke => {
+            need("node", step.node.is_some())?;
+            need("to", step.to.is_some())?;
+        }
+        A::Partition | A::Hold | A::Release | A::Repair => {
+            need("a", step.a.is_some())?;
+            need("b", step.b.is_some())?;
+        }
+        A::PartitionOneway | A::RepairOneway => {
+            need("from", step.from.is_some())?;
+            need("to", step.to.is_some())?;
+        }
+        A::Crash | A::Restart => need("node", step.node.is_some())?,
+        A::Latency => {
+            need("a", step.a.is_some())?;
+            need("b", step.b.is_some())?;
+            need("latency", step.latency.is_some())?;
+        }
+        A::FailRate => {
+            need("a", step.a.is_some())?;
+            need("b", step.b.is_some())?;
+            need("rate", step.rate.is_some_and(|r| (0.0..=1.0).contains(&r)))?;
+        }
+        A::Drop | A::Corrupt => need("match", step.matches.is_some())?,
+        A::Delay => {
+            need("match", step.matches.is_some())?;
+            need("by", step.by.is_some())?;
+        }
+        A::Nack => {
+            need("match", step.matches.is_some())?;
+            if step.matches.as_ref().is_some_and(|m| m.kind != MsgKind::Request) {
+                return Err("`nack` answers requests: `match.kind` must be \"request\"".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reason a `nack` step answers with.
+pub const NACK_REASON: NackReason = NackReason::Busy;
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+description = "two nodes"
+[[node]]
+name = "alice"
+[[node]]
+name = "bob"
+app = { slow = { reply_after = "1s" } }
+
+[[step]]
+at = "0s"
+do = "request"
+from = "alice"
+to = "bob"
+"#;
+
+    #[test]
+    fn parses_a_scenario() {
+        let s = Scenario::parse(GOOD, "x.toml", "x").unwrap();
+        assert_eq!(s.name, "x");
+        assert_eq!(s.nodes.len(), 2);
+        assert_eq!(
+            s.nodes[1].app,
+            App::Slow {
+                reply_after: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(s.step_lines, vec![10]);
+    }
+
+    fn err(text: &str) -> String {
+        Scenario::parse(text, "scenarios/bad.toml", "bad")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_and_field() {
+        let e = err("[[node]]\nname = \"a\"\nspeed = 3\n");
+        assert!(e.contains("scenarios/bad.toml"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        let e = err("duration = \"soon\"\n[[node]]\nname = \"a\"\n");
+        assert!(e.contains("line 1") && e.contains("duration"), "{e}");
+        let e = err("[[node]]\nname = \"a\"\n[[step]]\ndo = \"explode\"\n");
+        assert!(e.contains("line 4") && e.contains("explode"), "{e}");
+    }
+
+    #[test]
+    fn steps_missing_fields_or_naming_unknown_nodes_are_reported_with_their_line() {
+        let base = "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\n";
+        let e = err(&format!("{base}\n[[step]]\ndo = \"partition\"\na = \"alice\"\n"));
+        assert!(e.contains("line 6") && e.contains("needs `b`"), "{e}");
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"carol\"\n"
+        ));
+        assert!(e.contains("line 6") && e.contains("carol"), "{e}");
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"nack\"\nmatch = {{ kind = \"ack\" }}\n"
+        ));
+        assert!(e.contains("must be \"request\""), "{e}");
+    }
+
+    #[test]
+    fn counts() {
+        assert!(Count::Exactly(3).holds(3));
+        assert!(!Count::Exactly(3).holds(2));
+        let r = Count::Range {
+            min: Some(1),
+            max: None,
+        };
+        assert!(r.holds(5) && !r.holds(0));
+    }
+}
