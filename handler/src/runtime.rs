@@ -925,7 +925,19 @@ impl<T: Transport> Router<T> {
         let allow = self.allow.clone();
         let events = self.events.clone();
         let abort = self.tasks.spawn(async move {
-            let stream = match transport.connect(addr).await {
+            let mut rx = rx;
+            // While connecting, a Close (the endpoint's connect timeout) or a dropped channel
+            // abandons the dial: a connect to a black hole may never return by itself.
+            let connected = tokio::select! {
+                biased;
+                command = rx.recv() => match command {
+                    Some(ConnCommand::Close(_)) | None => return conn,
+                    // Nothing is sent before the endpoint hears the connection is up.
+                    Some(_) => return conn,
+                },
+                connected = transport.connect(addr) => connected,
+            };
+            let stream = match connected {
                 Ok(stream) => stream,
                 Err(e) => {
                     let event = ConnEvent::Closed(Closed::Io(format!("connect to {addr}: {e}")));

@@ -482,7 +482,6 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         let state = &mut s.nodes[node];
         state.incarnation += 1;
         state.up = true;
-        state.commands = Some(tx);
         state.received = 0;
         let incarnation = state.incarnation;
         let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
@@ -519,6 +518,8 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         Handler::spawn_with_tap(TurmoilTransport, listen, key, allow, config, seed, tap)
             .await
             .map_err(|e| e.to_string())?;
+    // Listening: from now on the simulator may send this node commands.
+    lock(&shared).nodes[node].commands = Some(tx);
     loop {
         tokio::select! {
             biased;
@@ -736,8 +737,13 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         errors: Vec::new(),
         scenario: scenario.clone(),
     }));
+    // The longest a connection can legitimately stay open once nothing is pending: a reply
+    // waiting for its Ack, then the idle timeout. Runs end early when nothing is open.
     let settle = (0..scenario.nodes.len())
-        .map(|i| scenario.config_of(i).idle_timeout)
+        .map(|i| {
+            let c = scenario.config_of(i);
+            c.response_timeout + c.reply_ack_timeout + c.idle_timeout + c.connect_timeout
+        })
         .max()
         .unwrap_or_default()
         + SETTLE_MARGIN;
@@ -788,6 +794,16 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         timeline.timed = timed.into();
     }
     let mut failures = Vec::new();
+    // Let every node bind its listener before the timeline starts.
+    for _ in 0..1_000 {
+        if lock(&shared).nodes.iter().all(|n| n.commands.is_some()) {
+            break;
+        }
+        if let Err(e) = sim.step() {
+            failures.push(format!("simulation error while starting: {e}"));
+            break;
+        }
+    }
     let mut quiet_since: Option<Duration> = None;
     let mut probe: Option<(Duration, Vec<Option<oneshot::Receiver<Status>>>)> = None;
     let mut probe_clean = true;
