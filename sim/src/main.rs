@@ -11,7 +11,11 @@ use p2p_sim::run::{Outcome, run};
 use p2p_sim::scenario::Scenario;
 
 #[derive(Parser)]
-#[command(name = "p2p-sim", version, about = "Deterministic simulation of p2p-handler nodes")]
+#[command(
+    name = "p2p-sim",
+    version,
+    about = "Deterministic simulation of p2p-handler nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -103,7 +107,8 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, String> {
     };
     for path in &paths {
         if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let entries =
+                std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let mut found: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "toml"))
@@ -119,7 +124,11 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, String> {
     }
     files
         .into_iter()
-        .map(|f| Scenario::load(&f).map(|s| (f, s)).map_err(|e| e.to_string()))
+        .map(|f| {
+            Scenario::load(&f)
+                .map(|s| (f, s))
+                .map_err(|e| e.to_string())
+        })
         .collect()
 }
 
@@ -161,7 +170,10 @@ fn cmd_run(paths: &[PathBuf], seed: Option<u64>, swarm: bool) -> ExitCode {
         for f in &outcome.failures {
             println!("  - {f}");
         }
-        println!("  reproduce: {}", reproduce(path, outcome.seed, outcome.swarm));
+        println!(
+            "  reproduce: {}",
+            reproduce(path, outcome.seed, outcome.swarm)
+        );
     }
     println!(
         "\n{} passed, {} failed",
@@ -264,7 +276,12 @@ fn cmd_sweep(
         failures.len()
     );
     for (path, o) in &failures {
-        println!("FAILED {} seed {}: {}", o.scenario, o.seed, o.failures.join("; "));
+        println!(
+            "FAILED {} seed {}: {}",
+            o.scenario,
+            o.seed,
+            o.failures.join("; ")
+        );
         println!("  reproduce: {}", reproduce(path, o.seed, true));
     }
     if failures.is_empty() {

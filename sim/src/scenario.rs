@@ -615,10 +615,10 @@ impl Scenario {
     }
 }
 
-fn validate_step(
-    step: &Step,
-    known: &dyn Fn(&str, &Option<String>) -> Result<(), String>,
-) -> Result<(), String> {
+/// Checks that a field naming a node names a known one.
+type NodeCheck<'a> = dyn Fn(&str, &Option<String>) -> Result<(), String> + 'a;
+
+fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
     use ActionKind as A;
     let need = |field: &str, value: bool| {
         if value {
@@ -690,7 +690,11 @@ fn validate_step(
         }
         A::Nack => {
             need("match", step.matches.is_some())?;
-            if step.matches.as_ref().is_some_and(|m| m.kind != MsgKind::Request) {
+            if step
+                .matches
+                .as_ref()
+                .is_some_and(|m| m.kind != MsgKind::Request)
+            {
                 return Err("`nack` answers requests: `match.kind` must be \"request\"".into());
             }
         }
@@ -735,7 +739,7 @@ to = "bob"
                 reply_after: Duration::from_secs(1)
             }
         );
-        assert_eq!(s.step_lines, vec![10]);
+        assert_eq!(s.step_lines, vec![9], "the line of the [[step]] header");
     }
 
     fn err(text: &str) -> String {
@@ -763,7 +767,9 @@ to = "bob"
     #[test]
     fn steps_missing_fields_or_naming_unknown_nodes_are_reported_with_their_line() {
         let base = "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\n";
-        let e = err(&format!("{base}\n[[step]]\ndo = \"partition\"\na = \"alice\"\n"));
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"partition\"\na = \"alice\"\n"
+        ));
         assert!(e.contains("line 6") && e.contains("needs `b`"), "{e}");
         let e = err(&format!(
             "{base}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"carol\"\n"

@@ -125,7 +125,12 @@ impl Trace {
                     } else {
                         nodes.first().cloned().unwrap_or_default()
                     };
-                    let _ = writeln!(out, "    Note over {over}: {t} {} [{}]", clean(what), clean(rule));
+                    let _ = writeln!(
+                        out,
+                        "    Note over {over}: {t} {} [{}]",
+                        clean(what),
+                        clean(rule)
+                    );
                 }
                 What::App(s) | What::Event(s) if nodes.contains(&line.node) => {
                     let _ = writeln!(out, "    Note over {}: {t} {}", line.node, clean(s));
@@ -152,7 +157,11 @@ mod tests {
     #[test]
     fn text_and_mermaid() {
         let mut t = Trace::default();
-        t.push(Duration::from_millis(1500), "alice", What::App("request a1 to bob".into()));
+        t.push(
+            Duration::from_millis(1500),
+            "alice",
+            What::App("request a1 to bob".into()),
+        );
         t.push(
             Duration::from_millis(1510),
             "alice",
@@ -171,8 +180,14 @@ mod tests {
             },
         );
         let text = t.text();
-        assert!(text.contains("   1.510s alice send  -> bob Request a1 try 1"), "{text}");
-        assert!(text.contains("fault partition alice | bob [step 2, line 9]"), "{text}");
+        assert!(
+            text.contains("   1.510s alice send  -> bob Request a1 try 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fault partition alice | bob [step 2, line 9]"),
+            "{text}"
+        );
         let m = t.mermaid(&["alice".into(), "bob".into()]);
         assert!(m.contains("alice->>bob: 1.510s Request a1 try 1"), "{m}");
         assert!(m.contains("Note over alice,bob: 2.000s partition"), "{m}");

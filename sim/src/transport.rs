@@ -29,7 +29,9 @@ pub struct TurmoilListener(turmoil::net::TcpListener);
 
 impl std::fmt::Debug for TurmoilListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("TurmoilListener").field(&self.0.local_addr()).finish()
+        f.debug_tuple("TurmoilListener")
+            .field(&self.0.local_addr())
+            .finish()
     }
 }
 

@@ -1,0 +1,94 @@
+//! The `p2p-sim` program: exit codes, the reproduce line, traces on disk, file errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
+
+use std::process::Command;
+
+fn sim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_p2p-sim"))
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("p2p-sim-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const TWO_NODES: &str = "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\n\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n";
+
+#[test]
+fn a_failing_expectation_exits_non_zero_with_a_reproduce_command() {
+    let dir = temp_dir("fail");
+    let file = dir.join("wrong.toml");
+    std::fs::write(&file, format!("{TWO_NODES}\n[expect]\nreplied = 2\n")).unwrap();
+    let out = sim().arg("run").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("expected replied = 2, got 1"), "{text}");
+    assert!(
+        text.contains("reproduce: cargo run --release -p p2p-sim -- trace"),
+        "{text}"
+    );
+    assert!(text.contains("--seed 1"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn trace_writes_text_and_mermaid() {
+    let dir = temp_dir("trace");
+    let file = dir.join("ok.toml");
+    std::fs::write(&file, TWO_NODES).unwrap();
+    let out = sim()
+        .args(["trace"])
+        .arg(&file)
+        .args(["--seed", "5", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(dir.join("ok-seed5.txt")).unwrap();
+    assert!(text.contains("Request alice#1 try 1"), "{text}");
+    let mermaid = std::fs::read_to_string(dir.join("ok-seed5.mmd")).unwrap();
+    assert!(mermaid.starts_with("sequenceDiagram"), "{mermaid}");
+    assert!(mermaid.contains("alice->>bob"), "{mermaid}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_scenario_files_name_file_line_and_field() {
+    let dir = temp_dir("bad");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, format!("{TWO_NODES}speed = 3\n")).unwrap();
+    let out = sim().arg("run").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("speed"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sweep_shards_split_the_work() {
+    let dir = temp_dir("sweep");
+    std::fs::write(dir.join("a.toml"), TWO_NODES).unwrap();
+    let run = |shard: &str| {
+        let out = sim()
+            .arg("sweep")
+            .arg(&dir)
+            .args(["--seeds", "6", "--jobs", "2", "--shard", shard])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(run("1/2").contains("3 runs"));
+    assert!(run("2/2").contains("3 runs"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,69 @@
+//! Every scenario file: passes under its default seed, gives a byte-identical trace when run
+//! twice, and matches its reviewed snapshot (a behaviour change shows up as a trace diff).
+//! Review changed snapshots with `cargo insta review` or rerun with `INSTA_UPDATE=always`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
+
+use std::path::Path;
+
+use p2p_sim::run::run;
+use p2p_sim::scenario::Scenario;
+
+fn scenario_files() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn there_are_at_least_fifteen_scenarios() {
+    assert!(scenario_files().len() >= 15);
+}
+
+#[test]
+fn every_scenario_passes_and_is_deterministic() {
+    for file in scenario_files() {
+        let scenario = Scenario::load(&file).unwrap();
+        let first = run(&scenario, scenario.seed, false);
+        assert!(
+            first.passed(),
+            "{}: {:?}\n{}",
+            file.display(),
+            first.failures,
+            first.trace.text()
+        );
+        let second = run(&scenario, scenario.seed, false);
+        assert_eq!(
+            first.trace.text(),
+            second.trace.text(),
+            "{}: same seed, different trace",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn swarm_runs_are_deterministic_too() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/partition-repair.toml");
+    let scenario = Scenario::load(&file).unwrap();
+    let a = run(&scenario, 77, true);
+    let b = run(&scenario, 77, true);
+    assert!(a.passed(), "{:?}", a.failures);
+    assert_eq!(a.trace, b.trace);
+    let c = run(&scenario, 78, true);
+    assert_ne!(a.trace, c.trace, "another seed, another run");
+}
+
+#[test]
+fn traces_match_snapshots() {
+    insta::glob!("../../scenarios", "*.toml", |path| {
+        let scenario = Scenario::load(path).unwrap();
+        let outcome = run(&scenario, scenario.seed, false);
+        insta::assert_snapshot!(outcome.trace.text());
+    });
+}
