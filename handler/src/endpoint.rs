@@ -625,6 +625,35 @@ impl Endpoint {
         self.conns.get(&conn).map(|c| c.peer)
     }
 
+    /// Every exchange's state, for tracing: (direction, peer, exchange, state name).
+    /// Outbound states are the dialer's (`Queued`, `Connecting`, `AwaitingAck`,
+    /// `AwaitingReply`, `Backoff`); inbound ones the responder's (`AwaitingResponse`,
+    /// `AwaitingReplyAck`, `Unconfirmed`, `Done`, `Aborted`). Finished outbound exchanges are
+    /// absent. Allocates: meant for simulators and debugging, not hot paths.
+    pub fn exchange_states(&self) -> Vec<(Direction, PeerId, ExchangeId, &'static str)> {
+        let outbound = self.outbound.iter().map(|(id, ex)| {
+            let state = match ex.state {
+                OutState::Queued => "Queued",
+                OutState::Connecting { .. } => "Connecting",
+                OutState::AwaitingAck { .. } => "AwaitingAck",
+                OutState::AwaitingReply { .. } => "AwaitingReply",
+                OutState::Backoff { .. } => "Backoff",
+            };
+            (Direction::Outbound, ex.peer, *id, state)
+        });
+        let inbound = self.inbound.iter().map(|((peer, id), r)| {
+            let state = match r.state {
+                InState::AwaitingResponse => "AwaitingResponse",
+                InState::AwaitingReplyAck { .. } => "AwaitingReplyAck",
+                InState::Unconfirmed { .. } => "Unconfirmed",
+                InState::Done => "Done",
+                InState::Aborted(_) => "Aborted",
+            };
+            (Direction::Inbound, *peer, *id, state)
+        });
+        outbound.chain(inbound).collect()
+    }
+
     /// Our exchanges not finished yet (active or queued).
     pub fn outbound_in_flight(&self) -> usize {
         self.outbound.len()

@@ -112,6 +112,20 @@ pub trait Tap: Send + Sync + 'static {
     fn connection(&self, _conn: ConnId, _peer: Option<PeerId>, _event: &ConnEvent) {}
     /// An inbound connection failed before it was established.
     fn rejected(&self, _error: &ConnError) {}
+    /// Whether to report exchange state transitions (costs a scan per input).
+    fn wants_transitions(&self) -> bool {
+        false
+    }
+    /// An exchange changed state (`from` is `None` when it is new, `to` when it ended).
+    fn transition(
+        &self,
+        _direction: Direction,
+        _peer: PeerId,
+        _exchange: ExchangeId,
+        _from: Option<&'static str>,
+        _to: Option<&'static str>,
+    ) {
+    }
 }
 
 /// The tap that changes nothing.
@@ -336,6 +350,7 @@ impl Handler {
             prio_backlog: VecDeque::new(),
             connection_tasks: 0,
             pending_net: VecDeque::new(),
+            states: BTreeMap::new(),
         };
         tokio::spawn(task.run(network));
         Ok((
@@ -470,12 +485,15 @@ struct HandlerTask {
     connection_tasks: usize,
     /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
     pending_net: VecDeque<NetCommand>,
+    /// Exchange states last reported to a tap that wants transitions.
+    states: BTreeMap<(Direction, PeerId, ExchangeId), &'static str>,
 }
 
 impl HandlerTask {
     async fn run(mut self, network: tokio::task::JoinHandle<()>) {
         let limit = self.received.max_capacity();
         let shutdown_reply = loop {
+            self.report_transitions();
             self.perform_outputs().await;
             self.flush_events();
             let deadline = self.endpoint.poll_timeout();
@@ -514,6 +532,31 @@ impl HandlerTask {
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(report);
         }
+    }
+
+    fn report_transitions(&mut self) {
+        if !self.tap.wants_transitions() {
+            return;
+        }
+        let now: BTreeMap<_, _> = self
+            .endpoint
+            .exchange_states()
+            .into_iter()
+            .map(|(d, p, x, s)| ((d, p, x), s))
+            .collect();
+        for (key, state) in &now {
+            let before = self.states.get(key).copied();
+            if before != Some(*state) {
+                self.tap
+                    .transition(key.0, key.1, key.2, before, Some(state));
+            }
+        }
+        for (key, state) in &self.states {
+            if !now.contains_key(key) {
+                self.tap.transition(key.0, key.1, key.2, Some(state), None);
+            }
+        }
+        self.states = now;
     }
 
     async fn perform_outputs(&mut self) {
@@ -689,8 +732,11 @@ impl HandlerTask {
                             reason,
                             retry_after_ms: 0,
                         };
-                        self.tap
-                            .outgoing(conn, self.endpoint.local_peer_id(), &message);
+                        // Reported like any message sent to the dialer (its verdict is
+                        // ignored: this Nack is itself the injected fault).
+                        if let Some(peer) = self.endpoint.peer_of(conn) {
+                            self.tap.outgoing(conn, peer, &message);
+                        }
                         self.pending_net
                             .push_back(NetCommand::Send { conn, message });
                     }

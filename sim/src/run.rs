@@ -217,6 +217,17 @@ impl Shared {
             .map_or_else(|| peer.short(), |i| self.names[*i].clone())
     }
 
+    /// The label of `dialer`'s exchange `id`, assigning the next one on first sight.
+    fn label_or_assign(&mut self, dialer: usize, id: ExchangeId) -> String {
+        if let Some(label) = self.labels.get(&(dialer, id)) {
+            return label.clone();
+        }
+        self.issued_count[dialer] += 1;
+        let label = format!("{}#{}", self.names[dialer], self.issued_count[dialer]);
+        self.labels.insert((dialer, id), label.clone());
+        label
+    }
+
     fn label(&self, dialer: usize, id: ExchangeId) -> String {
         self.labels
             .get(&(dialer, id))
@@ -452,6 +463,36 @@ impl Tap for SimTap {
         s.push(self.node, What::Conn(text));
     }
 
+    fn wants_transitions(&self) -> bool {
+        true
+    }
+
+    fn transition(
+        &self,
+        direction: p2p_handler::Direction,
+        peer: PeerId,
+        exchange: ExchangeId,
+        from: Option<&'static str>,
+        to: Option<&'static str>,
+    ) {
+        let mut s = lock(&self.shared);
+        let other = s.by_peer.get(&peer).copied().unwrap_or(self.node);
+        let dialer = match direction {
+            p2p_handler::Direction::Outbound => self.node,
+            p2p_handler::Direction::Inbound => other,
+        };
+        let label = match direction {
+            p2p_handler::Direction::Outbound => s.label_or_assign(dialer, exchange),
+            p2p_handler::Direction::Inbound => s.label(dialer, exchange),
+        };
+        let text = format!(
+            "{label} {} -> {}",
+            from.unwrap_or("new"),
+            to.unwrap_or("finished")
+        );
+        s.push(self.node, What::State(text));
+    }
+
     fn rejected(&self, error: &ConnError) {
         let mut s = lock(&self.shared);
         let text = error_text(&s, error);
@@ -584,9 +625,7 @@ async fn run_command(
             let to_name = s.name(&to);
             match result {
                 Ok(id) => {
-                    s.issued_count[node] += 1;
-                    let label = format!("{}#{}", s.names[node], s.issued_count[node]);
-                    s.labels.insert((node, id), label.clone());
+                    let label = s.label_or_assign(node, id);
                     let incarnation = s.nodes[node].incarnation;
                     s.outcomes.insert((node, incarnation, id), 0);
                     s.push(

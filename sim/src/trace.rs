@@ -26,6 +26,8 @@ pub enum What {
     },
     /// A connection was dialed, established, closed, or refused.
     Conn(String),
+    /// An exchange changed state.
+    State(String),
     /// A fault was applied, and the rule (step) that caused it.
     Fault {
         /// What was done.
@@ -84,6 +86,7 @@ impl Trace {
                 What::Send { to, message } => ("send", format!("-> {to} {message}")),
                 What::Recv { from, message } => ("recv", format!("<- {from} {message}")),
                 What::Conn(s) => ("conn", s.clone()),
+                What::State(s) => ("state", s.clone()),
                 What::Fault { what, rule, .. } => ("fault", format!("{what} [{rule}]")),
                 What::Start => ("start", "node up".to_owned()),
             };
