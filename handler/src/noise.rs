@@ -2,9 +2,10 @@
 //!
 //! snow asks its resolver for an RNG once per handshake and uses it for the ephemeral key.
 //! [`SeededResolver`] answers with a ChaCha20 stream seeded by the caller, and delegates
-//! every primitive to snow's default resolver. The workspace builds snow without its
-//! `getrandom` feature, so no handshake can draw OS randomness behind our back: equal seeds
-//! give byte-identical handshakes.
+//! every primitive to snow's default resolver, except the cipher, which comes from ring when
+//! the `ring` feature is on (much faster for small messages). Randomness is never asked of
+//! either: snow's own resolvers are only used for DH, hash and cipher, so no handshake can
+//! draw OS randomness behind our back and equal seeds give byte-identical handshakes.
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -49,6 +50,10 @@ impl CryptoResolver for SeededResolver {
         DefaultResolver.resolve_hash(choice)
     }
     fn resolve_cipher(&self, choice: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        #[cfg(feature = "ring")]
+        if let Some(cipher) = snow::resolvers::RingResolver.resolve_cipher(choice) {
+            return Some(cipher);
+        }
         DefaultResolver.resolve_cipher(choice)
     }
 }

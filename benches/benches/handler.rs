@@ -1,0 +1,214 @@
+//! The handler: one exchange through the state machines alone, exchanges per second over TCP
+//! loopback (fresh connection per exchange, and reused), for 1 and 100 concurrent peers, and
+//! 16 MiB throughput. `docs/BENCHMARKS.md` sets each beside its limit from `limits.rs`.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use p2p_bench::{client, handler_exchange, keys, server};
+use p2p_handler::wire::{AckOf, ExchangeId, Message};
+use p2p_handler::{AllowList, Config, ConnEvent, ConnId, Endpoint, Event, Output};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One full exchange driven through two endpoints by direct calls: no I/O, no crypto.
+fn state_machine(c: &mut Criterion) {
+    let k = keys(2);
+    let (a, b) = (k[0].peer_id(), k[1].peer_id());
+    let addr: SocketAddr = "10.0.0.2:7000".parse().unwrap();
+    let from: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+    let config = p2p_bench::bench_config(false);
+    let mut alice = Endpoint::new(config.clone(), a, AllowList::from_peers([b]), [1; 32]).unwrap();
+    let mut bob = Endpoint::new(config, b, AllowList::from_peers([a]), [2; 32]).unwrap();
+    let mut now = Instant::now();
+    let payload = Bytes::from_static(&[7u8; 64]);
+    let mut accepted = 0;
+    c.bench_function("handler/state_machine_exchange", |bench| {
+        bench.iter(|| {
+            // Time moves (1 µs per exchange) so rate buckets refill as they would.
+            now += std::time::Duration::from_micros(1);
+            alice.request(b, addr, payload.clone(), now).unwrap();
+            let Some(Output::Dial { conn: ac, .. }) = alice.poll_output() else {
+                panic!()
+            };
+            accepted += 1;
+            let bc = ConnId::inbound(accepted);
+            bob.handle_accepted(bc, a, from, 1 << 24, now);
+            alice.handle_conn_event(
+                ac,
+                ConnEvent::Established {
+                    peer: b,
+                    remote_max_message_size: 1 << 24,
+                },
+                now,
+            );
+            let mut pending_a: Vec<Message> = Vec::new();
+            let mut pending_b: Vec<Message> = Vec::new();
+            let mut id = ExchangeId(0);
+            while let Some(o) = alice.poll_output() {
+                if let Output::Send { message, .. } = o {
+                    pending_b.push(message);
+                }
+            }
+            assert!(!pending_b.is_empty(), "alice sent nothing");
+            for m in pending_b.drain(..) {
+                bob.handle_conn_event(bc, ConnEvent::Message(m), now);
+            }
+            while let Some(e) = bob.poll_event() {
+                if let Event::Request { exchange, .. } = e {
+                    id = exchange;
+                }
+            }
+            bob.respond(a, id, payload.clone(), now).unwrap();
+            while let Some(o) = bob.poll_output() {
+                if let Output::Send { message, .. } = o {
+                    pending_a.push(message);
+                }
+            }
+            for m in pending_a.drain(..) {
+                alice.handle_conn_event(ac, ConnEvent::Message(m), now);
+            }
+            while let Some(o) = alice.poll_output() {
+                if let Output::Send {
+                    message:
+                        m @ Message::Ack {
+                            of: AckOf::Reply, ..
+                        },
+                    ..
+                } = o
+                {
+                    bob.handle_conn_event(bc, ConnEvent::Message(m), now);
+                }
+            }
+            bob.handle_conn_event(
+                bc,
+                ConnEvent::Closed(p2p_handler::Closed::ByPeer(
+                    p2p_handler::wire::CloseReason::Done,
+                )),
+                now,
+            );
+            while alice.poll_event().is_some() {}
+            while bob.poll_event().is_some() {}
+            while bob.poll_output().is_some() {}
+        });
+    });
+    let _ = Config::default();
+}
+
+fn tcp_exchanges(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("handler/tcp_exchange");
+    for reuse in [false, true] {
+        let mode = if reuse { "reuse" } else { "fresh" };
+        // One peer, sequential exchanges.
+        let k = keys(2);
+        let (srv, (cl, mut inbox)) = rt.block_on(async {
+            let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), reuse).await;
+            let cl = client(k[0].clone(), srv.peer, reuse, 9).await;
+            (srv, cl)
+        });
+        let payload = Bytes::from_static(&[7u8; 64]);
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new(mode, 1), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        handler_exchange(&cl, &mut inbox, &srv, payload.clone()).await;
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+        // 100 peers at once against one node.
+        const PEERS: usize = 100;
+        let k = keys(PEERS + 1);
+        let (srv, clients) = rt.block_on(async {
+            let srv = server(
+                k[PEERS].clone(),
+                &k[..PEERS],
+                Bytes::from_static(&[1u8; 64]),
+                reuse,
+            )
+            .await;
+            let mut clients = Vec::new();
+            for (i, key) in k[..PEERS].iter().enumerate() {
+                clients.push(client(key.clone(), srv.peer, reuse, i as u8).await);
+            }
+            (srv, clients)
+        });
+        let srv = std::sync::Arc::new(srv);
+        let mut clients: Vec<_> = clients.into_iter().map(|c| Some(c)).collect();
+        group.throughput(Throughput::Elements(PEERS as u64));
+        group.sample_size(10);
+        group.bench_function(BenchmarkId::new(mode, PEERS), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    let mut tasks = Vec::new();
+                    for slot in clients.iter_mut() {
+                        let (cl, mut inbox) = slot.take().unwrap();
+                        let srv = srv.clone();
+                        tasks.push(tokio::spawn(async move {
+                            for _ in 0..iters {
+                                handler_exchange(
+                                    &cl,
+                                    &mut inbox,
+                                    &srv,
+                                    Bytes::from_static(&[7u8; 64]),
+                                )
+                                .await;
+                            }
+                            (cl, inbox)
+                        }));
+                    }
+                    for (slot, task) in clients.iter_mut().zip(tasks) {
+                        *slot = Some(task.await.unwrap());
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+        group.sample_size(100);
+    }
+    group.finish();
+}
+
+fn throughput_16mib(c: &mut Criterion) {
+    let rt = runtime();
+    let k = keys(2);
+    let (srv, (cl, mut inbox)) = rt.block_on(async {
+        let srv = server(k[1].clone(), &k[..1], Bytes::from_static(b"ok"), true).await;
+        let cl = client(k[0].clone(), srv.peer, true, 9).await;
+        (srv, cl)
+    });
+    let big = Bytes::from(vec![3u8; 16 << 20]);
+    let mut group = c.benchmark_group("handler/request");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(16 << 20));
+    group.bench_function("16MiB", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    handler_exchange(&cl, &mut inbox, &srv, big.clone()).await;
+                }
+                start.elapsed()
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(handler, state_machine, tcp_exchanges, throughput_16mib);
+criterion_main!(handler);

@@ -1,0 +1,111 @@
+//! The physical limits every handler figure is compared with, measured in the same run:
+//! a bare Noise XX handshake, bare Noise encryption, a bare TCP round trip, and a hand-rolled
+//! request/ack/reply/ack over an open Noise session, with no handler around any of them.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Instant;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use p2p_bench::{keys, noise_exchange_pair, noise_pair, noise_stream, tcp_echo_server};
+use p2p_handler::wire::MAX_FRAME_LEN;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn handshake(c: &mut Criterion) {
+    let k = keys(2);
+    c.bench_function("limit/noise_xx_handshake", |b| {
+        b.iter(|| noise_pair(&k[0], &k[1]));
+    });
+}
+
+fn transport(c: &mut Criterion) {
+    let k = keys(2);
+    let (mut tx, mut rx) = noise_pair(&k[0], &k[1]);
+    let mut group = c.benchmark_group("limit/noise_encrypt_decrypt");
+    for size in [64usize, 1024, MAX_FRAME_LEN - 16] {
+        let plain = vec![9u8; size];
+        let mut sealed = vec![0u8; MAX_FRAME_LEN];
+        let mut out = vec![0u8; MAX_FRAME_LEN];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
+            b.iter(|| {
+                let n = tx.write_message(&plain, &mut sealed).unwrap();
+                rx.read_message(&sealed[..n], &mut out).unwrap()
+            });
+        });
+    }
+    group.finish();
+}
+
+fn tcp_rtt(c: &mut Criterion) {
+    let rt = runtime();
+    let addr = rt.block_on(tcp_echo_server());
+    let mut stream = rt.block_on(async {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    });
+    c.bench_function("limit/tcp_rtt_64b", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [1u8; 64];
+                let start = Instant::now();
+                for _ in 0..iters {
+                    stream.write_all(&buf).await.unwrap();
+                    stream.read_exact(&mut buf).await.unwrap();
+                }
+                start.elapsed()
+            })
+        });
+    });
+}
+
+fn noise_exchange(c: &mut Criterion) {
+    let rt = runtime();
+    let mut client = rt.block_on(noise_exchange_pair(64));
+    c.bench_function("limit/noise_exchange_open_session", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    client.exchange().await;
+                }
+                start.elapsed()
+            })
+        });
+    });
+}
+
+fn noise_stream_16mib(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("limit/noise_stream");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(16 << 20));
+    group.bench_function("16MiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                total += rt.block_on(noise_stream(16 << 20));
+            }
+            total
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    limits,
+    handshake,
+    transport,
+    tcp_rtt,
+    noise_exchange,
+    noise_stream_16mib
+);
+criterion_main!(limits);
