@@ -321,6 +321,7 @@ impl Handler {
         let (ev_tx, ev_rx) = mpsc::channel(cap);
         let (notice_tx, notice_rx) = mpsc::channel(cap);
         let shared_allow: SharedAllow = Arc::new(RwLock::new(allow));
+        let slots: Slots = Arc::default();
         let router = Router {
             transport,
             keypair: Arc::new(keypair),
@@ -331,12 +332,13 @@ impl Handler {
             events: ev_tx,
             notices: notice_tx,
             pending_notices: VecDeque::new(),
-            conns: BTreeMap::new(),
+            conns: slots.clone(),
             tasks: JoinSet::new(),
             accepted: 0,
         };
         let network = tokio::spawn(router.run(listener));
         let task = HandlerTask {
+            slots,
             tap,
             endpoint,
             allow: shared_allow,
@@ -470,6 +472,8 @@ impl Handler {
 // ----- handler task -----
 
 struct HandlerTask {
+    /// Connection tasks, for sending to them directly.
+    slots: Slots,
     tap: Arc<dyn Tap>,
     endpoint: Endpoint,
     allow: SharedAllow,
@@ -592,9 +596,41 @@ impl HandlerTask {
                 }
                 Output::Close { conn, reason } => NetCommand::Close { conn, reason },
             };
-            // The router never waits on us, so this wait is short.
-            if self.network.send(command).await.is_err() {
-                return;
+            // Sends and closes go straight to the connection task; dials (and a close for a
+            // dial the router has not registered yet) go through the router, in order.
+            let direct = match command {
+                NetCommand::Send { conn, message } => Some((conn, ConnCommand::Send(message))),
+                NetCommand::SendCorrupted { conn, message } => {
+                    Some((conn, ConnCommand::SendCorrupted(message)))
+                }
+                NetCommand::Close { conn, reason } => Some((conn, ConnCommand::Close(reason))),
+                other => {
+                    // The router never waits on us, so this wait is short.
+                    if self.network.send(other).await.is_err() {
+                        return;
+                    }
+                    None
+                }
+            };
+            if let Some((conn, command)) = direct {
+                self.send_direct(conn, command).await;
+            }
+        }
+    }
+
+    async fn send_direct(&mut self, conn: ConnId, command: ConnCommand) {
+        match forward(&self.slots, conn, command) {
+            Forwarded::Sent => {}
+            Forwarded::Unknown(ConnCommand::Close(reason)) => {
+                let _ = self.network.send(NetCommand::Close { conn, reason }).await;
+            }
+            // The connection is gone; the endpoint hears of it through its Closed event.
+            Forwarded::Unknown(_) => {}
+            Forwarded::Slow(addr) => {
+                let why = format!("connection to {addr} too slow: outgoing queue full");
+                self.endpoint
+                    .handle_conn_event(conn, ConnEvent::Closed(Closed::Io(why)), now());
+                self.prio_backlog.push_back(Notice::SlowConnection { addr });
             }
         }
     }
@@ -852,6 +888,39 @@ struct ConnSlot {
     addr: SocketAddr,
 }
 
+/// The live connection tasks, shared by the router (which adds and removes them) and the
+/// handler task (which sends to them directly, saving a task hop per message).
+type Slots = Arc<std::sync::Mutex<BTreeMap<ConnId, ConnSlot>>>;
+
+enum Forwarded {
+    Sent,
+    /// No such connection task (not registered yet, or gone); the command comes back.
+    Unknown(ConnCommand),
+    /// The task's queue was full: it was cut, and must be reported lost.
+    Slow(SocketAddr),
+}
+
+/// Hands a command to a connection task without waiting. A task that cannot keep up is
+/// aborted rather than allowed to block every other connection behind it.
+fn forward(slots: &Slots, conn: ConnId, command: ConnCommand) -> Forwarded {
+    let Ok(mut slots) = slots.lock() else {
+        return Forwarded::Unknown(command);
+    };
+    let Some(slot) = slots.get(&conn) else {
+        return Forwarded::Unknown(command);
+    };
+    match slot.commands.try_send(command) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Forwarded::Sent,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let addr = slot.addr;
+            slot.abort.abort();
+            slots.remove(&conn);
+            tracing::warn!(%conn, %addr, "connection too slow, dropped");
+            Forwarded::Slow(addr)
+        }
+    }
+}
+
 struct Router<T: Transport> {
     transport: T,
     keypair: Arc<Keypair>,
@@ -863,7 +932,7 @@ struct Router<T: Transport> {
     notices: mpsc::Sender<NetNotice>,
     /// Notices that found the channel full, oldest first (the router never waits).
     pending_notices: VecDeque<NetNotice>,
-    conns: BTreeMap<ConnId, ConnSlot>,
+    conns: Slots,
     tasks: JoinSet<ConnId>,
     accepted: u64,
 }
@@ -884,8 +953,8 @@ impl<T: Transport> Router<T> {
                     }
                 }
                 Some(done) = self.tasks.join_next() => {
-                    if let Ok(conn) = done {
-                        self.conns.remove(&conn);
+                    if let (Ok(conn), Ok(mut conns)) = (done, self.conns.lock()) {
+                        conns.remove(&conn);
                     }
                     self.notify(NetNotice::Tasks(self.tasks.len()));
                 }
@@ -925,30 +994,21 @@ impl<T: Transport> Router<T> {
     }
 
     fn forward(&mut self, conn: ConnId, command: ConnCommand) {
-        let Some(slot) = self.conns.get(&conn) else {
-            return;
-        };
-        match slot.commands.try_send(command) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // The peer is not reading (or we outpace it): cut it rather than block
-                // every other connection behind it.
-                let addr = slot.addr;
-                slot.abort.abort();
-                self.conns.remove(&conn);
-                tracing::warn!(%conn, %addr, "connection too slow, dropped");
-                self.notify(NetNotice::Lost {
-                    conn,
-                    why: format!("connection to {addr} too slow: outgoing queue full"),
-                });
-                self.notify(NetNotice::App(Notice::SlowConnection { addr }));
-            }
+        if let Forwarded::Slow(addr) = forward(&self.conns, conn, command) {
+            self.notify(NetNotice::Lost {
+                conn,
+                why: format!("connection to {addr} too slow: outgoing queue full"),
+            });
+            self.notify(NetNotice::App(Notice::SlowConnection { addr }));
         }
     }
 
+    fn live(&self) -> usize {
+        self.conns.lock().map_or(0, |c| c.len())
+    }
+
     fn at_limit(&self) -> bool {
-        self.conns.len() >= self.config.max_connections
+        self.live() >= self.config.max_connections
     }
 
     fn dial(&mut self, conn: ConnId, peer: PeerId, addr: SocketAddr) {
@@ -1022,14 +1082,16 @@ impl<T: Transport> Router<T> {
         abort: AbortHandle,
         addr: SocketAddr,
     ) {
-        self.conns.insert(
-            conn,
-            ConnSlot {
-                commands,
-                abort,
-                addr,
-            },
-        );
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(
+                conn,
+                ConnSlot {
+                    commands,
+                    abort,
+                    addr,
+                },
+            );
+        }
         self.notify(NetNotice::Tasks(self.tasks.len()));
     }
 
@@ -1083,10 +1145,12 @@ impl<T: Transport> Router<T> {
     async fn shutdown(mut self) {
         // The endpoint already queued a Close for every connection it knows; connections
         // still handshaking get one here. Then give them a moment to flush.
-        for slot in self.conns.values() {
-            let _ = slot
-                .commands
-                .try_send(ConnCommand::Close(CloseReason::ShuttingDown));
+        if let Ok(conns) = self.conns.lock() {
+            for slot in conns.values() {
+                let _ = slot
+                    .commands
+                    .try_send(ConnCommand::Close(CloseReason::ShuttingDown));
+            }
         }
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while self.tasks.join_next().await.is_some() {}
@@ -1152,20 +1216,18 @@ impl ConnTask {
             let deadline = self.connection.poll_timeout();
             tokio::select! {
                 biased;
-                command = self.commands.recv() => match command {
-                    Some(ConnCommand::Send(message)) => {
-                        // Fails only if the connection is not open, in which case its
-                        // Closed event is on its way to the endpoint already.
-                        let _ = self.connection.send(&message);
+                command = self.commands.recv() => {
+                    let Some(command) = command else {
+                        return;
+                    };
+                    self.command(command);
+                    // Take everything already queued before writing, so frames that were
+                    // produced together (an Ack and a Reply, a final Ack and a Close) leave
+                    // in one write.
+                    while let Ok(command) = self.commands.try_recv() {
+                        self.command(command);
                     }
-                    Some(ConnCommand::SendCorrupted(message)) => {
-                        if self.connection.send(&message).is_ok() {
-                            self.corrupt_next = true;
-                        }
-                    }
-                    Some(ConnCommand::Close(reason)) => self.connection.close(reason),
-                    None => return,
-                },
+                }
                 frame = framed.next() => match frame {
                     Some(Ok(frame)) => {
                         frames_seen = true;
@@ -1187,6 +1249,22 @@ impl ConnTask {
                     self.connection.handle_timeout(now());
                 }
             }
+        }
+    }
+
+    fn command(&mut self, command: ConnCommand) {
+        match command {
+            ConnCommand::Send(message) => {
+                // Fails only if the connection is not open, in which case its Closed event
+                // is on its way to the endpoint already.
+                let _ = self.connection.send(&message);
+            }
+            ConnCommand::SendCorrupted(message) => {
+                if self.connection.send(&message).is_ok() {
+                    self.corrupt_next = true;
+                }
+            }
+            ConnCommand::Close(reason) => self.connection.close(reason),
         }
     }
 
