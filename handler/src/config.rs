@@ -32,6 +32,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// The dialer waits this long for the Ack of its Request. Default 2 s.
     pub ack_timeout: Duration,
+    /// The responder holds its Ack of a new Request this long, so that when its
+    /// application answers quickly the Ack and the Reply leave in one write. The Ack is
+    /// always sent, before the Reply; zero sends it at once. Keep it far below `ack_timeout`.
+    /// Default 2 ms.
+    pub ack_delay: Duration,
     /// After the Ack, the dialer waits this long for the Reply before resending. Default 30 s.
     pub reply_timeout: Duration,
     /// The responder's application must answer a request within this, or the dialer is told
@@ -82,6 +87,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(2),
+            ack_delay: Duration::from_millis(2),
             reply_timeout: Duration::from_secs(30),
             response_timeout: Duration::from_secs(25),
             reply_ack_timeout: Duration::from_secs(10),
@@ -122,6 +128,9 @@ impl Config {
         }
         if self.max_attempts == 0 {
             return fail("max_attempts must be at least 1");
+        }
+        if self.ack_delay >= self.ack_timeout {
+            return fail("ack_delay must be below ack_timeout");
         }
         if self.backoff_initial > self.backoff_max {
             return fail("backoff_initial must not exceed backoff_max");

@@ -396,6 +396,8 @@ pub struct Stats {
 enum Timer {
     Outbound(ExchangeId),
     Inbound(PeerId, ExchangeId),
+    /// A held Ack (see `Config::ack_delay`) is due.
+    Ack(PeerId, ExchangeId),
     Idle(ConnId),
 }
 
@@ -494,6 +496,8 @@ struct Inbound {
     /// Attempt number of that copy, echoed in our answers.
     attempt: u32,
     state: InState,
+    /// The Ack of this Request is being held (`Config::ack_delay`), not sent yet.
+    ack_held: bool,
 }
 
 #[derive(Debug)]
@@ -767,6 +771,10 @@ impl Endpoint {
                 max,
             });
         }
+        if record.ack_held {
+            // The Ack goes right before the Reply: one write for both.
+            self.send_held_ack(peer, exchange);
+        }
         self.pending_inbound -= 1;
         self.cache_bytes += payload.len();
         self.cache_order.push_back(key);
@@ -941,6 +949,11 @@ impl Endpoint {
             match timer {
                 Timer::Outbound(id) => self.on_outbound_timer(id, now),
                 Timer::Inbound(peer, id) => self.on_inbound_timer(peer, id, now),
+                Timer::Ack(peer, id) => {
+                    if self.inbound.get(&(peer, id)).is_some_and(|r| r.ack_held) {
+                        self.send_held_ack(peer, id);
+                    }
+                }
                 Timer::Idle(conn) => {
                     if self.conns.get(&conn).is_some_and(|c| c.exchange.is_none()) {
                         self.close(conn, CloseReason::Idle, now);
@@ -1412,12 +1425,14 @@ impl Endpoint {
             return self.send_nack(conn, nack(NackReason::Busy, 0));
         }
         // Accept: remember, acknowledge, deliver once.
+        let hold = !self.config.ack_delay.is_zero();
         self.inbound.insert(
             key,
             Inbound {
                 conn,
                 attempt,
                 state: InState::AwaitingResponse,
+                ack_held: hold,
             },
         );
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -1429,14 +1444,12 @@ impl Endpoint {
             Timer::Inbound(peer, exchange),
             now + self.config.response_timeout,
         );
-        self.send(
-            conn,
-            Message::Ack {
-                exchange,
-                attempt,
-                of: AckOf::Request,
-            },
-        );
+        if hold {
+            self.timers
+                .set(Timer::Ack(peer, exchange), now + self.config.ack_delay);
+        } else {
+            self.send_held_ack(peer, exchange);
+        }
         self.stats.requests_delivered += 1;
         let addr = self.remote_of(conn).addr;
         self.events.push_back(Event::Request {
@@ -1473,14 +1486,24 @@ impl Endpoint {
             attempt,
             of: AckOf::Request,
         };
+        let awaiting_ack = matches!(state, InState::AwaitingReplyAck { .. });
         match state {
             InState::AwaitingResponse => {
                 self.bind_inbound(conn, exchange);
+                self.timers.cancel(Timer::Ack(key.0, exchange));
+                if let Some(record) = self.inbound.get_mut(&key) {
+                    record.ack_held = false;
+                }
                 self.send(conn, ack);
             }
             InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply } => match reply {
                 Some(payload) => {
-                    self.bind_inbound(conn, exchange);
+                    // Only an exchange still waiting for its reply's Ack holds the
+                    // connection (its timer releases it). An unconfirmed one has no timer
+                    // left, so binding would keep the connection from ever idling out.
+                    if awaiting_ack {
+                        self.bind_inbound(conn, exchange);
+                    }
                     self.send(conn, ack);
                     self.stats.replies_from_cache += 1;
                     self.send(
@@ -1513,6 +1536,25 @@ impl Endpoint {
                 },
             ),
         }
+    }
+
+    /// Sends the Ack of `peer`'s Request `exchange` now, on the connection its latest copy
+    /// came on, and stops holding it.
+    fn send_held_ack(&mut self, peer: PeerId, exchange: ExchangeId) {
+        let Some(record) = self.inbound.get_mut(&(peer, exchange)) else {
+            return;
+        };
+        record.ack_held = false;
+        let (conn, attempt) = (record.conn, record.attempt);
+        self.timers.cancel(Timer::Ack(peer, exchange));
+        self.send(
+            conn,
+            Message::Ack {
+                exchange,
+                attempt,
+                of: AckOf::Request,
+            },
+        );
     }
 
     fn on_reply_ack(&mut self, conn: ConnId, peer: PeerId, exchange: ExchangeId, now: Instant) {
@@ -1575,9 +1617,11 @@ impl Endpoint {
         if let Some(record) = self.inbound.get_mut(&(peer, exchange)) {
             debug_assert_eq!(record.state, InState::AwaitingResponse);
             record.state = InState::Aborted(reason);
+            record.ack_held = false;
             self.pending_inbound -= 1;
         }
         self.timers.cancel(Timer::Inbound(peer, exchange));
+        self.timers.cancel(Timer::Ack(peer, exchange));
         self.send(
             conn,
             Message::Abort {
@@ -1647,6 +1691,7 @@ impl Endpoint {
                     self.cache_bytes -= r.len();
                 }
                 self.timers.cancel(Timer::Inbound(peer, id));
+                self.timers.cancel(Timer::Ack(peer, id));
             }
         }
         true
@@ -1700,6 +1745,7 @@ impl Endpoint {
                 }
             }
             self.timers.cancel(Timer::Inbound(key.0, key.1));
+            self.timers.cancel(Timer::Ack(key.0, key.1));
         }
         if let Some(p) = self.peers.get_mut(&peer) {
             p.seen.clear();
@@ -1982,6 +2028,12 @@ impl Endpoint {
             assert_eq!(conns, p.conns, "conn count of {peer:?}");
         }
         assert!(self.cache_bytes <= self.config.reply_cache_bytes);
+        for ((peer, id), r) in &self.inbound {
+            assert!(
+                !r.ack_held || r.state == InState::AwaitingResponse,
+                "{id} of {peer:?}: a held Ack only while awaiting the response"
+            );
+        }
     }
 }
 

@@ -562,6 +562,18 @@ impl Net {
                 // Keep nothing but what must still be flushed (already shipped above).
                 self.links[link].end(side).connection = None;
                 self.links[link].end(side).conn = None;
+                // The stream ends with it: the other side sees FIN after the last frames.
+                let (a, b) = (self.links[link].dialer.node, self.links[link].acceptor.node);
+                if !self.partitioned(a, b) && !self.links[link].black_holed {
+                    let at = self.now + self.latency;
+                    self.schedule(
+                        at,
+                        Delivery::Fin {
+                            link,
+                            to: side.other(),
+                        },
+                    );
+                }
             }
             if !self.nodes[node].up {
                 continue;

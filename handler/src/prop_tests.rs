@@ -317,3 +317,31 @@ proptest! {
         swarm(seed, requests, rules, cuts);
     }
 }
+
+/// Found by the swarm: a resent Request arriving after the reply went unconfirmed bound the
+/// new connection to the exchange with no timer left to release it, so that connection
+/// never idled out. Corrupted Acks keep the dialer from ever confirming.
+#[test]
+fn duplicate_after_unconfirmed_reply_does_not_pin_the_connection() {
+    let config = Config {
+        ack_timeout: Duration::from_millis(300),
+        reply_ack_timeout: Duration::from_millis(800),
+        connect_timeout: Duration::from_millis(600),
+        handshake_timeout: Duration::from_millis(600),
+        idle_timeout: Duration::from_secs(3),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(800),
+        reuse_connections: true,
+        ..Config::default()
+    };
+    let mut net = Net::new(2092, &["a", "b"], config);
+    net.rules
+        .push(Rule::new(0, 1, Kind::Ack, Action::Corrupt).times(3));
+    net.rules
+        .push(Rule::new(1, 0, Kind::Request, Action::Drop).times(3));
+    let id = net.try_request(1, 0, &[1]).expect("request accepted");
+    assert!(net.run(Duration::from_secs(600)));
+    assert_eq!(net.outcomes(1, id), 1);
+    assert_eq!(net.open_links(), 0, "every connection closed");
+    assert!(net.nodes.iter().all(|n| n.endpoint.is_idle()));
+}

@@ -913,7 +913,10 @@ mod endpoint_unit {
 
     #[test]
     fn inbound_request_is_acked_and_delivered() {
-        let mut f = fixture(config());
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
         let c = ConnId::inbound(1);
         f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
         f.ep.handle_conn_event(c, request(7, 1), f.now);
@@ -938,6 +941,58 @@ mod endpoint_unit {
             }]
         );
         assert_eq!(f.ep.poll_timeout(), Some(f.now + config().response_timeout));
+    }
+
+    #[test]
+    fn held_ack_leaves_with_the_reply_or_when_its_delay_ends() {
+        let mut f = fixture(config());
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        // Answered quickly: Ack and Reply back to back, the Ack first.
+        f.ep.handle_conn_event(c, request(7, 1), f.now);
+        assert!(outputs(&mut f.ep).is_empty(), "the Ack is held");
+        f.ep.respond(f.peer, ExchangeId(7), Bytes::from_static(b"r"), f.now)
+            .unwrap();
+        let kinds: Vec<Kind> = outputs(&mut f.ep)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send { message, .. } => Some(message.kind()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, vec![Kind::Ack, Kind::Reply]);
+        // Answered slowly: the Ack leaves when the delay ends.
+        let c2 = ConnId::inbound(2);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c2, request(8, 1), f.now);
+        let due = f.now + config().ack_delay;
+        f.ep.handle_timeout(due - Duration::from_micros(1));
+        assert!(outputs(&mut f.ep).is_empty());
+        f.ep.handle_timeout(due);
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Send {
+                conn: c2,
+                message: Message::Ack {
+                    exchange: ExchangeId(8),
+                    attempt: 1,
+                    of: AckOf::Request
+                }
+            }]
+        );
+        // A resent copy is acknowledged at once.
+        let c3 = ConnId::inbound(3);
+        f.ep.handle_accepted(c3, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c3, request(9, 1), f.now);
+        f.ep.handle_conn_event(c3, request(9, 2), f.now);
+        assert!(matches!(
+            outputs(&mut f.ep).as_slice(),
+            [Output::Send {
+                message: Message::Ack { attempt: 2, .. },
+                ..
+            }]
+        ));
+        f.ep.check_invariants();
     }
 
     #[test]
