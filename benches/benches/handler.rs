@@ -11,7 +11,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use p2p_bench::{client, handler_exchange, keys, server};
 use p2p_handler::wire::{AckOf, ExchangeId, Message};
-use p2p_handler::{AllowList, Config, ConnEvent, ConnId, Endpoint, Event, Output};
+use p2p_handler::{AllowList, ConnEvent, ConnId, Endpoint, Event, Output};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -102,7 +102,6 @@ fn state_machine(c: &mut Criterion) {
             while bob.poll_output().is_some() {}
         });
     });
-    let _ = Config::default();
 }
 
 fn tcp_exchanges(c: &mut Criterion) {
@@ -148,7 +147,7 @@ fn tcp_exchanges(c: &mut Criterion) {
             (srv, clients)
         });
         let srv = std::sync::Arc::new(srv);
-        let mut clients: Vec<_> = clients.into_iter().map(|c| Some(c)).collect();
+        let mut clients: Vec<_> = clients.into_iter().map(Some).collect();
         group.throughput(Throughput::Elements(PEERS as u64));
         group.sample_size(10);
         group.bench_function(BenchmarkId::new(mode, PEERS), |b| {
