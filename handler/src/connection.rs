@@ -31,7 +31,7 @@ use crate::identity::{KEY_LEN, Keypair, PeerId};
 use crate::noise::{HandshakeRole, handshake};
 use crate::wire::{
     CloseReason, ExchangeId, Hello, Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled,
-    Reassembler, WireError, chunk_message,
+    Reassembler, TAG_LEN, WireError, chunk_message,
 };
 
 /// The remote side as far as it is known: always its address, its peer id once authenticated.
@@ -219,8 +219,9 @@ pub struct Connection {
     dialer_max_message_size: usize,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<ConnEvent>,
-    /// Scratch buffer for Noise output/input, one max-size message.
-    scratch: Vec<u8>,
+    /// Plaintext of the last frame read. Sized to what arrives and kept small when idle:
+    /// a permanent 64 KiB buffer per connection would dominate an idle connection's memory.
+    plain: Vec<u8>,
     /// Whether `Closed` was reported. Separate from `state`, which `frame` takes out while it
     /// works, so an error found mid-transition is still reported.
     closed_reported: bool,
@@ -294,7 +295,7 @@ impl Connection {
             dialer_max_message_size: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            scratch: vec![0u8; MAX_FRAME_LEN],
+            plain: Vec::new(),
             closed_reported: false,
         }
     }
@@ -350,13 +351,17 @@ impl Connection {
             });
         };
         for chunk in chunk_message(message) {
-            let n = session
-                .write_message(&chunk, &mut self.scratch)
-                .map_err(|e| ConnError::Handshake {
-                    remote: self.remote,
-                    detail: format!("encryption failed: {e}"),
-                })?;
-            self.transmits.push_back(self.scratch[..n].to_vec());
+            // Encrypt straight into the frame that will be written.
+            let mut frame = vec![0u8; chunk.len() + TAG_LEN];
+            let n =
+                session
+                    .write_message(&chunk, &mut frame)
+                    .map_err(|e| ConnError::Handshake {
+                        remote: self.remote,
+                        detail: format!("encryption failed: {e}"),
+                    })?;
+            frame.truncate(n);
+            self.transmits.push_back(frame);
         }
         Ok(())
     }
@@ -408,10 +413,13 @@ impl Connection {
             State::AwaitingMsg1(hs) | State::AwaitingMsg2(hs) | State::AwaitingMsg3(hs) => hs,
             _ => return Err(ConnError::NotOpen { remote }),
         };
+        // Largest handshake message: two keys, two tags, and the payload.
+        let mut frame = vec![0u8; payload.len() + 2 * 32 + 2 * TAG_LEN];
         let n = hs
-            .write_message(payload, &mut self.scratch)
+            .write_message(payload, &mut frame)
             .map_err(|e| handshake_error(remote, e))?;
-        self.transmits.push_back(self.scratch[..n].to_vec());
+        frame.truncate(n);
+        self.transmits.push_back(frame);
         Ok(())
     }
 
@@ -458,7 +466,8 @@ impl Connection {
                 Ok(())
             }
             State::AwaitingMsg3(mut hs) => {
-                hs.read_message(frame, &mut self.scratch)
+                self.plain.resize(frame.len(), 0);
+                hs.read_message(frame, &mut self.plain)
                     .map_err(|e| handshake_error(remote, e))?;
                 let peer = remote_peer(&hs, remote)?;
                 self.remote.peer = Some(peer);
@@ -485,9 +494,10 @@ impl Connection {
                 mut reassembler,
             } => {
                 let n = session
-                    .read_message(frame, &mut self.scratch)
+                    .read_message(frame, self.plain_buffer(frame.len()))
                     .map_err(|_| ConnError::Decrypt { remote })?;
-                let result = reassembler.push(&self.scratch[..n]);
+                let result = reassembler.push(&self.plain[..n]);
+                self.shrink_plain();
                 self.state = State::Established {
                     session,
                     reassembler,
@@ -521,13 +531,29 @@ impl Connection {
         }
     }
 
+    /// The plaintext buffer, at least `len` bytes long (a plaintext is never longer than
+    /// its ciphertext).
+    fn plain_buffer(&mut self, len: usize) -> &mut [u8] {
+        if self.plain.len() < len {
+            self.plain.resize(len, 0);
+        }
+        &mut self.plain
+    }
+
+    /// Gives back a large buffer after a large frame, so idle connections stay small.
+    fn shrink_plain(&mut self) {
+        if self.plain.capacity() > SMALL_FRAME {
+            self.plain = Vec::new();
+        }
+    }
+
     /// Reads handshake message 1 or 2 and the hello it carries.
     fn read_hello(&mut self, hs: &mut HandshakeState, frame: &[u8]) -> Result<Hello, ConnError> {
         let remote = self.remote;
         let n = hs
-            .read_message(frame, &mut self.scratch)
+            .read_message(frame, self.plain_buffer(frame.len()))
             .map_err(|e| handshake_error(remote, e))?;
-        Hello::decode(&self.scratch[..n]).map_err(|e| ConnError::Handshake {
+        Hello::decode(&self.plain[..n]).map_err(|e| ConnError::Handshake {
             remote,
             detail: e.to_string(),
         })
@@ -546,6 +572,9 @@ impl Connection {
         Ok(())
     }
 }
+
+/// Frames up to this size keep their read buffer between frames; larger ones release it.
+const SMALL_FRAME: usize = 4096;
 
 fn handshake_error(remote: Remote, error: snow::Error) -> ConnError {
     ConnError::Handshake {

@@ -1,0 +1,79 @@
+//! Latency percentiles, which criterion does not give: each exchange timed on its own,
+//! p50 and p99, beside the bare limit. Printed as JSON for `benches/report.py`.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use p2p_bench::{client, handler_exchange, keys, noise_exchange_pair, server};
+
+const SAMPLES: usize = 3000;
+
+fn percentiles(mut d: Vec<Duration>) -> String {
+    d.sort();
+    let at = |q: f64| d[((d.len() as f64 * q) as usize).min(d.len() - 1)].as_secs_f64() * 1e6;
+    format!(
+        "{{\"p50_us\": {:.2}, \"p99_us\": {:.2}, \"samples\": {}}}",
+        at(0.5),
+        at(0.99),
+        d.len()
+    )
+}
+
+fn main() {
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // Limit: the bare exchange on an open Noise session.
+    let bare = current.block_on(async {
+        let mut c = noise_exchange_pair(64).await;
+        for _ in 0..200 {
+            c.exchange().await;
+        }
+        let mut times = Vec::with_capacity(SAMPLES);
+        for _ in 0..SAMPLES {
+            let t = Instant::now();
+            c.exchange().await;
+            times.push(t.elapsed());
+        }
+        times
+    });
+
+    // The handler, reused and fresh connections, on the runtime the facade uses.
+    let mut handler = Vec::new();
+    for reuse in [true, false] {
+        let times = multi.block_on(async {
+            let k = keys(2);
+            let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), reuse).await;
+            let (cl, mut inbox) = client(k[0].clone(), srv.peer, reuse, 9).await;
+            let payload = Bytes::from_static(&[7u8; 64]);
+            for _ in 0..200 {
+                handler_exchange(&cl, &mut inbox, &srv, payload.clone()).await;
+            }
+            let n = if reuse { SAMPLES } else { SAMPLES / 3 };
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                handler_exchange(&cl, &mut inbox, &srv, payload.clone()).await;
+                times.push(t.elapsed());
+            }
+            times
+        });
+        handler.push(percentiles(times));
+    }
+
+    println!(
+        "{{\"bare_noise_exchange\": {}, \"handler_reuse\": {}, \"handler_fresh\": {}}}",
+        percentiles(bare),
+        handler[0],
+        handler[1]
+    );
+}
