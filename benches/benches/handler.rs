@@ -193,7 +193,7 @@ fn throughput_16mib(c: &mut Criterion) {
     });
     let big = Bytes::from(vec![3u8; 16 << 20]);
     let mut group = c.benchmark_group("handler/request");
-    group.sample_size(10);
+    group.sample_size(20);
     group.throughput(Throughput::Bytes(16 << 20));
     group.bench_function("16MiB", |b| {
         b.iter_custom(|iters| {

@@ -12,6 +12,7 @@ use p2p_sim::scenario::Scenario;
 /// Two nodes exchanging back to back for 20 virtual seconds (200 requests, 100 ms replies).
 pub const TWO_NODES: &str = r#"
 duration = "60s"
+config = { max_queued_per_peer = 256 }
 [[node]]
 name = "alice"
 [[node]]
@@ -28,6 +29,7 @@ fn two_nodes(c: &mut Criterion) {
     let scenario = Scenario::parse(TWO_NODES, "two-nodes", "two-nodes").unwrap();
     let outcome = run(&scenario, 1, false);
     assert!(outcome.passed(), "{:?}", outcome.failures);
+    assert_eq!(outcome.exchanges, 200, "every request was accepted");
     // The report divides this run's virtual time by the measured wall time.
     println!(
         "sim/two_nodes virtual_seconds {:.3}",

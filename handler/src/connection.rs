@@ -219,8 +219,9 @@ pub struct Connection {
     dialer_max_message_size: usize,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<ConnEvent>,
-    /// Plaintext of the last frame read. Sized to what arrives and kept small when idle:
-    /// a permanent 64 KiB buffer per connection would dominate an idle connection's memory.
+    /// Plaintext of the frame being read. Grows to what arrives and is released between
+    /// messages: a permanent 64 KiB buffer per connection would dominate an idle
+    /// connection's memory.
     plain: Vec<u8>,
     /// Whether `Closed` was reported. Separate from `state`, which `frame` takes out while it
     /// works, so an error found mid-transition is still reported.
@@ -497,7 +498,11 @@ impl Connection {
                     .read_message(frame, self.plain_buffer(frame.len()))
                     .map_err(|_| ConnError::Decrypt { remote })?;
                 let result = reassembler.push(&self.plain[..n]);
-                self.shrink_plain();
+                if !matches!(result, Ok(Reassembled::Pending)) {
+                    // Between messages: keep an idle connection small. Within a large
+                    // message the buffer is reused for every chunk.
+                    self.shrink_plain();
+                }
                 self.state = State::Established {
                     session,
                     reassembler,
@@ -540,7 +545,7 @@ impl Connection {
         &mut self.plain
     }
 
-    /// Gives back a large buffer after a large frame, so idle connections stay small.
+    /// Gives back a large buffer once a message is complete, so idle connections stay small.
     fn shrink_plain(&mut self) {
         if self.plain.capacity() > SMALL_FRAME {
             self.plain = Vec::new();

@@ -2,7 +2,9 @@
 //!
 //! Like mini-redis's `BlockingClient`, it holds no logic: it owns a small multi-threaded
 //! tokio runtime on which the handler's tasks run in the background, and each method
-//! `block_on`s the matching [`Handler`] call. Async users use [`Handler`] directly.
+//! `block_on`s the matching [`Handler`] call. Async users use [`Handler`] directly: like any
+//! blocking client, `P2pHandler` must not be used (or dropped) from inside an async runtime,
+//! where `block_on` would panic.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Mutex;

@@ -21,7 +21,36 @@ fn percentiles(mut d: Vec<Duration>) -> String {
     )
 }
 
+/// `latency --only reuse|fresh N`: run only that workload N times (for `perf record`).
+fn only(kind: &str, n: usize) {
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let reuse = kind == "reuse";
+    multi.block_on(async {
+        let k = keys(2);
+        let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), reuse).await;
+        let (cl, mut inbox) = client(k[0].clone(), srv.peer, reuse, 9).await;
+        let t = Instant::now();
+        for _ in 0..n {
+            handler_exchange(&cl, &mut inbox, &srv, Bytes::from_static(&[7u8; 64])).await;
+        }
+        eprintln!(
+            "{kind}: {:.1} us per exchange",
+            t.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    });
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let (Some("--only"), Some(kind), Some(n)) =
+        (args.get(1).map(String::as_str), args.get(2), args.get(3))
+    {
+        return only(kind, n.parse().unwrap());
+    }
     let current = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Runs every benchmark once and writes docs/BENCHMARKS.md.
+
+Usage (from the repository root):  python3 benches/report.py [--quick]
+
+Each handler figure is set beside the physical limit measured in the same run (criterion
+medians), as a ratio, with the machine it ran on. --quick shortens criterion's measurement
+(for trying the script, not for publishing numbers).
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CRITERION = ROOT / "target" / "criterion"
+
+
+def run(cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, cwd=ROOT, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def median_ns(full_id):
+    """Median of a criterion benchmark, in nanoseconds, found by its full id."""
+    for bench in CRITERION.rglob("new/benchmark.json"):
+        meta = json.loads(bench.read_text())
+        if meta["full_id"] == full_id:
+            est = json.loads((bench.parent / "estimates.json").read_text())
+            return est["median"]["point_estimate"]
+    raise SystemExit(f"no criterion result for {full_id!r}")
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    rustc = run(["rustc", "--version"]).strip()
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {rustc}"
+
+
+def main():
+    quick = "--quick" in sys.argv
+    timing = ["--warm-up-time", "1", "--measurement-time", "1" if quick else "5"]
+    bench_out = ""
+    for suite in ["limits", "handler", "sim"]:
+        bench_out += run(["cargo", "bench", "-q", "-p", "p2p-bench", "--bench", suite, "--"] + timing)
+    run(["cargo", "build", "-q", "--release", "-p", "p2p-bench", "--bins"])
+    latency = json.loads(run([str(ROOT / "target/release/latency")]).strip().splitlines()[-1])
+    memory = json.loads(run([str(ROOT / "target/release/memory")]).strip().splitlines()[-1])
+    virtual_s = float(re.search(r"sim/two_nodes virtual_seconds ([0-9.]+)", bench_out).group(1))
+
+    us = lambda full_id: median_ns(full_id) / 1e3
+    handshake = us("limit/noise_xx_handshake")
+    bare_exchange = us("limit/noise_exchange_open_session")
+    tcp_rtt = us("limit/tcp_rtt_64b")
+    stream_ms = us("limit/noise_stream/16MiB") / 1e3
+    fresh1 = us("handler/tcp_exchange/fresh/1")
+    reuse1 = us("handler/tcp_exchange/reuse/1")
+    fresh100 = us("handler/tcp_exchange/fresh/100") / 100
+    reuse100 = us("handler/tcp_exchange/reuse/100") / 100
+    big_ms = us("handler/request/16MiB") / 1e3
+    machine_state = us("handler/state_machine_exchange")
+    sim_two = us("sim/two_nodes_run") / 1e6
+    sim_all = us("sim/all_scenarios_one_seed") / 1e6
+    crypto = {n: us(f"limit/noise_encrypt_decrypt/{n}") for n in (64, 1024, 65519)}
+    mib = 16.0
+
+    def verdict(ratio, target):
+        return f"**{ratio:.0%}** (target {target:.0%}: {'met' if ratio >= target else 'missed'})"
+
+    lat = latency
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `python3 benches/report.py` from one run of `cargo bench -p p2p-bench` and",
+        "the `latency` and `memory` binaries; do not edit by hand. Every handler figure stands",
+        "beside a physical limit measured in the same run on the same machine. Medians.",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "## Limits",
+        "",
+        "| limit | time |",
+        "|---|---|",
+        f"| bare Noise XX handshake, both sides in memory | {handshake:.1f} µs ({1e6 / handshake:,.0f}/s) |",
+        f"| Noise encrypt + decrypt, 64 B / 1 KiB / 64 KiB | {crypto[64]:.2f} / {crypto[1024]:.2f} / {crypto[65519]:.1f} µs |",
+        f"| TCP loopback round trip, 64 B | {tcp_rtt:.1f} µs |",
+        f"| hand-rolled request/ack/reply/ack on an open Noise session, loopback | {bare_exchange:.1f} µs ({1e6 / bare_exchange:,.0f}/s) |",
+        f"| raw Noise stream, 16 MiB, loopback | {stream_ms:.1f} ms ({mib / (stream_ms / 1e3):.0f} MiB/s) |",
+        "",
+        "## Handler",
+        "",
+        "| figure | handler | limit | ratio |",
+        "|---|---|---|---|",
+        f"| exchanges/s, fresh connection, 1 peer | {1e6 / fresh1:,.0f}/s ({fresh1:.0f} µs) | handshake {1e6 / handshake:,.0f}/s | {verdict(handshake / fresh1, 0.85)} |",
+        f"| exchanges/s, reused connection, 1 peer | {1e6 / reuse1:,.0f}/s ({reuse1:.1f} µs) | bare exchange {1e6 / bare_exchange:,.0f}/s | {verdict(bare_exchange / reuse1, 0.80)} |",
+        f"| exchanges/s, fresh, 100 peers at once | {1e6 / fresh100:,.0f}/s | handshake {1e6 / handshake:,.0f}/s (one core) | {handshake / fresh100:.0%} |",
+        f"| exchanges/s, reused, 100 peers at once | {1e6 / reuse100:,.0f}/s | bare exchange {1e6 / bare_exchange:,.0f}/s (one session) | {bare_exchange / reuse100:.0%} |",
+        f"| 16 MiB request throughput | {mib / (big_ms / 1e3):.0f} MiB/s | raw Noise stream {mib / (stream_ms / 1e3):.0f} MiB/s | {verdict(stream_ms / big_ms, 0.80)} |",
+        f"| one exchange through both state machines, no I/O | {machine_state:.2f} µs | bare exchange {bare_exchange:.1f} µs | {machine_state / bare_exchange:.1%} of it |",
+        "",
+        "## Latency (each exchange timed on its own)",
+        "",
+        "| exchange | p50 | p99 |",
+        "|---|---|---|",
+        f"| limit: bare exchange on an open Noise session | {lat['bare_noise_exchange']['p50_us']:.1f} µs | {lat['bare_noise_exchange']['p99_us']:.1f} µs |",
+        f"| handler, reused connection | {lat['handler_reuse']['p50_us']:.1f} µs | {lat['handler_reuse']['p99_us']:.1f} µs |",
+        f"| handler, fresh connection | {lat['handler_fresh']['p50_us']:.1f} µs | {lat['handler_fresh']['p99_us']:.1f} µs |",
+        "",
+        "## Memory (exact live heap, dhat)",
+        "",
+        "| item | bytes |",
+        "|---|---|",
+        f"| one idle connection, both ends (two handlers, one process) | {memory['idle_connection_both_ends_bytes']:,} |",
+        f"| one queued request with a 64 B payload | {memory['queued_request_64b_bytes']:,} |",
+        "",
+        "## Simulator",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| two nodes, 200 back-to-back exchanges: virtual seconds per wall second | {virtual_s / sim_two:,.0f} ({virtual_s:.1f} s virtual in {sim_two * 1e3:.0f} ms) |",
+        f"| whole `scenarios/` set, one seed (swarm mode) | {1 / sim_all:.1f} seeds/s ({sim_all * 1e3:.0f} ms per seed) |",
+        "",
+    ]
+    notes = ROOT / "benches" / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    out = ROOT / "docs" / "BENCHMARKS.md"
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
