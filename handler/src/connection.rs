@@ -192,6 +192,13 @@ pub enum ConnEvent {
     Closed(Closed),
 }
 
+enum Outgoing {
+    /// Ready to write (handshake messages, and chunks sealed before the session ended).
+    Sealed(Vec<u8>),
+    /// A plaintext chunk to encrypt when pulled.
+    Chunk(Vec<u8>),
+}
+
 enum State {
     /// Dialer, after sending message 1.
     AwaitingMsg2(Box<HandshakeState>),
@@ -217,7 +224,10 @@ pub struct Connection {
     handshake_deadline: Option<Instant>,
     /// The dialer's advertised limit, read from message 1 (responder only).
     dialer_max_message_size: usize,
-    transmits: VecDeque<Vec<u8>>,
+    /// What to write, in order. Chunks are encrypted when the driver pulls them, so a large
+    /// message's encryption overlaps its transmission (and the peer's decryption) instead of
+    /// all happening before the first byte leaves.
+    transmits: VecDeque<Outgoing>,
     events: VecDeque<ConnEvent>,
     /// Plaintext of the frame being read. Grows to what arrives and is released between
     /// messages: a permanent 64 KiB buffer per connection would dominate an idle
@@ -344,26 +354,15 @@ impl Connection {
         }
     }
 
-    /// Command: encrypts and queues a message.
+    /// Command: queues a message (its chunks are encrypted as they are pulled).
     pub fn send(&mut self, message: &Message) -> Result<(), ConnError> {
-        let State::Established { session, .. } = &mut self.state else {
+        if !matches!(self.state, State::Established { .. }) {
             return Err(ConnError::NotOpen {
                 remote: self.remote,
             });
-        };
-        for chunk in chunk_message(message) {
-            // Encrypt straight into the frame that will be written.
-            let mut frame = vec![0u8; chunk.len() + TAG_LEN];
-            let n =
-                session
-                    .write_message(&chunk, &mut frame)
-                    .map_err(|e| ConnError::Handshake {
-                        remote: self.remote,
-                        detail: format!("encryption failed: {e}"),
-                    })?;
-            frame.truncate(n);
-            self.transmits.push_back(frame);
         }
+        self.transmits
+            .extend(chunk_message(message).into_iter().map(Outgoing::Chunk));
         Ok(())
     }
 
@@ -373,6 +372,7 @@ impl Connection {
             // Sending can only fail if not established, which was just checked.
             let _ = self.send(&Message::Close { reason });
         }
+        self.seal_pending();
         if !self.closed_reported {
             self.closed_reported = true;
             self.state = State::Closed;
@@ -384,7 +384,42 @@ impl Connection {
 
     /// Output: the next frame body to write (the driver adds the 2-byte length prefix).
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.transmits.pop_front()
+        match self.transmits.pop_front()? {
+            Outgoing::Sealed(frame) => Some(frame),
+            Outgoing::Chunk(chunk) => {
+                let frame = self.seal(&chunk);
+                if frame.is_none() {
+                    // The session is gone (a failure): nothing queued can be sent.
+                    self.transmits.clear();
+                }
+                frame
+            }
+        }
+    }
+
+    /// Encrypts one chunk into the frame that will be written.
+    fn seal(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+        let State::Established { session, .. } = &mut self.state else {
+            return None;
+        };
+        let mut frame = vec![0u8; chunk.len() + TAG_LEN];
+        let n = session.write_message(chunk, &mut frame).ok()?;
+        frame.truncate(n);
+        Some(frame)
+    }
+
+    /// Encrypts every queued chunk now, before the session is dropped.
+    fn seal_pending(&mut self) {
+        let pending = std::mem::take(&mut self.transmits);
+        for item in pending {
+            let frame = match item {
+                Outgoing::Sealed(frame) => Some(frame),
+                Outgoing::Chunk(chunk) => self.seal(&chunk),
+            };
+            if let Some(frame) = frame {
+                self.transmits.push_back(Outgoing::Sealed(frame));
+            }
+        }
     }
 
     /// Output: the next event.
@@ -401,6 +436,8 @@ impl Connection {
         if self.closed_reported {
             return;
         }
+        // Whatever is queued and can still be encrypted goes out (e.g. Close{NotAllowed}).
+        self.seal_pending();
         self.closed_reported = true;
         self.state = State::Closed;
         self.handshake_deadline = None;
@@ -420,7 +457,7 @@ impl Connection {
             .write_message(payload, &mut frame)
             .map_err(|e| handshake_error(remote, e))?;
         frame.truncate(n);
-        self.transmits.push_back(frame);
+        self.transmits.push_back(Outgoing::Sealed(frame));
         Ok(())
     }
 
@@ -510,6 +547,7 @@ impl Connection {
                 match result.map_err(|source| ConnError::Protocol { remote, source })? {
                     Reassembled::Pending => {}
                     Reassembled::Message(Message::Close { reason }) => {
+                        self.seal_pending();
                         self.state = State::Closed;
                         self.closed_reported = true;
                         self.handshake_deadline = None;
