@@ -643,27 +643,8 @@ impl HandlerTask {
                 self.recv_backlog.push_back(event);
             }
         }
-        while let Some(event) = self.recv_backlog.pop_front() {
-            match self.received.try_send(event) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(event)) => {
-                    self.recv_backlog.push_front(event);
-                    break;
-                }
-                // The application dropped its inbox; nobody will read these.
-                Err(mpsc::error::TrySendError::Closed(_)) => self.recv_backlog.clear(),
-            }
-        }
-        while let Some(notice) = self.prio_backlog.pop_front() {
-            match self.priority.try_send(notice) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(notice)) => {
-                    self.prio_backlog.push_front(notice);
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => self.prio_backlog.clear(),
-            }
-        }
+        drain_into(&mut self.recv_backlog, &self.received);
+        drain_into(&mut self.prio_backlog, &self.priority);
     }
 
     fn command(&mut self, command: Command) {
@@ -826,6 +807,21 @@ impl HandlerTask {
         // with it.
         self.flush_events();
         report
+    }
+}
+
+/// Moves what fits from a backlog into the application's channel, oldest first.
+fn drain_into<T>(backlog: &mut VecDeque<T>, channel: &mpsc::Sender<T>) {
+    while let Some(item) = backlog.pop_front() {
+        match channel.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                backlog.push_front(item);
+                break;
+            }
+            // The application dropped its inbox; nobody will read these.
+            Err(mpsc::error::TrySendError::Closed(_)) => backlog.clear(),
+        }
     }
 }
 

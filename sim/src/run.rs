@@ -304,6 +304,18 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The node that owns the exchange a message belongs to: the dialer sends Requests and the
+/// Ack of a Reply; everything else comes from the responder.
+fn dialer_of(from: usize, to: usize, message: &Message) -> usize {
+    match message {
+        Message::Request { .. }
+        | Message::Ack {
+            of: AckOf::Reply, ..
+        } => from,
+        _ => to,
+    }
+}
+
 struct SimTap {
     shared: Arc<Mutex<Shared>>,
     node: usize,
@@ -316,18 +328,7 @@ impl Tap for SimTap {
             return Verdict::Pass;
         };
         let from = self.node;
-        let dialer = if matches!(
-            message,
-            Message::Request { .. }
-                | Message::Ack {
-                    of: AckOf::Reply,
-                    ..
-                }
-        ) {
-            from
-        } else {
-            to
-        };
+        let dialer = dialer_of(from, to, message);
         if let Message::Request {
             exchange, attempt, ..
         } = message
@@ -378,18 +379,7 @@ impl Tap for SimTap {
             return Arrival::Pass;
         };
         let to = self.node;
-        let dialer = if matches!(
-            message,
-            Message::Request { .. }
-                | Message::Ack {
-                    of: AckOf::Reply,
-                    ..
-                }
-        ) {
-            from
-        } else {
-            to
-        };
+        let dialer = dialer_of(from, to, message);
         let text = s.describe(dialer, message);
         let from_name = s.names[from].clone();
         s.push(
