@@ -43,12 +43,7 @@ fn two_nodes(c: &mut Criterion) {
 
 fn all_scenarios(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
+    let files = p2p_sim::scenario::files_in(&dir).unwrap();
     let scenarios: Vec<Scenario> = files.iter().map(|f| Scenario::load(f).unwrap()).collect();
     let mut group = c.benchmark_group("sim");
     group.sample_size(10);

@@ -107,13 +107,8 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, String> {
     };
     for path in &paths {
         if path.is_dir() {
-            let entries =
-                std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            found.sort();
+            let found = p2p_sim::scenario::files_in(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             files.extend(found);
         } else {
             files.push(path.clone());

@@ -11,13 +11,7 @@ use p2p_sim::scenario::Scenario;
 
 fn scenario_files() -> Vec<std::path::PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    files.sort();
-    files
+    p2p_sim::scenario::files_in(&dir).unwrap()
 }
 
 #[test]
