@@ -937,8 +937,8 @@ impl Endpoint {
                 kind,
                 exchange,
                 attempt,
-                len,
-            } => self.on_oversized(conn, kind, exchange, attempt, len, now),
+                len: _,
+            } => self.on_oversized(conn, kind, exchange, attempt, now),
             ConnEvent::Closed(closed) => self.on_closed(conn, closed, now),
         }
     }
@@ -1639,7 +1639,6 @@ impl Endpoint {
         kind: Kind,
         exchange: Option<ExchangeId>,
         attempt: Option<u32>,
-        len: usize,
         now: Instant,
     ) {
         let direction = self.conns.get(&conn).map(|c| c.direction);
@@ -1657,7 +1656,6 @@ impl Endpoint {
             }
             (Some(Direction::Outbound), Kind::Reply, Some(id), _) => {
                 // We advertised our limit; a responder exceeding it broke the protocol.
-                let _ = len;
                 self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
                 self.violation(conn, "reply exceeds our advertised maximum", now);
             }

@@ -488,7 +488,7 @@ struct HandlerTask {
     prio_backlog: VecDeque<Notice>,
     connection_tasks: usize,
     /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
-    pending_net: VecDeque<NetCommand>,
+    pending_net: VecDeque<(ConnId, ConnCommand)>,
     /// Exchange states last reported to a tap that wants transitions.
     states: BTreeMap<(Direction, PeerId, ExchangeId), &'static str>,
 }
@@ -564,27 +564,31 @@ impl HandlerTask {
     }
 
     async fn perform_outputs(&mut self) {
-        while let Some(command) = self.pending_net.pop_front() {
-            if self.network.send(command).await.is_err() {
-                return;
-            }
+        while let Some((conn, command)) = self.pending_net.pop_front() {
+            self.send_direct(conn, command).await;
         }
+        // Sends and closes go straight to the connection task; dials go through the router.
         while let Some(output) = self.endpoint.poll_output() {
-            let command = match output {
+            match output {
                 Output::Dial { conn, peer, addr } => {
                     self.tap.dial(conn, peer, addr);
-                    NetCommand::Dial { conn, peer, addr }
+                    // The router never waits on us, so this wait is short.
+                    let dial = NetCommand::Dial { conn, peer, addr };
+                    if self.network.send(dial).await.is_err() {
+                        return;
+                    }
                 }
                 Output::Send { conn, message } => {
                     let verdict = match self.endpoint.peer_of(conn) {
                         Some(peer) => self.tap.outgoing(conn, peer, &message),
                         None => Verdict::Pass,
                     };
-                    match verdict {
-                        Verdict::Pass => NetCommand::Send { conn, message },
-                        Verdict::Corrupt => NetCommand::SendCorrupted { conn, message },
+                    let command = match verdict {
+                        Verdict::Pass => ConnCommand::Send(message),
+                        Verdict::Corrupt => ConnCommand::SendCorrupted(message),
                         Verdict::Drop => continue,
                         Verdict::Delay(delay) => {
+                            // Later, through the router, which reports a slow connection.
                             let network = self.network.clone();
                             tokio::spawn(async move {
                                 tokio::time::sleep(delay).await;
@@ -592,28 +596,12 @@ impl HandlerTask {
                             });
                             continue;
                         }
-                    }
+                    };
+                    self.send_direct(conn, command).await;
                 }
-                Output::Close { conn, reason } => NetCommand::Close { conn, reason },
-            };
-            // Sends and closes go straight to the connection task; dials (and a close for a
-            // dial the router has not registered yet) go through the router, in order.
-            let direct = match command {
-                NetCommand::Send { conn, message } => Some((conn, ConnCommand::Send(message))),
-                NetCommand::SendCorrupted { conn, message } => {
-                    Some((conn, ConnCommand::SendCorrupted(message)))
+                Output::Close { conn, reason } => {
+                    self.send_direct(conn, ConnCommand::Close(reason)).await;
                 }
-                NetCommand::Close { conn, reason } => Some((conn, ConnCommand::Close(reason))),
-                other => {
-                    // The router never waits on us, so this wait is short.
-                    if self.network.send(other).await.is_err() {
-                        return;
-                    }
-                    None
-                }
-            };
-            if let Some((conn, command)) = direct {
-                self.send_direct(conn, command).await;
             }
         }
     }
@@ -755,7 +743,7 @@ impl HandlerTask {
                             self.tap.outgoing(conn, peer, &message);
                         }
                         self.pending_net
-                            .push_back(NetCommand::Send { conn, message });
+                            .push_back((conn, ConnCommand::Send(message)));
                     }
                     (Arrival::Nack(_), event) => self.endpoint.handle_conn_event(conn, event, now),
                 }
@@ -834,11 +822,6 @@ enum NetCommand {
         addr: SocketAddr,
     },
     Send {
-        conn: ConnId,
-        message: Message,
-    },
-    /// Fault injection (a [`Tap`]'s `Corrupt` verdict).
-    SendCorrupted {
         conn: ConnId,
         message: Message,
     },
@@ -981,9 +964,6 @@ impl<T: Transport> Router<T> {
         match command {
             NetCommand::Dial { conn, peer, addr } => self.dial(conn, peer, addr),
             NetCommand::Send { conn, message } => self.forward(conn, ConnCommand::Send(message)),
-            NetCommand::SendCorrupted { conn, message } => {
-                self.forward(conn, ConnCommand::SendCorrupted(message));
-            }
             NetCommand::Close { conn, reason } => self.forward(conn, ConnCommand::Close(reason)),
             NetCommand::Shutdown => {}
         }

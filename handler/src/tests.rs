@@ -803,8 +803,6 @@ fn responder_shutdown_aborts_pending_requests() {
     net.nodes[BOB].app = App::Manual;
     let id = net.request(ALICE, BOB, b"x");
     net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
-    let now = net.now;
-    let _ = now;
     net.shutdown(BOB);
     net.run(secs(60));
     assert_eq!(

@@ -911,7 +911,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         }
     }
     let mut quiet_since: Option<Duration> = None;
-    let mut probe: Option<(Duration, Vec<Option<oneshot::Receiver<Status>>>)> = None;
+    let mut probe: Option<Vec<Option<oneshot::Receiver<Status>>>> = None;
     let mut probe_clean = true;
     let mut last_probe = Duration::ZERO;
     let limit = scenario.duration;
@@ -935,14 +935,13 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
             // Quiet: stop as soon as every node reports nothing open, rather than always
             // waiting out the idle timeout.
             match &mut probe {
-                Some((_, receivers)) if receivers.iter().all(|r| r.is_none()) => {
+                Some(receivers) if receivers.iter().all(|r| r.is_none()) => {
                     if probe_clean {
                         break;
                     }
                     probe = None;
                 }
-                Some((at, receivers)) => {
-                    let _ = at;
+                Some(receivers) => {
                     for r in receivers.iter_mut() {
                         if let Some(rx) = r {
                             if let Ok(status) = rx.try_recv() {
@@ -957,7 +956,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
                 None if now >= last_probe + PROBE_EVERY => {
                     last_probe = now;
                     probe_clean = true;
-                    probe = Some((now, request_statuses(&shared)));
+                    probe = Some(request_statuses(&shared));
                 }
                 None => {}
             }
