@@ -7,44 +7,29 @@
 //! redials, per-peer queueing, timeouts, the allow list and rate limits are handled here; the
 //! application sees requests, replies and failures that carry its payload back.
 //!
-//! This crate is built sans-IO, after quinn-proto:
+//! It is built in two layers, after quinn:
 //!
-//! * [`Connection`] (one per stream) performs the handshake, identity and allow-list checks,
-//!   encryption and chunking. Frame bodies in, frame bodies out.
-//! * [`Endpoint`] (one per node) runs every exchange with every peer: inputs carry `now`,
-//!   outputs (dials, messages to send, closes, application events, the next timeout) are
-//!   polled. It reads no clock, opens no socket and draws randomness only from the seeded RNG
-//!   it is given, so the same inputs always give the same outputs.
+//! * `p2p-handler-core` holds the protocol, sans-IO: [`Connection`] (handshake, identity,
+//!   encryption, chunking) and [`Endpoint`] (every exchange with every peer). Its modules are
+//!   re-exported here under the same names ([`wire`], [`endpoint`], ...).
+//! * This crate is the driver around it: the tokio [`runtime`] (tasks and channels),
+//!   [`transport`]s (TCP, in-memory; turmoil in the simulator), the async [`Handler`], the
+//!   synchronous [`P2pHandler`] facade and the `p2p-node` program.
 //!
-//! A driver (the tokio runtime, the simulator, or a test harness) moves bytes between them.
 //! See `docs/ARCHITECTURE.md` for the map and `docs/PROTOCOL.md` for the wire format.
 
 #![forbid(unsafe_code)]
 
-pub mod allow_list;
-pub mod config;
-pub mod connection;
-pub mod endpoint;
+pub use p2p_handler_core::{allow_list, config, connection, endpoint, identity, noise, wire};
+
 mod facade;
-pub mod identity;
-pub mod noise;
-mod rate;
 pub mod runtime;
-mod timers;
 pub mod transport;
-pub mod wire;
 
 /// The README's example, compiled and run as a doctest so it stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeExample;
-
-#[cfg(test)]
-mod harness;
-#[cfg(test)]
-mod prop_tests;
-#[cfg(test)]
-mod tests;
 
 pub use allow_list::{AllowList, AllowedPeer, Rejection};
 pub use config::{Config, RateLimit};
