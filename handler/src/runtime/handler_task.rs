@@ -1,0 +1,361 @@
+//! The handler task: owns the [`Endpoint`], feeds it commands and network events, performs
+//! its outputs, and keeps the application's backlogs.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::connection::{Closed, ConnEvent};
+use crate::endpoint::{ConnId, Direction, Endpoint, Event, Failure, Output, RespondError};
+use crate::identity::PeerId;
+use crate::wire::{ExchangeId, Message};
+
+use super::conn_task::ConnCommand;
+use super::handle::{Command, Notice, ShutdownReport, Status};
+use super::router::{NetCommand, NetEvent, NetNotice};
+use super::slots::{Forwarded, Slots, forward};
+use super::tap::{Arrival, Tap, Verdict};
+use super::{SharedAllow, now, sleep_until};
+
+pub(super) struct HandlerTask {
+    /// Connection tasks, for sending to them directly.
+    pub(super) slots: Slots,
+    pub(super) tap: Arc<dyn Tap>,
+    pub(super) endpoint: Endpoint,
+    pub(super) allow: SharedAllow,
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) received: mpsc::Sender<Event>,
+    pub(super) priority: mpsc::Sender<Notice>,
+    pub(super) network: mpsc::Sender<NetCommand>,
+    pub(super) net_events: mpsc::Receiver<NetEvent>,
+    pub(super) net_notices: mpsc::Receiver<NetNotice>,
+    /// Events the application's channels had no room for, oldest first.
+    pub(super) recv_backlog: VecDeque<Event>,
+    pub(super) prio_backlog: VecDeque<Notice>,
+    pub(super) connection_tasks: usize,
+    /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
+    pub(super) pending_net: VecDeque<(ConnId, ConnCommand)>,
+    /// Exchange states last reported to a tap that wants transitions.
+    pub(super) states: BTreeMap<(Direction, PeerId, ExchangeId), &'static str>,
+}
+
+impl HandlerTask {
+    pub(super) async fn run(mut self, network: tokio::task::JoinHandle<()>) {
+        let limit = self.received.max_capacity();
+        let shutdown_reply = loop {
+            self.report_transitions();
+            self.perform_outputs().await;
+            self.flush_events();
+            let deadline = self.endpoint.poll_timeout();
+            let backlog = self.recv_backlog.len() + self.prio_backlog.len();
+            // Clones, so the futures below do not hold `self` borrowed while arms use it.
+            let (received, priority) = (self.received.clone(), self.priority.clone());
+            tokio::select! {
+                biased;
+                // The application made room: hand over what waited.
+                Ok(permit) = received.reserve(), if !self.recv_backlog.is_empty() => {
+                    if let Some(event) = self.recv_backlog.pop_front() {
+                        permit.send(event);
+                    }
+                }
+                Ok(permit) = priority.reserve(), if !self.prio_backlog.is_empty() => {
+                    if let Some(notice) = self.prio_backlog.pop_front() {
+                        permit.send(notice);
+                    }
+                }
+                // Timers first among inputs, so a busy network cannot starve them.
+                () = sleep_until(deadline.unwrap_or_else(now)), if deadline.is_some() => {
+                    self.endpoint.handle_timeout(now());
+                }
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => break Some(reply),
+                    Some(command) => self.command(command),
+                    // Every handle dropped: nobody can use this node any more.
+                    None => break None,
+                },
+                Some(notice) = self.net_notices.recv() => self.net_notice(notice),
+                // Stop reading the network while the application is behind.
+                Some(event) = self.net_events.recv(), if backlog < limit => self.net_event(event),
+            }
+        };
+        let report = self.shutdown(network).await;
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(report);
+        }
+    }
+
+    fn report_transitions(&mut self) {
+        if !self.tap.wants_transitions() {
+            return;
+        }
+        let now: BTreeMap<_, _> = self
+            .endpoint
+            .exchange_states()
+            .into_iter()
+            .map(|(d, p, x, s)| ((d, p, x), s))
+            .collect();
+        for (key, state) in &now {
+            let before = self.states.get(key).copied();
+            if before != Some(*state) {
+                self.tap
+                    .transition(key.0, key.1, key.2, before, Some(state));
+            }
+        }
+        for (key, state) in &self.states {
+            if !now.contains_key(key) {
+                self.tap.transition(key.0, key.1, key.2, Some(state), None);
+            }
+        }
+        self.states = now;
+    }
+
+    async fn perform_outputs(&mut self) {
+        while let Some((conn, command)) = self.pending_net.pop_front() {
+            self.send_direct(conn, command).await;
+        }
+        // Sends and closes go straight to the connection task; dials go through the router.
+        while let Some(output) = self.endpoint.poll_output() {
+            match output {
+                Output::Dial { conn, peer, addr } => {
+                    self.tap.dial(conn, peer, addr);
+                    // The router never waits on us, so this wait is short.
+                    let dial = NetCommand::Dial { conn, peer, addr };
+                    if self.network.send(dial).await.is_err() {
+                        return;
+                    }
+                }
+                Output::Send { conn, message } => {
+                    let verdict = match self.endpoint.peer_of(conn) {
+                        Some(peer) => self.tap.outgoing(conn, peer, &message),
+                        None => Verdict::Pass,
+                    };
+                    let command = match verdict {
+                        Verdict::Pass => ConnCommand::Send(message),
+                        Verdict::Corrupt => ConnCommand::SendCorrupted(message),
+                        Verdict::Drop => continue,
+                        Verdict::Delay(delay) => {
+                            // Later, through the router, which reports a slow connection.
+                            let network = self.network.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = network.send(NetCommand::Send { conn, message }).await;
+                            });
+                            continue;
+                        }
+                    };
+                    self.send_direct(conn, command).await;
+                }
+                Output::Close { conn, reason } => {
+                    self.send_direct(conn, ConnCommand::Close(reason)).await;
+                }
+            }
+        }
+    }
+
+    async fn send_direct(&mut self, conn: ConnId, command: ConnCommand) {
+        match forward(&self.slots, conn, command) {
+            Forwarded::Sent => {}
+            Forwarded::Unknown(ConnCommand::Close(reason)) => {
+                let _ = self.network.send(NetCommand::Close { conn, reason }).await;
+            }
+            // The connection is gone; the endpoint hears of it through its Closed event.
+            Forwarded::Unknown(_) => {}
+            Forwarded::Slow(addr) => {
+                let why = format!("connection to {addr} too slow: outgoing queue full");
+                self.endpoint
+                    .handle_conn_event(conn, ConnEvent::Closed(Closed::Io(why)), now());
+                self.prio_backlog.push_back(Notice::SlowConnection { addr });
+            }
+        }
+    }
+
+    fn flush_events(&mut self) {
+        while let Some(event) = self.endpoint.poll_event() {
+            if event.is_priority() {
+                self.prio_backlog.push_back(Notice::Event(event));
+            } else {
+                self.recv_backlog.push_back(event);
+            }
+        }
+        drain_into(&mut self.recv_backlog, &self.received);
+        drain_into(&mut self.prio_backlog, &self.priority);
+    }
+
+    fn command(&mut self, command: Command) {
+        let now = now();
+        match command {
+            Command::Request {
+                peer,
+                addr,
+                payload,
+                reply,
+            } => {
+                let _ = reply.send(self.endpoint.request(peer, addr, payload, now));
+            }
+            Command::Respond {
+                peer,
+                exchange,
+                payload,
+                reply,
+            } => {
+                let result = match exchange.or_else(|| self.endpoint.pending_request_from(&peer)) {
+                    Some(exchange) => self
+                        .endpoint
+                        .respond(peer, exchange, payload, now)
+                        .map(|()| exchange),
+                    None => Err(RespondError::NoPendingRequest { peer }),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Allow { peer, entry } => {
+                if let Ok(mut allow) = self.allow.write() {
+                    allow.insert(peer, entry.clone());
+                }
+                self.endpoint.allow(peer, entry);
+            }
+            Command::Revoke { peer, reply } => {
+                if let Ok(mut allow) = self.allow.write() {
+                    allow.remove(&peer);
+                }
+                let _ = reply.send(self.endpoint.revoke(&peer, now));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(Status {
+                    open_connections: self.endpoint.open_connections(),
+                    connection_tasks: self.connection_tasks,
+                    outbound_in_flight: self.endpoint.outbound_in_flight(),
+                    pending_responses: self.endpoint.pending_responses(),
+                    stats: self.endpoint.stats().clone(),
+                });
+            }
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn net_event(&mut self, event: NetEvent) {
+        let now = now();
+        match event {
+            NetEvent::Accepted {
+                conn,
+                peer,
+                addr,
+                remote_max_message_size,
+            } => {
+                self.tap.connection(
+                    conn,
+                    Some(peer),
+                    &ConnEvent::Established {
+                        peer,
+                        remote_max_message_size,
+                    },
+                );
+                self.endpoint
+                    .handle_accepted(conn, peer, addr, remote_max_message_size, now);
+            }
+            NetEvent::Rejected(error) => {
+                self.tap.rejected(&error);
+                self.endpoint.handle_rejected(error, now);
+            }
+            NetEvent::Conn { conn, event } => {
+                let peer = self.endpoint.peer_of(conn);
+                let arrival = match (&event, peer) {
+                    (ConnEvent::Message(message), Some(peer)) => {
+                        self.tap.incoming(conn, peer, message)
+                    }
+                    (ConnEvent::Message(_), None) => Arrival::Pass,
+                    (other, peer) => {
+                        self.tap.connection(conn, peer, other);
+                        Arrival::Pass
+                    }
+                };
+                match (arrival, event) {
+                    (Arrival::Pass, event) => self.endpoint.handle_conn_event(conn, event, now),
+                    (Arrival::Drop, _) => {}
+                    (
+                        Arrival::Nack(reason),
+                        ConnEvent::Message(Message::Request {
+                            exchange, attempt, ..
+                        }),
+                    ) => {
+                        let message = Message::Nack {
+                            exchange,
+                            attempt,
+                            reason,
+                            retry_after_ms: 0,
+                        };
+                        // Reported like any message sent to the dialer (its verdict is
+                        // ignored: this Nack is itself the injected fault).
+                        if let Some(peer) = self.endpoint.peer_of(conn) {
+                            self.tap.outgoing(conn, peer, &message);
+                        }
+                        self.pending_net
+                            .push_back((conn, ConnCommand::Send(message)));
+                    }
+                    (Arrival::Nack(_), event) => self.endpoint.handle_conn_event(conn, event, now),
+                }
+            }
+        }
+    }
+
+    fn net_notice(&mut self, notice: NetNotice) {
+        match notice {
+            NetNotice::Lost { conn, why } => {
+                self.endpoint
+                    .handle_conn_event(conn, ConnEvent::Closed(Closed::Io(why)), now());
+            }
+            NetNotice::Tasks(n) => self.connection_tasks = n,
+            NetNotice::App(notice) => self.prio_backlog.push_back(notice),
+        }
+    }
+
+    async fn shutdown(mut self, network: tokio::task::JoinHandle<()>) -> ShutdownReport {
+        let mut report = ShutdownReport {
+            unanswered_requests: self.endpoint.pending_responses(),
+            ..ShutdownReport::default()
+        };
+        self.endpoint.shutdown(now());
+        self.perform_outputs().await;
+        while let Some(event) = self.endpoint.poll_event() {
+            match event {
+                Event::Failed {
+                    peer,
+                    exchange,
+                    payload,
+                    failure: Failure::ShuttingDown,
+                } => report.failed.push((peer, exchange, payload)),
+                other => self.recv_backlog.push_back(other),
+            }
+        }
+        let _ = self.network.send(NetCommand::Shutdown).await;
+        // Keep draining network events so connection tasks can finish flushing.
+        tokio::pin!(network);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut network => break,
+                Some(_) = self.net_events.recv() => {}
+                Some(_) = self.net_notices.recv() => {}
+            }
+        }
+        // Whatever the application has room for, it gets; the rest is in its inbox or lost
+        // with it.
+        self.flush_events();
+        report
+    }
+}
+
+/// Moves what fits from a backlog into the application's channel, oldest first.
+pub(super) fn drain_into<T>(backlog: &mut VecDeque<T>, channel: &mpsc::Sender<T>) {
+    while let Some(item) = backlog.pop_front() {
+        match channel.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                backlog.push_front(item);
+                break;
+            }
+            // The application dropped its inbox; nobody will read these.
+            Err(mpsc::error::TrySendError::Closed(_)) => backlog.clear(),
+        }
+    }
+}

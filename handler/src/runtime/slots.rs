@@ -1,0 +1,51 @@
+//! The table of live connection tasks, shared by the router and the handler task.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::endpoint::ConnId;
+
+use super::conn_task::ConnCommand;
+
+pub(super) struct ConnSlot {
+    pub(super) commands: mpsc::Sender<ConnCommand>,
+    pub(super) abort: AbortHandle,
+    pub(super) addr: SocketAddr,
+}
+
+/// The live connection tasks, shared by the router (which adds and removes them) and the
+/// handler task (which sends to them directly, saving a task hop per message).
+pub(super) type Slots = Arc<std::sync::Mutex<BTreeMap<ConnId, ConnSlot>>>;
+
+pub(super) enum Forwarded {
+    Sent,
+    /// No such connection task (not registered yet, or gone); the command comes back.
+    Unknown(ConnCommand),
+    /// The task's queue was full: it was cut, and must be reported lost.
+    Slow(SocketAddr),
+}
+
+/// Hands a command to a connection task without waiting. A task that cannot keep up is
+/// aborted rather than allowed to block every other connection behind it.
+pub(super) fn forward(slots: &Slots, conn: ConnId, command: ConnCommand) -> Forwarded {
+    let Ok(mut slots) = slots.lock() else {
+        return Forwarded::Unknown(command);
+    };
+    let Some(slot) = slots.get(&conn) else {
+        return Forwarded::Unknown(command);
+    };
+    match slot.commands.try_send(command) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Forwarded::Sent,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let addr = slot.addr;
+            slot.abort.abort();
+            slots.remove(&conn);
+            tracing::warn!(%conn, %addr, "connection too slow, dropped");
+            Forwarded::Slow(addr)
+        }
+    }
+}
