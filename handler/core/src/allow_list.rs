@@ -121,7 +121,7 @@ impl AllowList {
         list
     }
 
-    /// Parses the TOML form; `origin` names the source in errors (a path, or e.g. "<inline>").
+    /// Parses the TOML form; `origin` names the source in errors (a path, or e.g. `"<inline>"`).
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, AllowListError> {
         let file: FileFormat = toml::from_str(text).map_err(|e| AllowListError::Invalid {
             path: origin.to_owned(),

@@ -1,0 +1,229 @@
+//! Connection bookkeeping: which connection belongs to which peer and exchange, closes,
+//! idle timers, and the per-peer records both roles share.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::connection::{Closed, ConnError, Remote};
+use crate::identity::PeerId;
+use crate::rate::Bucket;
+use crate::wire::{CloseReason, ExchangeId, Message};
+
+use super::dialer::OutState;
+use super::events::{Event, Failure, PeerError, RetryCause};
+use super::responder::InState;
+use super::{Conn, ConnId, Direction, Endpoint, Output, Peer, Timer};
+
+impl Endpoint {
+    pub(super) fn on_message(&mut self, conn: ConnId, message: Message, now: Instant) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (peer, direction) = (c.peer, c.direction);
+        if !c.established {
+            return self.violation(conn, "message before the handshake finished", now);
+        }
+        match direction {
+            Direction::Outbound => self.on_outbound_message(conn, peer, message, now),
+            Direction::Inbound => self.on_inbound_message(conn, peer, message, now),
+        }
+    }
+
+    pub(super) fn on_closed(&mut self, conn: ConnId, closed: Closed, now: Instant) {
+        let Some(c) = self.forget_conn(conn) else {
+            return;
+        };
+        // Errors the peer caused (or that name it) are reported once, here. A handshake that
+        // timed out is the network's doing, not the peer's: it is a retry cause instead.
+        let report = match &closed {
+            Closed::Error(ConnError::HandshakeTimeout { .. }) => None,
+            Closed::Error(e) => Some(PeerError::Connection(e.clone())),
+            _ => None,
+        };
+        if let Some(error) = report {
+            self.events.push_back(Event::PeerError(error));
+        }
+        let Some(id) = c.exchange.filter(|_| c.direction == Direction::Outbound) else {
+            // Inbound: records keep the (now dead) connection id; a resent Request on a new
+            // connection rebinds them.
+            return;
+        };
+        let definite = match &closed {
+            Closed::ByPeer(CloseReason::NotAllowed) => {
+                Some(Failure::Rejected(CloseReason::NotAllowed))
+            }
+            Closed::Error(e) if e.is_definite() => Some(Failure::Connection(e.clone())),
+            _ => None,
+        };
+        if let Some(failure) = definite {
+            return self.finish(id, Err(failure), now);
+        }
+        let Some(ex) = self.outbound.get(&id) else {
+            return;
+        };
+        let cause = match (&ex.state, &closed) {
+            (OutState::Backoff { .. }, _) => {
+                // Already waiting to retry; just forget the connection.
+                if let Some(ex) = self.outbound.get_mut(&id) {
+                    ex.state = OutState::Backoff { conn: None };
+                }
+                return;
+            }
+            (OutState::Connecting { .. }, Closed::Error(ConnError::HandshakeTimeout { .. })) => {
+                RetryCause::ConnectTimeout
+            }
+            (OutState::Connecting { .. }, why) => RetryCause::DialFailed(describe(why)),
+            (_, why) => RetryCause::ConnectionLost(describe(why)),
+        };
+        self.retry(id, cause, None, now);
+    }
+
+    pub(super) fn violation(&mut self, conn: ConnId, detail: &'static str, now: Instant) {
+        let remote = self.remote_of(conn);
+        self.events
+            .push_back(Event::PeerError(PeerError::Violation { remote, detail }));
+        self.close(conn, CloseReason::ProtocolViolation, now);
+    }
+
+    /// Closes a connection we decided to drop: tells the driver, and moves any outbound
+    /// exchange on it to a retry.
+    pub(super) fn close(&mut self, conn: ConnId, reason: CloseReason, now: Instant) {
+        let Some(c) = self.forget_conn(conn) else {
+            return;
+        };
+        self.outputs.push_back(Output::Close { conn, reason });
+        if c.direction == Direction::Outbound {
+            if let Some(id) = c.exchange {
+                if self.outbound.contains_key(&id) {
+                    let lost = RetryCause::ConnectionLost(format!("closed locally: {reason:?}"));
+                    self.retry(id, lost, None, now);
+                }
+            }
+        }
+    }
+
+    /// Closes an outbound connection whose exchange will be retried elsewhere. The exchange
+    /// is unbound first so that closing does not count as a second failure.
+    pub(super) fn abandon_conn(&mut self, conn: ConnId, now: Instant) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.exchange = None;
+        }
+        self.close(conn, CloseReason::Done, now);
+    }
+
+    /// Removes a connection from every table. Returns it if it was known.
+    fn forget_conn(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&conn)?;
+        self.timers.cancel(Timer::Idle(conn));
+        if let Some(p) = self.peers.get_mut(&c.peer) {
+            p.conns = p.conns.saturating_sub(1);
+            if p.reusable == Some(conn) {
+                p.reusable = None;
+            }
+        }
+        Some(c)
+    }
+
+    pub(super) fn arm_idle(&mut self, conn: ConnId, now: Instant) {
+        self.timers
+            .set(Timer::Idle(conn), now + self.config.idle_timeout);
+    }
+
+    pub(super) fn send(&mut self, conn: ConnId, message: Message) {
+        if self.conns.get(&conn).is_some_and(|c| c.established) {
+            self.outputs.push_back(Output::Send { conn, message });
+        }
+    }
+
+    pub(super) fn send_nack(&mut self, conn: ConnId, nack: Message) {
+        self.stats.nacks_sent += 1;
+        self.send(conn, nack);
+    }
+
+    pub(super) fn remote_of(&self, conn: ConnId) -> Remote {
+        let c = self.conns.get(&conn);
+        Remote {
+            addr: c.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.addr),
+            peer: c.map(|c| c.peer),
+        }
+    }
+
+    pub(super) fn conns_of(&self, peer: &PeerId) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer == *peer)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub(super) fn alloc_conn(&mut self) -> ConnId {
+        let id = ConnId::outbound(self.next_conn);
+        self.next_conn += 1;
+        id
+    }
+
+    pub(super) fn fail_peer_exchanges(&mut self, peer: PeerId, failure: &Failure, now: Instant) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        // Queued ones first (so finishing the active one does not start them), then active.
+        let queued: Vec<ExchangeId> = p.queue.drain(..).collect();
+        let active = p.active;
+        for id in queued.into_iter().chain(active) {
+            self.finish(id, Err(failure.clone()), now);
+        }
+    }
+
+    /// The state for `peer`, created on first use. Bounded by `max_tracked_peers`: an idle
+    /// peer (nothing in flight, no connection) is evicted to make room; `None` if none is.
+    pub(super) fn peer_mut(&mut self, peer: PeerId, now: Instant) -> Option<&mut Peer> {
+        if !self.peers.contains_key(&peer) {
+            if self.peers.len() >= self.config.max_tracked_peers {
+                let victim = self.peers.iter().find(|(id, p)| {
+                    p.active.is_none()
+                        && p.queue.is_empty()
+                        && p.conns == 0
+                        && !self.has_live_inbound(id)
+                });
+                let victim = *victim?.0;
+                self.drop_inbound_of(victim);
+                self.peers.remove(&victim);
+            }
+            self.peers.insert(
+                peer,
+                Peer {
+                    active: None,
+                    queue: VecDeque::new(),
+                    reusable: None,
+                    conns: 0,
+                    seen: VecDeque::new(),
+                    requests: Bucket::full(self.config.request_rate, now),
+                    connections: Bucket::full(self.config.connection_rate, now),
+                    strikes: 0,
+                },
+            );
+        }
+        self.peers.get_mut(&peer)
+    }
+
+    fn has_live_inbound(&self, peer: &PeerId) -> bool {
+        self.inbound
+            .range((*peer, ExchangeId(0))..=(*peer, ExchangeId(u64::MAX)))
+            .any(|(_, r)| {
+                matches!(
+                    r.state,
+                    InState::AwaitingResponse | InState::AwaitingReplyAck { .. }
+                )
+            })
+    }
+}
+
+fn describe(closed: &Closed) -> String {
+    match closed {
+        Closed::ByPeer(reason) => format!("closed by peer: {reason:?}"),
+        Closed::Locally(reason) => format!("closed: {reason:?}"),
+        Closed::Error(e) => e.to_string(),
+        Closed::Io(e) => e.clone(),
+    }
+}

@@ -1,0 +1,452 @@
+//! The dialer's side: our exchanges, from `request()` to a Reply or a Failure.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand_core::Rng;
+
+use crate::identity::PeerId;
+use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Message, NackReason};
+
+use super::events::{Event, Failure, RetryCause};
+use super::{Conn, ConnId, Direction, Endpoint, Output, Timer};
+
+/// The dialer's side of one exchange.
+///
+/// ```text
+///   request()            peer busy
+///  ----------> Queued ----------------+
+///      |          | peer free         |
+///      |          v                   |
+///      +-----> Connecting --(connected)-----+       (reused idle connection: skip)
+///                 |  ^                      v
+///   connect fail  |  |  redial         AwaitingAck --(Reply)----------+
+///   or timeout    v  |                  |      |                      |
+///              Backoff <--(Nack / ack timeout / lost)   (Ack)         |
+///                 ^  |                         v                      |
+///                 |  +--(after a Nack: -> AwaitingReply --(Reply)-----+-> done: Ack the
+///                 |     same conn)             |                        Reply, Event::Reply
+///                 +--(reply timeout / lost)----+
+///
+///   A timeout abandons the connection (a black-holed stream never errors): the retry
+///   redials. A Nack proves the connection alive: the retry reuses it.
+///
+///   any state --(attempts exhausted, Abort, final Nack, rejection)--> done: Event::Failed
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OutState {
+    /// Waiting behind the peer's current exchange.
+    Queued,
+    /// A dial for this exchange is in progress.
+    Connecting { conn: ConnId },
+    /// Request sent on `conn`, waiting for its Ack.
+    AwaitingAck { conn: ConnId },
+    /// Request acknowledged, waiting for the Reply.
+    AwaitingReply { conn: ConnId },
+    /// Waiting to retry; keeps the connection if it is still usable.
+    Backoff { conn: Option<ConnId> },
+}
+
+impl OutState {
+    pub(super) fn conn(self) -> Option<ConnId> {
+        match self {
+            Self::Queued => None,
+            Self::Connecting { conn }
+            | Self::AwaitingAck { conn }
+            | Self::AwaitingReply { conn } => Some(conn),
+            Self::Backoff { conn } => conn,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Outbound {
+    pub(super) peer: PeerId,
+    pub(super) addr: SocketAddr,
+    pub(super) payload: Bytes,
+    /// Number of the last Request transmission (0 before the first).
+    pub(super) attempt: u32,
+    /// Failed tries so far; reaching `max_attempts` ends the exchange.
+    pub(super) failures: u32,
+    /// Dials made for this exchange.
+    pub(super) dials: u32,
+    pub(super) acked: bool,
+    pub(super) state: OutState,
+}
+
+impl Endpoint {
+    /// Moves an exchange that just became its peer's active one forward.
+    pub(super) fn begin(&mut self, id: ExchangeId, now: Instant) {
+        let Some(ex) = self.outbound.get(&id) else {
+            return;
+        };
+        let peer = ex.peer;
+        let reusable = self
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.reusable.take())
+            .filter(|c| self.conns.get(c).is_some_and(|c| c.established));
+        match reusable {
+            Some(conn) => {
+                self.timers.cancel(Timer::Idle(conn));
+                self.send_request(id, conn, now);
+            }
+            None => self.dial(id, now),
+        }
+    }
+
+    fn dial(&mut self, id: ExchangeId, now: Instant) {
+        let conn = self.alloc_conn();
+        let Some(ex) = self.outbound.get_mut(&id) else {
+            return;
+        };
+        ex.dials += 1;
+        ex.state = OutState::Connecting { conn };
+        let (peer, addr, redial) = (ex.peer, ex.addr, ex.dials > 1);
+        self.stats.dials += 1;
+        self.stats.redials += u64::from(redial);
+        self.conns.insert(
+            conn,
+            Conn {
+                peer,
+                addr,
+                direction: Direction::Outbound,
+                established: false,
+                exchange: Some(id),
+                remote_max: 0,
+            },
+        );
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.conns += 1;
+        }
+        self.timers
+            .set(Timer::Outbound(id), now + self.config.connect_timeout);
+        self.outputs.push_back(Output::Dial { conn, peer, addr });
+    }
+
+    fn send_request(&mut self, id: ExchangeId, conn: ConnId, now: Instant) {
+        let Some(ex) = self.outbound.get_mut(&id) else {
+            return;
+        };
+        let max = self.conns.get(&conn).map_or(0, |c| c.remote_max);
+        if ex.payload.len() > max {
+            let failure = Failure::TooLarge {
+                len: ex.payload.len(),
+                max,
+            };
+            ex.state = OutState::Backoff { conn: Some(conn) };
+            return self.finish(id, Err(failure), now);
+        }
+        ex.attempt += 1;
+        ex.state = OutState::AwaitingAck { conn };
+        let message = Message::Request {
+            exchange: id,
+            attempt: ex.attempt,
+            payload: ex.payload.clone(),
+        };
+        self.stats.requests_sent += 1;
+        self.stats.resends += u64::from(ex.attempt > 1);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.exchange = Some(id);
+        }
+        self.timers
+            .set(Timer::Outbound(id), now + self.config.ack_timeout);
+        self.send(conn, message);
+    }
+
+    /// One try failed: back off and retry, or give up.
+    pub(super) fn retry(
+        &mut self,
+        id: ExchangeId,
+        cause: RetryCause,
+        conn: Option<ConnId>,
+        now: Instant,
+    ) {
+        self.retry_after(id, cause, conn, Duration::ZERO, now);
+    }
+
+    /// [`Self::retry`] waiting at least `hint` (a Nack's retry-after), capped by `backoff_max`.
+    fn retry_after(
+        &mut self,
+        id: ExchangeId,
+        cause: RetryCause,
+        conn: Option<ConnId>,
+        hint: Duration,
+        now: Instant,
+    ) {
+        let Some(ex) = self.outbound.get_mut(&id) else {
+            return;
+        };
+        ex.failures += 1;
+        if ex.failures >= self.config.max_attempts {
+            let failure = Failure::Exhausted {
+                attempts: ex.failures,
+                last: cause,
+                request_acked: ex.acked,
+            };
+            ex.state = OutState::Backoff { conn };
+            return self.finish(id, Err(failure), now);
+        }
+        let failures = ex.failures;
+        ex.state = OutState::Backoff { conn };
+        let delay = self
+            .backoff(failures)
+            .max(hint.min(self.config.backoff_max));
+        self.timers.set(Timer::Outbound(id), now + delay);
+    }
+
+    /// Exponential backoff with "equal jitter": half fixed, half drawn from the seeded RNG.
+    fn backoff(&mut self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(20);
+        let base = self
+            .config
+            .backoff_initial
+            .saturating_mul(1 << exp)
+            .min(self.config.backoff_max);
+        let half = base / 2;
+        let half_micros = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+        let jitter = if half_micros == 0 {
+            0
+        } else {
+            self.rng.next_u64() % (half_micros + 1)
+        };
+        half + Duration::from_micros(jitter)
+    }
+
+    pub(super) fn on_outbound_timer(&mut self, id: ExchangeId, now: Instant) {
+        let Some(ex) = self.outbound.get(&id) else {
+            return;
+        };
+        match ex.state {
+            OutState::Queued => {}
+            OutState::Connecting { conn } => {
+                self.abandon_conn(conn, now);
+                self.retry(id, RetryCause::ConnectTimeout, None, now);
+            }
+            // A timeout makes the connection suspect: a black-holed stream never reports an
+            // error, so the retry goes out on a fresh connection. (A Nack, in contrast,
+            // proves the connection alive and the retry reuses it.)
+            OutState::AwaitingAck { conn } => {
+                self.abandon_conn(conn, now);
+                self.retry(id, RetryCause::AckTimeout, None, now);
+            }
+            OutState::AwaitingReply { conn } => {
+                self.abandon_conn(conn, now);
+                self.retry(id, RetryCause::ReplyTimeout, None, now);
+            }
+            OutState::Backoff { conn } => {
+                match conn.filter(|c| self.conns.get(c).is_some_and(|c| c.established)) {
+                    Some(conn) => self.send_request(id, conn, now),
+                    None => self.dial(id, now),
+                }
+            }
+        }
+    }
+
+    /// Ends an outbound exchange: event, connection release, next queued exchange.
+    pub(super) fn finish(&mut self, id: ExchangeId, outcome: Result<Bytes, Failure>, now: Instant) {
+        let Some(ex) = self.outbound.remove(&id) else {
+            return;
+        };
+        self.timers.cancel(Timer::Outbound(id));
+        let peer = ex.peer;
+        if let Some(conn) = ex.state.conn() {
+            self.release_outbound_conn(conn, id, outcome.is_ok(), now);
+        }
+        let was_active = match self.peers.get_mut(&peer) {
+            Some(p) if p.active == Some(id) => {
+                p.active = None;
+                true
+            }
+            Some(p) => {
+                p.queue.retain(|q| *q != id);
+                false
+            }
+            None => false,
+        };
+        self.events.push_back(match outcome {
+            Ok(payload) => Event::Reply {
+                peer,
+                addr: ex.addr,
+                exchange: id,
+                payload,
+            },
+            Err(failure) => Event::Failed {
+                peer,
+                exchange: id,
+                payload: ex.payload,
+                failure,
+            },
+        });
+        if was_active {
+            self.start_next(peer, now);
+        }
+    }
+
+    fn start_next(&mut self, peer: PeerId, now: Instant) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        debug_assert!(p.active.is_none());
+        if let Some(next) = p.queue.pop_front() {
+            p.active = Some(next);
+            self.begin(next, now);
+        }
+    }
+
+    fn release_outbound_conn(&mut self, conn: ConnId, id: ExchangeId, healthy: bool, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.exchange != Some(id) {
+            return;
+        }
+        c.exchange = None;
+        let keep = healthy && c.established && self.config.reuse_connections && !self.shutting_down;
+        if keep {
+            let peer = c.peer;
+            if let Some(p) = self.peers.get_mut(&peer) {
+                if let Some(old) = p.reusable.replace(conn) {
+                    if old != conn {
+                        self.close(old, CloseReason::Done, now);
+                    }
+                }
+            }
+            self.arm_idle(conn, now);
+        } else {
+            self.close(conn, CloseReason::Done, now);
+        }
+    }
+
+    pub(super) fn on_established(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        remote_max: usize,
+        now: Instant,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.direction != Direction::Outbound || c.established {
+            return; // Inbound connections are registered by `handle_accepted`.
+        }
+        if c.peer != peer {
+            // The Connection checks the dialed identity; a driver passing another peer is a
+            // bug, handled as an impostor rather than trusted.
+            return self.violation(conn, "established with an unexpected identity", now);
+        }
+        c.established = true;
+        c.remote_max = remote_max;
+        match c.exchange {
+            Some(id) => self.send_request(id, conn, now),
+            None => self.close(conn, CloseReason::Done, now),
+        }
+    }
+
+    pub(super) fn on_outbound_message(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        message: Message,
+        now: Instant,
+    ) {
+        let id = match &message {
+            Message::Ack {
+                of: AckOf::Request,
+                exchange,
+                ..
+            }
+            | Message::Nack { exchange, .. }
+            | Message::Reply { exchange, .. }
+            | Message::Abort { exchange, .. } => *exchange,
+            _ => {
+                return self.violation(
+                    conn,
+                    "responder sent a message only a dialer may send",
+                    now,
+                );
+            }
+        };
+        let state = match self.outbound.get(&id) {
+            Some(ex) if ex.peer == peer => ex.state,
+            _ => {
+                // Unknown or finished exchange. A duplicate Reply still deserves an Ack so the
+                // responder can stop waiting; anything else is stale and ignored.
+                if let Message::Reply { attempt, .. } = message {
+                    self.send(
+                        conn,
+                        Message::Ack {
+                            exchange: id,
+                            attempt,
+                            of: AckOf::Reply,
+                        },
+                    );
+                }
+                return;
+            }
+        };
+        match message {
+            Message::Reply { payload, .. } if payload.len() > self.config.max_message_size => {
+                // We advertised our limit; a responder exceeding it broke the protocol.
+                self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
+                self.violation(conn, "reply exceeds our advertised maximum", now);
+            }
+            Message::Reply {
+                attempt, payload, ..
+            } => {
+                self.send(
+                    conn,
+                    Message::Ack {
+                        exchange: id,
+                        attempt,
+                        of: AckOf::Reply,
+                    },
+                );
+                if let Some(ex) = self.outbound.get_mut(&id) {
+                    ex.acked = true;
+                }
+                self.finish(id, Ok(payload), now);
+            }
+            Message::Ack { attempt, .. } => {
+                let bound = state.conn() == Some(conn);
+                let waiting = matches!(
+                    state,
+                    OutState::AwaitingAck { .. } | OutState::Backoff { .. }
+                );
+                if let Some(ex) = self.outbound.get_mut(&id) {
+                    ex.acked = true;
+                    if bound && waiting && attempt <= ex.attempt {
+                        ex.state = OutState::AwaitingReply { conn };
+                        self.timers
+                            .set(Timer::Outbound(id), now + self.config.reply_timeout);
+                    }
+                }
+            }
+            Message::Nack {
+                attempt,
+                reason,
+                retry_after_ms,
+                ..
+            } => {
+                let current = matches!(state, OutState::AwaitingAck { conn: c } if c == conn)
+                    && self
+                        .outbound
+                        .get(&id)
+                        .is_some_and(|ex| ex.attempt == attempt);
+                if !current {
+                    return;
+                }
+                self.stats.nacks_received += 1;
+                if reason == NackReason::TooLarge {
+                    return self.finish(id, Err(Failure::Refused(reason)), now);
+                }
+                let hint = Duration::from_millis(u64::from(retry_after_ms));
+                self.retry_after(id, RetryCause::Nacked(reason), Some(conn), hint, now);
+            }
+            Message::Abort { reason, .. } => self.finish(id, Err(Failure::Aborted(reason)), now),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! What an [`Endpoint`](super::Endpoint) tells its driver and application: events,
+//! failures and their causes, refusals, and counters.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+#[cfg(doc)]
+use super::Endpoint;
+use crate::connection::{ConnError, Remote};
+use crate::identity::PeerId;
+use crate::wire::{AbortReason, CloseReason, ExchangeId, NackReason};
+
+/// Why an outbound exchange was retried (and, once attempts run out, why it failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryCause {
+    /// The connection could not be opened or its handshake failed.
+    DialFailed(String),
+    /// Dial and handshake did not finish within `connect_timeout`.
+    ConnectTimeout,
+    /// The connection broke during the exchange.
+    ConnectionLost(String),
+    /// No Ack within `ack_timeout`.
+    AckTimeout,
+    /// No Reply within `reply_timeout` after the Ack.
+    ReplyTimeout,
+    /// The responder Nacked the request.
+    Nacked(NackReason),
+}
+
+/// Why an outbound exchange failed. Its payload comes back with it in [`Event::Failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Every attempt failed. `request_acked` tells whether the responder ever confirmed
+    /// receipt (then its application has the request); otherwise delivery is unknown unless
+    /// every attempt was Nacked or never sent.
+    Exhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last cause.
+        last: RetryCause,
+        /// Whether any attempt was acknowledged.
+        request_acked: bool,
+    },
+    /// The responder refused for good (Nack `TooLarge`). Not delivered.
+    Refused(NackReason),
+    /// The responder gave up after accepting it (e.g. its application never answered).
+    Aborted(AbortReason),
+    /// The responder closed the connection for a reason that retrying cannot fix
+    /// (it does not allow us). Not delivered.
+    Rejected(CloseReason),
+    /// A connection error that retrying cannot fix: impostor key, incompatible version.
+    Connection(ConnError),
+    /// The payload exceeds the responder's advertised maximum. Not delivered.
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// The responder's limit.
+        max: usize,
+    },
+    /// The peer was removed from our allow list before the exchange completed.
+    Revoked,
+    /// The endpoint is shutting down.
+    ShuttingDown,
+}
+
+/// Errors a peer caused, reported with [`Event::PeerError`]; the peer is disconnected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// A connection-level failure (handshake, decryption, framing, identity, allow list).
+    #[error(transparent)]
+    Connection(ConnError),
+    /// A well-formed message that breaks the exchange protocol.
+    #[error("{remote}: protocol violation: {detail}")]
+    Violation {
+        /// Who.
+        remote: Remote,
+        /// What.
+        detail: &'static str,
+    },
+    /// The peer kept exceeding its request rate after being Nacked.
+    #[error("{remote}: disconnected after {strikes} rate-limited requests in a row")]
+    RateLimitAbuse {
+        /// Who.
+        remote: Remote,
+        /// Consecutive rate-limited requests.
+        strikes: u32,
+    },
+}
+
+impl PeerError {
+    /// The peer (and address) at fault.
+    pub fn remote(&self) -> Remote {
+        match self {
+            Self::Connection(e) => e.remote(),
+            Self::Violation { remote, .. } | Self::RateLimitAbuse { remote, .. } => *remote,
+        }
+    }
+}
+
+/// Which rate limit a peer hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Incoming requests.
+    Requests,
+    /// Incoming connections.
+    Connections,
+}
+
+/// What the application learns. Every exchange ends in exactly one outcome event:
+/// outbound in `Reply` or `Failed`; inbound in `ResponseDelivered`, `ResponseUnconfirmed` or
+/// `ResponseTimedOut`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer's request, delivered once. Answer with [`Endpoint::respond`].
+    Request {
+        /// From.
+        peer: PeerId,
+        /// The address the request came from.
+        addr: SocketAddr,
+        /// Its exchange (unique per peer).
+        exchange: ExchangeId,
+        /// Application bytes.
+        payload: Bytes,
+    },
+    /// The reply to one of our requests.
+    Reply {
+        /// From.
+        peer: PeerId,
+        /// The address the reply came from (the one dialed).
+        addr: SocketAddr,
+        /// The id [`Endpoint::request`] returned.
+        exchange: ExchangeId,
+        /// Application bytes.
+        payload: Bytes,
+    },
+    /// One of our requests failed; its payload is handed back.
+    Failed {
+        /// To.
+        peer: PeerId,
+        /// The id [`Endpoint::request`] returned.
+        exchange: ExchangeId,
+        /// The original payload.
+        payload: Bytes,
+        /// Why.
+        failure: Failure,
+    },
+    /// The peer acknowledged our reply.
+    ResponseDelivered {
+        /// To.
+        peer: PeerId,
+        /// Exchange.
+        exchange: ExchangeId,
+    },
+    /// Our reply was not acknowledged within `reply_ack_timeout`. It stays cached for a
+    /// resent request, but no further event follows.
+    ResponseUnconfirmed {
+        /// To.
+        peer: PeerId,
+        /// Exchange.
+        exchange: ExchangeId,
+    },
+    /// We did not answer within `response_timeout`; the dialer was told (Abort).
+    ResponseTimedOut {
+        /// From.
+        peer: PeerId,
+        /// Exchange.
+        exchange: ExchangeId,
+    },
+    /// A peer misbehaved or a connection failed in a way worth reporting; it is disconnected.
+    PeerError(PeerError),
+    /// A peer exceeded a rate limit and was Nacked (or disconnected).
+    RateLimited {
+        /// Who.
+        peer: PeerId,
+        /// Which limit.
+        limit: LimitKind,
+        /// Whether the peer was disconnected for it.
+        disconnected: bool,
+    },
+}
+
+impl Event {
+    /// Whether this event belongs on the priority channel (failures, errors, limits) rather
+    /// than the receive channel (requests, replies, and confirmations that our replies
+    /// arrived: the normal outcomes of exchanges).
+    pub fn is_priority(&self) -> bool {
+        !matches!(
+            self,
+            Self::Request { .. } | Self::Reply { .. } | Self::ResponseDelivered { .. }
+        )
+    }
+}
+
+/// Why [`Endpoint::request`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The peer is not on the allow list.
+    #[error("peer {0} is not on the allow list")]
+    NotAllowed(PeerId),
+    /// The payload exceeds `max_message_size`.
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The peer's queue is full.
+    #[error("queue for peer {peer} is full ({limit} requests waiting)")]
+    QueueFull {
+        /// Peer.
+        peer: PeerId,
+        /// `max_queued_per_peer`.
+        limit: usize,
+    },
+    /// A node cannot exchange with itself.
+    #[error("cannot send a request to ourselves")]
+    SelfRequest,
+    /// Too many distinct peers are tracked (`max_tracked_peers`).
+    #[error("too many peers tracked")]
+    TooManyPeers,
+    /// The endpoint is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Why [`Endpoint::respond`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RespondError {
+    /// No request with that id from that peer awaits an answer (never was, already answered,
+    /// or timed out).
+    #[error("no pending request {exchange} from peer {peer}")]
+    NotPending {
+        /// Peer.
+        peer: PeerId,
+        /// Exchange.
+        exchange: ExchangeId,
+    },
+    /// The peer has no request awaiting an answer.
+    #[error("no pending request from peer {peer}")]
+    NoPendingRequest {
+        /// Peer.
+        peer: PeerId,
+    },
+    /// The reply exceeds what the dialer accepts. The request stays pending.
+    #[error("reply of {len} bytes exceeds the peer's maximum of {max}")]
+    TooLarge {
+        /// Reply length.
+        len: usize,
+        /// Peer's limit.
+        max: usize,
+    },
+}
+
+/// Counters, for tests, the simulator and monitoring.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections dialed.
+    pub dials: u64,
+    /// Dials beyond an exchange's first.
+    pub redials: u64,
+    /// Requests sent, first attempts included.
+    pub requests_sent: u64,
+    /// Requests sent again (attempt > 1).
+    pub resends: u64,
+    /// Inbound requests handed to the application.
+    pub requests_delivered: u64,
+    /// Duplicate requests recognised and not handed to the application.
+    pub duplicates_dropped: u64,
+    /// Replies re-sent from the cache for a resent request.
+    pub replies_from_cache: u64,
+    /// Nacks sent.
+    pub nacks_sent: u64,
+    /// Nacks received.
+    pub nacks_received: u64,
+}

@@ -1,0 +1,70 @@
+//! The cross-table invariants, checked by the tests after every step.
+
+use super::Endpoint;
+use super::dialer::OutState;
+use super::responder::InState;
+
+impl Endpoint {
+    /// Checks the cross-table invariants. Called by tests after every step; cheap enough
+    /// for debug builds only.
+    pub(crate) fn check_invariants(&self) {
+        let pending = self
+            .inbound
+            .values()
+            .filter(|r| r.state == InState::AwaitingResponse)
+            .count();
+        assert_eq!(pending, self.pending_inbound, "pending count");
+        let cached: usize = self
+            .inbound
+            .values()
+            .map(|r| match &r.state {
+                InState::AwaitingReplyAck { reply: Some(r) }
+                | InState::Unconfirmed { reply: Some(r) } => r.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(cached, self.cache_bytes, "cache bytes");
+        for (id, ex) in &self.outbound {
+            let p = &self.peers[&ex.peer];
+            let queued = p.queue.contains(id);
+            assert_eq!(
+                ex.state == OutState::Queued,
+                queued,
+                "{id} queued iff in the peer queue"
+            );
+            assert!(queued || p.active == Some(*id), "{id} is active or queued");
+            assert!(
+                ex.failures < self.config.max_attempts,
+                "{id} within attempts"
+            );
+            if let Some(conn) = ex.state.conn() {
+                if !matches!(ex.state, OutState::Backoff { .. }) {
+                    assert_eq!(
+                        self.conns[&conn].exchange,
+                        Some(*id),
+                        "{id} bound to {conn}"
+                    );
+                }
+            }
+        }
+        for (peer, p) in &self.peers {
+            if let Some(active) = p.active {
+                assert!(
+                    self.outbound.contains_key(&active),
+                    "active exchange exists"
+                );
+            }
+            assert!(p.seen.len() <= self.config.dedupe_per_peer);
+            assert!(p.queue.len() <= self.config.max_queued_per_peer);
+            let conns = self.conns.values().filter(|c| c.peer == *peer).count();
+            assert_eq!(conns, p.conns, "conn count of {peer:?}");
+        }
+        assert!(self.cache_bytes <= self.config.reply_cache_bytes);
+        for ((peer, id), r) in &self.inbound {
+            assert!(
+                !r.ack_held || r.state == InState::AwaitingResponse,
+                "{id} of {peer:?}: a held Ack only while awaiting the response"
+            );
+        }
+    }
+}

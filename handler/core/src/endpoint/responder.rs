@@ -1,0 +1,482 @@
+//! The responder's side: a peer's exchanges, from its Request to the Ack of our Reply, and
+//! the records that deduplicate them.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::identity::PeerId;
+use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Kind, Message, NackReason};
+
+use super::events::{Event, Failure, LimitKind, PeerError};
+use super::{ConnId, Direction, Endpoint, Timer};
+
+/// The responder's side of one exchange (one record per (peer, exchange id), kept after the
+/// exchange for deduplication).
+///
+/// ```text
+///   Request (new)                respond()                    Ack of Reply
+///  -------------> AwaitingResponse ------> AwaitingReplyAck ---------------> Done
+///   (Ack it,          |                        |      ^ resent Request:     (Event::
+///    Event::Request)  | response timeout       |      | resend cached Reply  ResponseDelivered)
+///                     v                        | reply ack timeout
+///                 Aborted (Abort NoResponse,   v
+///                  Event::ResponseTimedOut)  Unconfirmed (Event::ResponseUnconfirmed;
+///                                             the cached reply still answers resends)
+///
+///   A resent Request for a known id is Acked and answered from the record; it never
+///   reaches the application again.
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum InState {
+    AwaitingResponse,
+    AwaitingReplyAck { reply: Option<Bytes> },
+    Unconfirmed { reply: Option<Bytes> },
+    Done,
+    Aborted(AbortReason),
+}
+
+#[derive(Debug)]
+pub(super) struct Inbound {
+    /// The connection the latest copy of the Request came on (may be gone).
+    pub(super) conn: ConnId,
+    /// Attempt number of that copy, echoed in our answers.
+    pub(super) attempt: u32,
+    pub(super) state: InState,
+    /// The Ack of this Request is being held (`Config::ack_delay`), not sent yet.
+    pub(super) ack_held: bool,
+}
+
+impl Endpoint {
+    pub(super) fn on_inbound_message(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        message: Message,
+        now: Instant,
+    ) {
+        match message {
+            Message::Request {
+                exchange,
+                attempt,
+                payload,
+            } => self.on_request(conn, peer, exchange, attempt, payload, now),
+            Message::Ack {
+                exchange,
+                of: AckOf::Reply,
+                ..
+            } => self.on_reply_ack(conn, peer, exchange, now),
+            _ => self.violation(conn, "dialer sent a message only a responder may send", now),
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        exchange: ExchangeId,
+        attempt: u32,
+        payload: Bytes,
+        now: Instant,
+    ) {
+        let nack = |reason, retry_after_ms| Message::Nack {
+            exchange,
+            attempt,
+            reason,
+            retry_after_ms,
+        };
+        // The rate limit applies to every copy, duplicates included: a resend can make us
+        // send a cached reply of up to `max_message_size` again.
+        let limit = self.config.request_rate;
+        let strikes_max = self.config.rate_limit_strikes;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if let Err(wait) = p.requests.take(limit, now) {
+            p.strikes += 1;
+            let strikes = p.strikes;
+            let disconnect = strikes >= strikes_max;
+            self.events.push_back(Event::RateLimited {
+                peer,
+                limit: LimitKind::Requests,
+                disconnected: disconnect,
+            });
+            let ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+            self.send_nack(conn, nack(NackReason::RateLimited, ms));
+            if disconnect {
+                let remote = self.remote_of(conn);
+                self.events
+                    .push_back(Event::PeerError(PeerError::RateLimitAbuse {
+                        remote,
+                        strikes,
+                    }));
+                self.close(conn, CloseReason::RateLimited, now);
+            }
+            return;
+        }
+        p.strikes = 0;
+        let key = (peer, exchange);
+        if self.inbound.contains_key(&key) {
+            return self.on_duplicate_request(conn, key, attempt, now);
+        }
+        if self.shutting_down {
+            return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
+        }
+        // One exchange per connection at a time; a correct dialer never overlaps them.
+        let busy_conn = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.exchange)
+            .is_some_and(|other| other != exchange);
+        if busy_conn {
+            return self.send_nack(conn, nack(NackReason::Busy, 0));
+        }
+        // The reassembler bounds the encoded message; the payload bound is checked here.
+        if payload.len() > self.config.max_message_size {
+            return self.send_nack(conn, nack(NackReason::TooLarge, 0));
+        }
+        if self.pending_inbound >= self.config.max_pending_inbound || !self.make_room(peer) {
+            return self.send_nack(conn, nack(NackReason::Busy, 0));
+        }
+        // Accept: remember, acknowledge, deliver once.
+        let hold = !self.config.ack_delay.is_zero();
+        self.inbound.insert(
+            key,
+            Inbound {
+                conn,
+                attempt,
+                state: InState::AwaitingResponse,
+                ack_held: hold,
+            },
+        );
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.seen.push_back(exchange);
+        }
+        self.pending_inbound += 1;
+        self.bind_inbound(conn, exchange);
+        self.timers.set(
+            Timer::Inbound(peer, exchange),
+            now + self.config.response_timeout,
+        );
+        if hold {
+            self.timers
+                .set(Timer::Ack(peer, exchange), now + self.config.ack_delay);
+        } else {
+            self.send_held_ack(peer, exchange);
+        }
+        self.stats.requests_delivered += 1;
+        let addr = self.remote_of(conn).addr;
+        self.events.push_back(Event::Request {
+            peer,
+            addr,
+            exchange,
+            payload,
+        });
+    }
+
+    /// A Request we already know: answer from the record, never from the application.
+    fn on_duplicate_request(
+        &mut self,
+        conn: ConnId,
+        key: (PeerId, ExchangeId),
+        attempt: u32,
+        now: Instant,
+    ) {
+        self.stats.duplicates_dropped += 1;
+        let (_, exchange) = key;
+        let Some(record) = self.inbound.get_mut(&key) else {
+            return;
+        };
+        let old = std::mem::replace(&mut record.conn, conn);
+        record.attempt = attempt;
+        let state = record.state.clone();
+        if old != conn {
+            // The dialer moved to a new connection; the old one no longer carries this
+            // exchange and may idle out (it may be a black hole that never closes itself).
+            self.unbind_inbound(old, exchange, now);
+        }
+        let ack = Message::Ack {
+            exchange,
+            attempt,
+            of: AckOf::Request,
+        };
+        let awaiting_ack = matches!(state, InState::AwaitingReplyAck { .. });
+        match state {
+            InState::AwaitingResponse => {
+                self.bind_inbound(conn, exchange);
+                self.timers.cancel(Timer::Ack(key.0, exchange));
+                if let Some(record) = self.inbound.get_mut(&key) {
+                    record.ack_held = false;
+                }
+                self.send(conn, ack);
+            }
+            InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply } => match reply {
+                Some(payload) => {
+                    // Only an exchange still waiting for its reply's Ack holds the
+                    // connection (its timer releases it). An unconfirmed one has no timer
+                    // left, so binding would keep the connection from ever idling out.
+                    if awaiting_ack {
+                        self.bind_inbound(conn, exchange);
+                    }
+                    self.send(conn, ack);
+                    self.stats.replies_from_cache += 1;
+                    self.send(
+                        conn,
+                        Message::Reply {
+                            exchange,
+                            attempt,
+                            payload,
+                        },
+                    );
+                }
+                None => self.send(
+                    conn,
+                    Message::Abort {
+                        exchange,
+                        attempt,
+                        reason: AbortReason::ReplyExpired,
+                    },
+                ),
+            },
+            // The dialer already acknowledged our reply: this copy is stale. Ack it so a
+            // confused dialer stops resending, but say nothing more.
+            InState::Done => self.send(conn, ack),
+            InState::Aborted(reason) => self.send(
+                conn,
+                Message::Abort {
+                    exchange,
+                    attempt,
+                    reason,
+                },
+            ),
+        }
+    }
+
+    /// Sends the Ack of `peer`'s Request `exchange` now, on the connection its latest copy
+    /// came on, and stops holding it.
+    pub(super) fn send_held_ack(&mut self, peer: PeerId, exchange: ExchangeId) {
+        let Some(record) = self.inbound.get_mut(&(peer, exchange)) else {
+            return;
+        };
+        record.ack_held = false;
+        let (conn, attempt) = (record.conn, record.attempt);
+        self.timers.cancel(Timer::Ack(peer, exchange));
+        self.send(
+            conn,
+            Message::Ack {
+                exchange,
+                attempt,
+                of: AckOf::Request,
+            },
+        );
+    }
+
+    fn on_reply_ack(&mut self, conn: ConnId, peer: PeerId, exchange: ExchangeId, now: Instant) {
+        let key = (peer, exchange);
+        let Some(record) = self.inbound.get_mut(&key) else {
+            return;
+        };
+        let (reply, confirm) = match std::mem::replace(&mut record.state, InState::Done) {
+            InState::AwaitingReplyAck { reply } => (reply, true),
+            InState::Unconfirmed { reply } => (reply, false),
+            other => {
+                record.state = other;
+                return;
+            }
+        };
+        if let Some(reply) = reply {
+            self.cache_bytes -= reply.len();
+        }
+        self.timers.cancel(Timer::Inbound(peer, exchange));
+        if confirm {
+            self.events
+                .push_back(Event::ResponseDelivered { peer, exchange });
+        }
+        self.unbind_inbound(conn, exchange, now);
+    }
+
+    pub(super) fn on_inbound_timer(&mut self, peer: PeerId, exchange: ExchangeId, now: Instant) {
+        let Some(record) = self.inbound.get_mut(&(peer, exchange)) else {
+            return;
+        };
+        match &mut record.state {
+            InState::AwaitingResponse => {
+                let (conn, attempt) = (record.conn, record.attempt);
+                self.abort_inbound(peer, exchange, conn, attempt, AbortReason::NoResponse, now);
+                self.events
+                    .push_back(Event::ResponseTimedOut { peer, exchange });
+            }
+            InState::AwaitingReplyAck { reply } => {
+                record.state = InState::Unconfirmed {
+                    reply: reply.take(),
+                };
+                let conn = record.conn;
+                self.unbind_inbound(conn, exchange, now);
+                self.events
+                    .push_back(Event::ResponseUnconfirmed { peer, exchange });
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn abort_inbound(
+        &mut self,
+        peer: PeerId,
+        exchange: ExchangeId,
+        conn: ConnId,
+        attempt: u32,
+        reason: AbortReason,
+        now: Instant,
+    ) {
+        if let Some(record) = self.inbound.get_mut(&(peer, exchange)) {
+            debug_assert_eq!(record.state, InState::AwaitingResponse);
+            record.state = InState::Aborted(reason);
+            record.ack_held = false;
+            self.pending_inbound -= 1;
+        }
+        self.timers.cancel(Timer::Inbound(peer, exchange));
+        self.timers.cancel(Timer::Ack(peer, exchange));
+        self.send(
+            conn,
+            Message::Abort {
+                exchange,
+                attempt,
+                reason,
+            },
+        );
+        self.unbind_inbound(conn, exchange, now);
+    }
+
+    pub(super) fn on_oversized(
+        &mut self,
+        conn: ConnId,
+        kind: Kind,
+        exchange: Option<ExchangeId>,
+        attempt: Option<u32>,
+        now: Instant,
+    ) {
+        let direction = self.conns.get(&conn).map(|c| c.direction);
+        match (direction, kind, exchange, attempt) {
+            (Some(Direction::Inbound), Kind::Request, Some(exchange), Some(attempt)) => {
+                self.send_nack(
+                    conn,
+                    Message::Nack {
+                        exchange,
+                        attempt,
+                        reason: NackReason::TooLarge,
+                        retry_after_ms: 0,
+                    },
+                );
+            }
+            (Some(Direction::Outbound), Kind::Reply, Some(id), _) => {
+                // We advertised our limit; a responder exceeding it broke the protocol.
+                self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
+                self.violation(conn, "reply exceeds our advertised maximum", now);
+            }
+            _ => self.violation(conn, "oversized message", now),
+        }
+    }
+
+    /// Keeps the per-peer dedupe memory within bounds; false if every slot is still live.
+    fn make_room(&mut self, peer: PeerId) -> bool {
+        let limit = self.config.dedupe_per_peer;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        while p.seen.len() >= limit {
+            let victim = p.seen.iter().position(|id| {
+                self.inbound.get(&(peer, *id)).is_none_or(|r| {
+                    !matches!(
+                        r.state,
+                        InState::AwaitingResponse | InState::AwaitingReplyAck { .. }
+                    )
+                })
+            });
+            let Some(index) = victim else {
+                return false;
+            };
+            let Some(id) = p.seen.remove(index) else {
+                return false;
+            };
+            if let Some(record) = self.inbound.remove(&(peer, id)) {
+                if let InState::Unconfirmed { reply: Some(r) } = record.state {
+                    self.cache_bytes -= r.len();
+                }
+                self.timers.cancel(Timer::Inbound(peer, id));
+                self.timers.cancel(Timer::Ack(peer, id));
+            }
+        }
+        true
+    }
+
+    /// Drops cached replies, oldest first, until the cache fits its byte budget.
+    pub(super) fn trim_reply_cache(&mut self) {
+        while self.cache_bytes > self.config.reply_cache_bytes {
+            let Some(key) = self.cache_order.pop_front() else {
+                break;
+            };
+            if let Some(record) = self.inbound.get_mut(&key) {
+                if let InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply } =
+                    &mut record.state
+                {
+                    if let Some(r) = reply.take() {
+                        self.cache_bytes -= r.len();
+                    }
+                }
+            }
+        }
+        // Entries whose reply is gone are dropped from the order lazily above; keep the queue
+        // from growing past the record count.
+        if self.cache_order.len() > self.inbound.len() {
+            let inbound = &self.inbound;
+            self.cache_order.retain(|k| {
+                inbound.get(k).is_some_and(|r| {
+                    matches!(
+                        r.state,
+                        InState::AwaitingReplyAck { reply: Some(_) }
+                            | InState::Unconfirmed { reply: Some(_) }
+                    )
+                })
+            });
+        }
+    }
+
+    pub(super) fn drop_inbound_of(&mut self, peer: PeerId) {
+        let keys: Vec<(PeerId, ExchangeId)> = self
+            .inbound
+            .range((peer, ExchangeId(0))..=(peer, ExchangeId(u64::MAX)))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(record) = self.inbound.remove(&key) {
+                match record.state {
+                    InState::AwaitingResponse => self.pending_inbound -= 1,
+                    InState::AwaitingReplyAck { reply: Some(r) }
+                    | InState::Unconfirmed { reply: Some(r) } => self.cache_bytes -= r.len(),
+                    _ => {}
+                }
+            }
+            self.timers.cancel(Timer::Inbound(key.0, key.1));
+            self.timers.cancel(Timer::Ack(key.0, key.1));
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.seen.clear();
+        }
+    }
+
+    fn bind_inbound(&mut self, conn: ConnId, exchange: ExchangeId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.exchange = Some(exchange);
+            self.timers.cancel(Timer::Idle(conn));
+        }
+    }
+
+    fn unbind_inbound(&mut self, conn: ConnId, exchange: ExchangeId, now: Instant) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.exchange == Some(exchange) {
+                c.exchange = None;
+                self.arm_idle(conn, now);
+            }
+        }
+    }
+}
