@@ -1,0 +1,69 @@
+//! The core's promise that it does no I/O is kept by what it may depend on. This test makes
+//! adding a dependency a deliberate act: a new entry must be added here, with a reason, and
+//! nothing that brings an async runtime or networking may be.
+
+use std::collections::BTreeSet;
+
+/// Each allowed dependency, and why the core needs it.
+const ALLOWED: &[(&str, &str)] = &[
+    (
+        "snow",
+        "Noise XX state machines (no std/getrandom features: no OS randomness)",
+    ),
+    ("bytes", "cheaply cloned payloads"),
+    ("blake2", "peer id = BLAKE2s-256 of the public key"),
+    ("curve25519-dalek", "X25519 public keys from private ones"),
+    ("rand_core", "the RNG traits"),
+    (
+        "rand_chacha",
+        "the seeded RNG every random choice comes from",
+    ),
+    ("thiserror", "error types"),
+    ("serde", "allow-list and peer-id (de)serialisation"),
+    ("toml", "the allow-list file format"),
+    ("hex", "text forms of keys and peer ids"),
+];
+
+/// Crates whose presence would mean the core can do I/O or run tasks.
+const FORBIDDEN: &[&str] = &[
+    "tokio",
+    "tokio-util",
+    "futures",
+    "futures-util",
+    "async-std",
+    "mio",
+    "socket2",
+    "getrandom",
+    "turmoil",
+    "tracing",
+];
+
+#[test]
+fn the_core_depends_only_on_what_it_is_allowed() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))?;
+    let manifest: toml::Table = toml::from_str(&manifest)?;
+    let deps: BTreeSet<&str> = manifest
+        .get("dependencies")
+        .and_then(|d| d.as_table())
+        .map(|t| t.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let allowed: BTreeSet<&str> = ALLOWED.iter().map(|(name, _)| *name).collect();
+    for dep in &deps {
+        assert!(
+            !FORBIDDEN.contains(dep),
+            "the sans-IO core must not depend on {dep}"
+        );
+        assert!(
+            allowed.contains(dep),
+            "new core dependency {dep}: add it to ALLOWED with a reason, if it does no I/O"
+        );
+    }
+    // Features must not turn on I/O either: only `ring` (a cipher) exists.
+    let features: BTreeSet<&str> = manifest
+        .get("features")
+        .and_then(|f| f.as_table())
+        .map(|t| t.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(features, BTreeSet::from(["default", "ring"]));
+    Ok(())
+}
