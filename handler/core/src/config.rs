@@ -68,10 +68,21 @@ pub struct Config {
     /// Peers whose rate-limit state is tracked at once (bounds memory in allow-any mode).
     /// Default 4096.
     pub max_tracked_peers: usize,
-    /// Open connections, both directions, handshaking ones included. Past this, accepted
-    /// streams are dropped at once and dials wait for a free slot (reported as a priority
-    /// event either way). Default 1024.
+    /// Open connections, both directions, handshaking ones included. When an accepted
+    /// stream finds this full, the oldest unauthenticated inbound connection makes room for
+    /// it; if every connection is authenticated (or ours), the new stream is dropped. Dials
+    /// wait for a free slot. Either refusal is reported as a priority notice. Default 1024.
     pub max_connections: usize,
+    /// Inbound connections that have not finished their handshake, over all sources. They
+    /// have their own budget so that strangers can never crowd out allowed peers: when it is
+    /// full, a new stream evicts the oldest unauthenticated connection of the source address
+    /// that holds the most of them. Authenticated connections are never evicted. Each one
+    /// also ends at `handshake_timeout`. Default 256.
+    pub max_handshaking: usize,
+    /// Unauthenticated inbound connections from one IP address; a new stream from an address
+    /// at this bound evicts that address's oldest. Keeps one host from evicting the
+    /// handshakes of others. Default 32.
+    pub max_handshaking_per_ip: usize,
     /// Capacity of each of the six channels between the application, the handler task and
     /// the network side, and of each connection's outgoing queue. Default 1024.
     pub channel_capacity: usize,
@@ -108,6 +119,8 @@ impl Default for Config {
             rate_limit_strikes: 16,
             max_tracked_peers: 4096,
             max_connections: 1024,
+            max_handshaking: 256,
+            max_handshaking_per_ip: 32,
             channel_capacity: 1024,
         }
     }
@@ -154,9 +167,11 @@ impl Config {
             || self.dedupe_per_peer == 0
             || self.max_tracked_peers == 0
             || self.max_connections == 0
+            || self.max_handshaking == 0
+            || self.max_handshaking_per_ip == 0
             || self.channel_capacity == 0
         {
-            return fail("queue, inbox, dedupe and tracking bounds must be at least 1");
+            return fail("queue, inbox, dedupe, tracking and connection bounds must be at least 1");
         }
         for (name, rate) in [
             ("request_rate", self.request_rate),
@@ -198,6 +213,14 @@ mod tests {
             },
             Config {
                 ack_timeout: Duration::ZERO,
+                ..Config::default()
+            },
+            Config {
+                max_handshaking: 0,
+                ..Config::default()
+            },
+            Config {
+                max_handshaking_per_ip: 0,
                 ..Config::default()
             },
             Config {

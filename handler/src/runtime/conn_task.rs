@@ -1,6 +1,7 @@
 //! One task per connection: feeds frames to its [`Connection`] and writes what it produces.
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -13,6 +14,7 @@ use crate::endpoint::ConnId;
 use crate::wire::{CloseReason, MAX_FRAME_LEN, Message};
 
 use super::router::NetEvent;
+use super::slots::Admission;
 use super::{SharedAllow, now, sleep_until};
 
 pub(super) enum ConnCommand {
@@ -34,6 +36,8 @@ pub(super) struct ConnTask {
     pub(super) conn: ConnId,
     /// Whether the endpoint knows this connection (dials always; accepts once established).
     pub(super) announced: bool,
+    /// Shared with the router, which may evict this connection until it authenticates.
+    pub(super) admission: Arc<Admission>,
     pub(super) connection: Connection,
     pub(super) allow: SharedAllow,
     pub(super) commands: mpsc::Receiver<ConnCommand>,
@@ -140,6 +144,10 @@ impl ConnTask {
                         remote_max_message_size,
                     },
                 ) => {
+                    if !self.admission.admit() {
+                        // Evicted while finishing the handshake: the router has cut us.
+                        return false;
+                    }
                     self.announced = true;
                     NetEvent::Accepted {
                         conn: self.conn,

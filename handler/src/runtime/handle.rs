@@ -88,6 +88,9 @@ pub struct Status {
     pub open_connections: usize,
     /// Connection tasks alive on the network side.
     pub connection_tasks: usize,
+    /// Unauthenticated inbound connections evicted to make room for newer ones (see
+    /// `Config::max_handshaking`), since the start.
+    pub evicted_unauthenticated: u64,
     /// Our exchanges not finished yet.
     pub outbound_in_flight: usize,
     /// Requests from peers awaiting our answer.
@@ -226,6 +229,7 @@ impl Handler {
             conns: slots.clone(),
             tasks: JoinSet::new(),
             accepted: 0,
+            evicted: 0,
         };
         let network = tokio::spawn(router.run(listener));
         let task = HandlerTask {
@@ -242,6 +246,7 @@ impl Handler {
             recv_backlog: VecDeque::new(),
             prio_backlog: VecDeque::new(),
             connection_tasks: 0,
+            evicted_unauthenticated: 0,
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),
         };

@@ -34,6 +34,7 @@ pub(super) struct HandlerTask {
     pub(super) recv_backlog: VecDeque<Event>,
     pub(super) prio_backlog: VecDeque<Notice>,
     pub(super) connection_tasks: usize,
+    pub(super) evicted_unauthenticated: u64,
     /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
     pub(super) pending_net: VecDeque<(ConnId, ConnCommand)>,
     /// Exchange states last reported to a tap that wants transitions.
@@ -224,6 +225,7 @@ impl HandlerTask {
                 let _ = reply.send(Status {
                     open_connections: self.endpoint.open_connections(),
                     connection_tasks: self.connection_tasks,
+                    evicted_unauthenticated: self.evicted_unauthenticated,
                     outbound_in_flight: self.endpoint.outbound_in_flight(),
                     pending_responses: self.endpoint.pending_responses(),
                     stats: self.endpoint.stats().clone(),
@@ -304,7 +306,10 @@ impl HandlerTask {
                 self.endpoint
                     .handle_conn_event(conn, ConnEvent::Closed(Closed::Io(why)), now());
             }
-            NetNotice::Tasks(n) => self.connection_tasks = n,
+            NetNotice::Tasks { live, evicted } => {
+                self.connection_tasks = live;
+                self.evicted_unauthenticated = evicted;
+            }
             NetNotice::App(notice) => self.prio_backlog.push_back(notice),
         }
     }

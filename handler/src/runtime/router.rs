@@ -1,9 +1,9 @@
 //! The router task: the listener, dials, the connection limit, and the messages between
 //! the handler task and the network side.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::wire::{CloseReason, Message};
 
 use super::conn_task::{ConnCommand, ConnTask};
 use super::handle::Notice;
-use super::slots::{ConnSlot, Forwarded, Slots, forward};
+use super::slots::{Admission, ConnSlot, Forwarded, Slots, forward};
 use super::{SHUTDOWN_GRACE, SharedAllow, now};
 
 pub(super) enum NetCommand {
@@ -58,8 +58,9 @@ pub(super) enum NetEvent {
 pub(super) enum NetNotice {
     /// The router gave up on a connection (limit, slowness); the endpoint must hear of it.
     Lost { conn: ConnId, why: String },
-    /// The number of live connection tasks changed.
-    Tasks(usize),
+    /// The number of live connection tasks changed (and how many unauthenticated
+    /// connections have been evicted so far).
+    Tasks { live: usize, evicted: u64 },
     /// Something only the application needs to know.
     App(Notice),
 }
@@ -78,6 +79,8 @@ pub(super) struct Router<T: Transport> {
     pub(super) conns: Slots,
     pub(super) tasks: JoinSet<ConnId>,
     pub(super) accepted: u64,
+    /// Unauthenticated connections evicted to make room, since the start.
+    pub(super) evicted: u64,
 }
 
 pub(super) type Accepted<S> = io::Result<(S, SocketAddr)>;
@@ -99,7 +102,7 @@ impl<T: Transport> Router<T> {
                     if let (Ok(conn), Ok(mut conns)) = (done, self.conns.lock()) {
                         conns.remove(&conn);
                     }
-                    self.notify(NetNotice::Tasks(self.tasks.len()));
+                    self.notify_tasks();
                 }
                 command = self.commands.recv() => match command {
                     Some(NetCommand::Shutdown) | None => break,
@@ -110,6 +113,13 @@ impl<T: Transport> Router<T> {
         }
         acceptor.abort();
         self.shutdown().await;
+    }
+
+    fn notify_tasks(&mut self) {
+        self.notify(NetNotice::Tasks {
+            live: self.tasks.len(),
+            evicted: self.evicted,
+        });
     }
 
     fn notify(&mut self, notice: NetNotice) {
@@ -170,6 +180,8 @@ impl<T: Transport> Router<T> {
         let config = self.config.clone();
         let allow = self.allow.clone();
         let events = self.events.clone();
+        let admission = Admission::admitted();
+        let task_admission = admission.clone();
         let abort = self.tasks.spawn(async move {
             let mut rx = rx;
             // While connecting, a Close (the endpoint's connect timeout) or a dropped channel
@@ -196,6 +208,7 @@ impl<T: Transport> Router<T> {
                     let task = ConnTask {
                         conn,
                         announced: true,
+                        admission: task_admission,
                         connection,
                         allow,
                         commands: rx,
@@ -211,7 +224,7 @@ impl<T: Transport> Router<T> {
             }
             conn
         });
-        self.register(conn, tx, abort, addr);
+        self.register(conn, tx, abort, addr, admission);
     }
 
     /// Records a spawned connection task so commands can reach it and limits count it.
@@ -221,6 +234,7 @@ impl<T: Transport> Router<T> {
         commands: mpsc::Sender<ConnCommand>,
         abort: AbortHandle,
         addr: SocketAddr,
+        admission: Arc<Admission>,
     ) {
         if let Ok(mut conns) = self.conns.lock() {
             conns.insert(
@@ -229,10 +243,61 @@ impl<T: Transport> Router<T> {
                     commands,
                     abort,
                     addr,
+                    admission,
                 },
             );
         }
-        self.notify(NetNotice::Tasks(self.tasks.len()));
+        self.notify_tasks();
+    }
+
+    /// Makes room for a stream just accepted from `ip`, within the budgets: at most
+    /// `max_handshaking_per_ip` unauthenticated connections from one address, at most
+    /// `max_handshaking` in all, at most `max_connections` of every kind. Room is made by
+    /// evicting unauthenticated inbound connections only: the oldest of `ip` when that
+    /// address is at its bound, otherwise the oldest of whichever address holds the most.
+    /// False when no room can be made (every connection is authenticated or ours).
+    fn make_room(&mut self, ip: IpAddr) -> bool {
+        let Ok(mut conns) = self.conns.lock() else {
+            return false;
+        };
+        loop {
+            // Unauthenticated inbound connections by source, oldest first (inbound ids
+            // count up, and the table is ordered by id).
+            let mut pending: BTreeMap<IpAddr, Vec<ConnId>> = BTreeMap::new();
+            for (id, slot) in conns.iter() {
+                if id.is_inbound() && slot.admission.is_pending() {
+                    pending.entry(slot.addr.ip()).or_default().push(*id);
+                }
+            }
+            let total: usize = pending.values().map(Vec::len).sum();
+            let own = pending.get(&ip).map_or(0, Vec::len);
+            let victim = if own >= self.config.max_handshaking_per_ip {
+                pending.get(&ip).and_then(|ids| ids.first().copied())
+            } else if total >= self.config.max_handshaking
+                || conns.len() >= self.config.max_connections
+            {
+                pending
+                    .values()
+                    .max_by_key(|ids| (ids.len(), std::cmp::Reverse(ids.first().copied())))
+                    .and_then(|ids| ids.first().copied())
+            } else {
+                return true;
+            };
+            let Some(victim) = victim else {
+                return false;
+            };
+            let Some(slot) = conns.remove(&victim) else {
+                return false;
+            };
+            if slot.admission.evict() {
+                slot.abort.abort();
+                self.evicted += 1;
+                tracing::debug!(conn = %victim, addr = %slot.addr, "evicted an unauthenticated connection");
+            } else {
+                // It authenticated a moment ago: keep it, and look again.
+                conns.insert(victim, slot);
+            }
+        }
     }
 
     fn accepted(&mut self, accepted: Accepted<T::Stream>) {
@@ -244,7 +309,7 @@ impl<T: Transport> Router<T> {
                 return;
             }
         };
-        if self.at_limit() {
+        if !self.make_room(addr.ip()) {
             // Dropping the stream closes it; the dialer retries later.
             tracing::warn!(%addr, "connection limit reached, dropping accepted stream");
             self.notify(NetNotice::App(Notice::ConnectionLimit {
@@ -266,9 +331,11 @@ impl<T: Transport> Router<T> {
             }
         };
         let (tx, rx) = mpsc::channel(self.config.channel_capacity);
+        let admission = Admission::pending();
         let task = ConnTask {
             conn,
             announced: false,
+            admission: admission.clone(),
             connection,
             allow: self.allow.clone(),
             commands: rx,
@@ -279,7 +346,7 @@ impl<T: Transport> Router<T> {
             task.run(stream).await;
             conn
         });
-        self.register(conn, tx, abort, addr);
+        self.register(conn, tx, abort, addr, admission);
     }
 
     async fn shutdown(mut self) {
