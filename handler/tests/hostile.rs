@@ -4,14 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers may panic: that is a failed test.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::RawPeer;
 use p2p_handler::noise::{HandshakeRole, handshake};
 use p2p_handler::wire::{Hello, PROTOCOL_VERSION};
-use p2p_handler::{AllowList, Config, Event, Handler, Keypair, Notice, TcpTransport};
+use p2p_handler::{AllowList, Config, Event, Handler, Keypair, Notice, P2pHandler, TcpTransport};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -237,4 +240,76 @@ async fn allowed_peer_gets_through(attack: Attack) {
 async fn strangers_holding_sockets_or_stalling_handshakes_do_not_lock_out_allowed_peers() {
     allowed_peer_gets_through(Attack::Silent).await;
     allowed_peer_gets_through(Attack::StalledAfterMsg1).await;
+}
+
+/// Bob completes the handshake and then never reads again, holding his socket open. Alice's
+/// 64 MiB request fills the socket buffers and her connection task blocks writing. Whatever
+/// ends her exchange first, the connection task must end with it, not when the kernel gives
+/// up on a socket the peer keeps open.
+fn a_peer_that_stops_reading(config: Config) {
+    let k = keys(41, 2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let bob_addr = listener.local_addr().unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let bob_key = k[1].clone();
+    let bob = std::thread::spawn(move || {
+        let peer = RawPeer::accept(&listener, &bob_key, 1 << 30);
+        release_rx.recv().ok();
+        drop(peer);
+    });
+    let alice = P2pHandler::with_seed(
+        "127.0.0.1:0",
+        k[0].clone(),
+        AllowList::from_peers([k[1].peer_id()]),
+        config,
+        [5; 32],
+    )
+    .unwrap();
+    let id = alice
+        .request(k[1].peer_id(), bob_addr, vec![7u8; 64 << 20])
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match alice.priority_timeout(left) {
+            Some(Notice::Event(Event::Failed { exchange, .. })) if exchange == id => break,
+            Some(_) => continue,
+            None => panic!("the exchange with a peer that does not read never failed"),
+        }
+    }
+    // Bob still holds the socket; Alice's task for it must be gone all the same.
+    while alice.status().unwrap().connection_tasks > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection task stayed blocked in its write"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    release_tx.send(()).unwrap();
+    bob.join().unwrap();
+}
+
+/// The exchange gives up first (ack timeout): the endpoint's close reaches the task blocked
+/// in its write. The stall deadline is out of reach here, so only the close can free it.
+#[test]
+fn a_peer_that_stops_reading_is_abandoned_when_the_exchange_gives_up() {
+    a_peer_that_stops_reading(Config {
+        max_message_size: 64 << 20,
+        max_attempts: 1,
+        write_stall_timeout: Duration::from_secs(3_600),
+        ..Config::default()
+    });
+}
+
+/// No timer of the exchange fires for a long time (a patient dialer): the write stall
+/// deadline frees the connection, and the exchange fails as a lost connection.
+#[test]
+fn a_peer_that_stops_reading_is_abandoned_when_the_write_stalls() {
+    a_peer_that_stops_reading(Config {
+        max_message_size: 64 << 20,
+        max_attempts: 1,
+        ack_timeout: Duration::from_secs(3_600),
+        write_stall_timeout: Duration::from_secs(1),
+        ..Config::default()
+    });
 }

@@ -47,6 +47,10 @@ pub struct Config {
     pub reply_ack_timeout: Duration,
     /// A connection with no exchange in flight for this long is closed. Default 30 s.
     pub idle_timeout: Duration,
+    /// A write that makes no progress for this long (the peer stopped reading, or its
+    /// host is gone without a reset) abandons the connection, and its exchange is retried
+    /// like any broken connection's. A driver setting. Default 30 s.
+    pub write_stall_timeout: Duration,
     /// Keep a dialed connection open after its exchange for the next one. Default false.
     pub reuse_connections: bool,
     /// Requests waiting behind a peer's current exchange. Default 64.
@@ -103,6 +107,7 @@ impl Default for Config {
             response_timeout: Duration::from_secs(25),
             reply_ack_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(30),
             reuse_connections: false,
             max_queued_per_peer: 64,
             max_pending_inbound: 1024,
@@ -156,6 +161,7 @@ impl Config {
             ("response_timeout", self.response_timeout),
             ("reply_ack_timeout", self.reply_ack_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("write_stall_timeout", self.write_stall_timeout),
         ];
         for (name, value) in timeouts {
             if value.is_zero() {

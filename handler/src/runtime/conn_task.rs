@@ -2,8 +2,10 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::poll_fn;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -30,6 +32,65 @@ pub(super) fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// How [`ConnTask::write_out`] ended.
+pub(super) enum Written {
+    /// Everything queued is written and flushed.
+    All,
+    /// The endpoint closed the connection (or the handler is gone) while the write was
+    /// blocked: end the task without reporting, the endpoint already forgot it.
+    Abandoned,
+    /// The stream failed or stalled: report the connection lost.
+    Failed(String),
+}
+
+/// Feeds the connection's frames into the sink and flushes it. Cancel-safe: it waits for
+/// room before taking a frame from the connection, so at every await each frame is either
+/// still in the connection or already in the sink. Each wait for the peer to take bytes is
+/// bounded by `stall`.
+async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
+    connection: &mut Connection,
+    corrupt_next: &mut bool,
+    framed: &mut Framed<S, LengthDelimitedCodec>,
+    stall: Duration,
+) -> Written {
+    let stalled = || Written::Failed(format!("write stalled: no progress for {stall:?}"));
+    let failed = |e: io::Error| Written::Failed(format!("write failed: {e}"));
+    loop {
+        match tokio::time::timeout(
+            stall,
+            poll_fn(|cx| SinkExt::<Bytes>::poll_ready_unpin(framed, cx)),
+        )
+        .await
+        {
+            Err(_) => return stalled(),
+            Ok(Err(e)) => return failed(e),
+            Ok(Ok(())) => {}
+        }
+        let Some(mut frame) = connection.poll_transmit() else {
+            break;
+        };
+        if std::mem::take(corrupt_next) {
+            let middle = frame.len() / 2;
+            if let Some(byte) = frame.get_mut(middle) {
+                *byte ^= 0x5a;
+            }
+        }
+        if let Err(e) = SinkExt::<Bytes>::start_send_unpin(framed, Bytes::from(frame)) {
+            return failed(e);
+        }
+    }
+    match tokio::time::timeout(
+        stall,
+        poll_fn(|cx| SinkExt::<Bytes>::poll_flush_unpin(framed, cx)),
+    )
+    .await
+    {
+        Err(_) => stalled(),
+        Ok(Err(e)) => failed(e),
+        Ok(Ok(())) => Written::All,
+    }
+}
+
 /// One connection: feeds frames to its [`Connection`], writes what it produces, forwards
 /// its events. Holds no protocol logic.
 pub(super) struct ConnTask {
@@ -44,6 +105,8 @@ pub(super) struct ConnTask {
     pub(super) events: mpsc::Sender<NetEvent>,
     /// Fault injection: flip a byte of the next frame written.
     pub(super) corrupt_next: bool,
+    /// `Config::write_stall_timeout`.
+    pub(super) write_stall_timeout: Duration,
 }
 
 impl ConnTask {
@@ -51,8 +114,10 @@ impl ConnTask {
         let mut framed = Framed::new(stream, codec());
         let mut frames_seen = false;
         loop {
-            if let Err(e) = self.flush(&mut framed).await {
-                return self.lost(format!("write failed: {e}"), frames_seen).await;
+            match self.write_out(&mut framed).await {
+                Written::All => {}
+                Written::Abandoned => return,
+                Written::Failed(why) => return self.lost(why, frames_seen).await,
             }
             if !self.forward_events().await || self.connection.is_closed() {
                 return;
@@ -112,25 +177,39 @@ impl ConnTask {
         }
     }
 
-    async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Writes everything the connection has queued. While the peer is slow to take it,
+    /// commands are still handled, so the endpoint's close always reaches this task: a Close
+    /// that finds the write blocked abandons the connection at once (the peer is not
+    /// reading, so waiting would only hold this task and its buffers), and a write that
+    /// makes no progress for `write_stall_timeout` abandons it too.
+    async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         framed: &mut Framed<S, LengthDelimitedCodec>,
-    ) -> io::Result<()> {
-        let mut wrote = false;
-        while let Some(mut frame) = self.connection.poll_transmit() {
-            if std::mem::take(&mut self.corrupt_next) {
-                let middle = frame.len() / 2;
-                if let Some(byte) = frame.get_mut(middle) {
-                    *byte ^= 0x5a;
-                }
+    ) -> Written {
+        loop {
+            tokio::select! {
+                biased;
+                // First, so that a write that can finish at once always does.
+                written = write_queued(
+                    &mut self.connection,
+                    &mut self.corrupt_next,
+                    framed,
+                    self.write_stall_timeout,
+                ) => return written,
+                // The write is blocked (the future above is cancel-safe: no frame is lost
+                // or half-written when it is dropped here and polled anew).
+                command = self.commands.recv() => match command {
+                    None => return Written::Abandoned,
+                    Some(ConnCommand::Close(reason)) => {
+                        self.connection.close(reason);
+                        tracing::debug!(conn = %self.conn, remote = %self.connection.remote(),
+                            "closed while the peer was not reading: abandoned");
+                        return Written::Abandoned;
+                    }
+                    Some(command) => self.command(command),
+                },
             }
-            framed.feed(Bytes::from(frame)).await?;
-            wrote = true;
         }
-        if wrote {
-            SinkExt::<Bytes>::flush(framed).await?;
-        }
-        Ok(())
     }
 
     /// Forwards the connection's events; false if the handler is gone.

@@ -214,6 +214,7 @@ impl<T: Transport> Router<T> {
                         commands: rx,
                         events,
                         corrupt_next: false,
+                        write_stall_timeout: config.write_stall_timeout,
                     };
                     task.run(stream).await;
                 }
@@ -341,6 +342,7 @@ impl<T: Transport> Router<T> {
             commands: rx,
             events: self.events.clone(),
             corrupt_next: false,
+            write_stall_timeout: self.config.write_stall_timeout,
         };
         let abort = self.tasks.spawn(async move {
             task.run(stream).await;
