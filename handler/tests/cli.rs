@@ -2,9 +2,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::RawPeer;
+use p2p_handler::Keypair;
+use p2p_handler::wire::{AbortReason, AckOf, ExchangeId, Message};
 
 fn node() -> Command {
     Command::new(env!("CARGO_BIN_EXE_p2p-node"))
@@ -98,4 +104,192 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PEER_ID@HOST:PORT"), "{err}");
+}
+
+/// A scratch directory with keys for Bob (the server), Alice and Carol, both allowed.
+struct Setup {
+    dir: PathBuf,
+    bob: String,
+}
+
+impl Setup {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("p2p-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bob = keygen(&dir, "bob.key");
+        let mut allow = String::new();
+        for client in ["alice", "carol"] {
+            let id = keygen(&dir, &format!("{client}.key"));
+            allow.push_str(&format!("[[peer]]\nid = \"{id}\"\n"));
+        }
+        std::fs::write(dir.join("allow.toml"), allow).unwrap();
+        Self { dir, bob }
+    }
+
+    /// Starts `serve` with `args`; returns it and its target (`PEER_ID@ADDR`).
+    fn serve(&self, args: &[&str]) -> (Child, String) {
+        let mut server = node()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--key")
+            .arg(self.dir.join("bob.key"))
+            .arg("--allow")
+            .arg(self.dir.join("allow.toml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let addr = first.split_whitespace().nth(2).unwrap().to_owned();
+        (server, format!("{}@{addr}", self.bob))
+    }
+
+    fn send(&self, client: &str, target: &str) -> Command {
+        let mut cmd = node();
+        cmd.args(["send", "--to", target])
+            .arg("--key")
+            .arg(self.dir.join(format!("{client}.key")));
+        cmd
+    }
+
+    /// A script that echoes its input, but first waits on the FIFO `gate` when the input
+    /// starts with "slow": the test decides when a slow command finishes, no clock does.
+    fn gated_echo(&self) -> String {
+        let gate = self.dir.join("gate");
+        assert!(
+            Command::new("mkfifo")
+                .arg(&gate)
+                .status()
+                .unwrap()
+                .success()
+        );
+        format!(
+            "x=$(cat); case \"$x\" in slow*) read _ < '{}';; esac; printf '%s\\n' \"$x\"",
+            gate.display()
+        )
+    }
+
+    fn open_gate(&self) {
+        let mut gate = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("gate"))
+            .unwrap();
+        writeln!(gate, "go").unwrap();
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn exec_streams_large_requests_through_the_command() {
+    let setup = Setup::new("large");
+    let (mut server, target) = setup.serve(&["--exec", "cat"]);
+    for size in [1 << 20, 16 << 20] {
+        // Within the default 16 MiB limit, newline included.
+        let mut payload: Vec<u8> = (0..size - 1).map(|i| b'a' + (i % 26) as u8).collect();
+        payload.push(b'\n');
+        let file = setup.dir.join("payload");
+        std::fs::write(&file, &payload).unwrap();
+        let out = setup
+            .send("alice", &target)
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == payload, "{size} bytes come back intact");
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn a_slow_command_for_one_peer_does_not_delay_another() {
+    let setup = Setup::new("slow");
+    let script = setup.gated_echo();
+    let (mut server, target) = setup.serve(&["--exec", &script]);
+    let mut slow = setup
+        .send("alice", &target)
+        .arg("slow")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Carol's answer arrives while Alice's command is still held at the gate.
+    let fast = output(setup.send("carol", &target).arg("fast"));
+    assert_eq!(fast, "fast\n");
+    assert!(
+        slow.try_wait().unwrap().is_none(),
+        "Alice's request is still running"
+    );
+    setup.open_gate();
+    let out = slow.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "slow\n");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn a_command_past_the_response_timeout_is_killed_and_serving_goes_on() {
+    let setup = Setup::new("timeout");
+    let script = setup.gated_echo();
+    let (mut server, target) = setup.serve(&["--exec", &script, "--response-timeout", "1"]);
+    // The gate never opens: the command is killed, the dialer told.
+    let out = setup.send("alice", &target).arg("slow").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NoResponse"), "{err}");
+    // The server is still there and answers others.
+    assert_eq!(output(setup.send("carol", &target).arg("fast")), "fast\n");
+    assert!(server.try_wait().unwrap().is_none(), "serve keeps running");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn a_reply_the_dialer_cannot_take_is_aborted_and_serving_goes_on() {
+    let setup = Setup::new("too-large");
+    let (mut server, target) = setup.serve(&[]);
+    let addr = target.split_once('@').unwrap().1.parse().unwrap();
+    // A dialer that accepts 4 bytes sends 11: the echo cannot go back.
+    let alice = Keypair::from_file(setup.dir.join("alice.key")).unwrap();
+    let mut peer = RawPeer::dial(addr, &alice, 4);
+    let exchange = ExchangeId(1);
+    peer.send(&Message::Request {
+        exchange,
+        attempt: 1,
+        payload: bytes::Bytes::from_static(b"hello world"),
+    });
+    assert_eq!(
+        peer.recv(),
+        Some(Message::Ack {
+            exchange,
+            attempt: 1,
+            of: AckOf::Request
+        })
+    );
+    assert_eq!(
+        peer.recv(),
+        Some(Message::Abort {
+            exchange,
+            attempt: 1,
+            reason: AbortReason::ReplyTooLarge
+        })
+    );
+    drop(peer);
+    assert!(server.try_wait().unwrap().is_none(), "serve keeps running");
+    assert_eq!(output(setup.send("carol", &target).arg("next")), "next\n");
+    server.kill().unwrap();
+    server.wait().unwrap();
 }

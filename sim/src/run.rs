@@ -774,6 +774,21 @@ fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
             let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
             format!("response timed out for {}", s.label(dialer, exchange))
         }
+        Notice::Event(Event::ResponseAborted {
+            peer,
+            exchange,
+            reason,
+        }) => {
+            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+            format!(
+                "response aborted for {} ({reason:?})",
+                s.label(dialer, exchange)
+            )
+        }
+        Notice::Event(Event::ResponseCancelled { peer, exchange }) => {
+            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+            format!("response cancelled for {}", s.label(dialer, exchange))
+        }
         Notice::Event(Event::ResponseUnconfirmed { peer, exchange }) => {
             let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
             format!("reply {} unconfirmed", s.label(dialer, exchange))

@@ -293,6 +293,17 @@ impl Net {
         exchange: ExchangeId,
         payload: &[u8],
     ) {
+        let _ = self.try_respond(node, peer, exchange, payload);
+    }
+
+    /// The application answers; returns what the endpoint said.
+    pub(crate) fn try_respond(
+        &mut self,
+        node: usize,
+        peer: PeerId,
+        exchange: ExchangeId,
+        payload: &[u8],
+    ) -> Result<(), crate::endpoint::RespondError> {
         let now = self.now;
         let result =
             self.nodes[node]
@@ -301,6 +312,7 @@ impl Net {
         let name = self.nodes[node].name;
         self.log(format!("{name} app: respond {exchange} -> {result:?}"));
         self.drain(node);
+        result
     }
 
     pub(crate) fn shutdown(&mut self, node: usize) {

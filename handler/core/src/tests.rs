@@ -9,7 +9,7 @@ use crate::config::{Config, RateLimit};
 use crate::connection::ConnError;
 use crate::endpoint::{Event, Failure, PeerError, RequestError, RespondError, RetryCause};
 use crate::harness::{Action, App, Net, Rule};
-use crate::wire::{AbortReason, AckOf, CloseReason, Kind, NackReason};
+use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Kind, NackReason};
 
 const ALICE: usize = 0;
 const BOB: usize = 1;
@@ -1306,4 +1306,163 @@ mod endpoint_unit {
         assert!(outputs(&mut f.ep).is_empty());
         assert!(events(&mut f.ep).is_empty());
     }
+}
+
+/// A node whose endpoint (and config) is replaced by one with `config`.
+fn reconfigure(net: &mut Net, node: usize, config: Config) {
+    net.nodes[node].config = config.clone();
+    net.nodes[node].endpoint = crate::endpoint::Endpoint::new(
+        config,
+        net.id(node),
+        net.nodes[node].allow.clone(),
+        [node as u8 + 40; 32],
+    )
+    .unwrap();
+}
+
+#[test]
+fn reply_over_the_dialers_limit_is_aborted_and_both_sides_told() {
+    let mut net = net(&["alice", "bob"]);
+    reconfigure(
+        &mut net,
+        ALICE,
+        Config {
+            max_message_size: 4,
+            ..config()
+        },
+    );
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"ping");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let alice = net.id(ALICE);
+    let refused = net.try_respond(BOB, alice, id, b"too long");
+    assert_eq!(refused, Err(RespondError::TooLarge { len: 8, max: 4 }));
+    net.run(secs(30));
+    // The dialer fails at once with the documented reason, without resending.
+    assert_eq!(
+        net.failures(ALICE)
+            .into_iter()
+            .map(|(x, f, _)| (x, f))
+            .collect::<Vec<_>>(),
+        vec![(id, Failure::Aborted(AbortReason::ReplyTooLarge))]
+    );
+    assert_eq!(net.outcomes(ALICE, id), 1);
+    assert_eq!(net.nodes[ALICE].endpoint.stats().resends, 0);
+    // The responder's application gets the exchange's one outcome.
+    let ends: Vec<&Event> = net.nodes[BOB]
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::ResponseAborted { .. }
+                    | Event::ResponseDelivered { .. }
+                    | Event::ResponseTimedOut { .. }
+                    | Event::ResponseUnconfirmed { .. }
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        vec![&Event::ResponseAborted {
+            peer: net.id(ALICE),
+            exchange: id,
+            reason: AbortReason::ReplyTooLarge
+        }]
+    );
+    // It is over: a second answer is refused.
+    assert_eq!(
+        net.try_respond(BOB, alice, id, b"ok"),
+        Err(RespondError::NotPending {
+            peer: alice,
+            exchange: id
+        })
+    );
+}
+
+#[test]
+fn reply_limit_is_the_dialers_even_after_its_connection_closed() {
+    // Alice accepts 4 bytes; her connection is gone when Bob's application answers. The
+    // check must still use what Alice advertised, not Bob's own (much larger) limit.
+    let mut net = net(&["alice", "bob"]);
+    reconfigure(
+        &mut net,
+        ALICE,
+        Config {
+            max_message_size: 4,
+            ..config()
+        },
+    );
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"ping");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    net.crash(ALICE);
+    assert_eq!(net.nodes[BOB].endpoint.open_connections(), 0);
+    let alice = net.id(ALICE);
+    let refused = net.try_respond(BOB, alice, id, b"too long");
+    assert_eq!(refused, Err(RespondError::TooLarge { len: 8, max: 4 }));
+}
+
+/// The inbound outcome events `node` saw for `exchange`.
+fn inbound_outcomes(net: &Net, node: usize, exchange: ExchangeId) -> Vec<Event> {
+    net.nodes[node]
+        .events
+        .iter()
+        .filter(|e| match e {
+            Event::ResponseAborted { exchange: x, .. }
+            | Event::ResponseCancelled { exchange: x, .. }
+            | Event::ResponseDelivered { exchange: x, .. }
+            | Event::ResponseTimedOut { exchange: x, .. }
+            | Event::ResponseUnconfirmed { exchange: x, .. } => *x == exchange,
+            _ => false,
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn shutdown_gives_a_delivered_request_its_one_outcome() {
+    let mut net = net(&["alice", "bob"]);
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"ping");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    net.shutdown(BOB);
+    net.run(secs(30));
+    assert_eq!(
+        inbound_outcomes(&net, BOB, id),
+        vec![Event::ResponseAborted {
+            peer: net.id(ALICE),
+            exchange: id,
+            reason: AbortReason::ShuttingDown
+        }]
+    );
+    assert_eq!(
+        net.failures(ALICE)[0].1,
+        Failure::Aborted(AbortReason::ShuttingDown)
+    );
+}
+
+#[test]
+fn revoking_a_peer_gives_its_delivered_request_its_one_outcome() {
+    let mut net = net(&["alice", "bob"]);
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"ping");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let (alice, now) = (net.id(ALICE), net.now);
+    assert!(net.nodes[BOB].endpoint.revoke(&alice, now));
+    net.run(secs(30));
+    assert_eq!(
+        inbound_outcomes(&net, BOB, id),
+        vec![Event::ResponseCancelled {
+            peer: alice,
+            exchange: id
+        }]
+    );
+    assert_eq!(
+        net.try_respond(BOB, alice, id, b"late"),
+        Err(RespondError::NotPending {
+            peer: alice,
+            exchange: id
+        })
+    );
 }

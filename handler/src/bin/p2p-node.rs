@@ -11,10 +11,13 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use p2p_handler::{AllowList, Config, Event, Keypair, Notice, P2pHandler, PeerId};
+use p2p_handler::{
+    AllowList, Config, Event, ExchangeId, HandlerError, Keypair, Notice, P2pHandler, PeerId,
+};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +67,13 @@ enum Cmd {
         /// Stop after answering this many requests (default: run until killed).
         #[arg(long)]
         count: Option<u64>,
+        /// Commands run at once, for different requests; more requests wait their turn.
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        /// How long the application may take to answer a request; a command still running
+        /// then is killed, and the dialer is told (Abort NoResponse).
+        #[arg(long, default_value = "25", value_name = "SECONDS")]
+        response_timeout: u64,
     },
     /// Send one request (or several) and print the reply and timings.
     Send {
@@ -117,19 +127,24 @@ fn run(command: Cmd) -> Result<()> {
             allow_any_peer_insecure,
             exec,
             count,
+            jobs,
+            response_timeout,
         } => {
             let allow = match allow {
                 Some(path) => AllowList::from_file(path)?,
                 None if allow_any_peer_insecure => AllowList::allow_any_peer_insecure(),
                 None => return Err("--allow or --allow-any-peer-insecure is required".into()),
             };
-            serve(
-                Keypair::from_file(&key)?,
-                &listen,
-                allow,
-                exec.as_deref(),
+            let config = Config {
+                response_timeout: Duration::from_secs(response_timeout.max(1)),
+                ..Config::default()
+            };
+            let options = ServeOptions {
+                exec,
                 count,
-            )
+                jobs: jobs.max(1),
+            };
+            serve(Keypair::from_file(&key)?, &listen, allow, config, &options)
         }
         Cmd::Send {
             key,
@@ -195,79 +210,203 @@ fn parse_target(to: &str) -> Result<(PeerId, SocketAddr)> {
     Ok((peer, addr))
 }
 
+struct ServeOptions {
+    exec: Option<String>,
+    count: Option<u64>,
+    jobs: usize,
+}
+
+/// Answers requests until `count` are answered (or forever). Nothing one request does can
+/// stop it: a reply the dialer cannot take, a command that fails or runs too long, an
+/// answer that comes too late are all reported on stderr, and serving goes on. Commands
+/// run on their own threads, up to `jobs` at once, so a slow one delays no one else.
 fn serve(
     key: Keypair,
     listen: &str,
     allow: AllowList,
-    exec: Option<&str>,
-    count: Option<u64>,
+    config: Config,
+    options: &ServeOptions,
 ) -> Result<()> {
-    let node = P2pHandler::with_config(listen, key, allow, Config::default())?;
+    let deadline = config.response_timeout;
+    let node = P2pHandler::with_config(listen, key, allow, config)?;
     println!(
         "listening on {} as {}",
         node.local_address(),
         node.local_peer_id()
     );
     std::io::stdout().flush()?;
-    let mut answered = 0u64;
-    while count.is_none_or(|c| answered < c) {
-        while let Some(notice) = node.check_priority() {
-            eprintln!("notice: {notice:?}");
-        }
-        let Some(event) = node.receive_timeout(Duration::from_millis(200)) else {
-            continue;
-        };
-        let Event::Request {
-            peer,
-            addr,
-            exchange,
-            payload,
-        } = event
-        else {
-            continue;
-        };
-        eprintln!(
-            "request {exchange} from {} at {addr} ({} bytes)",
-            peer.short(),
-            payload.len()
-        );
-        let reply = match exec {
-            None => payload.to_vec(),
-            Some(cmd) => match pipe(cmd, &payload) {
-                Ok(out) => out,
-                Err(e) => {
-                    // Not answering tells the dialer (Abort NoResponse) after the timeout.
-                    eprintln!("command failed, not answering {exchange}: {e}");
-                    continue;
-                }
-            },
-        };
-        node.response_to(peer, exchange, reply)?;
-        answered += 1;
+    let answered = AtomicU64::new(0);
+    let done = |answered: &AtomicU64| {
+        options
+            .count
+            .is_some_and(|c| answered.load(Ordering::Acquire) >= c)
+    };
+    // One token per command allowed to run; a finished command hands its token back.
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<()>(options.jobs);
+    for _ in 0..options.jobs {
+        free_tx.send(())?;
     }
+    let stopped = std::thread::scope(|scope| -> Result<()> {
+        while !done(&answered) {
+            while let Some(notice) = node.check_priority() {
+                report_notice(&notice);
+            }
+            let Some(event) = node.receive_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            let Event::Request {
+                peer,
+                addr,
+                exchange,
+                payload,
+            } = event
+            else {
+                continue;
+            };
+            eprintln!(
+                "request {exchange} from {} at {addr} ({} bytes)",
+                peer.short(),
+                payload.len()
+            );
+            let Some(cmd) = options.exec.as_deref() else {
+                answer(&node, peer, exchange, payload.to_vec(), &answered)?;
+                continue;
+            };
+            // Wait for a free slot, still reporting what happens meanwhile.
+            while free_rx.recv_timeout(Duration::from_millis(200)).is_err() {
+                while let Some(notice) = node.check_priority() {
+                    report_notice(&notice);
+                }
+            }
+            let (node, answered, free_tx) = (&node, &answered, free_tx.clone());
+            scope.spawn(move || {
+                match pipe(cmd, &payload, deadline) {
+                    Ok(reply) => {
+                        // Only a stopped node fails here, and the main loop sees that too.
+                        let _ = answer(node, peer, exchange, reply, answered);
+                    }
+                    // Not answering tells the dialer (Abort NoResponse) at the timeout.
+                    Err(e) => eprintln!("command failed, not answering {exchange}: {e}"),
+                }
+                let _ = free_tx.send(());
+            });
+        }
+        Ok(())
+    });
     let report = node.shutdown();
     eprintln!(
-        "answered {answered} requests; {} unanswered at shutdown",
+        "answered {} requests; {} unanswered at shutdown",
+        answered.load(Ordering::Acquire),
         report.unanswered_requests
     );
-    Ok(())
+    stopped
 }
 
-fn pipe(cmd: &str, input: &[u8]) -> Result<Vec<u8>> {
-    let mut child = Command::new("sh")
+fn report_notice(notice: &Notice) {
+    match notice {
+        Notice::Event(Event::ResponseAborted {
+            peer,
+            exchange,
+            reason,
+        }) => eprintln!(
+            "request {exchange} from {} aborted: {reason:?}",
+            peer.short()
+        ),
+        other => eprintln!("notice: {other:?}"),
+    }
+}
+
+/// Answers one request. Refusals concern that request alone and are reported; only a
+/// stopped node is an error.
+fn answer(
+    node: &P2pHandler,
+    peer: PeerId,
+    exchange: ExchangeId,
+    reply: Vec<u8>,
+    answered: &AtomicU64,
+) -> Result<()> {
+    match node.response_to(peer, exchange, reply) {
+        Ok(()) => {
+            answered.fetch_add(1, Ordering::AcqRel);
+            Ok(())
+        }
+        Err(HandlerError::Stopped) => Err(HandlerError::Stopped.into()),
+        Err(e) => {
+            eprintln!(
+                "cannot answer request {exchange} from {}: {e}",
+                peer.short()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Runs `cmd` with `input` on its stdin and returns its stdout. The input is written from
+/// its own thread while the output is read, so neither pipe can fill up and block the
+/// other, whatever the sizes. A command (with everything it started) still running after
+/// `deadline` is killed.
+fn pipe(cmd: &str, input: &[u8], deadline: Duration) -> Result<Vec<u8>> {
+    let mut command = Command::new("sh");
+    command
         .arg("-c")
         .arg(cmd)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input)?;
+        .stdout(Stdio::piped());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group, so a kill reaches whatever the shell started.
+        command.process_group(0);
     }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        return Err(format!("{cmd:?} exited with {}", out.status).into());
+    let mut child = command.spawn()?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let (out_tx, out_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        if let Some(mut stdin) = stdin {
+            // A command that stops reading early makes this fail with a broken pipe:
+            // its exit status, not this write, says whether it worked.
+            scope.spawn(move || {
+                let _ = stdin.write_all(input);
+            });
+        }
+        if let Some(mut stdout) = stdout {
+            scope.spawn(move || {
+                let mut out = Vec::new();
+                let read = stdout.read_to_end(&mut out).map(|_| out);
+                let _ = out_tx.send(read);
+            });
+        }
+        let output: Result<Vec<u8>> = match out_rx.recv_timeout(deadline) {
+            Ok(read) => read.map_err(Into::into),
+            Err(_) => {
+                kill_group(&mut child);
+                Err(format!("{cmd:?} still running after {deadline:?}: killed").into())
+            }
+        };
+        let status = child.wait()?;
+        let out = output?;
+        if !status.success() {
+            return Err(format!("{cmd:?} exited with {status}").into());
+        }
+        Ok(out)
+    })
+}
+
+/// Kills a command and every process it started (they share its process group).
+fn kill_group(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    {
+        let group = format!("-{}", child.id());
+        let killed = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        if killed.is_ok_and(|s| s.success()) {
+            return;
+        }
     }
-    Ok(out.stdout)
+    let _ = child.kill();
 }
 
 fn send(

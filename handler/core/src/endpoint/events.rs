@@ -110,8 +110,8 @@ pub enum LimitKind {
 }
 
 /// What the application learns. Every exchange ends in exactly one outcome event:
-/// outbound in `Reply` or `Failed`; inbound in `ResponseDelivered`, `ResponseUnconfirmed` or
-/// `ResponseTimedOut`.
+/// outbound in `Reply` or `Failed`; inbound in `ResponseDelivered`, `ResponseUnconfirmed`,
+/// `ResponseTimedOut`, `ResponseAborted` or `ResponseCancelled`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A peer's request, delivered once. Answer with [`Endpoint::respond`].
@@ -164,6 +164,26 @@ pub enum Event {
     },
     /// We did not answer within `response_timeout`; the dialer was told (Abort).
     ResponseTimedOut {
+        /// From.
+        peer: PeerId,
+        /// Exchange.
+        exchange: ExchangeId,
+    },
+    /// We gave up on a request the application had received, and told the dialer with an
+    /// Abort carrying `reason`: the reply was larger than the dialer accepts
+    /// (`ReplyTooLarge`, also returned by [`Endpoint::respond`]), or we are shutting down
+    /// (`ShuttingDown`). A lapsed response timeout is `ResponseTimedOut` instead.
+    ResponseAborted {
+        /// From.
+        peer: PeerId,
+        /// Exchange.
+        exchange: ExchangeId,
+        /// What the dialer was told.
+        reason: AbortReason,
+    },
+    /// The peer was revoked while its request awaited our answer: it was disconnected
+    /// (`Close{NotAllowed}`) and the request forgotten; an answer now is refused.
+    ResponseCancelled {
         /// From.
         peer: PeerId,
         /// Exchange.
@@ -247,7 +267,8 @@ pub enum RespondError {
         /// Peer.
         peer: PeerId,
     },
-    /// The reply exceeds what the dialer accepts. The request stays pending.
+    /// The reply exceeds what the dialer accepts. The exchange is over: the dialer was told
+    /// (Abort `ReplyTooLarge`), and `Event::ResponseAborted` follows.
     #[error("reply of {len} bytes exceeds the peer's maximum of {max}")]
     TooLarge {
         /// Reply length.

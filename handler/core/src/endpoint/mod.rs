@@ -408,13 +408,18 @@ impl Endpoint {
             .get(&key)
             .filter(|r| r.state == InState::AwaitingResponse)
             .ok_or(RespondError::NotPending { peer, exchange })?;
-        let conn = record.conn;
-        let attempt = record.attempt;
-        let max = self
-            .conns
-            .get(&conn)
-            .map_or(self.config.max_message_size, |c| c.remote_max);
+        let (conn, attempt, max) = (record.conn, record.attempt, record.remote_max);
         if payload.len() > max {
+            // The dialer could not take it: tell it, so it fails at once instead of
+            // resending into the same wall, and end the exchange here too.
+            self.abort_inbound(
+                peer,
+                exchange,
+                conn,
+                attempt,
+                AbortReason::ReplyTooLarge,
+                now,
+            );
             return Err(RespondError::TooLarge {
                 len: payload.len(),
                 max,

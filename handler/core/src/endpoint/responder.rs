@@ -45,6 +45,9 @@ pub(super) struct Inbound {
     pub(super) state: InState,
     /// The Ack of this Request is being held (`Config::ack_delay`), not sent yet.
     pub(super) ack_held: bool,
+    /// The largest payload the dialer accepts, as its latest connection advertised. Kept
+    /// here because that connection may be gone when the application answers.
+    pub(super) remote_max: usize,
 }
 
 impl Endpoint {
@@ -140,6 +143,7 @@ impl Endpoint {
         }
         // Accept: remember, acknowledge, deliver once.
         let hold = !self.config.ack_delay.is_zero();
+        let remote_max = self.remote_max_of(conn);
         self.inbound.insert(
             key,
             Inbound {
@@ -147,6 +151,7 @@ impl Endpoint {
                 attempt,
                 state: InState::AwaitingResponse,
                 ack_held: hold,
+                remote_max,
             },
         );
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -184,11 +189,13 @@ impl Endpoint {
     ) {
         self.stats.duplicates_dropped += 1;
         let (_, exchange) = key;
+        let remote_max = self.remote_max_of(conn);
         let Some(record) = self.inbound.get_mut(&key) else {
             return;
         };
         let old = std::mem::replace(&mut record.conn, conn);
         record.attempt = attempt;
+        record.remote_max = remote_max;
         let state = record.state.clone();
         if old != conn {
             // The dialer moved to a new connection; the old one no longer carries this
@@ -303,8 +310,6 @@ impl Endpoint {
             InState::AwaitingResponse => {
                 let (conn, attempt) = (record.conn, record.attempt);
                 self.abort_inbound(peer, exchange, conn, attempt, AbortReason::NoResponse, now);
-                self.events
-                    .push_back(Event::ResponseTimedOut { peer, exchange });
             }
             InState::AwaitingReplyAck { reply } => {
                 record.state = InState::Unconfirmed {
@@ -319,6 +324,8 @@ impl Endpoint {
         }
     }
 
+    /// Gives up on a request the application has and tells the dialer (Abort) and the
+    /// application (the exchange's outcome event).
     pub(super) fn abort_inbound(
         &mut self,
         peer: PeerId,
@@ -328,14 +335,21 @@ impl Endpoint {
         reason: AbortReason,
         now: Instant,
     ) {
+        // The application had the request, so the dialer hears it was received (the held
+        // Ack, if still held) before it hears it was given up.
+        if self
+            .inbound
+            .get(&(peer, exchange))
+            .is_some_and(|r| r.ack_held)
+        {
+            self.send_held_ack(peer, exchange);
+        }
         if let Some(record) = self.inbound.get_mut(&(peer, exchange)) {
             debug_assert_eq!(record.state, InState::AwaitingResponse);
             record.state = InState::Aborted(reason);
-            record.ack_held = false;
             self.pending_inbound -= 1;
         }
         self.timers.cancel(Timer::Inbound(peer, exchange));
-        self.timers.cancel(Timer::Ack(peer, exchange));
         self.send(
             conn,
             Message::Abort {
@@ -345,6 +359,20 @@ impl Endpoint {
             },
         );
         self.unbind_inbound(conn, exchange, now);
+        self.events.push_back(match reason {
+            AbortReason::NoResponse => Event::ResponseTimedOut { peer, exchange },
+            reason => Event::ResponseAborted {
+                peer,
+                exchange,
+                reason,
+            },
+        });
+    }
+
+    pub(super) fn remote_max_of(&self, conn: ConnId) -> usize {
+        self.conns
+            .get(&conn)
+            .map_or(self.config.max_message_size, |c| c.remote_max)
     }
 
     pub(super) fn on_oversized(
@@ -450,7 +478,13 @@ impl Endpoint {
         for key in keys {
             if let Some(record) = self.inbound.remove(&key) {
                 match record.state {
-                    InState::AwaitingResponse => self.pending_inbound -= 1,
+                    InState::AwaitingResponse => {
+                        self.pending_inbound -= 1;
+                        self.events.push_back(Event::ResponseCancelled {
+                            peer: key.0,
+                            exchange: key.1,
+                        });
+                    }
                     InState::AwaitingReplyAck { reply: Some(r) }
                     | InState::Unconfirmed { reply: Some(r) } => self.cache_bytes -= r.len(),
                     _ => {}
