@@ -463,6 +463,8 @@ impl Connection {
 
     fn frame(&mut self, frame: &[u8], allow: &AllowList) -> Result<(), ConnError> {
         if frame.is_empty() || frame.len() > MAX_FRAME_LEN {
+            // Nothing was decrypted, so an established session is still usable.
+            self.close_for_violation();
             return Err(ConnError::BadFrame {
                 remote: self.remote,
                 len: frame.len(),
@@ -505,8 +507,9 @@ impl Connection {
             }
             State::AwaitingMsg3(mut hs) => {
                 self.plain.resize(frame.len(), 0);
-                hs.read_message(frame, &mut self.plain)
-                    .map_err(|e| handshake_error(remote, e))?;
+                let read = hs.read_message(frame, &mut self.plain);
+                self.shrink_plain();
+                read.map_err(|e| handshake_error(remote, e))?;
                 let peer = remote_peer(&hs, remote)?;
                 self.remote.peer = Some(peer);
                 let rejection = allow.check(&peer, remote.addr.ip()).err();
@@ -544,7 +547,15 @@ impl Connection {
                     session,
                     reassembler,
                 };
-                match result.map_err(|source| ConnError::Protocol { remote, source })? {
+                let reassembled = match result {
+                    Ok(reassembled) => reassembled,
+                    Err(source) => {
+                        // The chunk decrypted, so the session is intact: the peer hears why.
+                        self.close_for_violation();
+                        return Err(ConnError::Protocol { remote, source });
+                    }
+                };
+                match reassembled {
                     Reassembled::Pending => {}
                     Reassembled::Message(Message::Close { reason }) => {
                         self.seal_pending();
@@ -574,6 +585,17 @@ impl Connection {
         }
     }
 
+    /// Queues `Close{ProtocolViolation}` if the session can still carry it; the error that
+    /// follows closes the connection and flushes it out.
+    fn close_for_violation(&mut self) {
+        if self.is_established() {
+            // Cannot fail: the session was just checked to be established.
+            let _ = self.send(&Message::Close {
+                reason: CloseReason::ProtocolViolation,
+            });
+        }
+    }
+
     /// The plaintext buffer, at least `len` bytes long (a plaintext is never longer than
     /// its ciphertext).
     fn plain_buffer(&mut self, len: usize) -> &mut [u8] {
@@ -596,10 +618,13 @@ impl Connection {
         let n = hs
             .read_message(frame, self.plain_buffer(frame.len()))
             .map_err(|e| handshake_error(remote, e))?;
-        Hello::decode(&self.plain[..n]).map_err(|e| ConnError::Handshake {
+        let hello = Hello::decode(&self.plain[..n]).map_err(|e| ConnError::Handshake {
             remote,
             detail: e.to_string(),
-        })
+        });
+        // A padded handshake message must not leave an idle connection holding its size.
+        self.shrink_plain();
+        hello
     }
 
     fn establish(&mut self, hs: Box<HandshakeState>) -> Result<(), ConnError> {

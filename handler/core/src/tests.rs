@@ -1306,6 +1306,176 @@ mod endpoint_unit {
         assert!(outputs(&mut f.ep).is_empty());
         assert!(events(&mut f.ep).is_empty());
     }
+
+    /// Dials `peer` for a new exchange and establishes the connection; returns both ids.
+    fn dial_established(f: &mut Fixture, peer: PeerId, addr: SocketAddr) -> (ExchangeId, ConnId) {
+        let id = f.ep.request(peer, addr, &b"q"[..], f.now).unwrap();
+        let Some(Output::Dial { conn, .. }) = f.ep.poll_output() else {
+            panic!("dial")
+        };
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Established {
+                peer,
+                remote_max_message_size: 1 << 20,
+            },
+            f.now,
+        );
+        outputs(&mut f.ep);
+        (id, conn)
+    }
+
+    #[test]
+    fn an_oversized_notice_cannot_fail_another_peers_exchange() {
+        let mut f = fixture(config());
+        let other = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(9)).peer_id();
+        f.ep.allow(other, crate::allow_list::AllowedPeer::default());
+        let other_addr: SocketAddr = "10.0.0.3:1234".parse().unwrap();
+        let (ours, _) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let (_, theirs) = dial_established(&mut f, other, other_addr);
+        // The other peer names our exchange with the first peer.
+        f.ep.handle_conn_event(
+            theirs,
+            ConnEvent::Oversized {
+                kind: Kind::Reply,
+                exchange: Some(ours),
+                attempt: Some(1),
+                len: 1 << 30,
+            },
+            f.now,
+        );
+        let evs = events(&mut f.ep);
+        assert!(
+            !evs.iter()
+                .any(|e| matches!(e, Event::Failed { exchange, .. } if *exchange == ours)),
+            "{evs:?}"
+        );
+        assert!(
+            evs.iter()
+                .any(|e| matches!(e, Event::PeerError(err) if err.remote().peer == Some(other))),
+            "{evs:?}"
+        );
+        assert!(outputs(&mut f.ep).contains(&Output::Close {
+            conn: theirs,
+            reason: CloseReason::ProtocolViolation
+        }));
+        assert_eq!(f.ep.outbound_in_flight(), 2, "both exchanges live on");
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn a_reply_over_our_limit_is_a_violation_naming_the_peer() {
+        let mut f = fixture(Config {
+            max_message_size: 100,
+            ..config()
+        });
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Message(Message::Reply {
+                exchange: id,
+                attempt: 1,
+                payload: Bytes::from(vec![0u8; 101]),
+            }),
+            f.now,
+        );
+        let evs = events(&mut f.ep);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::PeerError(PeerError::Violation { remote, .. }), Event::Failed { failure: Failure::Aborted(AbortReason::ReplyTooLarge), .. }]
+                    if remote.peer == Some(f.peer) && remote.addr == f.addr
+            ),
+            "{evs:?}"
+        );
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Close {
+                conn,
+                reason: CloseReason::ProtocolViolation
+            }]
+        );
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn an_oversized_reply_notice_is_a_violation_naming_the_peer() {
+        let mut f = fixture(config());
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Oversized {
+                kind: Kind::Reply,
+                exchange: Some(id),
+                attempt: Some(1),
+                len: 1 << 30,
+            },
+            f.now,
+        );
+        let evs = events(&mut f.ep);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::PeerError(PeerError::Violation { remote, .. }), Event::Failed { .. }]
+                    if remote.peer == Some(f.peer) && remote.addr == f.addr
+            ),
+            "{evs:?}"
+        );
+        assert_eq!(
+            outputs(&mut f.ep),
+            vec![Output::Close {
+                conn,
+                reason: CloseReason::ProtocolViolation
+            }]
+        );
+    }
+
+    #[test]
+    fn an_ack_of_our_reply_on_another_connection_releases_the_replys_connection() {
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let (c1, c2) = (ConnId::inbound(1), ConnId::inbound(2));
+        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c1, request(7, 1), f.now);
+        f.ep.respond(f.peer, ExchangeId(7), &b"r"[..], f.now)
+            .unwrap();
+        outputs(&mut f.ep);
+        // The dialer redialed and acknowledges the Reply on its new connection.
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(
+            c2,
+            ConnEvent::Message(Message::Ack {
+                exchange: ExchangeId(7),
+                attempt: 1,
+                of: AckOf::Reply,
+            }),
+            f.now,
+        );
+        f.ep.check_invariants();
+        // Both connections now idle out.
+        let later = f.now + config().idle_timeout + Duration::from_secs(1);
+        f.ep.handle_timeout(later);
+        let closes: Vec<ConnId> = outputs(&mut f.ep)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, .. } => Some(conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes, vec![c1, c2]);
+        assert_eq!(f.ep.open_connections(), 0);
+    }
 }
 
 /// A node whose endpoint (and config) is replaced by one with `config`.

@@ -62,11 +62,41 @@ impl fmt::Debug for ExchangeId {
 macro_rules! reason_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $code:literal,)* }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        ///
+        /// A reason *is* its wire code: `Other(c)` of a known code `c` equals the named
+        /// variant (and sorts and hashes as it), so decoding what was encoded always gives
+        /// back an equal value.
+        #[derive(Debug, Clone, Copy)]
         pub enum $name {
             $($(#[$vmeta])* $variant,)*
             /// A code this version does not know (sent by a newer peer).
             Other(u8),
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.code() == other.code()
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.code().cmp(&other.code())
+            }
+        }
+
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.code().hash(state);
+            }
         }
 
         impl $name {
@@ -563,8 +593,18 @@ pub struct Reassembler {
 #[derive(Debug)]
 enum ReassemblyState {
     Idle,
-    Collecting { announced: usize, buf: BytesMut },
-    Discarding { announced: usize, got: usize },
+    Collecting {
+        announced: usize,
+        buf: BytesMut,
+    },
+    /// An oversized message: its bytes are counted and dropped, except the first few, kept
+    /// until its header (kind, exchange, attempt) is known and reported.
+    Discarding {
+        announced: usize,
+        got: usize,
+        head: Vec<u8>,
+        reported: bool,
+    },
 }
 
 impl Reassembler {
@@ -613,14 +653,23 @@ impl Reassembler {
         };
         match &mut self.state {
             ReassemblyState::Idle => Err(WireError::Sequence("continuation without FIRST")),
-            ReassemblyState::Discarding { announced, got } => {
+            ReassemblyState::Discarding {
+                announced,
+                got,
+                head,
+                reported,
+            } => {
                 *got += body.len();
-                let (announced, got) = (*announced, *got);
-                check_progress(announced, got, last)?;
+                check_progress(*announced, *got, last)?;
+                let report = (!*reported)
+                    .then(|| oversized_header(head, body, *announced, last))
+                    .transpose()?
+                    .flatten();
+                *reported |= report.is_some();
                 if last {
                     self.state = ReassemblyState::Idle;
                 }
-                Ok(Reassembled::Pending)
+                Ok(report.unwrap_or(Reassembled::Pending))
             }
             ReassemblyState::Collecting { announced, buf } => {
                 let announced = *announced;
@@ -643,35 +692,61 @@ impl Reassembler {
         last: bool,
     ) -> Result<Reassembled, WireError> {
         check_progress(announced, body.len(), last)?;
-        // Peek at the header so the responder can name the exchange in its Nack.
-        let kind_code = *body.first().ok_or(WireError::Truncated("kind"))?;
-        let kind = Kind::from_code(kind_code).ok_or(WireError::UnknownKind(kind_code))?;
-        let (exchange, attempt) = match (body.get(1..9), body.get(9..13)) {
-            (Some(id), Some(attempt)) if kind != Kind::Close => (
-                id.try_into()
-                    .ok()
-                    .map(|b| ExchangeId(u64::from_be_bytes(b))),
-                attempt.try_into().ok().map(u32::from_be_bytes),
-            ),
-            _ => (None, None),
-        };
+        // The FIRST chunk need not carry the whole header; later chunks complete it.
+        let mut head = Vec::with_capacity(EXCHANGE_HEADER_LEN);
+        let report = oversized_header(&mut head, body, announced, last)?;
         if !last {
             self.state = ReassemblyState::Discarding {
                 announced,
                 got: body.len(),
+                head,
+                reported: report.is_some(),
             };
         }
-        Ok(Reassembled::Oversized {
-            kind,
-            exchange,
-            attempt,
-            len: announced,
-        })
+        Ok(report.unwrap_or(Reassembled::Pending))
     }
 }
 
+/// Collects the header of an oversized message from its chunks. Returns the report once
+/// the header is complete (or the message ended), so the receiver can name the exchange in
+/// its Nack; `None` while more header bytes are needed.
+fn oversized_header(
+    head: &mut Vec<u8>,
+    body: &[u8],
+    announced: usize,
+    last: bool,
+) -> Result<Option<Reassembled>, WireError> {
+    let missing = EXCHANGE_HEADER_LEN.saturating_sub(head.len());
+    head.extend_from_slice(&body[..missing.min(body.len())]);
+    let Some(&kind_code) = head.first() else {
+        return Ok(None);
+    };
+    let kind = Kind::from_code(kind_code).ok_or(WireError::UnknownKind(kind_code))?;
+    let has_header = kind != Kind::Close;
+    if has_header && head.len() < EXCHANGE_HEADER_LEN && !last {
+        return Ok(None);
+    }
+    let (exchange, attempt) = match (head.get(1..9), head.get(9..13)) {
+        (Some(id), Some(attempt)) if has_header => (
+            id.try_into()
+                .ok()
+                .map(|b| ExchangeId(u64::from_be_bytes(b))),
+            attempt.try_into().ok().map(u32::from_be_bytes),
+        ),
+        _ => (None, None),
+    };
+    Ok(Some(Reassembled::Oversized {
+        kind,
+        exchange,
+        attempt,
+        len: announced,
+    }))
+}
+
+/// The chunks of a message must reach its announced length exactly on its LAST chunk:
+/// never beyond it, never short of it at LAST, and never exactly at it before LAST.
 fn check_progress(announced: usize, got: usize, last: bool) -> Result<(), WireError> {
-    if got > announced || (last && got != announced) {
+    if got > announced || last != (got == announced) {
         Err(WireError::LengthMismatch { announced, got })
     } else {
         Ok(())
@@ -712,9 +787,14 @@ impl Hello {
             .get(5..9)
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
             .ok_or(WireError::BadHello("too short"))?;
+        let max_message_size = u32::from_be_bytes(size);
+        if max_message_size == 0 {
+            // Nothing could ever be sent to such a peer.
+            return Err(WireError::BadHello("max_message_size 0"));
+        }
         Ok(Self {
             version,
-            max_message_size: u32::from_be_bytes(size),
+            max_message_size,
         })
     }
 }
@@ -903,6 +983,96 @@ mod tests {
     }
 
     #[test]
+    fn the_total_must_be_reached_exactly_on_last() {
+        // A FIRST chunk that already holds the announced total but is not LAST.
+        let mut r = Reassembler::new(100);
+        assert_eq!(
+            r.push(&[0x01, 0, 0, 0, 2, 6, 0]),
+            Err(WireError::LengthMismatch {
+                announced: 2,
+                got: 2
+            })
+        );
+        // A continuation that reaches it without LAST.
+        let mut r = Reassembler::new(100);
+        assert_eq!(r.push(&[0x01, 0, 0, 0, 2, 6]), Ok(Reassembled::Pending));
+        assert!(matches!(
+            r.push(&[0x00, 0]),
+            Err(WireError::LengthMismatch { .. })
+        ));
+        // The same while discarding an oversized message.
+        let mut r = Reassembler::new(1);
+        assert!(matches!(
+            r.push(&[0x01, 0, 0, 0, 30, 6, 0]),
+            Ok(Reassembled::Oversized { .. })
+        ));
+        assert!(matches!(
+            r.push(&[
+                0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0
+            ]),
+            Err(WireError::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn an_oversized_message_is_reported_once_its_header_is_known() {
+        // The header (kind, exchange, attempt) arrives over three chunks.
+        let m = Message::Request {
+            exchange: ExchangeId(0x0102_0304_0506_0708),
+            attempt: 3,
+            payload: Bytes::from(vec![9u8; 200]),
+        };
+        let encoded = m.encode();
+        let total = (encoded.len() as u32).to_be_bytes();
+        let mut r = Reassembler::new(10);
+        let first = [&[0x01][..], &total, &encoded[..4]].concat();
+        assert_eq!(r.push(&first), Ok(Reassembled::Pending));
+        assert_eq!(
+            r.push(&[&[0x00][..], &encoded[4..9]].concat()),
+            Ok(Reassembled::Pending)
+        );
+        assert_eq!(
+            r.push(&[&[0x00][..], &encoded[9..20]].concat()),
+            Ok(Reassembled::Oversized {
+                kind: Kind::Request,
+                exchange: Some(ExchangeId(0x0102_0304_0506_0708)),
+                attempt: Some(3),
+                len: encoded.len(),
+            })
+        );
+        // The rest is discarded, and the reassembler is ready for the next message.
+        assert_eq!(
+            r.push(&[&[0x02][..], &encoded[20..]].concat()),
+            Ok(Reassembled::Pending)
+        );
+        assert_eq!(
+            r.push(&[0x03, 0, 0, 0, 2, 6, 0]),
+            Ok(Reassembled::Message(Message::Close {
+                reason: CloseReason::Done
+            }))
+        );
+    }
+
+    #[test]
+    fn a_reason_is_its_wire_code() {
+        for code in 0..=u8::MAX {
+            for reason in [NackReason::from_code(code), NackReason::Other(code)] {
+                let m = Message::Nack {
+                    exchange: ExchangeId(1),
+                    attempt: 1,
+                    reason,
+                    retry_after_ms: 0,
+                };
+                assert_eq!(Message::decode(Bytes::from(m.encode())), Ok(m));
+            }
+        }
+        assert_eq!(NackReason::Other(1), NackReason::Busy);
+        assert_eq!(AbortReason::Other(4), AbortReason::ReplyTooLarge);
+        assert_ne!(CloseReason::Other(7), CloseReason::Done);
+    }
+
+    #[test]
     fn hello_round_trips_and_rejects_garbage() {
         let h = Hello {
             version: PROTOCOL_VERSION,
@@ -911,6 +1081,15 @@ mod tests {
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         assert!(Hello::decode(b"GET / HTTP/1.1").is_err());
         assert!(Hello::decode(b"P2PH").is_err());
+        // A peer that accepts nothing could never be sent anything.
+        let zero = Hello {
+            version: PROTOCOL_VERSION,
+            max_message_size: 0,
+        };
+        assert_eq!(
+            Hello::decode(&zero.encode()),
+            Err(WireError::BadHello("max_message_size 0"))
+        );
     }
 
     proptest! {

@@ -345,6 +345,21 @@ impl Endpoint {
         }
     }
 
+    /// The responder sent a Reply larger than we advertised: it broke the protocol. The
+    /// connection closes with `ProtocolViolation` and the error names the peer; then the
+    /// exchange fails, its payload handed back. In that order: finishing first would
+    /// release the connection (`Close{Done}`) before the violation could name it.
+    pub(super) fn reply_too_large(&mut self, conn: ConnId, id: ExchangeId, now: Instant) {
+        // Unbound first, so that closing the connection does not schedule a retry.
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.exchange == Some(id) {
+                c.exchange = None;
+            }
+        }
+        self.violation(conn, "reply exceeds our advertised maximum", now);
+        self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
+    }
+
     pub(super) fn on_outbound_message(
         &mut self,
         conn: ConnId,
@@ -389,9 +404,7 @@ impl Endpoint {
         };
         match message {
             Message::Reply { payload, .. } if payload.len() > self.config.max_message_size => {
-                // We advertised our limit; a responder exceeding it broke the protocol.
-                self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
-                self.violation(conn, "reply exceeds our advertised maximum", now);
+                self.reply_too_large(conn, id, now);
             }
             Message::Reply {
                 attempt, payload, ..

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use crate::identity::PeerId;
 use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Kind, Message, NackReason};
 
-use super::events::{Event, Failure, LimitKind, PeerError};
+use super::events::{Event, LimitKind, PeerError};
 use super::{ConnId, Direction, Endpoint, Timer};
 
 /// The responder's side of one exchange (one record per (peer, exchange id), kept after the
@@ -299,7 +299,11 @@ impl Endpoint {
             self.events
                 .push_back(Event::ResponseDelivered { peer, exchange });
         }
+        // The Ack may come on another connection than the Reply's (the dialer redialed):
+        // release both, or the Reply's would stay bound to a finished exchange forever.
+        let reply_conn = record.conn;
         self.unbind_inbound(conn, exchange, now);
+        self.unbind_inbound(reply_conn, exchange, now);
     }
 
     pub(super) fn on_inbound_timer(&mut self, peer: PeerId, exchange: ExchangeId, now: Instant) {
@@ -396,10 +400,14 @@ impl Endpoint {
                     },
                 );
             }
-            (Some(Direction::Outbound), Kind::Reply, Some(id), _) => {
-                // We advertised our limit; a responder exceeding it broke the protocol.
-                self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);
-                self.violation(conn, "reply exceeds our advertised maximum", now);
+            // Only an exchange of the peer on this connection can be failed by it: exchange
+            // ids are easy to guess, and another peer's must stay untouched.
+            (Some(Direction::Outbound), Kind::Reply, Some(id), _)
+                if self.peer_of(conn).is_some_and(|peer| {
+                    self.outbound.get(&id).is_some_and(|ex| ex.peer == peer)
+                }) =>
+            {
+                self.reply_too_large(conn, id, now);
             }
             _ => self.violation(conn, "oversized message", now),
         }
