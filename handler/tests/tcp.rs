@@ -599,3 +599,30 @@ fn connection_limit_drops_excess_streams_and_the_dialer_retries() {
     assert_eq!(expect_reply(&carol).0, c);
     assert!(carol.status().unwrap().stats.redials >= 1);
 }
+
+#[test]
+fn channels_of_capacity_one_still_complete_exchanges() {
+    // Each exchange puts two messages on a connection at once (Ack and Reply; final Ack and
+    // Close): a per-connection queue sized by `channel_capacity` dropped every connection.
+    let k = keys(15, 2);
+    let one = Config {
+        channel_capacity: 1,
+        ..Config::default()
+    };
+    let alice = node(&k[0], &[&k[1]], one.clone());
+    let bob = node(&k[1], &[&k[0]], one);
+    for i in 0..5 {
+        let id = alice
+            .request(bob.local_peer_id(), bob.local_address(), format!("{i}"))
+            .unwrap();
+        let (peer, exchange, payload) = expect_request(&bob);
+        assert_eq!(exchange, id);
+        bob.response_to(peer, exchange, payload).unwrap();
+        assert_eq!(expect_reply(&alice).0, id);
+    }
+    assert_eq!(
+        alice.status().unwrap().stats.redials,
+        0,
+        "no connection was dropped"
+    );
+}

@@ -88,7 +88,8 @@ pub struct Config {
     /// handshakes of others. Default 32.
     pub max_handshaking_per_ip: usize,
     /// Capacity of each of the six channels between the application, the handler task and
-    /// the network side, and of each connection's outgoing queue. Default 1024.
+    /// the network side (a connection's own outgoing queue is sized by the driver, not by
+    /// this). Any value from 1 works. Default 1024.
     pub channel_capacity: usize,
 }
 

@@ -1440,6 +1440,95 @@ mod endpoint_unit {
     }
 
     #[test]
+    fn a_queued_request_too_large_for_a_reused_connection_does_not_orphan_it() {
+        let mut f = fixture(Config {
+            reuse_connections: true,
+            ..config()
+        });
+        let (peer, addr) = (f.peer, f.addr);
+        let first = f.ep.request(peer, addr, &b"q"[..], f.now).unwrap();
+        let Some(Output::Dial { conn, .. }) = f.ep.poll_output() else {
+            panic!("dial")
+        };
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Established {
+                peer,
+                remote_max_message_size: 10,
+            },
+            f.now,
+        );
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Message(Message::Reply {
+                exchange: first,
+                attempt: 1,
+                payload: Bytes::from_static(b"r"),
+            }),
+            f.now,
+        );
+        outputs(&mut f.ep);
+        // Too large for what the peer advertised on the connection kept for reuse.
+        let big = f.ep.request(peer, addr, vec![0u8; 20], f.now).unwrap();
+        let evs = events(&mut f.ep);
+        assert!(
+            evs.iter().any(|e| matches!(e, Event::Failed { exchange, failure: Failure::TooLarge { .. }, .. } if *exchange == big)),
+            "{evs:?}"
+        );
+        f.ep.check_invariants();
+        // The connection is still there for the next exchange, and idles out like any.
+        assert_eq!(f.ep.open_connections(), 1);
+        let later = f.now + config().idle_timeout + Duration::from_secs(1);
+        f.ep.handle_timeout(later);
+        assert!(outputs(&mut f.ep).contains(&Output::Close {
+            conn,
+            reason: CloseReason::Idle
+        }));
+        assert_eq!(f.ep.open_connections(), 0);
+    }
+
+    #[test]
+    fn a_new_request_on_a_connection_proves_the_previous_reply_arrived() {
+        // With reuse, the dialer's Ack of our Reply is lost, and its next Request comes on
+        // the same connection: it must be served, not Nacked Busy until the reply-ack
+        // timeout, and the previous reply counts as delivered.
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        f.ep.respond(f.peer, ExchangeId(1), &b"r"[..], f.now)
+            .unwrap();
+        events(&mut f.ep);
+        outputs(&mut f.ep);
+        f.ep.handle_conn_event(c, request(2, 1), f.now);
+        let evs = events(&mut f.ep);
+        assert!(
+            evs.contains(&Event::ResponseDelivered {
+                peer: f.peer,
+                exchange: ExchangeId(1)
+            }),
+            "{evs:?}"
+        );
+        assert!(
+            evs.iter().any(
+                |e| matches!(e, Event::Request { exchange, .. } if *exchange == ExchangeId(2))
+            ),
+            "{evs:?}"
+        );
+        assert!(!outputs(&mut f.ep).iter().any(|o| matches!(
+            o,
+            Output::Send {
+                message: Message::Nack { .. },
+                ..
+            }
+        )));
+        f.ep.check_invariants();
+    }
+
+    #[test]
     fn an_ack_of_our_reply_on_another_connection_releases_the_replys_connection() {
         let mut f = fixture(Config {
             ack_delay: Duration::ZERO,

@@ -48,6 +48,12 @@ impl<K: Ord + Copy> Timers<K> {
         Some(key)
     }
 
+    /// Whether `key` has a deadline.
+    #[cfg(test)]
+    pub(crate) fn is_set(&self, key: K) -> bool {
+        self.by_key.contains_key(&key)
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         debug_assert_eq!(self.by_key.len(), self.by_time.len());

@@ -24,6 +24,13 @@ use super::handle::Notice;
 use super::slots::{Admission, ConnSlot, Forwarded, Slots, forward};
 use super::{SHUTDOWN_GRACE, SharedAllow, now};
 
+/// Messages waiting for one connection's task. An exchange puts at most a few on a
+/// connection at once (Ack and Reply, final Ack and Close, a Nack per rate-limited copy), so
+/// a queue this deep only fills when the peer stops taking bytes, and such a connection is
+/// cut rather than waited for. Independent of `channel_capacity`: a connection's queue must
+/// hold a whole burst of one exchange whatever the application's channels are sized at.
+const CONN_QUEUE: usize = 64;
+
 pub(super) enum NetCommand {
     Dial {
         conn: ConnId,
@@ -173,7 +180,7 @@ impl<T: Transport> Router<T> {
             }));
             return;
         }
-        let (tx, rx) = mpsc::channel(self.config.channel_capacity);
+        let (tx, rx) = mpsc::channel(CONN_QUEUE);
         let seed = self.seed();
         let transport = self.transport.clone();
         let keypair = self.keypair.clone();
@@ -331,7 +338,7 @@ impl<T: Transport> Router<T> {
                 return;
             }
         };
-        let (tx, rx) = mpsc::channel(self.config.channel_capacity);
+        let (tx, rx) = mpsc::channel(CONN_QUEUE);
         let admission = Admission::pending();
         let task = ConnTask {
             conn,

@@ -129,6 +129,11 @@ impl Endpoint {
         let Some(ex) = self.outbound.get_mut(&id) else {
             return;
         };
+        // The exchange holds the connection from here on, whether it was dialed for it or
+        // reused, so whatever ends the exchange releases it.
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.exchange = Some(id);
+        }
         let max = self.conns.get(&conn).map_or(0, |c| c.remote_max);
         if ex.payload.len() > max {
             let failure = Failure::TooLarge {
@@ -136,7 +141,8 @@ impl Endpoint {
                 max,
             };
             ex.state = OutState::Backoff { conn: Some(conn) };
-            return self.finish(id, Err(failure), now);
+            self.finish(id, Err(failure), now);
+            return;
         }
         ex.attempt += 1;
         ex.state = OutState::AwaitingAck { conn };
@@ -147,9 +153,6 @@ impl Endpoint {
         };
         self.stats.requests_sent += 1;
         self.stats.resends += u64::from(ex.attempt > 1);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.exchange = Some(id);
-        }
         self.timers
             .set(Timer::Outbound(id), now + self.config.ack_timeout);
         self.send(conn, message);
@@ -252,7 +255,10 @@ impl Endpoint {
         self.timers.cancel(Timer::Outbound(id));
         let peer = ex.peer;
         if let Some(conn) = ex.state.conn() {
-            self.release_outbound_conn(conn, id, outcome.is_ok(), now);
+            // A request too large for the peer never touched the connection: it stays
+            // as good as a successful one.
+            let healthy = matches!(&outcome, Ok(_) | Err(Failure::TooLarge { .. }));
+            self.release_outbound_conn(conn, id, healthy, now);
         }
         let was_active = match self.peers.get_mut(&peer) {
             Some(p) if p.active == Some(id) => {

@@ -1,8 +1,8 @@
 //! The cross-table invariants, checked by the tests after every step.
 
-use super::Endpoint;
 use super::dialer::OutState;
 use super::responder::InState;
+use super::{Direction, Endpoint, Timer};
 
 impl Endpoint {
     /// Checks the cross-table invariants. Called by tests after every step; cheap enough
@@ -60,11 +60,57 @@ impl Endpoint {
             assert_eq!(conns, p.conns, "conn count of {peer:?}");
         }
         assert!(self.cache_bytes <= self.config.reply_cache_bytes);
+        self.check_connection_bindings();
         for ((peer, id), r) in &self.inbound {
             assert!(
                 !r.ack_held || r.state == InState::AwaitingResponse,
                 "{id} of {peer:?}: a held Ack only while awaiting the response"
             );
+        }
+    }
+
+    /// Every connection is either bound to a live exchange of its own peer, or free with
+    /// an idle timer that will close it: nothing keeps a connection open forever.
+    fn check_connection_bindings(&self) {
+        for (conn, c) in &self.conns {
+            match (c.exchange, c.direction) {
+                (Some(id), Direction::Outbound) => {
+                    let ex = self
+                        .outbound
+                        .get(&id)
+                        .unwrap_or_else(|| panic!("{conn} bound to finished exchange {id}"));
+                    assert_eq!(ex.peer, c.peer, "{conn} bound to another peer's {id}");
+                    assert!(
+                        ex.state.conn() == Some(*conn),
+                        "{conn} bound to {id}, which is on {:?}",
+                        ex.state
+                    );
+                }
+                (Some(id), Direction::Inbound) => {
+                    let r = self.inbound.get(&(c.peer, id)).unwrap_or_else(|| {
+                        panic!("{conn} bound to {id}, which its peer does not have")
+                    });
+                    assert!(
+                        matches!(
+                            r.state,
+                            InState::AwaitingResponse | InState::AwaitingReplyAck { .. }
+                        ),
+                        "{conn} bound to {id}, which is over ({:?})",
+                        r.state
+                    );
+                    assert_eq!(
+                        r.conn, *conn,
+                        "{conn} bound to {id}, whose latest copy is elsewhere"
+                    );
+                }
+                (None, _) => {
+                    assert!(c.established, "{conn}: a dial always has its exchange");
+                    assert!(
+                        self.timers.is_set(Timer::Idle(*conn)),
+                        "{conn} is free but has no idle timer: it would stay open forever"
+                    );
+                }
+            }
         }
     }
 }

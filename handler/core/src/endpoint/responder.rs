@@ -125,6 +125,24 @@ impl Endpoint {
         if self.shutting_down {
             return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
         }
+        // A dialer sends its next Request on a connection only after the previous exchange
+        // ended, so a new Request proves our Reply on it arrived, even if its Ack was lost:
+        // without this, the connection would stay bound to the old exchange (and Nack the
+        // dialer Busy) until the reply-ack timeout.
+        let previous = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.exchange)
+            .filter(|previous| *previous != exchange);
+        if let Some(previous) = previous {
+            let replied = self
+                .inbound
+                .get(&(peer, previous))
+                .is_some_and(|r| matches!(r.state, InState::AwaitingReplyAck { .. }));
+            if replied {
+                self.on_reply_ack(conn, peer, previous, now);
+            }
+        }
         // One exchange per connection at a time; a correct dialer never overlaps them.
         let busy_conn = self
             .conns
