@@ -153,17 +153,20 @@ impl P2pHandler {
         self.block_on(self.handler.response_to(peer_id, exchange, msg))?
     }
 
-    /// The next request or reply, if one is waiting. Never blocks.
+    /// The next request or outcome (reply, failure, the fate of one of our replies), if one
+    /// is waiting. Never blocks. An application that reads only this never misses an
+    /// outcome and never stalls the node.
     pub fn check_receive(&self) -> Option<Event> {
         self.inbox.lock().ok()?.received.try_recv().ok()
     }
 
-    /// The next priority notice (failure, error, limit), if one is waiting. Never blocks.
+    /// The next informational notice (peer error, rate or connection limit), if one is
+    /// waiting. Never blocks. Optional: unread notices are dropped and counted.
     pub fn check_priority(&self) -> Option<Notice> {
         self.inbox.lock().ok()?.priority.try_recv().ok()
     }
 
-    /// Waits up to `timeout` for the next request or reply.
+    /// Waits up to `timeout` for the next request or outcome.
     pub fn receive_timeout(&self, timeout: Duration) -> Option<Event> {
         let mut inbox = self.inbox.lock().ok()?;
         self.block_on(async { tokio::time::timeout(timeout, inbox.received.recv()).await })

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::RawPeer;
 use p2p_handler::noise::{HandshakeRole, handshake};
 use p2p_handler::wire::{Hello, PROTOCOL_VERSION};
-use p2p_handler::{AllowList, Config, Event, Handler, Keypair, Notice, P2pHandler, TcpTransport};
+use p2p_handler::{AllowList, Config, Event, Handler, Keypair, P2pHandler, TcpTransport};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -181,24 +181,24 @@ async fn allowed_peer_gets_through(attack: Attack) {
                 .request(bob.local_peer_id(), bob.local_addr(), format!("{i}"))
                 .await
                 .unwrap();
-            // Exactly one outcome: a Reply on `received`, or a Failed notice on `priority`.
+            // Exactly one outcome, on the receive channel: a Reply or a Failed. Alice never
+            // reads her priority channel, as an application may not.
             loop {
-                tokio::select! {
-                    biased;
-                    Some(event) = alice_inbox.received.recv() => {
-                        if let Event::Reply { exchange, .. } = event {
-                            assert_eq!(exchange, id);
-                            replies += 1;
-                            break;
-                        }
+                match alice_inbox.received.recv().await {
+                    Some(Event::Reply { exchange, .. }) => {
+                        assert_eq!(exchange, id);
+                        replies += 1;
+                        break;
                     }
-                    Some(notice) = alice_inbox.priority.recv() => {
-                        if let Notice::Event(Event::Failed { exchange, failure, .. }) = notice {
-                            assert_eq!(exchange, id);
-                            failures.push(failure);
-                            break;
-                        }
+                    Some(Event::Failed {
+                        exchange, failure, ..
+                    }) => {
+                        assert_eq!(exchange, id);
+                        failures.push(failure);
+                        break;
                     }
+                    Some(_) => {}
+                    None => panic!("Alice's handler stopped"),
                 }
             }
         }
@@ -271,8 +271,8 @@ fn a_peer_that_stops_reading(config: Config) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match alice.priority_timeout(left) {
-            Some(Notice::Event(Event::Failed { exchange, .. })) if exchange == id => break,
+        match alice.receive_timeout(left) {
+            Some(Event::Failed { exchange, .. }) if exchange == id => break,
             Some(_) => continue,
             None => panic!("the exchange with a peer that does not read never failed"),
         }

@@ -47,6 +47,21 @@ fn wait_notice(node: &P2pHandler, mut pred: impl FnMut(&Notice) -> bool) -> Noti
     }
 }
 
+/// Waits for an event on the receive channel matching `pred`, skipping others. Outcomes
+/// (replies and failures) come there.
+fn wait_event(node: &P2pHandler, mut pred: impl FnMut(&Event) -> bool) -> Event {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = node
+            .receive_timeout(left)
+            .expect("event before the deadline");
+        if pred(&event) {
+            return event;
+        }
+    }
+}
+
 /// Waits until `cond` holds, checking after every scheduler turn of a few milliseconds.
 fn eventually(mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -378,13 +393,13 @@ fn peer_not_on_the_allow_list_is_rejected() {
     let id = carol
         .request(bob.local_peer_id(), bob.local_address(), &b"let me in"[..])
         .unwrap();
-    let failed = wait_notice(&carol, |n| matches!(n, Notice::Event(Event::Failed { .. })));
-    let Notice::Event(Event::Failed {
+    let failed = wait_event(&carol, |e| matches!(e, Event::Failed { .. }));
+    let Event::Failed {
         exchange,
         failure,
         payload,
         ..
-    }) = failed
+    } = failed
     else {
         unreachable!()
     };
@@ -407,13 +422,13 @@ fn impostor_key_at_a_dialed_address_is_rejected() {
     let id = alice
         .request(bob_id, mallory.local_address(), &b"secret"[..])
         .unwrap();
-    let failed = wait_notice(&alice, |n| matches!(n, Notice::Event(Event::Failed { .. })));
-    let Notice::Event(Event::Failed {
+    let failed = wait_event(&alice, |e| matches!(e, Event::Failed { .. }));
+    let Event::Failed {
         exchange,
         failure: Failure::Connection(ConnError::Impostor { actual, remote }),
         payload,
         ..
-    }) = failed
+    } = failed
     else {
         panic!("{failed:?}");
     };
@@ -447,9 +462,9 @@ fn revoking_a_peer_at_runtime_disconnects_it() {
     let id = alice
         .request(bob.local_peer_id(), bob.local_address(), &b"2"[..])
         .unwrap();
-    let failed = wait_notice(&alice, |n| matches!(n, Notice::Event(Event::Failed { .. })));
+    let failed = wait_event(&alice, |e| matches!(e, Event::Failed { .. }));
     assert!(
-        matches!(failed, Notice::Event(Event::Failed { exchange, failure: Failure::Rejected(CloseReason::NotAllowed), .. }) if exchange == id),
+        matches!(failed, Event::Failed { exchange, failure: Failure::Rejected(CloseReason::NotAllowed), .. } if exchange == id),
         "{failed:?}"
     );
 }
@@ -624,5 +639,53 @@ fn channels_of_capacity_one_still_complete_exchanges() {
         alice.status().unwrap().stats.redials,
         0,
         "no connection was dropped"
+    );
+}
+
+#[test]
+fn an_application_that_never_reads_notices_is_never_stalled() {
+    // Written to `request`, `response` and `check_receive` alone, as the API is designed
+    // around. Ten times the channel capacity of failures and of notices later, it still
+    // gets every outcome and every request.
+    const CAP: usize = 4;
+    const MANY: usize = 10 * CAP;
+    let k = keys(16, 3);
+    let small = Config {
+        channel_capacity: CAP,
+        max_attempts: 1,
+        ..Config::default()
+    };
+    let alice = node(&k[0], &[&k[1], &k[2]], small.clone());
+    let bob = node(&k[1], &[&k[0]], small);
+    // Notices for Bob: streams that send an invalid frame, each a peer error.
+    for _ in 0..MANY {
+        let mut s = std::net::TcpStream::connect(bob.local_address()).unwrap();
+        s.write_all(&[0, 0]).unwrap();
+    }
+    // Failures for Alice: she expects someone else at Bob's address (an impostor, final).
+    let stranger = k[2].peer_id();
+    for i in 0..MANY {
+        let id = alice
+            .request(stranger, bob.local_address(), format!("{i}"))
+            .unwrap();
+        let failed = wait_event(&alice, |e| matches!(e, Event::Failed { .. }));
+        assert!(
+            matches!(failed, Event::Failed { exchange, .. } if exchange == id),
+            "{failed:?}"
+        );
+    }
+    // Exchanges go on.
+    for i in 0..5 {
+        let id = alice
+            .request(bob.local_peer_id(), bob.local_address(), format!("{i}"))
+            .unwrap();
+        let (peer, exchange, payload) = expect_request(&bob);
+        assert_eq!(exchange, id);
+        bob.response_to(peer, exchange, payload).unwrap();
+        assert_eq!(expect_reply(&alice).0, id);
+    }
+    assert!(
+        bob.status().unwrap().notices_dropped > 0,
+        "the unread notices overflowed"
     );
 }

@@ -261,6 +261,7 @@ fn serve(
                 payload,
             } = event
             else {
+                report_outcome(&event);
                 continue;
             };
             eprintln!(
@@ -303,16 +304,28 @@ fn serve(
 }
 
 fn report_notice(notice: &Notice) {
-    match notice {
-        Notice::Event(Event::ResponseAborted {
+    eprintln!("notice: {notice:?}");
+}
+
+/// Reports how a request we received ended, when it did not end well.
+fn report_outcome(event: &Event) {
+    match event {
+        Event::ResponseAborted {
             peer,
             exchange,
             reason,
-        }) => eprintln!(
+        } => eprintln!(
             "request {exchange} from {} aborted: {reason:?}",
             peer.short()
         ),
-        other => eprintln!("notice: {other:?}"),
+        Event::ResponseTimedOut { peer, exchange } => eprintln!(
+            "request {exchange} from {} not answered in time",
+            peer.short()
+        ),
+        Event::ResponseUnconfirmed { peer, exchange } => {
+            eprintln!("reply to {exchange} from {} not confirmed", peer.short())
+        }
+        _ => {}
     }
 }
 
@@ -428,12 +441,10 @@ fn send(
     for _ in 0..repeat {
         let started = Instant::now();
         let id = node.request(peer, addr, message.clone())?;
+        // The outcome, a Reply or a Failed, comes on the receive channel.
         loop {
             let left = timeout.saturating_sub(started.elapsed());
-            if let Some(Notice::Event(Event::Failed { failure, .. })) = node.check_priority() {
-                return Err(format!("request {id} failed: {failure:?}").into());
-            }
-            match node.receive_timeout(left.min(Duration::from_millis(100))) {
+            match node.receive_timeout(left) {
                 Some(Event::Reply {
                     exchange, payload, ..
                 }) if exchange == id => {
@@ -441,10 +452,13 @@ fn send(
                     last = payload.to_vec();
                     break;
                 }
-                _ if started.elapsed() >= timeout => {
-                    return Err(format!("no reply within {timeout:?}").into());
+                Some(Event::Failed {
+                    exchange, failure, ..
+                }) if exchange == id => {
+                    return Err(format!("request {id} failed: {failure:?}").into());
                 }
-                _ => {}
+                Some(_) => {}
+                None => return Err(format!("no reply within {timeout:?}").into()),
             }
         }
     }

@@ -57,12 +57,14 @@ pub enum HandlerError {
     Stopped,
 }
 
-/// Something the application should know promptly: the priority channel.
+/// Something the application may want to know, on the priority channel: peer errors, rate
+/// limits, connection limits. Purely informational: when the application leaves the
+/// channel full, further notices are dropped and counted (`Status::notices_dropped`), so an
+/// application that never reads it is never stalled. Outcomes of exchanges never come here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Notice {
-    /// A priority event from the exchange layer: a failure with its payload, a peer error,
-    /// a rate limit hit, a reply's fate.
+    /// An informational event from the exchange layer: a peer error or a rate limit hit.
     Event(Event),
     /// The connection limit was hit: an accepted stream was dropped, or a dial deferred.
     ConnectionLimit {
@@ -91,6 +93,9 @@ pub struct Status {
     /// Unauthenticated inbound connections evicted to make room for newer ones (see
     /// `Config::max_handshaking`), since the start.
     pub evicted_unauthenticated: u64,
+    /// Notices dropped because the application left the priority channel full. Outcomes
+    /// are never dropped: they travel on the receive channel.
+    pub notices_dropped: u64,
     /// Our exchanges not finished yet.
     pub outbound_in_flight: usize,
     /// Requests from peers awaiting our answer.
@@ -150,14 +155,18 @@ pub struct Handler {
     local_addr: SocketAddr,
 }
 
-/// The application's two receiving channels. Read both: when either is full the handler
-/// stops reading the network until there is room (back-pressure, never loss).
+/// The application's two receiving channels. `received` carries everything that must not
+/// be lost: requests, replies, failures (with their payloads) and the fate of our replies.
+/// When it is full the handler stops reading the network until there is room
+/// (back-pressure, never loss). `priority` carries informational notices; reading it is
+/// optional (see [`Notice`]).
 #[derive(Debug)]
 pub struct Inbox {
-    /// Requests from peers, replies to our requests, and confirmations that our replies
-    /// arrived (`Event::ResponseDelivered`).
+    /// Requests from peers, and the one outcome of every exchange: `Reply` or `Failed` for
+    /// ours; `ResponseDelivered`, `ResponseUnconfirmed`, `ResponseTimedOut`,
+    /// `ResponseAborted` or `ResponseCancelled` for theirs.
     pub received: mpsc::Receiver<Event>,
-    /// Failures (with payloads), errors, limits, and the fate of our replies.
+    /// Peer errors, rate limits and connection limits; dropped when left unread.
     pub priority: mpsc::Receiver<Notice>,
 }
 
@@ -246,6 +255,7 @@ impl Handler {
             recv_backlog: VecDeque::new(),
             prio_backlog: VecDeque::new(),
             connection_tasks: 0,
+            notices_dropped: 0,
             evicted_unauthenticated: 0,
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),

@@ -32,7 +32,11 @@ pub(super) struct HandlerTask {
     pub(super) net_notices: mpsc::Receiver<NetNotice>,
     /// Events the application's channels had no room for, oldest first.
     pub(super) recv_backlog: VecDeque<Event>,
+    /// Notices waiting for the priority channel, at most `channel_capacity` of them: they
+    /// are informational, so past that they are dropped (and counted) rather than allowed
+    /// to stop the node for an application that does not read them.
     pub(super) prio_backlog: VecDeque<Notice>,
+    pub(super) notices_dropped: u64,
     pub(super) connection_tasks: usize,
     pub(super) evicted_unauthenticated: u64,
     /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
@@ -49,7 +53,8 @@ impl HandlerTask {
             self.perform_outputs().await;
             self.flush_events();
             let deadline = self.endpoint.poll_timeout();
-            let backlog = self.recv_backlog.len() + self.prio_backlog.len();
+            // Only what must not be lost holds the network back.
+            let backlog = self.recv_backlog.len();
             // Clones, so the futures below do not hold `self` borrowed while arms use it.
             let (received, priority) = (self.received.clone(), self.priority.clone());
             tokio::select! {
@@ -166,7 +171,7 @@ impl HandlerTask {
                 let why = format!("connection to {addr} too slow: outgoing queue full");
                 self.endpoint
                     .handle_conn_event(conn, ConnEvent::Closed(Closed::Io(why)), now());
-                self.prio_backlog.push_back(Notice::SlowConnection { addr });
+                self.notice(Notice::SlowConnection { addr });
             }
         }
     }
@@ -174,13 +179,24 @@ impl HandlerTask {
     fn flush_events(&mut self) {
         while let Some(event) = self.endpoint.poll_event() {
             if event.is_priority() {
-                self.prio_backlog.push_back(Notice::Event(event));
+                self.notice(Notice::Event(event));
             } else {
                 self.recv_backlog.push_back(event);
             }
         }
         drain_into(&mut self.recv_backlog, &self.received);
         drain_into(&mut self.prio_backlog, &self.priority);
+    }
+
+    /// Queues a notice for the priority channel, or counts it dropped when the application
+    /// has left `channel_capacity` of them unread.
+    fn notice(&mut self, notice: Notice) {
+        if self.prio_backlog.len() < self.received.max_capacity() {
+            self.prio_backlog.push_back(notice);
+        } else {
+            self.notices_dropped += 1;
+            tracing::debug!(?notice, "priority channel full: notice dropped");
+        }
     }
 
     fn command(&mut self, command: Command) {
@@ -226,6 +242,7 @@ impl HandlerTask {
                     open_connections: self.endpoint.open_connections(),
                     connection_tasks: self.connection_tasks,
                     evicted_unauthenticated: self.evicted_unauthenticated,
+                    notices_dropped: self.notices_dropped,
                     outbound_in_flight: self.endpoint.outbound_in_flight(),
                     pending_responses: self.endpoint.pending_responses(),
                     stats: self.endpoint.stats().clone(),
@@ -310,7 +327,7 @@ impl HandlerTask {
                 self.connection_tasks = live;
                 self.evicted_unauthenticated = evicted;
             }
-            NetNotice::App(notice) => self.prio_backlog.push_back(notice),
+            NetNotice::App(notice) => self.notice(notice),
         }
     }
 

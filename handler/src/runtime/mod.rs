@@ -9,9 +9,9 @@
 //!                          +----------------------+                                       framing)
 //! ```
 //!
-//! Six bounded channels: (1) app commands; (2) requests, replies and reply confirmations for
-//! the app; (3) priority notices for the app (failures with payloads, peer errors, rate
-//! limits, limits hit);
+//! Six bounded channels: (1) app commands; (2) requests and every exchange outcome for the
+//! app (replies, failures with payloads, the fate of our replies); (3) informational
+//! notices for the app (peer errors, rate limits, limits hit);
 //! (4) dial/send/close for the network; (5) connection events; (6) network notices
 //! (connection limit, accept errors, connections dropped for being too slow).
 //!
@@ -23,10 +23,12 @@
 //!
 //! Back-pressure, and why nothing is dropped silently:
 //! * (1) full: `Handler` methods wait for room (they are async; the sync facade blocks).
-//! * (2)/(3) full: events wait in the handler task's backlog, and the handler stops reading
+//! * (2) full: events wait in the handler task's backlog, and the handler stops reading
 //!   connection events (5) until the backlog drains, so slowness reaches the peers as TCP
-//!   back-pressure instead of as loss. An application must therefore read both channels;
-//!   the priority one carries only problems, so it is quiet when all is well.
+//!   back-pressure instead of as loss.
+//! * (3) full: notices wait in a backlog of the same size; past that they are dropped and
+//!   counted. They are informational, so an application written to `request`, `response`
+//!   and `check_receive` alone, which never reads them, cannot stall the node.
 //! * (4) never blocks for long: the router forwards with `try_send` and never waits on the
 //!   handler; (5) full makes connection tasks wait (back-pressure again).
 //! * A connection whose outgoing queue is full is dropped and reported on (6) as lost; the

@@ -203,14 +203,12 @@ pub enum Event {
 }
 
 impl Event {
-    /// Whether this event belongs on the priority channel (failures, errors, limits) rather
-    /// than the receive channel (requests, replies, and confirmations that our replies
-    /// arrived: the normal outcomes of exchanges).
+    /// Whether this event is only informational (a peer error, a rate limit), rather than
+    /// a request or the outcome of an exchange. Drivers may deliver informational events on
+    /// a separate channel and drop them when nobody reads it; outcomes must never be
+    /// dropped.
     pub fn is_priority(&self) -> bool {
-        !matches!(
-            self,
-            Self::Request { .. } | Self::Reply { .. } | Self::ResponseDelivered { .. }
-        )
+        matches!(self, Self::PeerError(_) | Self::RateLimited { .. })
     }
 }
 
