@@ -49,7 +49,7 @@ impl<K: Ord + Copy> Timers<K> {
     }
 
     /// Whether `key` has a deadline.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "invariants"))]
     pub(crate) fn is_set(&self, key: K) -> bool {
         self.by_key.contains_key(&key)
     }

@@ -1,13 +1,14 @@
-//! The cross-table invariants, checked by the tests after every step.
+//! The cross-table invariants, checked by the tests and fuzz targets after every step.
 
 use super::dialer::OutState;
 use super::responder::InState;
 use super::{Direction, Endpoint, Timer};
 
 impl Endpoint {
-    /// Checks the cross-table invariants. Called by tests after every step; cheap enough
-    /// for debug builds only.
-    pub(crate) fn check_invariants(&self) {
+    /// Checks the cross-table invariants, panicking on the first that does not hold.
+    /// Called by the tests and the fuzz targets after every step (feature `invariants`
+    /// outside this crate's tests); it scans every table, so it is not for production.
+    pub fn check_invariants(&self) {
         let pending = self
             .inbound
             .values()

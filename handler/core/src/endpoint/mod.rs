@@ -27,7 +27,7 @@
 mod conns;
 mod dialer;
 mod events;
-#[cfg(test)]
+#[cfg(any(test, feature = "invariants"))]
 mod invariants;
 mod responder;
 
