@@ -115,6 +115,25 @@ mod tests {
     }
 
     #[test]
+    fn the_ephemeral_key_comes_from_the_seeded_stream_alone() {
+        // Whatever cipher backend is compiled in (ring links getrandom for its own use),
+        // snow asks only our resolver for randomness: the ephemeral public key in message
+        // 1 is exactly the one made from the first 32 bytes of the seeded stream.
+        let (a, _) = pair(4);
+        let seed = [9; 32];
+        let mut i = handshake(&a, HandshakeRole::Initiator, seed).unwrap();
+        let mut msg1 = [0u8; 128];
+        let n = i.write_message(&[], &mut msg1).unwrap();
+        assert_eq!(n, 32);
+        let mut ephemeral = [0u8; 32];
+        ChaCha20Rng::from_seed(seed).fill_bytes(&mut ephemeral);
+        assert_eq!(
+            &msg1[..32],
+            &Keypair::from_private_bytes(ephemeral).public_bytes()[..]
+        );
+    }
+
+    #[test]
     fn equal_seeds_give_identical_handshakes() {
         let (a, b) = pair(1);
         let first = run(&a, &b, ([1; 32], [2; 32]));
