@@ -444,8 +444,10 @@ fn impostor_key_at_a_dialed_address_is_rejected() {
 #[test]
 fn revoking_a_peer_at_runtime_disconnects_it() {
     let k = keys(9, 2);
+    // The idle timeout is out of reach: only the revocation can close the kept connection.
     let reuse = Config {
         reuse_connections: true,
+        idle_timeout: Duration::from_secs(3_600),
         ..Config::default()
     };
     let alice = node(&k[0], &[&k[1]], reuse.clone());
@@ -688,4 +690,28 @@ fn an_application_that_never_reads_notices_is_never_stalled() {
         bob.status().unwrap().notices_dropped > 0,
         "the unread notices overflowed"
     );
+}
+
+#[test]
+fn a_peer_allowed_at_runtime_gets_in() {
+    let k = keys(17, 2);
+    let alice = node(&k[0], &[&k[1]], Config::default());
+    let bob = node(&k[1], &[], Config::default());
+    let refused = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"1"[..])
+        .unwrap();
+    let failed = wait_event(&alice, |e| matches!(e, Event::Failed { .. }));
+    assert!(
+        matches!(failed, Event::Failed { exchange, failure: Failure::Rejected(CloseReason::NotAllowed), .. } if exchange == refused),
+        "{failed:?}"
+    );
+    bob.allow(alice.local_peer_id(), p2p_handler::AllowedPeer::default())
+        .unwrap();
+    let id = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"2"[..])
+        .unwrap();
+    let (peer, exchange, _) = expect_request(&bob);
+    assert_eq!((peer, exchange), (alice.local_peer_id(), id));
+    bob.response_to(peer, exchange, &b"in"[..]).unwrap();
+    assert_eq!(expect_reply(&alice), (id, Bytes::from_static(b"in")));
 }

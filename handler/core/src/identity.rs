@@ -298,4 +298,19 @@ mod tests {
             "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
         );
     }
+
+    #[test]
+    fn peer_id_matches_the_documented_formula() {
+        // PROTOCOL.md section 1: BLAKE2s-256("p2p-handler peer id v1" || public key), here
+        // for RFC 7748's Alice, computed independently (Python's hashlib.blake2s).
+        let private: [u8; 32] =
+            hex::decode("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        assert_eq!(
+            Keypair::from_private_bytes(private).peer_id().to_string(),
+            "ac7e37a90c4b17dfae6065a5324cb4344ea23c7f501374d3daf7447721f5b506"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use crate::config::{Config, RateLimit};
 use crate::connection::ConnError;
 use crate::endpoint::{Event, Failure, PeerError, RequestError, RespondError, RetryCause};
 use crate::harness::{Action, App, Net, Rule};
+use crate::identity::PeerId;
 use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Kind, NackReason};
 
 const ALICE: usize = 0;
@@ -76,21 +77,35 @@ fn happy_path_request_ack_reply_ack() {
 }
 
 #[test]
-fn application_never_sees_acks() {
+fn one_exchange_gives_each_application_exactly_its_events() {
+    // Acks, Nacks and Closes are the handler's business: each application sees exactly the
+    // request or reply it is owed, and the responder the fate of its reply, nothing more.
     let mut net = pair();
-    net.request(ALICE, BOB, b"x");
+    let id = net.request(ALICE, BOB, b"x");
     net.run(secs(60));
-    for n in &net.nodes {
-        for e in &n.events {
-            assert!(
-                matches!(
-                    e,
-                    Event::Request { .. } | Event::Reply { .. } | Event::ResponseDelivered { .. }
-                ),
-                "{e:?}"
-            );
-        }
-    }
+    let (alice, bob) = (net.id(ALICE), net.id(BOB));
+    let alice_events: Vec<(PeerId, ExchangeId, &str)> = net.nodes[ALICE]
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Reply { peer, exchange, .. } => (*peer, *exchange, "reply"),
+            other => panic!("Alice's application saw {other:?}"),
+        })
+        .collect();
+    assert_eq!(alice_events, vec![(bob, id, "reply")]);
+    let bob_events: Vec<(PeerId, ExchangeId, &str)> = net.nodes[BOB]
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Request { peer, exchange, .. } => (*peer, *exchange, "request"),
+            Event::ResponseDelivered { peer, exchange } => (*peer, *exchange, "delivered"),
+            other => panic!("Bob's application saw {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        bob_events,
+        vec![(alice, id, "request"), (alice, id, "delivered")]
+    );
 }
 
 #[test]
