@@ -57,6 +57,7 @@ def main():
     run(["cargo", "build", "-q", "--release", "-p", "p2p-bench", "--bins"])
     latency = json.loads(run([str(ROOT / "target/release/latency")]).strip().splitlines()[-1])
     memory = json.loads(run([str(ROOT / "target/release/memory")]).strip().splitlines()[-1])
+    attack = json.loads(run([str(ROOT / "target/release/attack")]).strip().splitlines()[-1])
     virtual_s = float(re.search(r"sim/two_nodes virtual_seconds ([0-9.]+)", bench_out).group(1))
 
     us = lambda full_id: median_ns(full_id) / 1e3
@@ -83,7 +84,7 @@ def main():
         "# Benchmarks",
         "",
         "Produced by `python3 benches/report.py` from one run of `cargo bench -p p2p-bench` and",
-        "the `latency` and `memory` binaries; do not edit by hand. Every handler figure stands",
+        "the `latency`, `attack` and `memory` binaries; do not edit by hand. Every handler figure stands",
         "beside a physical limit measured in the same run on the same machine. Medians.",
         "",
         f"Machine: {machine()}.",
@@ -116,6 +117,18 @@ def main():
         f"| limit: bare exchange on an open Noise session | {lat['bare_noise_exchange']['p50_us']:.1f} µs | {lat['bare_noise_exchange']['p99_us']:.1f} µs |",
         f"| handler, reused connection | {lat['handler_reuse']['p50_us']:.1f} µs | {lat['handler_reuse']['p99_us']:.1f} µs |",
         f"| handler, fresh connection | {lat['handler_fresh']['p50_us']:.1f} µs | {lat['handler_fresh']['p99_us']:.1f} µs |",
+        "",
+        "## An allowed peer under attack (fresh connection per exchange, each timed)",
+        "",
+        "1,500 attacking sockets from 64 loopback addresses, each re-opened as soon as the node",
+        "closes it (the attacker of `handler/tests/hostile.rs`), while an allowed peer (default",
+        "timeouts and handshake budgets) does 300 exchanges. None may fail; the benchmark panics if one does.",
+        "",
+        "| attack | p50 | p99 |",
+        "|---|---|---|",
+        f"| none | {attack['none']['p50_us'] / 1e3:.2f} ms | {attack['none']['p99_us'] / 1e3:.2f} ms |",
+        f"| 1,500 silent sockets | {attack['silent']['p50_us'] / 1e3:.2f} ms | {attack['silent']['p99_us'] / 1e3:.2f} ms |",
+        f"| 1,500 handshakes stalled after msg1 | {attack['stalled_msg1']['p50_us'] / 1e3:.2f} ms | {attack['stalled_msg1']['p99_us'] / 1e3:.2f} ms |",
         "",
         "## Memory (exact live heap, dhat)",
         "",

@@ -14,6 +14,8 @@ use p2p_handler::noise::{HandshakeRole, handshake};
 use p2p_handler::wire::{Hello, Message, PROTOCOL_VERSION, TAG_LEN, chunk_message};
 
 /// How long a raw peer waits for a frame before the test fails.
+pub(crate) mod attack;
+
 pub(crate) const READ_WAIT: Duration = Duration::from_secs(30);
 
 /// One end of an established Noise session over a blocking TCP stream.
