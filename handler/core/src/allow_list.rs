@@ -301,6 +301,8 @@ mod tests {
     fn runtime_changes() {
         let (a, b) = (id(1), id(2));
         let mut list = AllowList::from_peers([a]);
+        assert!(!list.is_allow_any());
+        assert!(AllowList::allow_any_peer_insecure().is_allow_any());
         let ip = "127.0.0.1".parse().unwrap();
         assert!(list.check(&b, ip).is_err());
         list.insert(b, AllowedPeer::default());

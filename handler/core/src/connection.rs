@@ -681,6 +681,7 @@ mod tests {
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
 
+    use crate::noise::{HandshakeRole, handshake};
     use crate::wire::{NackReason, chunk_message};
 
     struct Fixture {
@@ -736,6 +737,98 @@ mod tests {
         let any = AllowList::allow_any_peer_insecure();
         while pump(&mut d, &mut r, bob_allows) + pump(&mut r, &mut d, &any) > 0 {}
         (d, r)
+    }
+
+    /// Seals `plain` as one chunk with `from`'s session and returns the frame, as a peer
+    /// that writes whatever chunk it likes would.
+    fn sealed(from: &mut Connection, plain: &[u8]) -> Vec<u8> {
+        let State::Established { session, .. } = &mut from.state else {
+            panic!("not established");
+        };
+        let mut frame = vec![0u8; plain.len() + TAG_LEN];
+        let n = session.write_message(plain, &mut frame).unwrap();
+        frame.truncate(n);
+        frame
+    }
+
+    #[test]
+    fn open_and_closed_are_reported_as_they_change() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        assert!(!r.is_established() && !r.is_closed());
+        let (mut d, mut r2) = connect(&f, &allow);
+        assert!(d.is_established() && !d.is_closed());
+        assert!(r2.is_established() && !r2.is_closed());
+        d.close(CloseReason::Done);
+        assert!(!d.is_established() && d.is_closed());
+        pump(&mut d, &mut r2, &allow);
+        assert!(!r2.is_established() && r2.is_closed());
+        r.handle_timeout(f.now + f.config.handshake_timeout);
+        assert!(!r.is_established() && r.is_closed());
+    }
+
+    #[test]
+    fn violations_on_a_usable_session_are_answered_with_close_protocol_violation() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        // A malformed chunk that decrypts (reserved flag bits), and an empty frame.
+        for bad in [Some(vec![0b100 | 0b11, 0, 0, 0, 1, 6]), None] {
+            let (mut d, mut r) = connect(&f, &allow);
+            events(&mut d);
+            events(&mut r);
+            let frame = match &bad {
+                Some(plain) => sealed(&mut d, plain),
+                None => Vec::new(),
+            };
+            r.handle_frame(&frame, &allow);
+            assert!(matches!(
+                events(&mut r).as_slice(),
+                [ConnEvent::Closed(Closed::Error(
+                    ConnError::Protocol { .. } | ConnError::BadFrame { .. }
+                ))]
+            ));
+            pump(&mut r, &mut d, &allow);
+            assert_eq!(
+                events(&mut d),
+                vec![ConnEvent::Closed(Closed::ByPeer(
+                    CloseReason::ProtocolViolation
+                ))],
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_frames_do_not_leave_an_idle_connection_holding_their_size() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        // A padded message 1 (a hello may carry trailing bytes).
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        let mut hs = handshake(&f.alice, HandshakeRole::Initiator, [1; 32]).unwrap();
+        let mut padded = Hello {
+            version: PROTOCOL_VERSION,
+            max_message_size: 1000,
+        }
+        .encode()
+        .to_vec();
+        padded.resize(60_000, 0);
+        let mut msg1 = vec![0u8; 65_535];
+        let n = hs.write_message(&padded, &mut msg1).unwrap();
+        r.handle_frame(&msg1[..n], &allow);
+        assert!(r.plain.capacity() <= SMALL_FRAME, "{}", r.plain.capacity());
+        // A large message, once complete.
+        let (mut d, mut r) = connect(&f, &allow);
+        d.send(&Message::Request {
+            exchange: ExchangeId(1),
+            attempt: 1,
+            payload: Bytes::from(vec![1u8; 100_000]),
+        })
+        .unwrap();
+        pump(&mut d, &mut r, &allow);
+        assert!(r.plain.capacity() <= SMALL_FRAME, "{}", r.plain.capacity());
     }
 
     #[test]

@@ -308,9 +308,10 @@ mod tests {
                 .unwrap()
                 .try_into()
                 .unwrap();
-        assert_eq!(
-            Keypair::from_private_bytes(private).peer_id().to_string(),
-            "ac7e37a90c4b17dfae6065a5324cb4344ea23c7f501374d3daf7447721f5b506"
-        );
+        let id = Keypair::from_private_bytes(private).peer_id();
+        let expected = "ac7e37a90c4b17dfae6065a5324cb4344ea23c7f501374d3daf7447721f5b506";
+        assert_eq!(id.to_string(), expected);
+        assert_eq!(hex::encode(id.as_bytes()), expected);
+        assert_eq!(PeerId::from_bytes(*id.as_bytes()), id);
     }
 }

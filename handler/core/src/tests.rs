@@ -881,7 +881,7 @@ mod endpoint_unit {
     use super::*;
     use crate::allow_list::AllowList;
     use crate::connection::ConnEvent;
-    use crate::endpoint::{ConnId, Endpoint, LimitKind, Output};
+    use crate::endpoint::{ConnId, Direction, Endpoint, LimitKind, Output};
     use crate::identity::{Keypair, PeerId};
     use crate::wire::{ExchangeId, Message};
     use rand_chacha::ChaCha20Rng;
@@ -1541,6 +1541,87 @@ mod endpoint_unit {
             }
         )));
         f.ep.check_invariants();
+    }
+
+    #[test]
+    fn getters_report_what_is_in_flight() {
+        let cfg = config();
+        let mut f = fixture(cfg.clone());
+        assert_eq!(f.ep.config(), &cfg);
+        assert!(f.ep.is_idle());
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        assert!(!f.ep.is_idle(), "an exchange and a connection");
+        assert_eq!(
+            f.ep.exchange_states(),
+            vec![(Direction::Outbound, f.peer, id, "AwaitingAck")]
+        );
+        assert_eq!(f.ep.peer_of(conn), Some(f.peer));
+        // Only the connection is left once the exchange fails: still not idle.
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Message(Message::Abort {
+                exchange: id,
+                attempt: 1,
+                reason: AbortReason::NoResponse,
+            }),
+            f.now,
+        );
+        assert!(f.ep.exchange_states().is_empty());
+        // An accepted request alone keeps it busy too.
+        let mut g = fixture(Config {
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        g.ep.handle_accepted(c, g.peer, g.addr, 1 << 20, g.now);
+        g.ep.handle_conn_event(c, request(3, 1), g.now);
+        assert_eq!(
+            g.ep.exchange_states(),
+            vec![(
+                Direction::Inbound,
+                g.peer,
+                ExchangeId(3),
+                "AwaitingResponse"
+            )]
+        );
+        g.ep.handle_conn_event(
+            c,
+            ConnEvent::Closed(crate::connection::Closed::Io("gone".into())),
+            g.now,
+        );
+        assert_eq!(g.ep.open_connections(), 0);
+        assert!(!g.ep.is_idle(), "a request still awaits the application");
+    }
+
+    #[test]
+    fn an_accepted_connection_must_be_new_and_inbound() {
+        let mut f = fixture(config());
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        outputs(&mut f.ep);
+        // The driver handing over an outbound id, or the same id twice, is refused.
+        for bad in [ConnId::outbound_for_tests(1), c] {
+            f.ep.handle_accepted(bad, f.peer, f.addr, 1 << 20, f.now);
+            assert_eq!(
+                outputs(&mut f.ep),
+                vec![Output::Close {
+                    conn: bad,
+                    reason: CloseReason::ProtocolViolation
+                }]
+            );
+        }
+        assert_eq!(f.ep.open_connections(), 1);
+        assert!(c.is_inbound() && !ConnId::outbound_for_tests(1).is_inbound());
+        assert_eq!(
+            (
+                c.to_string(),
+                format!("{:?}", ConnId::outbound_for_tests(7))
+            ),
+            ("i1".to_owned(), "c7".to_owned())
+        );
     }
 
     #[test]

@@ -1055,6 +1055,36 @@ mod tests {
     }
 
     #[test]
+    fn the_overhead_bound_is_the_largest_fixed_part_and_admits_a_full_payload() {
+        let nack = Message::Nack {
+            exchange: ExchangeId(1),
+            attempt: 1,
+            reason: NackReason::Busy,
+            retry_after_ms: 0,
+        };
+        assert_eq!(MAX_MESSAGE_OVERHEAD, nack.encoded_len());
+        // A Request (or Reply) carrying exactly the maximum payload is reassembled, not
+        // reported oversized; one byte more is.
+        let max = 100;
+        for (len, fits) in [(max, true), (max + MAX_MESSAGE_OVERHEAD - 12, false)] {
+            let m = Message::Request {
+                exchange: ExchangeId(1),
+                attempt: 1,
+                payload: Bytes::from(vec![0u8; len]),
+            };
+            let mut r = Reassembler::new(max);
+            let got = r.push(&chunk_message(&m)[0]).unwrap();
+            assert_eq!(
+                matches!(got, Reassembled::Message(_)),
+                fits,
+                "{len}: {got:?}"
+            );
+        }
+        assert_eq!(ExchangeId(0x1f).to_string(), "x000000000000001f");
+        assert_eq!(format!("{:?}", ExchangeId(0x1f)), "x000000000000001f");
+    }
+
+    #[test]
     fn a_reason_is_its_wire_code() {
         for code in 0..=u8::MAX {
             for reason in [NackReason::from_code(code), NackReason::Other(code)] {
