@@ -1624,6 +1624,342 @@ mod endpoint_unit {
         );
     }
 
+    fn fail_msg(exchange: ExchangeId, attempt: u32) -> ConnEvent {
+        ConnEvent::Message(Message::Nack {
+            exchange,
+            attempt,
+            reason: NackReason::Busy,
+            retry_after_ms: 0,
+        })
+    }
+
+    #[test]
+    fn a_handshake_timeout_is_a_retry_not_a_peer_error() {
+        let mut f = fixture(config());
+        let id = f.ep.request(f.peer, f.addr, &b"q"[..], f.now).unwrap();
+        let Some(Output::Dial { conn, .. }) = f.ep.poll_output() else {
+            panic!("dial")
+        };
+        let remote = crate::connection::Remote {
+            addr: f.addr,
+            peer: Some(f.peer),
+        };
+        let closed =
+            crate::connection::Closed::Error(crate::connection::ConnError::HandshakeTimeout {
+                remote,
+            });
+        f.ep.handle_conn_event(conn, ConnEvent::Closed(closed), f.now);
+        assert!(
+            events(&mut f.ep).is_empty(),
+            "no peer error, no failure yet"
+        );
+        assert_eq!(f.ep.outbound_in_flight(), 1);
+        let _ = id;
+    }
+
+    #[test]
+    fn counters_count() {
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            max_pending_inbound: 1,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        let c2 = ConnId::inbound(2);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c2, request(2, 1), f.now); // Busy: the inbox holds one.
+        let stats = f.ep.stats().clone();
+        assert_eq!((stats.requests_delivered, stats.nacks_sent), (1, 1));
+    }
+
+    #[test]
+    fn a_peer_with_a_live_request_is_not_forgotten_to_track_another() {
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            max_tracked_peers: 1,
+            ..config()
+        });
+        let other = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(9)).peer_id();
+        f.ep.allow(other, crate::allow_list::AllowedPeer::default());
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        f.ep.handle_conn_event(
+            c,
+            ConnEvent::Closed(crate::connection::Closed::Io("x".into())),
+            f.now,
+        );
+        outputs(&mut f.ep);
+        // The first peer has no connection but its request awaits our answer: the other
+        // peer cannot be tracked, and the answer still goes through.
+        let c2 = ConnId::inbound(2);
+        f.ep.handle_accepted(c2, other, f.addr, 1 << 20, f.now);
+        assert_eq!(f.ep.peer_of(c2), None, "no room for another peer");
+        assert_eq!(f.ep.pending_request_from(&f.peer), Some(ExchangeId(1)));
+        f.ep.respond(f.peer, ExchangeId(1), &b"r"[..], f.now)
+            .unwrap();
+        f.ep.check_invariants();
+        // Once it is done, the slot can go to the other peer.
+        let now = f.now + Duration::from_secs(60);
+        f.ep.handle_timeout(now);
+        let c3 = ConnId::inbound(3);
+        f.ep.handle_accepted(c3, other, f.addr, 1 << 20, now);
+        assert_eq!(f.ep.peer_of(c3), Some(other));
+    }
+
+    #[test]
+    fn backoff_is_jittered_within_half_to_full_base() {
+        let mut delays = Vec::new();
+        for seed in 0..6u8 {
+            // Each endpoint draws its jitter from its own seed.
+            let mut f = fixture(config());
+            f.ep = Endpoint::new(
+                config(),
+                f.ep.local_peer_id(),
+                AllowList::from_peers([f.peer]),
+                [seed; 32],
+            )
+            .unwrap();
+            let (id, conn) = {
+                let (p, a) = (f.peer, f.addr);
+                dial_established(&mut f, p, a)
+            };
+            f.ep.handle_conn_event(conn, fail_msg(id, 1), f.now);
+            let delay = f.ep.poll_timeout().unwrap() - f.now;
+            let base = config().backoff_initial;
+            assert!(delay >= base / 2 && delay <= base, "{delay:?}");
+            delays.push(delay);
+        }
+        delays.dedup();
+        assert!(delays.len() > 1, "jitter varies: {delays:?}");
+    }
+
+    #[test]
+    fn revoking_a_peer_fails_its_active_and_queued_exchanges_without_dialing() {
+        let mut f = fixture(config());
+        let (peer, addr) = (f.peer, f.addr);
+        let ids: Vec<ExchangeId> = (0..3)
+            .map(|_| f.ep.request(peer, addr, &b"q"[..], f.now).unwrap())
+            .collect();
+        outputs(&mut f.ep);
+        f.ep.revoke(&peer, f.now);
+        assert!(
+            !outputs(&mut f.ep)
+                .iter()
+                .any(|o| matches!(o, Output::Dial { .. })),
+            "nothing new starts"
+        );
+        let mut failed: Vec<ExchangeId> = events(&mut f.ep)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Failed {
+                    exchange,
+                    failure: Failure::Revoked,
+                    ..
+                } => Some(exchange),
+                _ => None,
+            })
+            .collect();
+        failed.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(failed, want);
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn a_reply_over_our_limit_fails_as_such_even_on_the_last_attempt() {
+        let mut f = fixture(Config {
+            max_message_size: 100,
+            max_attempts: 1,
+            ..config()
+        });
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let big = ConnEvent::Message(Message::Reply {
+            exchange: id,
+            attempt: 1,
+            payload: Bytes::from(vec![0u8; 101]),
+        });
+        f.ep.handle_conn_event(conn, big, f.now);
+        assert!(events(&mut f.ep).iter().any(|e| matches!(
+            e,
+            Event::Failed {
+                failure: Failure::Aborted(AbortReason::ReplyTooLarge),
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_peer_cannot_answer_for_another_peers_exchange() {
+        let mut f = fixture(config());
+        let other = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(9)).peer_id();
+        f.ep.allow(other, crate::allow_list::AllowedPeer::default());
+        let (ours, _) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let (_, theirs) = dial_established(&mut f, other, "10.0.0.3:1".parse().unwrap());
+        for message in [
+            Message::Abort {
+                exchange: ours,
+                attempt: 1,
+                reason: AbortReason::NoResponse,
+            },
+            Message::Reply {
+                exchange: ours,
+                attempt: 1,
+                payload: Bytes::from_static(b"forged"),
+            },
+            Message::Nack {
+                exchange: ours,
+                attempt: 1,
+                reason: NackReason::TooLarge,
+                retry_after_ms: 0,
+            },
+        ] {
+            f.ep.handle_conn_event(theirs, ConnEvent::Message(message), f.now);
+        }
+        assert!(
+            !events(&mut f.ep).iter().any(|e| matches!(
+                e,
+                Event::Failed { exchange, .. } | Event::Reply { exchange, .. } if *exchange == ours
+            )),
+            "the other peer ended our exchange with the first"
+        );
+    }
+
+    #[test]
+    fn only_an_ack_of_a_sent_attempt_on_its_connection_moves_the_exchange_on() {
+        let mut f = fixture(config());
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let ack = |attempt| {
+            ConnEvent::Message(Message::Ack {
+                exchange: id,
+                attempt,
+                of: AckOf::Request,
+            })
+        };
+        let state = |f: &Fixture| f.ep.exchange_states()[0].3;
+        // A future attempt, and a stale Nack, change nothing.
+        f.ep.handle_conn_event(conn, ack(5), f.now);
+        f.ep.handle_conn_event(conn, fail_msg(id, 7), f.now);
+        assert_eq!(state(&f), "AwaitingAck");
+        assert_eq!(f.ep.stats().nacks_received, 0);
+        // The Ack of the attempt sent does.
+        f.ep.handle_conn_event(conn, ack(1), f.now);
+        assert_eq!(state(&f), "AwaitingReply");
+    }
+
+    #[test]
+    fn informational_events_are_only_peer_errors_and_rate_limits() {
+        let peer = fixture(config()).peer;
+        let x = ExchangeId(1);
+        assert!(
+            Event::RateLimited {
+                peer,
+                limit: LimitKind::Requests,
+                disconnected: false
+            }
+            .is_priority()
+        );
+        assert!(
+            Event::PeerError(PeerError::RateLimitAbuse {
+                remote: crate::connection::Remote {
+                    addr: "10.0.0.1:1".parse().unwrap(),
+                    peer: None
+                },
+                strikes: 1
+            })
+            .is_priority()
+        );
+        for outcome in [
+            Event::ResponseDelivered { peer, exchange: x },
+            Event::ResponseTimedOut { peer, exchange: x },
+            Event::ResponseCancelled { peer, exchange: x },
+            Event::Failed {
+                peer,
+                exchange: x,
+                payload: Bytes::new(),
+                failure: Failure::Revoked,
+            },
+        ] {
+            assert!(!outcome.is_priority(), "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn a_resent_request_on_a_new_connection_frees_the_old_one() {
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let (c1, c2) = (ConnId::inbound(1), ConnId::inbound(2));
+        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c1, request(1, 1), f.now);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c2, request(1, 2), f.now);
+        f.ep.check_invariants();
+        // The same copy again on the same connection keeps it.
+        f.ep.handle_conn_event(c2, request(1, 3), f.now);
+        f.ep.check_invariants();
+        let later = f.now + config().idle_timeout + Duration::from_millis(1);
+        f.ep.handle_timeout(later);
+        let closed: Vec<ConnId> = outputs(&mut f.ep)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, .. } => Some(conn),
+                _ => None,
+            })
+            .collect();
+        assert!(closed.contains(&c1) && !closed.contains(&c2), "{closed:?}");
+    }
+
+    #[test]
+    fn the_reply_cache_keeps_exactly_its_budget() {
+        // Two 10-byte replies fit a 20-byte budget; a third evicts the oldest.
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            reply_cache_bytes: 20,
+            ..config()
+        });
+        for n in 1..=3u64 {
+            let c = ConnId::inbound(n);
+            f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+            f.ep.handle_conn_event(c, request(n, 1), f.now);
+            f.ep.respond(f.peer, ExchangeId(n), vec![0u8; 10], f.now)
+                .unwrap();
+            f.ep.check_invariants();
+            outputs(&mut f.ep);
+            if n == 2 {
+                // Both still answer a resend from the cache.
+                f.ep.handle_conn_event(c, request(1, 2), f.now);
+                assert!(outputs(&mut f.ep).iter().any(|o| matches!(o, Output::Send { message: Message::Reply { exchange, .. }, .. } if *exchange == ExchangeId(1))));
+            }
+        }
+        let c = ConnId::inbound(9);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 3), f.now);
+        assert!(outputs(&mut f.ep).iter().any(|o| matches!(
+            o,
+            Output::Send {
+                message: Message::Abort {
+                    reason: AbortReason::ReplyExpired,
+                    ..
+                },
+                ..
+            }
+        )));
+    }
+
     #[test]
     fn an_ack_of_our_reply_on_another_connection_releases_the_replys_connection() {
         let mut f = fixture(Config {
