@@ -1961,6 +1961,87 @@ mod endpoint_unit {
     }
 
     #[test]
+    fn a_failure_says_how_the_connection_ended() {
+        let mut f = fixture(Config {
+            max_attempts: 1,
+            ..config()
+        });
+        let (_, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let closed = crate::connection::Closed::ByPeer(CloseReason::ShuttingDown);
+        f.ep.handle_conn_event(conn, ConnEvent::Closed(closed), f.now);
+        let evs = events(&mut f.ep);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [Event::Failed { failure: Failure::Exhausted { last: RetryCause::ConnectionLost(why), .. }, .. }]
+                    if why == "closed by peer: ShuttingDown"
+            ),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn another_connection_closing_does_not_lose_the_one_kept_for_reuse() {
+        let mut f = fixture(Config {
+            reuse_connections: true,
+            ..config()
+        });
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let reply = ConnEvent::Message(Message::Reply {
+            exchange: id,
+            attempt: 1,
+            payload: Bytes::from_static(b"r"),
+        });
+        f.ep.handle_conn_event(conn, reply, f.now);
+        outputs(&mut f.ep);
+        // The peer dials us too, and that connection ends.
+        let inbound = ConnId::inbound(1);
+        f.ep.handle_accepted(inbound, f.peer, f.addr, 1 << 20, f.now);
+        let gone = crate::connection::Closed::Io("reset".into());
+        f.ep.handle_conn_event(inbound, ConnEvent::Closed(gone), f.now);
+        // Our next request still goes on the kept connection, without a dial.
+        f.ep.request(f.peer, f.addr, &b"again"[..], f.now).unwrap();
+        let outs = outputs(&mut f.ep);
+        assert!(
+            matches!(outs.as_slice(), [Output::Send { conn: c, message: Message::Request { .. } }] if *c == conn),
+            "{outs:?}"
+        );
+    }
+
+    #[test]
+    fn forgetting_an_unconfirmed_reply_for_dedupe_room_releases_its_cache() {
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            dedupe_per_peer: 1,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(1, 1), f.now);
+        f.ep.respond(f.peer, ExchangeId(1), vec![0u8; 10], f.now)
+            .unwrap();
+        // No Ack of the Reply: it becomes unconfirmed, still cached.
+        let later = f.now + config().reply_ack_timeout + Duration::from_millis(1);
+        f.ep.handle_timeout(later);
+        f.ep.check_invariants();
+        // A new request needs the one dedupe slot: the unconfirmed record goes, and its
+        // cached reply with it.
+        f.ep.handle_conn_event(c, request(2, 1), later);
+        f.ep.check_invariants();
+        assert!(
+            events(&mut f.ep).iter().any(
+                |e| matches!(e, Event::Request { exchange, .. } if *exchange == ExchangeId(2))
+            )
+        );
+    }
+
+    #[test]
     fn an_ack_of_our_reply_on_another_connection_releases_the_replys_connection() {
         let mut f = fixture(Config {
             ack_delay: Duration::ZERO,
