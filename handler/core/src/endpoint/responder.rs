@@ -540,3 +540,66 @@ impl Endpoint {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+
+    use crate::allow_list::AllowList;
+    use crate::config::Config;
+    use crate::connection::ConnEvent;
+    use crate::endpoint::{ConnId, Endpoint};
+    use crate::identity::Keypair;
+    use crate::wire::{AckOf, ExchangeId, Message};
+
+    #[test]
+    fn the_order_of_cached_replies_never_outgrows_the_records() {
+        // Replies that were acknowledged leave their key behind in the order queue; the
+        // queue is compacted so that it never holds more keys than there are records.
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        let config = Config {
+            ack_delay: Duration::ZERO,
+            dedupe_per_peer: 4,
+            ..Config::default()
+        };
+        let me = Keypair::from_private_bytes([1; 32]).peer_id();
+        let mut ep = Endpoint::new(config, me, AllowList::from_peers([peer]), [0; 32]).unwrap();
+        let (addr, now): (SocketAddr, Instant) = ("10.0.0.2:1".parse().unwrap(), Instant::now());
+        let mut conn = ConnId::inbound(1);
+        ep.handle_accepted(conn, peer, addr, 1 << 20, now);
+        for n in 1..50u64 {
+            if n == 20 {
+                // Revoking drops the peer's records at once, keys left in the queue.
+                ep.revoke(&peer, now);
+                ep.allow(peer, crate::allow_list::AllowedPeer::default());
+                conn = ConnId::inbound(2);
+                ep.handle_accepted(conn, peer, addr, 1 << 20, now);
+            }
+            let exchange = ExchangeId(n);
+            let request = Message::Request {
+                exchange,
+                attempt: 1,
+                payload: Bytes::from_static(b"q"),
+            };
+            ep.handle_conn_event(conn, ConnEvent::Message(request), now);
+            ep.respond(peer, exchange, &b"r"[..], now).unwrap();
+            let ack = Message::Ack {
+                exchange,
+                attempt: 1,
+                of: AckOf::Reply,
+            };
+            ep.handle_conn_event(conn, ConnEvent::Message(ack), now);
+            while ep.poll_output().is_some() {}
+            while ep.poll_event().is_some() {}
+            assert!(
+                ep.cache_order.len() <= ep.inbound.len(),
+                "{} keys for {} records",
+                ep.cache_order.len(),
+                ep.inbound.len()
+            );
+        }
+    }
+}
