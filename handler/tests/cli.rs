@@ -127,8 +127,9 @@ impl Setup {
         Self { dir, bob }
     }
 
-    /// Starts `serve` with `args`; returns it and its target (`PEER_ID@ADDR`).
-    fn serve(&self, args: &[&str]) -> (Child, String) {
+    /// Starts `serve` with `args`; returns it (killed when dropped, even by a failing
+    /// test) and its target (`PEER_ID@ADDR`).
+    fn serve(&self, args: &[&str]) -> (Server, String) {
         let mut server = node()
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
@@ -145,7 +146,7 @@ impl Setup {
             .read_line(&mut first)
             .unwrap();
         let addr = first.split_whitespace().nth(2).unwrap().to_owned();
-        (server, format!("{}@{addr}", self.bob))
+        (Server(server), format!("{}@{addr}", self.bob))
     }
 
     fn send(&self, client: &str, target: &str) -> Command {
@@ -182,6 +183,23 @@ impl Setup {
     }
 }
 
+/// A running `p2p-node serve`, stopped when dropped.
+struct Server(Child);
+
+impl Server {
+    /// Whether it is still running.
+    fn running(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -191,7 +209,7 @@ impl Drop for Setup {
 #[test]
 fn exec_streams_large_requests_through_the_command() {
     let setup = Setup::new("large");
-    let (mut server, target) = setup.serve(&["--exec", "cat"]);
+    let (_server, target) = setup.serve(&["--exec", "cat"]);
     for size in [1 << 20, 16 << 20] {
         // Within the default 16 MiB limit, newline included.
         let mut payload: Vec<u8> = (0..size - 1).map(|i| b'a' + (i % 26) as u8).collect();
@@ -210,15 +228,13 @@ fn exec_streams_large_requests_through_the_command() {
         );
         assert!(out.stdout == payload, "{size} bytes come back intact");
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 #[test]
 fn a_slow_command_for_one_peer_does_not_delay_another() {
     let setup = Setup::new("slow");
     let script = setup.gated_echo();
-    let (mut server, target) = setup.serve(&["--exec", &script]);
+    let (_server, target) = setup.serve(&["--exec", &script]);
     let mut slow = setup
         .send("alice", &target)
         .arg("slow")
@@ -236,8 +252,6 @@ fn a_slow_command_for_one_peer_does_not_delay_another() {
     let out = slow.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "slow\n");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 #[test]
@@ -252,9 +266,7 @@ fn a_command_past_the_response_timeout_is_killed_and_serving_goes_on() {
     assert!(err.contains("NoResponse"), "{err}");
     // The server is still there and answers others.
     assert_eq!(output(setup.send("carol", &target).arg("fast")), "fast\n");
-    assert!(server.try_wait().unwrap().is_none(), "serve keeps running");
-    server.kill().unwrap();
-    server.wait().unwrap();
+    assert!(server.running(), "serve keeps running");
 }
 
 #[test]
@@ -288,8 +300,6 @@ fn a_reply_the_dialer_cannot_take_is_aborted_and_serving_goes_on() {
         })
     );
     drop(peer);
-    assert!(server.try_wait().unwrap().is_none(), "serve keeps running");
+    assert!(server.running(), "serve keeps running");
     assert_eq!(output(setup.send("carol", &target).arg("next")), "next\n");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
