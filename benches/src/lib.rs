@@ -17,6 +17,18 @@ use snow::TransportState;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+/// p50 and p99 of individually timed samples, as the JSON object `report.py` reads.
+pub fn percentiles(mut d: Vec<Duration>) -> String {
+    d.sort();
+    let at = |q: f64| d[((d.len() as f64 * q) as usize).min(d.len() - 1)].as_secs_f64() * 1e6;
+    format!(
+        "{{\"p50_us\": {:.2}, \"p99_us\": {:.2}, \"samples\": {}}}",
+        at(0.5),
+        at(0.99),
+        d.len()
+    )
+}
+
 /// Deterministic keys.
 pub fn keys(n: usize) -> Vec<Keypair> {
     let mut rng = ChaCha20Rng::seed_from_u64(99);

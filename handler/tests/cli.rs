@@ -35,64 +35,27 @@ fn keygen(dir: &Path, name: &str) -> String {
 
 #[test]
 fn two_nodes_exchange_a_message_through_a_command() {
-    let dir = std::env::temp_dir().join(format!("p2p-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let alice = keygen(&dir, "alice.key");
-    let bob = keygen(&dir, "bob.key");
+    let setup = Setup::new("basic");
     // keygen refuses to overwrite a key.
     assert!(
         !node()
             .args(["keygen", "--out"])
-            .arg(dir.join("bob.key"))
+            .arg(setup.dir.join("bob.key"))
             .status()
             .unwrap()
             .success()
     );
-    std::fs::write(
-        dir.join("allow.toml"),
-        format!("[[peer]]\nid = \"{alice}\"\n"),
-    )
-    .unwrap();
-
-    let mut server = node()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--count",
-            "1",
-            "--exec",
-            "tr a-z A-Z",
-        ])
-        .arg("--key")
-        .arg(dir.join("bob.key"))
-        .arg("--allow")
-        .arg(dir.join("allow.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    // "listening on 127.0.0.1:PORT as PEER_ID"
-    let words: Vec<&str> = first.split_whitespace().collect();
-    assert_eq!((words[0], words[4]), ("listening", bob.as_str()), "{first}");
-    let target = format!("{bob}@{}", words[2]);
-
-    let reply = output(
-        node()
-            .args(["send", "--to", &target, "hello bob"])
-            .arg("--key")
-            .arg(dir.join("alice.key")),
+    let (mut server, target) = setup.serve(&["--count", "1", "--exec", "tr a-z A-Z"]);
+    assert!(
+        target.starts_with(&setup.bob),
+        "serve prints its peer id: {target}"
     );
+    let reply = output(setup.send("alice", &target).arg("hello bob"));
     assert_eq!(reply, "HELLO BOB\n");
     assert!(
-        server.wait().unwrap().success(),
+        server.0.wait().unwrap().success(),
         "serve --count 1 exits after one answer"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -145,8 +108,14 @@ impl Setup {
         BufReader::new(server.stdout.take().unwrap())
             .read_line(&mut first)
             .unwrap();
-        let addr = first.split_whitespace().nth(2).unwrap().to_owned();
-        (Server(server), format!("{}@{addr}", self.bob))
+        // "listening on 127.0.0.1:PORT as PEER_ID"
+        let words: Vec<&str> = first.split_whitespace().collect();
+        assert_eq!(
+            (words[0], words[4]),
+            ("listening", self.bob.as_str()),
+            "{first}"
+        );
+        (Server(server), format!("{}@{}", self.bob, words[2]))
     }
 
     fn send(&self, client: &str, target: &str) -> Command {

@@ -106,6 +106,17 @@ fn expect_reply(node: &P2pHandler) -> (p2p_handler::ExchangeId, Bytes) {
     }
 }
 
+/// One exchange from `from` to `to`, whose application echoes; checks the ids line up.
+fn echo_exchange(from: &P2pHandler, to: &P2pHandler, payload: String) {
+    let id = from
+        .request(to.local_peer_id(), to.local_address(), payload)
+        .unwrap();
+    let (peer, exchange, payload) = expect_request(to);
+    assert_eq!(exchange, id);
+    to.response_to(peer, exchange, payload).unwrap();
+    assert_eq!(expect_reply(from).0, id);
+}
+
 #[test]
 fn request_and_reply_over_tcp() {
     let k = keys(1, 2);
@@ -629,13 +640,7 @@ fn channels_of_capacity_one_still_complete_exchanges() {
     let alice = node(&k[0], &[&k[1]], one.clone());
     let bob = node(&k[1], &[&k[0]], one);
     for i in 0..5 {
-        let id = alice
-            .request(bob.local_peer_id(), bob.local_address(), format!("{i}"))
-            .unwrap();
-        let (peer, exchange, payload) = expect_request(&bob);
-        assert_eq!(exchange, id);
-        bob.response_to(peer, exchange, payload).unwrap();
-        assert_eq!(expect_reply(&alice).0, id);
+        echo_exchange(&alice, &bob, format!("{i}"));
     }
     assert_eq!(
         alice.status().unwrap().stats.redials,
@@ -678,13 +683,7 @@ fn an_application_that_never_reads_notices_is_never_stalled() {
     }
     // Exchanges go on.
     for i in 0..5 {
-        let id = alice
-            .request(bob.local_peer_id(), bob.local_address(), format!("{i}"))
-            .unwrap();
-        let (peer, exchange, payload) = expect_request(&bob);
-        assert_eq!(exchange, id);
-        bob.response_to(peer, exchange, payload).unwrap();
-        assert_eq!(expect_reply(&alice).0, id);
+        echo_exchange(&alice, &bob, format!("{i}"));
     }
     assert!(
         bob.status().unwrap().notices_dropped > 0,

@@ -9,26 +9,15 @@
 #[path = "../../../handler/tests/common/attack.rs"]
 mod attack;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use attack::{Attack, start_attack};
 use bytes::Bytes;
-use p2p_bench::{client, keys, server};
+use p2p_bench::{client, keys, percentiles, server};
 use p2p_handler::Event;
 use tokio::sync::watch;
 
 const SAMPLES: usize = 300;
-
-fn percentiles(mut d: Vec<Duration>) -> String {
-    d.sort();
-    let at = |q: f64| d[((d.len() as f64 * q) as usize).min(d.len() - 1)].as_secs_f64() * 1e6;
-    format!(
-        "{{\"p50_us\": {:.2}, \"p99_us\": {:.2}, \"samples\": {}}}",
-        at(0.5),
-        at(0.99),
-        d.len()
-    )
-}
 
 async fn measure(attack: Option<Attack>) -> String {
     let k = keys(2);

@@ -3,23 +3,12 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use p2p_bench::{client, handler_exchange, keys, noise_exchange_pair, server};
+use p2p_bench::{client, handler_exchange, keys, noise_exchange_pair, percentiles, server};
 
 const SAMPLES: usize = 3000;
-
-fn percentiles(mut d: Vec<Duration>) -> String {
-    d.sort();
-    let at = |q: f64| d[((d.len() as f64 * q) as usize).min(d.len() - 1)].as_secs_f64() * 1e6;
-    format!(
-        "{{\"p50_us\": {:.2}, \"p99_us\": {:.2}, \"samples\": {}}}",
-        at(0.5),
-        at(0.99),
-        d.len()
-    )
-}
 
 /// `latency --only reuse|fresh N`: run only that workload N times (for `perf record`).
 fn only(kind: &str, n: usize) {
