@@ -228,6 +228,11 @@ impl Shared {
         label
     }
 
+    /// The label of `peer`'s exchange `id`, as seen by `node`, its responder.
+    fn inbound_label(&self, node: usize, peer: &PeerId, id: ExchangeId) -> String {
+        self.label(self.by_peer.get(peer).copied().unwrap_or(node), id)
+    }
+
     fn label(&self, dialer: usize, id: ExchangeId) -> String {
         self.labels
             .get(&(dialer, id))
@@ -636,10 +641,7 @@ async fn run_command(
             let mut s = lock(shared);
             let name = s.name(&peer);
             let text = match result {
-                Ok(id) => format!(
-                    "respond to {}",
-                    s.label(s.by_peer.get(&peer).copied().unwrap_or(node), id)
-                ),
+                Ok(id) => format!("respond to {}", s.inbound_label(node, &peer, id)),
                 Err(e) => format!("respond to {name} failed: {e}"),
             };
             s.push(node, What::App(text));
@@ -717,8 +719,7 @@ fn on_event(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, app: &A
             *s.outcomes.entry((node, incarnation, exchange)).or_default() += 1;
         }
         Event::ResponseDelivered { peer, exchange } => {
-            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
-            let label = s.label(dialer, exchange);
+            let label = s.inbound_label(node, &peer, exchange);
             s.push(node, What::Event(format!("reply {label} delivered")));
         }
         other => {
@@ -771,27 +772,32 @@ fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
             format!("rate limited {name} ({limit:?}, disconnected: {disconnected})")
         }
         Notice::Event(Event::ResponseTimedOut { peer, exchange }) => {
-            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
-            format!("response timed out for {}", s.label(dialer, exchange))
+            format!(
+                "response timed out for {}",
+                s.inbound_label(node, &peer, exchange)
+            )
         }
         Notice::Event(Event::ResponseAborted {
             peer,
             exchange,
             reason,
         }) => {
-            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
             format!(
                 "response aborted for {} ({reason:?})",
-                s.label(dialer, exchange)
+                s.inbound_label(node, &peer, exchange)
             )
         }
         Notice::Event(Event::ResponseCancelled { peer, exchange }) => {
-            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
-            format!("response cancelled for {}", s.label(dialer, exchange))
+            format!(
+                "response cancelled for {}",
+                s.inbound_label(node, &peer, exchange)
+            )
         }
         Notice::Event(Event::ResponseUnconfirmed { peer, exchange }) => {
-            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
-            format!("reply {} unconfirmed", s.label(dialer, exchange))
+            format!(
+                "reply {} unconfirmed",
+                s.inbound_label(node, &peer, exchange)
+            )
         }
         Notice::ConnectionLimit { direction, .. } => format!("connection limit ({direction:?})"),
         Notice::SlowConnection { .. } => "slow connection dropped".to_owned(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use p2p_handler::{
-    AllowList, Config, Event, ExchangeId, HandlerError, Keypair, Notice, P2pHandler, PeerId,
+    AllowList, Config, Event, ExchangeId, HandlerError, Keypair, P2pHandler, PeerId,
 };
 
 #[derive(Parser)]
@@ -248,9 +248,7 @@ fn serve(
     }
     let stopped = std::thread::scope(|scope| -> Result<()> {
         while !done(&answered) {
-            while let Some(notice) = node.check_priority() {
-                report_notice(&notice);
-            }
+            report_notices(&node);
             let Some(event) = node.receive_timeout(Duration::from_millis(200)) else {
                 continue;
             };
@@ -275,9 +273,7 @@ fn serve(
             };
             // Wait for a free slot, still reporting what happens meanwhile.
             while free_rx.recv_timeout(Duration::from_millis(200)).is_err() {
-                while let Some(notice) = node.check_priority() {
-                    report_notice(&notice);
-                }
+                report_notices(&node);
             }
             let (node, answered, free_tx) = (&node, &answered, free_tx.clone());
             scope.spawn(move || {
@@ -303,8 +299,11 @@ fn serve(
     stopped
 }
 
-fn report_notice(notice: &Notice) {
-    eprintln!("notice: {notice:?}");
+/// Prints the notices waiting on the priority channel (peer errors, limits).
+fn report_notices(node: &P2pHandler) {
+    while let Some(notice) = node.check_priority() {
+        eprintln!("notice: {notice:?}");
+    }
 }
 
 /// Reports how a request we received ended, when it did not end well.

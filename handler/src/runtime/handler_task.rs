@@ -191,7 +191,7 @@ impl HandlerTask {
     /// Queues a notice for the priority channel, or counts it dropped when the application
     /// has left `channel_capacity` of them unread.
     fn notice(&mut self, notice: Notice) {
-        if self.prio_backlog.len() < self.received.max_capacity() {
+        if self.prio_backlog.len() < self.priority.max_capacity() {
             self.prio_backlog.push_back(notice);
         } else {
             self.notices_dropped += 1;
