@@ -20,10 +20,13 @@
 
 #![forbid(unsafe_code)]
 
-pub use p2p_handler_core::{allow_list, config, connection, endpoint, identity, noise, wire};
+pub use p2p_handler_core::{
+    allow_list, config, connection, durable, endpoint, identity, noise, wire,
+};
 
 mod facade;
 pub mod runtime;
+pub mod store;
 pub mod transport;
 
 /// The README's example, compiled and run as a doctest so it stays true.
@@ -40,7 +43,9 @@ pub use endpoint::{
 pub use facade::P2pHandler;
 pub use identity::{Keypair, PeerId};
 pub use runtime::{
-    Arrival, Handler, HandlerError, Inbox, NoTap, Notice, ShutdownReport, Status, Tap, Verdict,
+    Arrival, Handler, HandlerError, Inbox, NoTap, Notice, Options, Received, ShutdownReport,
+    Status, Tap, Verdict,
 };
+pub use store::{MemoryStore, RedbStore, Store, StoreError};
 pub use transport::{MemoryTransport, TcpTransport, Transport};
 pub use wire::{ExchangeId, Message};

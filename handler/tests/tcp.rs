@@ -135,6 +135,7 @@ fn request_and_reply_over_tcp() {
         exchange,
         payload,
         addr,
+        redelivered: false,
     }) = bob.receive_timeout(WAIT)
     else {
         panic!("no request");
@@ -150,6 +151,7 @@ fn request_and_reply_over_tcp() {
         exchange,
         payload,
         addr,
+        redelivered: false,
     }) = alice.receive_timeout(WAIT)
     else {
         panic!("no reply");

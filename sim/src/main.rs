@@ -248,11 +248,11 @@ fn cmd_sweep(
                     };
                     let (path, scenario) = &scenarios[i];
                     let outcome = run(scenario, seed, true);
-                    if !outcome.passed() {
-                        if let Ok(mut f) = failures.lock() {
-                            f.push((path.clone(), outcome));
-                            bar.set_message(f.len().to_string());
-                        }
+                    if !outcome.passed()
+                        && let Ok(mut f) = failures.lock()
+                    {
+                        f.push((path.clone(), outcome));
+                        bar.set_message(f.len().to_string());
                     }
                     bar.inc(1);
                 }

@@ -964,13 +964,13 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
                 }
                 Some(receivers) => {
                     for r in receivers.iter_mut() {
-                        if let Some(rx) = r {
-                            if let Ok(status) = rx.try_recv() {
-                                probe_clean &= status.open_connections == 0
-                                    && status.connection_tasks == 0
-                                    && status.pending_responses == 0;
-                                *r = None;
-                            }
+                        if let Some(rx) = r
+                            && let Ok(status) = rx.try_recv()
+                        {
+                            probe_clean &= status.open_connections == 0
+                                && status.connection_tasks == 0
+                                && status.pending_responses == 0;
+                            *r = None;
                         }
                     }
                 }
@@ -1293,11 +1293,11 @@ fn collect_statuses(
     let mut statuses: Vec<Option<Status>> = vec![None; receivers.len()];
     for _ in 0..10_000 {
         for (i, rx) in receivers.iter_mut().enumerate() {
-            if let Some(r) = rx {
-                if let Ok(status) = r.try_recv() {
-                    statuses[i] = Some(status);
-                    *rx = None;
-                }
+            if let Some(r) = rx
+                && let Ok(status) = r.try_recv()
+            {
+                statuses[i] = Some(status);
+                *rx = None;
             }
         }
         if receivers.iter().all(Option::is_none) || sim.step().is_err() {
@@ -1410,10 +1410,10 @@ fn check(
         ("rate_limited", e.rate_limited, s.rate_limited),
     ];
     for (what, want, got) in counts {
-        if let Some(want) = want {
-            if !want.holds(got) {
-                failures.push(format!("expected {what} = {want}, got {got}"));
-            }
+        if let Some(want) = want
+            && !want.holds(got)
+        {
+            failures.push(format!("expected {what} = {want}, got {got}"));
         }
     }
     if let Some(kind) = &e.failure {
@@ -1423,21 +1423,21 @@ fn check(
             }
         }
     }
-    if let Some(within) = e.completes_within {
-        if s.last_outcome > within {
-            failures.push(format!(
-                "last exchange ended at {:?}, expected by {within:?}",
-                s.last_outcome
-            ));
-        }
+    if let Some(within) = e.completes_within
+        && s.last_outcome > within
+    {
+        failures.push(format!(
+            "last exchange ended at {:?}, expected by {within:?}",
+            s.last_outcome
+        ));
     }
-    if let Some(after) = e.completes_after {
-        if s.last_outcome < after {
-            failures.push(format!(
-                "last exchange ended at {:?}, expected after {after:?}",
-                s.last_outcome
-            ));
-        }
+    if let Some(after) = e.completes_after
+        && s.last_outcome < after
+    {
+        failures.push(format!(
+            "last exchange ended at {:?}, expected after {after:?}",
+            s.last_outcome
+        ));
     }
 }
 

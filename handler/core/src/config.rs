@@ -60,6 +60,17 @@ pub struct Config {
     pub max_pending_inbound: usize,
     /// Exchange ids remembered per peer to drop duplicate requests. Default 1024.
     pub dedupe_per_peer: usize,
+    /// Memory for dedupe records over all peers, counted at
+    /// [`DEDUPE_RECORD_COST`](crate::endpoint::DEDUPE_RECORD_COST) bytes a record (cached
+    /// replies are counted in `reply_cache_bytes`). Past it, the oldest finished record of any
+    /// peer is forgotten; if none is finished, new requests are Nacked `Busy`. The same bound
+    /// holds for the records a durable node stores. Default 64 MiB (262,144 records).
+    pub dedupe_bytes: usize,
+    /// Outcomes of our exchanges (replies, failures) the application has not taken yet. At
+    /// this many, `request()` is refused with `RequestError::Unread` until it reads some, so
+    /// an application that never reads cannot grow the node (or its store) without bound.
+    /// A driver setting. Default 4096.
+    pub max_unread_outcomes: usize,
     /// Bytes of sent replies kept to answer a resent request without asking the app again.
     /// Default 64 MiB.
     pub reply_cache_bytes: usize,
@@ -113,6 +124,8 @@ impl Default for Config {
             max_queued_per_peer: 64,
             max_pending_inbound: 1024,
             dedupe_per_peer: 1024,
+            dedupe_bytes: 64 * 1024 * 1024,
+            max_unread_outcomes: 4096,
             reply_cache_bytes: 64 * 1024 * 1024,
             request_rate: RateLimit {
                 burst: 64,
@@ -177,8 +190,12 @@ impl Config {
             || self.max_handshaking == 0
             || self.max_handshaking_per_ip == 0
             || self.channel_capacity == 0
+            || self.max_unread_outcomes == 0
         {
             return fail("queue, inbox, dedupe, tracking and connection bounds must be at least 1");
+        }
+        if self.dedupe_bytes < crate::endpoint::DEDUPE_RECORD_COST {
+            return fail("dedupe_bytes must hold at least one record (256 bytes)");
         }
         for (name, rate) in [
             ("request_rate", self.request_rate),
@@ -224,6 +241,14 @@ mod tests {
             },
             Config {
                 max_handshaking: 0,
+                ..Config::default()
+            },
+            Config {
+                dedupe_bytes: 255,
+                ..Config::default()
+            },
+            Config {
+                max_unread_outcomes: 0,
                 ..Config::default()
             },
             Config {

@@ -17,9 +17,13 @@ use rand_core::{Rng, SeedableRng};
 use crate::allow_list::AllowList;
 use crate::config::Config;
 use crate::connection::{Closed, ConnEvent, Connection};
+use crate::durable::{self, KvOp, Recovered, Table};
 use crate::endpoint::{ConnId, Endpoint, Event, Output};
 use crate::identity::{Keypair, PeerId};
 use crate::wire::{AckOf, ExchangeId, Kind, Message, NackReason};
+
+/// A test store: rows by table and key.
+pub(crate) type Rows = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 
 /// How a node's application answers requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +101,11 @@ pub(crate) struct Node {
     pub up: bool,
     /// Every event this node's application saw (across restarts).
     pub events: Vec<Event>,
+    /// Durable nodes: what survives a crash (committed before any output is performed).
+    pub store: Option<Rows>,
+    /// Whether the application takes outcomes from the store as it sees them (false: they
+    /// stay, as dead letters of an application that crashed before reading them).
+    pub takes_outcomes: bool,
     incarnation: u64,
     /// Inbound connections accepted so far (numbers their ids).
     accepted: u64,
@@ -184,6 +193,9 @@ pub(crate) struct Net {
     partitions: BTreeSet<(usize, usize)>,
     /// (responder, responder incarnation, dialer, exchange) -> times delivered.
     delivered: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
+    /// Durable responders, across incarnations: (responder, dialer, exchange) -> deliveries
+    /// not flagged as redeliveries.
+    delivered_fresh: BTreeMap<(usize, PeerId, ExchangeId), u32>,
 }
 
 impl Net {
@@ -205,6 +217,7 @@ impl Net {
             rng,
             partitions: BTreeSet::new(),
             delivered: BTreeMap::new(),
+            delivered_fresh: BTreeMap::new(),
         };
         for (i, (name, keypair)) in names.iter().zip(&keys).enumerate() {
             let allow = AllowList::from_peers(
@@ -227,6 +240,8 @@ impl Net {
                 app: App::Echo,
                 up: true,
                 events: Vec::new(),
+                store: None,
+                takes_outcomes: true,
                 incarnation: 0,
                 accepted: 0,
                 conn_links: BTreeMap::new(),
@@ -365,16 +380,39 @@ impl Net {
         }
     }
 
-    /// The node comes back with the same key and a fresh endpoint (no memory).
+    /// The node comes back with the same key and a fresh endpoint: with no memory, or
+    /// restored from its store if it is durable.
     pub(crate) fn restart(&mut self, node: usize) {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
+        let now = self.now;
         let n = &mut self.nodes[node];
         n.endpoint = Endpoint::new(n.config.clone(), n.keypair.peer_id(), n.allow.clone(), seed)
             .expect("valid config");
         n.up = true;
         n.incarnation += 1;
         self.log(format!("fault: restart {}", self.nodes[node].name));
+        if let Some(store) = &self.nodes[node].store {
+            let rows = store.iter().map(|((t, k), v)| (*t, k.clone(), v.clone()));
+            let recovered =
+                durable::decode(self.nodes[node].keypair.peer_id(), rows).expect("store decodes");
+            let outcomes = recovered.outcomes.clone();
+            self.nodes[node].endpoint.restore(recovered, now);
+            for (_, event) in outcomes {
+                self.on_app_event(node, event);
+            }
+            self.drain(node);
+        }
+    }
+
+    /// Makes a node durable, with an empty store. Call before it does anything.
+    pub(crate) fn make_durable(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let mut store = BTreeMap::new();
+        apply(&mut store, durable::header(n.keypair.peer_id()));
+        n.store = Some(store);
+        let now = self.now;
+        self.nodes[node].endpoint.restore(Recovered::default(), now);
     }
 
     /// Tells one end that its stream broke.
@@ -422,13 +460,13 @@ impl Net {
         };
         self.now = self.now.max(at);
         let now = self.now;
-        if let Some(entry) = self.queue.first_entry() {
-            if entry.key().0 <= now {
-                let delivery = entry.remove();
-                self.deliver(delivery);
-                self.check();
-                return true;
-            }
+        if let Some(entry) = self.queue.first_entry()
+            && entry.key().0 <= now
+        {
+            let delivery = entry.remove();
+            self.deliver(delivery);
+            self.check();
+            return true;
         }
         for link in 0..self.links.len() {
             for side in [Side::Dialer, Side::Acceptor] {
@@ -515,6 +553,14 @@ impl Net {
             assert!(
                 *count <= 1,
                 "{} got request {exchange} from {} {count} times",
+                self.nodes[*node].name,
+                peer.short()
+            );
+        }
+        for ((node, peer, exchange), count) in &self.delivered_fresh {
+            assert!(
+                *count <= 1,
+                "{} got request {exchange} from {} {count} times across restarts",
                 self.nodes[*node].name,
                 peer.short()
             );
@@ -657,6 +703,11 @@ impl Net {
     fn drain(&mut self, node: usize) {
         if !self.nodes[node].up {
             return;
+        }
+        // Commit first: nothing leaves before the state that explains it is durable.
+        let journal = self.nodes[node].endpoint.poll_journal();
+        if let Some(store) = &mut self.nodes[node].store {
+            apply(store, journal);
         }
         while let Some(output) = self.nodes[node].endpoint.poll_output() {
             self.perform(node, output);
@@ -867,6 +918,19 @@ impl Net {
                 .delivered
                 .entry((node, incarnation, *peer, *exchange))
                 .or_default() += 1;
+            let redelivered = matches!(
+                event,
+                Event::Request {
+                    redelivered: true,
+                    ..
+                }
+            );
+            if self.nodes[node].store.is_some() && !redelivered {
+                *self
+                    .delivered_fresh
+                    .entry((node, *peer, *exchange))
+                    .or_default() += 1;
+            }
             let mut reply = b"re:".to_vec();
             reply.extend_from_slice(payload);
             match self.nodes[node].app {
@@ -897,6 +961,14 @@ impl Net {
                     );
                 }
                 App::Manual => {}
+            }
+        }
+        if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &event {
+            // The application takes its outcome at once: the store forgets it.
+            if self.nodes[node].takes_outcomes
+                && let Some(store) = &mut self.nodes[node].store
+            {
+                apply(store, vec![durable::outcome_taken(*exchange)]);
             }
         }
         self.nodes[node].events.push(event);
@@ -1001,5 +1073,19 @@ fn short_event(event: &Event) -> String {
             exchange, failure, ..
         } => format!("Failed {exchange}: {failure:?}"),
         other => format!("{other:?}"),
+    }
+}
+
+/// Commits a journal to a test store.
+fn apply(store: &mut Rows, ops: Vec<KvOp>) {
+    for op in ops {
+        match op {
+            KvOp::Put { table, key, value } => {
+                store.insert((table, key), value);
+            }
+            KvOp::Delete { table, key } => {
+                store.remove(&(table, key));
+            }
+        }
     }
 }

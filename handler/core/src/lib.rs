@@ -23,6 +23,7 @@
 pub mod allow_list;
 pub mod config;
 pub mod connection;
+pub mod durable;
 pub mod endpoint;
 pub mod identity;
 pub mod noise;

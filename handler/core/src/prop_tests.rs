@@ -99,7 +99,7 @@ fn input() -> impl Strategy<Value = Input> {
 /// Inputs name connections 0..10: even ones dialed by the endpoint, odd ones accepted.
 fn conn_id(n: u8) -> ConnId {
     let k = u64::from(n / 2) + 1;
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         ConnId::outbound_for_tests(k)
     } else {
         ConnId::inbound(k)
@@ -249,7 +249,7 @@ fn swarm(
         idle_timeout: Duration::from_secs(3),
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(800),
-        reuse_connections: seed % 2 == 0,
+        reuse_connections: seed.is_multiple_of(2),
         ..Config::default()
     };
     let mut net = Net::new(seed, &["a", "b", "c"], config);
@@ -270,10 +270,10 @@ fn swarm(
     let mut ids = Vec::new();
     for (from, to) in requests {
         let (from, to) = (usize::from(from % 3), usize::from(to % 3));
-        if from != to {
-            if let Ok(id) = net.try_request(from, to, &[from as u8, to as u8]) {
-                ids.push((from, id));
-            }
+        if from != to
+            && let Ok(id) = net.try_request(from, to, &[from as u8, to as u8])
+        {
+            ids.push((from, id));
         }
     }
     for (a, b, ms) in cuts {

@@ -950,7 +950,8 @@ mod endpoint_unit {
                 peer: f.peer,
                 addr: f.addr,
                 exchange: ExchangeId(7),
-                payload: Bytes::from_static(b"p")
+                payload: Bytes::from_static(b"p"),
+                redelivered: false,
             }]
         );
         assert_eq!(f.ep.poll_timeout(), Some(f.now + config().response_timeout));
@@ -1890,6 +1891,7 @@ mod endpoint_unit {
                 exchange: x,
                 payload: Bytes::new(),
                 failure: Failure::Revoked,
+                redelivered: false,
             },
         ] {
             assert!(!outcome.is_priority(), "{outcome:?}");
@@ -2237,4 +2239,338 @@ fn revoking_a_peer_gives_its_delivered_request_its_one_outcome() {
             exchange: id
         })
     );
+}
+
+/// Durable nodes: crashes at each point of an exchange, on each side.
+mod durable {
+    use super::*;
+    use crate::allow_list::{AllowList, AllowedPeer};
+    use crate::connection::ConnEvent;
+    use crate::durable::{self as store, KvOp, Recovered, Table};
+    use crate::endpoint::{ConnId, Endpoint};
+    use crate::identity::Keypair;
+    use crate::wire::Message;
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    fn durable_pair() -> Net {
+        let mut net = pair();
+        net.make_durable(ALICE);
+        net.make_durable(BOB);
+        net
+    }
+
+    fn delivered(net: &Net, node: usize, id: ExchangeId) -> (usize, usize) {
+        let mut fresh = 0;
+        let mut again = 0;
+        for e in &net.nodes[node].events {
+            if let Event::Request {
+                exchange,
+                redelivered,
+                ..
+            } = e
+                && *exchange == id
+            {
+                if *redelivered {
+                    again += 1;
+                } else {
+                    fresh += 1;
+                }
+            }
+        }
+        (fresh, again)
+    }
+
+    #[test]
+    fn a_request_acknowledged_but_unanswered_is_redelivered_after_the_responder_restarts() {
+        let mut net = durable_pair();
+        net.nodes[BOB].app = App::Manual;
+        let id = net.request(ALICE, BOB, b"q");
+        net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+        net.crash(BOB);
+        net.restart(BOB);
+        assert_eq!(
+            delivered(&net, BOB, id),
+            (1, 1),
+            "delivered, then redelivered"
+        );
+        net.respond(BOB, net.id(ALICE), id, b"answer");
+        net.run(secs(60));
+        assert_eq!(
+            net.replies(ALICE),
+            vec![(id, Bytes::from_static(b"answer"))]
+        );
+        assert_eq!(net.outcomes(ALICE, id), 1);
+    }
+
+    #[test]
+    fn a_request_answered_before_the_crash_is_answered_from_the_store_and_never_redelivered() {
+        let mut net = durable_pair();
+        net.nodes[BOB].app = App::Manual;
+        // The Reply is lost, then Bob dies: only his store remembers the answer.
+        net.rules
+            .push(Rule::new(BOB, ALICE, Kind::Reply, Action::Drop).times(1));
+        let id = net.request(ALICE, BOB, b"q");
+        net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+        net.respond(BOB, net.id(ALICE), id, b"stored answer");
+        net.crash(BOB);
+        net.restart(BOB);
+        net.run(secs(60));
+        assert_eq!(delivered(&net, BOB, id), (1, 0));
+        assert_eq!(
+            net.replies(ALICE),
+            vec![(id, Bytes::from_static(b"stored answer"))]
+        );
+        assert!(net.nodes[BOB].endpoint.stats().replies_from_cache >= 1);
+    }
+
+    #[test]
+    fn the_dialer_resumes_its_exchange_under_the_same_id_after_a_restart() {
+        let mut net = durable_pair();
+        net.partition(ALICE, BOB);
+        let id = net.request(ALICE, BOB, b"survive me");
+        net.run_for(Duration::from_millis(300));
+        net.crash(ALICE);
+        net.repair(ALICE, BOB);
+        net.restart(ALICE);
+        net.run(secs(60));
+        assert_eq!(
+            net.replies(ALICE),
+            vec![(id, Bytes::from_static(b"re:survive me"))]
+        );
+        assert_eq!(delivered(&net, BOB, id), (1, 0));
+    }
+
+    #[test]
+    fn a_dialer_restarted_after_the_responder_had_its_request_gets_the_one_reply() {
+        // Bob has the request (and answers it); Alice dies before the Reply reaches her and
+        // resends the same id when she is back: Bob answers from his record.
+        let mut net = durable_pair();
+        net.rules
+            .push(Rule::new(BOB, ALICE, Kind::Reply, Action::Drop).times(1));
+        let id = net.request(ALICE, BOB, b"q");
+        net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+        net.run_for(Duration::from_millis(100));
+        net.crash(ALICE);
+        net.restart(ALICE);
+        net.run(secs(60));
+        assert_eq!(net.outcomes(ALICE, id), 1);
+        assert_eq!(net.replies(ALICE), vec![(id, Bytes::from_static(b"re:q"))]);
+        assert_eq!(delivered(&net, BOB, id), (1, 0));
+    }
+
+    #[test]
+    fn an_outcome_the_application_did_not_take_is_handed_out_after_a_restart() {
+        let mut net = durable_pair();
+        net.nodes[ALICE].takes_outcomes = false;
+        net.crash(BOB);
+        let id = net.request(ALICE, BOB, b"to nobody");
+        net.run(secs(120));
+        assert_eq!(net.failures(ALICE).len(), 1);
+        net.crash(ALICE);
+        net.restart(ALICE);
+        let again: Vec<&Event> = net.nodes[ALICE]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Failed { exchange, redelivered: true, .. } if *exchange == id))
+            .collect();
+        assert_eq!(again.len(), 1, "the dead letter comes back once, flagged");
+        if let Event::Failed { payload, .. } = again[0] {
+            assert_eq!(payload, &Bytes::from_static(b"to nobody"));
+        }
+    }
+
+    fn rows(ops: &[KvOp], into: &mut std::collections::BTreeMap<(Table, Vec<u8>), Vec<u8>>) {
+        for op in ops.iter().cloned() {
+            match op {
+                KvOp::Put { table, key, value } => {
+                    into.insert((table, key), value);
+                }
+                KvOp::Delete { table, key } => {
+                    into.remove(&(table, key));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exchange_ids_are_never_reused_by_a_restart_with_the_same_seed() {
+        let me = Keypair::from_private_bytes([1; 32]).peer_id();
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        let addr: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        let now = Instant::now();
+        let mut table = std::collections::BTreeMap::new();
+        rows(&store::header(me), &mut table);
+        let mut used = std::collections::BTreeSet::new();
+        for _incarnation in 0..3 {
+            let mut ep =
+                Endpoint::new(config(), me, AllowList::from_peers([peer]), [9; 32]).unwrap();
+            let recovered = store::decode(
+                me,
+                table.iter().map(|((t, k), v)| (*t, k.clone(), v.clone())),
+            )
+            .unwrap();
+            ep.restore(recovered, now);
+            for _ in 0..3 {
+                let id = ep.request(peer, addr, &b"x"[..], now).unwrap();
+                assert!(used.insert(id), "{id} reused");
+            }
+            rows(&ep.poll_journal(), &mut table);
+        }
+        // Memory mode, same seed: the same ids. The driver must vary the seed (it mixes in
+        // an incarnation nonce); this is what it guards against.
+        let first = |seed| {
+            let mut ep = Endpoint::new(config(), me, AllowList::from_peers([peer]), seed).unwrap();
+            ep.request(peer, addr, &b"x"[..], now).unwrap()
+        };
+        assert_eq!(first([9; 32]), first([9; 32]));
+    }
+
+    struct Responder {
+        ep: Endpoint,
+        peer: PeerId,
+        conn: ConnId,
+        now: Instant,
+    }
+
+    fn responder(config: Config) -> Responder {
+        let me = Keypair::from_private_bytes([1; 32]).peer_id();
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        let config = Config {
+            ack_delay: Duration::ZERO,
+            ..config
+        };
+        let mut ep = Endpoint::new(config, me, AllowList::from_peers([peer]), [0; 32]).unwrap();
+        let now = Instant::now();
+        let conn = ConnId::inbound(1);
+        ep.handle_accepted(conn, peer, "10.0.0.2:1".parse().unwrap(), 1 << 20, now);
+        Responder {
+            ep,
+            peer,
+            conn,
+            now,
+        }
+    }
+
+    impl Responder {
+        fn request(&mut self, id: u64, payload: &'static [u8]) -> (Vec<crate::Output>, Vec<Event>) {
+            let request = Message::Request {
+                exchange: ExchangeId(id),
+                attempt: 1,
+                payload: Bytes::from_static(payload),
+            };
+            self.ep
+                .handle_conn_event(self.conn, ConnEvent::Message(request), self.now);
+            self.drain()
+        }
+
+        fn drain(&mut self) -> (Vec<crate::Output>, Vec<Event>) {
+            let outputs = std::iter::from_fn(|| self.ep.poll_output()).collect();
+            let events = std::iter::from_fn(|| self.ep.poll_event()).collect();
+            (outputs, events)
+        }
+
+        fn reconnect(&mut self, n: u64) {
+            self.conn = ConnId::inbound(n);
+            let addr = "10.0.0.2:1".parse().unwrap();
+            self.ep
+                .handle_accepted(self.conn, self.peer, addr, 1 << 20, self.now);
+        }
+    }
+
+    #[test]
+    fn a_reused_id_with_another_payload_is_a_violation_not_a_duplicate() {
+        let mut r = responder(config());
+        let (_, events) = r.request(5, b"first");
+        assert_eq!(events.len(), 1, "{events:?}");
+        let (outputs, events) = r.request(5, b"something else");
+        assert!(
+            !outputs.iter().any(|o| matches!(
+                o,
+                crate::Output::Send {
+                    message: Message::Ack { .. },
+                    ..
+                }
+            )),
+            "not acknowledged: {outputs:?}"
+        );
+        assert!(
+            matches!(
+                events.as_slice(),
+                [Event::PeerError(PeerError::Violation { detail, .. })] if detail.contains("different payload")
+            ),
+            "{events:?}"
+        );
+        r.ep.check_invariants();
+    }
+
+    #[test]
+    fn revoking_and_allowing_again_does_not_reopen_the_door_to_duplicates() {
+        let mut r = responder(config());
+        r.ep.restore(Recovered::default(), r.now);
+        let (_, events) = r.request(1, b"answered");
+        assert_eq!(events.len(), 1, "{events:?}");
+        r.ep.respond(r.peer, ExchangeId(1), &b"r"[..], r.now)
+            .unwrap();
+        let (_, events) = r.request(2, b"unanswered");
+        assert!(events.iter().any(|e| matches!(e, Event::Request { .. })));
+        r.ep.revoke(&r.peer, r.now);
+        let (_, events) = r.drain();
+        assert!(events.contains(&Event::ResponseCancelled {
+            peer: r.peer,
+            exchange: ExchangeId(2)
+        }));
+        r.ep.allow(r.peer, AllowedPeer::default());
+        r.reconnect(2);
+        for (id, payload) in [(1, &b"answered"[..]), (2, &b"unanswered"[..])] {
+            let (outputs, events) = r.request(id, payload);
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::Request { .. })),
+                "{id} delivered again: {events:?}"
+            );
+            assert!(!outputs.is_empty(), "{id} answered from its record");
+        }
+        r.ep.check_invariants();
+    }
+
+    #[test]
+    fn dedupe_records_are_bounded_in_bytes_over_all_peers() {
+        let mut r = responder(Config {
+            dedupe_bytes: 4 * crate::endpoint::DEDUPE_RECORD_COST,
+            ..config()
+        });
+        for id in 1..=20u64 {
+            r.request(id, b"q");
+            r.ep.respond(r.peer, ExchangeId(id), &b"r"[..], r.now)
+                .unwrap();
+            let ack = Message::Ack {
+                exchange: ExchangeId(id),
+                attempt: 1,
+                of: AckOf::Reply,
+            };
+            r.ep.handle_conn_event(r.conn, ConnEvent::Message(ack), r.now);
+            r.drain();
+            r.ep.check_invariants();
+        }
+        // Four live requests fill the budget: the fifth is refused, not a record evicted.
+        for id in 100..104u64 {
+            r.reconnect(id);
+            let (outputs, events) = r.request(id, b"live");
+            assert_eq!(events.len(), 1, "{id}: {outputs:?}");
+        }
+        r.reconnect(200);
+        let (outputs, events) = r.request(200, b"one too many");
+        assert!(events.is_empty());
+        assert!(outputs.iter().any(|o| matches!(
+            o,
+            crate::Output::Send {
+                message: Message::Nack {
+                    reason: NackReason::Busy,
+                    ..
+                },
+                ..
+            }
+        )));
+        r.ep.check_invariants();
+    }
 }

@@ -22,6 +22,10 @@ const ALLOWED: &[(&str, &str)] = &[
     ("serde", "allow-list and peer-id (de)serialisation"),
     ("toml", "the allow-list file format"),
     ("hex", "text forms of keys and peer ids"),
+    (
+        "xxhash-rust",
+        "payload digests in dedupe records (XXH3-128, pure Rust, no I/O)",
+    ),
 ];
 
 /// Crates whose presence would mean the core can do I/O or run tasks.

@@ -257,13 +257,15 @@ fn serve(
                 addr,
                 exchange,
                 payload,
+                redelivered,
             } = event
             else {
                 report_outcome(&event);
                 continue;
             };
+            let again = if redelivered { " (redelivered)" } else { "" };
             eprintln!(
-                "request {exchange} from {} at {addr} ({} bytes)",
+                "request {exchange} from {} at {addr} ({} bytes){again}",
                 peer.short(),
                 payload.len()
             );

@@ -14,8 +14,10 @@ use tokio::task::JoinSet;
 
 use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::{Config, ConfigError};
+use crate::durable;
 use crate::endpoint::{Direction, Endpoint, Event, RequestError, RespondError, Stats};
 use crate::identity::{Keypair, PeerId};
+use crate::store::{Store, StoreError};
 use crate::transport::{Listener, Transport};
 use crate::wire::ExchangeId;
 
@@ -52,9 +54,13 @@ pub enum HandlerError {
     /// The async runtime could not be started.
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
-    /// The handler has shut down.
+    /// The handler has shut down (or stopped because its store failed: see the log and the
+    /// priority channel's `Notice::StoreFailed`).
     #[error("the handler has stopped")]
     Stopped,
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Something the application may want to know, on the priority channel: peer errors, rate
@@ -81,6 +87,10 @@ pub enum Notice {
     },
     /// Accepting a connection failed (e.g. out of file descriptors); the listener backs off.
     AcceptFailed(String),
+    /// The store failed to commit: the node stopped at once, as if it had crashed, so
+    /// that it never acts on what it could not make durable. What was committed before is
+    /// recovered at the next start.
+    StoreFailed(String),
 }
 
 /// Counters and sizes, for monitoring and tests.
@@ -107,10 +117,14 @@ pub struct Status {
 /// What shutdown handed back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Our exchanges that were still pending, with their payloads.
+    /// Our exchanges that were still pending, with their payloads (memory only: a durable
+    /// node keeps them in its store instead, see `kept`).
     pub failed: Vec<(PeerId, ExchangeId, Bytes)>,
-    /// Requests from peers we had not answered; their dialers were told (Abort).
+    /// Requests from peers we had not answered. Memory only: their dialers were told
+    /// (Abort). Durable: they stay in the store and are delivered again at the next start.
     pub unanswered_requests: usize,
+    /// Durable nodes: our exchanges left in the store, resumed at the next start.
+    pub kept: usize,
     /// Events the application had not read yet (sync facade only; async users keep
     /// their [`Inbox`]).
     pub unread: Vec<Event>,
@@ -147,6 +161,104 @@ pub(super) enum Command {
     },
 }
 
+/// How to start a [`Handler`], beyond its address, key and allow list.
+pub struct Options {
+    /// Bounds and timeouts.
+    pub config: Config,
+    /// Every random choice (ephemeral keys, jitter, exchange ids) derives from it.
+    pub seed: [u8; 32],
+    /// Without a store, mixed into where exchange ids start, so that a node restarted with
+    /// the same seed never reuses an id of its previous incarnation (a peer that remembers
+    /// an id would take the new request for a resend). `None` draws it from the operating
+    /// system: then, and only in the ids, the same seed does not give the same run. The
+    /// simulator passes the incarnation number.
+    pub incarnation: Option<u64>,
+    /// Where to keep what must survive a crash. `None`: memory only, and a restart loses
+    /// queued and in-flight exchanges and the deduplication memory.
+    pub store: Option<Box<dyn Store>>,
+    /// Observes (and may alter) traffic; the simulator's hook.
+    pub tap: Arc<dyn Tap>,
+}
+
+impl Options {
+    /// Memory only, no tap, the incarnation nonce from the operating system.
+    pub fn new(config: Config, seed: [u8; 32]) -> Self {
+        Self {
+            config,
+            seed,
+            incarnation: None,
+            store: None,
+            tap: Arc::new(NoTap),
+        }
+    }
+
+    /// Makes the node durable with `store`.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Box::new(store));
+        self
+    }
+
+    /// Makes the node durable with the `redb` store in directory `dir` (created if needed).
+    pub fn data_dir(self, dir: &std::path::Path) -> Result<Self, StoreError> {
+        Ok(self.store(crate::store::RedbStore::open(dir)?))
+    }
+
+    /// Sets the incarnation nonce.
+    pub fn incarnation(mut self, nonce: u64) -> Self {
+        self.incarnation = Some(nonce);
+        self
+    }
+
+    /// Sets the tap.
+    pub fn tap(mut self, tap: Arc<dyn Tap>) -> Self {
+        self.tap = tap;
+        self
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("config", &self.config)
+            .field("incarnation", &self.incarnation)
+            .field("store", &self.store.as_ref().map(|s| s.location()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The receiving end of the channel of requests and outcomes. Like a tokio receiver, plus
+/// one duty: it tells the handler which outcomes the application took, so that a durable
+/// node forgets them (until then, they survive a restart) and `max_unread_outcomes` counts
+/// only what is really unread.
+#[derive(Debug)]
+pub struct Received {
+    rx: mpsc::Receiver<Event>,
+    taken: mpsc::UnboundedSender<ExchangeId>,
+}
+
+impl Received {
+    /// The next event; `None` once the handler stopped and everything was read. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Event> {
+        let event = self.rx.recv().await?;
+        self.took(&event);
+        Some(event)
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Event, mpsc::error::TryRecvError> {
+        let event = self.rx.try_recv()?;
+        self.took(&event);
+        Ok(event)
+    }
+
+    fn took(&self, event: &Event) {
+        if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = event {
+            // The handler may be gone; then nothing needs forgetting.
+            let _ = self.taken.send(*exchange);
+        }
+    }
+}
+
 /// The async handle to a running handler. Cheap to clone; every clone drives the same node.
 #[derive(Debug, Clone)]
 pub struct Handler {
@@ -165,7 +277,7 @@ pub struct Inbox {
     /// Requests from peers, and the one outcome of every exchange: `Reply` or `Failed` for
     /// ours; `ResponseDelivered`, `ResponseUnconfirmed`, `ResponseTimedOut`,
     /// `ResponseAborted` or `ResponseCancelled` for theirs.
-    pub received: mpsc::Receiver<Event>,
+    pub received: Received,
     /// Peer errors, rate limits and connection limits; dropped when left unread.
     pub priority: mpsc::Receiver<Notice>,
 }
@@ -203,7 +315,49 @@ impl Handler {
         seed: [u8; 32],
         tap: Arc<dyn Tap>,
     ) -> Result<(Self, Inbox), HandlerError> {
+        Self::spawn_with(
+            transport,
+            addr,
+            keypair,
+            allow,
+            Options::new(config, seed).tap(tap),
+        )
+        .await
+    }
+
+    /// Starts a handler as [`Handler::spawn`] does, with everything [`Options`] can set: a
+    /// store makes it durable. A durable handler first reads its store back: our unfinished
+    /// exchanges resume, requests acknowledged and not answered are delivered again (flagged
+    /// `redelivered`), and outcomes the application had not taken come first in the inbox.
+    pub async fn spawn_with<T: Transport>(
+        transport: T,
+        addr: SocketAddr,
+        keypair: Keypair,
+        allow: AllowList,
+        options: Options,
+    ) -> Result<(Self, Inbox), HandlerError> {
+        let Options {
+            config,
+            seed,
+            incarnation,
+            mut store,
+            tap,
+        } = options;
         config.validate()?;
+        let local_peer_id = keypair.peer_id();
+        let recovered = match &mut store {
+            Some(store) => {
+                let rows = store.load()?;
+                let fresh = rows.is_empty();
+                let recovered =
+                    durable::decode(local_peer_id, rows).map_err(|record| StoreError::Corrupt {
+                        path: store.location(),
+                        record,
+                    })?;
+                Some((fresh, recovered))
+            }
+            None => None,
+        };
         let listener = transport
             .bind(addr)
             .await
@@ -214,8 +368,28 @@ impl Handler {
         let mut rng = ChaCha20Rng::from_seed(seed);
         let mut endpoint_seed = [0u8; 32];
         rng.fill_bytes(&mut endpoint_seed);
-        let local_peer_id = keypair.peer_id();
-        let endpoint = Endpoint::new(config.clone(), local_peer_id, allow.clone(), endpoint_seed)?;
+        let mut endpoint =
+            Endpoint::new(config.clone(), local_peer_id, allow.clone(), endpoint_seed)?;
+        let nonce = match incarnation {
+            Some(nonce) => nonce,
+            None => {
+                let mut bytes = [0u8; 8];
+                getrandom::fill(&mut bytes)
+                    .map_err(|e| HandlerError::Runtime(io::Error::other(e.to_string())))?;
+                u64::from_le_bytes(bytes)
+            }
+        };
+        endpoint.vary_exchange_ids(nonce);
+        let mut recv_backlog = VecDeque::new();
+        let mut pending_ops = Vec::new();
+        if let Some((fresh, mut recovered)) = recovered {
+            if fresh {
+                pending_ops = durable::header(local_peer_id);
+            }
+            recv_backlog.extend(recovered.outcomes.drain(..).map(|(_, event)| event));
+            endpoint.restore(recovered, super::now());
+        }
+        let (taken_tx, taken_rx) = mpsc::unbounded_channel();
         let cap = config.channel_capacity;
         let (cmd_tx, cmd_rx) = mpsc::channel(cap);
         let (recv_tx, recv_rx) = mpsc::channel(cap);
@@ -252,8 +426,14 @@ impl Handler {
             network: net_tx,
             net_events: ev_rx,
             net_notices: notice_rx,
-            recv_backlog: VecDeque::new(),
+            unread: recv_backlog.len(),
+            recv_backlog,
             prio_backlog: VecDeque::new(),
+            store,
+            pending_ops,
+            taken: taken_rx,
+            deferred: Vec::new(),
+            stop: None,
             connection_tasks: 0,
             notices_dropped: 0,
             evicted_unauthenticated: 0,
@@ -268,7 +448,10 @@ impl Handler {
                 local_addr,
             },
             Inbox {
-                received: recv_rx,
+                received: Received {
+                    rx: recv_rx,
+                    taken: taken_tx,
+                },
                 priority: prio_rx,
             },
         ))
@@ -368,8 +551,10 @@ impl Handler {
         self.call(|reply| Command::Status { reply }).await
     }
 
-    /// Stops the node: fails our pending exchanges (payloads returned in the report), tells
-    /// dialers waiting on us, closes every connection and the listener, and ends every task.
+    /// Stops the node: closes every connection and the listener, and ends every task. In
+    /// memory only, it first fails our pending exchanges (payloads returned in the report)
+    /// and tells dialers waiting on us; a durable node keeps both in its store instead, to
+    /// resume at the next start.
     pub async fn shutdown(&self) -> Result<ShutdownReport, HandlerError> {
         self.call(|reply| Command::Shutdown { reply }).await
     }

@@ -7,8 +7,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::connection::{Closed, ConnEvent};
-use crate::endpoint::{ConnId, Direction, Endpoint, Event, Failure, Output, RespondError};
+use crate::durable::{self, KvOp};
+use crate::endpoint::{
+    ConnId, Direction, Endpoint, Event, Failure, Output, RequestError, RespondError,
+};
 use crate::identity::PeerId;
+use crate::store::Store;
 use crate::wire::{ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
@@ -17,6 +21,7 @@ use super::router::{NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
 use super::tap::{Arrival, Tap, Verdict};
 use super::{SharedAllow, now, sleep_until};
+use tokio::sync::oneshot;
 
 pub(super) struct HandlerTask {
     /// Connection tasks, for sending to them directly.
@@ -43,15 +48,53 @@ pub(super) struct HandlerTask {
     pub(super) pending_net: VecDeque<(ConnId, ConnCommand)>,
     /// Exchange states last reported to a tap that wants transitions.
     pub(super) states: BTreeMap<(Direction, PeerId, ExchangeId), &'static str>,
+    /// Outcomes handed towards the application and not taken yet (`max_unread_outcomes`).
+    pub(super) unread: usize,
+    /// Durable mode: where the journal goes.
+    pub(super) store: Option<Box<dyn Store>>,
+    /// Writes of the driver's own for the next commit (the store header, taken outcomes).
+    pub(super) pending_ops: Vec<KvOp>,
+    /// Outcomes the application took (reported by its `Received`).
+    pub(super) taken: mpsc::UnboundedReceiver<ExchangeId>,
+    /// Answers to commands, held until what they confirm is committed.
+    pub(super) deferred: Vec<Box<dyn FnOnce() + Send>>,
+    /// A shutdown command met while gathering a batch.
+    pub(super) stop: Option<oneshot::Sender<ShutdownReport>>,
+}
+
+/// Inputs taken into one commit at most, beyond the one that woke the handler task.
+const BATCH: usize = 256;
+
+/// What stopped the main loop.
+enum Stop {
+    /// Every handle dropped, or a shutdown command (with where to send the report).
+    Shutdown(Option<oneshot::Sender<ShutdownReport>>),
+    /// The store failed; stop as a crash would.
+    StoreFailed,
 }
 
 impl HandlerTask {
     pub(super) async fn run(mut self, network: tokio::task::JoinHandle<()>) {
         let limit = self.received.max_capacity();
-        let shutdown_reply = loop {
+        let stop = loop {
+            // Durable mode: nothing leaves (answer, message, event) before the state that
+            // explains it is committed. In memory, commits are no-ops.
+            if !self.commit().await {
+                break Stop::StoreFailed;
+            }
+            for answer in self.deferred.drain(..) {
+                answer();
+            }
             self.report_transitions();
             self.perform_outputs().await;
+            // Performing outputs can feed the endpoint (a connection found too slow).
+            if !self.commit().await {
+                break Stop::StoreFailed;
+            }
             self.flush_events();
+            if let Some(reply) = self.stop.take() {
+                break Stop::Shutdown(Some(reply));
+            }
             let deadline = self.endpoint.poll_timeout();
             // Only what must not be lost holds the network back.
             let backlog = self.recv_backlog.len();
@@ -74,20 +117,102 @@ impl HandlerTask {
                 () = sleep_until(deadline.unwrap_or_else(now)), if deadline.is_some() => {
                     self.endpoint.handle_timeout(now());
                 }
+                Some(id) = self.taken.recv() => self.on_taken(id),
                 command = self.commands.recv() => match command {
-                    Some(Command::Shutdown { reply }) => break Some(reply),
+                    Some(Command::Shutdown { reply }) => break Stop::Shutdown(Some(reply)),
                     Some(command) => self.command(command),
                     // Every handle dropped: nobody can use this node any more.
-                    None => break None,
+                    None => break Stop::Shutdown(None),
                 },
                 Some(notice) = self.net_notices.recv() => self.net_notice(notice),
                 // Stop reading the network while the application is behind.
                 Some(event) = self.net_events.recv(), if backlog < limit => self.net_event(event),
             }
+            if self.store.is_some() {
+                self.gather(limit);
+            }
         };
-        let report = self.shutdown(network).await;
-        if let Some(reply) = shutdown_reply {
-            let _ = reply.send(report);
+        match stop {
+            Stop::Shutdown(reply) => {
+                let report = self.shutdown(network).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(report);
+                }
+            }
+            Stop::StoreFailed => {
+                // Like a crash: no output of the failed step is performed, every connection
+                // is cut. Handles see `Stopped`; the store keeps what was committed.
+                network.abort();
+            }
+        }
+    }
+
+    /// Group commit: takes the inputs already waiting into the same transaction as the one
+    /// just handled, so a busy durable node syncs once per batch rather than per input.
+    fn gather(&mut self, limit: usize) {
+        for _ in 0..BATCH {
+            if let Ok(id) = self.taken.try_recv() {
+                self.on_taken(id);
+                continue;
+            }
+            match self.commands.try_recv() {
+                Ok(Command::Shutdown { reply }) => {
+                    self.stop = Some(reply);
+                    return;
+                }
+                Ok(command) => {
+                    self.command(command);
+                    continue;
+                }
+                Err(_) => {}
+            }
+            if self.recv_backlog.len() < limit
+                && let Ok(event) = self.net_events.try_recv()
+            {
+                self.net_event(event);
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// Commits the endpoint's journal and the driver's own writes in one transaction. False
+    /// if the store failed (reported; the node must stop).
+    async fn commit(&mut self) -> bool {
+        let Some(store) = &mut self.store else {
+            return true;
+        };
+        let mut ops = std::mem::take(&mut self.pending_ops);
+        ops.extend(self.endpoint.poll_journal());
+        if ops.is_empty() {
+            return true;
+        }
+        match store.commit(ops).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed: stopping the node");
+                let _ = self.priority.try_send(Notice::StoreFailed(e.to_string()));
+                false
+            }
+        }
+    }
+
+    /// The application took the outcome of `id`: a durable node forgets it.
+    fn on_taken(&mut self, id: ExchangeId) {
+        self.unread = self.unread.saturating_sub(1);
+        if self.store.is_some() {
+            self.pending_ops.push(durable::outcome_taken(id));
+        }
+    }
+
+    /// Answers a command once the step that produced the answer is committed.
+    fn answer<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
+        if self.store.is_some() {
+            self.deferred.push(Box::new(move || {
+                let _ = reply.send(value);
+            }));
+        } else {
+            let _ = reply.send(value);
         }
     }
 
@@ -181,6 +306,9 @@ impl HandlerTask {
             if event.is_priority() {
                 self.notice(Notice::Event(event));
             } else {
+                if matches!(event, Event::Reply { .. } | Event::Failed { .. }) {
+                    self.unread += 1;
+                }
                 self.recv_backlog.push_back(event);
             }
         }
@@ -208,7 +336,13 @@ impl HandlerTask {
                 payload,
                 reply,
             } => {
-                let _ = reply.send(self.endpoint.request(peer, addr, payload, now));
+                let limit = self.endpoint.config().max_unread_outcomes;
+                let result = if self.unread >= limit {
+                    Err(RequestError::Unread { limit })
+                } else {
+                    self.endpoint.request(peer, addr, payload, now)
+                };
+                self.answer(reply, result);
             }
             Command::Respond {
                 peer,
@@ -223,7 +357,7 @@ impl HandlerTask {
                         .map(|()| exchange),
                     None => Err(RespondError::NoPendingRequest { peer }),
                 };
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             Command::Allow { peer, entry } => {
                 if let Ok(mut allow) = self.allow.write() {
@@ -235,7 +369,8 @@ impl HandlerTask {
                 if let Ok(mut allow) = self.allow.write() {
                     allow.remove(&peer);
                 }
-                let _ = reply.send(self.endpoint.revoke(&peer, now));
+                let revoked = self.endpoint.revoke(&peer, now);
+                self.answer(reply, revoked);
             }
             Command::Status { reply } => {
                 let _ = reply.send(Status {
@@ -334,9 +469,22 @@ impl HandlerTask {
     async fn shutdown(mut self, network: tokio::task::JoinHandle<()>) -> ShutdownReport {
         let mut report = ShutdownReport {
             unanswered_requests: self.endpoint.pending_responses(),
+            kept: if self.endpoint.is_durable() {
+                self.endpoint.outbound_in_flight()
+            } else {
+                0
+            },
             ..ShutdownReport::default()
         };
         self.endpoint.shutdown(now());
+        if !self.commit().await {
+            // Nothing more can be made durable: cut the connections, as a crash would.
+            network.abort();
+            return report;
+        }
+        for answer in self.deferred.drain(..) {
+            answer();
+        }
         self.perform_outputs().await;
         while let Some(event) = self.endpoint.poll_event() {
             match event {
@@ -345,6 +493,7 @@ impl HandlerTask {
                     exchange,
                     payload,
                     failure: Failure::ShuttingDown,
+                    ..
                 } => report.failed.push((peer, exchange, payload)),
                 other => self.recv_backlog.push_back(other),
             }

@@ -46,7 +46,7 @@ mod router;
 mod slots;
 mod tap;
 
-pub use handle::{Handler, HandlerError, Inbox, Notice, ShutdownReport, Status};
+pub use handle::{Handler, HandlerError, Inbox, Notice, Options, Received, ShutdownReport, Status};
 pub use tap::{Arrival, NoTap, Tap, Verdict};
 
 use std::sync::{Arc, RwLock};

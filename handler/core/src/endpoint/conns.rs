@@ -93,13 +93,12 @@ impl Endpoint {
             return;
         };
         self.outputs.push_back(Output::Close { conn, reason });
-        if c.direction == Direction::Outbound {
-            if let Some(id) = c.exchange {
-                if self.outbound.contains_key(&id) {
-                    let lost = RetryCause::ConnectionLost(format!("closed locally: {reason:?}"));
-                    self.retry(id, lost, None, now);
-                }
-            }
+        if c.direction == Direction::Outbound
+            && let Some(id) = c.exchange
+            && self.outbound.contains_key(&id)
+        {
+            let lost = RetryCause::ConnectionLost(format!("closed locally: {reason:?}"));
+            self.retry(id, lost, None, now);
         }
     }
 

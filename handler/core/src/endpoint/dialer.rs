@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand_core::Rng;
 
+use crate::durable;
 use crate::identity::PeerId;
 use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Message, NackReason};
 
@@ -62,6 +63,8 @@ impl OutState {
 
 #[derive(Debug)]
 pub(super) struct Outbound {
+    /// Order of acceptance, kept in the store so a restart resumes the queue in order.
+    pub(super) seq: u64,
     pub(super) peer: PeerId,
     pub(super) addr: SocketAddr,
     pub(super) payload: Bytes,
@@ -271,20 +274,26 @@ impl Endpoint {
             }
             None => false,
         };
-        self.events.push_back(match outcome {
+        let event = match outcome {
             Ok(payload) => Event::Reply {
                 peer,
                 addr: ex.addr,
                 exchange: id,
                 payload,
+                redelivered: false,
             },
             Err(failure) => Event::Failed {
                 peer,
                 exchange: id,
                 payload: ex.payload,
                 failure,
+                redelivered: false,
             },
-        });
+        };
+        if let Some(journal) = &mut self.journal {
+            journal.extend(durable::finish_outbound(id, ex.seq, &event));
+        }
+        self.events.push_back(event);
         if was_active {
             self.start_next(peer, now);
         }
@@ -312,12 +321,11 @@ impl Endpoint {
         let keep = healthy && c.established && self.config.reuse_connections && !self.shutting_down;
         if keep {
             let peer = c.peer;
-            if let Some(p) = self.peers.get_mut(&peer) {
-                if let Some(old) = p.reusable.replace(conn) {
-                    if old != conn {
-                        self.close(old, CloseReason::Done, now);
-                    }
-                }
+            if let Some(p) = self.peers.get_mut(&peer)
+                && let Some(old) = p.reusable.replace(conn)
+                && old != conn
+            {
+                self.close(old, CloseReason::Done, now);
             }
             self.arm_idle(conn, now);
         } else {
@@ -357,10 +365,10 @@ impl Endpoint {
     /// release the connection (`Close{Done}`) before the violation could name it.
     pub(super) fn reply_too_large(&mut self, conn: ConnId, id: ExchangeId, now: Instant) {
         // Unbound first, so that closing the connection does not schedule a retry.
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.exchange == Some(id) {
-                c.exchange = None;
-            }
+        if let Some(c) = self.conns.get_mut(&conn)
+            && c.exchange == Some(id)
+        {
+            c.exchange = None;
         }
         self.violation(conn, "reply exceeds our advertised maximum", now);
         self.finish(id, Err(Failure::Aborted(AbortReason::ReplyTooLarge)), now);

@@ -124,6 +124,9 @@ pub enum Event {
         exchange: ExchangeId,
         /// Application bytes.
         payload: Bytes,
+        /// This request was delivered before a restart and not answered: the node had
+        /// acknowledged it, so it comes again (durable nodes only). Answer it as usual.
+        redelivered: bool,
     },
     /// The reply to one of our requests.
     Reply {
@@ -135,6 +138,9 @@ pub enum Event {
         exchange: ExchangeId,
         /// Application bytes.
         payload: Bytes,
+        /// Recovered from the store after a restart: the application may have taken this
+        /// outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// One of our requests failed; its payload is handed back.
     Failed {
@@ -146,6 +152,9 @@ pub enum Event {
         payload: Bytes,
         /// Why.
         failure: Failure,
+        /// Recovered from the store after a restart (a dead letter): the application may
+        /// have taken this outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// The peer acknowledged our reply.
     ResponseDelivered {
@@ -244,6 +253,13 @@ pub enum RequestError {
     /// The endpoint is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The application has not taken `limit` outcomes of earlier exchanges
+    /// (`Config::max_unread_outcomes`); read them first.
+    #[error("{limit} outcomes of earlier exchanges are unread")]
+    Unread {
+        /// `max_unread_outcomes`.
+        limit: usize,
+    },
 }
 
 /// Why [`Endpoint::respond`] refused.

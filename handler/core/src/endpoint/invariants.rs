@@ -38,15 +38,27 @@ impl Endpoint {
                 ex.failures < self.config.max_attempts,
                 "{id} within attempts"
             );
-            if let Some(conn) = ex.state.conn() {
-                if !matches!(ex.state, OutState::Backoff { .. }) {
-                    assert_eq!(
-                        self.conns[&conn].exchange,
-                        Some(*id),
-                        "{id} bound to {conn}"
-                    );
-                }
+            if let Some(conn) = ex.state.conn()
+                && !matches!(ex.state, OutState::Backoff { .. })
+            {
+                assert_eq!(
+                    self.conns[&conn].exchange,
+                    Some(*id),
+                    "{id} bound to {conn}"
+                );
             }
+        }
+        let records = (self.config.dedupe_bytes / super::DEDUPE_RECORD_COST).max(1);
+        assert!(
+            self.inbound.len() <= records,
+            "dedupe records within dedupe_bytes"
+        );
+        for key in self.inbound.keys() {
+            let seen = self
+                .peers
+                .get(&key.0)
+                .is_some_and(|p| p.seen.contains(&key.1));
+            assert!(seen, "record {key:?} indexed in its peer's dedupe list");
         }
         for (peer, p) in &self.peers {
             if let Some(active) = p.active {

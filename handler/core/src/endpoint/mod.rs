@@ -29,11 +29,13 @@ mod dialer;
 mod events;
 #[cfg(any(test, feature = "invariants"))]
 mod invariants;
+mod recovery;
 mod responder;
 
 pub use events::{
     Event, Failure, LimitKind, PeerError, RequestError, RespondError, RetryCause, Stats,
 };
+pub use responder::DEDUPE_RECORD_COST;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -47,6 +49,7 @@ use rand_core::{Rng, SeedableRng};
 use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::{Config, ConfigError};
 use crate::connection::{ConnError, ConnEvent};
+use crate::durable::{self, KvOp, OutboundRecord};
 use crate::identity::PeerId;
 use crate::rate::Bucket;
 use crate::timers::Timers;
@@ -171,7 +174,10 @@ pub(super) struct Peer {
     pub(super) reusable: Option<ConnId>,
     /// Open connections, both directions.
     pub(super) conns: usize,
-    /// Inbound exchange ids remembered for deduplication, oldest first.
+    /// Inbound exchange ids remembered for deduplication, oldest first. They outlive a
+    /// revocation (a re-allowed peer cannot replay them); they go when evicted to make room
+    /// (`dedupe_per_peer`, `dedupe_bytes`) or with the peer's whole state when the peer is
+    /// evicted from tracking (`max_tracked_peers`).
     pub(super) seen: VecDeque<ExchangeId>,
     pub(super) requests: Bucket,
     pub(super) connections: Bucket,
@@ -196,6 +202,15 @@ pub struct Endpoint {
     /// Bytes of replies held for resending, and the records holding them, oldest first.
     cache_bytes: usize,
     cache_order: VecDeque<(PeerId, ExchangeId)>,
+    /// Every inbound record, oldest first (lazily compacted): the global eviction order of
+    /// `dedupe_bytes`.
+    dedupe_order: VecDeque<(PeerId, ExchangeId)>,
+    /// Order of acceptance of records, kept across restarts (durable mode).
+    next_seq: u64,
+    /// Durable mode: the writes the driver must commit before acting on this step's outputs.
+    journal: Option<Vec<KvOp>>,
+    /// Exchange ids left in the block reserved in the store (durable mode).
+    ids_left: u64,
     timers: Timers<Timer>,
     outputs: VecDeque<Output>,
     events: VecDeque<Event>,
@@ -214,8 +229,11 @@ impl fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    /// A new endpoint for the node `local`. All randomness (exchange ids, jitter) comes from
-    /// `rng_seed`.
+    /// A new endpoint for the node `local`, in memory only. All randomness (exchange ids,
+    /// jitter) comes from `rng_seed`: a driver that restarts a node without a store must
+    /// give each incarnation another seed (the async driver mixes in an incarnation nonce),
+    /// or the new incarnation would reuse the exchange ids of the old one. Call
+    /// [`Endpoint::restore`] before anything else to make it durable.
     pub fn new(
         config: Config,
         local: PeerId,
@@ -239,11 +257,28 @@ impl Endpoint {
             pending_inbound: 0,
             cache_bytes: 0,
             cache_order: VecDeque::new(),
+            dedupe_order: VecDeque::new(),
+            next_seq: 0,
+            journal: None,
+            ids_left: 0,
             timers: Timers::new(),
             outputs: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
         })
+    }
+
+    /// Mixes `nonce` into where this endpoint's exchange ids start. A driver that may
+    /// restart a node without a store calls it with a value that differs per incarnation, so
+    /// that a restart with the same seed never reuses an id (a responder that remembers an
+    /// id takes a reuse for a resend). Jitter and everything else still come from the seed
+    /// alone. A durable endpoint's ids come from its store instead. Call before any request.
+    pub fn vary_exchange_ids(&mut self, nonce: u64) {
+        // SplitMix64 of the xor: any change of the nonce moves the start far away.
+        let mut z = (self.next_exchange ^ nonce).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.next_exchange = z ^ (z >> 31);
     }
 
     // ----- getters -----
@@ -365,11 +400,21 @@ impl Endpoint {
         if state.active.is_some() && state.queue.len() >= limit {
             return Err(RequestError::QueueFull { peer, limit });
         }
-        let id = ExchangeId(self.next_exchange);
-        self.next_exchange = self.next_exchange.wrapping_add(1);
+        let id = self.alloc_exchange();
+        let seq = self.alloc_seq();
+        if let Some(journal) = &mut self.journal {
+            let record = OutboundRecord {
+                seq,
+                peer,
+                addr,
+                payload: payload.clone(),
+            };
+            journal.push(durable::put_outbound(id, &record));
+        }
         self.outbound.insert(
             id,
             Outbound {
+                seq,
                 peer,
                 addr,
                 payload,
@@ -437,6 +482,7 @@ impl Endpoint {
                 reply: Some(payload.clone()),
             };
         }
+        self.persist_inbound(key, None);
         self.timers.set(
             Timer::Inbound(peer, exchange),
             now + self.config.reply_ack_timeout,
@@ -458,8 +504,10 @@ impl Endpoint {
         self.allow.insert(peer, entry);
     }
 
-    /// Removes a peer from the allow list, closes its connections and fails our exchanges
-    /// with it. Returns whether it was listed.
+    /// Removes a peer from the allow list, closes its connections, fails our exchanges
+    /// with it and cancels its requests awaiting our answer. Its dedupe records stay (within
+    /// their bounds), so that allowing it again cannot replay an old exchange. Returns
+    /// whether it was listed.
     pub fn revoke(&mut self, peer: &PeerId, now: Instant) -> bool {
         let listed = self.allow.remove(peer);
         if listed {
@@ -468,15 +516,31 @@ impl Endpoint {
             for conn in conns {
                 self.close(conn, CloseReason::NotAllowed, now);
             }
-            self.drop_inbound_of(*peer);
+            self.cancel_inbound_of(*peer, now);
         }
         listed
     }
 
-    /// Fails every exchange of ours (payloads handed back), tells dialers waiting on us,
-    /// closes every connection, and refuses new work.
+    /// Stops: closes every connection and refuses new work. In memory only, it also fails
+    /// every exchange of ours (payloads handed back) and tells dialers waiting on us
+    /// (Abort `ShuttingDown`). A durable endpoint does neither: its exchanges, ours and the
+    /// peers', stay in the store and resume when the node starts again.
     pub fn shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
+        if self.journal.is_some() {
+            let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+            for conn in conns {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    // Unbound, so that closing does not schedule a retry.
+                    if c.direction == Direction::Outbound {
+                        c.exchange = None;
+                    }
+                }
+                self.close(conn, CloseReason::ShuttingDown, now);
+            }
+            self.timers = Timers::new();
+            return;
+        }
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for peer in &peers {
             self.fail_peer_exchanges(*peer, &Failure::ShuttingDown, now);
@@ -632,5 +696,44 @@ impl Endpoint {
     /// Output: when [`Endpoint::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.next()
+    }
+
+    /// Output (durable mode): the writes to commit, in one transaction, before performing
+    /// any output or handing out any event polled since the last call. Empty in memory
+    /// mode.
+    pub fn poll_journal(&mut self) -> Vec<KvOp> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Whether the endpoint keeps a journal ([`Endpoint::restore`] was called).
+    pub fn is_durable(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    // ----- helpers shared by the roles -----
+
+    fn alloc_exchange(&mut self) -> ExchangeId {
+        if let Some(journal) = &mut self.journal {
+            if self.ids_left == 0 {
+                // Reserve a block in the store: a restart resumes past it, so no id is
+                // ever handed out twice, whatever the seed.
+                self.ids_left = durable::ID_BLOCK;
+                let next = self.next_exchange.wrapping_add(durable::ID_BLOCK);
+                journal.push(durable::reserve_ids(next));
+            }
+            self.ids_left -= 1;
+        }
+        let id = ExchangeId(self.next_exchange);
+        self.next_exchange = self.next_exchange.wrapping_add(1);
+        id
+    }
+
+    pub(super) fn alloc_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 }

@@ -1,10 +1,12 @@
 //! The responder's side: a peer's exchanges, from its Request to the Ack of our Reply, and
 //! the records that deduplicate them.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::durable::{self, InboundRecord, InboundStage};
 use crate::identity::PeerId;
 use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Kind, Message, NackReason};
 
@@ -48,6 +50,27 @@ pub(super) struct Inbound {
     /// The largest payload the dialer accepts, as its latest connection advertised. Kept
     /// here because that connection may be gone when the application answers.
     pub(super) remote_max: usize,
+    /// Digest of the request's payload: a resend must carry the same payload.
+    pub(super) digest: u128,
+    /// Order of acceptance (eviction goes oldest first; kept across restarts).
+    pub(super) seq: u64,
+    /// Where the request came from.
+    pub(super) addr: SocketAddr,
+}
+
+/// What a dedupe record costs in memory, for `Config::dedupe_bytes`: the record, its keys in
+/// the maps and queues that index it, and allocator overhead (measured at about 250 B).
+/// Cached replies are counted apart, in `reply_cache_bytes`.
+pub const DEDUPE_RECORD_COST: usize = 256;
+
+impl Inbound {
+    /// Whether the exchange still needs its record: awaiting our answer, or our reply's Ack.
+    pub(super) fn is_live(&self) -> bool {
+        matches!(
+            self.state,
+            InState::AwaitingResponse | InState::AwaitingReplyAck { .. }
+        )
+    }
 }
 
 impl Endpoint {
@@ -120,7 +143,7 @@ impl Endpoint {
         p.strikes = 0;
         let key = (peer, exchange);
         if self.inbound.contains_key(&key) {
-            return self.on_duplicate_request(conn, key, attempt, now);
+            return self.on_duplicate_request(conn, key, attempt, &payload, now);
         }
         if self.shutting_down {
             return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
@@ -159,9 +182,11 @@ impl Endpoint {
         if self.pending_inbound >= self.config.max_pending_inbound || !self.make_room(peer) {
             return self.send_nack(conn, nack(NackReason::Busy, 0));
         }
-        // Accept: remember, acknowledge, deliver once.
+        // Accept: remember (durably, before the Ack leaves), acknowledge, deliver once.
         let hold = !self.config.ack_delay.is_zero();
         let remote_max = self.remote_max_of(conn);
+        let addr = self.remote_of(conn).addr;
+        let seq = self.alloc_seq();
         self.inbound.insert(
             key,
             Inbound {
@@ -170,11 +195,13 @@ impl Endpoint {
                 state: InState::AwaitingResponse,
                 ack_held: hold,
                 remote_max,
+                digest: durable::digest(&payload),
+                seq,
+                addr,
             },
         );
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.seen.push_back(exchange);
-        }
+        self.remember(key);
+        self.persist_inbound(key, Some(&payload));
         self.pending_inbound += 1;
         self.bind_inbound(conn, exchange);
         self.timers.set(
@@ -188,13 +215,54 @@ impl Endpoint {
             self.send_held_ack(peer, exchange);
         }
         self.stats.requests_delivered += 1;
-        let addr = self.remote_of(conn).addr;
         self.events.push_back(Event::Request {
             peer,
             addr,
             exchange,
             payload,
+            redelivered: false,
         });
+    }
+
+    /// Indexes a new record for deduplication and eviction.
+    pub(super) fn remember(&mut self, key: (PeerId, ExchangeId)) {
+        if let Some(p) = self.peers.get_mut(&key.0) {
+            p.seen.push_back(key.1);
+        }
+        self.dedupe_order.push_back(key);
+    }
+
+    /// Durable mode: journals the record's current state. `pending` is the request's
+    /// payload, needed (and only given) while the record awaits the application's answer.
+    pub(super) fn persist_inbound(&mut self, key: (PeerId, ExchangeId), pending: Option<&Bytes>) {
+        let Some(journal) = &mut self.journal else {
+            return;
+        };
+        let Some(r) = self.inbound.get(&key) else {
+            return;
+        };
+        let stage = match (&r.state, pending) {
+            (InState::AwaitingResponse, Some(payload)) => InboundStage::Pending {
+                payload: payload.clone(),
+            },
+            // Still pending and already stored with its payload: nothing changed.
+            (InState::AwaitingResponse, None) => return,
+            (InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply }, _) => {
+                InboundStage::Replied {
+                    reply: reply.clone(),
+                }
+            }
+            (InState::Done, _) => InboundStage::Done,
+            (InState::Aborted(reason), _) => InboundStage::Aborted(*reason),
+        };
+        let record = InboundRecord {
+            seq: r.seq,
+            digest: r.digest,
+            addr: r.addr,
+            remote_max: r.remote_max as u64,
+            stage,
+        };
+        journal.push(durable::put_inbound(key.0, key.1, &record));
     }
 
     /// A Request we already know: answer from the record, never from the application.
@@ -203,14 +271,24 @@ impl Endpoint {
         conn: ConnId,
         key: (PeerId, ExchangeId),
         attempt: u32,
+        payload: &Bytes,
         now: Instant,
     ) {
-        self.stats.duplicates_dropped += 1;
         let (_, exchange) = key;
         let remote_max = self.remote_max_of(conn);
         let Some(record) = self.inbound.get_mut(&key) else {
             return;
         };
+        if record.digest != durable::digest(payload) {
+            // Not a resend: another request under an id we remember. Acknowledging it would
+            // lose it (the application would never see it), so refuse it loudly.
+            return self.violation(
+                conn,
+                "request reuses an exchange id with a different payload",
+                now,
+            );
+        }
+        self.stats.duplicates_dropped += 1;
         let old = std::mem::replace(&mut record.conn, conn);
         record.attempt = attempt;
         record.remote_max = remote_max;
@@ -309,9 +387,11 @@ impl Endpoint {
                 return;
             }
         };
+        let reply_conn = record.conn;
         if let Some(reply) = reply {
             self.cache_bytes -= reply.len();
         }
+        self.persist_inbound(key, None);
         self.timers.cancel(Timer::Inbound(peer, exchange));
         if confirm {
             self.events
@@ -319,7 +399,6 @@ impl Endpoint {
         }
         // The Ack may come on another connection than the Reply's (the dialer redialed):
         // release both, or the Reply's would stay bound to a finished exchange forever.
-        let reply_conn = record.conn;
         self.unbind_inbound(conn, exchange, now);
         self.unbind_inbound(reply_conn, exchange, now);
     }
@@ -371,6 +450,7 @@ impl Endpoint {
             record.state = InState::Aborted(reason);
             self.pending_inbound -= 1;
         }
+        self.persist_inbound((peer, exchange), None);
         self.timers.cancel(Timer::Inbound(peer, exchange));
         self.send(
             conn,
@@ -431,36 +511,76 @@ impl Endpoint {
         }
     }
 
-    /// Keeps the per-peer dedupe memory within bounds; false if every slot is still live.
+    /// Keeps the dedupe memory within bounds, per peer (`dedupe_per_peer`) and in all
+    /// (`dedupe_bytes`), by forgetting the oldest finished records; false if every record
+    /// that could go is still live.
     fn make_room(&mut self, peer: PeerId) -> bool {
         let limit = self.config.dedupe_per_peer;
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return false;
-        };
-        while p.seen.len() >= limit {
-            let victim = p.seen.iter().position(|id| {
-                self.inbound.get(&(peer, *id)).is_none_or(|r| {
-                    !matches!(
-                        r.state,
-                        InState::AwaitingResponse | InState::AwaitingReplyAck { .. }
-                    )
-                })
-            });
-            let Some(index) = victim else {
+        loop {
+            let Some(p) = self.peers.get(&peer) else {
                 return false;
             };
-            let Some(id) = p.seen.remove(index) else {
-                return false;
-            };
-            if let Some(record) = self.inbound.remove(&(peer, id)) {
-                if let InState::Unconfirmed { reply: Some(r) } = record.state {
-                    self.cache_bytes -= r.len();
-                }
-                self.timers.cancel(Timer::Inbound(peer, id));
-                self.timers.cancel(Timer::Ack(peer, id));
+            if p.seen.len() < limit {
+                break;
             }
+            let victim = p
+                .seen
+                .iter()
+                .copied()
+                .find(|id| self.inbound.get(&(peer, *id)).is_none_or(|r| !r.is_live()));
+            let Some(id) = victim else {
+                return false;
+            };
+            self.forget_record((peer, id));
+        }
+        let records = (self.config.dedupe_bytes / DEDUPE_RECORD_COST).max(1);
+        while self.inbound.len() >= records {
+            // The order is compacted lazily: keys of forgotten records are skipped.
+            while self
+                .dedupe_order
+                .front()
+                .is_some_and(|key| !self.inbound.contains_key(key))
+            {
+                self.dedupe_order.pop_front();
+            }
+            let victim = self
+                .dedupe_order
+                .iter()
+                .copied()
+                .find(|key| self.inbound.get(key).is_some_and(|r| !r.is_live()));
+            let Some(key) = victim else {
+                return false;
+            };
+            self.forget_record(key);
+        }
+        if self.dedupe_order.len() > 2 * self.inbound.len() + 64 {
+            let inbound = &self.inbound;
+            self.dedupe_order.retain(|k| inbound.contains_key(k));
         }
         true
+    }
+
+    /// Removes one dedupe record from every table (and from the store).
+    fn forget_record(&mut self, key: (PeerId, ExchangeId)) {
+        let (peer, id) = key;
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let Some(index) = p.seen.iter().position(|x| *x == id)
+        {
+            p.seen.remove(index);
+        }
+        if let Some(record) = self.inbound.remove(&key) {
+            match &record.state {
+                InState::Unconfirmed { reply: Some(r) }
+                | InState::AwaitingReplyAck { reply: Some(r) } => self.cache_bytes -= r.len(),
+                InState::AwaitingResponse => self.pending_inbound -= 1,
+                _ => {}
+            }
+            self.timers.cancel(Timer::Inbound(peer, id));
+            self.timers.cancel(Timer::Ack(peer, id));
+            if let Some(journal) = &mut self.journal {
+                journal.push(durable::delete_inbound(peer, id));
+            }
+        }
     }
 
     /// Drops cached replies, oldest first, until the cache fits its byte budget.
@@ -469,14 +589,17 @@ impl Endpoint {
             let Some(key) = self.cache_order.pop_front() else {
                 break;
             };
-            if let Some(record) = self.inbound.get_mut(&key) {
-                if let InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply } =
+            let mut dropped = false;
+            if let Some(record) = self.inbound.get_mut(&key)
+                && let InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply } =
                     &mut record.state
-                {
-                    if let Some(r) = reply.take() {
-                        self.cache_bytes -= r.len();
-                    }
-                }
+                && let Some(r) = reply.take()
+            {
+                self.cache_bytes -= r.len();
+                dropped = true;
+            }
+            if dropped {
+                self.persist_inbound(key, None);
             }
         }
         // Entries whose reply is gone are dropped from the order lazily above; keep the queue
@@ -495,33 +618,62 @@ impl Endpoint {
         }
     }
 
+    /// Forgets every record of `peer` (it is no longer tracked). Only peers with nothing
+    /// live are dropped this way.
     pub(super) fn drop_inbound_of(&mut self, peer: PeerId) {
-        let keys: Vec<(PeerId, ExchangeId)> = self
-            .inbound
-            .range((peer, ExchangeId(0))..=(peer, ExchangeId(u64::MAX)))
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.inbound_keys_of(peer);
         for key in keys {
-            if let Some(record) = self.inbound.remove(&key) {
-                match record.state {
-                    InState::AwaitingResponse => {
-                        self.pending_inbound -= 1;
-                        self.events.push_back(Event::ResponseCancelled {
-                            peer: key.0,
-                            exchange: key.1,
-                        });
-                    }
-                    InState::AwaitingReplyAck { reply: Some(r) }
-                    | InState::Unconfirmed { reply: Some(r) } => self.cache_bytes -= r.len(),
-                    _ => {}
-                }
+            if self
+                .inbound
+                .get(&key)
+                .is_some_and(|r| r.state == InState::AwaitingResponse)
+            {
+                self.events.push_back(Event::ResponseCancelled {
+                    peer: key.0,
+                    exchange: key.1,
+                });
             }
-            self.timers.cancel(Timer::Inbound(key.0, key.1));
-            self.timers.cancel(Timer::Ack(key.0, key.1));
+            self.forget_record(key);
         }
         if let Some(p) = self.peers.get_mut(&peer) {
             p.seen.clear();
         }
+    }
+
+    /// The peer was revoked: its requests awaiting our answer are cancelled (resends get
+    /// Abort `NoResponse`), and every record stays, so a re-allowed peer cannot replay them.
+    pub(super) fn cancel_inbound_of(&mut self, peer: PeerId, now: Instant) {
+        for key in self.inbound_keys_of(peer) {
+            let Some(record) = self.inbound.get_mut(&key) else {
+                continue;
+            };
+            match record.state {
+                InState::AwaitingResponse => {
+                    record.state = InState::Aborted(AbortReason::NoResponse);
+                    record.ack_held = false;
+                    self.pending_inbound -= 1;
+                    self.events.push_back(Event::ResponseCancelled {
+                        peer: key.0,
+                        exchange: key.1,
+                    });
+                    self.persist_inbound(key, None);
+                }
+                InState::AwaitingReplyAck { .. } => {
+                    // Its connections are closed; it ends as if the Ack never came.
+                    self.on_inbound_timer(key.0, key.1, now);
+                }
+                _ => {}
+            }
+            self.timers.cancel(Timer::Inbound(key.0, key.1));
+            self.timers.cancel(Timer::Ack(key.0, key.1));
+        }
+    }
+
+    fn inbound_keys_of(&self, peer: PeerId) -> Vec<(PeerId, ExchangeId)> {
+        self.inbound
+            .range((peer, ExchangeId(0))..=(peer, ExchangeId(u64::MAX)))
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     fn bind_inbound(&mut self, conn: ConnId, exchange: ExchangeId) {
@@ -532,11 +684,11 @@ impl Endpoint {
     }
 
     fn unbind_inbound(&mut self, conn: ConnId, exchange: ExchangeId, now: Instant) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            if c.exchange == Some(exchange) {
-                c.exchange = None;
-                self.arm_idle(conn, now);
-            }
+        if let Some(c) = self.conns.get_mut(&conn)
+            && c.exchange == Some(exchange)
+        {
+            c.exchange = None;
+            self.arm_idle(conn, now);
         }
     }
 }

@@ -1,0 +1,798 @@
+//! What a node must remember across a crash, as rows of a key-value store.
+//!
+//! The core does no I/O, so it does not write anything itself. When durability is on
+//! ([`Endpoint::restore`](crate::Endpoint::restore)), every change to the state that must
+//! survive a restart is appended to a journal of [`KvOp`]s, which the driver takes with
+//! [`Endpoint::poll_journal`](crate::Endpoint::poll_journal) and commits in one transaction
+//! **before** it performs any output or hands out any event of the same step. So nothing the
+//! outside world can see (an Ack, a Reply, a request's id, an event) ever gets ahead of the
+//! durable state that explains it. On restart the driver reads every row back, [`decode`]s
+//! them into a [`Recovered`] state, and hands it to the new endpoint.
+//!
+//! Four tables, each row's value starting with [`FORMAT`]:
+//!
+//! | table      | key                     | value                                        |
+//! |------------|-------------------------|----------------------------------------------|
+//! | `meta`     | `format`, `node`, `ids` | format version; our peer id; next free id    |
+//! | `outbound` | id (u64 BE)             | an unfinished exchange of ours: peer, address, payload |
+//! | `outcomes` | id (u64 BE)             | its outcome (reply or failure) not yet taken by the application |
+//! | `inbound`  | peer (32 B) ‖ id (u64 BE) | a peer's exchange: digest, state, the request while unanswered, our reply while cached |
+//!
+//! Decoding never panics: a row that does not parse is a [`CorruptRecord`] naming its table
+//! and key. Fuzzed by `fuzz/fuzz_targets/durable_decode.rs`.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use crate::connection::{ConnError, Remote};
+use crate::endpoint::{Event, Failure, RetryCause};
+use crate::identity::PeerId;
+use crate::wire::{AbortReason, CloseReason, ExchangeId, NackReason};
+
+/// Version of the row format; a store written by another version is refused, not guessed at.
+pub const FORMAT: u8 = 1;
+
+/// Exchange ids reserved per durable write of the id counter: a restart skips at most this
+/// many ids, and the counter is written once per this many requests.
+pub(crate) const ID_BLOCK: u64 = 4096;
+
+/// The tables of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    /// Format version, owner, id counter.
+    Meta,
+    /// Our unfinished exchanges.
+    Outbound,
+    /// Outcomes of our exchanges the application has not taken yet (dead letters included).
+    Outcomes,
+    /// Peers' exchanges: dedupe records, unanswered requests, cached replies.
+    Inbound,
+}
+
+impl Table {
+    /// Every table, in a fixed order.
+    pub const ALL: [Table; 4] = [
+        Table::Meta,
+        Table::Outbound,
+        Table::Outcomes,
+        Table::Inbound,
+    ];
+
+    /// The table's name in a store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Meta => "meta",
+            Self::Outbound => "outbound",
+            Self::Outcomes => "outcomes",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// One write of a journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOp {
+    /// Insert or replace a row.
+    Put {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove a row (absent rows are fine).
+    Delete {
+        /// Table.
+        table: Table,
+        /// Key.
+        key: Vec<u8>,
+    },
+}
+
+impl KvOp {
+    /// Bytes this write carries, for batching decisions and benchmarks.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Put { key, value, .. } => key.len() + value.len(),
+            Self::Delete { key, .. } => key.len(),
+        }
+    }
+
+    /// Whether it carries no bytes (never, in practice).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A row that does not decode: the store was damaged, or written by something else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("table {table}, key {key}: {detail}")]
+pub struct CorruptRecord {
+    /// Table name.
+    pub table: &'static str,
+    /// Key, in hex.
+    pub key: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// An unfinished exchange of ours, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRecord {
+    /// Order of acceptance (per node, across restarts).
+    pub seq: u64,
+    /// To.
+    pub peer: PeerId,
+    /// Where.
+    pub addr: SocketAddr,
+    /// The request.
+    pub payload: Bytes,
+}
+
+/// Where a peer's exchange stands, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundStage {
+    /// Acknowledged (or about to be), not answered: redelivered after a restart.
+    Pending {
+        /// The request, to hand to the application again.
+        payload: Bytes,
+    },
+    /// Answered; the reply (while cached) answers resends.
+    Replied {
+        /// The reply, or `None` once dropped from the cache.
+        reply: Option<Bytes>,
+    },
+    /// The dialer acknowledged the reply.
+    Done,
+    /// Given up; resends get this Abort.
+    Aborted(AbortReason),
+}
+
+/// A peer's exchange, as stored: its dedupe record and whatever it still needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundRecord {
+    /// Order of acceptance (per node, across restarts): eviction goes oldest first.
+    pub seq: u64,
+    /// Digest of the request's payload: a "duplicate" with another payload is a violation.
+    pub digest: u128,
+    /// Where the request came from.
+    pub addr: SocketAddr,
+    /// The largest reply the dialer accepts.
+    pub remote_max: u64,
+    /// Where it stands.
+    pub stage: InboundStage,
+}
+
+/// Everything a store held, decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The first exchange id this incarnation may use (`None`: a fresh store).
+    pub next_id: Option<u64>,
+    /// Our unfinished exchanges, oldest first.
+    pub outbound: Vec<(ExchangeId, OutboundRecord)>,
+    /// Outcomes the application has not taken: `Event::Reply` and `Event::Failed`, flagged
+    /// `redelivered`, oldest first.
+    pub outcomes: Vec<(u64, Event)>,
+    /// Peers' exchanges, oldest first.
+    pub inbound: Vec<((PeerId, ExchangeId), InboundRecord)>,
+}
+
+impl Recovered {
+    /// Whether the store held nothing but its header.
+    pub fn is_empty(&self) -> bool {
+        self.outbound.is_empty() && self.outcomes.is_empty() && self.inbound.is_empty()
+    }
+}
+
+/// The digest kept in a dedupe record: XXH3-128 of the payload. Not a MAC (an allowed peer
+/// can send what it likes anyway); it tells a resend from a different request that reuses
+/// an id, which a correct dialer never does.
+pub fn digest(payload: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(payload)
+}
+
+// ----- writes -----
+
+/// The rows every new store starts with.
+pub fn header(local: PeerId) -> Vec<KvOp> {
+    vec![
+        put(Table::Meta, b"format".to_vec(), vec![FORMAT]),
+        put(
+            Table::Meta,
+            b"node".to_vec(),
+            versioned(|w| w.extend_from_slice(local.as_bytes())),
+        ),
+    ]
+}
+
+pub(crate) fn reserve_ids(next: u64) -> KvOp {
+    put(
+        Table::Meta,
+        b"ids".to_vec(),
+        versioned(|w| w.extend_from_slice(&next.to_be_bytes())),
+    )
+}
+
+pub(crate) fn put_outbound(id: ExchangeId, record: &OutboundRecord) -> KvOp {
+    put(
+        Table::Outbound,
+        id.0.to_be_bytes().to_vec(),
+        versioned(|w| {
+            w.extend_from_slice(&record.seq.to_be_bytes());
+            w.extend_from_slice(record.peer.as_bytes());
+            put_addr(w, record.addr);
+            put_bytes(w, &record.payload);
+        }),
+    )
+}
+
+/// The application took the outcome of exchange `id`: forget it.
+pub fn outcome_taken(id: ExchangeId) -> KvOp {
+    KvOp::Delete {
+        table: Table::Outcomes,
+        key: id.0.to_be_bytes().to_vec(),
+    }
+}
+
+/// An exchange of ours ended: its request row gives way to its outcome row (one transaction).
+pub(crate) fn finish_outbound(id: ExchangeId, seq: u64, outcome: &Event) -> [KvOp; 2] {
+    let key = id.0.to_be_bytes().to_vec();
+    let value = versioned(|w| {
+        w.extend_from_slice(&seq.to_be_bytes());
+        match outcome {
+            Event::Reply {
+                peer,
+                addr,
+                payload,
+                ..
+            } => {
+                w.push(1);
+                w.extend_from_slice(peer.as_bytes());
+                put_addr(w, *addr);
+                put_bytes(w, payload);
+            }
+            Event::Failed {
+                peer,
+                payload,
+                failure,
+                ..
+            } => {
+                w.push(2);
+                w.extend_from_slice(peer.as_bytes());
+                put_bytes(w, payload);
+                put_failure(w, failure);
+            }
+            // Only outcomes of our exchanges come here.
+            _ => w.push(0),
+        }
+    });
+    [
+        KvOp::Delete {
+            table: Table::Outbound,
+            key: key.clone(),
+        },
+        put(Table::Outcomes, key, value),
+    ]
+}
+
+pub(crate) fn put_inbound(peer: PeerId, id: ExchangeId, record: &InboundRecord) -> KvOp {
+    put(
+        Table::Inbound,
+        inbound_key(peer, id),
+        versioned(|w| {
+            w.extend_from_slice(&record.seq.to_be_bytes());
+            w.extend_from_slice(&record.digest.to_be_bytes());
+            put_addr(w, record.addr);
+            w.extend_from_slice(&record.remote_max.to_be_bytes());
+            match &record.stage {
+                InboundStage::Pending { payload } => {
+                    w.push(1);
+                    put_bytes(w, payload);
+                }
+                InboundStage::Replied { reply: Some(reply) } => {
+                    w.push(2);
+                    put_bytes(w, reply);
+                }
+                InboundStage::Replied { reply: None } => w.push(3),
+                InboundStage::Done => w.push(4),
+                InboundStage::Aborted(reason) => {
+                    w.push(5);
+                    w.push(reason.code());
+                }
+            }
+        }),
+    )
+}
+
+pub(crate) fn delete_inbound(peer: PeerId, id: ExchangeId) -> KvOp {
+    KvOp::Delete {
+        table: Table::Inbound,
+        key: inbound_key(peer, id),
+    }
+}
+
+fn inbound_key(peer: PeerId, id: ExchangeId) -> Vec<u8> {
+    let mut key = peer.as_bytes().to_vec();
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key
+}
+
+fn put(table: Table, key: Vec<u8>, value: Vec<u8>) -> KvOp {
+    KvOp::Put { table, key, value }
+}
+
+fn versioned(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut w = vec![FORMAT];
+    f(&mut w);
+    w
+}
+
+fn put_bytes(w: &mut Vec<u8>, bytes: &[u8]) {
+    w.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    w.extend_from_slice(bytes);
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    put_bytes(w, s.as_bytes());
+}
+
+fn put_addr(w: &mut Vec<u8>, addr: SocketAddr) {
+    put_str(w, &addr.to_string());
+}
+
+fn put_failure(w: &mut Vec<u8>, failure: &Failure) {
+    match failure {
+        Failure::Exhausted {
+            attempts,
+            last,
+            request_acked,
+        } => {
+            w.push(1);
+            w.extend_from_slice(&attempts.to_be_bytes());
+            w.push(u8::from(*request_acked));
+            match last {
+                RetryCause::DialFailed(s) => {
+                    w.push(1);
+                    put_str(w, s);
+                }
+                RetryCause::ConnectTimeout => w.push(2),
+                RetryCause::ConnectionLost(s) => {
+                    w.push(3);
+                    put_str(w, s);
+                }
+                RetryCause::AckTimeout => w.push(4),
+                RetryCause::ReplyTimeout => w.push(5),
+                RetryCause::Nacked(reason) => {
+                    w.push(6);
+                    w.push(reason.code());
+                }
+            }
+        }
+        Failure::Refused(reason) => {
+            w.push(2);
+            w.push(reason.code());
+        }
+        Failure::Aborted(reason) => {
+            w.push(3);
+            w.push(reason.code());
+        }
+        Failure::Rejected(reason) => {
+            w.push(4);
+            w.push(reason.code());
+        }
+        Failure::Connection(error) => {
+            // Kept as its text: the structured error names live connection state.
+            w.push(5);
+            put_addr(w, error.remote().addr);
+            put_str(w, &error.to_string());
+        }
+        Failure::TooLarge { len, max } => {
+            w.push(6);
+            w.extend_from_slice(&(*len as u64).to_be_bytes());
+            w.extend_from_slice(&(*max as u64).to_be_bytes());
+        }
+        Failure::Revoked => w.push(7),
+        Failure::ShuttingDown => w.push(8),
+    }
+}
+
+// ----- reads -----
+
+/// Decodes a store's rows (any order) into the state to resume from. `local` is the node
+/// opening it: a store written by another node is refused.
+pub fn decode<I>(local: PeerId, rows: I) -> Result<Recovered, CorruptRecord>
+where
+    I: IntoIterator<Item = (Table, Vec<u8>, Vec<u8>)>,
+{
+    let mut recovered = Recovered::default();
+    let mut outcomes = Vec::new();
+    let mut any = false;
+    let mut format = false;
+    for (table, key, value) in rows {
+        any = true;
+        format |= table == Table::Meta && key == b"format";
+        let corrupt = |detail: String| CorruptRecord {
+            table: table.name(),
+            key: hex::encode(&key),
+            detail,
+        };
+        let mut r = Reader::new(&value);
+        let result: Result<(), String> = (|| {
+            if table == Table::Meta && key == b"format" {
+                return match value.as_slice() {
+                    [FORMAT] => Ok(()),
+                    [v] => Err(format!(
+                        "format version {v}, this build reads version {FORMAT}"
+                    )),
+                    _ => Err("not a format version".into()),
+                };
+            }
+            match r.u8()? {
+                FORMAT => {}
+                v => return Err(format!("format version {v}, this build reads {FORMAT}")),
+            }
+            match table {
+                Table::Meta => match key.as_slice() {
+                    b"node" => {
+                        let owner = PeerId::from_bytes(r.array()?);
+                        if owner != local {
+                            return Err(format!(
+                                "the store belongs to node {owner}, not to {local}"
+                            ));
+                        }
+                    }
+                    b"ids" => recovered.next_id = Some(r.u64()?),
+                    _ => return Err("unknown meta key".into()),
+                },
+                Table::Outbound => {
+                    let id = ExchangeId(key_u64(&key)?);
+                    let record = OutboundRecord {
+                        seq: r.u64()?,
+                        peer: PeerId::from_bytes(r.array()?),
+                        addr: r.addr()?,
+                        payload: r.bytes()?,
+                    };
+                    recovered.outbound.push((id, record));
+                }
+                Table::Outcomes => {
+                    let exchange = ExchangeId(key_u64(&key)?);
+                    let seq = r.u64()?;
+                    let event = match r.u8()? {
+                        1 => Event::Reply {
+                            peer: PeerId::from_bytes(r.array()?),
+                            addr: r.addr()?,
+                            exchange,
+                            payload: r.bytes()?,
+                            redelivered: true,
+                        },
+                        2 => Event::Failed {
+                            peer: PeerId::from_bytes(r.array()?),
+                            exchange,
+                            payload: r.bytes()?,
+                            failure: r.failure()?,
+                            redelivered: true,
+                        },
+                        k => return Err(format!("unknown outcome kind {k}")),
+                    };
+                    outcomes.push((seq, event));
+                }
+                Table::Inbound => {
+                    if key.len() != 40 {
+                        return Err(format!("key of {} bytes, expected 40", key.len()));
+                    }
+                    let mut peer = [0u8; 32];
+                    peer.copy_from_slice(&key[..32]);
+                    let id = ExchangeId(key_u64(&key[32..])?);
+                    let seq = r.u64()?;
+                    let digest = u128::from_be_bytes(r.array()?);
+                    let addr = r.addr()?;
+                    let remote_max = r.u64()?;
+                    let stage = match r.u8()? {
+                        1 => InboundStage::Pending {
+                            payload: r.bytes()?,
+                        },
+                        2 => InboundStage::Replied {
+                            reply: Some(r.bytes()?),
+                        },
+                        3 => InboundStage::Replied { reply: None },
+                        4 => InboundStage::Done,
+                        5 => InboundStage::Aborted(AbortReason::from_code(r.u8()?)),
+                        s => return Err(format!("unknown stage {s}")),
+                    };
+                    let record = InboundRecord {
+                        seq,
+                        digest,
+                        addr,
+                        remote_max,
+                        stage,
+                    };
+                    recovered
+                        .inbound
+                        .push((((PeerId::from_bytes(peer)), id), record));
+                }
+            }
+            r.end()
+        })();
+        result.map_err(corrupt)?;
+    }
+    if any && !format {
+        return Err(CorruptRecord {
+            table: Table::Meta.name(),
+            key: hex::encode(b"format"),
+            detail: "missing: not a store of this program".into(),
+        });
+    }
+    recovered.outbound.sort_by_key(|(_, r)| r.seq);
+    recovered.inbound.sort_by_key(|(_, r)| r.seq);
+    outcomes.sort_by_key(|(seq, _)| *seq);
+    recovered.outcomes = outcomes;
+    Ok(recovered)
+}
+
+fn key_u64(key: &[u8]) -> Result<u64, String> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| format!("key of {} bytes, expected 8", key.len()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { rest: bytes }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.rest.len() < n {
+            return Err(format!(
+                "truncated: {n} bytes wanted, {} left",
+                self.rest.len()
+            ));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn bytes(&mut self) -> Result<Bytes, String> {
+        let len = usize::try_from(self.u64()?).map_err(|_| "length overflows".to_owned())?;
+        Ok(Bytes::copy_from_slice(self.take(len)?))
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let bytes = self.bytes()?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| "text is not UTF-8".to_owned())
+    }
+
+    fn addr(&mut self) -> Result<SocketAddr, String> {
+        let text = self.string()?;
+        text.parse()
+            .map_err(|_| format!("{text:?} is not a socket address"))
+    }
+
+    fn failure(&mut self) -> Result<Failure, String> {
+        Ok(match self.u8()? {
+            1 => {
+                let attempts = self.u32()?;
+                let request_acked = self.u8()? != 0;
+                let last = match self.u8()? {
+                    1 => RetryCause::DialFailed(self.string()?),
+                    2 => RetryCause::ConnectTimeout,
+                    3 => RetryCause::ConnectionLost(self.string()?),
+                    4 => RetryCause::AckTimeout,
+                    5 => RetryCause::ReplyTimeout,
+                    6 => RetryCause::Nacked(NackReason::from_code(self.u8()?)),
+                    c => return Err(format!("unknown retry cause {c}")),
+                };
+                Failure::Exhausted {
+                    attempts,
+                    last,
+                    request_acked,
+                }
+            }
+            2 => Failure::Refused(NackReason::from_code(self.u8()?)),
+            3 => Failure::Aborted(AbortReason::from_code(self.u8()?)),
+            4 => Failure::Rejected(CloseReason::from_code(self.u8()?)),
+            5 => {
+                let addr = self.addr()?;
+                let detail = self.string()?;
+                Failure::Connection(ConnError::Handshake {
+                    remote: Remote { addr, peer: None },
+                    detail,
+                })
+            }
+            6 => {
+                let len = usize::try_from(self.u64()?).map_err(|_| "length overflows")?;
+                let max = usize::try_from(self.u64()?).map_err(|_| "length overflows")?;
+                Failure::TooLarge { len, max }
+            }
+            7 => Failure::Revoked,
+            8 => Failure::ShuttingDown,
+            c => return Err(format!("unknown failure kind {c}")),
+        })
+    }
+
+    fn end(&self) -> Result<(), String> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.rest.len()))
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Keypair;
+
+    fn me() -> PeerId {
+        Keypair::from_private_bytes([1; 32]).peer_id()
+    }
+
+    fn rows(ops: Vec<KvOp>) -> Vec<(Table, Vec<u8>, Vec<u8>)> {
+        ops.into_iter()
+            .filter_map(|op| match op {
+                KvOp::Put { table, key, value } => Some((table, key, value)),
+                KvOp::Delete { .. } => None,
+            })
+            .collect()
+    }
+
+    fn sample() -> Vec<(Table, Vec<u8>, Vec<u8>)> {
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        let addr: SocketAddr = "10.0.0.2:7".parse().unwrap();
+        let mut ops = header(me());
+        ops.push(reserve_ids(42));
+        ops.push(put_outbound(
+            ExchangeId(3),
+            &OutboundRecord {
+                seq: 1,
+                peer,
+                addr,
+                payload: Bytes::from_static(b"req"),
+            },
+        ));
+        let failed = Event::Failed {
+            peer,
+            exchange: ExchangeId(4),
+            payload: Bytes::from_static(b"back"),
+            failure: Failure::Exhausted {
+                attempts: 6,
+                last: RetryCause::Nacked(NackReason::Busy),
+                request_acked: true,
+            },
+            redelivered: false,
+        };
+        ops.extend(finish_outbound(ExchangeId(4), 0, &failed));
+        for (id, stage) in [
+            (
+                5,
+                InboundStage::Pending {
+                    payload: Bytes::from_static(b"p"),
+                },
+            ),
+            (
+                6,
+                InboundStage::Replied {
+                    reply: Some(Bytes::from_static(b"r")),
+                },
+            ),
+            (7, InboundStage::Replied { reply: None }),
+            (8, InboundStage::Done),
+            (9, InboundStage::Aborted(AbortReason::NoResponse)),
+        ] {
+            let record = InboundRecord {
+                seq: id,
+                digest: digest(b"p"),
+                addr,
+                remote_max: 1 << 20,
+                stage,
+            };
+            ops.push(put_inbound(peer, ExchangeId(id), &record));
+        }
+        rows(ops)
+    }
+
+    #[test]
+    fn every_record_kind_decodes_to_what_was_written() {
+        let recovered = decode(me(), sample()).unwrap();
+        assert_eq!(recovered.next_id, Some(42));
+        assert_eq!(recovered.outbound.len(), 1);
+        assert_eq!(recovered.outbound[0].0, ExchangeId(3));
+        assert_eq!(recovered.inbound.len(), 5);
+        assert!(matches!(
+            &recovered.outcomes[..],
+            [(
+                0,
+                Event::Failed {
+                    exchange: ExchangeId(4),
+                    redelivered: true,
+                    failure: Failure::Exhausted {
+                        attempts: 6,
+                        request_acked: true,
+                        ..
+                    },
+                    ..
+                }
+            )]
+        ));
+    }
+
+    #[test]
+    fn a_store_of_another_node_or_version_is_refused_by_name() {
+        let other = Keypair::from_private_bytes([3; 32]).peer_id();
+        let err = decode(other, sample()).unwrap_err();
+        assert_eq!(err.table, "meta");
+        assert!(err.detail.contains("belongs to node"), "{err}");
+        let mut rows = sample();
+        rows[0].2 = vec![FORMAT + 1];
+        let err = decode(me(), rows).unwrap_err();
+        assert!(err.detail.contains("format version"), "{err}");
+        let mut rows = sample();
+        rows.remove(0);
+        let err = decode(me(), rows).unwrap_err();
+        assert!(err.detail.contains("missing"), "{err}");
+        assert_eq!(decode(me(), Vec::new()), Ok(Recovered::default()));
+    }
+
+    #[test]
+    fn damaged_rows_are_errors_naming_table_and_key_never_panics() {
+        for (i, (table, key, value)) in sample().into_iter().enumerate() {
+            for cut in 0..value.len() {
+                let mut rows = sample();
+                rows[i] = (table, key.clone(), value[..cut].to_vec());
+                if let Err(e) = decode(me(), rows) {
+                    assert_eq!(e.table, table.name());
+                    assert_eq!(e.key, hex::encode(&key));
+                } else {
+                    panic!("{table} row {i} cut at {cut} decoded");
+                }
+            }
+            let mut rows = sample();
+            let mut longer = value.clone();
+            longer.push(0);
+            rows[i] = (table, key.clone(), longer);
+            assert!(
+                decode(me(), rows).is_err(),
+                "{table} row {i} with a trailing byte"
+            );
+            let mut rows = sample();
+            rows[i] = (table, vec![1, 2, 3], value.clone());
+            assert!(
+                decode(me(), rows).is_err(),
+                "{table} row {i} with a bad key"
+            );
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Durable mode: resuming from what a store held when the node stopped.
+
+use std::time::Instant;
+
+use crate::durable::{self, InboundStage, Recovered};
+use crate::identity::PeerId;
+use crate::wire::{AbortReason, ExchangeId};
+
+use super::dialer::{OutState, Outbound};
+use super::events::{Event, Failure, RetryCause};
+use super::responder::{InState, Inbound};
+use super::{ConnId, Endpoint, Timer};
+
+/// The connection a recovered record names until a resend binds it to a live one: an
+/// inbound id no driver ever hands out.
+const DETACHED: u64 = (1 << 63) - 1;
+
+impl Endpoint {
+    /// Makes the endpoint durable and resumes from `recovered` (empty for a new store).
+    /// Call once, right after [`Endpoint::new`], before any other input. From then on every
+    /// change that must survive a restart is journaled (see [`Endpoint::poll_journal`]).
+    ///
+    /// * Our unfinished exchanges resume under their ids, in their order, from their first
+    ///   attempt (the responder deduplicates them). One whose peer is no longer allowed
+    ///   fails with [`Failure::Revoked`], its payload handed back.
+    /// * A peer's request we had acknowledged and not answered is delivered again as
+    ///   [`Event::Request`] with `redelivered: true` (cancelled with
+    ///   [`Event::ResponseCancelled`] if the peer is no longer allowed); its response timeout
+    ///   starts again now.
+    /// * A reply not yet acknowledged is cached again and waits for its Ack anew.
+    /// * Finished records keep deduplicating resends.
+    ///
+    /// Outcomes the application had not taken (`recovered.outcomes`) are the driver's to
+    /// hand out; the endpoint does not hold them.
+    pub fn restore(&mut self, recovered: Recovered, now: Instant) {
+        self.journal = Some(Vec::new());
+        if let Some(next) = recovered.next_id {
+            self.next_exchange = next;
+        }
+        self.ids_left = 0;
+        for ((peer, id), record) in recovered.inbound {
+            self.next_seq = self.next_seq.max(record.seq.saturating_add(1));
+            self.restore_inbound(peer, id, record, now);
+        }
+        let mut starts: Vec<PeerId> = Vec::new();
+        for (id, record) in recovered.outbound {
+            self.next_seq = self.next_seq.max(record.seq.saturating_add(1));
+            let peer = record.peer;
+            self.outbound.insert(
+                id,
+                Outbound {
+                    seq: record.seq,
+                    peer,
+                    addr: record.addr,
+                    payload: record.payload,
+                    attempt: 0,
+                    failures: 0,
+                    dials: 0,
+                    acked: false,
+                    state: OutState::Queued,
+                },
+            );
+            if !self.allow.contains(&peer) {
+                self.finish(id, Err(Failure::Revoked), now);
+                continue;
+            }
+            let Some(state) = self.peer_mut(peer, now) else {
+                let failure = Failure::Exhausted {
+                    attempts: 0,
+                    last: RetryCause::DialFailed("too many peers tracked".into()),
+                    request_acked: false,
+                };
+                self.finish(id, Err(failure), now);
+                continue;
+            };
+            state.queue.push_back(id);
+            if !starts.contains(&peer) {
+                starts.push(peer);
+            }
+        }
+        for peer in starts {
+            let next = self.peers.get_mut(&peer).and_then(|p| {
+                if p.active.is_some() {
+                    return None;
+                }
+                let next = p.queue.pop_front()?;
+                p.active = Some(next);
+                Some(next)
+            });
+            if let Some(id) = next {
+                self.begin(id, now);
+            }
+        }
+    }
+
+    fn restore_inbound(
+        &mut self,
+        peer: PeerId,
+        id: ExchangeId,
+        record: durable::InboundRecord,
+        now: Instant,
+    ) {
+        let key = (peer, id);
+        if self.peer_mut(peer, now).is_none() {
+            if let Some(journal) = &mut self.journal {
+                journal.push(durable::delete_inbound(peer, id));
+            }
+            return;
+        }
+        let allowed = self.allow.contains(&peer);
+        let was_aborted = matches!(record.stage, InboundStage::Aborted(_));
+        let mut redeliver = None;
+        let state = match record.stage {
+            InboundStage::Pending { payload } if allowed => {
+                redeliver = Some(payload);
+                InState::AwaitingResponse
+            }
+            InboundStage::Pending { .. } => {
+                self.events
+                    .push_back(Event::ResponseCancelled { peer, exchange: id });
+                InState::Aborted(AbortReason::NoResponse)
+            }
+            InboundStage::Replied { reply: Some(reply) } => {
+                self.cache_bytes += reply.len();
+                self.cache_order.push_back(key);
+                self.timers.set(
+                    Timer::Inbound(peer, id),
+                    now + self.config.reply_ack_timeout,
+                );
+                InState::AwaitingReplyAck { reply: Some(reply) }
+            }
+            InboundStage::Replied { reply: None } => InState::Unconfirmed { reply: None },
+            InboundStage::Done => InState::Done,
+            InboundStage::Aborted(reason) => InState::Aborted(reason),
+        };
+        let cancelled = matches!(state, InState::Aborted(_)) && !was_aborted;
+        self.inbound.insert(
+            key,
+            Inbound {
+                conn: ConnId::inbound(DETACHED),
+                attempt: 0,
+                state,
+                ack_held: false,
+                remote_max: usize::try_from(record.remote_max).unwrap_or(usize::MAX),
+                digest: record.digest,
+                seq: record.seq,
+                addr: record.addr,
+            },
+        );
+        self.remember(key);
+        if cancelled {
+            self.persist_inbound(key, None);
+        }
+        if let Some(payload) = redeliver {
+            self.pending_inbound += 1;
+            self.timers
+                .set(Timer::Inbound(peer, id), now + self.config.response_timeout);
+            self.stats.requests_delivered += 1;
+            self.events.push_back(Event::Request {
+                peer,
+                addr: record.addr,
+                exchange: id,
+                payload,
+                redelivered: true,
+            });
+        }
+        self.trim_reply_cache();
+    }
+}
