@@ -10,17 +10,18 @@
 //! node keys, each handler's seed (exchange ids, jitter, ephemeral keys) and, in swarm mode,
 //! the randomised latency, loss and step timing. Same scenario, same seed, same trace.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use p2p_handler::endpoint::Failure;
+use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::wire::{AckOf, ExchangeId, Message};
 use p2p_handler::{
-    AllowList, AllowedPeer, Arrival, ConnError, ConnEvent, Event, Handler, Keypair, Notice, PeerId,
-    Status, Tap, Verdict,
+    AllowList, AllowedPeer, Arrival, ConnError, ConnEvent, Event, Handler, Keypair, MemoryStore,
+    Notice, Options, PeerId, Status, Store, StoreError, Tap, Verdict,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -41,6 +42,34 @@ const SETTLE_MARGIN: Duration = Duration::from_secs(2);
 
 /// How often a quiet run asks the nodes whether anything is still open.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// A node's simulated disk: survives crashes and restarts of its host. Under the storage
+/// fault a commit takes virtual time, and a crash meanwhile drops it unapplied.
+struct SimStore {
+    rows: MemoryStore,
+    latency: Option<Duration>,
+}
+
+impl Store for SimStore {
+    fn load(&mut self) -> Result<Vec<Row>, StoreError> {
+        self.rows.load()
+    }
+
+    fn commit(&mut self, ops: Vec<KvOp>) -> Commit {
+        let mut rows = self.rows.clone();
+        match self.latency {
+            None => rows.commit(ops),
+            Some(latency) => Box::pin(async move {
+                tokio::time::sleep(latency).await;
+                rows.commit(ops).await
+            }),
+        }
+    }
+
+    fn location(&self) -> String {
+        "simulated disk".into()
+    }
+}
 
 /// How a run went.
 #[derive(Debug, Clone)]
@@ -168,6 +197,8 @@ enum NodeCommand {
 #[derive(Default)]
 struct NodeState {
     incarnation: u64,
+    /// Its disk, when the node is durable.
+    store: Option<MemoryStore>,
     up: bool,
     commands: Option<mpsc::UnboundedSender<NodeCommand>>,
     /// Request copies seen by a `refuse` app, and requests by a `crash_prone` app.
@@ -192,10 +223,19 @@ struct Shared {
     /// Exchange labels for the trace: (dialer, id) -> "alice#3".
     labels: BTreeMap<(usize, ExchangeId), String>,
     issued_count: Vec<u32>,
-    /// (dialer, incarnation, id) -> outcome count.
+    /// (dialer, incarnation, id) -> outcome count. A durable node's exchanges outlive its
+    /// incarnations: their incarnation is 0. Outcomes flagged `redelivered` count only when
+    /// no outcome came before (the application may have taken it just before a crash).
     outcomes: BTreeMap<(usize, u64, ExchangeId), u32>,
-    /// (responder, incarnation, dialer peer, id) -> deliveries.
+    /// (responder, incarnation, dialer peer, id) -> deliveries not flagged `redelivered`
+    /// (incarnation 0 for durable responders, as for outcomes).
     delivered: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
+    /// (responder, dialer peer, id) -> flagged redeliveries.
+    redelivered: BTreeMap<(usize, PeerId, ExchangeId), u32>,
+    /// (responder, dialer peer, id) answered by the application (respond returned Ok).
+    answered: BTreeSet<(usize, PeerId, ExchangeId)>,
+    /// (dialer, responder, id) whose Request the dialer saw acknowledged.
+    acked: BTreeSet<(usize, usize, ExchangeId)>,
     /// (dialer, id) -> highest attempt sent.
     attempts: BTreeMap<(usize, ExchangeId), u32>,
     replied: u64,
@@ -208,6 +248,30 @@ struct Shared {
 
 fn now() -> Duration {
     turmoil::sim_elapsed().unwrap_or_default()
+}
+
+impl Shared {
+    /// The incarnation exchanges of `node` are keyed by: 0 for a durable node, whose
+    /// exchanges outlive its incarnations.
+    fn incarnation_key(&self, node: usize) -> u64 {
+        if self.scenario.durable_of(node) {
+            0
+        } else {
+            self.nodes[node].incarnation
+        }
+    }
+
+    /// Records an outcome; a redelivered one counts only if none came before. Returns
+    /// whether it counted.
+    fn count_outcome(&mut self, node: usize, inc: u64, exchange: ExchangeId, again: bool) -> bool {
+        let n = self.outcomes.entry((node, inc, exchange)).or_default();
+        if again && *n > 0 {
+            return false;
+        }
+        *n += 1;
+        self.last_outcome = now();
+        true
+    }
 }
 
 impl Shared {
@@ -395,6 +459,14 @@ impl Tap for SimTap {
             },
         );
         s.count_triggers(from, to, message, false);
+        if let Message::Ack {
+            exchange,
+            of: AckOf::Request,
+            ..
+        } = message
+        {
+            s.acked.insert((to, from, *exchange));
+        }
         if !matches!(message, Message::Request { .. }) {
             return Arrival::Pass;
         }
@@ -549,13 +621,22 @@ fn failure_kind(failure: &Failure) -> String {
 
 async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
     let (tx, mut commands) = mpsc::unbounded_channel();
-    let (key, allow, config, seed, app) = {
+    let (key, allow, config, seed, app, incarnation, store) = {
         let mut s = lock(&shared);
+        let durable = s.scenario.durable_of(node);
+        let latency = s
+            .scenario
+            .storage_fault
+            .then_some(s.scenario.commit_latency);
         let state = &mut s.nodes[node];
         state.incarnation += 1;
         state.up = true;
         state.received = 0;
         let incarnation = state.incarnation;
+        let store = durable.then(|| SimStore {
+            rows: state.store.get_or_insert_with(MemoryStore::new).clone(),
+            latency,
+        });
         let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
         rng.set_stream(1 + node as u64 * 1000 + incarnation);
         let mut seed = [0u8; 32];
@@ -579,17 +660,28 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         let app = spec.app.clone();
         let config = s.scenario.config_of(node);
         s.push(node, What::Start);
-        (s.keys[node].clone(), allow, config, seed, app)
+        (
+            s.keys[node].clone(),
+            allow,
+            config,
+            seed,
+            app,
+            incarnation,
+            store,
+        )
     };
     let tap = Arc::new(SimTap {
         shared: shared.clone(),
         node,
     });
     let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
-    let (handler, mut inbox) =
-        Handler::spawn_with_tap(TurmoilTransport, listen, key, allow, config, seed, tap)
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut options = Options::new(config, seed).incarnation(incarnation).tap(tap);
+    if let Some(store) = store {
+        options = options.store(store);
+    }
+    let (handler, mut inbox) = Handler::spawn_with(TurmoilTransport, listen, key, allow, options)
+        .await
+        .map_err(|e| e.to_string())?;
     // Listening: from now on the simulator may send this node commands.
     lock(&shared).nodes[node].commands = Some(tx);
     loop {
@@ -621,7 +713,7 @@ async fn run_command(
             match result {
                 Ok(id) => {
                     let label = s.label_or_assign(node, id);
-                    let incarnation = s.nodes[node].incarnation;
+                    let incarnation = s.incarnation_key(node);
                     s.outcomes.insert((node, incarnation, id), 0);
                     s.push(
                         node,
@@ -662,22 +754,34 @@ async fn run_command(
 
 fn on_event(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, app: &App, event: Event) {
     let mut s = lock(shared);
-    let incarnation = s.nodes[node].incarnation;
+    let incarnation = s.incarnation_key(node);
     match event {
         Event::Request {
             peer,
             exchange,
             payload,
+            redelivered,
             ..
         } => {
             let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
             let label = s.label(dialer, exchange);
-            *s.delivered
-                .entry((node, incarnation, peer, exchange))
-                .or_default() += 1;
+            if redelivered {
+                *s.redelivered.entry((node, peer, exchange)).or_default() += 1;
+                if s.answered.contains(&(node, peer, exchange)) {
+                    let name = s.names[node].clone();
+                    s.errors.push(format!(
+                        "{label} redelivered to {name} after its application answered it"
+                    ));
+                }
+            } else {
+                *s.delivered
+                    .entry((node, incarnation, peer, exchange))
+                    .or_default() += 1;
+            }
+            let again = if redelivered { ", redelivered" } else { "" };
             s.push(
                 node,
-                What::Event(format!("request {label} ({} B)", payload.len())),
+                What::Event(format!("request {label} ({} B{again})", payload.len())),
             );
             s.nodes[node].received += 1;
             let mut reply = b"re:".to_vec();
@@ -698,25 +802,32 @@ fn on_event(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, app: &A
             drop(s);
             if let Some(delay) = delay {
                 let handler = handler.clone();
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    let _ = handler.response_to(peer, exchange, reply).await;
+                    if handler.response_to(peer, exchange, reply).await.is_ok() {
+                        lock(&shared).answered.insert((node, peer, exchange));
+                    }
                 });
             }
         }
         Event::Reply {
-            exchange, payload, ..
+            exchange,
+            payload,
+            redelivered,
+            ..
         } => {
             let label = s.label(node, exchange);
+            let again = if redelivered { ", redelivered" } else { "" };
             s.push(
                 node,
-                What::Event(format!("reply {label} ({} B)", payload.len())),
+                What::Event(format!("reply {label} ({} B{again})", payload.len())),
             );
-            s.replied += 1;
-            s.last_outcome = now();
-            *s.outcomes.entry((node, incarnation, exchange)).or_default() += 1;
+            if s.count_outcome(node, incarnation, exchange, redelivered) {
+                s.replied += 1;
+            }
         }
         Event::ResponseDelivered { peer, exchange } => {
             let label = s.inbound_label(node, &peer, exchange);
@@ -731,20 +842,25 @@ fn on_event(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, app: &A
 
 fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
     let mut s = lock(shared);
-    let incarnation = s.nodes[node].incarnation;
+    let incarnation = s.incarnation_key(node);
     let text = match notice {
         Notice::Event(Event::Failed {
             exchange,
             failure,
             payload,
+            redelivered,
             ..
         }) => {
             let label = s.label(node, exchange);
             let kind = failure_kind(&failure);
-            s.failures.push(kind.clone());
-            s.last_outcome = now();
-            *s.outcomes.entry((node, incarnation, exchange)).or_default() += 1;
-            format!("failed {label}: {kind} ({} B handed back)", payload.len())
+            if s.count_outcome(node, incarnation, exchange, redelivered) {
+                s.failures.push(kind.clone());
+            }
+            let again = if redelivered { ", redelivered" } else { "" };
+            format!(
+                "failed {label}: {kind} ({} B handed back{again})",
+                payload.len()
+            )
         }
         Notice::Event(Event::PeerError(e)) => {
             s.peer_errors += 1;
@@ -851,6 +967,9 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         waiting: Vec::new(),
         fired: VecDeque::new(),
         crash_requests: VecDeque::new(),
+        redelivered: BTreeMap::new(),
+        answered: BTreeSet::new(),
+        acked: BTreeSet::new(),
         labels: BTreeMap::new(),
         issued_count: vec![0; scenario.nodes.len()],
         outcomes: BTreeMap::new(),
@@ -1023,7 +1142,7 @@ fn pending_exchanges(s: &Shared) -> usize {
     s.outcomes
         .iter()
         .filter(|((node, inc, _), n)| {
-            **n == 0 && s.nodes[*node].up && s.nodes[*node].incarnation == *inc
+            **n == 0 && s.nodes[*node].up && s.incarnation_key(*node) == *inc
         })
         .count()
 }
@@ -1329,12 +1448,29 @@ fn check(
     }
     // Invariant: every request ends in exactly one reply or failure (unless its node died).
     for ((node, inc, exchange), n) in &s.outcomes {
-        let alive = s.nodes[*node].up && s.nodes[*node].incarnation == *inc;
+        // A durable node's exchange outlives a crash: its outcome is owed after a restart.
+        let alive = s.nodes[*node].up && s.incarnation_key(*node) == *inc;
         if *n > 1 || (*n == 0 && alive) {
             failures.push(format!(
                 "exchange {} ended {} times (exactly once expected)",
                 s.label(*node, *exchange),
                 n
+            ));
+        }
+    }
+    // Invariant: nothing acknowledged is lost: a request the dialer saw acknowledged by a
+    // durable responder reached that responder's application (in some incarnation).
+    for (dialer, responder, exchange) in &s.acked {
+        let peer = s.keys[*dialer].peer_id();
+        let reached = s
+            .delivered
+            .keys()
+            .any(|(n, _, p, x)| n == responder && *p == peer && x == exchange);
+        if s.scenario.durable_of(*responder) && !reached {
+            failures.push(format!(
+                "lost: {} was acknowledged by {} but never reached its application",
+                s.label(*dialer, *exchange),
+                s.names[*responder]
             ));
         }
     }
@@ -1389,8 +1525,10 @@ fn check(
     let sum = |f: fn(&Status) -> u64| -> u64 { statuses.iter().flatten().map(f).sum() };
     let delivered = s.delivered.values().map(|n| u64::from(*n)).sum::<u64>();
     let e = &scenario.expect;
-    let counts: [(&str, Option<crate::scenario::Count>, u64); 10] = [
+    let redelivered = s.redelivered.values().map(|n| u64::from(*n)).sum::<u64>();
+    let counts: [(&str, Option<crate::scenario::Count>, u64); 11] = [
         ("delivered", e.delivered, delivered),
+        ("redelivered", e.redelivered, redelivered),
         ("replied", e.replied, s.replied),
         ("failed", e.failed, s.failures.len() as u64),
         ("resends", e.resends, sum(|st| st.stats.resends)),
@@ -1441,7 +1579,7 @@ fn check(
     }
 }
 
-/// Swarm mode: latency, loss and step timing drawn from the seed.
+/// Swarm mode: latency, loss, step timing and the storage fault drawn from the seed.
 fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
     let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo + 1);
     let min = pick(1, 20);
@@ -1457,5 +1595,11 @@ fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
             let at_ms = (at.as_millis() as u64 + shift).saturating_sub(spread);
             step.at = Some(Duration::from_millis(at_ms));
         }
+    }
+    // Half the seeds run with the storage fault (commits take 1-10 ms, and a crash during
+    // one loses it), unless the scenario asks for it always.
+    if pick(0, 1) == 1 {
+        scenario.storage_fault = true;
+        scenario.commit_latency = Duration::from_millis(pick(1, 10));
     }
 }

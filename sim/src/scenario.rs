@@ -38,6 +38,18 @@ pub struct Scenario {
     /// Handler configuration overrides for every node.
     #[serde(default)]
     pub config: ConfigOverrides,
+    /// Whether nodes keep a simulated durable store that survives `crash`/`restart` (each
+    /// node may override it). Default true: what production nodes with a data directory do.
+    #[serde(default = "yes")]
+    pub durable: bool,
+    /// The storage fault: each commit takes `commit_latency` of virtual time, and a crash
+    /// during it loses the writes (they were never committed). Default false: commits are
+    /// instant, so a crash never finds one in progress.
+    #[serde(default)]
+    pub storage_fault: bool,
+    /// How long a commit takes under the storage fault.
+    #[serde(default = "default_commit_latency", with = "humantime_serde")]
+    pub commit_latency: Duration,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeSpec>,
@@ -54,6 +66,12 @@ pub struct Scenario {
 
 fn default_seed() -> u64 {
     1
+}
+fn yes() -> bool {
+    true
+}
+fn default_commit_latency() -> Duration {
+    Duration::from_millis(3)
 }
 fn default_duration() -> Duration {
     Duration::from_secs(120)
@@ -226,6 +244,10 @@ pub struct NodeSpec {
     /// The nodes it allows; all others when absent.
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    /// Overrides the scenario's `durable` for this node (false: memory only, so a restart
+    /// forgets everything).
+    #[serde(default)]
+    pub durable: Option<bool>,
 }
 
 /// Application behaviour of a node.
@@ -473,6 +495,9 @@ pub struct Expect {
     pub duplicates_dropped: Option<Count>,
     /// Replies re-sent from the responder's cache (all nodes).
     pub replies_from_cache: Option<Count>,
+    /// Requests delivered again after a restart, flagged `redelivered` (not counted in
+    /// `delivered`).
+    pub redelivered: Option<Count>,
     /// Nacks received (all nodes).
     pub nacks: Option<Count>,
     /// Peer errors reported (all nodes).
@@ -560,6 +585,15 @@ impl Scenario {
     /// The node index of `name`.
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// The handler configuration of node `i`.
+    /// Whether node `i` keeps a durable store.
+    pub fn durable_of(&self, i: usize) -> bool {
+        self.nodes
+            .get(i)
+            .and_then(|n| n.durable)
+            .unwrap_or(self.durable)
     }
 
     /// The handler configuration of node `i`.

@@ -151,6 +151,8 @@ impl HandlerTask {
     /// just handled, so a busy durable node syncs once per batch rather than per input.
     fn gather(&mut self, limit: usize) {
         for _ in 0..BATCH {
+            // The simulator's trace shows every state an input leads to, batch or not.
+            self.report_transitions();
             if let Ok(id) = self.taken.try_recv() {
                 self.on_taken(id);
                 continue;
