@@ -16,7 +16,7 @@ use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::Config;
 use crate::endpoint::Event;
 use crate::identity::{Keypair, PeerId};
-use crate::runtime::{Handler, HandlerError, Inbox, Notice, ShutdownReport, Status};
+use crate::runtime::{Handler, HandlerError, Inbox, Notice, Options, ShutdownReport, Status};
 use crate::transport::TcpTransport;
 use crate::wire::ExchangeId;
 
@@ -80,6 +80,17 @@ impl P2pHandler {
         config: Config,
         seed: [u8; 32],
     ) -> Result<Self, HandlerError> {
+        Self::with_options(address, private_key, allow_list, Options::new(config, seed))
+    }
+
+    /// Starts with everything [`Options`] sets, e.g. a data directory that makes the node
+    /// durable: `Options::new(config, seed).data_dir(path)?`.
+    pub fn with_options(
+        address: impl ToSocketAddrs,
+        private_key: Keypair,
+        allow_list: AllowList,
+        options: Options,
+    ) -> Result<Self, HandlerError> {
         let addr = resolve(address)?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -88,13 +99,12 @@ impl P2pHandler {
             .enable_all()
             .build()
             .map_err(HandlerError::Runtime)?;
-        let (handler, inbox) = runtime.block_on(Handler::spawn(
+        let (handler, inbox) = runtime.block_on(Handler::spawn_with(
             TcpTransport,
             addr,
             private_key,
             allow_list,
-            config,
-            seed,
+            options,
         ))?;
         Ok(Self {
             runtime: Some(runtime),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -93,8 +93,13 @@ impl Setup {
     /// Starts `serve` with `args`; returns it (killed when dropped, even by a failing
     /// test) and its target (`PEER_ID@ADDR`).
     fn serve(&self, args: &[&str]) -> (Server, String) {
+        self.serve_on("127.0.0.1:0", args)
+    }
+
+    /// [`Setup::serve`] on a given address.
+    fn serve_on(&self, listen: &str, args: &[&str]) -> (Server, String) {
         let mut server = node()
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .arg("--key")
             .arg(self.dir.join("bob.key"))
@@ -271,4 +276,107 @@ fn a_reply_the_dialer_cannot_take_is_aborted_and_serving_goes_on() {
     drop(peer);
     assert!(server.running(), "serve keeps running");
     assert_eq!(output(setup.send("carol", &target).arg("next")), "next\n");
+}
+
+/// A serving node is killed (SIGKILL) in the middle of a burst from three peers, each
+/// waiting for an answer to a request the node had acknowledged, and started again on the
+/// same data directory and port. Every request gets exactly one reply, and the command
+/// (the application) saw each request once, apart from the flagged redeliveries of the
+/// three it had not answered when it died.
+#[test]
+fn a_node_killed_mid_burst_loses_nothing_and_repeats_nothing() {
+    const CLIENTS: [&str; 3] = ["alice", "carol", "dave"];
+    const EACH: usize = 6;
+    let setup = Setup::new("sigkill");
+    let dave = keygen(&setup.dir, "dave.key");
+    let mut allow = std::fs::read_to_string(setup.dir.join("allow.toml")).unwrap();
+    allow.push_str(&format!("[[peer]]\nid = \"{dave}\"\n"));
+    std::fs::write(setup.dir.join("allow.toml"), allow).unwrap();
+    let (log, arrived, gate) = (
+        setup.dir.join("seen.log"),
+        setup.dir.join("arrived"),
+        setup.dir.join("gate"),
+    );
+    for fifo in [&arrived, &gate] {
+        assert!(Command::new("mkfifo").arg(fifo).status().unwrap().success());
+    }
+    // Logs every request with its redelivery flag. A first delivery of request 3 reports
+    // itself on `arrived`, then waits on `gate`: the node is killed while it waits.
+    let exec = format!(
+        "x=$(cat); echo \"$P2P_REDELIVERED $x\" >> '{log}'; \
+         case \"$P2P_REDELIVERED $x\" in '0 '*-3) echo \"$x\" > '{arrived}'; read _ < '{gate}';; esac; \
+         printf 're:%s' \"$x\"",
+        log = log.display(),
+        arrived = arrived.display(),
+        gate = gate.display(),
+    );
+    let data = setup.dir.join("data");
+    let data_arg = data.to_str().unwrap();
+    let args = ["--exec", exec.as_str(), "--data-dir", data_arg];
+    let (server, target) = setup.serve(&args);
+    let listen = target.split('@').nth(1).unwrap().to_owned();
+    let clients: Vec<_> = CLIENTS
+        .iter()
+        .map(|client| {
+            let (setup_dir, target) = (setup.dir.clone(), target.clone());
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    let message = format!("{client}-{i}");
+                    let out = node()
+                        .args(["send", "--timeout", "60", "--to", &target])
+                        .arg("--key")
+                        .arg(setup_dir.join(format!("{client}.key")))
+                        .arg(&message)
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{message}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    assert_eq!(
+                        String::from_utf8_lossy(&out.stdout),
+                        format!("re:{message}\n")
+                    );
+                }
+            })
+        })
+        .collect();
+    // Wait (on the FIFO, no clock) until each client's request 3 is with the command.
+    let mut waiting = 0;
+    while waiting < CLIENTS.len() {
+        let mut lines = String::new();
+        std::fs::File::open(&arrived)
+            .unwrap()
+            .read_to_string(&mut lines)
+            .unwrap();
+        waiting += lines.lines().count();
+    }
+    let mut server = server;
+    server.0.kill().unwrap(); // SIGKILL
+    server.0.wait().unwrap();
+    let (_server, again) = setup.serve_on(&listen, &args);
+    assert_eq!(again, target, "same node, same address");
+    for client in clients {
+        client.join().unwrap();
+    }
+    // Release the commands the killed node left waiting.
+    let mut open_gate = std::fs::OpenOptions::new().write(true).open(&gate).unwrap();
+    for _ in 0..CLIENTS.len() {
+        writeln!(open_gate, "go").unwrap();
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    for client in CLIENTS {
+        for i in 0..EACH {
+            let message = format!("{client}-{i}");
+            let fresh = log.lines().filter(|l| *l == format!("0 {message}")).count();
+            let again = log.lines().filter(|l| *l == format!("1 {message}")).count();
+            assert_eq!(fresh, 1, "{message} seen {fresh} times:\n{log}");
+            let expected_again = usize::from(i == 3);
+            assert_eq!(
+                again, expected_again,
+                "{message} redelivered {again} times:\n{log}"
+            );
+        }
+    }
 }

@@ -6,6 +6,9 @@
 //! p2p-node serve --key bob.key --listen 127.0.0.1:7000 --allow allow.toml [--exec 'tr a-z A-Z']
 //! p2p-node send --key alice.key --to <bob's peer id>@127.0.0.1:7000 hello
 //! ```
+//!
+//! With `--data-dir DIR`, a node keeps its exchanges in `DIR/node.redb`: killed and started
+//! again on the same directory, it resumes them (see the `durable` module of the core).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use p2p_handler::{
-    AllowList, Config, Event, ExchangeId, HandlerError, Keypair, P2pHandler, PeerId,
+    AllowList, Config, Event, ExchangeId, HandlerError, Keypair, Options, P2pHandler, PeerId,
 };
 
 #[derive(Parser)]
@@ -74,6 +77,11 @@ enum Cmd {
         /// then is killed, and the dialer is told (Abort NoResponse).
         #[arg(long, default_value = "25", value_name = "SECONDS")]
         response_timeout: u64,
+        /// Keep exchanges in this directory, so that a restart (even after a crash) loses
+        /// none: requests acknowledged and not answered are run again (the command sees
+        /// P2P_REDELIVERED=1), answered ones are never run twice.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Send one request (or several) and print the reply and timings.
     Send {
@@ -91,6 +99,10 @@ enum Cmd {
         /// Give up after this long.
         #[arg(long, default_value = "30", value_name = "SECONDS")]
         timeout: u64,
+        /// Keep exchanges in this directory: run again after a crash, the node resumes the
+        /// requests it had not finished and prints their outcomes too.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -129,6 +141,7 @@ fn run(command: Cmd) -> Result<()> {
             count,
             jobs,
             response_timeout,
+            data_dir,
         } => {
             let allow = match allow {
                 Some(path) => AllowList::from_file(path)?,
@@ -144,7 +157,8 @@ fn run(command: Cmd) -> Result<()> {
                 count,
                 jobs: jobs.max(1),
             };
-            serve(Keypair::from_file(&key)?, &listen, allow, config, &options)
+            let start = start_options(config, data_dir.as_deref())?;
+            serve(Keypair::from_file(&key)?, &listen, allow, start, &options)
         }
         Cmd::Send {
             key,
@@ -152,6 +166,7 @@ fn run(command: Cmd) -> Result<()> {
             message,
             repeat,
             timeout,
+            data_dir,
         } => {
             let (peer, addr) = parse_target(&to)?;
             let message = match message {
@@ -164,11 +179,11 @@ fn run(command: Cmd) -> Result<()> {
             };
             send(
                 Keypair::from_file(&key)?,
-                peer,
-                addr,
+                (peer, addr),
                 message,
                 repeat.max(1),
                 Duration::from_secs(timeout),
+                start_options(Config::default(), data_dir.as_deref())?,
             )
         }
     }
@@ -210,6 +225,17 @@ fn parse_target(to: &str) -> Result<(PeerId, SocketAddr)> {
     Ok((peer, addr))
 }
 
+/// A node's start options: fresh randomness, and the data directory if one is given.
+fn start_options(config: Config, data_dir: Option<&Path>) -> Result<Options> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| format!("no randomness from the OS: {e}"))?;
+    let options = Options::new(config, seed);
+    Ok(match data_dir {
+        Some(dir) => options.data_dir(dir)?,
+        None => options,
+    })
+}
+
 struct ServeOptions {
     exec: Option<String>,
     count: Option<u64>,
@@ -224,11 +250,11 @@ fn serve(
     key: Keypair,
     listen: &str,
     allow: AllowList,
-    config: Config,
+    start: Options,
     options: &ServeOptions,
 ) -> Result<()> {
-    let deadline = config.response_timeout;
-    let node = P2pHandler::with_config(listen, key, allow, config)?;
+    let deadline = start.config.response_timeout;
+    let node = P2pHandler::with_options(listen, key, allow, start)?;
     println!(
         "listening on {} as {}",
         node.local_address(),
@@ -279,7 +305,12 @@ fn serve(
             }
             let (node, answered, free_tx) = (&node, &answered, free_tx.clone());
             scope.spawn(move || {
-                match pipe(cmd, &payload, deadline) {
+                let env = [
+                    ("P2P_PEER", peer.to_string()),
+                    ("P2P_EXCHANGE", exchange.to_string()),
+                    ("P2P_REDELIVERED", u8::from(redelivered).to_string()),
+                ];
+                match pipe(cmd, &payload, &env, deadline) {
                     Ok(reply) => {
                         // Only a stopped node fails here, and the main loop sees that too.
                         let _ = answer(node, peer, exchange, reply, answered);
@@ -326,6 +357,25 @@ fn report_outcome(event: &Event) {
         Event::ResponseUnconfirmed { peer, exchange } => {
             eprintln!("reply to {exchange} from {} not confirmed", peer.short())
         }
+        Event::Reply {
+            peer,
+            exchange,
+            payload,
+            ..
+        } => eprintln!(
+            "reply to earlier request {exchange} from {} ({} bytes)",
+            peer.short(),
+            payload.len()
+        ),
+        Event::Failed {
+            peer,
+            exchange,
+            failure,
+            ..
+        } => eprintln!(
+            "earlier request {exchange} to {} failed: {failure:?}",
+            peer.short()
+        ),
         _ => {}
     }
 }
@@ -359,11 +409,12 @@ fn answer(
 /// its own thread while the output is read, so neither pipe can fill up and block the
 /// other, whatever the sizes. A command (with everything it started) still running after
 /// `deadline` is killed.
-fn pipe(cmd: &str, input: &[u8], deadline: Duration) -> Result<Vec<u8>> {
+fn pipe(cmd: &str, input: &[u8], env: &[(&str, String)], deadline: Duration) -> Result<Vec<u8>> {
     let mut command = Command::new("sh");
     command
         .arg("-c")
         .arg(cmd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     #[cfg(unix)]
@@ -425,18 +476,13 @@ fn kill_group(child: &mut std::process::Child) {
 
 fn send(
     key: Keypair,
-    peer: PeerId,
-    addr: SocketAddr,
+    (peer, addr): (PeerId, SocketAddr),
     message: Vec<u8>,
     repeat: u32,
     timeout: Duration,
+    start: Options,
 ) -> Result<()> {
-    let node = P2pHandler::with_config(
-        "0.0.0.0:0",
-        key,
-        AllowList::from_peers([peer]),
-        Config::default(),
-    )?;
+    let node = P2pHandler::with_options("0.0.0.0:0", key, AllowList::from_peers([peer]), start)?;
     let mut times = Vec::new();
     let mut last = Vec::new();
     for _ in 0..repeat {
@@ -458,7 +504,8 @@ fn send(
                 }) if exchange == id => {
                     return Err(format!("request {id} failed: {failure:?}").into());
                 }
-                Some(_) => {}
+                // Outcomes of requests a previous run left in the data directory.
+                Some(other) => report_outcome(&other),
                 None => return Err(format!("no reply within {timeout:?}").into()),
             }
         }
