@@ -69,6 +69,11 @@ def main():
     reuse1 = us("handler/tcp_exchange/reuse/1")
     fresh100 = us("handler/tcp_exchange/fresh/100") / 100
     reuse100 = us("handler/tcp_exchange/reuse/100") / 100
+    durable = {
+        (mode, peers): us(f"handler/tcp_exchange/{mode}_durable/{peers}") / peers
+        for mode in ("fresh", "reuse")
+        for peers in (1, 100)
+    }
     big_ms = us("handler/request/16MiB") / 1e3
     machine_state = us("handler/state_machine_exchange")
     sim_two = us("sim/two_nodes_run") / 1e6
@@ -109,6 +114,26 @@ def main():
         f"| exchanges/s, reused, 100 peers at once | {1e6 / reuse100:,.0f}/s | bare exchange {1e6 / bare_exchange:,.0f}/s (one session) | {bare_exchange / reuse100:.0%} |",
         f"| 16 MiB request throughput | {mib / (big_ms / 1e3):.0f} MiB/s | raw Noise stream {mib / (stream_ms / 1e3):.0f} MiB/s | {verdict(stream_ms / big_ms, 0.80)} |",
         f"| one exchange through both state machines, no I/O | {machine_state:.2f} µs | bare exchange {bare_exchange:.1f} µs | {machine_state / bare_exchange:.1%} of it |",
+        "",
+        "## Durability (redb data directory, each commit synced)",
+        "",
+        "1 peer: both nodes durable. 100 peers: the node under test is durable, its peers (other",
+        "machines in production, each with its own disk) in memory. Ratio: durable rate over the",
+        "in-memory rate of the same workload in this run.",
+        "",
+        "| workload | in memory | durable | ratio |",
+        "|---|---|---|---|",
+        *[
+            f"| {mode}, {peers} peer{'s' if peers > 1 else ''} | {1e6 / mem:,.0f}/s | {1e6 / durable[(mode, peers)]:,.0f}/s | "
+            + (verdict(mem / durable[(mode, peers)], 0.70) if peers == 100 else f"{mem / durable[(mode, peers)]:.0%}")
+            + " |"
+            for (mode, peers, mem) in (
+                ("fresh", 1, fresh1),
+                ("reuse", 1, reuse1),
+                ("fresh", 100, fresh100),
+                ("reuse", 100, reuse100),
+            )
+        ],
         "",
         "## Latency (each exchange timed on its own)",
         "",

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use p2p_bench::{client, handler_exchange, keys, server};
+use p2p_bench::{client, client_with, handler_exchange, keys, server, server_with};
 use p2p_handler::wire::{AckOf, ExchangeId, Message};
 use p2p_handler::{AllowList, ConnEvent, ConnId, Endpoint, Event, Output};
 
@@ -107,13 +107,23 @@ fn state_machine(c: &mut Criterion) {
 fn tcp_exchanges(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("handler/tcp_exchange");
-    for reuse in [false, true] {
-        let mode = if reuse { "reuse" } else { "fresh" };
+    // Durable nodes keep their data directories here (a disk, not tmpfs, on the machine
+    // BENCHMARKS.md was measured on); each node has its own, as in production.
+    let root = std::env::temp_dir().join(format!("p2p-bench-durable-{}", std::process::id()));
+    for (reuse, durable) in [(false, false), (true, false), (false, true), (true, true)] {
+        let mode = match (reuse, durable) {
+            (false, false) => "fresh",
+            (true, false) => "reuse",
+            (false, true) => "fresh_durable",
+            (true, true) => "reuse_durable",
+        };
+        let dir = durable.then_some(root.as_path());
         // One peer, sequential exchanges.
         let k = keys(2);
         let (srv, (cl, mut inbox)) = rt.block_on(async {
-            let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), reuse).await;
-            let cl = client(k[0].clone(), srv.peer, reuse, 9).await;
+            let reply = Bytes::from_static(&[1u8; 64]);
+            let srv = server_with(k[1].clone(), &k[..1], reply, reuse, dir).await;
+            let cl = client_with(k[0].clone(), srv.peer, reuse, 9, dir).await;
             (srv, cl)
         });
         let payload = Bytes::from_static(&[7u8; 64]);
@@ -133,13 +143,11 @@ fn tcp_exchanges(c: &mut Criterion) {
         const PEERS: usize = 100;
         let k = keys(PEERS + 1);
         let (srv, clients) = rt.block_on(async {
-            let srv = server(
-                k[PEERS].clone(),
-                &k[..PEERS],
-                Bytes::from_static(&[1u8; 64]),
-                reuse,
-            )
-            .await;
+            let reply = Bytes::from_static(&[1u8; 64]);
+            // The node under test is durable; its 100 peers stand for other machines, each
+            // with its own disk, so they keep theirs in memory rather than make one disk
+            // serve 101 nodes' syncs.
+            let srv = server_with(k[PEERS].clone(), &k[..PEERS], reply, reuse, dir).await;
             let mut clients = Vec::new();
             for (i, key) in k[..PEERS].iter().enumerate() {
                 clients.push(client(key.clone(), srv.peer, reuse, i as u8).await);
@@ -181,6 +189,7 @@ fn tcp_exchanges(c: &mut Criterion) {
         group.sample_size(100);
     }
     group.finish();
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 fn throughput_16mib(c: &mut Criterion) {

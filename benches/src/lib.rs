@@ -4,13 +4,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Benchmark set-up: a panic is a failed run.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use p2p_handler::noise::{HandshakeRole, handshake};
 use p2p_handler::wire::MAX_FRAME_LEN;
-use p2p_handler::{AllowList, Config, Event, Handler, Inbox, Keypair, PeerId, TcpTransport};
+use p2p_handler::{
+    AllowList, Config, Event, Handler, Inbox, Keypair, Options, PeerId, TcpTransport,
+};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use snow::TransportState;
@@ -209,15 +212,39 @@ pub fn bench_config(reuse: bool) -> Config {
     }
 }
 
+/// Start options for a benchmark node: durable (a fresh `redb` data directory under
+/// `durable`, named after the node) or in memory.
+pub fn bench_options(reuse: bool, seed: u8, durable: Option<(&Path, &Keypair)>) -> Options {
+    let options = Options::new(bench_config(reuse), [seed; 32]).incarnation(u64::from(seed));
+    match durable {
+        None => options,
+        Some((root, key)) => {
+            let dir = root.join(key.peer_id().to_string());
+            let _ = std::fs::remove_dir_all(&dir);
+            options.data_dir(&dir).unwrap()
+        }
+    }
+}
+
 /// Starts an answering server allowing `clients`.
 pub async fn server(key: Keypair, clients: &[Keypair], reply: Bytes, reuse: bool) -> Server {
-    let (handler, mut inbox) = Handler::spawn(
+    server_with(key, clients, reply, reuse, None).await
+}
+
+/// [`server`], durable with a data directory under `durable` if given.
+pub async fn server_with(
+    key: Keypair,
+    clients: &[Keypair],
+    reply: Bytes,
+    reuse: bool,
+    durable: Option<&Path>,
+) -> Server {
+    let (handler, mut inbox) = Handler::spawn_with(
         TcpTransport,
         "127.0.0.1:0".parse().unwrap(),
         key.clone(),
         AllowList::from_peers(clients.iter().map(Keypair::peer_id)),
-        bench_config(reuse),
-        [3; 32],
+        bench_options(reuse, 3, durable.map(|d| (d, &key))),
     )
     .await
     .unwrap();
@@ -238,13 +265,24 @@ pub async fn server(key: Keypair, clients: &[Keypair], reply: Bytes, reuse: bool
 
 /// A client handler allowed to talk to `server`.
 pub async fn client(key: Keypair, server: PeerId, reuse: bool, seed: u8) -> (Handler, Inbox) {
-    Handler::spawn(
+    client_with(key, server, reuse, seed, None).await
+}
+
+/// [`client`], durable with a data directory under `durable` if given.
+pub async fn client_with(
+    key: Keypair,
+    server: PeerId,
+    reuse: bool,
+    seed: u8,
+    durable: Option<&Path>,
+) -> (Handler, Inbox) {
+    let options = bench_options(reuse, seed, durable.map(|d| (d, &key)));
+    Handler::spawn_with(
         TcpTransport,
         "127.0.0.1:0".parse().unwrap(),
         key,
         AllowList::from_peers([server]),
-        bench_config(reuse),
-        [seed; 32],
+        options,
     )
     .await
     .unwrap()
