@@ -107,6 +107,18 @@ impl Endpoint {
             }
             return;
         }
+        // The bounds may have been lowered since the store was written: the oldest
+        // finished records make room, and a finished record with no room is forgotten.
+        let live = matches!(
+            record.stage,
+            InboundStage::Pending { .. } | InboundStage::Replied { reply: Some(_) }
+        );
+        if !self.make_room(peer) && !live {
+            if let Some(journal) = &mut self.journal {
+                journal.push(durable::delete_inbound(peer, id));
+            }
+            return;
+        }
         let allowed = self.allow.contains(&peer);
         let was_aborted = matches!(record.stage, InboundStage::Aborted(_));
         let mut redeliver = None;

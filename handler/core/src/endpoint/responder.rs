@@ -514,7 +514,7 @@ impl Endpoint {
     /// Keeps the dedupe memory within bounds, per peer (`dedupe_per_peer`) and in all
     /// (`dedupe_bytes`), by forgetting the oldest finished records; false if every record
     /// that could go is still live.
-    fn make_room(&mut self, peer: PeerId) -> bool {
+    pub(super) fn make_room(&mut self, peer: PeerId) -> bool {
         let limit = self.config.dedupe_per_peer;
         loop {
             let Some(p) = self.peers.get(&peer) else {
