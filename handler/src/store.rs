@@ -9,13 +9,12 @@
 //! the next transaction (group commit), so a busy node pays for one sync per batch, not per
 //! exchange.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-pub use p2p_handler_core::durable::{CorruptRecord, KvOp, Table};
+pub use p2p_handler_core::durable::{CorruptRecord, KvOp, Rows, Table, apply};
 
 /// A commit in progress. `'static`, so a store can run it on a blocking thread.
 pub type Commit = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'static>>;
@@ -60,8 +59,6 @@ pub enum StoreError {
     },
 }
 
-type Rows = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
-
 /// A store in memory. Clones share the rows, so a test can stop a handler and start another
 /// on a clone to play a restart; the rows die with the process.
 #[derive(Debug, Clone, Default)]
@@ -90,20 +87,6 @@ impl MemoryStore {
         self.rows
             .lock()
             .map_or(0, |r| r.keys().filter(|(t, _)| *t == table).count())
-    }
-}
-
-/// Applies ops to a map of rows (the in-memory stores' commit).
-pub fn apply(rows: &mut BTreeMap<(Table, Vec<u8>), Vec<u8>>, ops: Vec<KvOp>) {
-    for op in ops {
-        match op {
-            KvOp::Put { table, key, value } => {
-                rows.insert((table, key), value);
-            }
-            KvOp::Delete { table, key } => {
-                rows.remove(&(table, key));
-            }
-        }
     }
 }
 

@@ -194,6 +194,23 @@ pub fn digest(payload: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(payload)
 }
 
+/// Rows by table and key: what an in-memory store holds.
+pub type Rows = std::collections::BTreeMap<(Table, Vec<u8>), Vec<u8>>;
+
+/// Applies a journal to in-memory rows: the commit of the in-memory stores.
+pub fn apply(rows: &mut Rows, ops: Vec<KvOp>) {
+    for op in ops {
+        match op {
+            KvOp::Put { table, key, value } => {
+                rows.insert((table, key), value);
+            }
+            KvOp::Delete { table, key } => {
+                rows.remove(&(table, key));
+            }
+        }
+    }
+}
+
 // ----- writes -----
 
 /// The rows every new store starts with.

@@ -17,13 +17,10 @@ use rand_core::{Rng, SeedableRng};
 use crate::allow_list::AllowList;
 use crate::config::Config;
 use crate::connection::{Closed, ConnEvent, Connection};
-use crate::durable::{self, KvOp, Recovered, Table};
+use crate::durable::{self, Recovered, Rows, apply};
 use crate::endpoint::{ConnId, Endpoint, Event, Output};
 use crate::identity::{Keypair, PeerId};
 use crate::wire::{AckOf, ExchangeId, Kind, Message, NackReason};
-
-/// A test store: rows by table and key.
-pub(crate) type Rows = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 
 /// How a node's application answers requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1073,19 +1070,5 @@ fn short_event(event: &Event) -> String {
             exchange, failure, ..
         } => format!("Failed {exchange}: {failure:?}"),
         other => format!("{other:?}"),
-    }
-}
-
-/// Commits a journal to a test store.
-fn apply(store: &mut Rows, ops: Vec<KvOp>) {
-    for op in ops {
-        match op {
-            KvOp::Put { table, key, value } => {
-                store.insert((table, key), value);
-            }
-            KvOp::Delete { table, key } => {
-                store.remove(&(table, key));
-            }
-        }
     }
 }

@@ -2246,7 +2246,7 @@ mod durable {
     use super::*;
     use crate::allow_list::{AllowList, AllowedPeer};
     use crate::connection::ConnEvent;
-    use crate::durable::{self as store, KvOp, Recovered, Table};
+    use crate::durable::{self as store, Recovered};
     use crate::endpoint::{ConnId, Endpoint};
     use crate::identity::Keypair;
     use crate::wire::Message;
@@ -2380,19 +2380,6 @@ mod durable {
         }
     }
 
-    fn rows(ops: &[KvOp], into: &mut std::collections::BTreeMap<(Table, Vec<u8>), Vec<u8>>) {
-        for op in ops.iter().cloned() {
-            match op {
-                KvOp::Put { table, key, value } => {
-                    into.insert((table, key), value);
-                }
-                KvOp::Delete { table, key } => {
-                    into.remove(&(table, key));
-                }
-            }
-        }
-    }
-
     #[test]
     fn exchange_ids_are_never_reused_by_a_restart_with_the_same_seed() {
         let me = Keypair::from_private_bytes([1; 32]).peer_id();
@@ -2400,7 +2387,7 @@ mod durable {
         let addr: SocketAddr = "10.0.0.2:1".parse().unwrap();
         let now = Instant::now();
         let mut table = std::collections::BTreeMap::new();
-        rows(&store::header(me), &mut table);
+        store::apply(&mut table, store::header(me));
         let mut used = std::collections::BTreeSet::new();
         for _incarnation in 0..3 {
             let mut ep =
@@ -2415,7 +2402,7 @@ mod durable {
                 let id = ep.request(peer, addr, &b"x"[..], now).unwrap();
                 assert!(used.insert(id), "{id} reused");
             }
-            rows(&ep.poll_journal(), &mut table);
+            store::apply(&mut table, ep.poll_journal());
         }
         // Memory mode, same seed: the same ids. The driver must vary the seed (it mixes in
         // an incarnation nonce); this is what it guards against.
