@@ -299,7 +299,7 @@ impl Endpoint {
         }
     }
 
-    fn start_next(&mut self, peer: PeerId, now: Instant) {
+    pub(super) fn start_next(&mut self, peer: PeerId, now: Instant) {
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };

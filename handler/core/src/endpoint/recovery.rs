@@ -79,18 +79,11 @@ impl Endpoint {
             }
         }
         for peer in starts {
-            let next = self.peers.get_mut(&peer).and_then(|p| {
-                if p.active.is_some() {
-                    return None;
-                }
-                let next = p.queue.pop_front()?;
-                p.active = Some(next);
-                Some(next)
-            });
-            if let Some(id) = next {
-                self.begin(id, now);
+            if self.peers.get(&peer).is_some_and(|p| p.active.is_none()) {
+                self.start_next(peer, now);
             }
         }
+        self.trim_reply_cache();
     }
 
     fn restore_inbound(
@@ -101,19 +94,14 @@ impl Endpoint {
         now: Instant,
     ) {
         let key = (peer, id);
-        if self.peer_mut(peer, now).is_none() {
-            if let Some(journal) = &mut self.journal {
-                journal.push(durable::delete_inbound(peer, id));
-            }
-            return;
-        }
         // The bounds may have been lowered since the store was written: the oldest
-        // finished records make room, and a finished record with no room is forgotten.
+        // finished records make room, and a finished record with no room is forgotten (as
+        // is every record of a peer that cannot be tracked).
         let live = matches!(
             record.stage,
             InboundStage::Pending { .. } | InboundStage::Replied { reply: Some(_) }
         );
-        if !self.make_room(peer) && !live {
+        if self.peer_mut(peer, now).is_none() || (!self.make_room(peer) && !live) {
             if let Some(journal) = &mut self.journal {
                 journal.push(durable::delete_inbound(peer, id));
             }
@@ -176,6 +164,5 @@ impl Endpoint {
                 redelivered: true,
             });
         }
-        self.trim_reply_cache();
     }
 }
