@@ -5,9 +5,9 @@
 //! A store is a dumb transactional key-value map: the rows, their meaning and their format
 //! belong to the core (`p2p_handler_core::durable`). The handler task commits the endpoint's
 //! journal in one transaction before it performs any output or hands out any event of the
-//! same step, and waits for the commit; inputs that arrive meanwhile are taken together into
-//! the next transaction (group commit), so a busy node pays for one sync per batch, not per
-//! exchange.
+//! same step. It keeps taking inputs while a commit runs; their writes go together into the
+//! next transaction (pipelined group commit), so a busy node pays for one sync per batch,
+//! not per exchange.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

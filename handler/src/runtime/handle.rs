@@ -434,6 +434,7 @@ impl Handler {
             taken: taken_rx,
             deferred: Vec::new(),
             stop: None,
+            in_flight: None,
             connection_tasks: 0,
             notices_dropped: 0,
             evicted_unauthenticated: 0,
@@ -481,6 +482,9 @@ impl Handler {
 
     /// Sends `payload` to `peer` at `addr`: dials, or queues behind the peer's current
     /// exchange. The outcome arrives in the inbox under the returned id.
+    ///
+    /// On a durable node the id is returned once the request is committed: from then on
+    /// it survives a crash. Requests issued concurrently share commits.
     pub async fn request(
         &self,
         peer: PeerId,
@@ -499,6 +503,11 @@ impl Handler {
     }
 
     /// Answers `peer`'s oldest unanswered request; returns which exchange it answered.
+    ///
+    /// On a durable node it returns once the reply is committed (a request answered is
+    /// never delivered again, even after a crash). Each commit covers every answer given
+    /// meanwhile, so an application serving many peers answers concurrently rather than
+    /// waiting for each answer before taking the next request.
     pub async fn response(
         &self,
         peer: PeerId,
@@ -515,7 +524,7 @@ impl Handler {
             .await??)
     }
 
-    /// Answers `peer`'s request `exchange`.
+    /// Answers `peer`'s request `exchange`. Durable nodes: as [`Handler::response`].
     pub async fn response_to(
         &self,
         peer: PeerId,

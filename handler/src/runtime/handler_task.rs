@@ -12,7 +12,7 @@ use crate::endpoint::{
     ConnId, Direction, Endpoint, Event, Failure, Output, RequestError, RespondError,
 };
 use crate::identity::PeerId;
-use crate::store::Store;
+use crate::store::{Commit, Store, StoreError};
 use crate::wire::{ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
@@ -60,6 +60,29 @@ pub(super) struct HandlerTask {
     pub(super) deferred: Vec<Box<dyn FnOnce() + Send>>,
     /// A shutdown command met while gathering a batch.
     pub(super) stop: Option<oneshot::Sender<ShutdownReport>>,
+    /// Durable mode: the commit running, and what waits for it.
+    pub(super) in_flight: Option<(Commit, Effects)>,
+}
+
+/// What one step (or batch of steps) makes visible outside the handler task: answers to
+/// commands, messages and closes, events. In durable mode they wait for the commit of the
+/// step's journal; in memory they are released at once.
+#[derive(Default)]
+pub(super) struct Effects {
+    answers: Vec<Box<dyn FnOnce() + Send>>,
+    /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
+    forged: VecDeque<(ConnId, ConnCommand)>,
+    outputs: Vec<Output>,
+    events: Vec<Event>,
+}
+
+impl Effects {
+    fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+            && self.forged.is_empty()
+            && self.outputs.is_empty()
+            && self.events.is_empty()
+    }
 }
 
 /// Inputs taken into one commit at most, beyond the one that woke the handler task.
@@ -78,20 +101,8 @@ impl HandlerTask {
         let limit = self.received.max_capacity();
         let stop = loop {
             // Durable mode: nothing leaves (answer, message, event) before the state that
-            // explains it is committed. In memory, commits are no-ops.
-            if !self.commit().await {
-                break Stop::StoreFailed;
-            }
-            for answer in self.deferred.drain(..) {
-                answer();
-            }
-            self.report_transitions();
-            self.perform_outputs().await;
-            // Performing outputs can feed the endpoint (a connection found too slow).
-            if !self.commit().await {
-                break Stop::StoreFailed;
-            }
-            self.flush_events();
+            // explains it is committed. In memory, everything leaves at once.
+            self.settle().await;
             if let Some(reply) = self.stop.take() {
                 break Stop::Shutdown(Some(reply));
             }
@@ -102,6 +113,19 @@ impl HandlerTask {
             let (received, priority) = (self.received.clone(), self.priority.clone());
             tokio::select! {
                 biased;
+                // The commit finished: what waited for it may leave. Inputs taken while it
+                // ran are in the next one (pipelined group commit).
+                result = committed(&mut self.in_flight) => {
+                    let effects = self.in_flight.take().map(|(_, e)| e).unwrap_or_default();
+                    match result {
+                        Ok(()) => self.release(effects).await,
+                        Err(e) => {
+                            self.store_failed(&e);
+                            break Stop::StoreFailed;
+                        }
+                    }
+                    continue;
+                }
                 // The application made room: hand over what waited.
                 Ok(permit) = received.reserve(), if !self.recv_backlog.is_empty() => {
                     if let Some(event) = self.recv_backlog.pop_front() {
@@ -129,7 +153,12 @@ impl HandlerTask {
                 Some(event) = self.net_events.recv(), if backlog < limit => self.net_event(event),
             }
             if self.store.is_some() {
-                self.gather(limit);
+                if self.in_flight.is_none() {
+                    self.gather(limit);
+                } else {
+                    // The simulator's trace shows every state an input leads to.
+                    self.report_transitions();
+                }
             }
         };
         match stop {
@@ -145,6 +174,53 @@ impl HandlerTask {
                 network.abort();
             }
         }
+    }
+
+    /// Lets out what may leave. In memory: everything the endpoint produced. Durable, with
+    /// no commit running: starts one for the journal written so far, and holds what the
+    /// steps behind it produced until it finishes; with nothing to commit, lets the effects
+    /// out at once (their state was committed before). Performing outputs can feed the
+    /// endpoint (a connection found too slow), hence the loop.
+    async fn settle(&mut self) {
+        while self.in_flight.is_none() {
+            if let Some(store) = &mut self.store {
+                self.pending_ops.extend(self.endpoint.poll_journal());
+                if !self.pending_ops.is_empty() {
+                    let commit = store.commit(std::mem::take(&mut self.pending_ops));
+                    let effects = self.take_effects();
+                    self.in_flight = Some((commit, effects));
+                    return;
+                }
+            }
+            let effects = self.take_effects();
+            if effects.is_empty() {
+                self.report_transitions();
+                drain_into(&mut self.recv_backlog, &self.received);
+                drain_into(&mut self.prio_backlog, &self.priority);
+                return;
+            }
+            self.release(effects).await;
+        }
+    }
+
+    /// Everything produced since the last call, in order.
+    fn take_effects(&mut self) -> Effects {
+        Effects {
+            answers: std::mem::take(&mut self.deferred),
+            forged: std::mem::take(&mut self.pending_net),
+            outputs: std::iter::from_fn(|| self.endpoint.poll_output()).collect(),
+            events: std::iter::from_fn(|| self.endpoint.poll_event()).collect(),
+        }
+    }
+
+    /// Performs effects whose state is committed (or in memory).
+    async fn release(&mut self, effects: Effects) {
+        for answer in effects.answers {
+            answer();
+        }
+        self.report_transitions();
+        self.perform_outputs(effects.forged, effects.outputs).await;
+        self.flush_events(effects.events);
     }
 
     /// Group commit: takes the inputs already waiting into the same transaction as the one
@@ -178,25 +254,10 @@ impl HandlerTask {
         }
     }
 
-    /// Commits the endpoint's journal and the driver's own writes in one transaction. False
-    /// if the store failed (reported; the node must stop).
-    async fn commit(&mut self) -> bool {
-        let Some(store) = &mut self.store else {
-            return true;
-        };
-        let mut ops = std::mem::take(&mut self.pending_ops);
-        ops.extend(self.endpoint.poll_journal());
-        if ops.is_empty() {
-            return true;
-        }
-        match store.commit(ops).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed: stopping the node");
-                let _ = self.priority.try_send(Notice::StoreFailed(e.to_string()));
-                false
-            }
-        }
+    /// Reports a failed commit; the node must stop.
+    fn store_failed(&mut self, e: &StoreError) {
+        tracing::error!(error = %e, "store commit failed: stopping the node");
+        let _ = self.priority.try_send(Notice::StoreFailed(e.to_string()));
     }
 
     /// The application took the outcome of `id`: a durable node forgets it.
@@ -243,12 +304,16 @@ impl HandlerTask {
         self.states = now;
     }
 
-    async fn perform_outputs(&mut self) {
-        while let Some((conn, command)) = self.pending_net.pop_front() {
+    async fn perform_outputs(
+        &mut self,
+        forged: VecDeque<(ConnId, ConnCommand)>,
+        outputs: Vec<Output>,
+    ) {
+        for (conn, command) in forged {
             self.send_direct(conn, command).await;
         }
         // Sends and closes go straight to the connection task; dials go through the router.
-        while let Some(output) = self.endpoint.poll_output() {
+        for output in outputs {
             match output {
                 Output::Dial { conn, peer, addr } => {
                     self.tap.dial(conn, peer, addr);
@@ -303,8 +368,8 @@ impl HandlerTask {
         }
     }
 
-    fn flush_events(&mut self) {
-        while let Some(event) = self.endpoint.poll_event() {
+    fn flush_events(&mut self, events: Vec<Event>) {
+        for event in events {
             if event.is_priority() {
                 self.notice(Notice::Event(event));
             } else {
@@ -469,6 +534,19 @@ impl HandlerTask {
     }
 
     async fn shutdown(mut self, network: tokio::task::JoinHandle<()>) -> ShutdownReport {
+        // What the running commit holds back leaves first, as it would have.
+        if let Some((commit, effects)) = self.in_flight.take() {
+            match commit.await {
+                Ok(()) => self.release(effects).await,
+                Err(e) => {
+                    // Nothing more can be made durable: cut the connections, as a crash
+                    // would.
+                    self.store_failed(&e);
+                    network.abort();
+                    return ShutdownReport::default();
+                }
+            }
+        }
         let mut report = ShutdownReport {
             unanswered_requests: self.endpoint.pending_responses(),
             kept: if self.endpoint.is_durable() {
@@ -479,16 +557,23 @@ impl HandlerTask {
             ..ShutdownReport::default()
         };
         self.endpoint.shutdown(now());
-        if !self.commit().await {
-            // Nothing more can be made durable: cut the connections, as a crash would.
-            network.abort();
-            return report;
+        if let Some(store) = &mut self.store {
+            self.pending_ops.extend(self.endpoint.poll_journal());
+            let ops = std::mem::take(&mut self.pending_ops);
+            if !ops.is_empty()
+                && let Err(e) = store.commit(ops).await
+            {
+                self.store_failed(&e);
+                network.abort();
+                return report;
+            }
         }
-        for answer in self.deferred.drain(..) {
+        let effects = self.take_effects();
+        for answer in effects.answers {
             answer();
         }
-        self.perform_outputs().await;
-        while let Some(event) = self.endpoint.poll_event() {
+        self.perform_outputs(effects.forged, effects.outputs).await;
+        for event in effects.events {
             match event {
                 Event::Failed {
                     peer,
@@ -513,8 +598,16 @@ impl HandlerTask {
         }
         // Whatever the application has room for, it gets; the rest is in its inbox or lost
         // with it.
-        self.flush_events();
+        self.flush_events(Vec::new());
         report
+    }
+}
+
+/// Resolves when the running commit does; never if none runs.
+async fn committed(in_flight: &mut Option<(Commit, Effects)>) -> Result<(), StoreError> {
+    match in_flight {
+        Some((commit, _)) => commit.await,
+        None => std::future::pending().await,
     }
 }
 
