@@ -103,7 +103,7 @@ impl Endpoint {
         );
         if self.peer_mut(peer, now).is_none() || (!self.make_room(peer) && !live) {
             if let Some(journal) = &mut self.journal {
-                journal.push(durable::delete_inbound(peer, id));
+                journal.push(durable::delete_inbound(record.seq));
             }
             return;
         }

@@ -578,7 +578,7 @@ impl Endpoint {
             self.timers.cancel(Timer::Inbound(peer, id));
             self.timers.cancel(Timer::Ack(peer, id));
             if let Some(journal) = &mut self.journal {
-                journal.push(durable::delete_inbound(peer, id));
+                journal.push(durable::delete_inbound(record.seq));
             }
         }
     }
