@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use p2p_handler::noise::{HandshakeRole, handshake};
 use p2p_handler::wire::MAX_FRAME_LEN;
@@ -250,9 +251,21 @@ pub async fn server_with(
     .unwrap();
     let responder = handler.clone();
     tokio::spawn(async move {
-        while let Some(event) = inbox.received.recv().await {
-            if let Event::Request { peer, exchange, .. } = event {
-                let _ = responder.response_to(peer, exchange, reply.clone()).await;
+        // Answers each request as it arrives, without waiting for the previous answer to be
+        // confirmed, as a server of many peers would: a durable node confirms an answer
+        // only once it is committed, so waiting would cost one sync per request.
+        let mut answering = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(_) = answering.next(), if !answering.is_empty() => {}
+                event = inbox.received.recv() => match event {
+                    Some(Event::Request { peer, exchange, .. }) => {
+                        answering.push(responder.response_to(peer, exchange, reply.clone()));
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
             }
         }
     });
