@@ -1,6 +1,7 @@
 //! The physical limits every handler figure is compared with, measured in the same run:
 //! a bare Noise XX handshake, bare Noise encryption, a bare TCP round trip, and a hand-rolled
-//! request/ack/reply/ack over an open Noise session, with no handler around any of them.
+//! request/ack/reply/ack over an open Noise session, with no handler around any of them; and
+//! a synced commit to the store a durable node uses, on the same disk as its benchmarks.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -106,8 +107,45 @@ fn noise_stream_16mib(c: &mut Criterion) {
     group.finish();
 }
 
+fn store_commit(c: &mut Criterion) {
+    use p2p_handler::store::{KvOp, RedbStore, Store, Table};
+    let rt = runtime();
+    let dir = std::env::temp_dir().join(format!("p2p-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut store = RedbStore::open(&dir).unwrap();
+    let mut group = c.benchmark_group("limit/store_commit");
+    let mut seq = 0u64;
+    // Rows shaped like a busy node's: keys that grow with time, values of a record holding
+    // a 64-byte message. 96 rows: about what one commit carries with 100 peers.
+    for rows in [1usize, 96] {
+        group.bench_function(BenchmarkId::from_parameter(rows), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let ops = (0..rows)
+                        .map(|_| {
+                            seq += 1;
+                            KvOp::Put {
+                                table: Table::Inbound,
+                                key: seq.to_be_bytes().to_vec(),
+                                value: vec![7; 160],
+                            }
+                        })
+                        .collect();
+                    rt.block_on(store.commit(ops)).unwrap();
+                }
+                start.elapsed()
+            });
+        });
+    }
+    group.finish();
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 criterion_group!(
     limits,
+    store_commit,
     handshake,
     transport,
     tcp_rtt,
