@@ -389,6 +389,28 @@ fn requests_to_a_busy_peer_queue_and_complete_in_order() {
 }
 
 #[test]
+fn a_burst_to_one_peer_rides_one_connection_closed_after_the_last() {
+    // Without reuse, requests already queued behind an exchange follow it on its
+    // connection; the last one closes it.
+    let mut net = pair();
+    assert!(!config().reuse_connections);
+    for i in 0..5 {
+        net.request(ALICE, BOB, format!("b{i}").as_bytes());
+    }
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 5);
+    assert_eq!(net.nodes[ALICE].endpoint.stats().dials, 1, "one connection");
+    let before = net.elapsed();
+    assert!(net.run(secs(60)));
+    assert_eq!(net.open_links(), 0, "closed after the last exchange");
+    assert!(net.elapsed() - before < config().idle_timeout);
+    assert!(!net.trace.iter().any(|l| l.contains("(Idle)")));
+    // A request after the burst dials afresh: nothing was kept.
+    net.request(ALICE, BOB, b"later");
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 6);
+    assert_eq!(net.nodes[ALICE].endpoint.stats().dials, 2);
+}
+
+#[test]
 fn full_queue_is_a_clear_error() {
     let mut net = Net::new(
         1,

@@ -318,7 +318,14 @@ impl Endpoint {
             return;
         }
         c.exchange = None;
-        let keep = healthy && c.established && self.config.reuse_connections && !self.shutting_down;
+        // A burst to one peer rides one connection: the next queued request takes it (in
+        // the same step, `finish` starts it), and the last one closes it unless connections
+        // are reused.
+        let queued = self.peers.get(&c.peer).is_some_and(|p| !p.queue.is_empty());
+        let keep = healthy
+            && c.established
+            && (self.config.reuse_connections || queued)
+            && !self.shutting_down;
         if keep {
             let peer = c.peer;
             if let Some(p) = self.peers.get_mut(&peer)
