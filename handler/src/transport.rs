@@ -21,8 +21,13 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// A bound listener.
     type Listener: Listener<Stream = Self::Stream>;
 
-    /// Binds a listener; port 0 picks a free port (read it with `local_addr`).
-    fn bind(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
+    /// Binds a listener with room for `backlog` connections not accepted yet; port 0 picks
+    /// a free port (read it with `local_addr`).
+    fn bind(
+        &self,
+        addr: SocketAddr,
+        backlog: u32,
+    ) -> impl Future<Output = io::Result<Self::Listener>> + Send;
 
     /// Opens a stream to `addr`.
     fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
@@ -48,8 +53,18 @@ impl Transport for TcpTransport {
     type Stream = tokio::net::TcpStream;
     type Listener = tokio::net::TcpListener;
 
-    async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
-        tokio::net::TcpListener::bind(addr).await
+    async fn bind(&self, addr: SocketAddr, backlog: u32) -> io::Result<Self::Listener> {
+        // As `TcpListener::bind` does (address reuse on Unix), but with our backlog rather
+        // than its fixed 128, which a burst of dials overflows.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
     }
 
     async fn connect(&self, addr: SocketAddr) -> io::Result<Self::Stream> {
@@ -124,7 +139,7 @@ impl Transport for MemoryTransport {
     type Stream = DuplexStream;
     type Listener = MemoryListener;
 
-    async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
+    async fn bind(&self, addr: SocketAddr, backlog: u32) -> io::Result<Self::Listener> {
         let mut net = self.lock()?;
         let addr = if addr.port() == 0 {
             SocketAddr::new(addr.ip(), net.free_port(addr.ip())?)
@@ -134,7 +149,7 @@ impl Transport for MemoryTransport {
         if net.listeners.get(&addr).is_some_and(|tx| !tx.is_closed()) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, addr.to_string()));
         }
-        let (tx, rx) = mpsc::channel(128);
+        let (tx, rx) = mpsc::channel(usize::try_from(backlog).unwrap_or(usize::MAX).max(1));
         net.listeners.insert(addr, tx);
         Ok(MemoryListener {
             addr,
@@ -197,7 +212,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn echo_once<T: Transport>(transport: T, bind: SocketAddr) {
-        let mut listener = transport.bind(bind).await.unwrap();
+        let mut listener = transport.bind(bind, 16).await.unwrap();
         let addr = listener.local_addr().unwrap();
         assert_ne!(addr.port(), 0);
         let server = tokio::spawn(async move {
@@ -215,6 +230,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tcp_listener_holds_a_burst_of_dials_beyond_the_usual_128() {
+        // Dials complete when the kernel queues them for accepting; with the usual backlog
+        // of 128 the rest would lose their SYNs and hang while nobody accepts.
+        const DIALS: usize = 400;
+        let listener = TcpTransport
+            .bind("127.0.0.1:0".parse().unwrap(), 1024)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dials: Vec<_> = (0..DIALS)
+            .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+            .collect();
+        let mut connected = Vec::new();
+        for dial in dials {
+            // A guard against a hang, not a timing assertion: a lost SYN is retried after
+            // 1 s, then 3 s, ..., so a dial the backlog refused would not finish in time.
+            let stream = tokio::time::timeout(std::time::Duration::from_secs(60), dial)
+                .await
+                .expect("a dial stayed unanswered: the listen backlog overflowed")
+                .unwrap()
+                .unwrap();
+            connected.push(stream);
+        }
+        assert_eq!(connected.len(), DIALS);
+        drop(listener);
+    }
+
+    #[tokio::test]
     async fn tcp_round_trip_on_an_ephemeral_port() {
         echo_once(TcpTransport, "127.0.0.1:0".parse().unwrap()).await;
     }
@@ -224,9 +267,9 @@ mod tests {
         let t = MemoryTransport::new();
         echo_once(t.clone(), "127.0.0.1:0".parse().unwrap()).await;
         let addr: SocketAddr = "10.0.0.1:7000".parse().unwrap();
-        let listener = t.bind(addr).await.unwrap();
+        let listener = t.bind(addr, 16).await.unwrap();
         assert_eq!(
-            t.bind(addr).await.unwrap_err().kind(),
+            t.bind(addr, 16).await.unwrap_err().kind(),
             io::ErrorKind::AddrInUse
         );
         drop(listener);
@@ -234,6 +277,6 @@ mod tests {
             t.connect(addr).await.unwrap_err().kind(),
             io::ErrorKind::ConnectionRefused
         );
-        t.bind(addr).await.unwrap();
+        t.bind(addr, 16).await.unwrap();
     }
 }

@@ -13,7 +13,8 @@ impl Transport for TurmoilTransport {
     type Stream = turmoil::net::TcpStream;
     type Listener = TurmoilListener;
 
-    async fn bind(&self, addr: SocketAddr) -> io::Result<Self::Listener> {
+    /// Turmoil has no backlog to set: its listeners queue without bound.
+    async fn bind(&self, addr: SocketAddr, _backlog: u32) -> io::Result<Self::Listener> {
         Ok(TurmoilListener(
             turmoil::net::TcpListener::bind(addr).await?,
         ))

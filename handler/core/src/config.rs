@@ -51,7 +51,10 @@ pub struct Config {
     /// host is gone without a reset) abandons the connection, and its exchange is retried
     /// like any broken connection's. A driver setting. Default 30 s.
     pub write_stall_timeout: Duration,
-    /// Keep a dialed connection open after its exchange for the next one. Default false.
+    /// Keep a dialed connection open after its exchange for the next one (until
+    /// `idle_timeout`). Default false: a dialed connection closes after its exchange,
+    /// except that requests already queued to the same peer go on it first, one after the
+    /// other, and the last one closes it.
     pub reuse_connections: bool,
     /// Requests waiting behind a peer's current exchange. Default 64.
     pub max_queued_per_peer: usize,
@@ -88,6 +91,11 @@ pub struct Config {
     /// it; if every connection is authenticated (or ours), the new stream is dropped. Dials
     /// wait for a free slot. Either refusal is reported as a priority notice. Default 1024.
     pub max_connections: usize,
+    /// Connections the operating system holds for accepting (the listen backlog). A burst
+    /// of dials beyond it loses their SYNs, and each costs its dialer a retransmit a second
+    /// later. The system caps it (`net.core.somaxconn` on Linux, 4096 by default). A driver
+    /// setting. Default 4096.
+    pub listen_backlog: u32,
     /// Inbound connections that have not finished their handshake, over all sources. They
     /// have their own budget so that strangers can never crowd out allowed peers: when it is
     /// full, a new stream evicts the oldest unauthenticated connection of the source address
@@ -138,6 +146,7 @@ impl Default for Config {
             rate_limit_strikes: 16,
             max_tracked_peers: 4096,
             max_connections: 1024,
+            listen_backlog: 4096,
             max_handshaking: 256,
             max_handshaking_per_ip: 32,
             channel_capacity: 1024,
@@ -191,6 +200,7 @@ impl Config {
             || self.max_handshaking_per_ip == 0
             || self.channel_capacity == 0
             || self.max_unread_outcomes == 0
+            || self.listen_backlog == 0
         {
             return fail("queue, inbox, dedupe, tracking and connection bounds must be at least 1");
         }

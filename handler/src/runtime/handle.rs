@@ -359,7 +359,7 @@ impl Handler {
             None => None,
         };
         let listener = transport
-            .bind(addr)
+            .bind(addr, config.listen_backlog)
             .await
             .map_err(|source| HandlerError::Bind { addr, source })?;
         let local_addr = listener
