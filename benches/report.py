@@ -58,6 +58,14 @@ def main():
     latency = json.loads(run([str(ROOT / "target/release/latency")]).strip().splitlines()[-1])
     memory = json.loads(run([str(ROOT / "target/release/memory")]).strip().splitlines()[-1])
     attack = json.loads(run([str(ROOT / "target/release/attack")]).strip().splitlines()[-1])
+    # rust-libp2p through the same workloads, in its own workspace (never built by CI).
+    libp2p_manifest = str(ROOT / "benches/vs-libp2p/Cargo.toml")
+    run(["cargo", "build", "-q", "--release", "--manifest-path", libp2p_manifest])
+    libp2p = json.loads(
+        run([str(ROOT / "target/vs-libp2p/release/vs-libp2p")] + (["--quick"] if quick else []))
+        .strip()
+        .splitlines()[-1]
+    )
     virtual_s = float(re.search(r"sim/two_nodes virtual_seconds ([0-9.]+)", bench_out).group(1))
 
     us = lambda full_id: median_ns(full_id) / 1e3
@@ -68,6 +76,7 @@ def main():
     fresh1 = us("handler/tcp_exchange/fresh/1")
     reuse1 = us("handler/tcp_exchange/reuse/1")
     fresh100 = us("handler/tcp_exchange/fresh/100") / 100
+    burst100 = us("handler/tcp_exchange/burst/100") / 100
     reuse100 = us("handler/tcp_exchange/reuse/100") / 100
     durable = {
         (mode, peers): us(f"handler/tcp_exchange/{mode}_durable/{peers}") / peers
@@ -85,6 +94,10 @@ def main():
     sim_all = us("sim/all_scenarios_one_seed") / 1e6
     crypto = {n: us(f"limit/noise_encrypt_decrypt/{n}") for n in (64, 1024, 65519)}
     mib = 16.0
+
+    def times(ours, theirs):
+        ratio = ours / theirs
+        return f"**{ratio:.1f}×** ({'met' if ratio >= 2 else 'missed'})"
 
     def verdict(ratio, target):
         return f"**{ratio:.0%}** (target {target:.0%}: {'met' if ratio >= target else 'missed'})"
@@ -112,14 +125,19 @@ def main():
         "",
         "## Handler",
         "",
-        "| figure | handler | limit | ratio |",
-        "|---|---|---|---|",
-        f"| exchanges/s, fresh connection, 1 peer | {1e6 / fresh1:,.0f}/s ({fresh1:.0f} µs) | handshake {1e6 / handshake:,.0f}/s | {verdict(handshake / fresh1, 0.85)} |",
-        f"| exchanges/s, reused connection, 1 peer | {1e6 / reuse1:,.0f}/s ({reuse1:.1f} µs) | bare exchange {1e6 / bare_exchange:,.0f}/s | {verdict(bare_exchange / reuse1, 0.80)} |",
-        f"| exchanges/s, fresh, 100 peers at once | {1e6 / fresh100:,.0f}/s | handshake {1e6 / handshake:,.0f}/s (one core) | {handshake / fresh100:.0%} |",
-        f"| exchanges/s, reused, 100 peers at once | {1e6 / reuse100:,.0f}/s | bare exchange {1e6 / bare_exchange:,.0f}/s (one session) | {bare_exchange / reuse100:.0%} |",
-        f"| 16 MiB request throughput | {mib / (big_ms / 1e3):.0f} MiB/s | raw Noise stream {mib / (stream_ms / 1e3):.0f} MiB/s | {verdict(stream_ms / big_ms, 0.80)} |",
-        f"| one exchange through both state machines, no I/O | {machine_state:.2f} µs | bare exchange {bare_exchange:.1f} µs | {machine_state / bare_exchange:.1%} of it |",
+        "× libp2p: the handler's rate over rust-libp2p request-response's (TCP + Noise + yamux,",
+        "default settings apart from timeouts, `benches/vs-libp2p`) through the same workload in",
+        "this run (target 2×).",
+        "",
+        "| figure | handler | limit | % of limit | × libp2p |",
+        "|---|---|---|---|---|",
+        f"| exchanges/s, fresh connection, 1 peer | {1e6 / fresh1:,.0f}/s ({fresh1:.0f} µs) | handshake {1e6 / handshake:,.0f}/s | {verdict(handshake / fresh1, 0.80)} | {times(1e6 / fresh1, libp2p['fresh_per_s'])} |",
+        f"| exchanges/s, reused connection, 1 peer | {1e6 / reuse1:,.0f}/s ({reuse1:.1f} µs) | bare exchange {1e6 / bare_exchange:,.0f}/s | {verdict(bare_exchange / reuse1, 0.60)} | {times(1e6 / reuse1, libp2p['reuse_per_s'])} |",
+        f"| exchanges/s, 100 requests queued to 1 peer | {1e6 / burst100:,.0f}/s | bare exchange {1e6 / bare_exchange:,.0f}/s | {bare_exchange / burst100:.0%} | |",
+        f"| exchanges/s, fresh, 100 peers at once | {1e6 / fresh100:,.0f}/s | handshake {1e6 / handshake:,.0f}/s (one core) | {handshake / fresh100:.0%} | |",
+        f"| exchanges/s, reused, 100 peers at once | {1e6 / reuse100:,.0f}/s | bare exchange {1e6 / bare_exchange:,.0f}/s (one session) | {verdict(bare_exchange / reuse100, 1.50)} | {times(1e6 / reuse100, libp2p['peers100_per_s'])} |",
+        f"| 16 MiB request throughput | {mib / (big_ms / 1e3):.0f} MiB/s | raw Noise stream {mib / (stream_ms / 1e3):.0f} MiB/s | {verdict(stream_ms / big_ms, 0.85)} | {times(mib / (big_ms / 1e3), libp2p['mib16_mib_per_s'])} |",
+        f"| one exchange through both state machines, no I/O | {machine_state:.2f} µs | bare exchange {bare_exchange:.1f} µs | {machine_state / bare_exchange:.1%} of it | |",
         "",
         "## Durability (redb data directory, each commit synced)",
         "",

@@ -1,6 +1,6 @@
 //! The handler: one exchange through the state machines alone, exchanges per second over TCP
-//! loopback (fresh connection per exchange, and reused), for 1 and 100 concurrent peers, and
-//! 16 MiB throughput. `docs/BENCHMARKS.md` sets each beside its limit from `limits.rs`.
+//! loopback (fresh connection per exchange, and reused), for 1 and 100 concurrent peers, 100
+//! requests queued to one peer, and 16 MiB throughput. `docs/BENCHMARKS.md` sets each beside its limit from `limits.rs`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -218,5 +218,51 @@ fn throughput_16mib(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(handler, state_machine, tcp_exchanges, throughput_16mib);
+/// 100 requests queued to one peer at once, without connection reuse: they follow each other
+/// on the first one's connection.
+fn burst_to_one_peer(c: &mut Criterion) {
+    const BURST: usize = 100;
+    let rt = runtime();
+    let k = keys(2);
+    let (srv, (cl, mut inbox)) = rt.block_on(async {
+        let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), false).await;
+        let cl = client(k[0].clone(), srv.peer, false, 9).await;
+        (srv, cl)
+    });
+    let mut group = c.benchmark_group("handler/tcp_exchange");
+    group.throughput(Throughput::Elements(BURST as u64));
+    group.bench_function(BenchmarkId::new("burst", BURST), |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut ids = std::collections::BTreeSet::new();
+                    for _ in 0..BURST {
+                        let payload = Bytes::from_static(&[7u8; 64]);
+                        ids.insert(cl.request(srv.peer, srv.addr, payload).await.unwrap());
+                    }
+                    while !ids.is_empty() {
+                        match inbox.received.recv().await {
+                            Some(Event::Reply { exchange, .. }) => {
+                                ids.remove(&exchange);
+                            }
+                            Some(_) => {}
+                            None => panic!("client stopped"),
+                        }
+                    }
+                }
+                start.elapsed()
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    handler,
+    state_machine,
+    tcp_exchanges,
+    burst_to_one_peer,
+    throughput_16mib
+);
 criterion_main!(handler);
