@@ -704,7 +704,13 @@ fn connection_rate_limit_closes_excess_connections() {
     net.nodes[BOB].endpoint =
         crate::endpoint::Endpoint::new(limited, net.id(BOB), net.nodes[BOB].allow.clone(), [4; 32])
             .unwrap();
-    let ids: Vec<_> = (0..3).map(|i| net.request(ALICE, BOB, &[i])).collect();
+    // One after the other, each on a connection of its own (queued requests would share
+    // the first one's).
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(net.request(ALICE, BOB, &[i]));
+        net.run_until(secs(60), |n| n.replies(ALICE).len() == ids.len());
+    }
     net.run(secs(60));
     let replies: Vec<_> = net.replies(ALICE).into_iter().map(|(id, _)| id).collect();
     assert_eq!(replies, ids);
