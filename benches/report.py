@@ -48,6 +48,61 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {rustc}"
 
 
+def scaling_section(scaling):
+    """How cost grows with peers and message size, with anything superlinear flagged."""
+    lines = [
+        "## Scaling (one node, loopback; memory: resident set of the process, both ends)",
+        "",
+        "N peers, each a node of its own in this process with one connection to the node under",
+        "test, all at once; reused: each connected before timing; fresh: a connection per",
+        "exchange. Default `Config` apart from rate limits and, since every peer dials from",
+        "127.0.0.1, the per-address handshake bound. Flagged: a rate that falls below half the",
+        "previous row's, memory per peer above 1.5× the previous row's.",
+        "",
+        "| peers × exchanges | reused/s | p50 | p99 | memory/peer | fresh/s | p50 | p99 | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {(r["peers"], r["reuse"]): r for r in scaling["peers"]}
+    prev = None
+    for n in sorted({r["peers"] for r in scaling["peers"]}):
+        ru, fr = rows[(n, True)], rows[(n, False)]
+        flags = []
+        if prev and ru["per_s"] < prev[0]["per_s"] / 2:
+            flags.append("reused rate")
+        if prev and fr["per_s"] < prev[1]["per_s"] / 2:
+            flags.append("fresh rate")
+        if prev and prev[0]["peers"] > 1 and ru["rss_per_peer"] > 1.5 * prev[0]["rss_per_peer"]:
+            flags.append("memory")
+        flag = f" **superlinear: {', '.join(flags)}**" if flags else ""
+        lines.append(
+            f"| {n:,} × {ru['each']} | {ru['per_s']:,}/s | {ru['p50_us'] / 1e3:.2f} ms | {ru['p99_us'] / 1e3:.2f} ms "
+            f"| {ru['rss_per_peer'] / 1024:,.0f} KiB | {fr['per_s']:,}/s | {fr['p50_us'] / 1e3:.1f} ms | {fr['p99_us'] / 1e3:.1f} ms "
+            f"| {ru['failed'] + fr['failed']}{flag} |"
+        )
+        prev = (ru, fr)
+    lines += [
+        "",
+        "One message on an open connection (2-byte reply; `max_message_size` raised to 300 MiB).",
+        "Flagged: throughput below 2/3 of the smallest message's, memory per MiB above 1.5× its.",
+        "",
+        "| message | throughput | peak memory growth | per MiB |",
+        "|---|---|---|---|",
+    ]
+    first = scaling["messages"][0]
+    for m in scaling["messages"]:
+        per_mib = m["rss_growth"] / m["mib"]
+        flags = []
+        if m["mib_per_s"] < first["mib_per_s"] * 2 / 3:
+            flags.append("time")
+        if per_mib > 1.5 * first["rss_growth"] / first["mib"]:
+            flags.append("memory")
+        flag = f" **superlinear: {', '.join(flags)}**" if flags else ""
+        lines.append(
+            f"| {m['mib']} MiB | {m['mib_per_s']:,} MiB/s | {m['rss_growth'] / 2**20:,.0f} MiB | {per_mib / 2**20:.2f} MiB{flag} |"
+        )
+    return lines + [""]
+
+
 def main():
     quick = "--quick" in sys.argv
     timing = ["--warm-up-time", "1", "--measurement-time", "1" if quick else "5"]
@@ -58,6 +113,7 @@ def main():
     latency = json.loads(run([str(ROOT / "target/release/latency")]).strip().splitlines()[-1])
     memory = json.loads(run([str(ROOT / "target/release/memory")]).strip().splitlines()[-1])
     attack = json.loads(run([str(ROOT / "target/release/attack")]).strip().splitlines()[-1])
+    scaling = json.loads(run([str(ROOT / "target/release/scaling")]).strip().splitlines()[-1])
     # rust-libp2p through the same workloads, in its own workspace (never built by CI).
     libp2p_manifest = str(ROOT / "benches/vs-libp2p/Cargo.toml")
     run(["cargo", "build", "-q", "--release", "--manifest-path", libp2p_manifest])
@@ -196,6 +252,7 @@ def main():
         f"| one idle connection, both ends (two handlers, one process) | {memory['idle_connection_both_ends_bytes']:,} |",
         f"| one queued request with a 64 B payload | {memory['queued_request_64b_bytes']:,} |",
         "",
+        *scaling_section(scaling),
         "## Simulator",
         "",
         "| figure | value |",

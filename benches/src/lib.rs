@@ -240,12 +240,23 @@ pub async fn server_with(
     reuse: bool,
     durable: Option<&Path>,
 ) -> Server {
+    let options = bench_options(reuse, 3, durable.map(|d| (d, &key)));
+    server_opts(key, clients, reply, options).await
+}
+
+/// [`server`] started with `options`.
+pub async fn server_opts(
+    key: Keypair,
+    clients: &[Keypair],
+    reply: Bytes,
+    options: Options,
+) -> Server {
     let (handler, mut inbox) = Handler::spawn_with(
         TcpTransport,
         "127.0.0.1:0".parse().unwrap(),
         key.clone(),
         AllowList::from_peers(clients.iter().map(Keypair::peer_id)),
-        bench_options(reuse, 3, durable.map(|d| (d, &key))),
+        options,
     )
     .await
     .unwrap();
