@@ -97,21 +97,6 @@ pub enum KvOp {
     },
 }
 
-impl KvOp {
-    /// Bytes this write carries, for batching decisions and benchmarks.
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Put { key, value, .. } => key.len() + value.len(),
-            Self::Delete { key, .. } => key.len(),
-        }
-    }
-
-    /// Whether it carries no bytes (never, in practice).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// A row that does not decode: the store was damaged, or written by something else.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("table {table}, key {key}: {detail}")]
@@ -183,13 +168,6 @@ pub struct Recovered {
     pub outcomes: Vec<(u64, Event)>,
     /// Peers' exchanges, oldest first.
     pub inbound: Vec<((PeerId, ExchangeId), InboundRecord)>,
-}
-
-impl Recovered {
-    /// Whether the store held nothing but its header.
-    pub fn is_empty(&self) -> bool {
-        self.outbound.is_empty() && self.outcomes.is_empty() && self.inbound.is_empty()
-    }
 }
 
 /// The digest kept in a dedupe record: XXH3-128 of the payload. Not a MAC (an allowed peer
@@ -713,6 +691,14 @@ mod tests {
             redelivered: false,
         };
         ops.extend(finish_outbound(ExchangeId(4), 0, &failed));
+        let replied = Event::Reply {
+            peer,
+            addr,
+            exchange: ExchangeId(10),
+            payload: Bytes::from_static(b"answer"),
+            redelivered: false,
+        };
+        ops.extend(finish_outbound(ExchangeId(10), 2, &replied));
         for (id, stage) in [
             (
                 5,
@@ -751,20 +737,34 @@ mod tests {
         assert_eq!(recovered.inbound.len(), 5);
         assert!(matches!(
             &recovered.outcomes[..],
-            [(
-                0,
-                Event::Failed {
-                    exchange: ExchangeId(4),
-                    redelivered: true,
-                    failure: Failure::Exhausted {
-                        attempts: 6,
-                        request_acked: true,
+            [
+                (
+                    0,
+                    Event::Failed {
+                        exchange: ExchangeId(4),
+                        redelivered: true,
+                        failure: Failure::Exhausted {
+                            attempts: 6,
+                            request_acked: true,
+                            ..
+                        },
                         ..
-                    },
-                    ..
-                }
-            )]
+                    }
+                ),
+                (
+                    2,
+                    Event::Reply {
+                        exchange: ExchangeId(10),
+                        redelivered: true,
+                        ..
+                    }
+                )
+            ]
         ));
+        let Event::Reply { payload, addr, .. } = &recovered.outcomes[1].1 else {
+            unreachable!()
+        };
+        assert_eq!((payload.as_ref(), addr.port()), (&b"answer"[..], 7));
     }
 
     #[test]
@@ -776,7 +776,18 @@ mod tests {
         let mut rows = sample();
         rows[0].2 = vec![FORMAT + 1];
         let err = decode(me(), rows).unwrap_err();
-        assert!(err.detail.contains("format version"), "{err}");
+        assert_eq!(
+            err.detail,
+            format!(
+                "format version {}, this build reads version {FORMAT}",
+                FORMAT + 1
+            )
+        );
+        assert_eq!(Table::Meta.to_string(), "meta");
+        assert_eq!(
+            err.to_string(),
+            format!("table meta, key {}: {}", err.key, err.detail)
+        );
         let mut rows = sample();
         rows.remove(0);
         let err = decode(me(), rows).unwrap_err();

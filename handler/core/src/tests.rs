@@ -2588,4 +2588,155 @@ mod durable {
         )));
         r.ep.check_invariants();
     }
+
+    /// Restores `records` of peer `[2; 32]` into a fresh durable endpoint of `[1; 32]`.
+    fn restored(
+        config: Config,
+        allowed: bool,
+        records: Vec<(u64, store::InboundStage)>,
+    ) -> (Endpoint, PeerId, Vec<store::KvOp>, Vec<Event>, Instant) {
+        let me = Keypair::from_private_bytes([1; 32]).peer_id();
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        let allow = if allowed {
+            AllowList::from_peers([peer])
+        } else {
+            AllowList::from_peers([])
+        };
+        let addr: SocketAddr = "10.0.0.2:7000".parse().unwrap();
+        let recovered = Recovered {
+            inbound: records
+                .into_iter()
+                .map(|(seq, stage)| {
+                    let record = store::InboundRecord {
+                        seq,
+                        digest: store::digest(b"q"),
+                        addr,
+                        remote_max: 1 << 20,
+                        stage,
+                    };
+                    ((peer, ExchangeId(seq)), record)
+                })
+                .collect(),
+            ..Recovered::default()
+        };
+        let mut ep = Endpoint::new(config, me, allow, [0; 32]).unwrap();
+        let now = Instant::now();
+        ep.restore(recovered, now);
+        ep.check_invariants();
+        let journal = ep.poll_journal();
+        let events = std::iter::from_fn(|| ep.poll_event()).collect();
+        (ep, peer, journal, events, now)
+    }
+
+    fn deleted(journal: &[store::KvOp]) -> Vec<u64> {
+        journal
+            .iter()
+            .filter_map(|op| match op {
+                store::KvOp::Delete {
+                    table: store::Table::Inbound,
+                    key,
+                } => Some(u64::from_be_bytes(key.as_slice().try_into().unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The stage a journal's last write gives record `seq`, read back through the decoder.
+    fn stage_written(journal: &[store::KvOp], seq: u64) -> Option<store::InboundStage> {
+        let me = Keypair::from_private_bytes([1; 32]).peer_id();
+        let mut rows = store::Rows::new();
+        store::apply(&mut rows, store::header(me));
+        let key = seq.to_be_bytes().to_vec();
+        let ops = journal.iter().filter(|op| match op {
+            store::KvOp::Put { table, key: k, .. } => *table == store::Table::Inbound && *k == key,
+            _ => false,
+        });
+        store::apply(&mut rows, ops.cloned().collect());
+        let rows = rows.into_iter().map(|((t, k), v)| (t, k, v));
+        let recovered = store::decode(me, rows).unwrap();
+        recovered.inbound.into_iter().next().map(|(_, r)| r.stage)
+    }
+
+    #[test]
+    fn restoring_under_lowered_bounds_forgets_the_oldest_finished_records_only() {
+        let config = Config {
+            dedupe_per_peer: 2,
+            ..config()
+        };
+        let pending = store::InboundStage::Pending {
+            payload: Bytes::from_static(b"q"),
+        };
+        let mut records: Vec<_> = (1..=4)
+            .map(|seq| (seq, store::InboundStage::Done))
+            .collect();
+        records.push((5, pending));
+        let (ep, _, journal, events, now) = restored(config.clone(), true, records);
+        // Finished records make room, oldest first; the unanswered request stays, and is
+        // delivered again.
+        assert_eq!(deleted(&journal), vec![1, 2, 3]);
+        let kept: Vec<u64> = ep
+            .exchange_states()
+            .into_iter()
+            .map(|(_, _, id, _)| id.0)
+            .collect();
+        assert_eq!(kept, vec![4, 5]);
+        assert!(matches!(
+            &events[..],
+            [Event::Request {
+                exchange: ExchangeId(5),
+                redelivered: true,
+                ..
+            }]
+        ));
+        // Counted as delivered, with a fresh response timeout.
+        assert_eq!(ep.stats().requests_delivered, 1);
+        assert_eq!(ep.poll_timeout(), Some(now + config.response_timeout));
+    }
+
+    #[test]
+    fn a_request_of_a_peer_no_longer_allowed_is_cancelled_on_restore_and_stored_as_such() {
+        let pending = store::InboundStage::Pending {
+            payload: Bytes::from_static(b"q"),
+        };
+        let (_, peer, journal, events, _) = restored(config(), false, vec![(7, pending)]);
+        assert_eq!(
+            events,
+            vec![Event::ResponseCancelled {
+                peer,
+                exchange: ExchangeId(7)
+            }]
+        );
+        // Stored as aborted, so that a resend after the peer is allowed again gets the
+        // Abort instead of a delivery.
+        assert_eq!(
+            stage_written(&journal, 7),
+            Some(store::InboundStage::Aborted(AbortReason::NoResponse))
+        );
+        // Already aborted: nothing to write again.
+        let aborted = store::InboundStage::Aborted(AbortReason::NoResponse);
+        let (_, _, journal, events, _) = restored(config(), false, vec![(8, aborted)]);
+        assert!(events.is_empty());
+        assert_eq!(stage_written(&journal, 8), None);
+    }
+
+    #[test]
+    fn replies_restored_over_the_cache_budget_are_dropped_oldest_first() {
+        let config = Config {
+            reply_cache_bytes: 10,
+            ..config()
+        };
+        let replied = |r: &'static [u8]| store::InboundStage::Replied {
+            reply: Some(Bytes::from_static(r)),
+        };
+        let (_, _, journal, _, _) = restored(
+            config,
+            true,
+            vec![(1, replied(b"12345678")), (2, replied(b"abcdefgh"))],
+        );
+        assert_eq!(
+            stage_written(&journal, 1),
+            Some(store::InboundStage::Replied { reply: None })
+        );
+        assert_eq!(stage_written(&journal, 2), None, "the newer one fits");
+    }
 }
