@@ -192,6 +192,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `scaling messages MIB...` runs only those message sizes (for profiling one).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("messages") {
+        for mib in &args[1..] {
+            let mib: usize = mib.parse().expect("a size in MiB");
+            println!("{}", rt.block_on(message(mib, 3)));
+        }
+        return;
+    }
     let mut rows = Vec::new();
     for (n, each) in [(1, 2_000), (10, 200), (100, 20), (1_000, 5)] {
         for reuse in [true, false] {
