@@ -262,7 +262,8 @@ async fn dead_letters_survive_a_restart_and_go_once_taken() {
         .await
         .unwrap();
     // The failure is recorded; the application does not read it before stopping.
-    for _ in 0..1000 {
+    // Polled for up to 30 s: a bound against a hang, generous for a loaded machine.
+    for _ in 0..6000 {
         if store.rows(Table::Outcomes) == 1 {
             break;
         }
@@ -311,7 +312,8 @@ async fn unread_outcomes_are_bounded() {
         alice.request(to.0, to.1, &b"x"[..]).await.unwrap();
     }
     // Both fail (nobody listens at Bob's address); nobody reads the failures.
-    for _ in 0..1000 {
+    // Polled for up to 30 s: a bound against a hang, generous for a loaded machine.
+    for _ in 0..6000 {
         if alice.status().await.unwrap().outbound_in_flight == 0 {
             break;
         }
