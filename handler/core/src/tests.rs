@@ -283,6 +283,30 @@ fn lost_reply_ack_reports_unconfirmed_once() {
 }
 
 #[test]
+fn revoking_a_peer_whose_reply_awaits_its_ack_reports_the_reply_unconfirmed_at_once() {
+    let mut net = pair();
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Ack, Action::Drop).ack_of(AckOf::Reply));
+    let id = net.request(ALICE, BOB, b"x");
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 1);
+    let before = net.elapsed();
+    let alice = net.id(ALICE);
+    assert!(net.nodes[BOB].endpoint.revoke(&alice, net.now));
+    net.run(secs(60));
+    assert_eq!(
+        net.nodes[BOB]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::ResponseUnconfirmed { exchange, .. } if *exchange == id))
+            .count(),
+        1
+    );
+    // Not after the reply-ack timeout: the revocation ended it.
+    assert!(net.elapsed() - before < config().reply_ack_timeout);
+    net.nodes[BOB].endpoint.check_invariants();
+}
+
+#[test]
 fn delayed_request_overtaken_by_its_resend_is_delivered_once() {
     let mut net = pair();
     net.rules.push(Rule::new(
@@ -2738,5 +2762,16 @@ mod durable {
             Some(store::InboundStage::Replied { reply: None })
         );
         assert_eq!(stage_written(&journal, 2), None, "the newer one fits");
+        // Exactly at the budget: both stay.
+        let exact = Config {
+            reply_cache_bytes: 16,
+            ..super::config()
+        };
+        let (_, _, journal, _, _) = restored(
+            exact,
+            true,
+            vec![(1, replied(b"12345678")), (2, replied(b"abcdefgh"))],
+        );
+        assert!(journal.is_empty(), "{journal:?}");
     }
 }
