@@ -82,6 +82,18 @@ def scaling_section(scaling):
         prev = (ru, fr)
     lines += [
         "",
+        "The listen backlog, 1,000 peers dialing at once (a fresh connection per exchange):",
+        "",
+        "| backlog | fresh/s | p50 | p99 | failed |",
+        "|---|---|---|---|---|",
+    ]
+    for b in scaling["backlog"]:
+        r = b["run"]
+        lines.append(
+            f"| {b['backlog']:,} | {r['per_s']:,}/s | {r['p50_us'] / 1e3:.1f} ms | {r['p99_us'] / 1e3:.1f} ms | {r['failed']} |"
+        )
+    lines += [
+        "",
         "One message on an open connection (2-byte reply; `max_message_size` raised to 300 MiB).",
         "Flagged: throughput below 2/3 of the smallest message's, memory per MiB above 1.5× its.",
         "",

@@ -54,6 +54,11 @@ async fn timed_exchange(
 /// `peers` clients, `each` exchanges each, all at once: (exchanges/s, p50 µs, p99 µs, RSS
 /// bytes per peer).
 async fn peers(peers: usize, each: usize, reuse: bool) -> String {
+    peers_with(peers, each, reuse, Config::default().listen_backlog).await
+}
+
+/// [`peers`], the node listening with `backlog`.
+async fn peers_with(peers: usize, each: usize, reuse: bool, backlog: u32) -> String {
     let k = keys(peers + 1);
     let before = rss();
     // Default bounds, except that every peer here dials from 127.0.0.1: the per-address
@@ -61,6 +66,7 @@ async fn peers(peers: usize, each: usize, reuse: bool) -> String {
     let config = Config {
         max_handshaking_per_ip: peers.max(32),
         max_handshaking: peers.max(256),
+        listen_backlog: backlog,
         ..bench_config(reuse)
     };
     let options = Options::new(config, [3; 32]);
@@ -207,13 +213,20 @@ fn main() {
             rows.push(rt.block_on(peers(n, each, reuse)));
         }
     }
+    // The listen backlog: 1,000 fresh dials at once, with tokio's fixed 128 and our default.
+    let mut backlog = Vec::new();
+    for b in [128, Config::default().listen_backlog] {
+        let row = rt.block_on(peers_with(1_000, 5, false, b));
+        backlog.push(format!("{{\"backlog\": {b}, \"run\": {row}}}"));
+    }
     let mut big = Vec::new();
     for (mib, runs) in [(16, 3), (64, 2), (256, 1)] {
         big.push(rt.block_on(message(mib, runs)));
     }
     println!(
-        "{{\"peers\": [{}], \"messages\": [{}]}}",
+        "{{\"peers\": [{}], \"backlog\": [{}], \"messages\": [{}]}}",
         rows.join(", "),
+        backlog.join(", "),
         big.join(", ")
     );
 }
