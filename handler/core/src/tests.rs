@@ -1757,9 +1757,16 @@ mod endpoint_unit {
         // Once it is done, the slot can go to the other peer.
         let now = f.now + Duration::from_secs(60);
         f.ep.handle_timeout(now);
+        events(&mut f.ep);
         let c3 = ConnId::inbound(3);
         f.ep.handle_accepted(c3, other, f.addr, 1 << 20, now);
         assert_eq!(f.ep.peer_of(c3), Some(other));
+        // Forgetting the first peer's finished exchange cancels nothing.
+        assert!(
+            !events(&mut f.ep)
+                .iter()
+                .any(|e| matches!(e, Event::ResponseCancelled { .. }))
+        );
     }
 
     #[test]
@@ -2715,6 +2722,18 @@ mod durable {
         // Counted as delivered, with a fresh response timeout.
         assert_eq!(ep.stats().requests_delivered, 1);
         assert_eq!(ep.poll_timeout(), Some(now + config.response_timeout));
+        // Live records are kept even past the bound: they still owe their peer an answer.
+        let one = Config {
+            dedupe_per_peer: 1,
+            ..super::config()
+        };
+        let pending = |p: &'static [u8]| store::InboundStage::Pending {
+            payload: Bytes::from_static(p),
+        };
+        let (_, _, journal, events, _) =
+            restored(one, true, vec![(1, pending(b"a")), (2, pending(b"b"))]);
+        assert!(deleted(&journal).is_empty(), "{journal:?}");
+        assert_eq!(events.len(), 2, "both delivered again: {events:?}");
     }
 
     #[test]
@@ -2773,5 +2792,11 @@ mod durable {
             vec![(1, replied(b"12345678")), (2, replied(b"abcdefgh"))],
         );
         assert!(journal.is_empty(), "{journal:?}");
+        // A restored reply waits a whole reply-ack timeout for its Ack.
+        let (ep, _, _, _, now) = restored(super::config(), true, vec![(1, replied(b"12345678"))]);
+        assert_eq!(
+            ep.poll_timeout(),
+            Some(now + super::config().reply_ack_timeout)
+        );
     }
 }

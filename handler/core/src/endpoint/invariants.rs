@@ -67,7 +67,15 @@ impl Endpoint {
                     "active exchange exists"
                 );
             }
-            assert!(p.seen.len() <= self.config.dedupe_per_peer);
+            // Over the bound only with live records, restored after the bound was lowered:
+            // they still owe their peer an answer, so nothing may evict them.
+            assert!(
+                p.seen.len() <= self.config.dedupe_per_peer
+                    || p.seen
+                        .iter()
+                        .all(|id| self.inbound.get(&(*peer, *id)).is_some_and(|r| r.is_live())),
+                "dedupe list of {peer:?} over its bound"
+            );
             assert!(p.queue.len() <= self.config.max_queued_per_peer);
             let conns = self.conns.values().filter(|c| c.peer == *peer).count();
             assert_eq!(conns, p.conns, "conn count of {peer:?}");
