@@ -207,6 +207,14 @@ fn main() {
         }
         return;
     }
+    // `scaling peers N EACH reuse|fresh` runs one row (for profiling it).
+    if let [mode, n, each, how] = &args[..]
+        && mode == "peers"
+    {
+        let (n, each) = (n.parse().expect("peers"), each.parse().expect("exchanges"));
+        println!("{}", rt.block_on(peers(n, each, how == "reuse")));
+        return;
+    }
     let mut rows = Vec::new();
     for (n, each) in [(1, 2_000), (10, 200), (100, 20), (1_000, 5)] {
         for reuse in [true, false] {
