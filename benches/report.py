@@ -128,7 +128,11 @@ def main():
     scaling = json.loads(run([str(ROOT / "target/release/scaling")]).strip().splitlines()[-1])
     # rust-libp2p through the same workloads, in its own workspace (never built by CI).
     libp2p_manifest = str(ROOT / "benches/vs-libp2p/Cargo.toml")
-    run(["cargo", "build", "-q", "--release", "--manifest-path", libp2p_manifest])
+    # Its target directory given here: cargo reads benches/vs-libp2p/.cargo/config.toml only
+    # when run from inside that folder.
+    libp2p_target = str(ROOT / "target" / "vs-libp2p")
+    run(["cargo", "build", "-q", "--release", "--manifest-path", libp2p_manifest,
+         "--target-dir", libp2p_target])
     libp2p = json.loads(
         run([str(ROOT / "target/vs-libp2p/release/vs-libp2p")] + (["--quick"] if quick else []))
         .strip()
