@@ -92,10 +92,10 @@ pub struct Network {
     pub max_latency: Duration,
     /// turmoil's fail rate: the chance per message that a link breaks for a while (TCP
     /// connections across it stall or break).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "probability")]
     pub fail_rate: f64,
     /// Chance per message that a broken link repairs.
-    #[serde(default = "default_repair_rate")]
+    #[serde(default = "default_repair_rate", deserialize_with = "probability")]
     pub repair_rate: f64,
     /// Per-link settings.
     #[serde(default, rename = "link")]
@@ -110,6 +110,23 @@ fn default_max_latency() -> Duration {
 }
 fn default_repair_rate() -> f64 {
     1.0
+}
+
+/// A chance, checked while parsing so that the error names the line and the field (turmoil
+/// panics on a rate outside 0 to 1).
+fn probability<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{v} is not a chance: use a number from 0.0 to 1.0"
+        )))
+    }
+}
+
+fn maybe_probability<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    probability(d).map(Some)
 }
 
 impl Default for Network {
@@ -136,7 +153,7 @@ pub struct LinkSpec {
     #[serde(default, with = "humantime_serde")]
     pub latency: Option<Duration>,
     /// Fail rate on this link.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "maybe_probability")]
     pub fail_rate: Option<f64>,
 }
 
@@ -809,6 +826,33 @@ to = "bob"
         assert!(e.contains("line 1") && e.contains("duration"), "{e}");
         let e = err("[[node]]\nname = \"a\"\n[[step]]\ndo = \"explode\"\n");
         assert!(e.contains("line 4") && e.contains("explode"), "{e}");
+    }
+
+    #[test]
+    fn rates_outside_zero_to_one_name_line_and_field_instead_of_panicking_in_turmoil() {
+        let base = "[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\n";
+        let e = err(&format!("[network]\nfail_rate = 5\n{base}"));
+        assert!(
+            e.contains("line 2") && e.contains("fail_rate") && e.contains("not a chance"),
+            "{e}"
+        );
+        let e = err(&format!("[network]\nrepair_rate = -0.5\n{base}"));
+        assert!(e.contains("line 2") && e.contains("repair_rate"), "{e}");
+        let e = err(&format!(
+            "{base}[network]\n[[network.link]]\na = \"a\"\nb = \"b\"\nfail_rate = 1.5\n"
+        ));
+        assert!(e.contains("line 9") && e.contains("fail_rate"), "{e}");
+        let e = err(&format!(
+            "{base}[[step]]\ndo = \"fail_rate\"\na = \"a\"\nb = \"b\"\nrate = 2.0\n"
+        ));
+        assert!(e.contains("line 5") && e.contains("needs `rate`"), "{e}");
+        // In range, all of them parse.
+        Scenario::parse(
+            &format!("[network]\nfail_rate = 0.5\nrepair_rate = 1.0\n{base}"),
+            "x.toml",
+            "x",
+        )
+        .unwrap();
     }
 
     #[test]
