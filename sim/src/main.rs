@@ -127,12 +127,29 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, String> {
         .collect()
 }
 
+/// A command that replays one run with its trace, valid from where this one was started:
+/// this very executable (by its absolute path) and the scenario path as given.
 fn reproduce(path: &Path, seed: u64, swarm: bool) -> String {
+    let exe = std::env::current_exe().map_or_else(|_| "p2p-sim".to_owned(), |p| shell_word(&p));
     format!(
-        "cargo run --release -p p2p-sim -- trace {} --seed {seed}{}",
-        path.display(),
+        "{exe} trace {} --seed {seed}{}",
+        shell_word(path),
         if swarm { " --swarm" } else { "" }
     )
+}
+
+/// `path` as one word of a POSIX shell: as it is when that is safe, else single-quoted.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c));
+    if plain {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 fn secs(d: Duration) -> String {

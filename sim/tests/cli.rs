@@ -25,11 +25,35 @@ fn a_failing_expectation_exits_non_zero_with_a_reproduce_command() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("expected replied = 2, got 1"), "{text}");
-    assert!(
-        text.contains("reproduce: cargo run --release -p p2p-sim -- trace"),
-        "{text}"
-    );
     assert!(text.contains("--seed 1"), "{text}");
+    // Run from another directory, with a relative path and a space in it, as a user would:
+    // the printed command works from there and replays the failure.
+    let spaced = dir.join("my scenarios");
+    std::fs::create_dir_all(&spaced).unwrap();
+    std::fs::copy(&file, spaced.join("wrong.toml")).unwrap();
+    let out = sim()
+        .current_dir(&dir)
+        .args(["run", "my scenarios/wrong.toml"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let command = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("reproduce: "))
+        .unwrap_or_else(|| panic!("no reproduce command in {text}"));
+    let replay = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(&dir)
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let replayed = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replayed.contains("expected replied = 2, got 1"),
+        "{command}: {replayed}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
