@@ -35,9 +35,11 @@ pub struct Scenario {
     /// Network model.
     #[serde(default)]
     pub network: Network,
-    /// Handler configuration overrides for every node.
+    /// Handler settings for every node: any field of the handler's `Config`, named as there
+    /// (durations as "250ms", rates as `{ burst, per_second }`); the rest keep their
+    /// defaults. Read through `Config`'s own (de)serialisation, so it cannot drift from it.
     #[serde(default)]
-    pub config: ConfigOverrides,
+    pub config: Option<toml::Spanned<toml::Table>>,
     /// Whether nodes keep a simulated durable store that survives `crash`/`restart` (each
     /// node may override it). Default true: what production nodes with a data directory do.
     #[serde(default = "yes")]
@@ -157,95 +159,6 @@ pub struct LinkSpec {
     pub fail_rate: Option<f64>,
 }
 
-/// A token bucket, as in the handler's `RateLimit`.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rate {
-    /// Burst.
-    pub burst: u32,
-    /// Per second.
-    pub per_second: u32,
-}
-
-/// Optional overrides of the handler's `Config` (field names and meanings as there).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(missing_docs)]
-pub struct ConfigOverrides {
-    pub max_message_size: Option<usize>,
-    pub max_attempts: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    pub backoff_initial: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub backoff_max: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub handshake_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub ack_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub reply_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub response_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub reply_ack_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub idle_timeout: Option<Duration>,
-    pub reuse_connections: Option<bool>,
-    pub max_queued_per_peer: Option<usize>,
-    pub max_pending_inbound: Option<usize>,
-    pub dedupe_per_peer: Option<usize>,
-    pub reply_cache_bytes: Option<usize>,
-    pub request_rate: Option<Rate>,
-    pub connection_rate: Option<Rate>,
-    pub rate_limit_strikes: Option<u32>,
-    pub max_connections: Option<usize>,
-    pub channel_capacity: Option<usize>,
-}
-
-impl ConfigOverrides {
-    /// Applies the overrides that are set.
-    pub fn apply(&self, config: &mut Config) {
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
-        }
-        set!(
-            max_message_size,
-            max_attempts,
-            backoff_initial,
-            backoff_max,
-            connect_timeout,
-            handshake_timeout,
-            ack_timeout,
-            reply_timeout,
-            response_timeout,
-            reply_ack_timeout,
-            idle_timeout,
-            reuse_connections,
-            max_queued_per_peer,
-            max_pending_inbound,
-            dedupe_per_peer,
-            reply_cache_bytes,
-            rate_limit_strikes,
-            max_connections,
-            channel_capacity
-        );
-        if let Some(r) = self.request_rate {
-            config.request_rate = p2p_handler::RateLimit {
-                burst: r.burst,
-                per_second: r.per_second,
-            };
-        }
-        if let Some(r) = self.connection_rate {
-            config.connection_rate = p2p_handler::RateLimit {
-                burst: r.burst,
-                per_second: r.per_second,
-            };
-        }
-    }
-}
-
 /// One node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,9 +168,9 @@ pub struct NodeSpec {
     /// How its application answers requests.
     #[serde(default)]
     pub app: App,
-    /// Configuration overrides for this node (on top of the scenario's).
+    /// Handler settings for this node, on top of the scenario's (same form).
     #[serde(default)]
-    pub config: ConfigOverrides,
+    pub config: Option<toml::Spanned<toml::Table>>,
     /// The nodes it allows; all others when absent.
     #[serde(default)]
     pub allow: Option<Vec<String>>,
@@ -595,6 +508,23 @@ impl Scenario {
             .iter()
             .map(|s| line_of(text, s.span().start))
             .collect();
+        // Settings first, each with the line of the table it came from: the scenario's
+        // alone, then each node's on top of it.
+        if let Some(c) = &scenario.config
+            && let Err(e) = toml::Value::Table(c.get_ref().clone()).try_into::<Config>()
+        {
+            let line = line_of(text, c.span().start);
+            return Err(invalid(format!("line {line}: [config]: {}", e.message())));
+        }
+        for (i, node) in scenario.nodes.iter().enumerate() {
+            if let (Err(e), Some(c)) = (scenario.try_config_of(i), &node.config) {
+                let line = line_of(text, c.span().start);
+                return Err(invalid(format!(
+                    "line {line}: node {:?}: config: {e}",
+                    node.name
+                )));
+            }
+        }
         scenario.validate().map_err(invalid)?;
         Ok(scenario)
     }
@@ -613,14 +543,22 @@ impl Scenario {
             .unwrap_or(self.durable)
     }
 
-    /// The handler configuration of node `i`.
+    /// The handler configuration of node `i` (defaults if it does not parse: `parse`
+    /// refuses such a scenario first).
     pub fn config_of(&self, i: usize) -> Config {
-        let mut config = Config::default();
-        self.config.apply(&mut config);
-        if let Some(node) = self.nodes.get(i) {
-            node.config.apply(&mut config);
+        self.try_config_of(i).unwrap_or_default()
+    }
+
+    /// The handler configuration of node `i`: the scenario's `[config]`, then the node's.
+    fn try_config_of(&self, i: usize) -> Result<Config, String> {
+        let mut table = toml::Table::new();
+        let node = self.nodes.get(i).and_then(|n| n.config.as_ref());
+        for layer in [self.config.as_ref(), node].into_iter().flatten() {
+            table.extend(layer.get_ref().clone());
         }
-        config
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_owned())
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -826,6 +764,39 @@ to = "bob"
         assert!(e.contains("line 1") && e.contains("duration"), "{e}");
         let e = err("[[node]]\nname = \"a\"\n[[step]]\ndo = \"explode\"\n");
         assert!(e.contains("line 4") && e.contains("explode"), "{e}");
+    }
+
+    #[test]
+    fn config_takes_every_field_of_the_handlers_config_and_names_bad_ones() {
+        let base =
+            "[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\nconfig = { max_attempts = 3 }\n";
+        let s = Scenario::parse(
+            &format!(
+                "[config]\nack_delay = \"0s\"\nmax_tracked_peers = 8\nmax_attempts = 9\n{base}"
+            ),
+            "x.toml",
+            "x",
+        )
+        .unwrap();
+        let (a, b) = (s.config_of(0), s.config_of(1));
+        assert_eq!(
+            (a.ack_delay, a.max_tracked_peers, a.max_attempts),
+            (Duration::ZERO, 8, 9)
+        );
+        assert_eq!(
+            (b.max_tracked_peers, b.max_attempts),
+            (8, 3),
+            "the node's on top"
+        );
+        let e = err(&format!("[config]\nack_timout = \"1s\"\n{base}"));
+        assert!(e.contains("line 1") && e.contains("ack_timout"), "{e}");
+        let e = err(
+            "[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\nconfig = { ack_timeout = \"soon\" }\n",
+        );
+        assert!(e.contains("line 5") && e.contains("node \"b\""), "{e}");
+        // Values that parse but cannot work are refused too.
+        let e = err(&format!("[config]\nmax_attempts = 0\n{base}"));
+        assert!(e.contains("max_attempts") || e.contains("attempt"), "{e}");
     }
 
     #[test]

@@ -5,8 +5,11 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// A token bucket: `burst` events at once, refilled at `per_second` events per second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Bucket capacity: how many events may arrive back to back.
     pub burst: u32,
@@ -15,7 +18,13 @@ pub struct RateLimit {
 }
 
 /// Handler configuration. Defaults suit a handful to hundreds of operator nodes on a WAN.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// (De)serialisable, for config files: field names as here, durations as humantime strings
+/// (`"250ms"`, `"5s"`), rates as `{ burst = 32, per_second = 16 }`; a missing field takes its
+/// default and an unknown one is an error. Deserialising does not validate: call
+/// [`Config::validate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Largest application payload, in bytes, accepted or sent. Default 16 MiB.
     pub max_message_size: usize,
@@ -23,33 +32,44 @@ pub struct Config {
     /// dials, before the app gets a failure with its payload back. Default 6.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt. Default 100 ms.
+    #[serde(with = "humantime_serde")]
     pub backoff_initial: Duration,
     /// Ceiling on the retry delay. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Dial plus Noise handshake must finish within this. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// A responder drops a connection whose handshake is not done within this. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// The dialer waits this long for the Ack of its Request. Default 2 s.
+    #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
     /// The responder holds its Ack of a new Request this long, so that when its
     /// application answers quickly the Ack and the Reply leave in one write. The Ack is
     /// always sent, before the Reply; zero sends it at once. Keep it far below `ack_timeout`.
     /// Default 2 ms.
+    #[serde(with = "humantime_serde")]
     pub ack_delay: Duration,
     /// After the Ack, the dialer waits this long for the Reply before resending. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub reply_timeout: Duration,
     /// The responder's application must answer a request within this, or the dialer is told
     /// (Abort `NoResponse`). Should be below `reply_timeout`. Default 25 s.
+    #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     /// After sending a Reply, the responder waits this long for its Ack before reporting the
     /// reply unconfirmed. Default 10 s.
+    #[serde(with = "humantime_serde")]
     pub reply_ack_timeout: Duration,
     /// A connection with no exchange in flight for this long is closed. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// A write that makes no progress for this long (the peer stopped reading, or its
     /// host is gone without a reset) abandons the connection, and its exchange is retried
     /// like any broken connection's. A driver setting. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub write_stall_timeout: Duration,
     /// Keep a dialed connection open after its exchange for the next one (until
     /// `idle_timeout`). Default false: a dialed connection closes after its exchange,
@@ -276,5 +296,38 @@ mod tests {
         for config in bad {
             assert!(config.validate().is_err(), "{config:?}");
         }
+    }
+
+    #[test]
+    fn config_files_name_fields_as_the_struct_does_with_defaults_for_the_rest() {
+        let c: Config = toml::from_str(
+            "ack_delay = \"0s\"\nbackoff_initial = \"250ms\"\nmax_tracked_peers = 7\n\
+             request_rate = { burst = 3, per_second = 2 }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Config {
+                ack_delay: Duration::ZERO,
+                backoff_initial: Duration::from_millis(250),
+                max_tracked_peers: 7,
+                request_rate: RateLimit {
+                    burst: 3,
+                    per_second: 2
+                },
+                ..Config::default()
+            }
+        );
+        // Every field round-trips, so a file can be written from a Config.
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert!(text.contains("ack_timeout = \"2s\""), "{text}");
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), Config::default());
+        // Unknown fields and bad values are errors that name them.
+        let e = toml::from_str::<Config>("ack_timout = \"1s\"").unwrap_err();
+        assert!(e.to_string().contains("ack_timout"), "{e}");
+        let e = toml::from_str::<Config>("ack_timeout = \"soon\"").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        let e = toml::from_str::<Config>("request_rate = { burst = 1 }").unwrap_err();
+        assert!(e.to_string().contains("per_second"), "{e}");
     }
 }

@@ -19,7 +19,11 @@ const ALLOWED: &[(&str, &str)] = &[
         "the seeded RNG every random choice comes from",
     ),
     ("thiserror", "error types"),
-    ("serde", "allow-list and peer-id (de)serialisation"),
+    ("serde", "allow-list, peer-id and Config (de)serialisation"),
+    (
+        "humantime-serde",
+        "Config's durations as \"250ms\" strings in config files (pure formatting)",
+    ),
     ("toml", "the allow-list file format"),
     ("hex", "text forms of keys and peer ids"),
     (
