@@ -2800,3 +2800,110 @@ mod durable {
         );
     }
 }
+
+#[test]
+fn events_and_failures_read_as_sentences() {
+    use crate::connection::Remote;
+    let peer = crate::Keypair::from_private_bytes([2; 32]).peer_id();
+    let x = ExchangeId(7);
+    let failed = |failure| Event::Failed {
+        peer,
+        exchange: x,
+        payload: Bytes::from_static(b"p"),
+        failure,
+        redelivered: false,
+    };
+    let exhausted = failed(Failure::Exhausted {
+        attempts: 6,
+        last: RetryCause::DialFailed("connect to 10.0.0.2:7000: refused".into()),
+        request_acked: false,
+    })
+    .to_string();
+    assert_eq!(
+        exhausted,
+        format!(
+            "request {x} to {peer} failed: gave up after 6 attempts (last: could not connect: \
+             connect to 10.0.0.2:7000: refused); the peer never acknowledged it"
+        )
+    );
+    let acked = Failure::Exhausted {
+        attempts: 2,
+        last: RetryCause::Nacked(NackReason::Busy),
+        request_acked: true,
+    };
+    assert!(
+        acked.to_string().contains("refused for now: busy")
+            && acked.to_string().contains("its application has it"),
+        "{acked}"
+    );
+    let texts = [
+        Failure::Refused(NackReason::TooLarge).to_string(),
+        Failure::Aborted(AbortReason::NoResponse).to_string(),
+        Failure::Rejected(CloseReason::NotAllowed).to_string(),
+        Failure::TooLarge { len: 9, max: 4 }.to_string(),
+        Failure::Revoked.to_string(),
+        Failure::ShuttingDown.to_string(),
+        RetryCause::ConnectTimeout.to_string(),
+        RetryCause::ConnectionLost("reset".into()).to_string(),
+        RetryCause::AckTimeout.to_string(),
+        RetryCause::ReplyTimeout.to_string(),
+        NackReason::Other(99).to_string(),
+        Event::Request {
+            peer,
+            addr: "10.0.0.1:1".parse().unwrap(),
+            exchange: x,
+            payload: Bytes::from_static(b"abc"),
+            redelivered: true,
+        }
+        .to_string(),
+        Event::ResponseDelivered { peer, exchange: x }.to_string(),
+        Event::ResponseUnconfirmed { peer, exchange: x }.to_string(),
+        Event::ResponseTimedOut { peer, exchange: x }.to_string(),
+        Event::ResponseAborted {
+            peer,
+            exchange: x,
+            reason: AbortReason::ReplyTooLarge,
+        }
+        .to_string(),
+        Event::ResponseCancelled { peer, exchange: x }.to_string(),
+        Event::RateLimited {
+            peer,
+            limit: crate::endpoint::LimitKind::Connections,
+            disconnected: true,
+        }
+        .to_string(),
+        Event::PeerError(PeerError::Violation {
+            remote: Remote {
+                peer: Some(peer),
+                addr: "10.0.0.1:1".parse().unwrap(),
+            },
+            detail: "bad",
+        })
+        .to_string(),
+    ];
+    let expected = [
+        "refused by the peer: larger than it accepts",
+        "the peer gave up after accepting it: its application did not answer in time",
+        "rejected by the peer: not on the allow list",
+        "9 bytes is more than the peer accepts (4)",
+        "the peer was removed from the allow list",
+        "the node is shutting down",
+        "connecting took longer than connect_timeout",
+        "connection lost: reset",
+        "no Ack within ack_timeout",
+        "no Reply within reply_timeout",
+        "reason 99, unknown to this version",
+        "(3 bytes, redelivered)",
+        "acknowledged our reply",
+        "did not acknowledge our reply",
+        "not answered within response_timeout",
+        "abandoned: the reply is larger than the dialer accepts",
+        "cancelled: the peer was revoked",
+        "went over its connection rate and was disconnected",
+        "protocol violation: bad",
+    ];
+    for (text, want) in texts.iter().zip(expected) {
+        assert!(text.contains(want), "{text:?} should contain {want:?}");
+        assert!(!text.contains('{') && !text.contains("::"), "{text}");
+    }
+}

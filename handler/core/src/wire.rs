@@ -60,7 +60,7 @@ impl fmt::Debug for ExchangeId {
 }
 
 macro_rules! reason_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $code:literal,)* }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $code:literal => $text:literal,)* }) => {
         $(#[$meta])*
         ///
         /// A reason *is* its wire code: `Other(c)` of a known code `c` equals the named
@@ -99,6 +99,16 @@ macro_rules! reason_enum {
             }
         }
 
+        /// A phrase for people (logs, the command line).
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $(Self::$variant => f.write_str($text),)*
+                    Self::Other(code) => write!(f, "reason {code}, unknown to this version"),
+                }
+            }
+        }
+
         impl $name {
             /// The wire code.
             pub fn code(self) -> u8 {
@@ -123,13 +133,13 @@ reason_enum! {
     /// Why a responder refused a request for now (or for good, for `TooLarge`).
     NackReason {
         /// Too many requests are waiting for the responder's application.
-        Busy = 1,
+        Busy = 1 => "busy: too many requests wait for its application",
         /// The dialer exceeded its request rate; `retry_after_ms` says when to come back.
-        RateLimited = 2,
+        RateLimited = 2 => "over its request rate",
         /// The request exceeds the responder's maximum message size. Final.
-        TooLarge = 3,
+        TooLarge = 3 => "larger than it accepts",
         /// The responder is shutting down.
-        ShuttingDown = 4,
+        ShuttingDown = 4 => "shutting down",
     }
 }
 
@@ -137,13 +147,13 @@ reason_enum! {
     /// Why a responder gave up on an exchange it had acknowledged. Always final.
     AbortReason {
         /// Its application did not answer within the response timeout.
-        NoResponse = 1,
+        NoResponse = 1 => "its application did not answer in time",
         /// The request was answered, but the reply is no longer cached to be sent again.
-        ReplyExpired = 2,
+        ReplyExpired = 2 => "the reply is no longer cached",
         /// The responder is shutting down.
-        ShuttingDown = 3,
+        ShuttingDown = 3 => "shutting down",
         /// The responder's reply would exceed the dialer's maximum message size.
-        ReplyTooLarge = 4,
+        ReplyTooLarge = 4 => "the reply is larger than the dialer accepts",
     }
 }
 
@@ -151,19 +161,19 @@ reason_enum! {
     /// Why a connection is being closed.
     CloseReason {
         /// The exchange is over and the connection is not kept.
-        Done = 0,
+        Done = 0 => "exchange done",
         /// No exchange for the idle timeout.
-        Idle = 1,
+        Idle = 1 => "idle",
         /// The peer is not (or no longer) on the allow list, or not from that address.
-        NotAllowed = 2,
+        NotAllowed = 2 => "not on the allow list",
         /// The peer broke the protocol.
-        ProtocolViolation = 3,
+        ProtocolViolation = 3 => "protocol violation",
         /// The peer exceeded a rate limit.
-        RateLimited = 4,
+        RateLimited = 4 => "over a rate limit",
         /// The node is shutting down.
-        ShuttingDown = 5,
+        ShuttingDown = 5 => "shutting down",
         /// The node has too many connections.
-        TooManyConnections = 6,
+        TooManyConnections = 6 => "too many connections",
     }
 }
 

@@ -335,7 +335,7 @@ fn serve(
 /// Prints the notices waiting on the priority channel (peer errors, limits).
 fn report_notices(node: &P2pHandler) {
     while let Some(notice) = node.check_priority() {
-        eprintln!("notice: {notice:?}");
+        eprintln!("notice: {notice}");
     }
 }
 
@@ -346,10 +346,7 @@ fn report_outcome(event: &Event) {
             peer,
             exchange,
             reason,
-        } => eprintln!(
-            "request {exchange} from {} aborted: {reason:?}",
-            peer.short()
-        ),
+        } => eprintln!("request {exchange} from {} aborted: {reason}", peer.short()),
         Event::ResponseTimedOut { peer, exchange } => eprintln!(
             "request {exchange} from {} not answered in time",
             peer.short()
@@ -373,7 +370,7 @@ fn report_outcome(event: &Event) {
             failure,
             ..
         } => eprintln!(
-            "earlier request {exchange} to {} failed: {failure:?}",
+            "earlier request {exchange} to {} failed: {failure}",
             peer.short()
         ),
         _ => {}
@@ -502,7 +499,7 @@ fn send(
                 Some(Event::Failed {
                     exchange, failure, ..
                 }) if exchange == id => {
-                    return Err(format!("request {id} failed: {failure:?}").into());
+                    return Err(format!("request {id} failed: {failure}").into());
                 }
                 // Outcomes of requests a previous run left in the data directory.
                 Some(other) => report_outcome(&other),

@@ -93,6 +93,35 @@ pub enum Notice {
     StoreFailed(String),
 }
 
+/// One line for people.
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Event(event) => event.fmt(f),
+            Self::ConnectionLimit {
+                addr,
+                direction: Direction::Inbound,
+            } => write!(
+                f,
+                "connection limit reached: a connection from {addr} was dropped"
+            ),
+            Self::ConnectionLimit {
+                addr,
+                direction: Direction::Outbound,
+            } => write!(
+                f,
+                "connection limit reached: the dial to {addr} waits for a slot"
+            ),
+            Self::SlowConnection { addr } => write!(
+                f,
+                "the connection to {addr} could not keep up and was dropped; its exchange is retried"
+            ),
+            Self::AcceptFailed(why) => write!(f, "accepting a connection failed: {why}"),
+            Self::StoreFailed(why) => write!(f, "the store failed, the node stopped: {why}"),
+        }
+    }
+}
+
 /// Counters and sizes, for monitoring and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {

@@ -1,6 +1,7 @@
 //! What an [`Endpoint`](super::Endpoint) tells its driver and application: events,
 //! failures and their causes, refusals, and counters.
 
+use std::fmt;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -26,6 +27,19 @@ pub enum RetryCause {
     ReplyTimeout,
     /// The responder Nacked the request.
     Nacked(NackReason),
+}
+
+impl fmt::Display for RetryCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DialFailed(why) => write!(f, "could not connect: {why}"),
+            Self::ConnectTimeout => f.write_str("connecting took longer than connect_timeout"),
+            Self::ConnectionLost(why) => write!(f, "connection lost: {why}"),
+            Self::AckTimeout => f.write_str("no Ack within ack_timeout"),
+            Self::ReplyTimeout => f.write_str("no Reply within reply_timeout"),
+            Self::Nacked(reason) => write!(f, "refused for now: {reason}"),
+        }
+    }
 }
 
 /// Why an outbound exchange failed. Its payload comes back with it in [`Event::Failed`].
@@ -63,6 +77,34 @@ pub enum Failure {
     Revoked,
     /// The endpoint is shutting down.
     ShuttingDown,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exhausted {
+                attempts,
+                last,
+                request_acked,
+            } => {
+                write!(f, "gave up after {attempts} attempts (last: {last}); ")?;
+                f.write_str(if *request_acked {
+                    "the peer had acknowledged the request, so its application has it"
+                } else {
+                    "the peer never acknowledged it"
+                })
+            }
+            Self::Refused(reason) => write!(f, "refused by the peer: {reason}"),
+            Self::Aborted(reason) => write!(f, "the peer gave up after accepting it: {reason}"),
+            Self::Rejected(reason) => write!(f, "rejected by the peer: {reason}"),
+            Self::Connection(error) => error.fmt(f),
+            Self::TooLarge { len, max } => {
+                write!(f, "{len} bytes is more than the peer accepts ({max})")
+            }
+            Self::Revoked => f.write_str("the peer was removed from the allow list"),
+            Self::ShuttingDown => f.write_str("the node is shutting down"),
+        }
+    }
 }
 
 /// Errors a peer caused, reported with [`Event::PeerError`]; the peer is disconnected.
@@ -209,6 +251,92 @@ pub enum Event {
         /// Whether the peer was disconnected for it.
         disconnected: bool,
     },
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Requests => "request",
+            Self::Connections => "connection",
+        })
+    }
+}
+
+/// One line for people: what happened, to which exchange of which peer.
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let again = |redelivered: bool| if redelivered { ", redelivered" } else { "" };
+        match self {
+            Self::Request {
+                peer,
+                exchange,
+                payload,
+                redelivered,
+                ..
+            } => write!(
+                f,
+                "request {exchange} from {peer} ({} bytes{})",
+                payload.len(),
+                again(*redelivered)
+            ),
+            Self::Reply {
+                peer,
+                exchange,
+                payload,
+                redelivered,
+                ..
+            } => write!(
+                f,
+                "reply to {exchange} from {peer} ({} bytes{})",
+                payload.len(),
+                again(*redelivered)
+            ),
+            Self::Failed {
+                peer,
+                exchange,
+                failure,
+                redelivered,
+                ..
+            } => write!(
+                f,
+                "request {exchange} to {peer} failed{}: {failure}",
+                again(*redelivered)
+            ),
+            Self::ResponseDelivered { peer, exchange } => {
+                write!(f, "{peer} acknowledged our reply to {exchange}")
+            }
+            Self::ResponseUnconfirmed { peer, exchange } => {
+                write!(f, "{peer} did not acknowledge our reply to {exchange}")
+            }
+            Self::ResponseTimedOut { peer, exchange } => write!(
+                f,
+                "request {exchange} from {peer} was not answered within response_timeout"
+            ),
+            Self::ResponseAborted {
+                peer,
+                exchange,
+                reason,
+            } => write!(f, "request {exchange} from {peer} abandoned: {reason}"),
+            Self::ResponseCancelled { peer, exchange } => write!(
+                f,
+                "request {exchange} from {peer} cancelled: the peer was revoked"
+            ),
+            Self::PeerError(error) => error.fmt(f),
+            Self::RateLimited {
+                peer,
+                limit,
+                disconnected,
+            } => write!(
+                f,
+                "{peer} went over its {limit} rate{}",
+                if *disconnected {
+                    " and was disconnected"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
 }
 
 impl Event {
