@@ -69,6 +69,31 @@ fn bad_arguments_fail_with_a_message() {
     assert!(err.contains("PEER_ID@HOST:PORT"), "{err}");
 }
 
+#[test]
+fn a_dead_peer_shows_the_handlers_cause_as_a_sentence() {
+    let setup = Setup::new("dead");
+    // A port nobody listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("{}@127.0.0.1:{port}", setup.bob);
+    let out = setup
+        .send("alice", &target)
+        .arg("anyone?")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gave up after 6 attempts (last: could not connect")
+            && err.contains("the peer never acknowledged it"),
+        "{err}"
+    );
+    assert!(!err.contains("no reply within"), "{err}");
+}
+
 /// A scratch directory with keys for Bob (the server), Alice and Carol, both allowed.
 struct Setup {
     dir: PathBuf,

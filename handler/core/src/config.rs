@@ -132,6 +132,31 @@ pub struct Config {
     pub channel_capacity: usize,
 }
 
+impl Config {
+    /// The longest one exchange can take, from its first attempt to its outcome: every
+    /// attempt dials (`connect_timeout`), waits for the Ack (`ack_timeout`) and then for the
+    /// Reply (`reply_timeout`), with the largest backoff between attempts. An upper bound:
+    /// the outcome (a reply, or a failure with its cause) is reported within it. Time spent
+    /// queued behind the peer's earlier exchanges, or waiting for a connection slot, comes
+    /// on top.
+    pub fn exchange_budget(&self) -> Duration {
+        let per_attempt = self
+            .connect_timeout
+            .saturating_add(self.ack_timeout)
+            .saturating_add(self.reply_timeout);
+        let mut total = per_attempt.saturating_mul(self.max_attempts);
+        for failures in 1..self.max_attempts {
+            let exp = failures.saturating_sub(1).min(20);
+            let backoff = self
+                .backoff_initial
+                .saturating_mul(1 << exp)
+                .min(self.backoff_max);
+            total = total.saturating_add(backoff);
+        }
+        total
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -329,5 +354,29 @@ mod tests {
         assert!(e.to_string().contains("line 1"), "{e}");
         let e = toml::from_str::<Config>("request_rate = { burst = 1 }").unwrap_err();
         assert!(e.to_string().contains("per_second"), "{e}");
+    }
+
+    #[test]
+    fn the_exchange_budget_adds_every_attempt_and_backoff() {
+        // 6 attempts of 5 + 2 + 30 s, backoffs 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s.
+        assert_eq!(
+            Config::default().exchange_budget(),
+            Duration::from_secs(6 * 37) + Duration::from_millis(3100)
+        );
+        let one = Config {
+            max_attempts: 1,
+            ..Config::default()
+        };
+        assert_eq!(one.exchange_budget(), Duration::from_secs(37));
+        let capped = Config {
+            max_attempts: 3,
+            backoff_initial: Duration::from_secs(4),
+            backoff_max: Duration::from_secs(5),
+            ..Config::default()
+        };
+        assert_eq!(
+            capped.exchange_budget(),
+            Duration::from_secs(3 * 37 + 4 + 5)
+        );
     }
 }

@@ -96,9 +96,11 @@ enum Cmd {
         /// Send it this many times, one exchange after another, and print timing statistics.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
-        /// Give up after this long.
-        #[arg(long, default_value = "30", value_name = "SECONDS")]
-        timeout: u64,
+        /// Give up after this long. Default: the handler's whole retry budget for one
+        /// exchange (Config::exchange_budget, about 225 s with the defaults), so that a dead
+        /// or slow peer shows the handler's real cause rather than this timeout.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
         /// Keep exchanges in this directory: run again after a crash, the node resumes the
         /// requests it had not finished and prints their outcomes too.
         #[arg(long)]
@@ -182,7 +184,11 @@ fn run(command: Cmd) -> Result<()> {
                 (peer, addr),
                 message,
                 repeat.max(1),
-                Duration::from_secs(timeout),
+                // One second over the budget: the outcome itself arrives first.
+                timeout.map_or_else(
+                    || Config::default().exchange_budget() + Duration::from_secs(1),
+                    Duration::from_secs,
+                ),
                 start_options(Config::default(), data_dir.as_deref())?,
             )
         }
