@@ -6,6 +6,7 @@
 //! blocking client, `P2pHandler` must not be used (or dropped) from inside an async runtime,
 //! where `block_on` would panic.
 
+use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -52,7 +53,7 @@ impl std::fmt::Debug for P2pHandler {
 impl P2pHandler {
     /// Listens on `address` (port 0 picks a free port) with the default configuration.
     pub fn new(
-        address: impl ToSocketAddrs,
+        address: impl ToSocketAddrs + fmt::Debug,
         private_key: Keypair,
         allow_list: AllowList,
     ) -> Result<Self, HandlerError> {
@@ -61,7 +62,7 @@ impl P2pHandler {
 
     /// [`P2pHandler::new`] with a configuration. Randomness is seeded from the OS.
     pub fn with_config(
-        address: impl ToSocketAddrs,
+        address: impl ToSocketAddrs + fmt::Debug,
         private_key: Keypair,
         allow_list: AllowList,
         config: Config,
@@ -74,7 +75,7 @@ impl P2pHandler {
 
     /// [`P2pHandler::with_config`] with an explicit seed for all of its randomness.
     pub fn with_seed(
-        address: impl ToSocketAddrs,
+        address: impl ToSocketAddrs + fmt::Debug,
         private_key: Keypair,
         allow_list: AllowList,
         config: Config,
@@ -86,7 +87,7 @@ impl P2pHandler {
     /// Starts with everything [`Options`] sets, e.g. a data directory that makes the node
     /// durable: `Options::new(config, seed).data_dir(path)?`.
     pub fn with_options(
-        address: impl ToSocketAddrs,
+        address: impl ToSocketAddrs + fmt::Debug,
         private_key: Keypair,
         allow_list: AllowList,
         options: Options,
@@ -239,10 +240,15 @@ impl Drop for P2pHandler {
     }
 }
 
-fn resolve(address: impl ToSocketAddrs) -> Result<SocketAddr, HandlerError> {
+/// The one address `address` names; an error quotes the input.
+fn resolve(address: impl ToSocketAddrs + fmt::Debug) -> Result<SocketAddr, HandlerError> {
     address
         .to_socket_addrs()
-        .map_err(|e| HandlerError::Address(e.to_string()))?
+        .map_err(|e| {
+            HandlerError::Address(format!(
+                "{address:?}: {e} (expected HOST:PORT, e.g. 127.0.0.1:7000)"
+            ))
+        })?
         .next()
-        .ok_or_else(|| HandlerError::Address("resolves to no address".to_owned()))
+        .ok_or_else(|| HandlerError::Address(format!("{address:?} resolves to no address")))
 }

@@ -67,6 +67,28 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PEER_ID@HOST:PORT"), "{err}");
+    // A listening address without its port names the input and the form expected.
+    let dir = std::env::temp_dir().join(format!("p2p-node-listen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    keygen(&dir, "k.key");
+    let out = node()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1",
+            "--allow-any-peer-insecure",
+            "--key",
+        ])
+        .arg(dir.join("k.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad address \"127.0.0.1\"") && err.contains("expected HOST:PORT"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -39,8 +39,8 @@ pub enum HandlerError {
         /// Cause.
         source: io::Error,
     },
-    /// The address text is not usable.
-    #[error("bad address {0:?}")]
+    /// The address text is not usable (the message quotes it and says why).
+    #[error("bad address {0}")]
     Address(String),
     /// The configuration is invalid.
     #[error(transparent)]
