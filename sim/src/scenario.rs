@@ -64,6 +64,9 @@ pub struct Scenario {
     /// Line of each step, filled in after parsing.
     #[serde(skip)]
     pub step_lines: Vec<usize>,
+    /// Each node's handler configuration, read once from the tables when parsing.
+    #[serde(skip)]
+    configs: Vec<Config>,
 }
 
 fn default_seed() -> u64 {
@@ -516,15 +519,21 @@ impl Scenario {
             let line = line_of(text, c.span().start);
             return Err(invalid(format!("line {line}: [config]: {}", e.message())));
         }
+        let mut configs = Vec::with_capacity(scenario.nodes.len());
         for (i, node) in scenario.nodes.iter().enumerate() {
-            if let (Err(e), Some(c)) = (scenario.try_config_of(i), &node.config) {
-                let line = line_of(text, c.span().start);
-                return Err(invalid(format!(
-                    "line {line}: node {:?}: config: {e}",
-                    node.name
-                )));
+            match scenario.try_config_of(i) {
+                Ok(config) => configs.push(config),
+                Err(e) => {
+                    let table = node.config.as_ref().or(scenario.config.as_ref());
+                    let line = table.map_or(0, |c| line_of(text, c.span().start));
+                    return Err(invalid(format!(
+                        "line {line}: node {:?}: config: {e}",
+                        node.name
+                    )));
+                }
             }
         }
+        scenario.configs = configs;
         scenario.validate().map_err(invalid)?;
         Ok(scenario)
     }
@@ -543,10 +552,10 @@ impl Scenario {
             .unwrap_or(self.durable)
     }
 
-    /// The handler configuration of node `i` (defaults if it does not parse: `parse`
-    /// refuses such a scenario first).
+    /// The handler configuration of node `i` (as read by `parse`, which refuses a scenario
+    /// whose tables do not read).
     pub fn config_of(&self, i: usize) -> Config {
-        self.try_config_of(i).unwrap_or_default()
+        self.configs.get(i).cloned().unwrap_or_default()
     }
 
     /// The handler configuration of node `i`: the scenario's `[config]`, then the node's.
