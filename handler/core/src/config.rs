@@ -146,14 +146,19 @@ impl Config {
             .saturating_add(self.reply_timeout);
         let mut total = per_attempt.saturating_mul(self.max_attempts);
         for failures in 1..self.max_attempts {
-            let exp = failures.saturating_sub(1).min(20);
-            let backoff = self
-                .backoff_initial
-                .saturating_mul(1 << exp)
-                .min(self.backoff_max);
-            total = total.saturating_add(backoff);
+            total = total.saturating_add(self.backoff_base(failures));
         }
         total
+    }
+
+    /// The retry delay after `failures` failed attempts, before jitter (which draws it
+    /// from half of it to all of it): `backoff_initial` doubled per failure, capped at
+    /// `backoff_max`.
+    pub(crate) fn backoff_base(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(20);
+        self.backoff_initial
+            .saturating_mul(1 << exp)
+            .min(self.backoff_max)
     }
 }
 

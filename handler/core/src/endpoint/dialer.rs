@@ -204,13 +204,7 @@ impl Endpoint {
 
     /// Exponential backoff with "equal jitter": half fixed, half drawn from the seeded RNG.
     fn backoff(&mut self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(20);
-        let base = self
-            .config
-            .backoff_initial
-            .saturating_mul(1 << exp)
-            .min(self.config.backoff_max);
-        let half = base / 2;
+        let half = self.config.backoff_base(failures) / 2;
         let half_micros = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
         let jitter = if half_micros == 0 {
             0
