@@ -195,8 +195,7 @@ impl HandlerTask {
             let effects = self.take_effects();
             if effects.is_empty() {
                 self.report_transitions();
-                drain_into(&mut self.recv_backlog, &self.received);
-                drain_into(&mut self.prio_backlog, &self.priority);
+                self.drain_backlogs();
                 return;
             }
             self.release(effects).await;
@@ -379,6 +378,11 @@ impl HandlerTask {
                 self.recv_backlog.push_back(event);
             }
         }
+        self.drain_backlogs();
+    }
+
+    /// Hands the application what its channels have room for.
+    fn drain_backlogs(&mut self) {
         drain_into(&mut self.recv_backlog, &self.received);
         drain_into(&mut self.prio_backlog, &self.priority);
     }
@@ -598,7 +602,7 @@ impl HandlerTask {
         }
         // Whatever the application has room for, it gets; the rest is in its inbox or lost
         // with it.
-        self.flush_events(Vec::new());
+        self.drain_backlogs();
         report
     }
 }
