@@ -203,6 +203,17 @@ impl P2pHandler {
         self.block_on(self.handler.revoke(peer_id))?
     }
 
+    /// Replaces the allow list as a whole; see [`Handler::set_allow_list`].
+    pub fn set_allow_list(&self, list: AllowList) -> Result<Vec<PeerId>, HandlerError> {
+        self.block_on(self.handler.set_allow_list(list))?
+    }
+
+    /// Begins a graceful stop; see [`Handler::drain`]. Keep reading and answering until
+    /// [`Status::drained`] (or a grace period ends), then call [`P2pHandler::shutdown`].
+    pub fn drain(&self) -> Result<(), HandlerError> {
+        self.block_on(self.handler.drain())?
+    }
+
     /// Counters and sizes.
     pub fn status(&self) -> Result<Status, HandlerError> {
         self.block_on(self.handler.status())?

@@ -716,3 +716,97 @@ fn a_peer_allowed_at_runtime_gets_in() {
     bob.response_to(peer, exchange, &b"in"[..]).unwrap();
     assert_eq!(expect_reply(&alice), (id, Bytes::from_static(b"in")));
 }
+
+#[test]
+fn draining_closes_the_listener_refuses_new_requests_and_finishes_started_ones() {
+    let k = keys(31, 3);
+    let alice = node(&k[0], &[&k[1]], Config::default());
+    let bob = node(&k[1], &[&k[0], &k[2]], Config::default());
+    let carol = node(&k[2], &[&k[1]], Config::default());
+    let started = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"started"[..])
+        .unwrap();
+    let (peer, exchange, _) = expect_request(&bob);
+    bob.drain().unwrap();
+    let status = bob.status().unwrap();
+    assert!(status.draining && !status.drained, "{status:?}");
+    // Bob's own new work is refused at once.
+    assert!(matches!(
+        bob.request(alice.local_peer_id(), alice.local_address(), &b"x"[..]),
+        Err(p2p_handler::HandlerError::Request(
+            p2p_handler::RequestError::ShuttingDown
+        ))
+    ));
+    // The listener is closed: a new connection is refused at the socket.
+    eventually(|| std::net::TcpStream::connect(bob.local_address()).is_err());
+    // Carol's request cannot get in; she hears of it as a failed dial, payload back.
+    let refused = carol
+        .request(bob.local_peer_id(), bob.local_address(), &b"late"[..])
+        .unwrap();
+    // The exchange already started ends normally on its open connection.
+    bob.response_to(peer, exchange, &b"answer"[..]).unwrap();
+    let (id, payload) = expect_reply(&alice);
+    assert_eq!((id, &payload[..]), (started, &b"answer"[..]));
+    eventually(|| bob.status().unwrap().drained);
+    let failed = wait_event(&carol, |e| matches!(e, Event::Failed { .. }));
+    assert!(
+        matches!(&failed, Event::Failed { exchange, payload, .. } if *exchange == refused && &payload[..] == b"late"),
+        "{failed:?}"
+    );
+    let report = bob.shutdown();
+    assert_eq!(report.unanswered_requests, 0);
+    assert!(report.failed.is_empty());
+}
+
+#[test]
+fn replacing_the_allow_list_disconnects_removed_peers_and_fails_their_exchanges() {
+    let k = keys(32, 3);
+    let reuse = Config {
+        reuse_connections: true,
+        idle_timeout: Duration::from_secs(3_600),
+        ..Config::default()
+    };
+    let alice = node(&k[0], &[&k[1]], reuse.clone());
+    let bob = node(&k[1], &[&k[0], &k[2]], reuse.clone());
+    let carol = node(&k[2], &[&k[1]], reuse);
+    echo_exchange(&alice, &bob, "one".into());
+    echo_exchange(&carol, &bob, "one".into());
+    assert_eq!(bob.status().unwrap().open_connections, 2);
+    // Bob queues a request to Alice that she will not answer, then drops her from his list.
+    let pending = bob
+        .request(
+            alice.local_peer_id(),
+            alice.local_address(),
+            &b"to alice"[..],
+        )
+        .unwrap();
+    expect_request(&alice);
+    let removed = bob.set_allow_list(allow(&[&k[2]])).unwrap();
+    assert_eq!(removed, vec![alice.local_peer_id()]);
+    let failed = wait_event(&bob, |e| matches!(e, Event::Failed { .. }));
+    assert!(
+        matches!(&failed, Event::Failed { exchange, failure: Failure::Revoked, payload, .. } if *exchange == pending && &payload[..] == b"to alice"),
+        "{failed:?}"
+    );
+    eventually(|| alice.status().unwrap().open_connections == 0);
+    // Carol, still listed, goes on over her kept connection.
+    echo_exchange(&carol, &bob, "two".into());
+    // Alice's new handshakes are refused.
+    let id = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"again"[..])
+        .unwrap();
+    let failed = wait_event(
+        &alice,
+        |e| matches!(e, Event::Failed { exchange, .. } if *exchange == id),
+    );
+    assert!(
+        matches!(
+            failed,
+            Event::Failed {
+                failure: Failure::Rejected(CloseReason::NotAllowed),
+                ..
+            }
+        ),
+        "{failed:?}"
+    );
+}

@@ -832,6 +832,145 @@ fn revoking_a_peer_at_runtime_disconnects_it() {
 }
 
 #[test]
+fn draining_refuses_new_work_and_lets_started_work_finish() {
+    let mut net = net(&["alice", "bob", "carol"]);
+    net.nodes[BOB].app = App::Manual;
+    let started = net.request(ALICE, BOB, b"started");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    net.nodes[BOB].endpoint.drain();
+    assert!(net.nodes[BOB].endpoint.is_draining());
+    assert!(
+        !net.nodes[BOB].endpoint.is_drained(),
+        "a request awaits our answer"
+    );
+    // Our own new work is refused at once.
+    assert_eq!(
+        net.try_request(BOB, ALICE, b"new"),
+        Err(RequestError::ShuttingDown)
+    );
+    // A peer's new request is Nacked ShuttingDown, not delivered.
+    let refused = net.request(CAROL, BOB, b"late");
+    net.run_until(secs(1), |n| {
+        n.nodes[CAROL].endpoint.stats().nacks_received > 0
+    });
+    assert!(net.nodes[CAROL].endpoint.stats().nacks_received > 0);
+    assert!(
+        net.trace.iter().any(|l| l.contains("ShuttingDown")),
+        "the Nack says why"
+    );
+    assert_eq!(
+        net.requests_seen(BOB).len(),
+        1,
+        "only the started request reached bob"
+    );
+    assert!(!net.has_outcome(CAROL, refused));
+    // The started exchange ends normally, and then nothing is left.
+    let alice = net.id(ALICE);
+    net.respond(BOB, alice, started, b"answer");
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 1);
+    net.run_until(secs(10), |n| n.nodes[BOB].endpoint.is_drained());
+    assert!(net.nodes[BOB].endpoint.is_drained());
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(started, Bytes::from_static(b"answer"))]
+    );
+    net.nodes[BOB].endpoint.check_invariants();
+}
+
+#[test]
+fn a_drained_endpoint_waits_for_its_own_queued_exchanges() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let ids: Vec<_> = (0..3).map(|i| net.request(ALICE, BOB, &[i])).collect();
+    net.nodes[ALICE].endpoint.drain();
+    assert!(!net.nodes[ALICE].endpoint.is_drained());
+    let alice = net.id(ALICE);
+    for id in &ids {
+        net.run_until(secs(10), |n| {
+            n.requests_seen(BOB).iter().any(|(_, e, _)| e == id)
+        });
+        net.respond(BOB, alice, *id, b"ok");
+    }
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 3);
+    assert_eq!(net.replies(ALICE).len(), 3, "queued exchanges still ran");
+    assert!(net.nodes[ALICE].endpoint.is_drained());
+}
+
+#[test]
+fn replacing_the_allow_list_revokes_the_peers_it_drops() {
+    let mut net = net(&["alice", "bob", "carol"]);
+    net.nodes[BOB].app = App::Manual;
+    let from_alice = net.request(ALICE, BOB, b"alice's");
+    let from_carol = net.request(CAROL, BOB, b"carol's");
+    net.run_until(secs(5), |n| n.requests_seen(BOB).len() == 2);
+    let (alice, carol) = (net.id(ALICE), net.id(CAROL));
+    // Bob's new list keeps Carol only.
+    let now = net.now;
+    let list = crate::allow_list::AllowList::from_peers([carol]);
+    let removed = net.nodes[BOB].endpoint.set_allow_list(list, now);
+    assert_eq!(removed, vec![alice]);
+    assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 1);
+    net.respond(BOB, carol, from_carol, b"kept");
+    net.run(secs(60));
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            from_alice,
+            Failure::Rejected(CloseReason::NotAllowed),
+            Bytes::from_static(b"alice's")
+        )]
+    );
+    assert_eq!(
+        net.replies(CAROL),
+        vec![(from_carol, Bytes::from_static(b"kept"))]
+    );
+    // A request to a peer no longer listed is refused.
+    assert_eq!(
+        net.try_request(BOB, ALICE, b"x"),
+        Err(RequestError::NotAllowed(alice))
+    );
+    net.nodes[BOB].endpoint.check_invariants();
+}
+
+#[test]
+fn replacing_the_allow_list_closes_connections_from_addresses_no_longer_allowed() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let id = net.request(ALICE, BOB, b"x");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let alice = net.id(ALICE);
+    let elsewhere: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+    let mut list = crate::allow_list::AllowList::new();
+    list.insert(
+        alice,
+        crate::allow_list::AllowedPeer {
+            name: None,
+            addresses: vec![elsewhere],
+        },
+    );
+    let now = net.now;
+    assert!(net.nodes[BOB].endpoint.set_allow_list(list, now).is_empty());
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(
+        net.open_links(),
+        0,
+        "alice's connection came from elsewhere"
+    );
+    // The dialer hears why, with its payload back; bob still lists her, so her request
+    // stays his application's to answer (or to time out) rather than vanishing.
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            id,
+            Failure::Rejected(CloseReason::NotAllowed),
+            Bytes::from_static(b"x")
+        )]
+    );
+    assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 1);
+    net.nodes[BOB].endpoint.check_invariants();
+}
+
+#[test]
 fn shutdown_reports_every_pending_exchange_and_closes_everything() {
     let mut net = net(&["alice", "bob", "carol"]);
     net.nodes[BOB].app = App::Manual;

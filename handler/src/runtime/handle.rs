@@ -139,6 +139,11 @@ pub struct Status {
     pub outbound_in_flight: usize,
     /// Requests from peers awaiting our answer.
     pub pending_responses: usize,
+    /// A graceful stop began ([`Handler::drain`]).
+    pub draining: bool,
+    /// Nothing is left to finish: no exchange of ours, no peer's request awaiting our
+    /// answer or the Ack of our reply. Shutting down now loses nothing.
+    pub drained: bool,
     /// Exchange counters.
     pub stats: Stats,
 }
@@ -181,6 +186,13 @@ pub(super) enum Command {
     Revoke {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
+    },
+    SetAllowList {
+        list: AllowList,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Drain {
+        reply: oneshot::Sender<()>,
     },
     Status {
         reply: oneshot::Sender<Status>,
@@ -463,6 +475,7 @@ impl Handler {
             taken: taken_rx,
             deferred: Vec::new(),
             stop: None,
+            stop_accepting: false,
             in_flight: None,
             connection_tasks: 0,
             notices_dropped: 0,
@@ -582,6 +595,25 @@ impl Handler {
     /// Removes a peer from the allow list and disconnects it. Returns whether it was listed.
     pub async fn revoke(&self, peer: PeerId) -> Result<bool, HandlerError> {
         self.call(|reply| Command::Revoke { peer, reply }).await
+    }
+
+    /// Replaces the allow list as a whole (e.g. a reloaded file). Peers it no longer lists
+    /// are treated as by [`Handler::revoke`]: disconnected, our exchanges with them failed
+    /// with the payload back (`Failed(Revoked)`), their requests awaiting our answer
+    /// cancelled; a listed peer's connection from an address its new entry excludes is
+    /// closed. Returns the peers removed, in id order.
+    pub async fn set_allow_list(&self, list: AllowList) -> Result<Vec<PeerId>, HandlerError> {
+        self.call(|reply| Command::SetAllowList { list, reply })
+            .await
+    }
+
+    /// Begins a graceful stop: the listener closes, our new requests are refused
+    /// (`RequestError::ShuttingDown`) and peers' new requests Nacked `ShuttingDown`, while
+    /// the exchanges already started, ours and theirs, go on. [`Status::drained`] turns true
+    /// when none is left; then call [`Handler::shutdown`] (or call it when a grace period
+    /// ends: what is left then is handled as by a plain shutdown).
+    pub async fn drain(&self) -> Result<(), HandlerError> {
+        self.call(|reply| Command::Drain { reply }).await
     }
 
     /// Counters and sizes.

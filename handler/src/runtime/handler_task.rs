@@ -60,6 +60,8 @@ pub(super) struct HandlerTask {
     pub(super) deferred: Vec<Box<dyn FnOnce() + Send>>,
     /// A shutdown command met while gathering a batch.
     pub(super) stop: Option<oneshot::Sender<ShutdownReport>>,
+    /// A drain began: the router must close the listener (sent from the async loop).
+    pub(super) stop_accepting: bool,
     /// Durable mode: the commit running, and what waits for it.
     pub(super) in_flight: Option<(Commit, Effects)>,
 }
@@ -103,6 +105,9 @@ impl HandlerTask {
             // Durable mode: nothing leaves (answer, message, event) before the state that
             // explains it is committed. In memory, everything leaves at once.
             self.settle().await;
+            if std::mem::take(&mut self.stop_accepting) {
+                let _ = self.network.send(NetCommand::StopAccepting).await;
+            }
             if let Some(reply) = self.stop.take() {
                 break Stop::Shutdown(Some(reply));
             }
@@ -443,6 +448,18 @@ impl HandlerTask {
                 let revoked = self.endpoint.revoke(&peer, now);
                 self.answer(reply, revoked);
             }
+            Command::SetAllowList { list, reply } => {
+                if let Ok(mut allow) = self.allow.write() {
+                    *allow = list.clone();
+                }
+                let removed = self.endpoint.set_allow_list(list, now);
+                self.answer(reply, removed);
+            }
+            Command::Drain { reply } => {
+                self.endpoint.drain();
+                self.stop_accepting = true;
+                self.answer(reply, ());
+            }
             Command::Status { reply } => {
                 let _ = reply.send(Status {
                     open_connections: self.endpoint.open_connections(),
@@ -451,6 +468,8 @@ impl HandlerTask {
                     notices_dropped: self.notices_dropped,
                     outbound_in_flight: self.endpoint.outbound_in_flight(),
                     pending_responses: self.endpoint.pending_responses(),
+                    draining: self.endpoint.is_draining(),
+                    drained: self.endpoint.is_drained(),
                     stats: self.endpoint.stats().clone(),
                 });
             }

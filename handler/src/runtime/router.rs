@@ -45,6 +45,8 @@ pub(super) enum NetCommand {
         conn: ConnId,
         reason: CloseReason,
     },
+    /// A graceful stop began: close the listener; established connections go on.
+    StopAccepting,
     Shutdown,
 }
 
@@ -95,7 +97,7 @@ pub(super) type Accepted<S> = io::Result<(S, SocketAddr)>;
 impl<T: Transport> Router<T> {
     pub(super) async fn run(mut self, listener: T::Listener) {
         let (accept_tx, mut accept_rx) = mpsc::channel::<Accepted<T::Stream>>(64);
-        let acceptor = tokio::spawn(accept_loop(listener, accept_tx));
+        let mut acceptor = Some(tokio::spawn(accept_loop(listener, accept_tx)));
         loop {
             let notices = self.notices.clone();
             tokio::select! {
@@ -113,12 +115,20 @@ impl<T: Transport> Router<T> {
                 }
                 command = self.commands.recv() => match command {
                     Some(NetCommand::Shutdown) | None => break,
+                    Some(NetCommand::StopAccepting) => {
+                        // Dropping the listener refuses new connections at the socket.
+                        if let Some(acceptor) = acceptor.take() {
+                            acceptor.abort();
+                        }
+                    }
                     Some(command) => self.command(command),
                 },
                 Some(accepted) = accept_rx.recv() => self.accepted(accepted),
             }
         }
-        acceptor.abort();
+        if let Some(acceptor) = acceptor {
+            acceptor.abort();
+        }
         self.shutdown().await;
     }
 
@@ -146,7 +156,7 @@ impl<T: Transport> Router<T> {
             NetCommand::Dial { conn, peer, addr } => self.dial(conn, peer, addr),
             NetCommand::Send { conn, message } => self.forward(conn, ConnCommand::Send(message)),
             NetCommand::Close { conn, reason } => self.forward(conn, ConnCommand::Close(reason)),
-            NetCommand::Shutdown => {}
+            NetCommand::StopAccepting | NetCommand::Shutdown => {}
         }
     }
 

@@ -193,6 +193,8 @@ pub struct Endpoint {
     next_exchange: u64,
     next_conn: u64,
     shutting_down: bool,
+    /// A graceful stop began ([`Endpoint::drain`]): new work is refused, started work goes on.
+    draining: bool,
     outbound: BTreeMap<ExchangeId, Outbound>,
     inbound: BTreeMap<(PeerId, ExchangeId), Inbound>,
     peers: BTreeMap<PeerId, Peer>,
@@ -250,6 +252,7 @@ impl Endpoint {
             allow,
             next_conn: 1,
             shutting_down: false,
+            draining: false,
             outbound: BTreeMap::new(),
             inbound: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -380,7 +383,7 @@ impl Endpoint {
         now: Instant,
     ) -> Result<ExchangeId, RequestError> {
         let payload = payload.into();
-        if self.shutting_down {
+        if self.shutting_down || self.draining {
             return Err(RequestError::ShuttingDown);
         }
         if peer == self.local {
@@ -519,6 +522,68 @@ impl Endpoint {
             self.cancel_inbound_of(*peer, now);
         }
         listed
+    }
+
+    /// Replaces the allow list as a whole (a reloaded allow-list file). A peer the new list
+    /// no longer allows is treated as [`Endpoint::revoke`] treats it: connections closed
+    /// (`NotAllowed`), our exchanges with it failed (`Revoked`, payload back), its requests
+    /// awaiting our answer cancelled. A peer still listed but no longer from the address of
+    /// one of its connections loses that connection only. Returns the peers removed, in id
+    /// order.
+    pub fn set_allow_list(&mut self, list: AllowList, now: Instant) -> Vec<PeerId> {
+        let mut known: Vec<PeerId> = self.allow.peers().map(|(p, _)| *p).collect();
+        known.extend(self.peers.keys().copied());
+        known.extend(self.conns.values().map(|c| c.peer));
+        known.sort_unstable();
+        known.dedup();
+        let removed: Vec<PeerId> = known
+            .into_iter()
+            .filter(|peer| !list.contains(peer))
+            .collect();
+        self.allow = list;
+        for peer in &removed {
+            self.fail_peer_exchanges(*peer, &Failure::Revoked, now);
+            for conn in self.conns_of(peer) {
+                self.close(conn, CloseReason::NotAllowed, now);
+            }
+            self.cancel_inbound_of(*peer, now);
+        }
+        let moved: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| self.allow.check(&c.peer, c.addr.ip()).is_err())
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in moved {
+            self.close(conn, CloseReason::NotAllowed, now);
+        }
+        removed
+    }
+
+    /// Begins a graceful stop: new work is refused (our [`Endpoint::request`] returns
+    /// `ShuttingDown`, a peer's new Request is Nacked `ShuttingDown`) while work already
+    /// started goes on: our exchanges, queued ones included, and requests our application
+    /// has yet to answer. [`Endpoint::is_drained`] says when none is left; the driver then
+    /// calls [`Endpoint::shutdown`] (or calls it when its grace period ends).
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Whether a graceful stop began.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// No exchange of ours is unfinished and no peer's request awaits our answer or the
+    /// Ack of our reply: stopping now loses nothing and leaves no dialer waiting.
+    pub fn is_drained(&self) -> bool {
+        self.outbound.is_empty()
+            && !self.inbound.values().any(|r| {
+                matches!(
+                    r.state,
+                    InState::AwaitingResponse | InState::AwaitingReplyAck { .. }
+                )
+            })
     }
 
     /// Stops: closes every connection and refuses new work. In memory only, it also fails

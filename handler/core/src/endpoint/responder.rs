@@ -145,7 +145,7 @@ impl Endpoint {
         if self.inbound.contains_key(&key) {
             return self.on_duplicate_request(conn, key, attempt, &payload, now);
         }
-        if self.shutting_down {
+        if self.shutting_down || self.draining {
             return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
         }
         // A dialer sends its next Request on a connection only after the previous exchange
