@@ -34,7 +34,7 @@ pub mod transport;
 #[doc = include_str!("../../README.md")]
 struct ReadmeExample;
 
-pub use allow_list::{AllowList, AllowedPeer, Rejection};
+pub use allow_list::{AllowList, AllowedPeer, Expiry, Rejection};
 pub use config::{Config, RateLimit};
 pub use connection::{Closed, ConnError, ConnEvent, Connection, Remote};
 pub use endpoint::{

@@ -13,11 +13,18 @@
 //! id = "3b0c…64 hex digits…"   # required: the peer id
 //! name = "bob"                  # optional: a label for logs
 //! addresses = ["10.0.0.7"]      # optional: IPs it may connect from; absent = any
+//! expires = 2027-01-01T00:00:00Z  # optional: a date-time with its offset, or a duration
+//!                               # after the file is loaded, e.g. "30d"
 //! ```
+//!
+//! The list never reads a clock: [`AllowList::check`] ignores `expires`. Whoever loads the
+//! file applies expiry by replacing the list with [`AllowList::in_force_at`] when
+//! [`AllowList::next_expiry`] comes (`p2p-node serve` does).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -30,6 +37,28 @@ pub struct AllowedPeer {
     pub name: Option<String>,
     /// The IPs it may connect from; empty means any address.
     pub addresses: Vec<IpAddr>,
+    /// When the entry stops allowing the peer, if ever (applied by the list's owner, see
+    /// the module docs).
+    pub expires: Option<Expiry>,
+}
+
+/// When an allow-list entry ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// At this moment (`expires = 2027-01-01T00:00:00Z`).
+    At(SystemTime),
+    /// This long after the file is loaded (`expires = "30d"`).
+    AfterLoad(Duration),
+}
+
+impl Expiry {
+    /// The moment it ends, for a list loaded at `loaded`.
+    pub fn deadline(&self, loaded: SystemTime) -> SystemTime {
+        match *self {
+            Self::At(at) => at,
+            Self::AfterLoad(d) => loaded.checked_add(d).unwrap_or(loaded),
+        }
+    }
 }
 
 /// The set of peers allowed to talk to this node.
@@ -93,6 +122,64 @@ struct FilePeer {
     name: Option<String>,
     #[serde(default)]
     addresses: Vec<IpAddr>,
+    #[serde(default)]
+    expires: Option<toml::Spanned<toml::Value>>,
+}
+
+/// Reads `expires`: an offset date-time, or a humantime duration string.
+fn parse_expiry(value: &toml::Spanned<toml::Value>, text: &str) -> Result<Expiry, String> {
+    let line = text
+        .get(..value.span().start)
+        .map_or(0, |t| t.lines().count().max(1));
+    let bad = |why: &str| format!("line {line}: expires: {why}");
+    match value.get_ref() {
+        toml::Value::Datetime(dt) => {
+            let (Some(date), Some(offset)) = (dt.date, dt.offset) else {
+                return Err(bad("a date-time needs its offset (2027-01-01T00:00:00Z)"));
+            };
+            let time = dt.time.unwrap_or(toml::value::Time {
+                hour: 0,
+                minute: 0,
+                second: None,
+                nanosecond: None,
+            });
+            let offset_minutes = match offset {
+                toml::value::Offset::Z => 0,
+                toml::value::Offset::Custom { minutes } => i64::from(minutes),
+            };
+            let days = days_from_civil(
+                i64::from(date.year),
+                i64::from(date.month),
+                i64::from(date.day),
+            );
+            let secs = days * 86_400
+                + i64::from(time.hour) * 3_600
+                + i64::from(time.minute) * 60
+                + i64::from(time.second.unwrap_or(0))
+                - offset_minutes * 60;
+            let secs = u64::try_from(secs).map_err(|_| bad("before 1970"))?;
+            Ok(Expiry::At(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            ))
+        }
+        toml::Value::String(s) => humantime::parse_duration(s)
+            .map(Expiry::AfterLoad)
+            .map_err(|e| bad(&format!("{s:?} is neither a date-time nor a duration: {e}"))),
+        _ => Err(bad(
+            "expected a date-time (2027-01-01T00:00:00Z) or a duration string (\"30d\")",
+        )),
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 impl AllowList {
@@ -135,11 +222,21 @@ impl AllowList {
                     message: format!("peer {} is listed twice", entry.id),
                 });
             }
+            let expires = entry
+                .expires
+                .as_ref()
+                .map(|v| parse_expiry(v, text))
+                .transpose()
+                .map_err(|message| AllowListError::Invalid {
+                    path: origin.to_owned(),
+                    message,
+                })?;
             list.insert(
                 entry.id,
                 AllowedPeer {
                     name: entry.name,
                     addresses: entry.addresses,
+                    expires,
                 },
             );
         }
@@ -217,6 +314,38 @@ impl AllowList {
                 }
             }
         }
+    }
+}
+
+impl AllowList {
+    /// The entries still in force at `now` for a list loaded at `loaded`, and the peers
+    /// whose entry expired, in id order. In allow-any mode, the list as it is.
+    pub fn in_force_at(&self, now: SystemTime, loaded: SystemTime) -> (AllowList, Vec<PeerId>) {
+        let Mode::Only(peers) = &self.mode else {
+            return (self.clone(), Vec::new());
+        };
+        let mut kept = BTreeMap::new();
+        let mut expired = Vec::new();
+        for (peer, entry) in peers {
+            if entry.expires.is_some_and(|e| e.deadline(loaded) <= now) {
+                expired.push(*peer);
+            } else {
+                kept.insert(*peer, entry.clone());
+            }
+        }
+        (
+            Self {
+                mode: Mode::Only(kept),
+            },
+            expired,
+        )
+    }
+
+    /// The earliest moment an entry expires, for a list loaded at `loaded`.
+    pub fn next_expiry(&self, loaded: SystemTime) -> Option<SystemTime> {
+        self.peers()
+            .filter_map(|(_, e)| e.expires.map(|x| x.deadline(loaded)))
+            .min()
     }
 }
 
@@ -318,6 +447,60 @@ mod tests {
         let any = AllowList::allow_any_peer_insecure();
         assert!(any.is_allow_any());
         assert_eq!(any.check(&id(1), "192.0.2.1".parse().unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn expiry_takes_a_date_time_with_offset_or_a_duration_after_load() {
+        let (a, b, c) = (id(1), id(2), id(3));
+        let text = format!(
+            "[[peer]]\nid = \"{a}\"\nexpires = 2027-01-01T01:00:00+01:00\n\n\
+             [[peer]]\nid = \"{b}\"\nexpires = \"1h\"\n\n[[peer]]\nid = \"{c}\"\n"
+        );
+        let list = AllowList::from_toml_str(&text, "allow.toml").unwrap();
+        // 2027-01-01T00:00:00Z is 1,798,761,600 s after the epoch.
+        let new_year = SystemTime::UNIX_EPOCH + Duration::from_secs(1_798_761_600);
+        assert_eq!(list.get(&a).unwrap().expires, Some(Expiry::At(new_year)));
+        assert_eq!(
+            list.get(&b).unwrap().expires,
+            Some(Expiry::AfterLoad(Duration::from_secs(3_600)))
+        );
+        let loaded = new_year - Duration::from_secs(7_200);
+        assert_eq!(
+            list.next_expiry(loaded),
+            Some(loaded + Duration::from_secs(3_600))
+        );
+        let (in_force, expired) = list.in_force_at(loaded + Duration::from_secs(3_599), loaded);
+        assert_eq!((in_force.peers().count(), expired.len()), (3, 0));
+        let (in_force, expired) = list.in_force_at(loaded + Duration::from_secs(3_600), loaded);
+        assert_eq!(expired, vec![b]);
+        assert!(in_force.contains(&a) && in_force.contains(&c) && !in_force.contains(&b));
+        let (in_force, mut expired) = list.in_force_at(new_year, loaded);
+        expired.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!((expired, in_force.peers().count()), (want, 1));
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    }
+
+    #[test]
+    fn a_bad_expiry_names_its_line() {
+        let a = id(1);
+        for (value, why) in [
+            ("2027-01-01T00:00:00", "offset"),
+            ("\"soon\"", "soon"),
+            ("12", "date-time"),
+            ("1960-01-01T00:00:00Z", "1970"),
+        ] {
+            let text = format!("[[peer]]\nid = \"{a}\"\nexpires = {value}\n");
+            let err = AllowList::from_toml_str(&text, "allow.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("line 3") && err.contains(why),
+                "{value}: {err}"
+            );
+        }
     }
 
     #[test]

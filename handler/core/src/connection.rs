@@ -947,6 +947,7 @@ mod tests {
             crate::allow_list::AllowedPeer {
                 name: None,
                 addresses: vec!["10.9.9.9".parse().unwrap()],
+                expires: None,
             },
         );
         let (_, mut r) = connect(&f, &allow);

@@ -38,7 +38,7 @@ mod prop_tests;
 #[cfg(test)]
 mod tests;
 
-pub use allow_list::{AllowList, AllowedPeer, Rejection};
+pub use allow_list::{AllowList, AllowedPeer, Expiry, Rejection};
 pub use config::{Config, RateLimit};
 pub use connection::{Closed, ConnError, ConnEvent, Connection, Remote};
 pub use endpoint::{

@@ -946,6 +946,7 @@ fn replacing_the_allow_list_closes_connections_from_addresses_no_longer_allowed(
         crate::allow_list::AllowedPeer {
             name: None,
             addresses: vec![elsewhere],
+            expires: None,
         },
     );
     let now = net.now;
