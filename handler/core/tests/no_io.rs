@@ -24,6 +24,10 @@ const ALLOWED: &[(&str, &str)] = &[
         "humantime-serde",
         "Config's durations as \"250ms\" strings in config files (pure formatting)",
     ),
+    (
+        "humantime",
+        "allow-list expiries written as durations (\"30d\"; parsing only, no clock)",
+    ),
     ("toml", "the allow-list file format"),
     ("hex", "text forms of keys and peer ids"),
     (

@@ -52,6 +52,7 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
     corrupt_next: &mut bool,
     framed: &mut Framed<S, LengthDelimitedCodec>,
     stall: Duration,
+    sent: &metrics::Counter,
 ) -> Written {
     let stalled = || Written::Failed(format!("write stalled: no progress for {stall:?}"));
     let failed = |e: io::Error| Written::Failed(format!("write failed: {e}"));
@@ -75,6 +76,7 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
                 *byte ^= 0x5a;
             }
         }
+        sent.increment(wire_len(frame.len()));
         if let Err(e) = SinkExt::<Bytes>::start_send_unpin(framed, Bytes::from(frame)) {
             return failed(e);
         }
@@ -88,6 +90,27 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
         Err(_) => stalled(),
         Ok(Err(e)) => failed(e),
         Ok(Ok(())) => Written::All,
+    }
+}
+
+/// A frame's size on the wire: its payload and the 2-byte length prefix.
+fn wire_len(frame: usize) -> u64 {
+    u64::try_from(frame).unwrap_or(u64::MAX).saturating_add(2)
+}
+
+/// Byte counters of the connection tasks (see `observe.rs` for every metric's name).
+#[derive(Clone)]
+pub(super) struct ByteCounters {
+    sent: metrics::Counter,
+    received: metrics::Counter,
+}
+
+impl ByteCounters {
+    pub(super) fn new() -> Self {
+        Self {
+            sent: metrics::counter!("p2p_bytes_sent_total"),
+            received: metrics::counter!("p2p_bytes_received_total"),
+        }
     }
 }
 
@@ -107,10 +130,21 @@ pub(super) struct ConnTask {
     pub(super) corrupt_next: bool,
     /// `Config::write_stall_timeout`.
     pub(super) write_stall_timeout: Duration,
+    pub(super) bytes: ByteCounters,
 }
 
 impl ConnTask {
-    pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self, stream: S) {
+    /// Runs the connection inside a span naming it, so every line it logs says which.
+    pub(super) async fn run<S: AsyncRead + AsyncWrite + Unpin>(self, stream: S) {
+        let span = tracing::debug_span!(
+            "conn",
+            conn = %self.conn,
+            remote = %self.connection.remote().addr,
+        );
+        tracing::Instrument::instrument(self.run_inner(stream), span).await;
+    }
+
+    async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(mut self, stream: S) {
         let mut framed = Framed::new(stream, codec());
         let mut frames_seen = false;
         loop {
@@ -140,6 +174,7 @@ impl ConnTask {
                 frame = framed.next() => match frame {
                     Some(Ok(frame)) => {
                         frames_seen = true;
+                        self.bytes.received.increment(wire_len(frame.len()));
                         let handled = match self.allow.read() {
                             Ok(allow) => {
                                 self.connection.handle_frame(&frame, &allow);
@@ -195,6 +230,7 @@ impl ConnTask {
                     &mut self.corrupt_next,
                     framed,
                     self.write_stall_timeout,
+                    &self.bytes.sent,
                 ) => return written,
                 // The write is blocked (the future above is cancel-safe: no frame is lost
                 // or half-written when it is dropped here and polled anew).

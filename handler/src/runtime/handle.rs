@@ -124,6 +124,7 @@ impl std::fmt::Display for Notice {
 
 /// Counters and sizes, for monitoring and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// Connections the endpoint knows (established or dialing).
     pub open_connections: usize,
@@ -150,6 +151,7 @@ pub struct Status {
 
 /// What shutdown handed back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// Our exchanges that were still pending, with their payloads (memory only: a durable
     /// node keeps them in its store instead, see `kept`).
@@ -454,6 +456,7 @@ impl Handler {
             tasks: JoinSet::new(),
             accepted: 0,
             evicted: 0,
+            bytes: super::conn_task::ByteCounters::new(),
         };
         let network = tokio::spawn(router.run(listener));
         let task = HandlerTask {
@@ -476,6 +479,7 @@ impl Handler {
             deferred: Vec::new(),
             stop: None,
             stop_accepting: false,
+            observer: super::observe::Observer::new(),
             in_flight: None,
             connection_tasks: 0,
             notices_dropped: 0,

@@ -17,6 +17,7 @@ use crate::wire::{ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
 use super::handle::{Command, Notice, ShutdownReport, Status};
+use super::observe::{Gauges, Observer};
 use super::router::{NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
 use super::tap::{Arrival, Tap, Verdict};
@@ -62,6 +63,8 @@ pub(super) struct HandlerTask {
     pub(super) stop: Option<oneshot::Sender<ShutdownReport>>,
     /// A drain began: the router must close the listener (sent from the async loop).
     pub(super) stop_accepting: bool,
+    /// Log lines and metrics.
+    pub(super) observer: Observer,
     /// Durable mode: the commit running, and what waits for it.
     pub(super) in_flight: Option<(Commit, Effects)>,
 }
@@ -108,6 +111,8 @@ impl HandlerTask {
             if std::mem::take(&mut self.stop_accepting) {
                 let _ = self.network.send(NetCommand::StopAccepting).await;
             }
+            self.observer.tick(self.endpoint.stats(), &self.gauges());
+            let summary_due = self.observer.deadline();
             if let Some(reply) = self.stop.take() {
                 break Stop::Shutdown(Some(reply));
             }
@@ -156,6 +161,9 @@ impl HandlerTask {
                 Some(notice) = self.net_notices.recv() => self.net_notice(notice),
                 // Stop reading the network while the application is behind.
                 Some(event) = self.net_events.recv(), if backlog < limit => self.net_event(event),
+                // A throttled log line's summary is due (the tick above writes it).
+                () = tokio::time::sleep_until(summary_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if summary_due.is_some() => {}
             }
             if self.store.is_some() {
                 if self.in_flight.is_none() {
@@ -374,6 +382,7 @@ impl HandlerTask {
 
     fn flush_events(&mut self, events: Vec<Event>) {
         for event in events {
+            self.observer.event(&event);
             if event.is_priority() {
                 self.notice(Notice::Event(event));
             } else {
@@ -386,6 +395,18 @@ impl HandlerTask {
         self.drain_backlogs();
     }
 
+    /// What the gauges show.
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            established: self.endpoint.open_connections(),
+            tasks: self.connection_tasks,
+            outbound_in_flight: self.endpoint.outbound_in_flight(),
+            pending_responses: self.endpoint.pending_responses(),
+            receive_backlog: self.recv_backlog.len(),
+            unread: self.unread,
+        }
+    }
+
     /// Hands the application what its channels have room for.
     fn drain_backlogs(&mut self) {
         drain_into(&mut self.recv_backlog, &self.received);
@@ -395,6 +416,7 @@ impl HandlerTask {
     /// Queues a notice for the priority channel, or counts it dropped when the application
     /// has left `channel_capacity` of them unread.
     fn notice(&mut self, notice: Notice) {
+        self.observer.notice(&notice);
         if self.prio_backlog.len() < self.priority.max_capacity() {
             self.prio_backlog.push_back(notice);
         } else {
@@ -622,6 +644,8 @@ impl HandlerTask {
         // Whatever the application has room for, it gets; the rest is in its inbox or lost
         // with it.
         self.drain_backlogs();
+        let gauges = self.gauges();
+        self.observer.flush(self.endpoint.stats(), &gauges);
         report
     }
 }

@@ -42,6 +42,7 @@
 mod conn_task;
 mod handle;
 mod handler_task;
+mod observe;
 mod router;
 mod slots;
 mod tap;

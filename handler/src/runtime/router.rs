@@ -19,7 +19,7 @@ use crate::identity::{Keypair, PeerId};
 use crate::transport::{Listener, Transport};
 use crate::wire::{CloseReason, Message};
 
-use super::conn_task::{ConnCommand, ConnTask};
+use super::conn_task::{ByteCounters, ConnCommand, ConnTask};
 use super::handle::Notice;
 use super::slots::{Admission, ConnSlot, Forwarded, Slots, forward};
 use super::{SHUTDOWN_GRACE, SharedAllow, now};
@@ -90,6 +90,8 @@ pub(super) struct Router<T: Transport> {
     pub(super) accepted: u64,
     /// Unauthenticated connections evicted to make room, since the start.
     pub(super) evicted: u64,
+    /// Shared by every connection task.
+    pub(super) bytes: ByteCounters,
 }
 
 pub(super) type Accepted<S> = io::Result<(S, SocketAddr)>;
@@ -195,6 +197,7 @@ impl<T: Transport> Router<T> {
         let transport = self.transport.clone();
         let keypair = self.keypair.clone();
         let config = self.config.clone();
+        let bytes = self.bytes.clone();
         let allow = self.allow.clone();
         let events = self.events.clone();
         let admission = Admission::admitted();
@@ -232,6 +235,7 @@ impl<T: Transport> Router<T> {
                         events,
                         corrupt_next: false,
                         write_stall_timeout: config.write_stall_timeout,
+                        bytes,
                     };
                     task.run(stream).await;
                 }
@@ -360,6 +364,7 @@ impl<T: Transport> Router<T> {
             events: self.events.clone(),
             corrupt_next: false,
             write_stall_timeout: self.config.write_stall_timeout,
+            bytes: self.bytes.clone(),
         };
         let abort = self.tasks.spawn(async move {
             task.run(stream).await;

@@ -14,6 +14,7 @@ use crate::wire::{AbortReason, CloseReason, ExchangeId, NackReason};
 
 /// Why an outbound exchange was retried (and, once attempts run out, why it failed).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryCause {
     /// The connection could not be opened or its handshake failed.
     DialFailed(String),
@@ -155,6 +156,7 @@ pub enum LimitKind {
 /// outbound in `Reply` or `Failed`; inbound in `ResponseDelivered`, `ResponseUnconfirmed`,
 /// `ResponseTimedOut`, `ResponseAborted` or `ResponseCancelled`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A peer's request, delivered once. Answer with [`Endpoint::respond`].
     Request {
@@ -422,6 +424,7 @@ pub enum RespondError {
 
 /// Counters, for tests, the simulator and monitoring.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Connections dialed.
     pub dials: u64,
