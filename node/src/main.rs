@@ -14,10 +14,18 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
+mod allow;
+mod config;
+mod logging;
+mod metrics;
+
+use allow::{AllowFile, AllowSource};
 use clap::{Parser, Subcommand};
+use config::{LogFormat, NodeFile};
 use p2p_handler::{
     AllowList, Config, Event, ExchangeId, HandlerError, Keypair, Options, P2pHandler, PeerId,
 };
@@ -26,7 +34,11 @@ use p2p_handler::{
 #[command(
     name = "p2p-node",
     version,
-    about = "An authenticated peer-to-peer exchange node"
+    about = "An authenticated peer-to-peer exchange node",
+    after_help = "Logging: lines go to stderr. RUST_LOG sets the filter and overrides the config \
+file's [log] level (e.g. RUST_LOG=debug, or RUST_LOG=p2p_handler=debug,warn); the default \
+is info for serve (nothing per successful exchange, one line per problem) and warn \
+otherwise. --log-format json writes one JSON object per line."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,15 +63,22 @@ enum Cmd {
         key: PathBuf,
     },
     /// Answer requests: echo each one, or pipe it through a command and reply with its output.
+    ///
+    /// Runs until SIGTERM or Ctrl-C (or `--count`), then stops gracefully: it stops accepting,
+    /// refuses new requests, and gives exchanges in flight `grace` to finish. SIGHUP reloads
+    /// the allow list at once (it is also reloaded when its file changes).
     Serve {
+        /// Node config file (TOML; see deploy/node.toml). Flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// This node's key file.
         #[arg(long)]
-        key: PathBuf,
-        /// Address to listen on (port 0 picks one and prints it).
-        #[arg(long, default_value = "127.0.0.1:7000")]
-        listen: String,
+        key: Option<PathBuf>,
+        /// Address to listen on (port 0 picks one and prints it). Default 127.0.0.1:7000.
+        #[arg(long)]
+        listen: Option<String>,
         /// Allow-list file (TOML) of the peers that may talk to this node.
-        #[arg(long, required_unless_present = "allow_any_peer_insecure")]
+        #[arg(long)]
         allow: Option<PathBuf>,
         /// Accept any authenticated peer. Only for experiments.
         #[arg(long)]
@@ -67,27 +86,41 @@ enum Cmd {
         /// Shell command that turns each request (on stdin) into its reply (stdout).
         #[arg(long)]
         exec: Option<String>,
-        /// Stop after answering this many requests (default: run until killed).
+        /// Stop after answering this many requests (default: run until stopped).
         #[arg(long)]
         count: Option<u64>,
         /// Commands run at once, for different requests; more requests wait their turn.
-        #[arg(long, default_value_t = 8)]
-        jobs: usize,
+        /// Default 8.
+        #[arg(long)]
+        jobs: Option<usize>,
         /// How long the application may take to answer a request; a command still running
-        /// then is killed, and the dialer is told (Abort NoResponse).
-        #[arg(long, default_value = "25", value_name = "SECONDS")]
-        response_timeout: u64,
+        /// then is killed, and the dialer is told (Abort NoResponse). Default 25.
+        #[arg(long, value_name = "SECONDS")]
+        response_timeout: Option<u64>,
         /// Keep exchanges in this directory, so that a restart (even after a crash) loses
         /// none: requests acknowledged and not answered are run again (the command sees
         /// P2P_REDELIVERED=1), answered ones are never run twice.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// On SIGTERM or Ctrl-C, how long exchanges in flight may take to finish
+        /// (e.g. "10s"). Default 10s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<Duration>,
+        /// Serve Prometheus metrics on this address (GET /metrics).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// Log format: text (default) or json (one object per line).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Send one request (or several) and print the reply and timings.
     Send {
+        /// Node config file (TOML): its key, data_dir, [log] and [handler] are used.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// This node's key file.
         #[arg(long)]
-        key: PathBuf,
+        key: Option<PathBuf>,
         /// The responder, as PEER_ID@HOST:PORT.
         #[arg(long)]
         to: String,
@@ -105,17 +138,13 @@ enum Cmd {
         /// requests it had not finished and prints their outcomes too.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Log format: text (default) or json (one object per line).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -129,12 +158,16 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn run(command: Cmd) -> Result<()> {
     match command {
-        Cmd::Keygen { out, force } => keygen(&out, force),
+        Cmd::Keygen { out, force } => {
+            logging::init(LogFormat::Text, None, "warn")?;
+            keygen(&out, force)
+        }
         Cmd::Id { key } => {
             println!("{}", Keypair::from_file(&key)?.peer_id());
             Ok(())
         }
         Cmd::Serve {
+            config,
             key,
             listen,
             allow,
@@ -144,32 +177,66 @@ fn run(command: Cmd) -> Result<()> {
             jobs,
             response_timeout,
             data_dir,
+            grace,
+            metrics,
+            log_format,
         } => {
-            let allow = match allow {
-                Some(path) => AllowList::from_file(path)?,
-                None if allow_any_peer_insecure => AllowList::allow_any_peer_insecure(),
-                None => return Err("--allow or --allow-any-peer-insecure is required".into()),
-            };
-            let config = Config {
-                response_timeout: Duration::from_secs(response_timeout.max(1)),
-                ..Config::default()
+            let file = load_config(config.as_deref())?;
+            logging::init(
+                log_format.or(file.log.format).unwrap_or_default(),
+                file.log.level.as_deref(),
+                "info",
+            )?;
+            let mut handler = file.handler_config();
+            if let Some(secs) = response_timeout {
+                handler.response_timeout = Duration::from_secs(secs.max(1));
+            }
+            let key = key.or(file.key).ok_or(NO_KEY)?;
+            let allow = match allow.or(file.allow) {
+                Some(path) => AllowSource::File(path),
+                None if allow_any_peer_insecure || file.allow_any_peer_insecure => {
+                    AllowSource::AnyPeerInsecure
+                }
+                None => {
+                    return Err("--allow FILE (or `allow` in the config file) is required; \
+                                --allow-any-peer-insecure accepts anyone, for experiments"
+                        .into());
+                }
             };
             let options = ServeOptions {
-                exec,
+                exec: exec.or(file.exec),
                 count,
-                jobs: jobs.max(1),
+                jobs: jobs.or(file.jobs).unwrap_or(8).max(1),
+                grace: grace.or(file.grace).unwrap_or(Duration::from_secs(10)),
+                allow_reload_interval: file.allow_reload_interval.unwrap_or(Duration::from_secs(2)),
+                metrics: metrics.or(file.metrics.listen),
             };
-            let start = start_options(config, data_dir.as_deref())?;
-            serve(Keypair::from_file(&key)?, &listen, allow, start, &options)
+            let listen = listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
+            let start = start_options(handler, data_dir.or(file.data_dir).as_deref())?;
+            serve(load_key(&key)?, &listen, allow, start, &options)
         }
         Cmd::Send {
+            config,
             key,
             to,
             message,
             repeat,
             timeout,
             data_dir,
+            log_format,
         } => {
+            let file = load_config(config.as_deref())?;
+            // A command-line client prints the outcome itself; the handler's own lines
+            // (retries, the failure it then reports) only when asked for with RUST_LOG.
+            logging::init(
+                log_format.or(file.log.format).unwrap_or_default(),
+                file.log.level.as_deref(),
+                "error",
+            )?;
+            let handler = file.handler_config();
+            let key = key.or(file.key).ok_or(NO_KEY)?;
             let (peer, addr) = parse_target(&to)?;
             let message = match message {
                 Some(m) => m.into_bytes(),
@@ -179,20 +246,51 @@ fn run(command: Cmd) -> Result<()> {
                     buf
                 }
             };
+            // One second over the budget: the outcome itself arrives first.
+            let timeout = timeout.map_or_else(
+                || handler.exchange_budget() + Duration::from_secs(1),
+                Duration::from_secs,
+            );
             send(
-                Keypair::from_file(&key)?,
+                load_key(&key)?,
                 (peer, addr),
                 message,
                 repeat.max(1),
-                // One second over the budget: the outcome itself arrives first.
-                timeout.map_or_else(
-                    || Config::default().exchange_budget() + Duration::from_secs(1),
-                    Duration::from_secs,
-                ),
-                start_options(Config::default(), data_dir.as_deref())?,
+                timeout,
+                start_options(handler, data_dir.or(file.data_dir).as_deref())?,
             )
         }
     }
+}
+
+const NO_KEY: &str = "no key: give --key FILE (or `key` in the config file)";
+
+/// The config file, or an empty one (every default) without `--config`.
+fn load_config(path: Option<&Path>) -> Result<NodeFile> {
+    Ok(match path {
+        Some(path) => NodeFile::load(path)?,
+        None => NodeFile::default(),
+    })
+}
+
+/// Loads a key file, warning when other users can read it.
+fn load_key(path: &Path) -> Result<Keypair> {
+    let key = Keypair::from_file(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "key file {} can be read by other users (mode {mode:o}); \
+                     `chmod 600` it",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(key)
 }
 
 fn keygen(out: &Path, force: bool) -> Result<()> {
@@ -246,27 +344,80 @@ struct ServeOptions {
     exec: Option<String>,
     count: Option<u64>,
     jobs: usize,
+    grace: Duration,
+    allow_reload_interval: Duration,
+    metrics: Option<SocketAddr>,
 }
 
-/// Answers requests until `count` are answered (or forever). Nothing one request does can
-/// stop it: a reply the dialer cannot take, a command that fails or runs too long, an
-/// answer that comes too late are all reported on stderr, and serving goes on. Commands
-/// run on their own threads, up to `jobs` at once, so a slow one delays no one else.
+/// The signals a serving node acts on, as flags its loop polls.
+struct Signals {
+    /// SIGTERM or SIGINT: stop gracefully; a second one stops at once.
+    stop: Arc<AtomicUsize>,
+    /// SIGHUP: reload the allow list now.
+    reload: Arc<AtomicBool>,
+}
+
+impl Signals {
+    /// Listens for the signals on a thread of their own (signal-hook's iterator: no code
+    /// runs in the signal handler but its own).
+    fn register() -> Result<Self> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let stop = Arc::new(AtomicUsize::new(0));
+        let reload = Arc::new(AtomicBool::new(false));
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        let (stop_flag, reload_flag) = (stop.clone(), reload.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if signal == SIGHUP {
+                        reload_flag.store(true, Ordering::Release);
+                    } else {
+                        stop_flag.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            })?;
+        Ok(Self { stop, reload })
+    }
+}
+
+/// Answers requests until stopped (SIGTERM, Ctrl-C) or until `count` are answered. Nothing
+/// one request does can stop it: a reply the dialer cannot take, a command that fails or
+/// runs too long, an answer that comes too late are all logged, and serving goes on.
+/// Commands run on their own threads, up to `jobs` at once, so a slow one delays no one
+/// else.
+///
+/// Stopping is graceful: the listener closes, new requests are Nacked `ShuttingDown`, and
+/// the exchanges in flight get `grace` to finish; what is left then is persisted (with a
+/// data directory) or failed back, connections are closed with `Close{ShuttingDown}`, and
+/// the process exits 0. A second signal skips the rest of the grace period.
 fn serve(
     key: Keypair,
     listen: &str,
-    allow: AllowList,
+    allow: AllowSource,
     start: Options,
     options: &ServeOptions,
 ) -> Result<()> {
+    // Before the handler starts, so that its metrics register with the recorder.
+    if let Some(addr) = options.metrics {
+        let bound = metrics::serve(addr)?;
+        println!("metrics on http://{bound}/metrics");
+    }
     let deadline = start.config.response_timeout;
-    let node = P2pHandler::with_options(listen, key, allow, start)?;
+    let mut allow = AllowFile::load(allow, SystemTime::now())?;
+    let signals = Signals::register()?;
+    let node = P2pHandler::with_options(listen, key, allow.in_force(), start)?;
     println!(
         "listening on {} as {}",
         node.local_address(),
         node.local_peer_id()
     );
     std::io::stdout().flush()?;
+    tracing::info!(
+        "listening on {} as {}",
+        node.local_address(),
+        node.local_peer_id()
+    );
     let answered = AtomicU64::new(0);
     let done = |answered: &AtomicU64| {
         options
@@ -278,10 +429,46 @@ fn serve(
     for _ in 0..options.jobs {
         free_tx.send(())?;
     }
-    let stopped = std::thread::scope(|scope| -> Result<()> {
+    let mut next_check = Instant::now();
+    let mut draining_since: Option<Instant> = None;
+    // Set when serving ends: commands still running are killed, their threads end.
+    let stopped = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| -> Result<()> {
         while !done(&answered) {
-            report_notices(&node);
-            let Some(event) = node.receive_timeout(Duration::from_millis(200)) else {
+            let now = Instant::now();
+            let forced = signals.reload.swap(false, Ordering::AcqRel);
+            let expiry_due = allow.next_expiry().is_some_and(|t| t <= SystemTime::now());
+            if forced || expiry_due || now >= next_check {
+                allow.refresh(&node, forced, SystemTime::now());
+                next_check = now + options.allow_reload_interval;
+            }
+            match (signals.stop.load(Ordering::Acquire), draining_since) {
+                (0, _) => {}
+                (_, None) => {
+                    tracing::info!(
+                        "stopping: no new requests; exchanges in flight have {:?} to finish",
+                        options.grace
+                    );
+                    node.drain()?;
+                    draining_since = Some(now);
+                }
+                (n, Some(since)) => {
+                    let status = node.status()?;
+                    if status.drained {
+                        tracing::info!("every exchange in flight finished");
+                        break;
+                    }
+                    if n > 1 || now.duration_since(since) >= options.grace {
+                        tracing::warn!(
+                            "stopping with {} of our exchanges and {} requests unfinished",
+                            status.outbound_in_flight,
+                            status.pending_responses
+                        );
+                        break;
+                    }
+                }
+            }
+            let Some(event) = node.receive_timeout(Duration::from_millis(100)) else {
                 continue;
             };
             let Event::Request {
@@ -290,76 +477,59 @@ fn serve(
                 exchange,
                 payload,
                 redelivered,
+                ..
             } = event
             else {
-                report_outcome(&event);
                 continue;
             };
-            let again = if redelivered { " (redelivered)" } else { "" };
-            eprintln!(
-                "request {exchange} from {} at {addr} ({} bytes){again}",
-                peer.short(),
-                payload.len()
+            tracing::debug!(
+                peer = %peer.short(), %addr, %exchange, bytes = payload.len(), redelivered,
+                "request"
             );
             let Some(cmd) = options.exec.as_deref() else {
                 answer(&node, peer, exchange, payload.to_vec(), &answered)?;
                 continue;
             };
-            // Wait for a free slot, still reporting what happens meanwhile.
-            while free_rx.recv_timeout(Duration::from_millis(200)).is_err() {
-                report_notices(&node);
-            }
-            let (node, answered, free_tx) = (&node, &answered, free_tx.clone());
+            // Wait for a free slot.
+            while free_rx.recv_timeout(Duration::from_millis(200)).is_err() {}
+            let (node, answered, free_tx, stopped) = (&node, &answered, free_tx.clone(), &stopped);
             scope.spawn(move || {
                 let env = [
                     ("P2P_PEER", peer.to_string()),
                     ("P2P_EXCHANGE", exchange.to_string()),
                     ("P2P_REDELIVERED", u8::from(redelivered).to_string()),
                 ];
-                match pipe(cmd, &payload, &env, deadline) {
+                match pipe(cmd, &payload, &env, deadline, stopped) {
                     Ok(reply) => {
                         // Only a stopped node fails here, and the main loop sees that too.
                         let _ = answer(node, peer, exchange, reply, answered);
                     }
                     // Not answering tells the dialer (Abort NoResponse) at the timeout.
-                    Err(e) => eprintln!("command failed, not answering {exchange}: {e}"),
+                    Err(e) => tracing::warn!("command failed, not answering {exchange}: {e}"),
                 }
                 let _ = free_tx.send(());
             });
         }
+        stopped.store(true, Ordering::Release);
         Ok(())
     });
     let report = node.shutdown();
-    eprintln!(
-        "answered {} requests; {} unanswered at shutdown",
+    tracing::info!(
+        "stopped: answered {} requests; {} unanswered at shutdown{}",
         answered.load(Ordering::Acquire),
-        report.unanswered_requests
+        report.unanswered_requests,
+        if report.kept > 0 {
+            format!("; {} of ours kept in the data directory", report.kept)
+        } else {
+            String::new()
+        }
     );
-    stopped
+    result
 }
 
-/// Prints the notices waiting on the priority channel (peer errors, limits).
-fn report_notices(node: &P2pHandler) {
-    while let Some(notice) = node.check_priority() {
-        eprintln!("notice: {notice}");
-    }
-}
-
-/// Reports how a request we received ended, when it did not end well.
+/// Reports how a request of an earlier run (kept in the data directory) ended.
 fn report_outcome(event: &Event) {
     match event {
-        Event::ResponseAborted {
-            peer,
-            exchange,
-            reason,
-        } => eprintln!("request {exchange} from {} aborted: {reason}", peer.short()),
-        Event::ResponseTimedOut { peer, exchange } => eprintln!(
-            "request {exchange} from {} not answered in time",
-            peer.short()
-        ),
-        Event::ResponseUnconfirmed { peer, exchange } => {
-            eprintln!("reply to {exchange} from {} not confirmed", peer.short())
-        }
         Event::Reply {
             peer,
             exchange,
@@ -412,7 +582,13 @@ fn answer(
 /// its own thread while the output is read, so neither pipe can fill up and block the
 /// other, whatever the sizes. A command (with everything it started) still running after
 /// `deadline` is killed.
-fn pipe(cmd: &str, input: &[u8], env: &[(&str, String)], deadline: Duration) -> Result<Vec<u8>> {
+fn pipe(
+    cmd: &str,
+    input: &[u8],
+    env: &[(&str, String)],
+    deadline: Duration,
+    stopped: &AtomicBool,
+) -> Result<Vec<u8>> {
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -445,11 +621,22 @@ fn pipe(cmd: &str, input: &[u8], env: &[(&str, String)], deadline: Duration) -> 
                 let _ = out_tx.send(read);
             });
         }
-        let output: Result<Vec<u8>> = match out_rx.recv_timeout(deadline) {
-            Ok(read) => read.map_err(Into::into),
-            Err(_) => {
-                kill_group(&mut child);
-                Err(format!("{cmd:?} still running after {deadline:?}: killed").into())
+        let started = Instant::now();
+        let output: Result<Vec<u8>> = loop {
+            // In slices, so that a node stopping does not wait for its commands.
+            match out_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(read) => break read.map_err(Into::into),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    if started.elapsed() < deadline && !stopped.load(Ordering::Acquire) => {}
+                Err(_) => {
+                    kill_group(&mut child);
+                    let why = if stopped.load(Ordering::Acquire) {
+                        "the node stopped".to_owned()
+                    } else {
+                        format!("still running after {deadline:?}")
+                    };
+                    break Err(format!("{cmd:?} killed: {why}").into());
+                }
             }
         };
         let status = child.wait()?;

@@ -1,0 +1,192 @@
+//! The allow list of a serving node, kept in step with its file and with the expiry of its
+//! entries.
+//!
+//! The file is read every `allow_reload_interval`; a change is applied once two reads in a
+//! row agree (so a file caught half-written by an editor is not applied, nor reported), and
+//! at once on SIGHUP. A new file that does not parse is reported and the list in force
+//! stays. Expiries are applied as they come: an expired entry is treated as removed. Each
+//! change reaches the handler as a whole new list ([`P2pHandler::set_allow_list`]), which
+//! disconnects removed peers and fails their exchanges with the payload back.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use p2p_handler::{AllowList, P2pHandler, PeerId};
+
+/// Where the list comes from.
+pub(crate) enum AllowSource {
+    /// A file, watched.
+    File(PathBuf),
+    /// Any authenticated peer (`--allow-any-peer-insecure`).
+    AnyPeerInsecure,
+}
+
+/// The list in force and what it came from.
+pub(crate) struct AllowFile {
+    path: Option<PathBuf>,
+    /// The file's text as last applied (or found invalid), to notice changes.
+    text: String,
+    /// A changed text seen once, applied when the next read agrees.
+    pending: Option<String>,
+    /// The list as loaded, expiries included, and when.
+    list: AllowList,
+    loaded: SystemTime,
+    /// What the handler has now: `list` minus the expired entries.
+    applied: AllowList,
+}
+
+impl AllowFile {
+    /// Loads the list at start. Unlike a reload, a bad file here is an error.
+    pub(crate) fn load(source: AllowSource, now: SystemTime) -> Result<Self, String> {
+        let (path, text, list) = match source {
+            AllowSource::File(path) => {
+                let text = read(&path)?;
+                let list = parse(&text, &path)?;
+                (Some(path), text, list)
+            }
+            AllowSource::AnyPeerInsecure => {
+                (None, String::new(), AllowList::allow_any_peer_insecure())
+            }
+        };
+        let (applied, expired) = list.in_force_at(now, now);
+        let file = Self {
+            path,
+            text,
+            pending: None,
+            list,
+            loaded: now,
+            applied,
+        };
+        file.report_expired(&expired, "at start");
+        if !file.applied.is_allow_any() && file.applied.peers().next().is_none() {
+            tracing::warn!(
+                "the allow list {} lists no peer in force: no one can talk to this node \
+                 until it does",
+                file.shown()
+            );
+        }
+        Ok(file)
+    }
+
+    /// The list to start the handler with.
+    pub(crate) fn in_force(&self) -> AllowList {
+        self.applied.clone()
+    }
+
+    /// When the next entry expires, if any does.
+    pub(crate) fn next_expiry(&self) -> Option<SystemTime> {
+        self.list.next_expiry(self.loaded)
+    }
+
+    /// Reads the file and applies a change (at once when `forced`, on SIGHUP; otherwise
+    /// once it reads the same twice), then applies expiries. Problems are logged, never
+    /// fatal: the list in force stays.
+    pub(crate) fn refresh(&mut self, node: &P2pHandler, forced: bool, now: SystemTime) {
+        if let Some(path) = self.path.clone() {
+            match read(&path) {
+                Err(e) => {
+                    if forced || self.pending.is_none() {
+                        tracing::warn!("{e}; the allow list in force stays");
+                    }
+                }
+                Ok(text) if text == self.text => self.pending = None,
+                Ok(text) if forced || self.pending.as_ref() == Some(&text) => {
+                    self.pending = None;
+                    self.reload(node, &path, text, now);
+                }
+                // Changed since the last read: wait for it to settle.
+                Ok(text) => self.pending = Some(text),
+            }
+        }
+        self.expire(node, now);
+    }
+
+    fn reload(&mut self, node: &P2pHandler, path: &Path, text: String, now: SystemTime) {
+        let parsed = parse(&text, path);
+        self.text = text;
+        match parsed {
+            Err(e) => tracing::error!("{e}; the allow list in force stays"),
+            Ok(list) => {
+                self.list = list;
+                self.loaded = now;
+                let (applied, expired) = self.list.in_force_at(now, now);
+                let removed = self.apply(node, applied);
+                tracing::info!(
+                    "allow list {} reloaded: {} peers in force{}",
+                    self.shown(),
+                    self.applied.peers().count(),
+                    listed(" removed: ", &removed)
+                );
+                self.report_expired(&expired, "in the new file");
+            }
+        }
+    }
+
+    /// Drops the entries whose time has come.
+    fn expire(&mut self, node: &P2pHandler, now: SystemTime) {
+        let (in_force, _) = self.list.in_force_at(now, self.loaded);
+        if in_force == self.applied {
+            return;
+        }
+        let removed = self.apply(node, in_force);
+        for peer in removed {
+            tracing::warn!(
+                "the allow-list entry of peer {} expired: disconnected, its exchanges fail",
+                self.name(&peer)
+            );
+        }
+    }
+
+    /// Hands `list` to the handler; returns the peers it removed.
+    fn apply(&mut self, node: &P2pHandler, list: AllowList) -> Vec<PeerId> {
+        self.applied = list.clone();
+        match node.set_allow_list(list) {
+            Ok(removed) => removed,
+            Err(e) => {
+                tracing::error!("cannot change the allow list: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn report_expired(&self, expired: &[PeerId], when: &str) {
+        for peer in expired {
+            tracing::warn!(
+                "the allow-list entry of peer {} in {} has expired already ({when}): not allowed",
+                self.name(peer),
+                self.shown()
+            );
+        }
+    }
+
+    /// A peer as logs name it: its short id, and the file's label if it has one.
+    fn name(&self, peer: &PeerId) -> String {
+        match self.list.get(peer).and_then(|e| e.name.as_deref()) {
+            Some(name) => format!("{} ({name})", peer.short()),
+            None => peer.short().to_string(),
+        }
+    }
+
+    fn shown(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "(any peer)".to_owned(), |p| p.display().to_string())
+    }
+}
+
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read allow list {}: {e}", path.display()))
+}
+
+fn parse(text: &str, path: &Path) -> Result<AllowList, String> {
+    AllowList::from_toml_str(text, &path.display().to_string()).map_err(|e| e.to_string())
+}
+
+fn listed(prefix: &str, peers: &[PeerId]) -> String {
+    if peers.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = peers.iter().map(|p| p.short().to_string()).collect();
+    format!(";{prefix}{}", names.join(", "))
+}

@@ -1,0 +1,547 @@
+//! `p2p-node serve` as a service, from outside: a config file, metrics scraped over HTTP,
+//! SIGTERM mid-burst, allow-list reloads (file change, SIGHUP, expiry), throttled and JSON
+//! logs, start-up warnings. Every wait is for a line, an exit or a scraped value, bounded
+//! by a deadline; no sleep stands in for synchronisation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
+
+#[path = "../../handler/tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::RawPeer;
+use p2p_handler::Keypair;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use support::{Setup, node};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A serving node whose stdout and stderr are read line by line as they come.
+struct Served {
+    child: Child,
+    target: String,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+    /// Every stderr line so far.
+    log: Vec<String>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// Starts `p2p-node serve ARGS` (with `env`) in the setup's directory.
+    fn start(setup: &Setup, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = node()
+            .arg("serve")
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .current_dir(&setup.dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut metrics = None;
+        let (target, addr) = loop {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "serve ended early"
+            );
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["metrics", "on", url] => {
+                    let addr = url
+                        .trim_start_matches("http://")
+                        .trim_end_matches("/metrics");
+                    metrics = Some(addr.parse().unwrap());
+                }
+                ["listening", "on", addr, "as", id] => {
+                    break (format!("{id}@{addr}"), addr.parse().unwrap());
+                }
+                _ => panic!("unexpected output {line:?}"),
+            }
+        };
+        Self {
+            child,
+            target,
+            addr,
+            metrics,
+            log: Vec::new(),
+            lines,
+        }
+    }
+
+    /// Waits for a stderr line containing `text`; returns it.
+    fn wait_log(&mut self, text: &str) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(text)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {text:?}; log: {:#?}", self.log));
+            self.log.push(line.clone());
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits until `n` stderr lines contain `text`.
+    fn wait_count(&mut self, text: &str, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.log.iter().filter(|l| l.contains(text)).count() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "fewer than {n} log lines with {text:?}; log: {:#?}",
+                    self.log
+                )
+            });
+            self.log.push(line);
+        }
+    }
+
+    /// Sends a signal to the process.
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its status and its whole log.
+    fn exit(mut self) -> (ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "serve did not exit");
+            // Block on the log meanwhile: the process writes its last lines as it stops.
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.log.push(line);
+            }
+        };
+        let mut log = std::mem::take(&mut self.log);
+        log.extend(self.lines.iter());
+        (status, log)
+    }
+
+    /// One scrape of `/metrics`.
+    fn scrape(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics.unwrap()).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+
+    /// The value of the metric line starting with `series` (name and labels).
+    fn metric(&self, series: &str) -> Option<f64> {
+        self.scrape()
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Scrapes until `series` reaches `at_least`.
+    fn wait_metric(&self, series: &str, at_least: f64) {
+        let deadline = Instant::now() + WAIT;
+        while self.metric(series).is_none_or(|v| v < at_least) {
+            assert!(
+                Instant::now() < deadline,
+                "{series} never reached {at_least}: {}",
+                self.scrape()
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `p2p-node send` as `client` to `target`; returns (success, stdout, stderr).
+fn send(setup: &Setup, client: &str, target: &str, message: &str) -> (bool, String, String) {
+    let out = send_cmd(setup, client, target, message).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn send_cmd(setup: &Setup, client: &str, target: &str, message: &str) -> Command {
+    let mut cmd = setup.send(client, target);
+    cmd.args(["--timeout", "30"]).arg(message);
+    cmd
+}
+
+fn write(setup: &Setup, name: &str, text: &str) {
+    // Written aside and renamed, as careful tools do: a reader never sees half a file.
+    let tmp = setup.dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, setup.dir.join(name)).unwrap();
+}
+
+fn id_of(setup: &Setup, name: &str) -> String {
+    support::output(
+        node()
+            .args(["id", "--key"])
+            .arg(setup.dir.join(format!("{name}.key"))),
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_config_file_sets_the_node_up_and_flags_override_it() {
+    let setup = Setup::new("config");
+    write(
+        &setup,
+        "node.toml",
+        "listen = \"127.0.0.1:1\"\nkey = \"bob.key\"\nallow = \"allow.toml\"\n\
+         exec = \"tr a-z A-Z\"\n\n[handler]\nresponse_timeout = \"5s\"\n",
+    );
+    // --listen overrides the file's (unusable) port 1.
+    let served = Served::start(
+        &setup,
+        &["--config", "node.toml", "--listen", "127.0.0.1:0"],
+        &[],
+    );
+    let (ok, out, err) = send(&setup, "alice", &served.target, "hello");
+    assert!(ok, "{err}");
+    assert_eq!(out, "HELLO\n");
+    // A bad file stops the node before it starts, naming the file, the line and the field.
+    write(
+        &setup,
+        "bad.toml",
+        "key = \"bob.key\"\n\n[handler]\nmax_atempts = 3\n",
+    );
+    let out = node()
+        .args(["serve", "--config", "bad.toml"])
+        .current_dir(&setup.dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.toml") && err.contains("line 4") && err.contains("max_atempts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metrics_are_scraped_over_http_and_count_exchanges() {
+    let setup = Setup::new("metrics");
+    let served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    for i in 0..3 {
+        let (ok, _, err) = send(&setup, "alice", &served.target, &format!("m{i}"));
+        assert!(ok, "{err}");
+    }
+    served.wait_metric("p2p_responses_total{outcome=\"delivered\"}", 3.0);
+    assert_eq!(served.metric("p2p_requests_delivered_total"), Some(3.0));
+    assert_eq!(served.metric("p2p_duplicates_dropped_total"), Some(0.0));
+    assert!(served.metric("p2p_bytes_received_total").unwrap() > 0.0);
+    assert!(served.metric("p2p_bytes_sent_total").unwrap() > 0.0);
+    assert_eq!(served.metric("p2p_pending_responses"), Some(0.0));
+    // Anything but /metrics is a 404, and a bad client does not stop the endpoint.
+    let mut stream = TcpStream::connect(served.metrics.unwrap()).unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    drop(TcpStream::connect(served.metrics.unwrap()).unwrap());
+    assert_eq!(served.metric("p2p_requests_delivered_total"), Some(3.0));
+}
+
+#[test]
+fn sigterm_mid_burst_lets_exchanges_in_flight_finish_and_exits_zero() {
+    let setup = Setup::new("sigterm");
+    let echo = setup.gated_echo();
+    let mut served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--exec",
+            &echo,
+            "--grace",
+            "60s",
+        ],
+        &[("RUST_LOG", "info,p2p_node=debug")],
+    );
+    // Two requests whose commands wait on the gate.
+    let senders: Vec<Child> = ["alice", "carol"]
+        .iter()
+        .map(|c| {
+            send_cmd(&setup, c, &served.target, &format!("slow {c}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    served.wait_count("request", 2);
+    served.signal("TERM");
+    served.wait_log("stopping");
+    // The listener is closed: new connections are refused at once.
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(served.addr).is_ok() {
+        assert!(Instant::now() < deadline, "listener still open");
+        std::thread::yield_now();
+    }
+    // The commands finish; both dialers get their replies.
+    setup.open_gate();
+    for (sender, client) in senders.into_iter().zip(["alice", "carol"]) {
+        let out = sender.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("slow {client}\n")
+        );
+    }
+    let (status, log) = served.exit();
+    assert!(status.success(), "{status}: {log:#?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("every exchange in flight finished")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn the_grace_period_bounds_a_stop_and_the_exit_is_still_clean() {
+    let setup = Setup::new("grace");
+    let echo = setup.gated_echo();
+    let mut served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--exec",
+            &echo,
+            "--grace",
+            "300ms",
+        ],
+        &[("RUST_LOG", "info,p2p_node=debug")],
+    );
+    let sender = send_cmd(&setup, "alice", &served.target, "slow forever")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    served.wait_log("request");
+    served.signal("TERM");
+    let (status, log) = served.exit();
+    assert!(status.success(), "{status}: {log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("1 requests unfinished")),
+        "{log:#?}"
+    );
+    // The dialer is told (Abort ShuttingDown), with its payload back, rather than waiting.
+    let out = sender.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("shutting down"), "{err}");
+    // The command was killed with the node: nothing waits on the gate any more.
+    assert!(
+        log.iter().any(|l| l.contains("killed: the node stopped")),
+        "{log:#?}"
+    );
+}
+
+#[test]
+fn the_allow_list_follows_its_file_sighup_and_expiry() {
+    let setup = Setup::new("reload");
+    let (alice, carol) = (id_of(&setup, "alice"), id_of(&setup, "carol"));
+    write(
+        &setup,
+        "node.toml",
+        "key = \"bob.key\"\nallow = \"allow.toml\"\nlisten = \"127.0.0.1:0\"\n\
+         allow_reload_interval = \"20ms\"\n",
+    );
+    let mut served = Served::start(&setup, &["--config", "node.toml"], &[]);
+    assert!(send(&setup, "alice", &served.target, "in").0);
+    // Alice is dropped from the file: she is refused from then on; Carol is not.
+    write(
+        &setup,
+        "allow.toml",
+        &format!("[[peer]]\nid = \"{carol}\"\nname = \"carol\"\n"),
+    );
+    served.wait_log("reloaded");
+    let line = served.wait_log("removed");
+    assert!(line.contains(&alice[..8]), "{line}");
+    let (ok, _, err) = send(&setup, "alice", &served.target, "out");
+    assert!(!ok && err.contains("allow list"), "{err}");
+    assert!(send(&setup, "carol", &served.target, "still in").0);
+    // A file that does not parse is reported, and the list in force stays.
+    write(&setup, "allow.toml", "[[peer]]\nid = \"not hex\"\n");
+    served.signal("HUP");
+    let line = served.wait_log("invalid allow list");
+    assert!(line.contains("line 2"), "{line}");
+    assert!(send(&setup, "carol", &served.target, "still in").0);
+    // Carol's entry now expires shortly after the reload: then she is out too.
+    write(
+        &setup,
+        "allow.toml",
+        &format!("[[peer]]\nid = \"{carol}\"\nname = \"carol\"\nexpires = \"300ms\"\n"),
+    );
+    served.signal("HUP");
+    let line = served.wait_log("expired");
+    assert!(line.contains("carol"), "{line}");
+    let (ok, _, err) = send(&setup, "carol", &served.target, "late");
+    assert!(!ok && err.contains("allow list"), "{err}");
+}
+
+#[test]
+fn a_burst_of_unlisted_keys_writes_one_line_and_a_count() {
+    let setup = Setup::new("flood");
+    let served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    const STRANGERS: usize = 200;
+    for _ in 0..STRANGERS {
+        // The handshake completes on our side; the node then finds the key unlisted.
+        let _ = RawPeer::dial(served.addr, &Keypair::generate(&mut rng), 1 << 20);
+    }
+    served.wait_metric(
+        "p2p_handshake_failures_total{cause=\"not_allowed\"}",
+        STRANGERS as f64,
+    );
+    served.signal("TERM");
+    let (status, log) = served.exit();
+    assert!(status.success(), "{log:#?}");
+    let refusals: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("not on the allow list"))
+        .collect();
+    assert_eq!(refusals.len(), 2, "a line and a summary: {refusals:#?}");
+    assert!(
+        refusals[1].contains(&format!("{} more like this", STRANGERS - 1)),
+        "{}",
+        refusals[1]
+    );
+    // Not a terminal: no colour codes.
+    assert!(log.iter().all(|l| !l.contains('\u{1b}')), "{log:#?}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let setup = Setup::new("json");
+    let mut served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    let line = served.wait_log("listening on");
+    assert!(
+        line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":\"INFO\""),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_readable_key_and_an_empty_allow_list_are_warned_about() {
+    let setup = Setup::new("warn");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = setup.dir.join("bob.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    write(&setup, "empty.toml", "");
+    let mut served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "empty.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    served.wait_log("lists no peer");
+    #[cfg(unix)]
+    served.wait_log("can be read by other users");
+}
