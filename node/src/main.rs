@@ -214,8 +214,10 @@ fn run(command: Cmd) -> Result<()> {
             let listen = listen
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
+            // The key first: a node that cannot be itself touches no data directory.
+            let key = load_key(&key)?;
             let start = start_options(handler, data_dir.or(file.data_dir).as_deref())?;
-            serve(load_key(&key)?, &listen, allow, start, &options)
+            serve(key, &listen, allow, start, &options)
         }
         Cmd::Send {
             config,
