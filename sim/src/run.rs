@@ -189,6 +189,9 @@ enum NodeCommand {
     Revoke {
         peer: PeerId,
     },
+    SetAllowList {
+        peers: Vec<PeerId>,
+    },
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -743,6 +746,18 @@ async fn run_command(
         }
         NodeCommand::Revoke { peer } => {
             let _ = handler.revoke(peer).await;
+        }
+        NodeCommand::SetAllowList { peers } => {
+            if let Ok(removed) = handler.set_allow_list(AllowList::from_peers(peers)).await {
+                let mut s = lock(shared);
+                let names: Vec<String> = removed.iter().map(|p| s.name(p)).collect();
+                if !names.is_empty() {
+                    s.push(
+                        node,
+                        What::App(format!("allow list removed {}", names.join(", "))),
+                    );
+                }
+            }
         }
         NodeCommand::Status { reply } => {
             if let Ok(status) = handler.status().await {
@@ -1324,6 +1339,16 @@ fn execute(
                 now,
                 &name(&step.node),
                 What::App(format!("revoke {}", name(&step.to))),
+            );
+        }
+        A::AllowList => {
+            let names: Vec<String> = step.peers.iter().flatten().cloned().collect();
+            let peers = names.iter().map(|n| peer(idx(&Some(n.clone())))).collect();
+            let _ = send(idx(&step.node), NodeCommand::SetAllowList { peers });
+            lock(shared).trace.push(
+                now,
+                &name(&step.node),
+                What::App(format!("allow list [{}]", names.join(", "))),
             );
         }
         A::Partition => {

@@ -267,6 +267,9 @@ pub struct Step {
     /// Which messages a message fault applies to.
     #[serde(default, rename = "match")]
     pub matches: Option<MessageMatch>,
+    /// The node's whole new allow list (allow_list), as it would reload from its file.
+    #[serde(default)]
+    pub peers: Option<Vec<String>>,
 }
 
 /// Step actions.
@@ -279,6 +282,8 @@ pub enum ActionKind {
     Respond,
     Allow,
     Revoke,
+    /// Replace a node's allow list as a whole (a reloaded file).
+    AllowList,
     // Network faults (turmoil verbs).
     Partition,
     PartitionOneway,
@@ -651,6 +656,9 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
     ] {
         known(field, value)?;
     }
+    for peer in step.peers.iter().flatten() {
+        known("peers", &Some(peer.clone()))?;
+    }
     for m in step
         .matches
         .iter()
@@ -674,6 +682,10 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
         A::Allow | A::Revoke => {
             need("node", step.node.is_some())?;
             need("to", step.to.is_some())?;
+        }
+        A::AllowList => {
+            need("node", step.node.is_some())?;
+            need("peers", step.peers.is_some())?;
         }
         A::Partition | A::Hold | A::Release | A::Repair => {
             need("a", step.a.is_some())?;
