@@ -145,6 +145,31 @@ impl P2pHandler {
         self.block_on(self.handler.request(peer_id, address, msg))?
     }
 
+    /// [`P2pHandler::request`] that must end within `deadline`; see
+    /// [`Handler::request_with_deadline`].
+    pub fn request_with_deadline(
+        &self,
+        peer_id: PeerId,
+        address: SocketAddr,
+        msg: impl Into<Bytes>,
+        deadline: Duration,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.block_on(
+            self.handler
+                .request_with_deadline(peer_id, address, msg, deadline),
+        )?
+    }
+
+    /// Cancels our exchange `exchange`, queued or in flight; see [`Handler::cancel`].
+    pub fn cancel(&self, exchange: ExchangeId) -> Result<bool, HandlerError> {
+        self.block_on(self.handler.cancel(exchange))?
+    }
+
+    /// Refuses `peer_id`'s request `exchange` at once; see [`Handler::reject`].
+    pub fn reject(&self, peer_id: PeerId, exchange: ExchangeId) -> Result<(), HandlerError> {
+        self.block_on(self.handler.reject(peer_id, exchange))?
+    }
+
     /// Answers `peer_id`'s oldest pending request; returns the exchange answered.
     pub fn response(
         &self,

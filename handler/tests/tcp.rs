@@ -810,3 +810,73 @@ fn replacing_the_allow_list_disconnects_removed_peers_and_fails_their_exchanges(
         "{failed:?}"
     );
 }
+
+#[test]
+fn a_rejected_request_fails_the_dialer_at_once_with_its_payload() {
+    let k = keys(33, 2);
+    let alice = node(&k[0], &[&k[1]], Config::default());
+    let bob = node(&k[1], &[&k[0]], Config::default());
+    let id = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"unwanted"[..])
+        .unwrap();
+    let (peer, exchange, _) = expect_request(&bob);
+    let started = Instant::now();
+    bob.reject(peer, exchange).unwrap();
+    let failed = wait_event(&alice, |e| matches!(e, Event::Failed { .. }));
+    assert!(
+        matches!(&failed, Event::Failed { exchange, failure: Failure::Aborted(AbortReason::Refused), payload, .. } if *exchange == id && &payload[..] == b"unwanted"),
+        "{failed:?}"
+    );
+    // Not the 25 s response timeout.
+    assert!(started.elapsed() < Config::default().response_timeout);
+    // Refused once; it cannot be answered after.
+    assert!(bob.response_to(peer, exchange, &b"late"[..]).is_err());
+}
+
+#[test]
+fn cancelled_and_expired_requests_hand_their_payloads_back() {
+    let k = keys(34, 2);
+    let alice = node(&k[0], &[&k[1]], Config::default());
+    let bob = node(&k[1], &[&k[0]], Config::default());
+    let (to, at) = (bob.local_peer_id(), bob.local_address());
+    let in_flight = alice.request(to, at, &b"in flight"[..]).unwrap();
+    let queued = alice.request(to, at, &b"queued"[..]).unwrap();
+    let expiring = alice
+        .request_with_deadline(to, at, &b"expiring"[..], Duration::from_millis(200))
+        .unwrap();
+    let (_, first, _) = expect_request(&bob);
+    assert!(alice.cancel(queued).unwrap());
+    assert!(alice.cancel(in_flight).unwrap());
+    assert!(!alice.cancel(in_flight).unwrap(), "already ended");
+    let mut outcomes = Vec::new();
+    while outcomes.len() < 3 {
+        if let Event::Failed {
+            exchange,
+            failure,
+            payload,
+            ..
+        } = wait_event(&alice, |e| matches!(e, Event::Failed { .. }))
+        {
+            outcomes.push((exchange, failure, payload));
+        }
+    }
+    outcomes.sort_by_key(|(id, _, _)| *id);
+    let mut want = vec![
+        (
+            in_flight,
+            Failure::Cancelled,
+            Bytes::from_static(b"in flight"),
+        ),
+        (queued, Failure::Cancelled, Bytes::from_static(b"queued")),
+        (
+            expiring,
+            Failure::DeadlineExceeded,
+            Bytes::from_static(b"expiring"),
+        ),
+    ];
+    want.sort_by_key(|(id, _, _)| *id);
+    assert_eq!(outcomes, want);
+    // Bob saw the first request only: the cancelled one may have arrived, the others never left.
+    assert_eq!(first, in_flight);
+    assert_eq!(alice.status().unwrap().outbound_in_flight, 0);
+}

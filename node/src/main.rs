@@ -506,8 +506,19 @@ fn serve(
                         // Only a stopped node fails here, and the main loop sees that too.
                         let _ = answer(node, peer, exchange, reply, answered);
                     }
-                    // Not answering tells the dialer (Abort NoResponse) at the timeout.
-                    Err(e) => tracing::warn!("command failed, not answering {exchange}: {e}"),
+                    // The command ran and failed: the dialer is told at once (Abort
+                    // Refused) rather than at the response timeout.
+                    Err(Piped::Failed(why)) => {
+                        tracing::warn!("command failed, refusing request {exchange}: {why}");
+                        if let Err(e) = node.reject(peer, exchange) {
+                            tracing::debug!("cannot refuse {exchange}: {e}");
+                        }
+                    }
+                    // Out of time (the handler tells the dialer, Abort NoResponse) or
+                    // stopping (the shutdown does).
+                    Err(Piped::Killed(why)) => {
+                        tracing::warn!("command killed, not answering {exchange}: {why}");
+                    }
                 }
                 let _ = free_tx.send(());
             });
@@ -590,7 +601,7 @@ fn pipe(
     env: &[(&str, String)],
     deadline: Duration,
     stopped: &AtomicBool,
-) -> Result<Vec<u8>> {
+) -> std::result::Result<Vec<u8>, Piped> {
     let mut command = Command::new("sh");
     command
         .arg("-c")
@@ -604,7 +615,9 @@ fn pipe(
         // Its own process group, so a kill reaches whatever the shell started.
         command.process_group(0);
     }
-    let mut child = command.spawn()?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| Piped::Failed(format!("cannot run {cmd:?}: {e}")))?;
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();
     let (out_tx, out_rx) = std::sync::mpsc::channel();
@@ -624,10 +637,12 @@ fn pipe(
             });
         }
         let started = Instant::now();
-        let output: Result<Vec<u8>> = loop {
+        let output = loop {
             // In slices, so that a node stopping does not wait for its commands.
             match out_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(read) => break read.map_err(Into::into),
+                Ok(read) => {
+                    break read.map_err(|e| Piped::Failed(format!("reading its output: {e}")));
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                     if started.elapsed() < deadline && !stopped.load(Ordering::Acquire) => {}
                 Err(_) => {
@@ -637,17 +652,27 @@ fn pipe(
                     } else {
                         format!("still running after {deadline:?}")
                     };
-                    break Err(format!("{cmd:?} killed: {why}").into());
+                    break Err(Piped::Killed(format!("{cmd:?} killed: {why}")));
                 }
             }
         };
-        let status = child.wait()?;
+        let status = child
+            .wait()
+            .map_err(|e| Piped::Failed(format!("waiting for {cmd:?}: {e}")))?;
         let out = output?;
         if !status.success() {
-            return Err(format!("{cmd:?} exited with {status}").into());
+            return Err(Piped::Failed(format!("{cmd:?} exited with {status}")));
         }
         Ok(out)
     })
+}
+
+/// Why a command gave no reply.
+enum Piped {
+    /// It could not run, or ran and failed: the request is refused.
+    Failed(String),
+    /// It was killed (out of time, or the node stopping).
+    Killed(String),
 }
 
 /// Kills a command and every process it started (they share its process group).

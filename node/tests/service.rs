@@ -545,3 +545,29 @@ fn a_readable_key_and_an_empty_allow_list_are_warned_about() {
     #[cfg(unix)]
     served.wait_log("can be read by other users");
 }
+
+#[test]
+fn a_failing_command_refuses_the_request_at_once() {
+    let setup = Setup::new("refuse");
+    let served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--exec",
+            "exit 3",
+            "--response-timeout",
+            "600",
+        ],
+        &[],
+    );
+    // Without the refusal the dialer would wait for the 600 s response timeout (and this
+    // send's own 30 s timeout would end it with "no reply").
+    let (ok, _, err) = send(&setup, "alice", &served.target, "doomed");
+    assert!(!ok);
+    assert!(err.contains("its application refused it"), "{err}");
+}

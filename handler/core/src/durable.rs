@@ -392,6 +392,8 @@ fn put_failure(w: &mut Vec<u8>, failure: &Failure) {
         }
         Failure::Revoked => w.push(7),
         Failure::ShuttingDown => w.push(8),
+        Failure::Cancelled => w.push(9),
+        Failure::DeadlineExceeded => w.push(10),
     }
 }
 
@@ -628,6 +630,8 @@ impl<'a> Reader<'a> {
             }
             7 => Failure::Revoked,
             8 => Failure::ShuttingDown,
+            9 => Failure::Cancelled,
+            10 => Failure::DeadlineExceeded,
             c => return Err(format!("unknown failure kind {c}")),
         })
     }

@@ -972,6 +972,156 @@ fn replacing_the_allow_list_closes_connections_from_addresses_no_longer_allowed(
 }
 
 #[test]
+fn a_rejected_request_fails_the_dialer_at_once_and_a_resend_gets_the_same_answer() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    // The first Abort is lost: the dialer resends, and must hear the same refusal.
+    net.rules
+        .push(Rule::new(BOB, ALICE, Kind::Abort, Action::Drop).times(1));
+    let id = net.request(ALICE, BOB, b"unwanted");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let alice = net.id(ALICE);
+    let now = net.now;
+    assert_eq!(net.nodes[BOB].endpoint.reject(alice, id, now), Ok(()));
+    assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 0);
+    // Refusing twice, or answering after refusing, is an error.
+    assert_eq!(
+        net.nodes[BOB].endpoint.reject(alice, id, now),
+        Err(RespondError::NotPending {
+            peer: alice,
+            exchange: id
+        })
+    );
+    let before = net.elapsed();
+    net.run_until(secs(20), |n| n.has_outcome(ALICE, id));
+    assert_eq!(
+        net.failures(ALICE),
+        vec![(
+            id,
+            Failure::Aborted(AbortReason::Refused),
+            Bytes::from_static(b"unwanted")
+        )]
+    );
+    // Well before the response timeout the dialer would otherwise have waited for.
+    assert!(net.elapsed() - before < config().response_timeout);
+    assert_eq!(
+        net.requests_seen(BOB).len(),
+        1,
+        "the resend was not delivered again"
+    );
+    assert!(net.nodes[BOB].events.iter().any(|e| matches!(
+        e,
+        Event::ResponseAborted { reason: AbortReason::Refused, exchange, .. } if *exchange == id
+    )));
+    net.nodes[BOB].endpoint.check_invariants();
+}
+
+#[test]
+fn cancelling_a_queued_or_an_in_flight_request_hands_its_payload_back() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let in_flight = net.request(ALICE, BOB, b"first");
+    let queued = net.request(ALICE, BOB, b"second");
+    let kept = net.request(ALICE, BOB, b"third");
+    net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    let now = net.now;
+    assert!(net.nodes[ALICE].endpoint.cancel(queued, now));
+    assert!(
+        !net.nodes[ALICE].endpoint.cancel(queued, now),
+        "already ended"
+    );
+    assert!(net.nodes[ALICE].endpoint.cancel(in_flight, now));
+    net.run_until(secs(5), |n| {
+        n.requests_seen(BOB).iter().any(|(_, e, _)| *e == kept)
+    });
+    let mut failures = net.failures(ALICE);
+    failures.sort_by_key(|(id, _, _)| *id);
+    let mut want = vec![
+        (in_flight, Failure::Cancelled, Bytes::from_static(b"first")),
+        (queued, Failure::Cancelled, Bytes::from_static(b"second")),
+    ];
+    want.sort_by_key(|(id, _, _)| *id);
+    assert_eq!(failures, want);
+    // The next queued request went on, once.
+    let alice = net.id(ALICE);
+    net.respond(BOB, alice, kept, b"ok");
+    net.run_until(secs(5), |n| n.has_outcome(ALICE, kept));
+    assert_eq!(net.replies(ALICE), vec![(kept, Bytes::from_static(b"ok"))]);
+    assert_eq!(net.outcomes(ALICE, in_flight), 1);
+    net.nodes[ALICE].endpoint.check_invariants();
+}
+
+#[test]
+fn a_deadline_ends_an_exchange_that_has_not_ended() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    let (peer, addr, now) = (net.id(BOB), net.nodes[BOB].addr, net.now);
+    let deadline = now + Duration::from_millis(700);
+    let id = net.nodes[ALICE]
+        .endpoint
+        .request_with_deadline(peer, addr, Bytes::from_static(b"soon"), Some(deadline), now)
+        .unwrap();
+    // Queued behind it, with a deadline it never reaches in the queue.
+    let queued = net.nodes[ALICE]
+        .endpoint
+        .request_with_deadline(
+            peer,
+            addr,
+            Bytes::from_static(b"later"),
+            Some(deadline),
+            now,
+        )
+        .unwrap();
+    let free = net.request(ALICE, BOB, b"free");
+    net.run_until(secs(5), |n| {
+        n.has_outcome(ALICE, id) && n.has_outcome(ALICE, queued)
+    });
+    assert!(net.elapsed() >= Duration::from_millis(700));
+    assert!(net.elapsed() < Duration::from_millis(800));
+    let mut failures = net.failures(ALICE);
+    failures.sort_by_key(|(id, _, _)| *id);
+    let mut want = vec![
+        (id, Failure::DeadlineExceeded, Bytes::from_static(b"soon")),
+        (
+            queued,
+            Failure::DeadlineExceeded,
+            Bytes::from_static(b"later"),
+        ),
+    ];
+    want.sort_by_key(|(id, _, _)| *id);
+    assert_eq!(failures, want);
+    // A request without a deadline is not touched by the others'.
+    net.run_until(secs(5), |n| {
+        n.requests_seen(BOB).iter().any(|(_, e, _)| *e == free)
+    });
+    assert!(!net.has_outcome(ALICE, free));
+    net.nodes[ALICE].endpoint.check_invariants();
+}
+
+#[test]
+fn a_deadline_of_an_exchange_that_ended_first_does_nothing() {
+    let mut net = pair();
+    let (peer, addr, now) = (net.id(BOB), net.nodes[BOB].addr, net.now);
+    let id = net.nodes[ALICE]
+        .endpoint
+        .request_with_deadline(
+            peer,
+            addr,
+            Bytes::from_static(b"quick"),
+            Some(now + secs(5)),
+            now,
+        )
+        .unwrap();
+    net.run(secs(10));
+    assert_eq!(
+        net.replies(ALICE),
+        vec![(id, Bytes::from_static(b"re:quick"))]
+    );
+    assert_eq!(net.outcomes(ALICE, id), 1);
+    assert!(net.failures(ALICE).is_empty());
+}
+
+#[test]
 fn shutdown_reports_every_pending_exchange_and_closes_everything() {
     let mut net = net(&["alice", "bob", "carol"]);
     net.nodes[BOB].app = App::Manual;
@@ -1815,6 +1965,36 @@ mod endpoint_unit {
             ),
             ("i1".to_owned(), "c7".to_owned())
         );
+    }
+
+    #[test]
+    fn an_abort_code_we_do_not_know_still_ends_the_exchange() {
+        // How a peer built before `Refused` (code 5) reads it: as `Other`, and final.
+        let mut f = fixture(config());
+        let (peer, addr) = (f.peer, f.addr);
+        let (id, conn) = dial_established(&mut f, peer, addr);
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Message(Message::Abort {
+                exchange: id,
+                attempt: 1,
+                reason: AbortReason::from_code(200),
+            }),
+            f.now,
+        );
+        let failed: Vec<Event> = events(&mut f.ep)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Failed { .. }))
+            .collect();
+        assert!(
+            matches!(
+                failed.as_slice(),
+                [Event::Failed { exchange, failure: Failure::Aborted(AbortReason::Other(200)), .. }]
+                    if *exchange == id
+            ),
+            "{failed:?}"
+        );
+        assert_eq!(f.ep.outbound_in_flight(), 0);
     }
 
     fn fail_msg(exchange: ExchangeId, attempt: u32) -> ConnEvent {

@@ -154,6 +154,8 @@ reason_enum! {
         ShuttingDown = 3 => "shutting down",
         /// The responder's reply would exceed the dialer's maximum message size.
         ReplyTooLarge = 4 => "the reply is larger than the dialer accepts",
+        /// The responder's application refused the request.
+        Refused = 5 => "its application refused it",
     }
 }
 

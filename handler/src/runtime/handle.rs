@@ -173,7 +173,17 @@ pub(super) enum Command {
         peer: PeerId,
         addr: SocketAddr,
         payload: Bytes,
+        deadline: Option<std::time::Duration>,
         reply: oneshot::Sender<Result<ExchangeId, RequestError>>,
+    },
+    Cancel {
+        exchange: ExchangeId,
+        reply: oneshot::Sender<bool>,
+    },
+    Reject {
+        peer: PeerId,
+        exchange: ExchangeId,
+        reply: oneshot::Sender<Result<(), RespondError>>,
     },
     Respond {
         peer: PeerId,
@@ -537,15 +547,60 @@ impl Handler {
         addr: SocketAddr,
         payload: impl Into<Bytes>,
     ) -> Result<ExchangeId, HandlerError> {
+        self.request_within(peer, addr, payload, None).await
+    }
+
+    /// [`Handler::request`] that must end within `deadline`: if it has not by then (queued,
+    /// in flight or backing off), its outcome is `Failed(DeadlineExceeded)` with the payload
+    /// back. On a durable node the deadline is not kept across a restart.
+    pub async fn request_with_deadline(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        payload: impl Into<Bytes>,
+        deadline: std::time::Duration,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.request_within(peer, addr, payload, Some(deadline))
+            .await
+    }
+
+    async fn request_within(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        payload: impl Into<Bytes>,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<ExchangeId, HandlerError> {
         let payload = payload.into();
         Ok(self
             .call(|reply| Command::Request {
                 peer,
                 addr,
                 payload,
+                deadline,
                 reply,
             })
             .await??)
+    }
+
+    /// Cancels our exchange `exchange`, queued or in flight: its outcome is then
+    /// `Failed(Cancelled)` with the payload back (a request already sent may have reached
+    /// the peer's application). Returns whether it was unfinished.
+    pub async fn cancel(&self, exchange: ExchangeId) -> Result<bool, HandlerError> {
+        self.call(|reply| Command::Cancel { exchange, reply }).await
+    }
+
+    /// Refuses `peer`'s request `exchange` instead of answering it: the dialer's exchange
+    /// fails at once with `Aborted(Refused)` and its payload back, rather than after the
+    /// response timeout.
+    pub async fn reject(&self, peer: PeerId, exchange: ExchangeId) -> Result<(), HandlerError> {
+        self.call(|reply| Command::Reject {
+            peer,
+            exchange,
+            reply,
+        })
+        .await??;
+        Ok(())
     }
 
     /// Answers `peer`'s oldest unanswered request; returns which exchange it answered.

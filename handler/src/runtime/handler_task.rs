@@ -432,14 +432,29 @@ impl HandlerTask {
                 peer,
                 addr,
                 payload,
+                deadline,
                 reply,
             } => {
                 let limit = self.endpoint.config().max_unread_outcomes;
                 let result = if self.unread >= limit {
                     Err(RequestError::Unread { limit })
                 } else {
-                    self.endpoint.request(peer, addr, payload, now)
+                    let deadline = deadline.map(|d| now + d);
+                    self.endpoint
+                        .request_with_deadline(peer, addr, payload, deadline, now)
                 };
+                self.answer(reply, result);
+            }
+            Command::Cancel { exchange, reply } => {
+                let cancelled = self.endpoint.cancel(exchange, now);
+                self.answer(reply, cancelled);
+            }
+            Command::Reject {
+                peer,
+                exchange,
+                reply,
+            } => {
+                let result = self.endpoint.reject(peer, exchange, now);
                 self.answer(reply, result);
             }
             Command::Respond {

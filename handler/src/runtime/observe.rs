@@ -113,6 +113,11 @@ impl Observer {
             } => {
                 let cause = failure_cause(failure);
                 metrics::counter!("p2p_exchanges_total", "outcome" => cause).increment(1);
+                if *failure == Failure::Cancelled {
+                    // The application asked for it: not a problem.
+                    tracing::debug!(peer = %peer.short(), %exchange, "request cancelled");
+                    return;
+                }
                 self.warn(
                     ("exchange_failed", Some(*peer)),
                     format!("request {exchange} to {} failed: {failure}", peer.short()),
@@ -332,6 +337,8 @@ fn failure_cause(failure: &Failure) -> &'static str {
         Failure::TooLarge { .. } => "too_large",
         Failure::Revoked => "revoked",
         Failure::ShuttingDown => "shutting_down",
+        Failure::Cancelled => "cancelled",
+        Failure::DeadlineExceeded => "deadline_exceeded",
         _ => "other",
     }
 }

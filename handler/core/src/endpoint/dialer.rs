@@ -250,6 +250,7 @@ impl Endpoint {
             return;
         };
         self.timers.cancel(Timer::Outbound(id));
+        self.timers.cancel(Timer::Deadline(id));
         let peer = ex.peer;
         if let Some(conn) = ex.state.conn() {
             // A request too large for the peer never touched the connection: it stays

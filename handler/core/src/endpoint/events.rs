@@ -78,6 +78,12 @@ pub enum Failure {
     Revoked,
     /// The endpoint is shutting down.
     ShuttingDown,
+    /// Our application cancelled it ([`crate::endpoint::Endpoint::cancel`]). If it was in
+    /// flight, the responder may have received it.
+    Cancelled,
+    /// Its deadline passed before it ended. If it was in flight, the responder may have
+    /// received it.
+    DeadlineExceeded,
 }
 
 impl fmt::Display for Failure {
@@ -104,6 +110,8 @@ impl fmt::Display for Failure {
             }
             Self::Revoked => f.write_str("the peer was removed from the allow list"),
             Self::ShuttingDown => f.write_str("the node is shutting down"),
+            Self::Cancelled => f.write_str("cancelled by our application"),
+            Self::DeadlineExceeded => f.write_str("its deadline passed"),
         }
     }
 }

@@ -149,6 +149,8 @@ pub(super) enum Timer {
     Inbound(PeerId, ExchangeId),
     /// A held Ack (see `Config::ack_delay`) is due.
     Ack(PeerId, ExchangeId),
+    /// Our exchange's deadline ([`Endpoint::request_with_deadline`]).
+    Deadline(ExchangeId),
     Idle(ConnId),
 }
 
@@ -382,6 +384,21 @@ impl Endpoint {
         payload: impl Into<Bytes>,
         now: Instant,
     ) -> Result<ExchangeId, RequestError> {
+        self.request_with_deadline(peer, addr, payload, None, now)
+    }
+
+    /// [`Endpoint::request`] that ends by `deadline` at the latest: if it has not ended by
+    /// then (queued, in flight or backing off), it fails with `DeadlineExceeded` and its
+    /// payload back, and its connection is closed. The deadline lives in memory only: a
+    /// durable node restarted resumes the exchange without it.
+    pub fn request_with_deadline(
+        &mut self,
+        peer: PeerId,
+        addr: SocketAddr,
+        payload: impl Into<Bytes>,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<ExchangeId, RequestError> {
         let payload = payload.into();
         if self.shutting_down || self.draining {
             return Err(RequestError::ShuttingDown);
@@ -438,7 +455,44 @@ impl Endpoint {
             state.active = Some(id);
             self.begin(id, now);
         }
+        if let Some(deadline) = deadline
+            && self.outbound.contains_key(&id)
+        {
+            self.timers.set(Timer::Deadline(id), deadline.max(now));
+        }
         Ok(id)
+    }
+
+    /// Cancels our exchange `id`, queued or in flight: it fails with `Cancelled` and its
+    /// payload back, and its connection (if it had one) is closed. A request already sent
+    /// may have reached the responder's application. Returns whether `id` was unfinished.
+    pub fn cancel(&mut self, id: ExchangeId, now: Instant) -> bool {
+        if !self.outbound.contains_key(&id) {
+            return false;
+        }
+        self.finish(id, Err(Failure::Cancelled), now);
+        true
+    }
+
+    /// Refuses `peer`'s request `exchange` instead of answering it: the dialer is told at
+    /// once (Abort `Refused`; its exchange fails with its payload back) rather than after
+    /// `response_timeout`, a resend of it gets the same answer, and the refusal is
+    /// reported as `ResponseAborted { reason: Refused }`. A peer built before `Refused`
+    /// existed reads it as its class's default (an abort), so older peers keep working.
+    pub fn reject(
+        &mut self,
+        peer: PeerId,
+        exchange: ExchangeId,
+        now: Instant,
+    ) -> Result<(), RespondError> {
+        let record = self
+            .inbound
+            .get(&(peer, exchange))
+            .filter(|r| r.state == InState::AwaitingResponse)
+            .ok_or(RespondError::NotPending { peer, exchange })?;
+        let (conn, attempt) = (record.conn, record.attempt);
+        self.abort_inbound(peer, exchange, conn, attempt, AbortReason::Refused, now);
+        Ok(())
     }
 
     /// Answers `peer`'s request `exchange`.
@@ -731,6 +785,7 @@ impl Endpoint {
         while let Some(timer) = self.timers.pop_expired(now) {
             match timer {
                 Timer::Outbound(id) => self.on_outbound_timer(id, now),
+                Timer::Deadline(id) => self.finish(id, Err(Failure::DeadlineExceeded), now),
                 Timer::Inbound(peer, id) => self.on_inbound_timer(peer, id, now),
                 Timer::Ack(peer, id) => {
                     if self.inbound.get(&(peer, id)).is_some_and(|r| r.ack_held) {
