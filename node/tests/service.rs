@@ -571,3 +571,48 @@ fn a_failing_command_refuses_the_request_at_once() {
     assert!(!ok);
     assert!(err.contains("its application refused it"), "{err}");
 }
+
+#[test]
+fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
+    let setup = Setup::new("levels");
+    let args = [
+        "--key",
+        "bob.key",
+        "--allow",
+        "allow.toml",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let quiet = Served::start(&setup, &args, &[]);
+    assert!(send(&setup, "alice", &quiet.target, "one").0);
+    assert!(send(&setup, "alice", &quiet.target, "two").0);
+    quiet.signal("TERM");
+    let (status, log) = quiet.exit();
+    assert!(status.success());
+    // Start and stop only.
+    let expected = [
+        "listening on",
+        "stopping: no new requests",
+        "every exchange in flight finished",
+        "stopped: answered 2 requests",
+    ];
+    assert_eq!(log.len(), expected.len(), "{log:#?}");
+    for (line, want) in log.iter().zip(expected) {
+        assert!(line.contains(" INFO ") && line.contains(want), "{line}");
+    }
+
+    let mut verbose = Served::start(&setup, &args, &[("RUST_LOG", "debug")]);
+    assert!(send(&setup, "alice", &verbose.target, "three").0);
+    verbose.wait_log("connection established");
+    let line = verbose.wait_log("received");
+    assert!(
+        line.contains("exchange=x") && line.contains("attempt=1") && line.contains("Request"),
+        "{line}"
+    );
+    // A connection task's lines carry its span: which connection, from where.
+    let line = verbose.wait_log("handshake complete");
+    assert!(
+        line.contains("conn{conn=i") && line.contains("remote=127.0.0.1:"),
+        "{line}"
+    );
+}

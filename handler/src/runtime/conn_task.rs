@@ -264,6 +264,7 @@ impl ConnTask {
                         return false;
                     }
                     self.announced = true;
+                    tracing::debug!(peer = %peer.short(), "handshake complete");
                     NetEvent::Accepted {
                         conn: self.conn,
                         peer,

@@ -17,7 +17,7 @@ use crate::wire::{ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
 use super::handle::{Command, Notice, ShutdownReport, Status};
-use super::observe::{Gauges, Observer};
+use super::observe::{self, Gauges, Observer};
 use super::router::{NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
 use super::tap::{Arrival, Tap, Verdict};
@@ -329,6 +329,7 @@ impl HandlerTask {
             match output {
                 Output::Dial { conn, peer, addr } => {
                     self.tap.dial(conn, peer, addr);
+                    observe::dial(conn, peer, addr);
                     // The router never waits on us, so this wait is short.
                     let dial = NetCommand::Dial { conn, peer, addr };
                     if self.network.send(dial).await.is_err() {
@@ -336,7 +337,9 @@ impl HandlerTask {
                     }
                 }
                 Output::Send { conn, message } => {
-                    let verdict = match self.endpoint.peer_of(conn) {
+                    let peer = self.endpoint.peer_of(conn);
+                    observe::message(true, conn, peer, &message);
+                    let verdict = match peer {
                         Some(peer) => self.tap.outgoing(conn, peer, &message),
                         None => Verdict::Pass,
                     };
@@ -531,6 +534,7 @@ impl HandlerTask {
                         remote_max_message_size,
                     },
                 );
+                observe::established(conn, peer, Some(addr));
                 self.endpoint
                     .handle_accepted(conn, peer, addr, remote_max_message_size, now);
             }
@@ -542,10 +546,14 @@ impl HandlerTask {
                 let peer = self.endpoint.peer_of(conn);
                 let arrival = match (&event, peer) {
                     (ConnEvent::Message(message), Some(peer)) => {
+                        observe::message(false, conn, Some(peer), message);
                         self.tap.incoming(conn, peer, message)
                     }
                     (ConnEvent::Message(_), None) => Arrival::Pass,
                     (other, peer) => {
+                        if let ConnEvent::Established { peer, .. } = other {
+                            observe::established(conn, *peer, None);
+                        }
                         self.tap.connection(conn, peer, other);
                         Arrival::Pass
                     }

@@ -27,8 +27,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::connection::ConnError;
-use crate::endpoint::{Event, Failure, LimitKind, PeerError, Stats};
+use crate::endpoint::{ConnId, Event, Failure, LimitKind, PeerError, Stats};
 use crate::identity::PeerId;
+use crate::wire::{Kind, Message};
 
 use super::handle::Notice;
 
@@ -324,6 +325,38 @@ fn summarise(held: &Held) {
             held.last
         );
     }
+}
+
+/// A message sent or received, at `debug`, with the connection, the peer, the exchange and
+/// the attempt as fields (what a log shipper indexes). Resends and redials show here:
+/// recovered trouble is not a problem until the exchange fails.
+pub(super) fn message(sent: bool, conn: ConnId, peer: Option<PeerId>, message: &Message) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let peer = peer.map(|p| p.short().to_string()).unwrap_or_default();
+    let exchange = message
+        .exchange()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let attempt = message.attempt().unwrap_or(0);
+    let kind = message.kind();
+    let what = match (sent, kind, attempt) {
+        (true, Kind::Request, a) if a > 1 => "resend",
+        (true, _, _) => "sent",
+        (false, _, _) => "received",
+    };
+    tracing::debug!(%conn, %peer, %exchange, attempt, ?kind, "{what}");
+}
+
+/// A dial, at `debug` (a redial is a dial for an exchange that already tried).
+pub(super) fn dial(conn: ConnId, peer: PeerId, addr: std::net::SocketAddr) {
+    tracing::debug!(%conn, peer = %peer.short(), %addr, "dial");
+}
+
+/// A connection's handshake completed, at `debug`.
+pub(super) fn established(conn: ConnId, peer: PeerId, addr: Option<std::net::SocketAddr>) {
+    tracing::debug!(%conn, peer = %peer.short(), addr = ?addr, "connection established");
 }
 
 /// A label for how one of our exchanges failed.
