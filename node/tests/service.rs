@@ -616,3 +616,74 @@ fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
         "{line}"
     );
 }
+
+#[test]
+fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
+    let setup = Setup::new("durable-stop");
+    let echo = setup.gated_echo();
+    let data = setup.dir.join("data");
+    let data = data.to_str().unwrap();
+    let mut first = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--exec",
+            &echo,
+            "--grace",
+            "200ms",
+        ],
+        &[("RUST_LOG", "info,p2p_node=debug")],
+    );
+    let sender = setup
+        .send("alice", &first.target)
+        .args(["--timeout", "120", "slow but kept"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    first.wait_log("request");
+    first.signal("TERM");
+    let addr = first.addr;
+    let (status, log) = first.exit();
+    assert!(status.success(), "{log:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("1 unanswered at shutdown")),
+        "{log:#?}"
+    );
+    // Started again on the same address and data directory, with a command that answers:
+    // the kept request is delivered again and the dialer, still retrying, gets its reply.
+    let second = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+            data,
+            "--exec",
+            "printf 'redelivered=%s ' \"$P2P_REDELIVERED\"; cat",
+        ],
+        &[],
+    );
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "redelivered=1 slow but kept\n"
+    );
+    drop(second);
+}
