@@ -103,15 +103,102 @@ impl Trace {
         out
     }
 
-    /// The trace as a Mermaid sequence diagram: messages sent, faults, application events.
+    /// Which `Send` lines were never received (lost to a partition, a drop, a crash or a
+    /// closed connection), by line index. A send matches the first later `Recv` at its
+    /// receiver from its sender with the same message (connection ids differ at each end,
+    /// so they are left out of the comparison).
+    fn lost_sends(&self) -> Vec<bool> {
+        use std::collections::{BTreeMap, VecDeque};
+        let body = |m: &str| m.split_once(' ').map_or(m, |(_, rest)| rest).to_owned();
+        // (receiver, sender, message) -> the receipts, in order.
+        let mut receipts: BTreeMap<(String, String, String), VecDeque<usize>> = BTreeMap::new();
+        for (j, line) in self.lines.iter().enumerate() {
+            if let What::Recv { from, message } = &line.what {
+                receipts
+                    .entry((line.node.clone(), from.clone(), body(message)))
+                    .or_default()
+                    .push_back(j);
+            }
+        }
+        let mut lost = vec![false; self.lines.len()];
+        for (i, line) in self.lines.iter().enumerate() {
+            let What::Send { to, message } = &line.what else {
+                continue;
+            };
+            let key = (to.clone(), line.node.clone(), body(message));
+            let queue = receipts.get_mut(&key);
+            let matched = queue.is_some_and(|q| {
+                while q.front().is_some_and(|j| *j < i) {
+                    q.pop_front();
+                }
+                q.pop_front().is_some()
+            });
+            lost[i] = !matched;
+        }
+        lost
+    }
+
+    /// Dials that failed before their connection was established, by line index of the
+    /// failure: (dialer, target, why).
+    fn failed_dials(&self) -> Vec<Option<(String, String, String)>> {
+        let mut out = vec![None; self.lines.len()];
+        // (node, conn) -> target, while the dial is pending.
+        let mut pending: Vec<(String, String, String)> = Vec::new();
+        for (i, line) in self.lines.iter().enumerate() {
+            let What::Conn(text) = &line.what else {
+                continue;
+            };
+            let mut words = text.split_whitespace();
+            let (Some(conn), Some(verb)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let key = |p: &(String, String, String)| p.0 == line.node && p.1 == conn;
+            match verb {
+                "dial" => {
+                    let target = words.next().unwrap_or("?").to_owned();
+                    pending.push((line.node.clone(), conn.to_owned(), target));
+                }
+                "established" => pending.retain(|p| !key(p)),
+                "closed" => {
+                    if let Some(k) = pending.iter().position(key) {
+                        let (node, _, target) = pending.remove(k);
+                        let why = text.split_once(": ").map_or("", |(_, w)| w).to_owned();
+                        out[i] = Some((node, target, why));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The trace as a Mermaid sequence diagram: messages sent (`->>` delivered, `-x`
+    /// lost), failed dials (`-x`), faults, application events.
     pub fn mermaid(&self, nodes: &[String]) -> String {
+        let lost = self.lost_sends();
+        let failed = self.failed_dials();
         let mut out = String::from("sequenceDiagram\n");
         for n in nodes {
             let _ = writeln!(out, "    participant {n}");
         }
-        for line in &self.lines {
+        for (i, line) in self.lines.iter().enumerate() {
             let t = format!("{}.{:03}s", line.at.as_secs(), line.at.subsec_millis());
+            if let Some((from, to, why)) = &failed[i]
+                && nodes.contains(to)
+            {
+                let _ = writeln!(out, "    {from}-x{to}: {t} dial failed: {}", clean(why));
+                continue;
+            }
             match &line.what {
+                What::Send { to, message } if lost[i] => {
+                    let _ = writeln!(
+                        out,
+                        "    {}-x{}: {t} LOST {}",
+                        line.node,
+                        to,
+                        clean(message)
+                    );
+                }
                 What::Send { to, message } => {
                     let _ = writeln!(out, "    {}->>{}: {t} {}", line.node, to, clean(message));
                 }
@@ -192,7 +279,62 @@ mod tests {
             "{text}"
         );
         let m = t.mermaid(&["alice".into(), "bob".into()]);
-        assert!(m.contains("alice->>bob: 1.510s Request a1 try 1"), "{m}");
+        // Never received: drawn lost.
+        assert!(
+            m.contains("alice-xbob: 1.510s LOST Request a1 try 1"),
+            "{m}"
+        );
         assert!(m.contains("Note over alice,bob: 2.000s partition"), "{m}");
+    }
+
+    fn at(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn delivered_and_lost_messages_and_failed_dials_look_different() {
+        let mut t = Trace::default();
+        let send = |to: &str, message: &str| What::Send {
+            to: to.into(),
+            message: message.into(),
+        };
+        let recv = |from: &str, message: &str| What::Recv {
+            from: from.into(),
+            message: message.into(),
+        };
+        t.push(at(1), "alice", What::Conn("c1 dial bob at bob".into()));
+        t.push(at(5), "alice", What::Conn("c1 established with bob".into()));
+        t.push(at(6), "alice", send("bob", "c1 Request a1 try 1"));
+        t.push(at(7), "alice", send("bob", "c1 Request a1 try 1"));
+        t.push(at(9), "bob", recv("alice", "i1 Request a1 try 1"));
+        t.push(at(20), "alice", What::Conn("c2 dial bob at bob".into()));
+        t.push(
+            at(21),
+            "alice",
+            What::Conn("c2 closed (bob): io: connect refused".into()),
+        );
+        t.push(at(30), "bob", send("alice", "i1 Ack(Request) a1 try 1"));
+        t.push(at(32), "alice", recv("bob", "c1 Ack(Request) a1 try 1"));
+        let m = t.mermaid(&["alice".into(), "bob".into()]);
+        let lines: Vec<&str> = m.lines().collect();
+        // The first copy is matched by bob's one receipt; the second copy is lost.
+        assert!(
+            lines.contains(&"    alice->>bob: 0.006s c1 Request a1 try 1"),
+            "{m}"
+        );
+        assert!(
+            lines.contains(&"    alice-xbob: 0.007s LOST c1 Request a1 try 1"),
+            "{m}"
+        );
+        assert!(
+            lines.contains(&"    alice-xbob: 0.021s dial failed: io: connect refused"),
+            "{m}"
+        );
+        assert!(
+            lines.contains(&"    bob->>alice: 0.030s i1 Ack(Request) a1 try 1"),
+            "{m}"
+        );
+        // An established dial is not drawn as failed.
+        assert_eq!(m.matches("dial failed").count(), 1, "{m}");
     }
 }
