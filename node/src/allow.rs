@@ -124,12 +124,17 @@ impl AllowFile {
 
     /// Drops the entries whose time has come.
     fn expire(&mut self, node: &P2pHandler, now: SystemTime) {
-        let (in_force, _) = self.list.in_force_at(now, self.loaded);
+        let (in_force, expired) = self.list.in_force_at(now, self.loaded);
         if in_force == self.applied {
             return;
         }
-        let removed = self.apply(node, in_force);
-        for peer in removed {
+        // The entries that were in force until now.
+        let newly: Vec<PeerId> = expired
+            .into_iter()
+            .filter(|peer| self.applied.contains(peer))
+            .collect();
+        self.apply(node, in_force);
+        for peer in newly {
             tracing::warn!(
                 "the allow-list entry of peer {} expired: disconnected, its exchanges fail",
                 self.name(&peer)

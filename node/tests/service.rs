@@ -209,6 +209,22 @@ fn send_cmd(setup: &Setup, client: &str, target: &str, message: &str) -> Command
     cmd
 }
 
+/// A command that echoes its input, but first, for inputs starting with "slow", waits until
+/// the file `open` exists in the setup's directory: the test decides when slow commands
+/// finish (all of them at once, however many are waiting), no clock does.
+fn gated_echo(setup: &Setup) -> String {
+    let open = setup.dir.join("open");
+    format!(
+        "x=$(cat); case \"$x\" in slow*) while [ ! -e '{}' ]; do sleep 0.01; done;; esac; \
+         printf '%s\\n' \"$x\"",
+        open.display()
+    )
+}
+
+fn open_gate(setup: &Setup) {
+    std::fs::write(setup.dir.join("open"), "").unwrap();
+}
+
 fn write(setup: &Setup, name: &str, text: &str) {
     // Written aside and renamed, as careful tools do: a reader never sees half a file.
     let tmp = setup.dir.join(format!(".{name}.tmp"));
@@ -303,7 +319,7 @@ fn metrics_are_scraped_over_http_and_count_exchanges() {
 #[test]
 fn sigterm_mid_burst_lets_exchanges_in_flight_finish_and_exits_zero() {
     let setup = Setup::new("sigterm");
-    let echo = setup.gated_echo();
+    let echo = gated_echo(&setup);
     let mut served = Served::start(
         &setup,
         &[
@@ -341,7 +357,7 @@ fn sigterm_mid_burst_lets_exchanges_in_flight_finish_and_exits_zero() {
         std::thread::yield_now();
     }
     // The commands finish; both dialers get their replies.
-    setup.open_gate();
+    open_gate(&setup);
     for (sender, client) in senders.into_iter().zip(["alice", "carol"]) {
         let out = sender.wait_with_output().unwrap();
         assert!(
@@ -366,7 +382,7 @@ fn sigterm_mid_burst_lets_exchanges_in_flight_finish_and_exits_zero() {
 #[test]
 fn the_grace_period_bounds_a_stop_and_the_exit_is_still_clean() {
     let setup = Setup::new("grace");
-    let echo = setup.gated_echo();
+    let echo = gated_echo(&setup);
     let mut served = Served::start(
         &setup,
         &[
@@ -446,7 +462,7 @@ fn the_allow_list_follows_its_file_sighup_and_expiry() {
     );
     served.signal("HUP");
     let line = served.wait_log("expired");
-    assert!(line.contains("carol"), "{line}");
+    assert!(line.contains("carol"), "{:#?}", served.log);
     let (ok, _, err) = send(&setup, "carol", &served.target, "late");
     assert!(!ok && err.contains("allow list"), "{err}");
 }
@@ -620,7 +636,7 @@ fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
 #[test]
 fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
     let setup = Setup::new("durable-stop");
-    let echo = setup.gated_echo();
+    let echo = gated_echo(&setup);
     let data = setup.dir.join("data");
     let data = data.to_str().unwrap();
     let mut first = Served::start(

@@ -907,8 +907,10 @@ fn replacing_the_allow_list_revokes_the_peers_it_drops() {
     // Bob's new list keeps Carol only.
     let now = net.now;
     let list = crate::allow_list::AllowList::from_peers([carol]);
-    let removed = net.nodes[BOB].endpoint.set_allow_list(list, now);
+    let removed = net.nodes[BOB].endpoint.set_allow_list(list.clone(), now);
     assert_eq!(removed, vec![alice]);
+    // The same list again removes no one: Alice, still tracked, was not on the old list.
+    assert!(net.nodes[BOB].endpoint.set_allow_list(list, now).is_empty());
     assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 1);
     net.respond(BOB, carol, from_carol, b"kept");
     net.run(secs(60));

@@ -582,20 +582,27 @@ impl Endpoint {
     /// no longer allows is treated as [`Endpoint::revoke`] treats it: connections closed
     /// (`NotAllowed`), our exchanges with it failed (`Revoked`, payload back), its requests
     /// awaiting our answer cancelled. A peer still listed but no longer from the address of
-    /// one of its connections loses that connection only. Returns the peers removed, in id
-    /// order.
+    /// one of its connections loses that connection only. Returns the peers the old list
+    /// allowed and the new one does not, in id order.
     pub fn set_allow_list(&mut self, list: AllowList, now: Instant) -> Vec<PeerId> {
         let mut known: Vec<PeerId> = self.allow.peers().map(|(p, _)| *p).collect();
         known.extend(self.peers.keys().copied());
         known.extend(self.conns.values().map(|c| c.peer));
         known.sort_unstable();
         known.dedup();
-        let removed: Vec<PeerId> = known
+        let dropped: Vec<PeerId> = known
             .into_iter()
             .filter(|peer| !list.contains(peer))
             .collect();
+        // Reported: the peers the old list allowed. (A stranger we merely heard from is
+        // cleaned up below too, but was never "removed".)
+        let removed: Vec<PeerId> = dropped
+            .iter()
+            .copied()
+            .filter(|peer| self.allow.contains(peer))
+            .collect();
         self.allow = list;
-        for peer in &removed {
+        for peer in &dropped {
             self.fail_peer_exchanges(*peer, &Failure::Revoked, now);
             for conn in self.conns_of(peer) {
                 self.close(conn, CloseReason::NotAllowed, now);
