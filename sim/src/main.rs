@@ -165,8 +165,8 @@ fn cmd_run(paths: &[PathBuf], seed: Option<u64>, swarm: bool) -> ExitCode {
         }
     };
     println!(
-        "{:<28} {:>7} {:>9} {:>7} {:>7} {:>9} {:>8}",
-        "scenario", "verdict", "exchanges", "resends", "redials", "virtual", "wall"
+        "{:<34} {:>7} {:>9} {:>7} {:>7} {:>7} {:>9} {:>8}",
+        "scenario", "verdict", "exchanges", "refused", "resends", "redials", "virtual", "wall"
     );
     let mut failed = Vec::new();
     for (path, scenario) in &scenarios {
@@ -201,10 +201,11 @@ fn cmd_run(paths: &[PathBuf], seed: Option<u64>, swarm: bool) -> ExitCode {
 
 fn print_row(o: &Outcome) {
     println!(
-        "{:<28} {:>7} {:>9} {:>7} {:>7} {:>9} {:>8}",
+        "{:<34} {:>7} {:>9} {:>7} {:>7} {:>7} {:>9} {:>8}",
         o.scenario,
         if o.passed() { "pass" } else { "FAIL" },
         o.exchanges,
+        o.refused,
         o.resends,
         o.redials,
         secs(o.virtual_time),

@@ -84,6 +84,8 @@ pub struct Outcome {
     pub failures: Vec<String>,
     /// Requests issued.
     pub exchanges: usize,
+    /// Steps the handler refused (a request to oneself, a payload over the maximum...).
+    pub refused: usize,
     /// Requests resent, all nodes.
     pub resends: u64,
     /// Redials, all nodes.
@@ -243,6 +245,8 @@ struct Shared {
     attempts: BTreeMap<(usize, ExchangeId), u32>,
     replied: u64,
     failures: Vec<String>,
+    /// Steps the handler refused, with the reason.
+    refused: Vec<String>,
     peer_errors: u64,
     rate_limited: u64,
     last_outcome: Duration,
@@ -723,10 +727,12 @@ async fn run_command(
                         What::App(format!("request {label} to {to_name} ({len} B)")),
                     );
                 }
-                Err(e) => s.push(
-                    node,
-                    What::App(format!("request to {to_name} refused: {e}")),
-                ),
+                Err(e) => {
+                    let why = format!("request to {to_name} refused: {e}");
+                    let who = s.names[node].clone();
+                    s.refused.push(format!("{who}: {why}"));
+                    s.push(node, What::App(why));
+                }
             }
         }
         NodeCommand::Respond { peer } => {
@@ -992,6 +998,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         attempts: BTreeMap::new(),
         replied: 0,
         failures: Vec::new(),
+        refused: Vec::new(),
         peer_errors: 0,
         rate_limited: 0,
         last_outcome: Duration::ZERO,
@@ -1143,6 +1150,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         swarm,
         failures,
         exchanges: s.outcomes.len(),
+        refused: s.refused.len(),
         resends: statuses.iter().flatten().map(|st| st.stats.resends).sum(),
         redials: statuses.iter().flatten().map(|st| st.stats.redials).sum(),
         virtual_time: end,
@@ -1542,6 +1550,15 @@ fn check(
             s.last_outcome, scenario.liveness, timeline.last_fault
         ));
     }
+    // A step the handler refused is a mistake in the scenario unless it says it expects
+    // refusals (`refused = N`): otherwise it would pass having tested nothing.
+    if scenario.expect.refused.is_none() {
+        for why in &s.refused {
+            failures.push(format!(
+                "step refused by the handler ({why}); add `refused = N` to [expect] if intended"
+            ));
+        }
+    }
     // Scenario expectations (they assume the scenario's own timing, so a swarm run, which
     // shifts timing and latency, checks only the invariants above).
     if !expectations {
@@ -1551,8 +1568,9 @@ fn check(
     let delivered = s.delivered.values().map(|n| u64::from(*n)).sum::<u64>();
     let e = &scenario.expect;
     let redelivered = s.redelivered.values().map(|n| u64::from(*n)).sum::<u64>();
-    let counts: [(&str, Option<crate::scenario::Count>, u64); 11] = [
+    let counts: [(&str, Option<crate::scenario::Count>, u64); 12] = [
         ("delivered", e.delivered, delivered),
+        ("refused", e.refused, s.refused.len() as u64),
         ("redelivered", e.redelivered, redelivered),
         ("replied", e.replied, s.replied),
         ("failed", e.failed, s.failures.len() as u64),

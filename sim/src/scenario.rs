@@ -444,6 +444,9 @@ pub struct Expect {
     pub rate_limited: Option<Count>,
     /// Connections open at the end (all nodes). The leak invariant expects 0 when unset.
     pub open_connections: Option<Count>,
+    /// Steps the handler refuses (request to oneself, payload over the maximum, queue
+    /// full). Unset, any refusal fails the run.
+    pub refused: Option<Count>,
     /// The last exchange outcome happens no later than this virtual time.
     #[serde(default, with = "humantime_serde")]
     pub completes_within: Option<Duration>,

@@ -116,3 +116,47 @@ fn sweep_shards_split_the_work() {
     assert!(run("2/2").contains("3 runs"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_refused_step_shows_in_the_table_and_fails_unless_expected() {
+    let dir = temp_dir("refused");
+    let file = dir.join("self.toml");
+    std::fs::write(
+        &file,
+        "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\n\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"alice\"\n",
+    )
+    .unwrap();
+    let out = sim().arg("run").arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    let row = text.lines().find(|l| l.starts_with("self ")).unwrap();
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    // scenario, verdict, exchanges, refused, ...
+    assert_eq!(&columns[1..4], ["FAIL", "0", "1"], "{row}");
+    assert!(
+        text.contains("step refused by the handler (alice: request to alice refused")
+            && text.contains("add `refused = N`"),
+        "{text}"
+    );
+    // Expected, it passes (and a wrong count fails).
+    std::fs::write(
+        dir.join("expected.toml"),
+        format!(
+            "{}\n[expect]\nrefused = 1\n",
+            std::fs::read_to_string(&file).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = sim()
+        .arg("run")
+        .arg(dir.join("expected.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
