@@ -586,6 +586,13 @@ fn a_failing_command_refuses_the_request_at_once() {
     let (ok, _, err) = send(&setup, "alice", &served.target, "doomed");
     assert!(!ok);
     assert!(err.contains("its application refused it"), "{err}");
+    // The node's own line says which exchange, in its span.
+    let mut served = served;
+    let line = served.wait_log("aborted: its application refused it");
+    assert!(
+        line.contains(" WARN ") && line.contains("exchange{peer="),
+        "{line}"
+    );
 }
 
 #[test]
@@ -620,9 +627,13 @@ fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
     let mut verbose = Served::start(&setup, &args, &[("RUST_LOG", "debug")]);
     assert!(send(&setup, "alice", &verbose.target, "three").0);
     verbose.wait_log("connection established");
+    // Lines about one exchange sit in its span: peer, id, attempt.
     let line = verbose.wait_log("received");
     assert!(
-        line.contains("exchange=x") && line.contains("attempt=1") && line.contains("Request"),
+        line.contains("exchange{peer=")
+            && line.contains(" id=x")
+            && line.contains("attempt=1}")
+            && line.contains("Request"),
         "{line}"
     );
     // A connection task's lines carry its span: which connection, from where.
@@ -702,4 +713,67 @@ fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
         "redelivered=1 slow but kept\n"
     );
     drop(second);
+}
+
+/// The TCP addresses process `pid` listens on, from /proc (Linux).
+#[cfg(target_os = "linux")]
+fn listening(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            t.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local address, state 0A = LISTEN, inode
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                out.push(f[1].to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn send_listens_on_loopback_only() {
+    let setup = Setup::new("send-bind");
+    let echo = gated_echo(&setup);
+    let mut served = Served::start(
+        &setup,
+        &[
+            "--key",
+            "bob.key",
+            "--allow",
+            "allow.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--exec",
+            &echo,
+        ],
+        &[("RUST_LOG", "info,p2p_node=debug")],
+    );
+    let sender = send_cmd(&setup, "alice", &served.target, "slow")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While its exchange is in flight, the sender's one listener is on 127.0.0.1.
+    served.wait_log("request");
+    let sockets = listening(sender.id());
+    open_gate(&setup);
+    let out = sender.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    // /proc writes 127.0.0.1 as 0100007F (little-endian), then :port in hex.
+    assert!(sockets[0].starts_with("0100007F:"), "{sockets:?}");
 }

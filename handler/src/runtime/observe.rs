@@ -93,8 +93,17 @@ impl Observer {
         }
     }
 
-    /// An event of the endpoint, before it goes to the application.
+    /// An event of the endpoint, before it goes to the application. Lines about one
+    /// exchange are written inside an `exchange` span (peer, id), so text logs prefix them
+    /// with it and JSON logs carry it as the line's span.
     pub(super) fn event(&mut self, event: &Event) {
+        let span = match exchange_of(event) {
+            Some((peer, exchange)) => {
+                tracing::info_span!("exchange", peer = %peer.short(), id = %exchange)
+            }
+            None => tracing::Span::none(),
+        };
+        let _entered = span.enter();
         match event {
             Event::Request {
                 peer,
@@ -327,6 +336,21 @@ fn summarise(held: &Held) {
     }
 }
 
+/// The peer and exchange an event is about, if it is about one.
+fn exchange_of(event: &Event) -> Option<(PeerId, crate::wire::ExchangeId)> {
+    match event {
+        Event::Request { peer, exchange, .. }
+        | Event::Reply { peer, exchange, .. }
+        | Event::Failed { peer, exchange, .. }
+        | Event::ResponseDelivered { peer, exchange }
+        | Event::ResponseUnconfirmed { peer, exchange }
+        | Event::ResponseTimedOut { peer, exchange }
+        | Event::ResponseAborted { peer, exchange, .. }
+        | Event::ResponseCancelled { peer, exchange } => Some((*peer, *exchange)),
+        _ => None,
+    }
+}
+
 /// A message sent or received, at `debug`, with the connection, the peer, the exchange and
 /// the attempt as fields (what a log shipper indexes). Resends and redials show here:
 /// recovered trouble is not a problem until the exchange fails.
@@ -346,7 +370,9 @@ pub(super) fn message(sent: bool, conn: ConnId, peer: Option<PeerId>, message: &
         (true, _, _) => "sent",
         (false, _, _) => "received",
     };
-    tracing::debug!(%conn, %peer, %exchange, attempt, ?kind, "{what}");
+    let span = tracing::debug_span!("exchange", %peer, id = %exchange, attempt);
+    let _entered = span.enter();
+    tracing::debug!(%conn, ?kind, "{what}");
 }
 
 /// A dial, at `debug` (a redial is a dial for an exchange that already tried).
