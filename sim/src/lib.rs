@@ -4,9 +4,13 @@
 //! * [`run`]: runs one scenario under one seed, checks the built-in invariants and the
 //!   scenario's expectations, and records a [`trace::Trace`].
 //! * [`transport`]: the handler's transport trait over turmoil's TCP.
+//! * [`coverage`]: what a run exercised (transitions, messages, reasons, steps).
+//! * [`report`]: sweep results as JSON lines, and the report merged from any set of them.
 //!
 //! The `p2p-sim` binary runs directories of scenarios, sweeps seeds, and writes traces.
 
+pub mod coverage;
+pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod trace;

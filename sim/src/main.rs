@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use p2p_sim::report::{RunRecord, parse_lines, summary};
 use p2p_sim::run::{Outcome, run};
 use p2p_sim::scenario::Scenario;
 
@@ -51,6 +52,24 @@ enum Cmd {
         /// Run only shard K of M (as K/M, 1-based): split a sweep across machines.
         #[arg(long, value_parser = parse_shard)]
         shard: Option<(u64, u64)>,
+        /// Also write one JSON line per run to this file (`-`: stdout, the report then goes
+        /// to stderr). `p2p-sim merge` combines the files of a sharded sweep.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Report how many runs hit each state transition, message kind, reason and step,
+        /// and what no run reached.
+        #[arg(long)]
+        coverage: bool,
+    },
+    /// Combine the `sweep --json` files of a sharded sweep into the report an unsharded
+    /// sweep prints.
+    Merge {
+        /// JSON-lines files written by `sweep --json`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Include the coverage report.
+        #[arg(long)]
+        coverage: bool,
     },
     /// Write one run's trace (text) and sequence diagram (Mermaid).
     Trace {
@@ -87,7 +106,20 @@ fn main() -> ExitCode {
             first_seed,
             jobs,
             shard,
-        } => cmd_sweep(&paths, seeds, first_seed, jobs, shard),
+            json,
+            coverage,
+        } => cmd_sweep(
+            &paths,
+            &SweepPlan {
+                seeds,
+                first_seed,
+                jobs,
+                shard,
+            },
+            json.as_deref(),
+            coverage,
+        ),
+        Cmd::Merge { files, coverage } => cmd_merge(&files, coverage),
         Cmd::Trace {
             file,
             seed,
@@ -213,13 +245,15 @@ fn print_row(o: &Outcome) {
     );
 }
 
-fn cmd_sweep(
-    paths: &[PathBuf],
+/// Which runs a sweep makes.
+struct SweepPlan {
     seeds: u64,
     first_seed: u64,
     jobs: Option<usize>,
     shard: Option<(u64, u64)>,
-) -> ExitCode {
+}
+
+fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage: bool) -> ExitCode {
     let scenarios = match load_all(paths) {
         Ok(s) => s,
         Err(e) => {
@@ -230,11 +264,11 @@ fn cmd_sweep(
     // Every (scenario, seed) pair, then this shard's share of them.
     let mut work: Vec<(usize, u64)> = Vec::new();
     for (i, _) in scenarios.iter().enumerate() {
-        for seed in first_seed..first_seed + seeds {
+        for seed in plan.first_seed..plan.first_seed + plan.seeds {
             work.push((i, seed));
         }
     }
-    if let Some((k, m)) = shard {
+    if let Some((k, m)) = plan.shard {
         work = work
             .into_iter()
             .enumerate()
@@ -242,7 +276,8 @@ fn cmd_sweep(
             .map(|(_, w)| w)
             .collect();
     }
-    let jobs = jobs
+    let jobs = plan
+        .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
     let bar = indicatif::ProgressBar::new(work.len() as u64);
@@ -254,7 +289,8 @@ fn cmd_sweep(
     );
     bar.set_message("0");
     let next = AtomicUsize::new(0);
-    let failures: Mutex<Vec<(PathBuf, Outcome)>> = Mutex::new(Vec::new());
+    let failed = AtomicUsize::new(0);
+    let records: Mutex<Vec<RunRecord>> = Mutex::new(Vec::new());
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..jobs {
@@ -266,11 +302,17 @@ fn cmd_sweep(
                     };
                     let (path, scenario) = &scenarios[i];
                     let outcome = run(scenario, seed, true);
-                    if !outcome.passed()
-                        && let Ok(mut f) = failures.lock()
-                    {
-                        f.push((path.clone(), outcome));
-                        bar.set_message(f.len().to_string());
+                    if !outcome.passed() {
+                        let f = failed.fetch_add(1, Ordering::Relaxed) + 1;
+                        bar.set_message(f.to_string());
+                    }
+                    let record = RunRecord::new(
+                        &path.display().to_string(),
+                        &outcome,
+                        reproduce(path, seed, true),
+                    );
+                    if let Ok(mut r) = records.lock() {
+                        r.push(record);
                     }
                     bar.inc(1);
                 }
@@ -278,26 +320,84 @@ fn cmd_sweep(
         }
     });
     bar.finish();
-    let mut failures = failures.into_inner().unwrap_or_default();
-    failures.sort_by(|a, b| (&a.1.scenario, a.1.seed).cmp(&(&b.1.scenario, b.1.seed)));
+    let mut records = records.into_inner().unwrap_or_default();
+    records.sort_by(|a, b| (&a.scenario, a.seed, &a.file).cmp(&(&b.scenario, b.seed, &b.file)));
     let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "{} runs in {:.1}s ({:.1} seeds/s), {} failed",
+    let timing = format!(
+        "{} runs in {:.1}s ({:.1} seeds/s)",
         work.len(),
         elapsed,
         work.len() as f64 / elapsed.max(1e-9),
-        failures.len()
     );
-    for (path, o) in &failures {
-        println!(
-            "FAILED {} seed {}: {}",
-            o.scenario,
-            o.seed,
-            o.failures.join("; ")
-        );
-        println!("  reproduce: {}", reproduce(path, o.seed, true));
+    let report = summary(&records, coverage);
+    let to_stdout = json.is_some_and(|p| p == Path::new("-"));
+    if let Some(path) = json {
+        let mut lines = String::new();
+        for r in &records {
+            match serde_json::to_string(r) {
+                Ok(line) => {
+                    lines.push_str(&line);
+                    lines.push('\n');
+                }
+                Err(e) => {
+                    eprintln!("p2p-sim: cannot encode a run: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let written = if to_stdout {
+            std::io::Write::write_all(&mut std::io::stdout(), lines.as_bytes())
+        } else {
+            std::fs::write(path, lines)
+        };
+        if let Err(e) = written {
+            eprintln!("p2p-sim: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
     }
-    if failures.is_empty() {
+    if to_stdout {
+        eprintln!("{timing}\n{report}");
+    } else {
+        println!("{timing}\n{report}");
+    }
+    if records.iter().all(RunRecord::passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn cmd_merge(files: &[PathBuf], coverage: bool) -> ExitCode {
+    let mut records = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("p2p-sim: cannot read {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        match parse_lines(&text, &file.display().to_string()) {
+            Ok(r) => records.extend(r),
+            Err(e) => {
+                eprintln!("p2p-sim: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // The same run in two files means overlapping shards: say so rather than count twice.
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &records {
+        if !seen.insert((&r.file, r.seed, r.swarm)) {
+            eprintln!(
+                "p2p-sim: {} seed {} appears twice: overlapping shards?",
+                r.file, r.seed
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    print!("{}", summary(&records, coverage));
+    if records.iter().all(RunRecord::passed) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

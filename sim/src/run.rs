@@ -27,6 +27,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::coverage;
 use crate::scenario::{ActionKind, App, MessageMatch, MsgKind, NACK_REASON, Scenario, Step};
 use crate::trace::{Trace, What};
 use crate::transport::TurmoilTransport;
@@ -98,6 +99,8 @@ pub struct Outcome {
     pub trace: Trace,
     /// Node names, in order (for the diagram).
     pub nodes: Vec<String>,
+    /// What the run exercised (see [`crate::coverage`]).
+    pub coverage: BTreeSet<String>,
 }
 
 impl Outcome {
@@ -247,6 +250,8 @@ struct Shared {
     failures: Vec<String>,
     /// Steps the handler refused, with the reason.
     refused: Vec<String>,
+    /// What the run exercised.
+    coverage: BTreeSet<String>,
     peer_errors: u64,
     rate_limited: u64,
     last_outcome: Duration,
@@ -405,6 +410,7 @@ impl Tap for SimTap {
         };
         let from = self.node;
         let dialer = dialer_of(from, to, message);
+        s.coverage.extend(coverage::message(message));
         if let Message::Request {
             exchange, attempt, ..
         } = message
@@ -528,7 +534,10 @@ impl Tap for SimTap {
         let name = peer.map_or_else(|| "?".to_owned(), |p| s.name(&p));
         let text = match event {
             ConnEvent::Established { .. } => format!("{conn} established with {name}"),
-            ConnEvent::Closed(closed) => format!("{conn} closed ({name}): {}", closed_text(closed)),
+            ConnEvent::Closed(closed) => {
+                s.coverage.extend(coverage::closed(closed));
+                format!("{conn} closed ({name}): {}", closed_text(closed))
+            }
             ConnEvent::Oversized { len, .. } => {
                 format!("{conn} oversized message of {len} B from {name}")
             }
@@ -564,6 +573,7 @@ impl Tap for SimTap {
             from.unwrap_or("new"),
             to.unwrap_or("finished")
         );
+        s.coverage.insert(coverage::transition(direction, from, to));
         s.push(self.node, What::State(text));
     }
 
@@ -819,6 +829,13 @@ fn on_event(shared: &Arc<Mutex<Shared>>, node: usize, handler: &Handler, app: &A
                     }
                 }
                 App::Never | App::Manual => None,
+                App::Reject => {
+                    let handler = handler.clone();
+                    tokio::spawn(async move {
+                        let _ = handler.reject(peer, exchange).await;
+                    });
+                    None
+                }
             };
             drop(s);
             if let Some(delay) = delay {
@@ -999,6 +1016,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         replied: 0,
         failures: Vec::new(),
         refused: Vec::new(),
+        coverage: BTreeSet::new(),
         peer_errors: 0,
         rate_limited: 0,
         last_outcome: Duration::ZERO,
@@ -1157,6 +1175,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         wall_time: started.elapsed(),
         trace: s.trace.clone(),
         nodes: names,
+        coverage: s.coverage.clone(),
     }
 }
 
@@ -1267,6 +1286,7 @@ fn execute(
     };
     let name = |n: &Option<String>| n.clone().unwrap_or_default();
     let rule = lock(shared).rule_text(index);
+    lock(shared).coverage.insert(coverage::step(step.action));
     if step.action.is_fault() || step.action.is_heal() {
         timeline.last_fault = now;
     }

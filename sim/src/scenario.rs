@@ -213,6 +213,8 @@ pub enum App {
     },
     /// Reply only when a `respond` step says so.
     Manual,
+    /// Refuse every request at once (`reject`: the dialer fails with `Aborted(Refused)`).
+    Reject,
 }
 
 /// One timeline entry: an action, triggered at a virtual time or by a message.

@@ -160,3 +160,74 @@ fn a_refused_step_shows_in_the_table_and_fails_unless_expected() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn merged_shards_report_what_an_unsharded_sweep_reports() {
+    let dir = temp_dir("merge");
+    std::fs::write(dir.join("a.toml"), TWO_NODES).unwrap();
+    std::fs::write(
+        dir.join("b.toml"),
+        format!("{TWO_NODES}\n[[step]]\nat = \"5ms\"\ndo = \"drop\"\nmatch = {{ kind = \"reply\" }}\ncount = 1\n"),
+    )
+    .unwrap();
+    // A failing one too (a refused step fails swarm runs as well), so failures and their
+    // reproduce commands merge as well.
+    std::fs::write(
+        dir.join("c.toml"),
+        format!("{TWO_NODES}\n[[step]]\ndo = \"request\"\nfrom = \"bob\"\nto = \"bob\"\n"),
+    )
+    .unwrap();
+    let sweep = |extra: &[&str], json: &std::path::Path| {
+        let out = sim()
+            .arg("sweep")
+            .arg(&dir)
+            .args(["--seeds", "5", "--jobs", "2", "--coverage", "--json"])
+            .arg(json)
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The report, without the timing line the sweep prints first.
+    let report = |text: &str| text.lines().skip(1).collect::<Vec<_>>().join("\n");
+    let whole = sweep(&[], &dir.join("whole.jsonl"));
+    assert!(
+        whole.contains("15 runs of 3 scenarios: 10 passed, 5 failed"),
+        "{whole}"
+    );
+    assert!(whole.contains("dialer AwaitingReply -> Backoff"), "{whole}");
+    // Three shards, as three machines would run them, each in its own process.
+    let shards: Vec<std::path::PathBuf> = (1..=3)
+        .map(|k| {
+            let json = dir.join(format!("shard-{k}.jsonl"));
+            sweep(&["--shard", &format!("{k}/3")], &json);
+            json
+        })
+        .collect();
+    let out = sim()
+        .arg("merge")
+        .args(&shards)
+        .arg("--coverage")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let merged = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(merged.trim_end(), report(&whole).trim_end());
+    // One JSON object per run.
+    let lines = std::fs::read_to_string(dir.join("whole.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 15);
+    assert!(
+        lines
+            .lines()
+            .all(|l| l.starts_with('{') && l.contains("\"seed\":"))
+    );
+    // A shard given twice is refused rather than counted twice.
+    let out = sim()
+        .arg("merge")
+        .args([&shards[0], &shards[0]])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("appears twice"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

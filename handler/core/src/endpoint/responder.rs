@@ -24,8 +24,12 @@ use super::{ConnId, Direction, Endpoint, Timer};
 ///                     v                        | reply ack timeout
 ///                 Aborted (Abort NoResponse,   v
 ///                  Event::ResponseTimedOut)  Unconfirmed (Event::ResponseUnconfirmed;
-///                                             the cached reply still answers resends)
+///                                             the cached reply still answers resends;
+///                                             a late Ack of the Reply -> Done)
 ///
+///   A durable node's records come back after a restart in the state they were stored in
+///   (AwaitingResponse, AwaitingReplyAck or Done). A finished record is forgotten when the
+///   dedupe bounds need its room, or with its idle peer when room is needed to track another.
 ///   A resent Request for a known id is Acked and answered from the record; it never
 ///   reaches the application again.
 /// ```
