@@ -638,7 +638,7 @@ fn failure_kind(failure: &Failure) -> String {
 
 async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
     let (tx, mut commands) = mpsc::unbounded_channel();
-    let (key, allow, config, seed, app, incarnation, store) = {
+    let (key, allow, config, seed, app, incarnation, store, sabotage) = {
         let mut s = lock(&shared);
         let durable = s.scenario.durable_of(node);
         let latency = s
@@ -676,6 +676,7 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         };
         let app = spec.app.clone();
         let config = s.scenario.config_of(node);
+        let sabotage = s.scenario.sabotage;
         s.push(node, What::Start);
         (
             s.keys[node].clone(),
@@ -685,6 +686,7 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
             app,
             incarnation,
             store,
+            sabotage,
         )
     };
     let tap = Arc::new(SimTap {
@@ -693,6 +695,7 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
     });
     let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
     let mut options = Options::new(config, seed).incarnation(incarnation).tap(tap);
+    options.sabotage = sabotage;
     if let Some(store) = store {
         options = options.store(store);
     }

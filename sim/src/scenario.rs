@@ -67,6 +67,10 @@ pub struct Scenario {
     /// Each node's handler configuration, read once from the tables when parsing.
     #[serde(skip)]
     configs: Vec<Config>,
+    /// A defect planted in every node's endpoint (tests of the invariants only; never read
+    /// from a file).
+    #[serde(skip)]
+    pub sabotage: Option<p2p_handler::endpoint::Sabotage>,
 }
 
 fn default_seed() -> u64 {

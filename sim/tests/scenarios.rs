@@ -163,10 +163,7 @@ fn the_scenarios_reach_every_coverage_item_but_the_listed_misses() {
         listed.push(item.trim().to_owned());
     }
     let unlisted: Vec<&&String> = missed.iter().filter(|m| !listed.contains(**m)).collect();
-    let reached_now: Vec<&String> = listed
-        .iter()
-        .filter(|l| !missed.contains(l))
-        .collect();
+    let reached_now: Vec<&String> = listed.iter().filter(|l| !missed.contains(l)).collect();
     assert!(
         unlisted.is_empty() && reached_now.is_empty(),
         "coverage changed.\nmissed and not listed (a scenario stopped reaching it?): {unlisted:#?}\n\

@@ -231,6 +231,10 @@ pub struct Options {
     pub store: Option<Box<dyn Store>>,
     /// Observes (and may alter) traffic; the simulator's hook.
     pub tap: Arc<dyn Tap>,
+    /// A defect to plant in the endpoint (feature `sabotage`): the simulator's tests use it
+    /// to show that each invariant catches what it should.
+    #[cfg(feature = "sabotage")]
+    pub sabotage: Option<crate::endpoint::Sabotage>,
 }
 
 impl Options {
@@ -242,6 +246,8 @@ impl Options {
             incarnation: None,
             store: None,
             tap: Arc::new(NoTap),
+            #[cfg(feature = "sabotage")]
+            sabotage: None,
         }
     }
 
@@ -395,6 +401,8 @@ impl Handler {
             incarnation,
             mut store,
             tap,
+            #[cfg(feature = "sabotage")]
+            sabotage,
         } = options;
         config.validate()?;
         let local_peer_id = keypair.peer_id();
@@ -433,6 +441,10 @@ impl Handler {
             }
         };
         endpoint.vary_exchange_ids(nonce);
+        #[cfg(feature = "sabotage")]
+        if let Some(defect) = sabotage {
+            endpoint.sabotage(defect);
+        }
         let mut recv_backlog = VecDeque::new();
         let mut pending_ops = Vec::new();
         if let Some((fresh, mut recovered)) = recovered {

@@ -181,11 +181,16 @@ impl Endpoint {
         hint: Duration,
         now: Instant,
     ) {
+        let max = if self.sabotaged(super::Sabotage::ExtraResend) {
+            self.config.max_attempts + 1
+        } else {
+            self.config.max_attempts
+        };
         let Some(ex) = self.outbound.get_mut(&id) else {
             return;
         };
         ex.failures += 1;
-        if ex.failures >= self.config.max_attempts {
+        if ex.failures >= max {
             let failure = Failure::Exhausted {
                 attempts: ex.failures,
                 last: cause,
@@ -204,7 +209,10 @@ impl Endpoint {
 
     /// Exponential backoff with "equal jitter": half fixed, half drawn from the seeded RNG.
     fn backoff(&mut self, failures: u32) -> Duration {
-        let half = self.config.backoff_base(failures) / 2;
+        let mut half = self.config.backoff_base(failures) / 2;
+        if self.sabotaged(super::Sabotage::SlowRetries) {
+            half *= 100;
+        }
         let half_micros = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
         let jitter = if half_micros == 0 {
             0
@@ -287,6 +295,9 @@ impl Endpoint {
         };
         if let Some(journal) = &mut self.journal {
             journal.extend(durable::finish_outbound(id, ex.seq, &event));
+        }
+        if self.sabotaged(super::Sabotage::DoubleOutcome) {
+            self.events.push_back(event.clone());
         }
         self.events.push_back(event);
         if was_active {

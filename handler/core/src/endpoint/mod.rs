@@ -186,6 +186,24 @@ pub(super) struct Peer {
     pub(super) strikes: u32,
 }
 
+/// A defect planted on purpose in an endpoint, so that a checker can be seen to catch it.
+/// Only [`Endpoint::sabotage`] (feature `sabotage`) plants one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sabotage {
+    /// A resent request reaches the application again (dedupe off).
+    NoDedupe,
+    /// Every outcome of ours is reported twice.
+    DoubleOutcome,
+    /// Requests are acknowledged but never handed to the application.
+    SwallowDelivery,
+    /// One attempt more than `max_attempts`.
+    ExtraResend,
+    /// Idle connections are never closed.
+    KeepIdleConnections,
+    /// Retries wait a hundred times longer than configured.
+    SlowRetries,
+}
+
 /// The exchange state machine of one node. See the module docs for the call order.
 pub struct Endpoint {
     config: Config,
@@ -197,6 +215,9 @@ pub struct Endpoint {
     shutting_down: bool,
     /// A graceful stop began ([`Endpoint::drain`]): new work is refused, started work goes on.
     draining: bool,
+    /// A defect planted on purpose ([`Endpoint::sabotage`]).
+    #[cfg(feature = "sabotage")]
+    sabotage: Option<Sabotage>,
     outbound: BTreeMap<ExchangeId, Outbound>,
     inbound: BTreeMap<(PeerId, ExchangeId), Inbound>,
     peers: BTreeMap<PeerId, Peer>,
@@ -255,6 +276,8 @@ impl Endpoint {
             next_conn: 1,
             shutting_down: false,
             draining: false,
+            #[cfg(feature = "sabotage")]
+            sabotage: None,
             outbound: BTreeMap::new(),
             inbound: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -621,6 +644,25 @@ impl Endpoint {
         removed
     }
 
+    /// Plants a defect (feature `sabotage`, for the simulator's tests of its invariants).
+    #[cfg(feature = "sabotage")]
+    pub fn sabotage(&mut self, defect: Sabotage) {
+        self.sabotage = Some(defect);
+    }
+
+    /// Whether `defect` was planted.
+    #[cfg(feature = "sabotage")]
+    pub(super) fn sabotaged(&self, defect: Sabotage) -> bool {
+        self.sabotage == Some(defect)
+    }
+
+    /// Without the feature, never.
+    #[cfg(not(feature = "sabotage"))]
+    #[inline(always)]
+    pub(super) fn sabotaged(&self, _defect: Sabotage) -> bool {
+        false
+    }
+
     /// Begins a graceful stop: new work is refused (our [`Endpoint::request`] returns
     /// `ShuttingDown`, a peer's new Request is Nacked `ShuttingDown`) while work already
     /// started goes on: our exchanges, queued ones included, and requests our application
@@ -800,7 +842,9 @@ impl Endpoint {
                     }
                 }
                 Timer::Idle(conn) => {
-                    if self.conns.get(&conn).is_some_and(|c| c.exchange.is_none()) {
+                    if self.conns.get(&conn).is_some_and(|c| c.exchange.is_none())
+                        && !self.sabotaged(Sabotage::KeepIdleConnections)
+                    {
                         self.close(conn, CloseReason::Idle, now);
                     }
                 }

@@ -218,6 +218,9 @@ impl Endpoint {
         } else {
             self.send_held_ack(peer, exchange);
         }
+        if self.sabotaged(super::Sabotage::SwallowDelivery) {
+            return;
+        }
         self.stats.requests_delivered += 1;
         self.events.push_back(Event::Request {
             peer,
@@ -280,6 +283,7 @@ impl Endpoint {
     ) {
         let (_, exchange) = key;
         let remote_max = self.remote_max_of(conn);
+        let no_dedupe = self.sabotaged(super::Sabotage::NoDedupe);
         let Some(record) = self.inbound.get_mut(&key) else {
             return;
         };
@@ -293,6 +297,20 @@ impl Endpoint {
             );
         }
         self.stats.duplicates_dropped += 1;
+        if no_dedupe && record.state == InState::AwaitingResponse {
+            // The defect: the application gets the resend as a new request.
+            let addr = record.addr;
+            self.events.push_back(Event::Request {
+                peer: key.0,
+                addr,
+                exchange,
+                payload: payload.clone(),
+                redelivered: false,
+            });
+        }
+        let Some(record) = self.inbound.get_mut(&key) else {
+            return;
+        };
         let old = std::mem::replace(&mut record.conn, conn);
         record.attempt = attempt;
         record.remote_max = remote_max;

@@ -1,0 +1,105 @@
+//! Each built-in invariant of the simulator, seen to fire: a scenario runs twice, once on
+//! the real handler (it must pass: the scenario itself is sound) and once on a handler with
+//! one defect planted on purpose (feature `sabotage`), where exactly the invariant meant to
+//! catch that defect must fail, naming the exchange concerned.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
+
+use p2p_handler::endpoint::Sabotage;
+use p2p_sim::run::run;
+use p2p_sim::scenario::Scenario;
+
+/// Runs `text` as is, then with `defect`; returns the sabotaged run's failures.
+fn caught(text: &str, defect: Sabotage) -> Vec<String> {
+    let mut scenario = Scenario::parse(text, "<test>", "probe").unwrap();
+    let sound = run(&scenario, scenario.seed, false);
+    assert!(
+        sound.passed(),
+        "the scenario fails on the real handler: {:?}\n{}",
+        sound.failures,
+        sound.trace.text()
+    );
+    scenario.sabotage = Some(defect);
+    let broken = run(&scenario, scenario.seed, false);
+    assert!(!broken.passed(), "{defect:?} went unnoticed");
+    broken.failures
+}
+
+fn one_matching(failures: &[String], what: &str) -> String {
+    let hits: Vec<&String> = failures.iter().filter(|f| f.contains(what)).collect();
+    assert!(!hits.is_empty(), "no failure with {what:?}: {failures:#?}");
+    hits[0].clone()
+}
+
+const PAIR: &str = "[[node]]\nname = \"alice\"\n\n[[node]]\nname = \"bob\"\n";
+
+#[test]
+fn duplicate_delivery_is_caught_when_dedupe_is_off() {
+    // Bob's Ack is lost and he is slow to answer: Alice's resend meets his record.
+    let text = format!(
+        "[config]\nack_timeout = \"200ms\"\n\n{PAIR}app = {{ slow = {{ reply_after = \"600ms\" }} }}\n\n\
+         [[step]]\ndo = \"drop\"\nmatch = {{ kind = \"ack\", from = \"bob\", of = \"request\" }}\ncount = 1\n\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::NoDedupe);
+    let f = one_matching(&failures, "duplicate:");
+    assert!(f.contains("alice#1 delivered 2 times to bob"), "{f}");
+}
+
+#[test]
+fn a_second_outcome_is_caught() {
+    let text = format!("{PAIR}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n");
+    let failures = caught(&text, Sabotage::DoubleOutcome);
+    let f = one_matching(&failures, "exactly once expected");
+    assert!(f.contains("exchange alice#1 ended 2 times"), "{f}");
+}
+
+#[test]
+fn an_acknowledged_request_that_never_reaches_a_durable_application_is_caught() {
+    let text = "[config]\nresponse_timeout = \"500ms\"\n\n[[node]]\nname = \"alice\"\n\n\
+                [[node]]\nname = \"bob\"\ndurable = true\n\n\
+                [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n";
+    let failures = caught(text, Sabotage::SwallowDelivery);
+    let f = one_matching(&failures, "lost:");
+    assert!(
+        f.contains("alice#1 was acknowledged by bob but never reached its application"),
+        "{f}"
+    );
+}
+
+#[test]
+fn one_attempt_too_many_is_caught() {
+    // Bob refuses every copy, so Alice uses all her attempts.
+    let text = "[config]\nmax_attempts = 3\nbackoff_initial = \"20ms\"\n\n\
+                [[node]]\nname = \"alice\"\n\n[[node]]\nname = \"bob\"\n\
+                app = { refuse = { first = 100 } }\n\n\
+                [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n";
+    let failures = caught(text, Sabotage::ExtraResend);
+    let f = one_matching(&failures, "max_attempts is 3");
+    assert!(f.contains("alice#1 was sent 4 times"), "{f}");
+}
+
+#[test]
+fn connections_left_open_are_caught() {
+    let text = format!(
+        "[config]\nreuse_connections = true\nidle_timeout = \"1s\"\n\n{PAIR}\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::KeepIdleConnections);
+    let f = one_matching(&failures, "leak:");
+    assert!(f.contains("2 connection(s)"), "{f}");
+}
+
+#[test]
+fn progress_too_slow_after_the_last_heal_is_caught() {
+    let text = format!(
+        "liveness = \"10s\"\nduration = \"300s\"\n\n[config]\nconnect_timeout = \"200ms\"\n\
+         backoff_initial = \"200ms\"\nbackoff_max = \"400ms\"\nmax_attempts = 30\n\n{PAIR}\n\
+         [[step]]\ndo = \"partition\"\na = \"alice\"\nb = \"bob\"\n\n\
+         [[step]]\nat = \"10ms\"\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n\n\
+         [[step]]\nat = \"1s\"\ndo = \"repair\"\na = \"alice\"\nb = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::SlowRetries);
+    let f = one_matching(&failures, "liveness:");
+    assert!(f.contains("after the last fault (1s)"), "{f}");
+}
