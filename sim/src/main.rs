@@ -417,9 +417,11 @@ fn cmd_trace(file: &Path, seed: Option<u64>, swarm: bool, out: &Path) -> ExitCod
     let stem = format!("{}-seed{seed}", scenario.name);
     let text = out.join(format!("{stem}.txt"));
     let diagram = out.join(format!("{stem}.mmd"));
+    let picture = out.join(format!("{stem}.svg"));
     let written = std::fs::create_dir_all(out)
         .and_then(|()| std::fs::write(&text, outcome.trace.text()))
-        .and_then(|()| std::fs::write(&diagram, outcome.trace.mermaid(&outcome.nodes)));
+        .and_then(|()| std::fs::write(&diagram, outcome.trace.mermaid(&outcome.nodes)))
+        .and_then(|()| std::fs::write(&picture, outcome.trace.svg(&outcome.nodes)));
     if let Err(e) = written {
         eprintln!("p2p-sim: cannot write to {}: {e}", out.display());
         return ExitCode::FAILURE;
@@ -428,7 +430,12 @@ fn cmd_trace(file: &Path, seed: Option<u64>, swarm: bool, out: &Path) -> ExitCod
     for f in &outcome.failures {
         println!("  - {f}");
     }
-    println!("trace: {}\ndiagram: {}", text.display(), diagram.display());
+    println!(
+        "trace: {}\ndiagram: {} (Mermaid), {} (SVG)",
+        text.display(),
+        diagram.display(),
+        picture.display()
+    );
     if outcome.passed() {
         ExitCode::SUCCESS
     } else {

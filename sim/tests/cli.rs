@@ -79,6 +79,9 @@ fn trace_writes_text_and_mermaid() {
     let mermaid = std::fs::read_to_string(dir.join("ok-seed5.mmd")).unwrap();
     assert!(mermaid.starts_with("sequenceDiagram"), "{mermaid}");
     assert!(mermaid.contains("alice->>bob"), "{mermaid}");
+    let svg = std::fs::read_to_string(dir.join("ok-seed5.svg")).unwrap();
+    assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert!(svg.contains(">c1 Request alice#1 try 1 (16 B)<"), "{svg}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
