@@ -5,6 +5,7 @@
 //!   scenario's expectations, and records a [`trace::Trace`].
 //! * [`transport`]: the handler's transport trait over turmoil's TCP.
 //! * [`coverage`]: what a run exercised (transitions, messages, reasons, steps).
+//! * [`swarm`]: random fault schedules drawn from the seed (`[swarm]`).
 //! * [`report`]: sweep results as JSON lines, and the report merged from any set of them.
 //!
 //! The `p2p-sim` binary runs directories of scenarios, sweeps seeds, and writes traces.
@@ -13,5 +14,6 @@ pub mod coverage;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod swarm;
 pub mod trace;
 pub mod transport;

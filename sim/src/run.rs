@@ -252,6 +252,9 @@ struct Shared {
     refused: Vec<String>,
     /// What the run exercised.
     coverage: BTreeSet<String>,
+    /// The healing phase's probe requests, and how those that failed failed.
+    probes: BTreeSet<(usize, ExchangeId)>,
+    probe_failures: Vec<String>,
     peer_errors: u64,
     rate_limited: u64,
     last_outcome: Duration,
@@ -361,8 +364,10 @@ impl Shared {
     }
 
     fn rule_text(&self, step: usize) -> String {
-        let line = self.scenario.step_lines.get(step).copied().unwrap_or(0);
-        format!("step {}, line {line}", step + 1)
+        match self.scenario.step_lines.get(step).copied().unwrap_or(0) {
+            0 => format!("step {}, drawn by [swarm]", step + 1),
+            line => format!("step {}, line {line}", step + 1),
+        }
     }
 
     /// Counts a message against waiting triggers; fired steps run after this tick.
@@ -727,11 +732,15 @@ async fn run_command(
     match command {
         NodeCommand::Request { to, addr, payload } => {
             let len = payload.len();
+            let probe = payload == crate::swarm::PROBE.as_bytes();
             let result = handler.request(to, addr, payload).await;
             let mut s = lock(shared);
             let to_name = s.name(&to);
             match result {
                 Ok(id) => {
+                    if probe {
+                        s.probes.insert((node, id));
+                    }
                     let label = s.label_or_assign(node, id);
                     let incarnation = s.incarnation_key(node);
                     s.outcomes.insert((node, incarnation, id), 0);
@@ -897,6 +906,9 @@ fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
             if s.count_outcome(node, incarnation, exchange, redelivered) {
                 s.failures.push(kind.clone());
             }
+            if s.probes.contains(&(node, exchange)) {
+                s.probe_failures.push(format!("{label}: {failure}"));
+            }
             let again = if redelivered { ", redelivered" } else { "" };
             format!(
                 "failed {label}: {kind} ({} B handed back{again})",
@@ -983,6 +995,12 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     if swarm {
         randomise(&mut scenario, &mut rng);
     }
+    if let Some(plan) = scenario.swarm.clone() {
+        for step in crate::swarm::draw(&scenario, &plan, seed) {
+            scenario.steps.push(toml::Spanned::new(0..0, step));
+            scenario.step_lines.push(0);
+        }
+    }
     let keys: Vec<Keypair> = scenario
         .nodes
         .iter()
@@ -1020,6 +1038,8 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         failures: Vec::new(),
         refused: Vec::new(),
         coverage: BTreeSet::new(),
+        probes: BTreeSet::new(),
+        probe_failures: Vec::new(),
         peer_errors: 0,
         rate_limited: 0,
         last_outcome: Duration::ZERO,
@@ -1565,6 +1585,13 @@ fn check(
         if status.is_none() && s.nodes[i].up {
             failures.push(format!("{} did not report its status", s.names[i]));
         }
+    }
+    // Invariant: progress once healed. Probes sent after the last heal must be answered:
+    // a failure ends an exchange but is not progress.
+    for f in &s.probe_failures {
+        failures.push(format!(
+            "liveness: probe {f} (sent after the last heal) failed"
+        ));
     }
     // Invariant: liveness once healed.
     if s.last_outcome > timeline.last_fault + scenario.liveness {

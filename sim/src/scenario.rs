@@ -61,7 +61,10 @@ pub struct Scenario {
     /// What must hold at the end.
     #[serde(default)]
     pub expect: Expect,
-    /// Line of each step, filled in after parsing.
+    /// Random faults drawn from the seed (see [`crate::swarm`]).
+    #[serde(default)]
+    pub swarm: Option<crate::swarm::SwarmPlan>,
+    /// Line of each step, filled in after parsing (0 for steps drawn by a swarm).
     #[serde(skip)]
     pub step_lines: Vec<usize>,
     /// Each node's handler configuration, read once from the tables when parsing.
@@ -276,6 +279,31 @@ pub struct Step {
     /// The node's whole new allow list (allow_list), as it would reload from its file.
     #[serde(default)]
     pub peers: Option<Vec<String>>,
+}
+
+impl Step {
+    /// A step doing `action` at the start, every other field unset.
+    pub fn new(action: ActionKind) -> Self {
+        Self {
+            at: None,
+            on: None,
+            action,
+            node: None,
+            from: None,
+            to: None,
+            a: None,
+            b: None,
+            payload: None,
+            size: None,
+            count: None,
+            via: None,
+            latency: None,
+            rate: None,
+            by: None,
+            matches: None,
+            peers: None,
+        }
+    }
 }
 
 /// Step actions.
@@ -584,7 +612,7 @@ impl Scenario {
             .map_err(|e: toml::de::Error| e.message().to_owned())
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.nodes.is_empty() {
             return Err("a scenario needs at least one [[node]]".into());
         }
@@ -629,6 +657,9 @@ impl Scenario {
         }
         if self.network.min_latency > self.network.max_latency {
             return Err("network: min_latency exceeds max_latency".into());
+        }
+        if let Some(plan) = &self.swarm {
+            plan.validate(self)?;
         }
         for (i, step) in self.steps.iter().enumerate() {
             let line = self.step_lines.get(i).copied().unwrap_or(0);

@@ -1,0 +1,376 @@
+//! Fault swarms: a scenario's `[swarm]` table asks for random faults, and each seed draws
+//! its own schedule of them.
+//!
+//! From the seed, [`draw`] writes ordinary steps: within the fault window, `requests`
+//! requests between random pairs of nodes that allow each other, and `faults` faults drawn
+//! from `kinds` (partitions both ways and one way, holds, lossy links, message drops,
+//! delays, corruption and Nacks keyed on message kinds, crashes of the nodes allowed to
+//! crash, allow-list revocations), each healed after a random time up to `max_fault`. Then
+//! comes the healing phase: once everything is healed, each node sends a probe request to
+//! a peer, and every probe must be answered (a failure does not count as progress there).
+//! The steps run through the same machinery as written ones, so a drawn schedule can be
+//! written out as a scenario file that replays it.
+
+use std::time::Duration;
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::Deserialize;
+
+use crate::scenario::{ActionKind, MessageMatch, MsgKind, Scenario, Step};
+
+/// The payload of the probes of the healing phase.
+pub const PROBE: &str = "liveness probe";
+
+/// A fault a swarm may draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum FaultKind {
+    Partition,
+    PartitionOneway,
+    Hold,
+    FailRate,
+    Drop,
+    Delay,
+    Corrupt,
+    Nack,
+    Crash,
+    Revoke,
+}
+
+const ALL: [FaultKind; 10] = [
+    FaultKind::Partition,
+    FaultKind::PartitionOneway,
+    FaultKind::Hold,
+    FaultKind::FailRate,
+    FaultKind::Drop,
+    FaultKind::Delay,
+    FaultKind::Corrupt,
+    FaultKind::Nack,
+    FaultKind::Crash,
+    FaultKind::Revoke,
+];
+
+/// `[swarm]`: what to draw, and how much. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmPlan {
+    /// Faults drawn in the window.
+    pub faults: u32,
+    /// Requests drawn in the window, between random pairs that allow each other.
+    pub requests: u32,
+    /// Faults and requests start within this much virtual time.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// The longest a fault lasts before it is healed.
+    #[serde(with = "humantime_serde")]
+    pub max_fault: Duration,
+    /// The kinds drawn from (default: all).
+    pub kinds: Vec<FaultKind>,
+    /// Nodes that may crash (default: every durable node; a memory-only node that crashes
+    /// forgets what it delivered, which the duplicate invariant would rightly flag).
+    pub crash: Option<Vec<String>>,
+    /// After the last heal, every node sends one probe request, which must be answered.
+    pub probes: bool,
+}
+
+impl Default for SwarmPlan {
+    fn default() -> Self {
+        Self {
+            faults: 6,
+            requests: 10,
+            window: Duration::from_secs(5),
+            max_fault: Duration::from_secs(2),
+            kinds: ALL.to_vec(),
+            crash: None,
+            probes: true,
+        }
+    }
+}
+
+impl SwarmPlan {
+    /// Checks the plan against the scenario (names, sizes); the message names the field.
+    pub fn validate(&self, scenario: &Scenario) -> Result<(), String> {
+        if self.window.is_zero() || self.max_fault.is_zero() {
+            return Err("[swarm]: window and max_fault must be positive".into());
+        }
+        if self.kinds.is_empty() && self.faults > 0 {
+            return Err("[swarm]: kinds is empty but faults > 0".into());
+        }
+        for name in self.crash.iter().flatten() {
+            if scenario.node_index(name).is_none() {
+                return Err(format!("[swarm]: crash: unknown node {name:?}"));
+            }
+        }
+        if scenario.nodes.len() < 2 {
+            return Err("[swarm]: needs at least two nodes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `a` and `b` may exchange: each allows the other.
+fn allowed(scenario: &Scenario, a: usize, b: usize) -> bool {
+    let allows = |who: usize, whom: usize| {
+        scenario.nodes[who]
+            .allow
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| *n == scenario.nodes[whom].name))
+    };
+    a != b && allows(a, b) && allows(b, a)
+}
+
+/// The steps a seed draws for `plan`, in time order.
+pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
+    // Its own stream, so that drawing faults leaves the run's other draws unchanged.
+    let mut rng = ChaCha20Rng::seed_from_u64(seed ^ 0x5357_4152_4d00_0001);
+    let n = scenario.nodes.len();
+    let name = |i: usize| Some(scenario.nodes[i].name.clone());
+    let pairs: Vec<(usize, usize)> = (0..n)
+        .flat_map(|a| (0..n).map(move |b| (a, b)))
+        .filter(|&(a, b)| allowed(scenario, a, b))
+        .collect();
+    let crashable: Vec<usize> = match &plan.crash {
+        Some(names) => names
+            .iter()
+            .filter_map(|n| scenario.node_index(n))
+            .collect(),
+        None => (0..n).filter(|&i| scenario.durable_of(i)).collect(),
+    };
+    let window_ms = plan.window.as_millis().max(1) as u64;
+    let max_fault_ms = plan.max_fault.as_millis().max(1) as u64;
+    let mut pick = |below: u64| rng.next_u64() % below.max(1);
+    let mut steps: Vec<Step> = Vec::new();
+    let at = |ms: u64| Some(Duration::from_millis(ms));
+    let mut last_heal = 0;
+    // A node is crashed at most once at a time: until its restart, it is not drawn again.
+    let mut down_until = vec![0u64; n];
+    // (revoker, revoked, from, until): no request is drawn between them meanwhile.
+    let mut revoked: Vec<(usize, usize, u64, u64)> = Vec::new();
+    for _ in 0..plan.faults {
+        let kind = plan.kinds[pick(plan.kinds.len() as u64) as usize];
+        let start = pick(window_ms);
+        let heal = start + 1 + pick(max_fault_ms);
+        let (a, b) = {
+            let a = pick(n as u64) as usize;
+            let b = (a + 1 + pick(n as u64 - 1) as usize) % n;
+            (a, b)
+        };
+        let mut fault = match kind {
+            FaultKind::Partition => Step::new(ActionKind::Partition),
+            FaultKind::PartitionOneway => Step::new(ActionKind::PartitionOneway),
+            FaultKind::Hold => Step::new(ActionKind::Hold),
+            FaultKind::FailRate => Step::new(ActionKind::FailRate),
+            FaultKind::Crash => {
+                if crashable.is_empty() {
+                    continue;
+                }
+                Step::new(ActionKind::Crash)
+            }
+            FaultKind::Revoke => Step::new(ActionKind::Revoke),
+            FaultKind::Drop => Step::new(ActionKind::Drop),
+            FaultKind::Delay => Step::new(ActionKind::Delay),
+            FaultKind::Corrupt => Step::new(ActionKind::Corrupt),
+            FaultKind::Nack => Step::new(ActionKind::Nack),
+        };
+        fault.at = at(start);
+        let heal_step = match kind {
+            FaultKind::Partition | FaultKind::Hold => {
+                fault.a = name(a);
+                fault.b = name(b);
+                let mut h = Step::new(if kind == FaultKind::Hold {
+                    ActionKind::Release
+                } else {
+                    ActionKind::Repair
+                });
+                h.a = name(a);
+                h.b = name(b);
+                Some(h)
+            }
+            FaultKind::PartitionOneway => {
+                fault.from = name(a);
+                fault.to = name(b);
+                let mut h = Step::new(ActionKind::RepairOneway);
+                h.from = name(a);
+                h.to = name(b);
+                Some(h)
+            }
+            FaultKind::FailRate => {
+                fault.a = name(a);
+                fault.b = name(b);
+                fault.rate = Some([0.05, 0.1, 0.2, 0.4][pick(4) as usize]);
+                let mut h = Step::new(ActionKind::FailRate);
+                h.a = name(a);
+                h.b = name(b);
+                h.rate = Some(0.0);
+                Some(h)
+            }
+            FaultKind::Crash => {
+                let node = crashable[pick(crashable.len() as u64) as usize];
+                if down_until[node] >= start {
+                    continue;
+                }
+                down_until[node] = heal;
+                fault.node = name(node);
+                let mut h = Step::new(ActionKind::Restart);
+                h.node = name(node);
+                Some(h)
+            }
+            FaultKind::Revoke => {
+                // Only a peer the node allows: allowing it back must restore, not widen.
+                if pairs.is_empty() {
+                    continue;
+                }
+                let (a, b) = pairs[pick(pairs.len() as u64) as usize];
+                revoked.push((a, b, start, heal));
+                fault.node = name(a);
+                fault.to = name(b);
+                let mut h = Step::new(ActionKind::Allow);
+                h.node = name(a);
+                h.to = name(b);
+                Some(h)
+            }
+            FaultKind::Drop | FaultKind::Delay | FaultKind::Corrupt | FaultKind::Nack => {
+                let kinds = [MsgKind::Request, MsgKind::Ack, MsgKind::Reply];
+                let msg_kind = if kind == FaultKind::Nack {
+                    MsgKind::Request
+                } else {
+                    kinds[pick(3) as usize]
+                };
+                fault.matches = Some(MessageMatch {
+                    kind: msg_kind,
+                    from: name(a),
+                    to: None,
+                    of: None,
+                    resend: None,
+                });
+                fault.count = Some(1 + pick(3) as u32);
+                if kind == FaultKind::Delay {
+                    fault.by = Some(Duration::from_millis(50 + pick(450)));
+                }
+                None
+            }
+        };
+        steps.push(fault);
+        if let Some(mut h) = heal_step {
+            h.at = at(heal);
+            last_heal = last_heal.max(heal);
+            steps.push(h);
+        }
+    }
+    // Requests, after the faults so that none is drawn from a node that has revoked its
+    // peer at that moment (the handler would refuse it, rightly).
+    for _ in 0..plan.requests {
+        if pairs.is_empty() {
+            break;
+        }
+        let (a, b) = pairs[pick(pairs.len() as u64) as usize];
+        let mut when = pick(window_ms);
+        for &(x, y, from, until) in &revoked {
+            if (x, y) == (a, b) && (from..=until).contains(&when) {
+                when = until + 1;
+            }
+        }
+        let mut step = Step::new(ActionKind::Request);
+        step.at = at(when);
+        step.from = name(a);
+        step.to = name(b);
+        steps.push(step);
+    }
+    if plan.probes {
+        let after = last_heal.max(window_ms) + 200;
+        for a in 0..n {
+            if let Some(&(_, b)) = pairs.iter().find(|(x, y)| *x == a && *y != a) {
+                let mut probe = Step::new(ActionKind::Request);
+                probe.at = at(after);
+                probe.from = name(a);
+                probe.to = name(b);
+                probe.payload = Some(PROBE.to_owned());
+                steps.push(probe);
+            }
+        }
+    }
+    steps.sort_by_key(|s| s.at);
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn ring() -> Scenario {
+        let text = "[[node]]\nname = \"a\"\nallow = [\"b\"]\n\n[[node]]\nname = \"b\"\nallow = [\"a\", \"c\"]\n\n\
+                    [[node]]\nname = \"c\"\nallow = [\"b\"]\ndurable = false\n\n\
+                    [swarm]\nfaults = 40\nrequests = 40\n";
+        Scenario::parse(text, "<test>", "ring").unwrap()
+    }
+
+    #[test]
+    fn a_seed_draws_one_schedule_and_another_seed_another() {
+        let s = ring();
+        let plan = s.swarm.clone().unwrap();
+        let one = format!("{:?}", draw(&s, &plan, 1));
+        assert_eq!(one, format!("{:?}", draw(&s, &plan, 1)));
+        assert_ne!(one, format!("{:?}", draw(&s, &plan, 2)));
+    }
+
+    #[test]
+    fn drawn_steps_respect_the_allow_lists_durability_and_the_healing_phase() {
+        let s = ring();
+        let plan = s.swarm.clone().unwrap();
+        for seed in 0..50 {
+            let steps = draw(&s, &plan, seed);
+            let ms = |st: &Step| st.at.unwrap().as_millis() as u64;
+            let mut with_steps = s.clone();
+            with_steps.steps = steps
+                .iter()
+                .map(|st| toml::Spanned::new(0..0, st.clone()))
+                .collect();
+            with_steps.validate().unwrap();
+            let last_heal = steps
+                .iter()
+                .filter(|st| st.action.is_heal() || st.rate == Some(0.0))
+                .map(ms)
+                .max()
+                .unwrap_or(0);
+            for st in &steps {
+                let names = (st.from.as_deref(), st.to.as_deref());
+                if st.action == ActionKind::Request {
+                    // Only between nodes that allow each other: a-b and b-c.
+                    assert!(
+                        matches!(
+                            names,
+                            (Some("a"), Some("b"))
+                                | (Some("b"), Some("a" | "c"))
+                                | (Some("c"), Some("b"))
+                        ),
+                        "{st:?}"
+                    );
+                    if st.payload.as_deref() == Some(PROBE) {
+                        assert!(ms(st) > last_heal, "probes come after the last heal");
+                    }
+                }
+                if st.action == ActionKind::Crash {
+                    assert_ne!(st.node.as_deref(), Some("c"), "c is not durable");
+                }
+                if st.action == ActionKind::Revoke {
+                    let pair = (st.node.as_deref(), st.to.as_deref());
+                    assert!(matches!(
+                        pair,
+                        (Some("a"), Some("b"))
+                            | (Some("b"), Some("a" | "c"))
+                            | (Some("c"), Some("b"))
+                    ));
+                }
+            }
+            let probes = steps
+                .iter()
+                .filter(|st| st.payload.as_deref() == Some(PROBE))
+                .count();
+            assert_eq!(probes, 3, "one per node");
+        }
+    }
+}
