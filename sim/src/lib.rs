@@ -6,6 +6,8 @@
 //! * [`transport`]: the handler's transport trait over turmoil's TCP.
 //! * [`coverage`]: what a run exercised (transitions, messages, reasons, steps).
 //! * [`swarm`]: random fault schedules drawn from the seed (`[swarm]`).
+//! * [`shrink`]: a failing run written down and reduced to the smallest scenario that
+//!   fails the same way.
 //! * [`report`]: sweep results as JSON lines, and the report merged from any set of them.
 //!
 //! The `p2p-sim` binary runs directories of scenarios, sweeps seeds, and writes traces.
@@ -14,6 +16,7 @@ pub mod coverage;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod shrink;
 pub mod swarm;
 pub mod trace;
 pub mod transport;

@@ -61,6 +61,22 @@ enum Cmd {
         #[arg(long)]
         coverage: bool,
     },
+    /// Turn a failing run into the smallest scenario file that still fails the same way
+    /// (its random choices written down as explicit steps, then steps, nodes and values
+    /// removed while the failure persists). `p2p-sim run` replays the result.
+    Shrink {
+        /// Scenario file.
+        file: PathBuf,
+        /// The failing seed.
+        #[arg(long)]
+        seed: u64,
+        /// The failure came from a sweep (swarm mode).
+        #[arg(long)]
+        swarm: bool,
+        /// Where to write the result (default: traces/<scenario>-seed<N>-shrunk.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Combine the `sweep --json` files of a sharded sweep into the report an unsharded
     /// sweep prints.
     Merge {
@@ -120,6 +136,12 @@ fn main() -> ExitCode {
             coverage,
         ),
         Cmd::Merge { files, coverage } => cmd_merge(&files, coverage),
+        Cmd::Shrink {
+            file,
+            seed,
+            swarm,
+            out,
+        } => cmd_shrink(&file, seed, swarm, out),
         Cmd::Trace {
             file,
             seed,
@@ -161,8 +183,13 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<(PathBuf, Scenario)>, String> {
 
 /// A command that replays one run with its trace, valid from where this one was started:
 /// this very executable (by its absolute path) and the scenario path as given.
+/// This program's path, as a shell word.
+fn reproduce_exe() -> String {
+    std::env::current_exe().map_or_else(|_| "p2p-sim".to_owned(), |p| shell_word(&p))
+}
+
 fn reproduce(path: &Path, seed: u64, swarm: bool) -> String {
-    let exe = std::env::current_exe().map_or_else(|_| "p2p-sim".to_owned(), |p| shell_word(&p));
+    let exe = reproduce_exe();
     format!(
         "{exe} trace {} --seed {seed}{}",
         shell_word(path),
@@ -365,6 +392,51 @@ fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage:
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn cmd_shrink(file: &Path, seed: u64, swarm: bool, out: Option<PathBuf>) -> ExitCode {
+    let scenario = match Scenario::load(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("p2p-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shrunk = match p2p_sim::shrink::shrink(&scenario, seed, swarm) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("p2p-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = out.unwrap_or_else(|| {
+        PathBuf::from("traces").join(format!("{}-seed{seed}-shrunk.toml", scenario.name))
+    });
+    let written = p2p_sim::shrink::to_toml(&shrunk.scenario).and_then(|text| {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(&out, text).map_err(|e| e.to_string())
+    });
+    if let Err(e) = written {
+        eprintln!("p2p-sim: cannot write {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "fails with {}: {} of {} steps and {} of {} nodes kept ({} runs)",
+        shrunk.signature,
+        shrunk.steps.1,
+        shrunk.steps.0,
+        shrunk.nodes.1,
+        shrunk.nodes.0,
+        shrunk.runs
+    );
+    for f in &shrunk.failures {
+        println!("  - {f}");
+    }
+    println!("written: {}", out.display());
+    println!("replay: {} run {}", reproduce_exe(), shell_word(&out));
+    ExitCode::SUCCESS
 }
 
 fn cmd_merge(files: &[PathBuf], coverage: bool) -> ExitCode {

@@ -993,7 +993,9 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     let mut scenario = scenario.clone();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     if swarm {
-        randomise(&mut scenario, &mut rng);
+        // From a stream of its own: the keys and everything after them are the same with
+        // and without swarm, so a swarm run written out as explicit steps replays exactly.
+        randomise(&mut scenario, &mut swarm_rng(seed));
     }
     if let Some(plan) = scenario.swarm.clone() {
         for step in crate::swarm::draw(&scenario, &plan, seed) {
@@ -1672,8 +1674,15 @@ fn check(
     }
 }
 
+/// The random stream swarm mode draws from.
+pub(crate) fn swarm_rng(seed: u64) -> ChaCha20Rng {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    rng.set_stream(u64::MAX);
+    rng
+}
+
 /// Swarm mode: latency, loss, step timing and the storage fault drawn from the seed.
-fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
+pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
     let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo + 1);
     let min = pick(1, 20);
     let max = min + pick(0, 40);

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use p2p_handler::Config;
 use p2p_handler::wire::NackReason;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A parsed, validated scenario.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     /// Name (defaults to the file stem).
@@ -93,7 +93,7 @@ fn default_liveness() -> Duration {
 }
 
 /// Latency and loss.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     /// Minimum one-way latency.
@@ -154,7 +154,7 @@ impl Default for Network {
 }
 
 /// Settings for the link between two nodes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkSpec {
     /// One end.
@@ -170,7 +170,7 @@ pub struct LinkSpec {
 }
 
 /// One node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {
     /// Its name (also its turmoil host name).
@@ -191,7 +191,7 @@ pub struct NodeSpec {
 }
 
 /// Application behaviour of a node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum App {
     /// Reply with `re:` + the request at once.
@@ -225,7 +225,7 @@ pub enum App {
 }
 
 /// One timeline entry: an action, triggered at a virtual time or by a message.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// When (virtual time since start). Default: at the start, unless `on` is given.
@@ -307,7 +307,7 @@ impl Step {
 }
 
 /// Step actions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum ActionKind {
@@ -354,7 +354,7 @@ impl ActionKind {
 }
 
 /// Message kinds as written in scenario files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum MsgKind {
@@ -367,7 +367,7 @@ pub enum MsgKind {
 }
 
 /// Selects messages by kind, direction and attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessageMatch {
     /// Kind.
@@ -387,7 +387,7 @@ pub struct MessageMatch {
 }
 
 /// Fires a step when the `nth` message matching `message` is sent or received.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     /// The messages counted.
@@ -406,7 +406,7 @@ fn one() -> u32 {
 }
 
 /// An exact count or a range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum Count {
     /// Exactly this many.
@@ -447,7 +447,7 @@ impl std::fmt::Display for Count {
 }
 
 /// What must hold at the end of a run (on top of the built-in invariants).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     /// Requests handed to responders' applications.
@@ -578,6 +578,15 @@ impl Scenario {
         scenario.configs = configs;
         scenario.validate().map_err(invalid)?;
         Ok(scenario)
+    }
+
+    /// Reads each node's configuration again from the tables (after nodes were removed).
+    pub fn reload_configs(&mut self) -> Result<(), String> {
+        self.configs = (0..self.nodes.len())
+            .map(|i| self.try_config_of(i))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// The node index of `name`.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scenario::{ActionKind, MessageMatch, MsgKind, Scenario, Step};
 
@@ -23,7 +23,7 @@ use crate::scenario::{ActionKind, MessageMatch, MsgKind, Scenario, Step};
 pub const PROBE: &str = "liveness probe";
 
 /// A fault a swarm may draw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum FaultKind {
@@ -53,7 +53,7 @@ const ALL: [FaultKind; 10] = [
 ];
 
 /// `[swarm]`: what to draw, and how much. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SwarmPlan {
     /// Faults drawn in the window.
