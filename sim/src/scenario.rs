@@ -61,6 +61,10 @@ pub struct Scenario {
     /// What must hold at the end.
     #[serde(default)]
     pub expect: Expect,
+    /// Healing phase: after the last timed step, each node sends a probe request that must
+    /// be answered (a failure is not progress). Probes are not counted in `[expect]`.
+    #[serde(default)]
+    pub probes: bool,
     /// Random faults drawn from the seed (see [`crate::swarm`]).
     #[serde(default)]
     pub swarm: Option<crate::swarm::SwarmPlan>,

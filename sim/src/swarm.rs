@@ -121,6 +121,35 @@ fn allowed(scenario: &Scenario, a: usize, b: usize) -> bool {
     a != b && allows(a, b) && allows(b, a)
 }
 
+/// The healing phase's probes at `at`: each node sends one request, with [`PROBE`] as
+/// payload, to the first peer that allows it, that it allows, and whose application
+/// answers (not `never`, `manual` or `reject`).
+pub fn probe_steps(scenario: &Scenario, at: Duration) -> Vec<Step> {
+    use crate::scenario::App;
+    let n = scenario.nodes.len();
+    let answers = |b: usize| {
+        !matches!(
+            scenario.nodes[b].app,
+            App::Never | App::Manual | App::Reject
+        )
+    };
+    let mut steps = Vec::new();
+    for a in 0..n {
+        if let Some(b) = (1..n)
+            .map(|d| (a + d) % n)
+            .find(|&b| allowed(scenario, a, b) && answers(b))
+        {
+            let mut probe = Step::new(ActionKind::Request);
+            probe.at = Some(at);
+            probe.from = Some(scenario.nodes[a].name.clone());
+            probe.to = Some(scenario.nodes[b].name.clone());
+            probe.payload = Some(PROBE.to_owned());
+            steps.push(probe);
+        }
+    }
+    steps
+}
+
 /// The steps a seed draws for `plan`, in time order.
 pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
     // Its own stream, so that drawing faults leaves the run's other draws unchanged.
@@ -280,16 +309,7 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
     }
     if plan.probes {
         let after = last_heal.max(window_ms) + 200;
-        for a in 0..n {
-            if let Some(&(_, b)) = pairs.iter().find(|(x, y)| *x == a && *y != a) {
-                let mut probe = Step::new(ActionKind::Request);
-                probe.at = at(after);
-                probe.from = name(a);
-                probe.to = name(b);
-                probe.payload = Some(PROBE.to_owned());
-                steps.push(probe);
-            }
-        }
+        steps.extend(probe_steps(scenario, Duration::from_millis(after)));
     }
     steps.sort_by_key(|s| s.at);
     steps
