@@ -209,6 +209,8 @@ struct NodeState {
     store: Option<MemoryStore>,
     up: bool,
     commands: Option<mpsc::UnboundedSender<NodeCommand>>,
+    /// Set before the node is crashed or bounced: its streams then close in order.
+    crash_switch: Option<crate::transport::CrashSwitch>,
     /// Request copies seen by a `refuse` app, and requests by a `crash_prone` app.
     refused: u32,
     received: u32,
@@ -712,7 +714,9 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
     if let Some(store) = store {
         options = options.store(store);
     }
-    let (handler, mut inbox) = Handler::spawn_with(TurmoilTransport, listen, key, allow, options)
+    let transport = TurmoilTransport::new();
+    lock(&shared).nodes[node].crash_switch = Some(transport.crashing());
+    let (handler, mut inbox) = Handler::spawn_with(transport, listen, key, allow, options)
         .await
         .map_err(|e| e.to_string())?;
     // Listening: from now on the simulator may send this node commands.
@@ -1289,6 +1293,9 @@ fn crash(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>, node: usize, r
         let mut s = lock(shared);
         s.nodes[node].up = false;
         s.nodes[node].commands = None;
+        if let Some(switch) = s.nodes[node].crash_switch.take() {
+            switch.set();
+        }
         let name = s.names[node].clone();
         s.trace.push(
             sim.elapsed(),
@@ -1307,6 +1314,10 @@ fn crash(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>, node: usize, r
 fn restart(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>, node: usize, rule: String) {
     let name = {
         let mut s = lock(shared);
+        // A node still up is crashed by the bounce: its streams close in order too.
+        if let Some(switch) = s.nodes[node].crash_switch.take() {
+            switch.set();
+        }
         let name = s.names[node].clone();
         s.trace.push(
             sim.elapsed(),

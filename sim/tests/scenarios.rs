@@ -175,3 +175,22 @@ fn the_scenarios_reach_every_coverage_item_but_the_listed_misses() {
         "reached but drawn in no diagram (update the diagram and coverage.rs): {outside:#?}"
     );
 }
+
+/// A node that crashes holding many connections closes them in the order they were
+/// opened, whatever order tokio drops its tasks in (tokio numbers tasks process-wide), so
+/// a seed replays identically even after other runs in the same process.
+#[test]
+fn crashes_of_well_connected_nodes_replay_identically_in_one_process() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/swarm-twenty-all-to-all.toml");
+    let scenario = Scenario::load(&file).unwrap();
+    for seed in [2, 3] {
+        let first = run(&scenario, seed, false);
+        assert!(
+            first.trace.text().contains("fault crash"),
+            "seed {seed} crashes no node"
+        );
+        let second = run(&scenario, seed, false);
+        assert_eq!(first.trace.text(), second.trace.text(), "seed {seed}");
+    }
+}
