@@ -103,3 +103,18 @@ fn progress_too_slow_after_the_last_heal_is_caught() {
     let f = one_matching(&failures, "liveness:");
     assert!(f.contains("after the last fault (1s)"), "{f}");
 }
+
+#[test]
+fn a_probe_after_the_last_heal_that_fails_is_caught() {
+    // Every exchange ends (a failure is an ending), but nothing works any more: the
+    // healing phase's probe is refused an answer, and that is not progress.
+    let text = format!(
+        "probes = true\n\n[config]\nresponse_timeout = \"500ms\"\n\n{PAIR}durable = false\n\n\
+         [[step]]\ndo = \"partition\"\na = \"alice\"\nb = \"bob\"\n\n\
+         [[step]]\nat = \"300ms\"\ndo = \"repair\"\na = \"alice\"\nb = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::SwallowDelivery);
+    let f = one_matching(&failures, "liveness: probe");
+    assert!(f.contains("(sent after the last heal) failed"), "{f}");
+    assert!(f.contains("did not answer in time"), "{f}");
+}
