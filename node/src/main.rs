@@ -181,12 +181,7 @@ fn run(command: Cmd) -> Result<()> {
             metrics,
             log_format,
         } => {
-            let file = load_config(config.as_deref())?;
-            logging::init(
-                log_format.or(file.log.format).unwrap_or_default(),
-                file.log.level.as_deref(),
-                "info",
-            )?;
+            let file = configure(config.as_deref(), log_format, "info")?;
             let mut handler = file.handler_config();
             if let Some(secs) = response_timeout {
                 handler.response_timeout = Duration::from_secs(secs.max(1));
@@ -229,14 +224,9 @@ fn run(command: Cmd) -> Result<()> {
             data_dir,
             log_format,
         } => {
-            let file = load_config(config.as_deref())?;
             // A command-line client prints the outcome itself; the handler's own lines
             // (retries, the failure it then reports) only when asked for with RUST_LOG.
-            logging::init(
-                log_format.or(file.log.format).unwrap_or_default(),
-                file.log.level.as_deref(),
-                "error",
-            )?;
+            let file = configure(config.as_deref(), log_format, "error")?;
             let handler = file.handler_config();
             let key = key.or(file.key).ok_or(NO_KEY)?;
             let (peer, addr) = parse_target(&to)?;
@@ -266,6 +256,22 @@ fn run(command: Cmd) -> Result<()> {
 }
 
 const NO_KEY: &str = "no key: give --key FILE (or `key` in the config file)";
+
+/// Loads the config file and starts logging: the flag's format over the file's, the
+/// file's level over `default_level` (`RUST_LOG` over both).
+fn configure(
+    path: Option<&Path>,
+    format: Option<LogFormat>,
+    default_level: &str,
+) -> Result<NodeFile> {
+    let file = load_config(path)?;
+    logging::init(
+        format.or(file.log.format).unwrap_or_default(),
+        file.log.level.as_deref(),
+        default_level,
+    )?;
+    Ok(file)
+}
 
 /// The config file, or an empty one (every default) without `--config`.
 fn load_config(path: Option<&Path>) -> Result<NodeFile> {

@@ -225,6 +225,20 @@ fn open_gate(setup: &Setup) {
     std::fs::write(setup.dir.join("open"), "").unwrap();
 }
 
+/// `serve` as Bob, with the setup's allow list, on a free port of 127.0.0.1, then `extra`.
+fn serve_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--key",
+        "bob.key",
+        "--allow",
+        "allow.toml",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn write(setup: &Setup, name: &str, text: &str) {
     // Written aside and renamed, as careful tools do: a reader never sees half a file.
     let tmp = setup.dir.join(format!(".{name}.tmp"));
@@ -282,20 +296,7 @@ fn a_config_file_sets_the_node_up_and_flags_override_it() {
 #[test]
 fn metrics_are_scraped_over_http_and_count_exchanges() {
     let setup = Setup::new("metrics");
-    let served = Served::start(
-        &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let served = Served::start(&setup, &serve_args(&["--metrics", "127.0.0.1:0"]), &[]);
     for i in 0..3 {
         let (ok, _, err) = send(&setup, "alice", &served.target, &format!("m{i}"));
         assert!(ok, "{err}");
@@ -322,18 +323,7 @@ fn sigterm_mid_burst_lets_exchanges_in_flight_finish_and_exits_zero() {
     let echo = gated_echo(&setup);
     let mut served = Served::start(
         &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--exec",
-            &echo,
-            "--grace",
-            "60s",
-        ],
+        &serve_args(&["--exec", &echo, "--grace", "60s"]),
         &[("RUST_LOG", "info,p2p_node=debug")],
     );
     // Two requests whose commands wait on the gate.
@@ -385,18 +375,7 @@ fn the_grace_period_bounds_a_stop_and_the_exit_is_still_clean() {
     let echo = gated_echo(&setup);
     let mut served = Served::start(
         &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--exec",
-            &echo,
-            "--grace",
-            "300ms",
-        ],
+        &serve_args(&["--exec", &echo, "--grace", "300ms"]),
         &[("RUST_LOG", "info,p2p_node=debug")],
     );
     let sender = send_cmd(&setup, "alice", &served.target, "slow forever")
@@ -470,20 +449,7 @@ fn the_allow_list_follows_its_file_sighup_and_expiry() {
 #[test]
 fn a_burst_of_unlisted_keys_writes_one_line_and_a_count() {
     let setup = Setup::new("flood");
-    let served = Served::start(
-        &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let served = Served::start(&setup, &serve_args(&["--metrics", "127.0.0.1:0"]), &[]);
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     const STRANGERS: usize = 200;
     for _ in 0..STRANGERS {
@@ -514,20 +480,7 @@ fn a_burst_of_unlisted_keys_writes_one_line_and_a_count() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     let setup = Setup::new("json");
-    let mut served = Served::start(
-        &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ],
-        &[],
-    );
+    let mut served = Served::start(&setup, &serve_args(&["--log-format", "json"]), &[]);
     let line = served.wait_log("listening on");
     assert!(
         line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":\"INFO\""),
@@ -567,18 +520,7 @@ fn a_failing_command_refuses_the_request_at_once() {
     let setup = Setup::new("refuse");
     let served = Served::start(
         &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--exec",
-            "exit 3",
-            "--response-timeout",
-            "600",
-        ],
+        &serve_args(&["--exec", "exit 3", "--response-timeout", "600"]),
         &[],
     );
     // Without the refusal the dialer would wait for the 600 s response timeout (and this
@@ -598,14 +540,7 @@ fn a_failing_command_refuses_the_request_at_once() {
 #[test]
 fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
     let setup = Setup::new("levels");
-    let args = [
-        "--key",
-        "bob.key",
-        "--allow",
-        "allow.toml",
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(&[]);
     let quiet = Served::start(&setup, &args, &[]);
     assert!(send(&setup, "alice", &quiet.target, "one").0);
     assert!(send(&setup, "alice", &quiet.target, "two").0);
@@ -652,20 +587,7 @@ fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
     let data = data.to_str().unwrap();
     let mut first = Served::start(
         &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-            "--exec",
-            &echo,
-            "--grace",
-            "200ms",
-        ],
+        &serve_args(&["--data-dir", data, "--exec", &echo, "--grace", "200ms"]),
         &[("RUST_LOG", "info,p2p_node=debug")],
     );
     let sender = setup
@@ -750,16 +672,7 @@ fn send_listens_on_loopback_only() {
     let echo = gated_echo(&setup);
     let mut served = Served::start(
         &setup,
-        &[
-            "--key",
-            "bob.key",
-            "--allow",
-            "allow.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--exec",
-            &echo,
-        ],
+        &serve_args(&["--exec", &echo]),
         &[("RUST_LOG", "info,p2p_node=debug")],
     );
     let sender = send_cmd(&setup, "alice", &served.target, "slow")
