@@ -479,6 +479,13 @@ mod tests {
         let mut want = vec![a, b];
         want.sort();
         assert_eq!((expired, in_force.peers().count()), (want, 1));
+        // Minutes and seconds count too.
+        let text = format!("[[peer]]\nid = \"{a}\"\nexpires = 2027-01-01T00:01:02Z\n");
+        let precise = AllowList::from_toml_str(&text, "allow.toml").unwrap();
+        assert_eq!(
+            precise.get(&a).unwrap().expires,
+            Some(Expiry::At(new_year + Duration::from_secs(62)))
+        );
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
     }

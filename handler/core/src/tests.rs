@@ -837,6 +837,7 @@ fn draining_refuses_new_work_and_lets_started_work_finish() {
     net.nodes[BOB].app = App::Manual;
     let started = net.request(ALICE, BOB, b"started");
     net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+    assert!(!net.nodes[BOB].endpoint.is_draining());
     net.nodes[BOB].endpoint.drain();
     assert!(net.nodes[BOB].endpoint.is_draining());
     assert!(
