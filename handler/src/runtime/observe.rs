@@ -97,9 +97,21 @@ impl Observer {
     /// exchange are written inside an `exchange` span (peer, id), so text logs prefix them
     /// with it and JSON logs carry it as the line's span.
     pub(super) fn event(&mut self, event: &Event) {
+        // A problem's span is at info, so the default level shows it with the warn line;
+        // a success's at debug, so the common path creates none unless asked for.
+        let problem = matches!(
+            event,
+            Event::Failed { .. }
+                | Event::ResponseUnconfirmed { .. }
+                | Event::ResponseTimedOut { .. }
+                | Event::ResponseAborted { .. }
+        );
         let span = match exchange_of(event) {
-            Some((peer, exchange)) => {
+            Some((peer, exchange)) if problem => {
                 tracing::info_span!("exchange", peer = %peer.short(), id = %exchange)
+            }
+            Some((peer, exchange)) => {
+                tracing::debug_span!("exchange", peer = %peer.short(), id = %exchange)
             }
             None => tracing::Span::none(),
         };
