@@ -953,7 +953,12 @@ fn replacing_the_allow_list_closes_connections_from_addresses_no_longer_allowed(
         },
     );
     let now = net.now;
-    assert!(net.nodes[BOB].endpoint.set_allow_list(list, now).is_empty());
+    assert!(
+        net.nodes[BOB]
+            .endpoint
+            .set_allow_list(list.clone(), now)
+            .is_empty()
+    );
     net.run_for(Duration::from_millis(100));
     assert_eq!(
         net.open_links(),
@@ -971,6 +976,23 @@ fn replacing_the_allow_list_closes_connections_from_addresses_no_longer_allowed(
         )]
     );
     assert_eq!(net.nodes[BOB].endpoint.pending_responses(), 1);
+    // A connection Bob dials to Alice is not checked against where she may connect from.
+    net.nodes[ALICE].app = App::Manual;
+    let bobs = net.request(BOB, ALICE, b"to alice");
+    net.run_until(secs(5), |n| {
+        n.requests_seen(ALICE).iter().any(|(_, e, _)| *e == bobs)
+    });
+    let now = net.now;
+    let dials = net.nodes[BOB].endpoint.stats().dials;
+    assert!(net.nodes[BOB].endpoint.set_allow_list(list, now).is_empty());
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.open_links(), 1);
+    assert_eq!(
+        net.nodes[BOB].endpoint.stats().dials,
+        dials,
+        "bob's own connection to alice stays: no redial"
+    );
+    assert!(!net.has_outcome(BOB, bobs));
     net.nodes[BOB].endpoint.check_invariants();
 }
 

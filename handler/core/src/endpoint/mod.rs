@@ -632,10 +632,14 @@ impl Endpoint {
             }
             self.cancel_inbound_of(*peer, now);
         }
+        // Addresses say where a peer may connect *from*: only its inbound connections are
+        // checked (as the handshake checks them); ours go to wherever we dialed.
         let moved: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| self.allow.check(&c.peer, c.addr.ip()).is_err())
+            .filter(|(_, c)| {
+                c.direction == Direction::Inbound && self.allow.check(&c.peer, c.addr.ip()).is_err()
+            })
             .map(|(conn, _)| *conn)
             .collect();
         for conn in moved {
