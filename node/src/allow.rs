@@ -73,9 +73,11 @@ impl AllowFile {
         self.applied.clone()
     }
 
-    /// When the next entry expires, if any does.
+    /// When the next entry still in force expires, if any does. (Of the whole list, an
+    /// entry already expired would stay "due" for ever, and the serve loop would re-read
+    /// the file on every turn.)
     pub(crate) fn next_expiry(&self) -> Option<SystemTime> {
-        self.list.next_expiry(self.loaded)
+        self.applied.next_expiry(self.loaded)
     }
 
     /// Reads the file and applies a change (at once when `forced`, on SIGHUP; otherwise
