@@ -1015,8 +1015,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     }
     if let Some(plan) = scenario.swarm.clone() {
         for step in crate::swarm::draw(&scenario, &plan, seed) {
-            scenario.steps.push(toml::Spanned::new(0..0, step));
-            scenario.step_lines.push(0);
+            scenario.push_drawn(step);
         }
     }
     if scenario.probes {
@@ -1028,8 +1027,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
             .max()
             .unwrap_or_default();
         for step in crate::swarm::probe_steps(&scenario, last + Duration::from_millis(500)) {
-            scenario.steps.push(toml::Spanned::new(0..0, step));
-            scenario.step_lines.push(0);
+            scenario.push_drawn(step);
         }
         scenario.probes = false;
     }

@@ -593,6 +593,12 @@ impl Scenario {
         Ok(())
     }
 
+    /// Appends a step that no file line wrote (drawn by a swarm, a probe): line 0.
+    pub fn push_drawn(&mut self, step: Step) {
+        self.steps.push(toml::Spanned::new(0..0, step));
+        self.step_lines.push(0);
+    }
+
     /// The node index of `name`.
     pub fn node_index(&self, name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.name == name)

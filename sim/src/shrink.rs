@@ -55,8 +55,7 @@ pub fn materialise(scenario: &Scenario, seed: u64, swarm: bool) -> Scenario {
     }
     if let Some(plan) = s.swarm.take() {
         for step in draw(&s, &plan, seed) {
-            s.steps.push(toml::Spanned::new(0..0, step));
-            s.step_lines.push(0);
+            s.push_drawn(step);
         }
     }
     s.seed = seed;
