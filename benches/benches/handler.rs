@@ -1,5 +1,5 @@
 //! The handler: one exchange through the state machines alone, exchanges per second over TCP
-//! loopback (fresh connection per exchange, and reused), for 1 and 100 concurrent peers, 100
+//! loopback (fresh connection per exchange, and reused), for 1 and 100 concurrent peers (and for 1 on one thread), 100
 //! requests queued to one peer, and 16 MiB throughput. `docs/BENCHMARKS.md` sets each beside its limit from `limits.rs`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
@@ -192,6 +192,48 @@ fn tcp_exchanges(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The reused exchange with both nodes and the application on one thread, like the bare
+/// exchange it is compared with: the handler's own overhead without hand-offs between
+/// threads. The application is a task, as an async application's would be: the future given
+/// to `block_on` is woken through the runtime's event fd, a cost of the harness (the bare
+/// client, woken by its socket alone, does not pay it either).
+fn one_thread(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let k = keys(2);
+    let (srv, cl) = rt.block_on(async {
+        let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), true).await;
+        let cl = client(k[0].clone(), srv.peer, true, 9).await;
+        (std::sync::Arc::new(srv), cl)
+    });
+    let mut slot = Some(cl);
+    let mut group = c.benchmark_group("handler/tcp_exchange");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("reuse_one_thread", 1), |b| {
+        b.iter_custom(|iters| {
+            let (cl, mut inbox) = slot.take().unwrap();
+            let srv = srv.clone();
+            let (elapsed, cl) = rt.block_on(async move {
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        handler_exchange(&cl, &mut inbox, &srv, Bytes::from_static(&[7u8; 64]))
+                            .await;
+                    }
+                    (start.elapsed(), (cl, inbox))
+                })
+                .await
+                .unwrap()
+            });
+            slot = Some(cl);
+            elapsed
+        });
+    });
+    group.finish();
+}
+
 fn throughput_16mib(c: &mut Criterion) {
     let rt = runtime();
     let k = keys(2);
@@ -262,6 +304,7 @@ criterion_group!(
     handler,
     state_machine,
     tcp_exchanges,
+    one_thread,
     burst_to_one_peer,
     throughput_16mib
 );

@@ -50,20 +50,25 @@ fn main() {
         .build()
         .unwrap();
 
-    // Limit: the bare exchange on an open Noise session.
-    let bare = current.block_on(async {
-        let mut c = noise_exchange_pair(64).await;
-        for _ in 0..200 {
-            c.exchange().await;
-        }
-        let mut times = Vec::with_capacity(SAMPLES);
-        for _ in 0..SAMPLES {
-            let t = Instant::now();
-            c.exchange().await;
-            times.push(t.elapsed());
-        }
-        times
-    });
+    // Limit: the bare exchange on an open Noise session, on one thread and across two (the
+    // server on a worker, the client on the calling thread, as the handler's figures run).
+    let bare_on = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let mut c = noise_exchange_pair(64).await;
+            for _ in 0..200 {
+                c.exchange().await;
+            }
+            let mut times = Vec::with_capacity(SAMPLES);
+            for _ in 0..SAMPLES {
+                let t = Instant::now();
+                c.exchange().await;
+                times.push(t.elapsed());
+            }
+            times
+        })
+    };
+    let bare = bare_on(&current);
+    let bare_two_threads = bare_on(&multi);
 
     // The handler, reused and fresh connections, on the runtime the facade uses.
     let mut handler = Vec::new();
@@ -88,10 +93,34 @@ fn main() {
         handler.push(percentiles(times));
     }
 
+    // The handler on one thread, its application a task there (see `benches/handler.rs`).
+    let one_thread = current.block_on(async {
+        let k = keys(2);
+        let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), true).await;
+        let (cl, mut inbox) = client(k[0].clone(), srv.peer, true, 9).await;
+        tokio::spawn(async move {
+            let payload = Bytes::from_static(&[7u8; 64]);
+            for _ in 0..200 {
+                handler_exchange(&cl, &mut inbox, &srv, payload.clone()).await;
+            }
+            let mut times = Vec::with_capacity(SAMPLES);
+            for _ in 0..SAMPLES {
+                let t = Instant::now();
+                handler_exchange(&cl, &mut inbox, &srv, payload.clone()).await;
+                times.push(t.elapsed());
+            }
+            times
+        })
+        .await
+        .unwrap()
+    });
+
     println!(
-        "{{\"bare_noise_exchange\": {}, \"handler_reuse\": {}, \"handler_fresh\": {}}}",
+        "{{\"bare_noise_exchange\": {}, \"bare_noise_exchange_two_threads\": {}, \"handler_reuse\": {}, \"handler_reuse_one_thread\": {}, \"handler_fresh\": {}}}",
         percentiles(bare),
+        percentiles(bare_two_threads),
         handler[0],
+        percentiles(one_thread),
         handler[1]
     );
 }
