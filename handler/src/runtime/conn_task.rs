@@ -17,7 +17,7 @@ use crate::wire::{CloseReason, MAX_FRAME_LEN, Message};
 
 use super::router::NetEvent;
 use super::slots::Admission;
-use super::{SharedAllow, now, sleep_until};
+use super::{SharedAllow, Timer, now};
 
 pub(super) enum ConnCommand {
     Send(Message),
@@ -57,15 +57,10 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
     let stalled = || Written::Failed(format!("write stalled: no progress for {stall:?}"));
     let failed = |e: io::Error| Written::Failed(format!("write failed: {e}"));
     loop {
-        match tokio::time::timeout(
-            stall,
-            poll_fn(|cx| SinkExt::<Bytes>::poll_ready_unpin(framed, cx)),
-        )
-        .await
-        {
-            Err(_) => return stalled(),
-            Ok(Err(e)) => return failed(e),
-            Ok(Ok(())) => {}
+        match within(stall, |cx| SinkExt::<Bytes>::poll_ready_unpin(framed, cx)).await {
+            None => return stalled(),
+            Some(Err(e)) => return failed(e),
+            Some(Ok(())) => {}
         }
         let Some(mut frame) = connection.poll_transmit() else {
             break;
@@ -81,16 +76,23 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
             return failed(e);
         }
     }
-    match tokio::time::timeout(
-        stall,
-        poll_fn(|cx| SinkExt::<Bytes>::poll_flush_unpin(framed, cx)),
-    )
-    .await
-    {
-        Err(_) => stalled(),
-        Ok(Err(e)) => failed(e),
-        Ok(Ok(())) => Written::All,
+    match within(stall, |cx| SinkExt::<Bytes>::poll_flush_unpin(framed, cx)).await {
+        None => stalled(),
+        Some(Err(e)) => failed(e),
+        Some(Ok(())) => Written::All,
     }
+}
+
+/// Polls `poll` until it is ready, giving up (`None`) after `stall`. Most waits end on the
+/// first poll (the socket has room), and those read no clock and arm no timer.
+async fn within<T>(
+    stall: Duration,
+    mut poll: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>,
+) -> Option<T> {
+    if let std::task::Poll::Ready(value) = poll_fn(|cx| std::task::Poll::Ready(poll(cx))).await {
+        return Some(value);
+    }
+    tokio::time::timeout(stall, poll_fn(poll)).await.ok()
 }
 
 /// A frame's size on the wire: its payload and the 2-byte length prefix.
@@ -147,6 +149,7 @@ impl ConnTask {
     async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(mut self, stream: S) {
         let mut framed = Framed::new(stream, codec());
         let mut frames_seen = false;
+        let mut timer = Timer::new();
         loop {
             match self.write_out(&mut framed).await {
                 Written::All => {}
@@ -156,7 +159,7 @@ impl ConnTask {
             if !self.forward_events().await || self.connection.is_closed() {
                 return;
             }
-            let deadline = self.connection.poll_timeout();
+            let deadline = timer.arm(self.connection.poll_timeout());
             tokio::select! {
                 biased;
                 command = self.commands.recv() => {
@@ -189,7 +192,8 @@ impl ConnTask {
                     Some(Err(e)) => return self.lost(format!("read failed: {e}"), true).await,
                     None => return self.lost("connection closed by peer".into(), frames_seen).await,
                 },
-                () = sleep_until(deadline.unwrap_or_else(now)), if deadline.is_some() => {
+                () = timer.wait(), if deadline => {
+                    timer.fired();
                     self.connection.handle_timeout(now());
                 }
             }

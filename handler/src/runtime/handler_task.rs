@@ -21,7 +21,7 @@ use super::observe::{self, Gauges, Observer};
 use super::router::{NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
 use super::tap::{Arrival, Tap, Verdict};
-use super::{SharedAllow, now, sleep_until};
+use super::{SharedAllow, Timer, now};
 use tokio::sync::oneshot;
 
 pub(super) struct HandlerTask {
@@ -104,6 +104,13 @@ enum Stop {
 impl HandlerTask {
     pub(super) async fn run(mut self, network: tokio::task::JoinHandle<()>) {
         let limit = self.received.max_capacity();
+        // Clones, so the futures below do not hold `self` borrowed while arms use it.
+        let (received, priority) = (self.received.clone(), self.priority.clone());
+        // Two timers kept for the task's life and moved when their deadline does: a timer
+        // made afresh each turn would be entered into the runtime's wheel and taken out
+        // again for every input (several per exchange).
+        let mut endpoint_timer = Timer::new();
+        let mut summary_timer = Timer::new();
         let stop = loop {
             // Durable mode: nothing leaves (answer, message, event) before the state that
             // explains it is committed. In memory, everything leaves at once.
@@ -116,11 +123,10 @@ impl HandlerTask {
             if let Some(reply) = self.stop.take() {
                 break Stop::Shutdown(Some(reply));
             }
-            let deadline = self.endpoint.poll_timeout();
+            let deadline = endpoint_timer.arm(self.endpoint.poll_timeout());
+            let summary_due = summary_timer.arm(summary_due.map(tokio::time::Instant::into_std));
             // Only what must not be lost holds the network back.
             let backlog = self.recv_backlog.len();
-            // Clones, so the futures below do not hold `self` borrowed while arms use it.
-            let (received, priority) = (self.received.clone(), self.priority.clone());
             tokio::select! {
                 biased;
                 // The commit finished: what waited for it may leave. Inputs taken while it
@@ -148,7 +154,8 @@ impl HandlerTask {
                     }
                 }
                 // Timers first among inputs, so a busy network cannot starve them.
-                () = sleep_until(deadline.unwrap_or_else(now)), if deadline.is_some() => {
+                () = endpoint_timer.wait(), if deadline => {
+                    endpoint_timer.fired();
                     self.endpoint.handle_timeout(now());
                 }
                 Some(id) = self.taken.recv() => self.on_taken(id),
@@ -162,8 +169,7 @@ impl HandlerTask {
                 // Stop reading the network while the application is behind.
                 Some(event) = self.net_events.recv(), if backlog < limit => self.net_event(event),
                 // A throttled log line's summary is due (the tick above writes it).
-                () = tokio::time::sleep_until(summary_due.unwrap_or_else(tokio::time::Instant::now)),
-                    if summary_due.is_some() => {}
+                () = summary_timer.wait(), if summary_due => summary_timer.fired(),
             }
             if self.store.is_some() {
                 if self.in_flight.is_none() {

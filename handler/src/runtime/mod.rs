@@ -64,6 +64,45 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-fn sleep_until(deadline: std::time::Instant) -> tokio::time::Sleep {
-    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline))
+/// A timer a task keeps for its whole life and moves to each new deadline. Moving a timer
+/// later is cheap; a `Sleep` made afresh on every turn of a task's loop would be entered into
+/// the runtime's timer wheel and taken out again on every turn.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The deadline the sleep is set to, if any is wanted.
+    armed: Option<std::time::Instant>,
+}
+
+impl Timer {
+    fn new() -> Self {
+        Self {
+            // Never polled until armed.
+            sleep: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+            armed: None,
+        }
+    }
+
+    /// Sets the timer to `deadline` (none: the caller must not wait on it); returns whether
+    /// it is set.
+    fn arm(&mut self, deadline: Option<std::time::Instant>) -> bool {
+        if let Some(at) = deadline
+            && self.armed != Some(at)
+        {
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(at));
+        }
+        self.armed = deadline;
+        deadline.is_some()
+    }
+
+    /// Resolves at the armed deadline.
+    fn wait(&mut self) -> &mut std::pin::Pin<Box<tokio::time::Sleep>> {
+        &mut self.sleep
+    }
+
+    /// The deadline passed: the next `arm` sets the timer even to the same instant.
+    fn fired(&mut self) {
+        self.armed = None;
+    }
 }
