@@ -185,6 +185,29 @@ pub async fn noise_stream(total: usize) -> Duration {
     start.elapsed()
 }
 
+/// Runs `start` on a thread of its own with a one-thread runtime, which goes on running
+/// what it spawned until the process ends, and returns what `start` made. Benchmarks put
+/// each node on one this way when the figure must not depend on how one shared runtime
+/// happens to place two nodes' tasks, as two processes would not share one.
+pub fn on_own_thread<T, F>(start: impl FnOnce() -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            tx.send(start().await).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
 /// A server handler that answers every request with `reply` (on its own task), and its
 /// peer id and address.
 pub struct Server {
