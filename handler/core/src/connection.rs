@@ -30,9 +30,56 @@ use crate::config::Config;
 use crate::identity::{KEY_LEN, Keypair, PeerId};
 use crate::noise::{HandshakeRole, handshake};
 use crate::wire::{
-    CloseReason, ExchangeId, Hello, Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled,
-    Reassembler, TAG_LEN, WireError, chunk_message,
+    Chunker, CloseReason, ExchangeId, Hello, Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION,
+    Reassembled, Reassembler, TAG_LEN, WireError,
 };
+
+/// A buffer frames are appended to (`Vec<u8>`, `BytesMut`): a driver's write buffer, so
+/// that [`Connection::poll_transmit_into`] encrypts straight into it.
+pub trait FrameBuf {
+    /// Bytes held.
+    fn len(&self) -> usize;
+    /// Whether it holds nothing.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Grows (with zeros) or shortens it to `len` bytes.
+    fn set_len_zeroed(&mut self, len: usize);
+    /// Its bytes.
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Appends `bytes`.
+    fn append(&mut self, bytes: &[u8]);
+}
+
+impl FrameBuf for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn set_len_zeroed(&mut self, len: usize) {
+        self.resize(len, 0);
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+    fn append(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl FrameBuf for bytes::BytesMut {
+    fn len(&self) -> usize {
+        bytes::BytesMut::len(self)
+    }
+    fn set_len_zeroed(&mut self, len: usize) {
+        self.resize(len, 0);
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+    fn append(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
 
 /// The remote side as far as it is known: always its address, its peer id once authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,8 +242,8 @@ pub enum ConnEvent {
 enum Outgoing {
     /// Ready to write (handshake messages, and chunks sealed before the session ended).
     Sealed(Vec<u8>),
-    /// A plaintext chunk to encrypt when pulled.
-    Chunk(Vec<u8>),
+    /// A message whose chunks are cut and encrypted as they are pulled.
+    Message(Chunker),
 }
 
 enum State {
@@ -233,6 +280,8 @@ pub struct Connection {
     /// messages: a permanent 64 KiB buffer per connection would dominate an idle
     /// connection's memory.
     plain: Vec<u8>,
+    /// Plaintext of the chunk being sealed; released between messages like `plain`.
+    chunk: Vec<u8>,
     /// Whether `Closed` was reported. Separate from `state`, which `frame` takes out while it
     /// works, so an error found mid-transition is still reported.
     closed_reported: bool,
@@ -307,6 +356,7 @@ impl Connection {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             plain: Vec::new(),
+            chunk: Vec::new(),
             closed_reported: false,
         }
     }
@@ -362,7 +412,7 @@ impl Connection {
             });
         }
         self.transmits
-            .extend(chunk_message(message).into_iter().map(Outgoing::Chunk));
+            .push_back(Outgoing::Message(Chunker::new(message)));
         Ok(())
     }
 
@@ -384,42 +434,91 @@ impl Connection {
 
     /// Output: the next frame body to write (the driver adds the 2-byte length prefix).
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        match self.transmits.pop_front()? {
-            Outgoing::Sealed(frame) => Some(frame),
-            Outgoing::Chunk(chunk) => {
-                let frame = self.seal(&chunk);
-                if frame.is_none() {
-                    // The session is gone (a failure): nothing queued can be sent.
-                    self.transmits.clear();
+        let mut frame = Vec::new();
+        self.poll_transmit_into(&mut frame)?;
+        Some(frame)
+    }
+
+    /// Output: appends the next frame body to `out` (a driver's write buffer, so a chunk is
+    /// encrypted straight into it); returns the body's length, at most `MAX_FRAME_LEN`, or
+    /// `None` when nothing is queued.
+    pub fn poll_transmit_into(&mut self, out: &mut impl FrameBuf) -> Option<usize> {
+        loop {
+            match self.transmits.front_mut()? {
+                Outgoing::Sealed(_) => {
+                    let Some(Outgoing::Sealed(frame)) = self.transmits.pop_front() else {
+                        return None;
+                    };
+                    out.append(&frame);
+                    return Some(frame.len());
                 }
-                frame
+                Outgoing::Message(chunker) => {
+                    if !chunker.next_into(&mut self.chunk) {
+                        self.transmits.pop_front();
+                        self.shrink_chunk();
+                        continue;
+                    }
+                    if chunker.is_done() {
+                        self.transmits.pop_front();
+                    }
+                    let sealed = self.seal_chunk_into(out);
+                    if sealed.is_none() {
+                        // The session is gone (a failure): nothing queued can be sent.
+                        self.transmits.clear();
+                    }
+                    if self.transmits.is_empty() {
+                        self.shrink_chunk();
+                    }
+                    return sealed;
+                }
             }
         }
     }
 
-    /// Encrypts one chunk into the frame that will be written.
-    fn seal(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+    /// Encrypts `self.chunk` onto the end of `out`; returns the frame's length.
+    fn seal_chunk_into(&mut self, out: &mut impl FrameBuf) -> Option<usize> {
         let State::Established { session, .. } = &mut self.state else {
             return None;
         };
-        let mut frame = vec![0u8; chunk.len() + TAG_LEN];
-        let n = session.write_message(chunk, &mut frame).ok()?;
-        frame.truncate(n);
-        Some(frame)
+        let start = out.len();
+        out.set_len_zeroed(start + self.chunk.len() + TAG_LEN);
+        match session.write_message(&self.chunk, &mut out.bytes_mut()[start..]) {
+            Ok(n) => {
+                out.set_len_zeroed(start + n);
+                Some(n)
+            }
+            Err(_) => {
+                out.set_len_zeroed(start);
+                None
+            }
+        }
+    }
+
+    /// Gives back a large chunk buffer once nothing is left to seal.
+    fn shrink_chunk(&mut self) {
+        if self.chunk.capacity() > SMALL_FRAME {
+            self.chunk = Vec::new();
+        }
     }
 
     /// Encrypts every queued chunk now, before the session is dropped.
     fn seal_pending(&mut self) {
         let pending = std::mem::take(&mut self.transmits);
         for item in pending {
-            let frame = match item {
-                Outgoing::Sealed(frame) => Some(frame),
-                Outgoing::Chunk(chunk) => self.seal(&chunk),
-            };
-            if let Some(frame) = frame {
-                self.transmits.push_back(Outgoing::Sealed(frame));
+            match item {
+                Outgoing::Sealed(frame) => self.transmits.push_back(Outgoing::Sealed(frame)),
+                Outgoing::Message(mut chunker) => {
+                    while chunker.next_into(&mut self.chunk) {
+                        let mut frame = Vec::new();
+                        if self.seal_chunk_into(&mut frame).is_none() {
+                            break;
+                        }
+                        self.transmits.push_back(Outgoing::Sealed(frame));
+                    }
+                }
             }
         }
+        self.shrink_chunk();
     }
 
     /// Output: the next event.
@@ -829,6 +928,50 @@ mod tests {
         .unwrap();
         pump(&mut d, &mut r, &allow);
         assert!(r.plain.capacity() <= SMALL_FRAME, "{}", r.plain.capacity());
+    }
+
+    #[test]
+    fn frames_encrypted_into_a_write_buffer_follow_what_it_held() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = connect(&f, &allow);
+        events(&mut d);
+        events(&mut r);
+        let big = Message::Request {
+            exchange: ExchangeId(7),
+            attempt: 1,
+            payload: Bytes::from((0..150_000u32).map(|i| i as u8).collect::<Vec<_>>()),
+        };
+        let small = Message::Close {
+            reason: CloseReason::Idle,
+        };
+        d.send(&big).unwrap();
+        d.send(&small).unwrap();
+        // As a driver does: a 2-byte length prefix, then the frame sealed after it, all in
+        // one buffer that already holds earlier bytes.
+        let mut buffer = bytes::BytesMut::from(&b"earlier"[..]);
+        let mut lens = Vec::new();
+        while let Some(len) = d.poll_transmit_into(&mut buffer) {
+            assert!(len <= MAX_FRAME_LEN);
+            lens.push(len);
+        }
+        // 150 kB in 64 KiB chunks, then the Close.
+        assert_eq!(lens.len(), 4, "{lens:?}");
+        assert!(d.chunk.capacity() <= SMALL_FRAME, "{}", d.chunk.capacity());
+        assert_eq!(&buffer[..7], b"earlier");
+        let mut at = 7;
+        for len in lens {
+            r.handle_frame(&buffer[at..at + len], &allow);
+            at += len;
+        }
+        assert_eq!(at, buffer.len());
+        assert_eq!(
+            events(&mut r),
+            vec![
+                ConnEvent::Message(big),
+                ConnEvent::Closed(Closed::ByPeer(CloseReason::Idle))
+            ]
+        );
     }
 
     #[test]

@@ -543,35 +543,91 @@ pub fn chunk_message(message: &Message) -> Vec<Vec<u8>> {
 
 /// [`chunk_message`] with a smaller chunk size (tests use it to exercise reassembly).
 pub(crate) fn chunk_message_with(message: &Message, max_chunk: usize) -> Vec<Vec<u8>> {
-    debug_assert!(max_chunk > 5 && max_chunk <= MAX_CHUNK_LEN);
-    let (head, body) = message.encode_head();
-    let total = head.len() + body.len();
-    debug_assert!(total <= MAX_MESSAGE_SIZE_LIMIT + MAX_MESSAGE_OVERHEAD);
-    let mut chunks = Vec::with_capacity(total / max_chunk + 1);
-    // Walk the concatenation head ++ body without materialising it.
-    let mut offset = 0;
-    while offset < total || chunks.is_empty() {
-        let first = offset == 0;
-        let room = max_chunk - 1 - if first { 4 } else { 0 };
-        let take = room.min(total - offset);
-        let last = offset + take == total;
-        let mut chunk = Vec::with_capacity(1 + 4 + take);
-        chunk.push((u8::from(first) * FLAG_FIRST) | (u8::from(last) * FLAG_LAST));
-        if first {
-            // `total` is bounded by MAX_MESSAGE_SIZE_LIMIT plus a few bytes (asserted above).
-            chunk.extend_from_slice(&(total as u32).to_be_bytes());
-        }
-        let end = offset + take;
-        if offset < head.len() {
-            chunk.extend_from_slice(&head[offset..end.min(head.len())]);
-        }
-        if end > head.len() {
-            chunk.extend_from_slice(&body[offset.max(head.len()) - head.len()..end - head.len()]);
+    let mut chunker = Chunker::with_max_chunk(message, max_chunk);
+    let mut chunks = Vec::new();
+    loop {
+        let mut chunk = Vec::new();
+        if !chunker.next_into(&mut chunk) {
+            return chunks;
         }
         chunks.push(chunk);
-        offset = end;
     }
-    chunks
+}
+
+/// Cuts one message into chunk plaintexts one at a time, as they are needed: a large
+/// message is never copied whole into chunks before the first is sent. Holds the payload by
+/// reference count, not by copy.
+#[derive(Debug, Clone)]
+pub struct Chunker {
+    head: Vec<u8>,
+    body: Bytes,
+    max_chunk: usize,
+    /// Bytes of `head ++ body` already cut.
+    offset: usize,
+    /// Whether the FIRST chunk was cut (a message always has one, however short).
+    started: bool,
+}
+
+impl Chunker {
+    /// Chunks of at most `MAX_CHUNK_LEN` bytes.
+    pub fn new(message: &Message) -> Self {
+        Self::with_max_chunk(message, MAX_CHUNK_LEN)
+    }
+
+    pub(crate) fn with_max_chunk(message: &Message, max_chunk: usize) -> Self {
+        debug_assert!(max_chunk > 5 && max_chunk <= MAX_CHUNK_LEN);
+        let (head, body) = message.encode_head();
+        let body = match message {
+            Message::Request { payload, .. } | Message::Reply { payload, .. } => payload.clone(),
+            _ => Bytes::copy_from_slice(body),
+        };
+        debug_assert!(head.len() + body.len() <= MAX_MESSAGE_SIZE_LIMIT + MAX_MESSAGE_OVERHEAD);
+        Self {
+            head,
+            body,
+            max_chunk,
+            offset: 0,
+            started: false,
+        }
+    }
+
+    /// Writes the next chunk plaintext into `out`, replacing what it held; false when the
+    /// message is all cut.
+    pub fn next_into(&mut self, out: &mut Vec<u8>) -> bool {
+        let (head, body) = (self.head.as_slice(), self.body.as_ref());
+        let total = head.len() + body.len();
+        if self.started && self.offset >= total {
+            return false;
+        }
+        let first = !self.started;
+        let room = self.max_chunk - 1 - if first { 4 } else { 0 };
+        let offset = self.offset;
+        let take = room.min(total - offset);
+        let last = offset + take == total;
+        out.clear();
+        out.reserve(1 + 4 + take);
+        out.push((u8::from(first) * FLAG_FIRST) | (u8::from(last) * FLAG_LAST));
+        if first {
+            // `total` is bounded by MAX_MESSAGE_SIZE_LIMIT plus a few bytes (asserted above).
+            out.extend_from_slice(&(total as u32).to_be_bytes());
+        }
+        // Walk the concatenation head ++ body without materialising it.
+        let end = offset + take;
+        if offset < head.len() {
+            out.extend_from_slice(&head[offset..end.min(head.len())]);
+        }
+        if end > head.len() {
+            out.extend_from_slice(&body[offset.max(head.len()) - head.len()..end - head.len()]);
+        }
+        self.offset = end;
+        self.started = true;
+        true
+    }
+
+    /// Whether every chunk was cut.
+    pub fn is_done(&self) -> bool {
+        self.started && self.offset >= self.head.len() + self.body.len()
+    }
 }
 
 /// What the reassembler produced from a chunk.

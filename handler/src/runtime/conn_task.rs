@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use futures_util::future::poll_fn;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -43,10 +43,11 @@ pub(super) enum Written {
     Failed(String),
 }
 
-/// Feeds the connection's frames into the sink and flushes it. Cancel-safe: it waits for
-/// room before taking a frame from the connection, so at every await each frame is either
-/// still in the connection or already in the sink. Each wait for the peer to take bytes is
-/// bounded by `stall`.
+/// Moves the connection's frames into the sink's write buffer (each encrypted straight into
+/// it, after its length prefix) and flushes it. Cancel-safe: it waits for room before taking
+/// a frame from the connection, so at every await each frame is either still in the
+/// connection or already in the buffer. Each wait for the peer to take bytes is bounded by
+/// `stall`.
 async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
     connection: &mut Connection,
     corrupt_next: &mut bool,
@@ -62,19 +63,26 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Err(e)) => return failed(e),
             Some(Ok(())) => {}
         }
-        let Some(mut frame) = connection.poll_transmit() else {
+        // The frame is encrypted straight into the write buffer, after its length prefix
+        // (what the codec would have copied it in with).
+        let buffer = framed.write_buffer_mut();
+        let at = buffer.len();
+        buffer.put_u16(0);
+        let Some(len) = connection.poll_transmit_into(buffer) else {
+            buffer.truncate(at);
             break;
         };
-        if std::mem::take(corrupt_next) {
-            let middle = frame.len() / 2;
-            if let Some(byte) = frame.get_mut(middle) {
-                *byte ^= 0x5a;
-            }
+        // A frame is at most MAX_FRAME_LEN (u16::MAX) bytes: the connection's bound.
+        let Ok(prefix) = u16::try_from(len) else {
+            return failed(io::Error::other(format!("frame of {len} bytes")));
+        };
+        buffer[at..at + 2].copy_from_slice(&prefix.to_be_bytes());
+        if std::mem::take(corrupt_next)
+            && let Some(byte) = buffer.get_mut(at + 2 + len / 2)
+        {
+            *byte ^= 0x5a;
         }
-        sent.increment(wire_len(frame.len()));
-        if let Err(e) = SinkExt::<Bytes>::start_send_unpin(framed, Bytes::from(frame)) {
-            return failed(e);
-        }
+        sent.increment(wire_len(len));
     }
     match within(stall, |cx| SinkExt::<Bytes>::poll_flush_unpin(framed, cx)).await {
         None => stalled(),
