@@ -37,12 +37,8 @@ use crate::wire::{
 /// A buffer frames are appended to (`Vec<u8>`, `BytesMut`): a driver's write buffer, so
 /// that [`Connection::poll_transmit_into`] encrypts straight into it.
 pub trait FrameBuf {
-    /// Bytes held.
-    fn len(&self) -> usize;
-    /// Whether it holds nothing.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    /// Bytes held: where the next frame starts.
+    fn end(&self) -> usize;
     /// Grows (with zeros) or shortens it to `len` bytes.
     fn set_len_zeroed(&mut self, len: usize);
     /// Its bytes.
@@ -52,8 +48,8 @@ pub trait FrameBuf {
 }
 
 impl FrameBuf for Vec<u8> {
-    fn len(&self) -> usize {
-        Vec::len(self)
+    fn end(&self) -> usize {
+        self.len()
     }
     fn set_len_zeroed(&mut self, len: usize) {
         self.resize(len, 0);
@@ -67,8 +63,8 @@ impl FrameBuf for Vec<u8> {
 }
 
 impl FrameBuf for bytes::BytesMut {
-    fn len(&self) -> usize {
-        bytes::BytesMut::len(self)
+    fn end(&self) -> usize {
+        self.len()
     }
     fn set_len_zeroed(&mut self, len: usize) {
         self.resize(len, 0);
@@ -454,20 +450,15 @@ impl Connection {
                 }
                 Outgoing::Message(chunker) => {
                     if !chunker.next_into(&mut self.chunk) {
+                        // All sent; the next message cuts its own first chunk.
                         self.transmits.pop_front();
                         self.shrink_chunk();
                         continue;
-                    }
-                    if chunker.is_done() {
-                        self.transmits.pop_front();
                     }
                     let sealed = self.seal_chunk_into(out);
                     if sealed.is_none() {
                         // The session is gone (a failure): nothing queued can be sent.
                         self.transmits.clear();
-                    }
-                    if self.transmits.is_empty() {
-                        self.shrink_chunk();
                     }
                     return sealed;
                 }
@@ -480,7 +471,7 @@ impl Connection {
         let State::Established { session, .. } = &mut self.state else {
             return None;
         };
-        let start = out.len();
+        let start = out.end();
         out.set_len_zeroed(start + self.chunk.len() + TAG_LEN);
         match session.write_message(&self.chunk, &mut out.bytes_mut()[start..]) {
             Ok(n) => {
@@ -947,24 +938,14 @@ mod tests {
         };
         d.send(&big).unwrap();
         d.send(&small).unwrap();
-        // As a driver does: a 2-byte length prefix, then the frame sealed after it, all in
-        // one buffer that already holds earlier bytes.
+        // As a driver does: frames appended to one buffer that already holds earlier bytes.
         let mut buffer = bytes::BytesMut::from(&b"earlier"[..]);
-        let mut lens = Vec::new();
-        while let Some(len) = d.poll_transmit_into(&mut buffer) {
-            assert!(len <= MAX_FRAME_LEN);
-            lens.push(len);
-        }
+        let lens = drain_into(&mut d, &mut buffer);
         // 150 kB in 64 KiB chunks, then the Close.
         assert_eq!(lens.len(), 4, "{lens:?}");
         assert!(d.chunk.capacity() <= SMALL_FRAME, "{}", d.chunk.capacity());
         assert_eq!(&buffer[..7], b"earlier");
-        let mut at = 7;
-        for len in lens {
-            r.handle_frame(&buffer[at..at + len], &allow);
-            at += len;
-        }
-        assert_eq!(at, buffer.len());
+        feed(&mut r, &buffer[7..], &lens, &allow);
         assert_eq!(
             events(&mut r),
             vec![
@@ -972,6 +953,67 @@ mod tests {
                 ConnEvent::Closed(Closed::ByPeer(CloseReason::Idle))
             ]
         );
+    }
+
+    #[test]
+    fn handshake_frames_append_to_either_kind_of_buffer() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let any = AllowList::allow_any_peer_insecure();
+        let mut d = Connection::dial(
+            &f.alice,
+            f.bob.peer_id(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        // Message 1 through a Vec, 2 through a BytesMut, 3 through a Vec, each after bytes
+        // the buffer held already; then a Request sealed into a Vec.
+        let mut vec = b"x".to_vec();
+        let lens = drain_into(&mut d, &mut vec);
+        feed(&mut r, &vec[1..], &lens, &allow);
+        let mut bytes = bytes::BytesMut::from(&b"yy"[..]);
+        let lens = drain_into(&mut r, &mut bytes);
+        feed(&mut d, &bytes[2..], &lens, &any);
+        let mut vec = b"zzz".to_vec();
+        let lens = drain_into(&mut d, &mut vec);
+        feed(&mut r, &vec[3..], &lens, &allow);
+        assert!(d.is_established() && r.is_established());
+        events(&mut r);
+        let request = Message::Request {
+            exchange: ExchangeId(1),
+            attempt: 1,
+            payload: Bytes::from_static(b"over a vec"),
+        };
+        d.send(&request).unwrap();
+        let mut vec = b"w".to_vec();
+        let lens = drain_into(&mut d, &mut vec);
+        feed(&mut r, &vec[1..], &lens, &allow);
+        assert_eq!(events(&mut r), vec![ConnEvent::Message(request)]);
+    }
+
+    /// Appends every queued frame to `out`; their lengths.
+    fn drain_into(c: &mut Connection, out: &mut impl FrameBuf) -> Vec<usize> {
+        let mut lens = Vec::new();
+        while let Some(len) = c.poll_transmit_into(out) {
+            assert!(len <= MAX_FRAME_LEN);
+            lens.push(len);
+        }
+        lens
+    }
+
+    /// Hands `to` the frames laid end to end in `bytes`.
+    fn feed(to: &mut Connection, bytes: &[u8], lens: &[usize], allow: &AllowList) {
+        let mut at = 0;
+        for len in lens {
+            to.handle_frame(&bytes[at..at + len], allow);
+            at += len;
+        }
+        assert_eq!(at, bytes.len());
     }
 
     #[test]

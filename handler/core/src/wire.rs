@@ -327,16 +327,16 @@ impl Message {
 
     /// Encodes everything except a Request's or Reply's payload, which the chunker appends
     /// without copying it into an intermediate buffer.
-    fn encode_head(&self) -> (Vec<u8>, &[u8]) {
+    fn encode_head(&self) -> (Vec<u8>, Bytes) {
         let mut head = Vec::with_capacity(MAX_MESSAGE_OVERHEAD);
         head.push(self.kind() as u8);
         if let (Some(exchange), Some(attempt)) = (self.exchange(), self.attempt()) {
             head.extend_from_slice(&exchange.0.to_be_bytes());
             head.extend_from_slice(&attempt.to_be_bytes());
         }
-        let mut body: &[u8] = &[];
+        let mut body = Bytes::new();
         match self {
-            Self::Request { payload, .. } | Self::Reply { payload, .. } => body = payload,
+            Self::Request { payload, .. } | Self::Reply { payload, .. } => body = payload.clone(),
             Self::Ack { of, .. } => head.push(match of {
                 AckOf::Request => Kind::Request as u8,
                 AckOf::Reply => Kind::Reply as u8,
@@ -358,7 +358,7 @@ impl Message {
     /// Encodes the whole message into one buffer (tests and small messages).
     pub fn encode(&self) -> Vec<u8> {
         let (mut head, body) = self.encode_head();
-        head.extend_from_slice(body);
+        head.extend_from_slice(&body);
         head
     }
 
@@ -577,10 +577,6 @@ impl Chunker {
     pub(crate) fn with_max_chunk(message: &Message, max_chunk: usize) -> Self {
         debug_assert!(max_chunk > 5 && max_chunk <= MAX_CHUNK_LEN);
         let (head, body) = message.encode_head();
-        let body = match message {
-            Message::Request { payload, .. } | Message::Reply { payload, .. } => payload.clone(),
-            _ => Bytes::copy_from_slice(body),
-        };
         debug_assert!(head.len() + body.len() <= MAX_MESSAGE_SIZE_LIMIT + MAX_MESSAGE_OVERHEAD);
         Self {
             head,
@@ -605,28 +601,20 @@ impl Chunker {
         let take = room.min(total - offset);
         let last = offset + take == total;
         out.clear();
-        out.reserve(1 + 4 + take);
         out.push((u8::from(first) * FLAG_FIRST) | (u8::from(last) * FLAG_LAST));
         if first {
             // `total` is bounded by MAX_MESSAGE_SIZE_LIMIT plus a few bytes (asserted above).
             out.extend_from_slice(&(total as u32).to_be_bytes());
         }
-        // Walk the concatenation head ++ body without materialising it.
+        // Walk the concatenation head ++ body without materialising it: the part of
+        // offset..end in the head, then the part in the body (either may be empty).
         let end = offset + take;
-        if offset < head.len() {
-            out.extend_from_slice(&head[offset..end.min(head.len())]);
-        }
-        if end > head.len() {
-            out.extend_from_slice(&body[offset.max(head.len()) - head.len()..end - head.len()]);
-        }
+        out.extend_from_slice(&head[offset.min(head.len())..end.min(head.len())]);
+        let in_body = |at: usize| at.max(head.len()) - head.len();
+        out.extend_from_slice(&body[in_body(offset)..in_body(end)]);
         self.offset = end;
         self.started = true;
         true
-    }
-
-    /// Whether every chunk was cut.
-    pub fn is_done(&self) -> bool {
-        self.started && self.offset >= self.head.len() + self.body.len()
     }
 }
 
