@@ -10,26 +10,40 @@ use p2p_bench::{client, handler_exchange, keys, noise_exchange_pair, percentiles
 
 const SAMPLES: usize = 3000;
 
-/// `latency --only reuse|fresh N`: run only that workload N times (for `perf record`).
-fn only(kind: &str, n: usize) {
-    let multi = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+/// `latency --only reuse|fresh N [--one-thread]`: run only that workload N times (for
+/// `perf record`), the application a task, on the two-worker runtime or with everything on
+/// one thread.
+fn only(kind: &str, n: usize, one_thread: bool) {
+    let rt = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
     let reuse = kind == "reuse";
-    multi.block_on(async {
+    let kind = kind.to_string();
+    rt.block_on(async {
         let k = keys(2);
         let srv = server(k[1].clone(), &k[..1], Bytes::from_static(&[1u8; 64]), reuse).await;
         let (cl, mut inbox) = client(k[0].clone(), srv.peer, reuse, 9).await;
-        let t = Instant::now();
-        for _ in 0..n {
-            handler_exchange(&cl, &mut inbox, &srv, Bytes::from_static(&[7u8; 64])).await;
-        }
-        eprintln!(
-            "{kind}: {:.1} us per exchange",
-            t.elapsed().as_secs_f64() * 1e6 / n as f64
-        );
+        tokio::spawn(async move {
+            let t = Instant::now();
+            for _ in 0..n {
+                handler_exchange(&cl, &mut inbox, &srv, Bytes::from_static(&[7u8; 64])).await;
+            }
+            eprintln!(
+                "{kind}: {:.1} us per exchange",
+                t.elapsed().as_secs_f64() * 1e6 / n as f64
+            );
+        })
+        .await
+        .unwrap();
     });
 }
 
@@ -38,7 +52,8 @@ fn main() {
     if let (Some("--only"), Some(kind), Some(n)) =
         (args.get(1).map(String::as_str), args.get(2), args.get(3))
     {
-        return only(kind, n.parse().unwrap());
+        let one_thread = args.get(4).map(String::as_str) == Some("--one-thread");
+        return only(kind, n.parse().unwrap(), one_thread);
     }
     let current = tokio::runtime::Builder::new_current_thread()
         .enable_all()
