@@ -47,35 +47,27 @@ pub trait FrameBuf {
     fn append(&mut self, bytes: &[u8]);
 }
 
-impl FrameBuf for Vec<u8> {
-    fn end(&self) -> usize {
-        self.len()
-    }
-    fn set_len_zeroed(&mut self, len: usize) {
-        self.resize(len, 0);
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
-    }
-    fn append(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
+/// The two buffers have the same methods under the same names.
+macro_rules! frame_buf {
+    ($($buffer:ty),*) => {$(
+        impl FrameBuf for $buffer {
+            fn end(&self) -> usize {
+                self.len()
+            }
+            fn set_len_zeroed(&mut self, len: usize) {
+                self.resize(len, 0);
+            }
+            fn bytes_mut(&mut self) -> &mut [u8] {
+                self
+            }
+            fn append(&mut self, bytes: &[u8]) {
+                self.extend_from_slice(bytes);
+            }
+        }
+    )*};
 }
 
-impl FrameBuf for bytes::BytesMut {
-    fn end(&self) -> usize {
-        self.len()
-    }
-    fn set_len_zeroed(&mut self, len: usize) {
-        self.resize(len, 0);
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
-    }
-    fn append(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-}
+frame_buf!(Vec<u8>, bytes::BytesMut);
 
 /// The remote side as far as it is known: always its address, its peer id once authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -812,8 +804,9 @@ mod tests {
         std::iter::from_fn(|| c.poll_event()).collect()
     }
 
-    fn connect(f: &Fixture, bob_allows: &AllowList) -> (Connection, Connection) {
-        let mut d = Connection::dial(
+    /// Alice's dial to Bob and Bob's accepted end, before any frame moved.
+    fn unconnected(f: &Fixture) -> (Connection, Connection) {
+        let d = Connection::dial(
             &f.alice,
             f.bob.peer_id(),
             addr("10.0.0.2:7000"),
@@ -822,8 +815,13 @@ mod tests {
             f.now,
         )
         .unwrap();
-        let mut r =
+        let r =
             Connection::accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        (d, r)
+    }
+
+    fn connect(f: &Fixture, bob_allows: &AllowList) -> (Connection, Connection) {
+        let (mut d, mut r) = unconnected(f);
         let any = AllowList::allow_any_peer_insecure();
         while pump(&mut d, &mut r, bob_allows) + pump(&mut r, &mut d, &any) > 0 {}
         (d, r)
@@ -960,17 +958,7 @@ mod tests {
         let f = fixture();
         let allow = AllowList::from_peers([f.alice.peer_id()]);
         let any = AllowList::allow_any_peer_insecure();
-        let mut d = Connection::dial(
-            &f.alice,
-            f.bob.peer_id(),
-            addr("10.0.0.2:7000"),
-            [1; 32],
-            &f.config,
-            f.now,
-        )
-        .unwrap();
-        let mut r =
-            Connection::accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        let (mut d, mut r) = unconnected(&f);
         // Message 1 through a Vec, 2 through a BytesMut, 3 through a Vec, each after bytes
         // the buffer held already; then a Request sealed into a Vec.
         let mut vec = b"x".to_vec();
