@@ -102,6 +102,7 @@ const STEPS: &[ActionKind] = &[
     ActionKind::RepairOneway,
     ActionKind::Crash,
     ActionKind::Restart,
+    ActionKind::Stop,
     ActionKind::Latency,
     ActionKind::FailRate,
     ActionKind::Drop,

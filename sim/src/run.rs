@@ -20,8 +20,8 @@ use p2p_handler::endpoint::Failure;
 use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::wire::{AckOf, ExchangeId, Message};
 use p2p_handler::{
-    AllowList, AllowedPeer, Arrival, ConnError, ConnEvent, Event, Handler, Keypair, MemoryStore,
-    Notice, Options, PeerId, Status, Store, StoreError, Tap, Verdict,
+    AllowList, AllowedPeer, Arrival, ConnError, ConnEvent, Event, Handler, Inbox, Keypair,
+    MemoryStore, Notice, Options, PeerId, Status, Store, StoreError, Tap, Verdict,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -199,6 +199,10 @@ enum NodeCommand {
     },
     Status {
         reply: oneshot::Sender<Status>,
+    },
+    /// A graceful stop: drain, let started work finish within `grace`, shut down.
+    Stop {
+        grace: Duration,
     },
 }
 
@@ -725,6 +729,10 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         tokio::select! {
             biased;
             command = commands.recv() => match command {
+                Some(NodeCommand::Stop { grace }) => {
+                    let node = Node { shared: &shared, index: node, handler: &handler, app: &app };
+                    return stop(node, &mut commands, &mut inbox, grace).await;
+                }
                 Some(command) => run_command(&shared, node, &handler, command).await,
                 None => break,
             },
@@ -732,6 +740,91 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
             Some(notice) = inbox.priority.recv() => on_notice(&shared, node, notice),
         }
     }
+    Ok(())
+}
+
+/// How long a `stop` step lets started work finish when it names no grace.
+const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// What a node's loop works with.
+#[derive(Clone, Copy)]
+struct Node<'a> {
+    shared: &'a Arc<Mutex<Shared>>,
+    index: usize,
+    handler: &'a Handler,
+    app: &'a App,
+}
+
+/// A graceful stop, as `p2p-node` does on SIGTERM: drain (new work is refused, started work
+/// goes on, and the application goes on answering and taking steps), wait until nothing is
+/// left or `grace` ran out, shut down. The application then reads what is left in its
+/// inbox; our exchanges the shutdown failed come back in its report and count as their
+/// outcomes. The node is down until a `restart`.
+async fn stop(
+    node: Node<'_>,
+    commands: &mut mpsc::UnboundedReceiver<NodeCommand>,
+    inbox: &mut Inbox,
+    grace: Duration,
+) -> turmoil::Result {
+    let Node {
+        shared,
+        index,
+        handler,
+        app,
+    } = node;
+    let _ = handler.drain().await;
+    let deadline = tokio::time::Instant::now() + grace;
+    // Checked after each input, and every 10 ms of virtual time when none comes.
+    while !handler.status().await.is_ok_and(|status| status.drained) {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(deadline) => break,
+            Some(command) = commands.recv() => {
+                // A second stop while stopping changes nothing.
+                if !matches!(command, NodeCommand::Stop { .. }) {
+                    run_command(shared, index, handler, command).await;
+                }
+            }
+            Some(event) = inbox.received.recv() => on_event(shared, index, handler, app, event),
+            Some(notice) = inbox.priority.recv() => on_notice(shared, index, notice),
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    let report = handler.shutdown().await.map_err(|e| e.to_string())?;
+    while let Ok(event) = inbox.received.try_recv() {
+        on_event(shared, index, handler, app, event);
+    }
+    while let Ok(notice) = inbox.priority.try_recv() {
+        on_notice(shared, index, notice);
+    }
+    for (peer, exchange, payload) in report.failed {
+        let failed = Event::Failed {
+            peer,
+            exchange,
+            payload,
+            failure: Failure::ShuttingDown,
+            redelivered: false,
+        };
+        on_notice(shared, index, Notice::Event(failed));
+    }
+    let mut s = lock(shared);
+    let durable = s.scenario.durable_of(index);
+    let state = &mut s.nodes[index];
+    state.up = false;
+    state.commands = None;
+    state.crash_switch = None;
+    let unanswered = if durable {
+        "kept for the next start"
+    } else {
+        "aborted"
+    };
+    s.push(
+        index,
+        What::App(format!(
+            "stopped: {} unanswered request(s) {unanswered}, {} exchange(s) of ours kept",
+            report.unanswered_requests, report.kept
+        )),
+    );
     Ok(())
 }
 
@@ -804,6 +897,8 @@ async fn run_command(
                 let _ = reply.send(status);
             }
         }
+        // Handled by the node's loop, which ends with it.
+        NodeCommand::Stop { .. } => {}
     }
 }
 
@@ -1469,6 +1564,12 @@ fn execute(
             sim.repair_oneway(name(&step.from).as_str(), name(&step.to).as_str());
         }
         A::Crash => crash(sim, shared, idx(&step.node), rule.clone()),
+        A::Stop => {
+            let grace = step.grace.unwrap_or(DEFAULT_GRACE);
+            if send(idx(&step.node), NodeCommand::Stop { grace }) {
+                fault(format!("stop {} (grace {grace:?})", name(&step.node)));
+            }
+        }
         A::Restart => restart(sim, shared, idx(&step.node), rule.clone()),
         A::Latency => {
             let latency = step.latency.unwrap_or_default();

@@ -241,7 +241,7 @@ pub struct Step {
     /// What to do.
     #[serde(rename = "do")]
     pub action: ActionKind,
-    /// Node that acts / sends (request, respond, allow, revoke, crash, restart).
+    /// Node that acts / sends (request, respond, allow, revoke, crash, restart, stop).
     #[serde(default)]
     pub node: Option<String>,
     /// Sender (request).
@@ -283,6 +283,10 @@ pub struct Step {
     /// The node's whole new allow list (allow_list), as it would reload from its file.
     #[serde(default)]
     pub peers: Option<Vec<String>>,
+    /// How long a graceful stop lets started work finish before shutting down (stop;
+    /// default 5 s).
+    #[serde(default, with = "humantime_serde")]
+    pub grace: Option<Duration>,
 }
 
 impl Step {
@@ -306,6 +310,7 @@ impl Step {
             by: None,
             matches: None,
             peers: None,
+            grace: None,
         }
     }
 }
@@ -331,6 +336,9 @@ pub enum ActionKind {
     RepairOneway,
     Crash,
     Restart,
+    /// A graceful stop: drain (new work refused, started work goes on), wait for the work to
+    /// finish or the grace to run out, shut down. A `restart` brings the node back.
+    Stop,
     Latency,
     FailRate,
     // Message faults, keyed on decoded messages.
@@ -345,7 +353,12 @@ impl ActionKind {
     pub fn is_fault(self) -> bool {
         matches!(
             self,
-            Self::Partition | Self::PartitionOneway | Self::Hold | Self::Crash | Self::FailRate
+            Self::Partition
+                | Self::PartitionOneway
+                | Self::Hold
+                | Self::Crash
+                | Self::Stop
+                | Self::FailRate
         )
     }
     /// Whether this action heals a fault.
@@ -754,7 +767,7 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
             need("from", step.from.is_some())?;
             need("to", step.to.is_some())?;
         }
-        A::Crash | A::Restart => need("node", step.node.is_some())?,
+        A::Crash | A::Restart | A::Stop => need("node", step.node.is_some())?,
         A::Latency => {
             need("a", step.a.is_some())?;
             need("b", step.b.is_some())?;
@@ -921,6 +934,14 @@ to = "bob"
             "{base}\n[[step]]\ndo = \"nack\"\nmatch = {{ kind = \"ack\" }}\n"
         ));
         assert!(e.contains("must be \"request\""), "{e}");
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"stop\"\ngrace = \"2s\"\n"
+        ));
+        assert!(e.contains("line 6") && e.contains("needs `node`"), "{e}");
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"stop\"\nnode = \"bob\"\ngrace = \"soon\"\n"
+        ));
+        assert!(e.contains("grace"), "{e}");
     }
 
     #[test]

@@ -508,6 +508,7 @@ impl Handler {
             evicted_unauthenticated: 0,
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),
+            closing: BTreeMap::new(),
         };
         tokio::spawn(task.run(network));
         Ok((

@@ -67,6 +67,8 @@ pub(super) struct HandlerTask {
     pub(super) observer: Observer,
     /// Durable mode: the commit running, and what waits for it.
     pub(super) in_flight: Option<(Commit, Effects)>,
+    /// At shutdown: the peer of each connection the endpoint is closing.
+    pub(super) closing: BTreeMap<ConnId, PeerId>,
 }
 
 /// What one step (or batch of steps) makes visible outside the handler task: answers to
@@ -343,7 +345,10 @@ impl HandlerTask {
                     }
                 }
                 Output::Send { conn, message } => {
-                    let peer = self.endpoint.peer_of(conn);
+                    let peer = self
+                        .endpoint
+                        .peer_of(conn)
+                        .or_else(|| self.closing.get(&conn).copied());
                     observe::message(true, conn, peer, &message);
                     let verdict = match peer {
                         Some(peer) => self.tap.outgoing(conn, peer, &message),
@@ -630,6 +635,17 @@ impl HandlerTask {
             },
             ..ShutdownReport::default()
         };
+        // The endpoint forgets its connections as it shuts down, but the Aborts and Closes it
+        // sends on them are still reported (log, tap) with the peer they go to.
+        let conns: Vec<ConnId> = self
+            .slots
+            .lock()
+            .map(|slots| slots.keys().copied().collect())
+            .unwrap_or_default();
+        self.closing = conns
+            .into_iter()
+            .filter_map(|conn| Some((conn, self.endpoint.peer_of(conn)?)))
+            .collect();
         self.endpoint.shutdown(now());
         if let Some(store) = &mut self.store {
             self.pending_ops.extend(self.endpoint.poll_journal());
