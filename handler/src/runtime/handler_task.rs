@@ -635,8 +635,8 @@ impl HandlerTask {
             },
             ..ShutdownReport::default()
         };
-        // The endpoint forgets its connections as it shuts down, but the Aborts and Closes it
-        // sends on them are still reported (log, tap) with the peer they go to.
+        // The endpoint forgets its connections as it shuts down, but the Aborts it sends on
+        // them are still reported (log, tap) with the peer they go to.
         let conns: Vec<ConnId> = self
             .slots
             .lock()
