@@ -5,7 +5,8 @@
 //! requests between random pairs of nodes that allow each other, and `faults` faults drawn
 //! from `kinds` (partitions both ways and one way, holds, lossy links, message drops,
 //! delays, corruption and Nacks keyed on message kinds, crashes of the nodes allowed to
-//! crash, allow-list revocations), each healed after a random time up to `max_fault`. Then
+//! crash, allow-list revocations, and, when `kinds` names them, graceful stops of those
+//! nodes), each healed after a random time up to `max_fault`. Then
 //! comes the healing phase: once everything is healed, each node sends a probe request to
 //! a peer, and every probe must be answered (a failure does not count as progress there).
 //! The steps run through the same machinery as written ones, so a drawn schedule can be
@@ -37,6 +38,9 @@ pub enum FaultKind {
     Nack,
     Crash,
     Revoke,
+    /// A graceful stop (drain, shutdown) of a node that may crash, and its restart. Drawn
+    /// only when `kinds` names it, so the default schedules stay as they were.
+    Stop,
 }
 
 const ALL: [FaultKind; 10] = [
@@ -177,6 +181,9 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
     let mut down_until = vec![0u64; n];
     // (revoker, revoked, from, until): no request is drawn between them meanwhile.
     let mut revoked: Vec<(usize, usize, u64, u64)> = Vec::new();
+    // (node, from, until): a node stopping or stopped sends nothing meanwhile (it refuses
+    // new work of its own while it drains, rightly).
+    let mut stopping: Vec<(usize, u64, u64)> = Vec::new();
     for _ in 0..plan.faults {
         let kind = plan.kinds[pick(plan.kinds.len() as u64) as usize];
         let start = pick(window_ms);
@@ -198,6 +205,12 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 Step::new(ActionKind::Crash)
             }
             FaultKind::Revoke => Step::new(ActionKind::Revoke),
+            FaultKind::Stop => {
+                if crashable.is_empty() {
+                    continue;
+                }
+                Step::new(ActionKind::Stop)
+            }
             FaultKind::Drop => Step::new(ActionKind::Drop),
             FaultKind::Delay => Step::new(ActionKind::Delay),
             FaultKind::Corrupt => Step::new(ActionKind::Corrupt),
@@ -235,13 +248,18 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 h.rate = Some(0.0);
                 Some(h)
             }
-            FaultKind::Crash => {
+            FaultKind::Crash | FaultKind::Stop => {
                 let node = crashable[pick(crashable.len() as u64) as usize];
                 if down_until[node] >= start {
                     continue;
                 }
                 down_until[node] = heal;
                 fault.node = name(node);
+                if kind == FaultKind::Stop {
+                    // The restart may come before the grace ends: a stop cut short.
+                    fault.grace = Some(Duration::from_millis(1 + pick(max_fault_ms)));
+                    stopping.push((node, start, heal));
+                }
                 let mut h = Step::new(ActionKind::Restart);
                 h.node = name(node);
                 Some(h)
@@ -296,10 +314,18 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
         }
         let (a, b) = pairs[pick(pairs.len() as u64) as usize];
         let mut when = pick(window_ms);
-        for &(x, y, from, until) in &revoked {
-            if (x, y) == (a, b) && (from..=until).contains(&when) {
-                when = until + 1;
-            }
+        // Past every window that forbids it; moving past one may land in another.
+        let forbidden = |when: u64| {
+            let revoking = revoked
+                .iter()
+                .find(|&&(x, y, from, until)| (x, y) == (a, b) && (from..=until).contains(&when));
+            let stopped = stopping
+                .iter()
+                .find(|&&(x, from, until)| x == a && (from..=until).contains(&when));
+            revoking.map(|r| r.3).or(stopped.map(|s| s.2))
+        };
+        while let Some(until) = forbidden(when) {
+            when = until + 1;
         }
         let mut step = Step::new(ActionKind::Request);
         step.at = at(when);
@@ -335,6 +361,41 @@ mod tests {
         let one = format!("{:?}", draw(&s, &plan, 1));
         assert_eq!(one, format!("{:?}", draw(&s, &plan, 1)));
         assert_ne!(one, format!("{:?}", draw(&s, &plan, 2)));
+    }
+
+    #[test]
+    fn a_stopping_node_is_restarted_and_sends_no_drawn_request_meanwhile() {
+        let s = ring();
+        let mut plan = s.swarm.clone().unwrap();
+        plan.kinds = vec![FaultKind::Stop];
+        let mut stops = 0;
+        for seed in 0..50 {
+            let steps = draw(&s, &plan, seed);
+            let ms = |st: &Step| st.at.unwrap().as_millis() as u64;
+            for (i, st) in steps.iter().enumerate() {
+                if st.action != ActionKind::Stop {
+                    continue;
+                }
+                stops += 1;
+                assert_ne!(st.node.as_deref(), Some("c"), "c is not durable");
+                assert!(st.grace.is_some_and(|g| !g.is_zero()), "{st:?}");
+                let restart = steps[i..]
+                    .iter()
+                    .find(|r| r.action == ActionKind::Restart && r.node == st.node)
+                    .expect("every stop is followed by a restart");
+                let window = ms(st)..=ms(restart);
+                assert!(
+                    !steps.iter().any(|r| r.action == ActionKind::Request
+                        && r.from == st.node
+                        && window.contains(&ms(r))),
+                    "seed {seed}: a request from {:?} while it stops",
+                    st.node
+                );
+            }
+        }
+        assert!(stops > 50, "{stops}");
+        // Not drawn unless named: the default kinds leave every schedule as it was.
+        assert!(!ALL.contains(&FaultKind::Stop));
     }
 
     #[test]
