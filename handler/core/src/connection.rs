@@ -804,6 +804,14 @@ mod tests {
         std::iter::from_fn(|| c.poll_event()).collect()
     }
 
+    /// [`connect`], with both ends' `Established` events taken.
+    fn established(f: &Fixture, bob_allows: &AllowList) -> (Connection, Connection) {
+        let (mut d, mut r) = connect(f, bob_allows);
+        events(&mut d);
+        events(&mut r);
+        (d, r)
+    }
+
     /// Alice's dial to Bob and Bob's accepted end, before any frame moved.
     fn unconnected(f: &Fixture) -> (Connection, Connection) {
         let d = Connection::dial(
@@ -863,9 +871,7 @@ mod tests {
         let allow = AllowList::from_peers([f.alice.peer_id()]);
         // A malformed chunk that decrypts (reserved flag bits), and an empty frame.
         for bad in [Some(vec![0b100 | 0b11, 0, 0, 0, 1, 6]), None] {
-            let (mut d, mut r) = connect(&f, &allow);
-            events(&mut d);
-            events(&mut r);
+            let (mut d, mut r) = established(&f, &allow);
             let frame = match &bad {
                 Some(plain) => sealed(&mut d, plain),
                 None => Vec::new(),
@@ -923,9 +929,7 @@ mod tests {
     fn frames_encrypted_into_a_write_buffer_follow_what_it_held() {
         let f = fixture();
         let allow = AllowList::from_peers([f.alice.peer_id()]);
-        let (mut d, mut r) = connect(&f, &allow);
-        events(&mut d);
-        events(&mut r);
+        let (mut d, mut r) = established(&f, &allow);
         let big = Message::Request {
             exchange: ExchangeId(7),
             attempt: 1,
@@ -1027,9 +1031,7 @@ mod tests {
     fn messages_cross_in_both_directions_including_large_ones() {
         let f = fixture();
         let allow = AllowList::from_peers([f.alice.peer_id()]);
-        let (mut d, mut r) = connect(&f, &allow);
-        events(&mut d);
-        events(&mut r);
+        let (mut d, mut r) = established(&f, &allow);
         let big = Message::Request {
             exchange: ExchangeId(9),
             attempt: 1,
@@ -1230,9 +1232,7 @@ mod tests {
     fn close_is_delivered_and_ends_both_sides() {
         let f = fixture();
         let allow = AllowList::from_peers([f.alice.peer_id()]);
-        let (mut d, mut r) = connect(&f, &allow);
-        events(&mut d);
-        events(&mut r);
+        let (mut d, mut r) = established(&f, &allow);
         d.close(CloseReason::Idle);
         assert!(d.is_closed());
         assert_eq!(
