@@ -76,6 +76,7 @@ const ABORTS: &[AbortReason] = &[
     AbortReason::ShuttingDown,
     AbortReason::ReplyTooLarge,
     AbortReason::Refused,
+    AbortReason::Settled,
 ];
 
 const CLOSES: &[CloseReason] = &[
@@ -107,6 +108,7 @@ const STEPS: &[ActionKind] = &[
     ActionKind::FailRate,
     ActionKind::Drop,
     ActionKind::Delay,
+    ActionKind::Duplicate,
     ActionKind::Corrupt,
     ActionKind::Nack,
 ];

@@ -451,6 +451,10 @@ impl Tap for SimTap {
                 let (verdict, what) = match rule.action {
                     ActionKind::Drop => (Verdict::Drop, format!("drop {text}")),
                     ActionKind::Corrupt => (Verdict::Corrupt, format!("corrupt {text}")),
+                    ActionKind::Duplicate => (
+                        Verdict::Duplicate(rule.delay),
+                        format!("duplicate {text} after {:?}", rule.delay),
+                    ),
                     _ => (
                         Verdict::Delay(rule.delay),
                         format!("delay {text} by {:?}", rule.delay),
@@ -1597,7 +1601,7 @@ fn execute(
             ));
             sim.set_link_fail_rate(name(&step.a).as_str(), name(&step.b).as_str(), rate);
         }
-        A::Drop | A::Delay | A::Corrupt | A::Nack => {
+        A::Drop | A::Delay | A::Duplicate | A::Corrupt | A::Nack => {
             if let Some(m) = &step.matches {
                 let mut s = lock(shared);
                 s.rules.push(Rule {
@@ -1772,7 +1776,7 @@ fn check(
         .sum::<u64>();
     let e = &scenario.expect;
     let redelivered = s.redelivered.values().map(|n| u64::from(*n)).sum::<u64>();
-    let counts: [(&str, Option<crate::scenario::Count>, u64); 12] = [
+    let counts: [(&str, Option<crate::scenario::Count>, u64); 13] = [
         ("delivered", e.delivered, delivered),
         ("refused", e.refused, s.refused.len() as u64),
         ("redelivered", e.redelivered, redelivered),
@@ -1784,6 +1788,11 @@ fn check(
             "duplicates_dropped",
             e.duplicates_dropped,
             sum(|st| st.stats.duplicates_dropped),
+        ),
+        (
+            "settled_refused",
+            e.settled_refused,
+            sum(|st| st.stats.settled_refused),
         ),
         (
             "replies_from_cache",

@@ -344,6 +344,8 @@ pub enum ActionKind {
     // Message faults, keyed on decoded messages.
     Drop,
     Delay,
+    /// The message goes now, and a copy of it again `by` later on the same connection.
+    Duplicate,
     Corrupt,
     Nack,
 }
@@ -482,6 +484,9 @@ pub struct Expect {
     pub redials: Option<Count>,
     /// Duplicate requests recognised (all nodes).
     pub duplicates_dropped: Option<Count>,
+    /// Stale copies of settled, forgotten exchanges refused with `Abort{Settled}` (all
+    /// nodes).
+    pub settled_refused: Option<Count>,
     /// Replies re-sent from the responder's cache (all nodes).
     pub replies_from_cache: Option<Count>,
     /// Requests delivered again after a restart, flagged `redelivered` (not counted in
@@ -779,7 +784,7 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
             need("rate", step.rate.is_some_and(|r| (0.0..=1.0).contains(&r)))?;
         }
         A::Drop | A::Corrupt => need("match", step.matches.is_some())?,
-        A::Delay => {
+        A::Delay | A::Duplicate => {
             need("match", step.matches.is_some())?;
             need("by", step.by.is_some())?;
         }

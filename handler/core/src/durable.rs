@@ -17,6 +17,7 @@
 //! | `outbound` | id (u64 BE)             | an unfinished exchange of ours: peer, address, payload |
 //! | `outcomes` | id (u64 BE)             | its outcome (reply or failure) not yet taken by the application |
 //! | `inbound`  | seq (u64 BE)            | a peer's exchange: peer, id, digest, state, the request while unanswered, our reply while cached |
+//! | `settled`  | seq (u64 BE)            | a peer's settled floor: every id of it at or below this one is settled |
 //!
 //! Every key grows with time (ids and `seq` are handed out in order), so the rows a busy
 //! node writes sit together at the end of each table: a commit rewrites a few pages of the
@@ -54,15 +55,19 @@ pub enum Table {
     Outcomes,
     /// Peers' exchanges: dedupe records, unanswered requests, cached replies.
     Inbound,
+    /// Each peer's settled floor (see `Endpoint`'s deduplication): one row per peer,
+    /// rewritten under a new, larger key when the floor rises.
+    Settled,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 5] = [
         Table::Meta,
         Table::Outbound,
         Table::Outcomes,
         Table::Inbound,
+        Table::Settled,
     ];
 
     /// The table's name in a store.
@@ -72,6 +77,7 @@ impl Table {
             Self::Outbound => "outbound",
             Self::Outcomes => "outcomes",
             Self::Inbound => "inbound",
+            Self::Settled => "settled",
         }
     }
 }
@@ -168,6 +174,8 @@ pub struct Recovered {
     pub outcomes: Vec<(u64, Event)>,
     /// Peers' exchanges, oldest first.
     pub inbound: Vec<((PeerId, ExchangeId), InboundRecord)>,
+    /// Each peer's settled floor and the key (seq) of the row that holds it.
+    pub settled: Vec<(PeerId, ExchangeId, u64)>,
 }
 
 /// The digest kept in a dedupe record: XXH3-128 of the payload. Not a MAC (an allowed peer
@@ -306,6 +314,27 @@ pub(crate) fn put_inbound(peer: PeerId, id: ExchangeId, record: &InboundRecord) 
             }
         }),
     )
+}
+
+/// `peer`'s settled floor is now `floor`, in the row keyed `seq` (the row of the previous
+/// floor, if any, is deleted with [`delete_settled`]).
+pub(crate) fn put_settled(seq: u64, peer: PeerId, floor: ExchangeId) -> KvOp {
+    put(
+        Table::Settled,
+        seq.to_be_bytes().to_vec(),
+        versioned(|w| {
+            w.extend_from_slice(peer.as_bytes());
+            w.extend_from_slice(&floor.0.to_be_bytes());
+        }),
+    )
+}
+
+/// The settled-floor row `seq` is superseded.
+pub(crate) fn delete_settled(seq: u64) -> KvOp {
+    KvOp::Delete {
+        table: Table::Settled,
+        key: seq.to_be_bytes().to_vec(),
+    }
 }
 
 /// The record `seq` is forgotten.
@@ -511,6 +540,12 @@ where
                     }
                     recovered.inbound.push(((peer, id), record));
                 }
+                Table::Settled => {
+                    let seq = key_u64(&key)?;
+                    let peer = PeerId::from_bytes(r.array()?);
+                    let floor = ExchangeId(r.u64()?);
+                    recovered.settled.push((peer, floor, seq));
+                }
             }
             r.end()
         })();
@@ -525,6 +560,7 @@ where
     }
     recovered.outbound.sort_by_key(|(_, r)| r.seq);
     recovered.inbound.sort_by_key(|(_, r)| r.seq);
+    recovered.settled.sort_by_key(|(_, _, seq)| *seq);
     outcomes.sort_by_key(|(seq, _)| *seq);
     recovered.outcomes = outcomes;
     Ok(recovered)
@@ -729,6 +765,7 @@ mod tests {
             };
             ops.push(put_inbound(peer, ExchangeId(id), &record));
         }
+        ops.push(put_settled(11, peer, ExchangeId(4)));
         rows(ops)
     }
 
@@ -739,6 +776,8 @@ mod tests {
         assert_eq!(recovered.outbound.len(), 1);
         assert_eq!(recovered.outbound[0].0, ExchangeId(3));
         assert_eq!(recovered.inbound.len(), 5);
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        assert_eq!(recovered.settled, vec![(peer, ExchangeId(4), 11)]);
         assert!(matches!(
             &recovered.outcomes[..],
             [

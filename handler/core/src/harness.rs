@@ -40,6 +40,9 @@ pub(crate) enum Action {
     Drop,
     /// The message is sent later (later messages overtake it).
     Delay(Duration),
+    /// The message is sent now, and a copy of it again after this long on the same link
+    /// (if it is still open): a stale duplicate, as a resend that lingered would be.
+    Duplicate(Duration),
     /// The message is sent with one ciphertext byte flipped.
     Corrupt,
     /// A Request is not delivered; the receiver's connection answers with this Nack.
@@ -801,6 +804,18 @@ impl Net {
                     Some(Action::Corrupt) => {
                         self.log(format!("fault: corrupt {message:?}"));
                         self.encrypt_and_ship(link, from, &message, true);
+                    }
+                    Some(Action::Duplicate(d)) => {
+                        self.log(format!("fault: duplicate {message:?} after {d:?}"));
+                        self.encrypt_and_ship(link, from, &message, false);
+                        self.schedule(
+                            now + d,
+                            Delivery::Send {
+                                link,
+                                from,
+                                message,
+                            },
+                        );
                     }
                     Some(Action::Delay(d)) => {
                         self.log(format!("fault: delay {message:?} by {d:?}"));

@@ -326,6 +326,39 @@ fn delayed_request_overtaken_by_its_resend_is_delivered_once() {
 }
 
 #[test]
+fn a_copy_delayed_past_the_eviction_of_its_record_is_never_delivered_again() {
+    // One dedupe record per peer, and a reused connection that carries a copy of the first
+    // Request long after newer exchanges pushed its record out.
+    let mut net = Net::new(
+        7,
+        &["alice", "bob"],
+        Config {
+            dedupe_per_peer: 1,
+            reuse_connections: true,
+            ..config()
+        },
+    );
+    net.rules
+        .push(Rule::new(ALICE, BOB, Kind::Request, Action::Duplicate(secs(2))).times(1));
+    let first = net.request(ALICE, BOB, b"once");
+    net.run_until(secs(1), |n| n.has_outcome(ALICE, first));
+    let later: Vec<ExchangeId> = (0..3).map(|_| net.request(ALICE, BOB, b"next")).collect();
+    net.run(secs(60));
+    let seen: Vec<ExchangeId> = net.requests_seen(BOB).iter().map(|r| r.1).collect();
+    assert_eq!(
+        seen.iter().filter(|id| **id == first).count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(seen.len(), 4);
+    assert_eq!(net.nodes[BOB].endpoint.stats().settled_refused, 1);
+    for id in later.into_iter().chain([first]) {
+        assert_eq!(net.outcomes(ALICE, id), 1);
+    }
+    assert!(net.replies(ALICE).len() == 4);
+}
+
+#[test]
 fn partition_mid_exchange_then_repair_redials_and_completes() {
     let mut net = pair();
     net.nodes[BOB].app = App::EchoAfter(Duration::from_millis(300));
@@ -1621,6 +1654,101 @@ mod endpoint_unit {
         assert!(events(&mut f.ep).is_empty());
     }
 
+    /// Settles exchange `id` on `c`: request, answer, the Ack of the answer.
+    fn settle(f: &mut Fixture, c: ConnId, id: u64) {
+        f.ep.handle_conn_event(c, request(id, 1), f.now);
+        f.ep.respond(f.peer, ExchangeId(id), Bytes::from_static(b"r"), f.now)
+            .unwrap();
+        let ack = Message::Ack {
+            exchange: ExchangeId(id),
+            attempt: 1,
+            of: AckOf::Reply,
+        };
+        f.ep.handle_conn_event(c, ConnEvent::Message(ack), f.now);
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn a_stale_copy_of_an_evicted_exchange_is_refused_not_delivered_again() {
+        let mut f = fixture(Config {
+            dedupe_per_peer: 1,
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        for id in [10, 11, 12] {
+            settle(&mut f, c, id);
+        }
+        outputs(&mut f.ep);
+        assert_eq!(events_of_kind(&mut f.ep, "Request"), 3);
+        // Records of 10 and 11 were forgotten for room. A late copy of either is refused
+        // with Abort{Settled} (no Ack: it is not accepted), never delivered.
+        for stale in [10, 11] {
+            f.ep.handle_conn_event(c, request(stale, 3), f.now);
+            assert_eq!(
+                outputs(&mut f.ep),
+                vec![Output::Send {
+                    conn: c,
+                    message: Message::Abort {
+                        exchange: ExchangeId(stale),
+                        attempt: 3,
+                        reason: AbortReason::Settled
+                    }
+                }]
+            );
+            assert!(events(&mut f.ep).is_empty());
+        }
+        assert_eq!(f.ep.stats().settled_refused, 2);
+        // 12 is still remembered: a copy is a duplicate, answered from its record.
+        f.ep.handle_conn_event(c, request(12, 2), f.now);
+        assert!(events(&mut f.ep).is_empty());
+        assert_eq!(f.ep.stats().duplicates_dropped, 1);
+        // The next exchange is new.
+        f.ep.handle_conn_event(c, request(13, 1), f.now);
+        assert_eq!(events_of_kind(&mut f.ep, "Request"), 1);
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn the_settled_window_follows_a_dialer_that_restarted_into_new_ids() {
+        let mut f = fixture(Config {
+            dedupe_per_peer: 1,
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        let old = 1u64 << 40;
+        settle(&mut f, c, old);
+        settle(&mut f, c, old + 1);
+        // Far below the floor, outside the window: a restarted dialer's new ids (without a
+        // store, it starts at a new random place). They are new exchanges.
+        let new = old - crate::endpoint::SETTLED_WINDOW - 5;
+        settle(&mut f, c, new);
+        settle(&mut f, c, new + 1);
+        assert_eq!(events_of_kind(&mut f.ep, "Request"), 4);
+        assert_eq!(f.ep.stats().settled_refused, 0);
+        // The floor followed the new incarnation: a stale copy of its first exchange is
+        // refused. Ids wrap: an incarnation that counts past u64::MAX keeps its floor.
+        f.ep.handle_conn_event(c, request(new, 2), f.now);
+        assert_eq!(f.ep.stats().settled_refused, 1);
+        for id in [u64::MAX - 1, u64::MAX, 0, 1] {
+            settle(&mut f, c, id);
+        }
+        f.ep.handle_conn_event(c, request(u64::MAX, 2), f.now);
+        f.ep.handle_conn_event(c, request(0, 2), f.now);
+        assert_eq!(f.ep.stats().settled_refused, 3);
+        assert_eq!(events_of_kind(&mut f.ep, "Request"), 4);
+    }
+
+    fn events_of_kind(ep: &mut Endpoint, kind: &str) -> usize {
+        events(ep)
+            .iter()
+            .filter(|e| format!("{e:?}").starts_with(kind))
+            .count()
+    }
+
     #[test]
     fn reply_cache_is_bounded_and_expired_replies_abort() {
         let mut f = fixture(Config {
@@ -2683,6 +2811,33 @@ mod durable {
             }
         }
         (fresh, again)
+    }
+
+    #[test]
+    fn the_settled_floor_survives_a_restart_of_the_responder() {
+        let mut net = Net::new(
+            7,
+            &["alice", "bob"],
+            Config {
+                dedupe_per_peer: 1,
+                ..config()
+            },
+        );
+        net.make_durable(BOB);
+        let ids: Vec<ExchangeId> = (0..3).map(|_| net.request(ALICE, BOB, b"q")).collect();
+        net.run(secs(30));
+        let alice = net.id(ALICE);
+        assert_eq!(net.nodes[BOB].endpoint.settled_floor(&alice), Some(ids[1]));
+        net.crash(BOB);
+        net.restart(BOB);
+        assert_eq!(net.nodes[BOB].endpoint.settled_floor(&alice), Some(ids[1]));
+        // Raised again after the restart: the old row gives way to the new one.
+        net.request(ALICE, BOB, b"q");
+        net.run(secs(30));
+        assert_eq!(net.nodes[BOB].endpoint.settled_floor(&alice), Some(ids[2]));
+        net.crash(BOB);
+        net.restart(BOB);
+        assert_eq!(net.nodes[BOB].endpoint.settled_floor(&alice), Some(ids[2]));
     }
 
     #[test]

@@ -156,6 +156,10 @@ reason_enum! {
         ReplyTooLarge = 4 => "the reply is larger than the dialer accepts",
         /// The responder's application refused the request.
         Refused = 5 => "its application refused it",
+        /// A copy of an exchange the responder settled long ago and no longer remembers
+        /// (its id is at or below the responder's settled floor for this dialer). The
+        /// exchange ended at the responder; this copy is stale and is not delivered.
+        Settled = 6 => "the exchange was settled long ago and is no longer remembered",
     }
 }
 

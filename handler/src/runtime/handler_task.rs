@@ -354,18 +354,25 @@ impl HandlerTask {
                         Some(peer) => self.tap.outgoing(conn, peer, &message),
                         None => Verdict::Pass,
                     };
+                    let later = |delay, message| {
+                        // Later, through the router, which reports a slow connection.
+                        let network = self.network.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = network.send(NetCommand::Send { conn, message }).await;
+                        });
+                    };
                     let command = match verdict {
                         Verdict::Pass => ConnCommand::Send(message),
                         Verdict::Corrupt => ConnCommand::SendCorrupted(message),
                         Verdict::Drop => continue,
                         Verdict::Delay(delay) => {
-                            // Later, through the router, which reports a slow connection.
-                            let network = self.network.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(delay).await;
-                                let _ = network.send(NetCommand::Send { conn, message }).await;
-                            });
+                            later(delay, message);
                             continue;
+                        }
+                        Verdict::Duplicate(delay) => {
+                            later(delay, message.clone());
+                            ConnCommand::Send(message)
                         }
                     };
                     self.send_direct(conn, command).await;

@@ -15,6 +15,7 @@
 //! `p2p_rate_limited_total{limit}`, `p2p_notices_total{kind}`, the endpoint's counters
 //! (`p2p_dials_total`, `p2p_redials_total`, `p2p_requests_sent_total`, `p2p_resends_total`,
 //! `p2p_requests_delivered_total`, `p2p_duplicates_dropped_total`,
+//! `p2p_settled_refused_total`,
 //! `p2p_replies_from_cache_total`, `p2p_nacks_sent_total`, `p2p_nacks_received_total`),
 //! gauges (`p2p_connections{state="established"|"tasks"}`, `p2p_outbound_in_flight`,
 //! `p2p_pending_responses`, `p2p_receive_backlog`, `p2p_unread_outcomes`) and, from the
@@ -63,7 +64,7 @@ pub(super) struct Observer {
     /// The endpoint's counters and the gauges, registered once (with the recorder
     /// installed when the node started), so publishing after every step is a few atomic
     /// stores.
-    counters: [metrics::Counter; 9],
+    counters: [metrics::Counter; 10],
     gauges: [metrics::Gauge; 6],
 }
 
@@ -78,6 +79,7 @@ impl Observer {
                 metrics::counter!("p2p_resends_total"),
                 metrics::counter!("p2p_requests_delivered_total"),
                 metrics::counter!("p2p_duplicates_dropped_total"),
+                metrics::counter!("p2p_settled_refused_total"),
                 metrics::counter!("p2p_replies_from_cache_total"),
                 metrics::counter!("p2p_nacks_sent_total"),
                 metrics::counter!("p2p_nacks_received_total"),
@@ -315,6 +317,7 @@ impl Observer {
             stats.resends,
             stats.requests_delivered,
             stats.duplicates_dropped,
+            stats.settled_refused,
             stats.replies_from_cache,
             stats.nacks_sent,
             stats.nacks_received,

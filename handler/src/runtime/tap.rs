@@ -17,6 +17,9 @@ pub enum Verdict {
     Drop,
     /// Send it after this long; later messages may overtake it.
     Delay(Duration),
+    /// Send it now, and a copy again after this long on the same connection if it is still
+    /// open: a stale duplicate, as a resend that lingered in the network would arrive.
+    Duplicate(Duration),
     /// Send it with one ciphertext byte flipped (the receiver's decryption fails).
     Corrupt,
 }

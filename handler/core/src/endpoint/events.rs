@@ -446,6 +446,9 @@ pub struct Stats {
     pub requests_delivered: u64,
     /// Duplicate requests recognised and not handed to the application.
     pub duplicates_dropped: u64,
+    /// Stale copies of exchanges already settled and forgotten (their id at or below the
+    /// peer's settled floor), refused with `Abort{Settled}` instead of delivered again.
+    pub settled_refused: u64,
     /// Replies re-sent from the cache for a resent request.
     pub replies_from_cache: u64,
     /// Nacks sent.

@@ -35,7 +35,7 @@ mod responder;
 pub use events::{
     Event, Failure, LimitKind, PeerError, RequestError, RespondError, RetryCause, Stats,
 };
-pub use responder::DEDUPE_RECORD_COST;
+pub use responder::{DEDUPE_RECORD_COST, SETTLED_WINDOW};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -230,6 +230,11 @@ pub struct Endpoint {
     /// Every inbound record, oldest first (lazily compacted): the global eviction order of
     /// `dedupe_bytes`.
     dedupe_order: VecDeque<(PeerId, ExchangeId)>,
+    /// Each peer's settled floor: the highest exchange id of it whose record was forgotten.
+    /// A request at or below it (within [`SETTLED_WINDOW`]) that no record remembers is a
+    /// stale copy of a settled exchange, refused rather than delivered again. Outlives the
+    /// records and the peer's tracking state, bounded by `4 * max_tracked_peers` floors.
+    settled: BTreeMap<PeerId, responder::Floor>,
     /// Order of acceptance of records, kept across restarts (durable mode).
     next_seq: u64,
     /// Durable mode: the writes the driver must commit before acting on this step's outputs.
@@ -286,6 +291,7 @@ impl Endpoint {
             cache_bytes: 0,
             cache_order: VecDeque::new(),
             dedupe_order: VecDeque::new(),
+            settled: BTreeMap::new(),
             next_seq: 0,
             journal: None,
             ids_left: 0,
@@ -368,6 +374,12 @@ impl Endpoint {
             (Direction::Inbound, *peer, *id, state)
         });
         outbound.chain(inbound).collect()
+    }
+
+    /// `peer`'s settled floor: its exchanges whose records were forgotten end at or below
+    /// this id, and a late copy of one is refused (`Abort{Settled}`).
+    pub fn settled_floor(&self, peer: &PeerId) -> Option<ExchangeId> {
+        self.settled.get(peer).map(|floor| floor.id)
     }
 
     /// Our exchanges not finished yet (active or queued).

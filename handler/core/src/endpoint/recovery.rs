@@ -38,6 +38,16 @@ impl Endpoint {
             self.next_exchange = next;
         }
         self.ids_left = 0;
+        for (peer, floor, seq) in recovered.settled {
+            self.next_seq = self.next_seq.max(seq.saturating_add(1));
+            let old = self
+                .settled
+                .insert(peer, super::responder::Floor { id: floor, seq });
+            if let (Some(old), Some(journal)) = (old, &mut self.journal) {
+                // Two rows for one peer (the older was never deleted): keep the newer.
+                journal.push(durable::delete_settled(old.seq));
+            }
+        }
         for ((peer, id), record) in recovered.inbound {
             self.next_seq = self.next_seq.max(record.seq.saturating_add(1));
             self.restore_inbound(peer, id, record, now);
@@ -105,6 +115,8 @@ impl Endpoint {
             if let Some(journal) = &mut self.journal {
                 journal.push(durable::delete_inbound(record.seq));
             }
+            // Forgotten like any evicted record: a late copy of it is still refused.
+            self.raise_floor(peer, id);
             return;
         }
         let allowed = self.allow.contains(&peer);

@@ -62,6 +62,27 @@ pub(super) struct Inbound {
     pub(super) addr: SocketAddr,
 }
 
+/// How far below a peer's settled floor an exchange id still counts as settled, in serial
+/// number arithmetic (RFC 1982) over the 64-bit id space. One dialer incarnation's ids
+/// count up by one per exchange, so every id it used before the floor lies within this
+/// window; a memory-only dialer that restarts draws a new random start, which lands in the
+/// window with a chance of 2^-32.
+pub const SETTLED_WINDOW: u64 = 1 << 32;
+
+/// A peer's settled floor (see `Endpoint::settled`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Floor {
+    pub(super) id: ExchangeId,
+    /// The acceptance sequence number it was raised at: the key of its stored row, and
+    /// the age that picks which floor goes when there are too many.
+    pub(super) seq: u64,
+}
+
+/// Whether `id` lies at or below `floor`, within the settled window.
+fn at_or_below(floor: ExchangeId, id: ExchangeId) -> bool {
+    floor.0.wrapping_sub(id.0) < SETTLED_WINDOW
+}
+
 /// What a dedupe record costs in memory, for `Config::dedupe_bytes`: the record, its keys in
 /// the maps and queues that index it, and allocator overhead (measured at about 250 B).
 /// Cached replies are counted apart, in `reply_cache_bytes`.
@@ -148,6 +169,19 @@ impl Endpoint {
         let key = (peer, exchange);
         if self.inbound.contains_key(&key) {
             return self.on_duplicate_request(conn, key, attempt, &payload, now);
+        }
+        if self.is_settled(peer, exchange) && !self.sabotaged(super::Sabotage::NoDedupe) {
+            // A copy of an exchange whose record was forgotten to make room: it ended here
+            // long ago. Delivering it would deliver it twice; the dialer is told it is over.
+            self.stats.settled_refused += 1;
+            return self.send(
+                conn,
+                Message::Abort {
+                    exchange,
+                    attempt,
+                    reason: AbortReason::Settled,
+                },
+            );
         }
         if self.shutting_down || self.draining {
             return self.send_nack(conn, nack(NackReason::ShuttingDown, 0));
@@ -582,9 +616,53 @@ impl Endpoint {
         true
     }
 
-    /// Removes one dedupe record from every table (and from the store).
+    /// Whether `peer`'s exchange `id` is at or below its settled floor.
+    pub(super) fn is_settled(&self, peer: PeerId, id: ExchangeId) -> bool {
+        self.settled
+            .get(&peer)
+            .is_some_and(|floor| at_or_below(floor.id, id))
+    }
+
+    /// The record of `peer`'s exchange `id` is being forgotten: the floor rises to it. An id
+    /// far from the floor (outside the window below it) means the dialer restarted into a
+    /// new id space without a store: the floor follows it there.
+    pub(super) fn raise_floor(&mut self, peer: PeerId, id: ExchangeId) {
+        let old = self.settled.get(&peer).copied();
+        if old.is_some_and(|floor| at_or_below(floor.id, id)) {
+            return;
+        }
+        let limit = self.config.max_tracked_peers.saturating_mul(4);
+        if old.is_none() && self.settled.len() >= limit {
+            // Too many floors: the one raised longest ago goes.
+            let oldest = self
+                .settled
+                .iter()
+                .min_by_key(|(_, floor)| floor.seq)
+                .map(|(peer, floor)| (*peer, floor.seq));
+            if let Some((victim, seq)) = oldest {
+                self.settled.remove(&victim);
+                if let Some(journal) = &mut self.journal {
+                    journal.push(durable::delete_settled(seq));
+                }
+            }
+        }
+        let seq = self.alloc_seq();
+        if let Some(journal) = &mut self.journal {
+            if let Some(old) = old {
+                journal.push(durable::delete_settled(old.seq));
+            }
+            journal.push(durable::put_settled(seq, peer, id));
+        }
+        self.settled.insert(peer, Floor { id, seq });
+    }
+
+    /// Removes one dedupe record from every table (and from the store), raising its peer's
+    /// settled floor so that a late copy of it is still refused.
     fn forget_record(&mut self, key: (PeerId, ExchangeId)) {
         let (peer, id) = key;
+        if self.inbound.contains_key(&key) {
+            self.raise_floor(peer, id);
+        }
         if let Some(p) = self.peers.get_mut(&peer)
             && let Some(index) = p.seen.iter().position(|x| *x == id)
         {
