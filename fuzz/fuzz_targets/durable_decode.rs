@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
             ..Config::default()
         };
         if let Ok(mut ep) = Endpoint::new(config, me, AllowList::from_peers([peer]), [0; 32]) {
-            ep.restore(recovered, Instant::now());
+            ep.restore(recovered, Instant::now(), 1_700_000_000_000);
             ep.check_invariants();
             let _ = ep.poll_journal();
         }

@@ -15,9 +15,11 @@ use bytes::Bytes;
 
 use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::Config;
-use crate::endpoint::Event;
+use crate::endpoint::{Event, KeyedExchange, Receipt};
 use crate::identity::{Keypair, PeerId};
-use crate::runtime::{Handler, HandlerError, Inbox, Notice, Options, ShutdownReport, Status};
+use crate::runtime::{
+    Handler, HandlerError, Inbox, Notice, Options, RequestOptions, ShutdownReport, Status,
+};
 use crate::transport::TcpTransport;
 use crate::wire::ExchangeId;
 
@@ -38,7 +40,8 @@ const RUNTIME_STOP: Duration = Duration::from_secs(2);
 pub struct P2pHandler {
     runtime: Option<tokio::runtime::Runtime>,
     handler: Handler,
-    inbox: Mutex<Inbox>,
+    /// The application's inbox; handed to the handler at shutdown.
+    inbox: Mutex<Option<Inbox>>,
 }
 
 impl std::fmt::Debug for P2pHandler {
@@ -110,7 +113,7 @@ impl P2pHandler {
         Ok(Self {
             runtime: Some(runtime),
             handler,
-            inbox: Mutex::new(inbox),
+            inbox: Mutex::new(Some(inbox)),
         })
     }
 
@@ -160,6 +163,33 @@ impl P2pHandler {
         )?
     }
 
+    /// [`P2pHandler::request`] with an idempotency key and/or a deadline; see
+    /// [`Handler::request_with`].
+    pub fn request_with(
+        &self,
+        peer_id: PeerId,
+        address: SocketAddr,
+        msg: impl Into<Bytes>,
+        options: RequestOptions,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.block_on(self.handler.request_with(peer_id, address, msg, options))?
+    }
+
+    /// Our exchange with `peer_id` carrying idempotency key `key`; see [`Handler::lookup`].
+    pub fn lookup(
+        &self,
+        peer_id: PeerId,
+        key: impl Into<Bytes>,
+    ) -> Result<Option<KeyedExchange>, HandlerError> {
+        self.block_on(self.handler.lookup(peer_id, key))?
+    }
+
+    /// Confirm mode: the application stored the event `receipt` names; see
+    /// [`Handler::confirm`].
+    pub fn confirm(&self, receipt: Receipt) -> Result<bool, HandlerError> {
+        self.block_on(self.handler.confirm(receipt))?
+    }
+
     /// Cancels our exchange `exchange`, queued or in flight; see [`Handler::cancel`].
     pub fn cancel(&self, exchange: ExchangeId) -> Result<bool, HandlerError> {
         self.block_on(self.handler.cancel(exchange))?
@@ -193,18 +223,19 @@ impl P2pHandler {
     /// is waiting. Never blocks. An application that reads only this never misses an
     /// outcome and never stalls the node.
     pub fn check_receive(&self) -> Option<Event> {
-        self.inbox.lock().ok()?.received.try_recv().ok()
+        self.inbox.lock().ok()?.as_mut()?.received.try_recv().ok()
     }
 
     /// The next informational notice (peer error, rate or connection limit), if one is
     /// waiting. Never blocks. Optional: unread notices are dropped and counted.
     pub fn check_priority(&self) -> Option<Notice> {
-        self.inbox.lock().ok()?.priority.try_recv().ok()
+        self.inbox.lock().ok()?.as_mut()?.priority.try_recv().ok()
     }
 
     /// Waits up to `timeout` for the next request or outcome.
     pub fn receive_timeout(&self, timeout: Duration) -> Option<Event> {
         let mut inbox = self.inbox.lock().ok()?;
+        let inbox = inbox.as_mut()?;
         self.block_on(async { tokio::time::timeout(timeout, inbox.received.recv()).await })
             .ok()?
             .ok()?
@@ -213,6 +244,7 @@ impl P2pHandler {
     /// Waits up to `timeout` for the next priority notice.
     pub fn priority_timeout(&self, timeout: Duration) -> Option<Notice> {
         let mut inbox = self.inbox.lock().ok()?;
+        let inbox = inbox.as_mut()?;
         self.block_on(async { tokio::time::timeout(timeout, inbox.priority.recv()).await })
             .ok()?
             .ok()?
@@ -254,19 +286,14 @@ impl P2pHandler {
         let Some(runtime) = self.runtime.take() else {
             return ShutdownReport::default();
         };
-        let mut report = runtime
-            .block_on(self.handler.shutdown())
-            .unwrap_or_default();
-        if let Ok(mut inbox) = self.inbox.lock() {
-            while let Ok(event) = inbox.received.try_recv() {
-                report.unread.push(event);
-            }
-            while let Ok(notice) = inbox.priority.try_recv() {
-                report.unread_notices.push(notice);
-            }
-        }
+        // The inbox goes with the shutdown: what is unread in it comes back in the report,
+        // taken, so that a durable node does not hand it out again at its next start.
+        let report = match self.inbox.lock().ok().and_then(|mut inbox| inbox.take()) {
+            Some(inbox) => runtime.block_on(self.handler.shutdown_with_inbox(inbox)),
+            None => runtime.block_on(self.handler.shutdown()),
+        };
         runtime.shutdown_timeout(RUNTIME_STOP);
-        report
+        report.unwrap_or_default()
     }
 }
 

@@ -12,8 +12,9 @@ use bytes::Bytes;
 use p2p_handler::durable::Table;
 use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::{
-    AllowList, Config, Event, Failure, Handler, HandlerError, Inbox, Keypair, MemoryStore,
-    MemoryTransport, Notice, Options, RedbStore, RequestError, Store, StoreError,
+    AllowList, Config, Event, Failure, Handler, HandlerError, Inbox, KeyedExchange, Keypair,
+    MemoryStore, MemoryTransport, Notice, Options, RedbStore, RequestError, RequestOptions, Store,
+    StoreError,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -66,6 +67,20 @@ impl Net {
 
     fn bob_addr(&self) -> SocketAddr {
         BOB.parse().unwrap()
+    }
+}
+
+/// One attempt, and a small exchange budget: an exchange to a peer nobody listens for
+/// fails within about a second (dials that never reach the peer are retried for the whole
+/// budget).
+fn quick() -> Config {
+    Config {
+        max_attempts: 1,
+        ack_timeout: Duration::from_millis(200),
+        reply_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(250),
+        connect_timeout: Duration::from_millis(200),
+        ..config()
     }
 }
 
@@ -251,10 +266,7 @@ async fn the_redb_data_directory_survives_a_restart() {
 async fn dead_letters_survive_a_restart_and_go_once_taken() {
     let net = Net::new();
     let store = MemoryStore::new();
-    let quick = Config {
-        max_attempts: 1,
-        ..config()
-    };
+    let quick = quick();
     let start = || Options::new(quick.clone(), [1; 32]).store(store.clone());
     let (alice, alice_in) = net.start("alice", start()).await.unwrap();
     let id = alice
@@ -299,9 +311,8 @@ async fn dead_letters_survive_a_restart_and_go_once_taken() {
 async fn unread_outcomes_are_bounded() {
     let net = Net::new();
     let config = Config {
-        max_attempts: 1,
         max_unread_outcomes: 2,
-        ..config()
+        ..quick()
     };
     let (alice, mut alice_in) = net
         .start("alice", Options::new(config, [1; 32]))
@@ -419,4 +430,163 @@ async fn a_failing_store_stops_the_node_before_it_acts() {
         matches!(&notice, Some(Notice::StoreFailed(e)) if e.contains("no space left")),
         "{notice:?}"
     );
+}
+
+/// Waits until `store` holds `rows` outcome rows (commits run behind the answers they
+/// release). Bounded: a hang fails the test.
+async fn outcome_rows(store: &MemoryStore, handler: &Handler, rows: usize) {
+    for _ in 0..2_000 {
+        if store.rows(Table::Outcomes) == rows {
+            return;
+        }
+        handler.status().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(store.rows(Table::Outcomes), rows);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_finds_the_exchange_after_the_application_lost_its_id() {
+    let net = Net::new();
+    let store = MemoryStore::new();
+    let (alice, _inbox) = net
+        .start("alice", options().store(store.clone()))
+        .await
+        .unwrap();
+    let bob_id = net.bob.peer_id();
+    // The request is committed; the process dies before the application stored the id.
+    let id = alice
+        .request_with(
+            bob_id,
+            net.bob_addr(),
+            &b"transfer 10"[..],
+            RequestOptions::new().key("transfer/2026-12-05/17"),
+        )
+        .await
+        .unwrap();
+    alice.shutdown().await.unwrap();
+    let (alice, mut alice_in) = net
+        .start("alice", options().store(store.clone()))
+        .await
+        .unwrap();
+    // Restarted, the application asks before sending again: the request was made.
+    let found = alice
+        .lookup(bob_id, "transfer/2026-12-05/17")
+        .await
+        .unwrap();
+    assert!(
+        matches!(found, Some(KeyedExchange::Queued { exchange } | KeyedExchange::InFlight { exchange, .. }) if exchange == id),
+        "{found:?}"
+    );
+    let again = alice
+        .request_with(
+            bob_id,
+            net.bob_addr(),
+            &b"transfer 10"[..],
+            RequestOptions::new().key("transfer/2026-12-05/17"),
+        )
+        .await;
+    assert!(
+        matches!(again, Err(HandlerError::Request(RequestError::KeyInUse { exchange, .. })) if exchange == id),
+        "{again:?}"
+    );
+    assert_eq!(alice.lookup(bob_id, "never-made").await.unwrap(), None);
+    // Bob comes up and answers; the outcome comes under the same id.
+    let (bob, mut bob_in) = net.start("bob", options()).await.unwrap();
+    let Event::Request { peer, exchange, .. } = next(&mut bob_in).await else {
+        panic!("no request");
+    };
+    bob.response_to(peer, exchange, &b"done"[..]).await.unwrap();
+    let Event::Reply { exchange, .. } = next(&mut alice_in).await else {
+        panic!("no reply");
+    };
+    assert_eq!(exchange, id);
+    // Taken (default mode): settled, the key is free again.
+    outcome_rows(&store, &alice, 0).await;
+    assert_eq!(
+        alice
+            .lookup(bob_id, "transfer/2026-12-05/17")
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn in_confirm_mode_an_outcome_taken_but_not_confirmed_comes_back_flagged() {
+    let net = Net::new();
+    let store = MemoryStore::new();
+    let confirming = || options().store(store.clone()).confirm_outcomes();
+    let (bob, mut bob_in) = net.start("bob", options()).await.unwrap();
+    let (alice, mut alice_in) = net.start("alice", confirming()).await.unwrap();
+    let id = alice
+        .request_with(
+            net.bob.peer_id(),
+            net.bob_addr(),
+            &b"q"[..],
+            RequestOptions::new().key("k"),
+        )
+        .await
+        .unwrap();
+    let Event::Request { peer, exchange, .. } = next(&mut bob_in).await else {
+        panic!("no request");
+    };
+    bob.response_to(peer, exchange, &b"a"[..]).await.unwrap();
+    let reply = next(&mut alice_in).await;
+    assert!(matches!(&reply, Event::Reply { exchange, redelivered: false, .. } if *exchange == id));
+    // Taken, but the application dies before it stored it: the outcome stays.
+    outcome_rows(&store, &alice, 1).await;
+    let found = alice.lookup(net.bob.peer_id(), "k").await.unwrap();
+    assert!(
+        matches!(found, Some(KeyedExchange::Finished(Event::Reply { .. }))),
+        "{found:?}"
+    );
+    alice.shutdown().await.unwrap();
+    drop(alice_in);
+    let (alice, mut alice_in) = net.start("alice", confirming()).await.unwrap();
+    let again = next(&mut alice_in).await;
+    assert!(
+        matches!(&again, Event::Reply { exchange, redelivered: true, .. } if *exchange == id),
+        "{again:?}"
+    );
+    // Stored by the application now: confirmed, gone for good, its key free.
+    assert!(alice.confirm(again.receipt().unwrap()).await.unwrap());
+    assert!(
+        !alice.confirm(again.receipt().unwrap()).await.unwrap(),
+        "once"
+    );
+    outcome_rows(&store, &alice, 0).await;
+    assert_eq!(alice.lookup(net.bob.peer_id(), "k").await.unwrap(), None);
+    alice.shutdown().await.unwrap();
+    drop(alice_in);
+    let (_alice, mut alice_in) = net.start("alice", confirming()).await.unwrap();
+    assert!(alice_in.received.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn in_confirm_mode_unconfirmed_outcomes_count_against_the_unread_bound() {
+    let net = Net::new();
+    let config = Config {
+        max_unread_outcomes: 1,
+        ..quick()
+    };
+    let (alice, mut alice_in) = net
+        .start("alice", Options::new(config, [1; 32]).confirm_outcomes())
+        .await
+        .unwrap();
+    let to = (net.bob.peer_id(), net.bob_addr());
+    alice.request(to.0, to.1, &b"x"[..]).await.unwrap();
+    let failed = next(&mut alice_in).await;
+    assert!(matches!(failed, Event::Failed { .. }), "{failed:?}");
+    // Taken, not confirmed: still unread as far as the bound goes.
+    let refused = alice.request(to.0, to.1, &b"y"[..]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(HandlerError::Request(RequestError::Unread { limit: 1 }))
+        ),
+        "{refused:?}"
+    );
+    assert!(alice.confirm(failed.receipt().unwrap()).await.unwrap());
+    alice.request(to.0, to.1, &b"y"[..]).await.unwrap();
 }

@@ -722,7 +722,19 @@ fn draining_closes_the_listener_refuses_new_requests_and_finishes_started_ones()
     let k = keys(31, 3);
     let alice = node(&k[0], &[&k[1]], Config::default());
     let bob = node(&k[1], &[&k[0], &k[2]], Config::default());
-    let carol = node(&k[2], &[&k[1]], Config::default());
+    // A dial that is refused is retried for Carol's whole exchange budget: a short one.
+    let carol = node(
+        &k[2],
+        &[&k[1]],
+        Config {
+            max_attempts: 1,
+            connect_timeout: Duration::from_millis(300),
+            ack_timeout: Duration::from_millis(300),
+            reply_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_millis(400),
+            ..Config::default()
+        },
+    );
     let started = alice
         .request(bob.local_peer_id(), bob.local_address(), &b"started"[..])
         .unwrap();
@@ -879,4 +891,43 @@ fn cancelled_and_expired_requests_hand_their_payloads_back() {
     // Bob saw the first request only: the cancelled one may have arrived, the others never left.
     assert_eq!(first, in_flight);
     assert_eq!(alice.status().unwrap().outbound_in_flight, 0);
+}
+
+#[test]
+fn events_handed_back_at_shutdown_are_not_handed_out_again() {
+    let k = keys(33, 2);
+    let dir = std::env::temp_dir().join(format!("p2p-unread-once-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let durable = || {
+        P2pHandler::with_options(
+            "127.0.0.1:0",
+            k[0].clone(),
+            allow(&[&k[1]]),
+            p2p_handler::Options::new(Config::default(), [7; 32])
+                .data_dir(&dir)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let alice = durable();
+    let bob = node(&k[1], &[&k[0]], Config::default());
+    let id = alice
+        .request(bob.local_peer_id(), bob.local_address(), &b"q"[..])
+        .unwrap();
+    let (peer, exchange, _) = expect_request(&bob);
+    bob.response_to(peer, exchange, &b"a"[..]).unwrap();
+    // Alice's reply arrives; her application never reads it before stopping.
+    eventually(|| alice.status().unwrap().outbound_in_flight == 0);
+    let report = alice.shutdown();
+    assert!(
+        matches!(&report.unread[..], [Event::Reply { exchange, .. }] if *exchange == id),
+        "{:?}",
+        report.unread
+    );
+    // Handed back once: the next start does not hand it out again.
+    let alice = durable();
+    alice.status().unwrap();
+    assert_eq!(alice.check_receive(), None);
+    drop(alice);
+    let _ = std::fs::remove_dir_all(&dir);
 }

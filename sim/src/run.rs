@@ -720,7 +720,14 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         node,
     });
     let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
-    let mut options = Options::new(config, seed).incarnation(incarnation).tap(tap);
+    // The wall clock is virtual too: a fixed epoch plus simulated time, so stored deadlines
+    // replay identically.
+    let wall: p2p_handler::WallClock =
+        Arc::new(|| std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now());
+    let mut options = Options::new(config, seed)
+        .incarnation(incarnation)
+        .tap(tap)
+        .wall_clock(wall);
     options.sabotage = sabotage;
     if let Some(store) = store {
         options = options.store(store);

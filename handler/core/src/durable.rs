@@ -37,8 +37,15 @@ use crate::endpoint::{Event, Failure, RetryCause};
 use crate::identity::PeerId;
 use crate::wire::{AbortReason, CloseReason, ExchangeId, NackReason};
 
-/// Version of the row format; a store written by another version is refused, not guessed at.
-pub const FORMAT: u8 = 2;
+/// Version of the row format this build writes. It reads this one and every version back to
+/// [`OLDEST_FORMAT`] (an older row lacks fields that then take their defaults: see the
+/// decoder); anything else is refused, not guessed at.
+pub const FORMAT: u8 = 3;
+
+/// The oldest row format this build still reads. Version 2 rows lack the acknowledgment
+/// flag, idempotency key and deadline of an outbound exchange, the key of an outcome, and
+/// tell an unconfirmed reply from one still awaiting its Ack only when the reply is gone.
+pub const OLDEST_FORMAT: u8 = 2;
 
 /// Exchange ids reserved per durable write of the id counter: a restart skips at most this
 /// many ids, and the counter is written once per this many requests.
@@ -126,18 +133,44 @@ pub struct OutboundRecord {
     pub addr: SocketAddr,
     /// The request.
     pub payload: Bytes,
+    /// The responder acknowledged it: its application has the request.
+    pub acked: bool,
+    /// The application's idempotency key, if it gave one (never empty).
+    pub key: Option<Bytes>,
+    /// When the exchange must end, in milliseconds since the Unix epoch, if it has a
+    /// deadline: kept across restarts, so a deadline of hours outlives the process.
+    pub deadline_ms: Option<u64>,
+}
+
+/// An outcome of ours the application has not settled (taken, or confirmed), as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOutcome {
+    /// Order of acceptance of its exchange.
+    pub seq: u64,
+    /// `Event::Reply` or `Event::Failed`, flagged `redelivered`.
+    pub event: Event,
+    /// The exchange's idempotency key, if it had one.
+    pub key: Option<Bytes>,
 }
 
 /// Where a peer's exchange stands, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboundStage {
-    /// Acknowledged (or about to be), not answered: redelivered after a restart.
+    /// Acknowledged (or about to be), not answered.
     Pending {
-        /// The request, to hand to the application again.
-        payload: Bytes,
+        /// The request, to hand to the application again after a restart; `None` once the
+        /// application confirmed it has it (confirm mode): then it is not redelivered, only
+        /// answerable.
+        payload: Option<Bytes>,
     },
-    /// Answered; the reply (while cached) answers resends.
+    /// Answered, waiting for the Ack of the reply; the reply (while cached) answers resends.
     Replied {
+        /// The reply, or `None` once dropped from the cache.
+        reply: Option<Bytes>,
+    },
+    /// The reply's Ack did not come in time and the application was told
+    /// (`ResponseUnconfirmed`, once); the reply (while cached) still answers resends.
+    Unconfirmed {
         /// The reply, or `None` once dropped from the cache.
         reply: Option<Bytes>,
     },
@@ -169,13 +202,15 @@ pub struct Recovered {
     pub next_id: Option<u64>,
     /// Our unfinished exchanges, oldest first.
     pub outbound: Vec<(ExchangeId, OutboundRecord)>,
-    /// Outcomes the application has not taken: `Event::Reply` and `Event::Failed`, flagged
-    /// `redelivered`, oldest first.
-    pub outcomes: Vec<(u64, Event)>,
+    /// Outcomes the application has not settled, oldest first.
+    pub outcomes: Vec<StoredOutcome>,
     /// Peers' exchanges, oldest first.
     pub inbound: Vec<((PeerId, ExchangeId), InboundRecord)>,
     /// Each peer's settled floor and the key (seq) of the row that holds it.
     pub settled: Vec<(PeerId, ExchangeId, u64)>,
+    /// The store's format version (`None`: a fresh store). Older than [`FORMAT`]: the
+    /// driver rewrites the header at its first commit.
+    pub format: Option<u8>,
 }
 
 /// The digest kept in a dedupe record: XXH3-128 of the payload. Not a MAC (an allowed peer
@@ -233,6 +268,10 @@ pub(crate) fn put_outbound(id: ExchangeId, record: &OutboundRecord) -> KvOp {
             w.extend_from_slice(record.peer.as_bytes());
             put_addr(w, record.addr);
             put_bytes(w, &record.payload);
+            w.push(u8::from(record.acked));
+            put_key(w, record.key.as_ref());
+            // 0: no deadline (the epoch itself is no deadline anyone asks for).
+            w.extend_from_slice(&record.deadline_ms.unwrap_or(0).to_be_bytes());
         }),
     )
 }
@@ -246,7 +285,12 @@ pub fn outcome_taken(id: ExchangeId) -> KvOp {
 }
 
 /// An exchange of ours ended: its request row gives way to its outcome row (one transaction).
-pub(crate) fn finish_outbound(id: ExchangeId, seq: u64, outcome: &Event) -> [KvOp; 2] {
+pub(crate) fn finish_outbound(
+    id: ExchangeId,
+    seq: u64,
+    outcome: &Event,
+    idempotency: Option<&Bytes>,
+) -> [KvOp; 2] {
     let key = id.0.to_be_bytes().to_vec();
     let value = versioned(|w| {
         w.extend_from_slice(&seq.to_be_bytes());
@@ -276,6 +320,7 @@ pub(crate) fn finish_outbound(id: ExchangeId, seq: u64, outcome: &Event) -> [KvO
             // Only outcomes of our exchanges come here.
             _ => w.push(0),
         }
+        put_key(w, idempotency);
     });
     [
         KvOp::Delete {
@@ -297,15 +342,23 @@ pub(crate) fn put_inbound(peer: PeerId, id: ExchangeId, record: &InboundRecord) 
             put_addr(w, record.addr);
             w.extend_from_slice(&record.remote_max.to_be_bytes());
             match &record.stage {
-                InboundStage::Pending { payload } => {
+                InboundStage::Pending {
+                    payload: Some(payload),
+                } => {
                     w.push(1);
                     put_bytes(w, payload);
                 }
+                InboundStage::Pending { payload: None } => w.push(8),
                 InboundStage::Replied { reply: Some(reply) } => {
                     w.push(2);
                     put_bytes(w, reply);
                 }
                 InboundStage::Replied { reply: None } => w.push(3),
+                InboundStage::Unconfirmed { reply: Some(reply) } => {
+                    w.push(6);
+                    put_bytes(w, reply);
+                }
+                InboundStage::Unconfirmed { reply: None } => w.push(7),
                 InboundStage::Done => w.push(4),
                 InboundStage::Aborted(reason) => {
                     w.push(5);
@@ -358,6 +411,11 @@ fn versioned(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 fn put_bytes(w: &mut Vec<u8>, bytes: &[u8]) {
     w.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
     w.extend_from_slice(bytes);
+}
+
+/// An idempotency key: its bytes, or none (keys are never empty).
+fn put_key(w: &mut Vec<u8>, key: Option<&Bytes>) {
+    put_bytes(w, key.map_or(&[][..], |k| &k[..]));
 }
 
 fn put_str(w: &mut Vec<u8>, s: &str) {
@@ -450,19 +508,26 @@ where
         };
         let mut r = Reader::new(&value);
         let result: Result<(), String> = (|| {
+            let readable = |v: u8| (OLDEST_FORMAT..=FORMAT).contains(&v);
             if table == Table::Meta && key == b"format" {
                 return match value.as_slice() {
-                    [FORMAT] => Ok(()),
+                    [v] if readable(*v) => {
+                        recovered.format = Some(*v);
+                        Ok(())
+                    }
                     [v] => Err(format!(
-                        "format version {v}, this build reads version {FORMAT}"
+                        "format version {v}, this build reads versions {OLDEST_FORMAT} to {FORMAT}"
                     )),
                     _ => Err("not a format version".into()),
                 };
             }
-            match r.u8()? {
-                FORMAT => {}
-                v => return Err(format!("format version {v}, this build reads {FORMAT}")),
+            let version = r.u8()?;
+            if !readable(version) {
+                return Err(format!(
+                    "format version {version}, this build reads {OLDEST_FORMAT} to {FORMAT}"
+                ));
             }
+            let v3 = version >= 3;
             match table {
                 Table::Meta => match key.as_slice() {
                     b"node" => {
@@ -478,12 +543,24 @@ where
                 },
                 Table::Outbound => {
                     let id = ExchangeId(key_u64(&key)?);
-                    let record = OutboundRecord {
+                    let mut record = OutboundRecord {
                         seq: r.u64()?,
                         peer: PeerId::from_bytes(r.array()?),
                         addr: r.addr()?,
                         payload: r.bytes()?,
+                        acked: false,
+                        key: None,
+                        deadline_ms: None,
                     };
+                    if v3 {
+                        record.acked = match r.u8()? {
+                            0 => false,
+                            1 => true,
+                            b => return Err(format!("acknowledged flag {b}")),
+                        };
+                        record.key = r.key()?;
+                        record.deadline_ms = Some(r.u64()?).filter(|ms| *ms != 0);
+                    }
                     recovered.outbound.push((id, record));
                 }
                 Table::Outcomes => {
@@ -506,7 +583,8 @@ where
                         },
                         k => return Err(format!("unknown outcome kind {k}")),
                     };
-                    outcomes.push((seq, event));
+                    let key = if v3 { r.key()? } else { None };
+                    outcomes.push(StoredOutcome { seq, event, key });
                 }
                 Table::Inbound => {
                     let seq = key_u64(&key)?;
@@ -517,14 +595,21 @@ where
                     let remote_max = r.u64()?;
                     let stage = match r.u8()? {
                         1 => InboundStage::Pending {
-                            payload: r.bytes()?,
+                            payload: Some(r.bytes()?),
                         },
                         2 => InboundStage::Replied {
                             reply: Some(r.bytes()?),
                         },
-                        3 => InboundStage::Replied { reply: None },
+                        3 if v3 => InboundStage::Replied { reply: None },
+                        // Version 2 restored a reply gone from the cache as unconfirmed.
+                        3 => InboundStage::Unconfirmed { reply: None },
                         4 => InboundStage::Done,
                         5 => InboundStage::Aborted(AbortReason::from_code(r.u8()?)),
+                        6 if v3 => InboundStage::Unconfirmed {
+                            reply: Some(r.bytes()?),
+                        },
+                        7 if v3 => InboundStage::Unconfirmed { reply: None },
+                        8 if v3 => InboundStage::Pending { payload: None },
                         s => return Err(format!("unknown stage {s}")),
                     };
                     let record = InboundRecord {
@@ -561,7 +646,7 @@ where
     recovered.outbound.sort_by_key(|(_, r)| r.seq);
     recovered.inbound.sort_by_key(|(_, r)| r.seq);
     recovered.settled.sort_by_key(|(_, _, seq)| *seq);
-    outcomes.sort_by_key(|(seq, _)| *seq);
+    outcomes.sort_by_key(|o: &StoredOutcome| o.seq);
     recovered.outcomes = outcomes;
     Ok(recovered)
 }
@@ -615,6 +700,12 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self) -> Result<Bytes, String> {
         let len = usize::try_from(self.u64()?).map_err(|_| "length overflows".to_owned())?;
         Ok(Bytes::copy_from_slice(self.take(len)?))
+    }
+
+    /// An idempotency key: empty means none.
+    fn key(&mut self) -> Result<Option<Bytes>, String> {
+        let key = self.bytes()?;
+        Ok(Some(key).filter(|k| !k.is_empty()))
     }
 
     fn string(&mut self) -> Result<String, String> {
@@ -717,6 +808,9 @@ mod tests {
                 peer,
                 addr,
                 payload: Bytes::from_static(b"req"),
+                acked: true,
+                key: Some(Bytes::from_static(b"order-17")),
+                deadline_ms: Some(1_800_000_000_000),
             },
         ));
         let failed = Event::Failed {
@@ -730,7 +824,12 @@ mod tests {
             },
             redelivered: false,
         };
-        ops.extend(finish_outbound(ExchangeId(4), 0, &failed));
+        ops.extend(finish_outbound(
+            ExchangeId(4),
+            0,
+            &failed,
+            Some(&Bytes::from_static(b"k4")),
+        ));
         let replied = Event::Reply {
             peer,
             addr,
@@ -738,14 +837,22 @@ mod tests {
             payload: Bytes::from_static(b"answer"),
             redelivered: false,
         };
-        ops.extend(finish_outbound(ExchangeId(10), 2, &replied));
+        ops.extend(finish_outbound(ExchangeId(10), 2, &replied, None));
         for (id, stage) in [
             (
                 5,
                 InboundStage::Pending {
-                    payload: Bytes::from_static(b"p"),
+                    payload: Some(Bytes::from_static(b"p")),
                 },
             ),
+            (12, InboundStage::Pending { payload: None }),
+            (
+                13,
+                InboundStage::Unconfirmed {
+                    reply: Some(Bytes::from_static(b"u")),
+                },
+            ),
+            (14, InboundStage::Unconfirmed { reply: None }),
             (
                 6,
                 InboundStage::Replied {
@@ -775,15 +882,30 @@ mod tests {
         assert_eq!(recovered.next_id, Some(42));
         assert_eq!(recovered.outbound.len(), 1);
         assert_eq!(recovered.outbound[0].0, ExchangeId(3));
-        assert_eq!(recovered.inbound.len(), 5);
+        let out = &recovered.outbound[0].1;
+        assert_eq!(
+            (out.acked, out.key.as_deref(), out.deadline_ms),
+            (true, Some(&b"order-17"[..]), Some(1_800_000_000_000))
+        );
+        assert_eq!(recovered.format, Some(FORMAT));
+        let stages: Vec<&InboundStage> = recovered.inbound.iter().map(|(_, r)| &r.stage).collect();
+        assert_eq!(stages.len(), 8);
+        assert_eq!(stages[5], &InboundStage::Pending { payload: None });
+        assert_eq!(
+            stages[6],
+            &InboundStage::Unconfirmed {
+                reply: Some(Bytes::from_static(b"u"))
+            }
+        );
+        assert_eq!(stages[7], &InboundStage::Unconfirmed { reply: None });
         let peer = Keypair::from_private_bytes([2; 32]).peer_id();
         assert_eq!(recovered.settled, vec![(peer, ExchangeId(4), 11)]);
         assert!(matches!(
             &recovered.outcomes[..],
             [
-                (
-                    0,
-                    Event::Failed {
+                StoredOutcome {
+                    seq: 0,
+                    event: Event::Failed {
                         exchange: ExchangeId(4),
                         redelivered: true,
                         failure: Failure::Exhausted {
@@ -792,22 +914,77 @@ mod tests {
                             ..
                         },
                         ..
-                    }
-                ),
-                (
-                    2,
-                    Event::Reply {
+                    },
+                    key: Some(_),
+                },
+                StoredOutcome {
+                    seq: 2,
+                    event: Event::Reply {
                         exchange: ExchangeId(10),
                         redelivered: true,
                         ..
-                    }
-                )
+                    },
+                    key: None,
+                }
             ]
         ));
-        let Event::Reply { payload, addr, .. } = &recovered.outcomes[1].1 else {
+        assert_eq!(recovered.outcomes[0].key.as_deref(), Some(&b"k4"[..]));
+        let Event::Reply { payload, addr, .. } = &recovered.outcomes[1].event else {
             unreachable!()
         };
         assert_eq!((payload.as_ref(), addr.port()), (&b"answer"[..], 7));
+    }
+
+    #[test]
+    fn a_store_written_by_format_2_is_read_with_the_new_fields_defaulted() {
+        let peer = Keypair::from_private_bytes([2; 32]).peer_id();
+        let addr: SocketAddr = "10.0.0.2:7".parse().unwrap();
+        // Version 2 rows are version 3 rows without their trailing fields.
+        let v2 = |op: KvOp, trailing: usize| match op {
+            KvOp::Put { table, key, value } => {
+                let mut value = value[..value.len() - trailing].to_vec();
+                value[0] = 2;
+                (table, key, value)
+            }
+            KvOp::Delete { .. } => unreachable!(),
+        };
+        let record = OutboundRecord {
+            seq: 1,
+            peer,
+            addr,
+            payload: Bytes::from_static(b"req"),
+            acked: false,
+            key: None,
+            deadline_ms: None,
+        };
+        let failed = Event::Failed {
+            peer,
+            exchange: ExchangeId(4),
+            payload: Bytes::from_static(b"back"),
+            failure: Failure::Revoked,
+            redelivered: false,
+        };
+        let [_, outcome] = finish_outbound(ExchangeId(4), 0, &failed, None);
+        let gone = InboundRecord {
+            seq: 5,
+            digest: 0,
+            addr,
+            remote_max: 1,
+            stage: InboundStage::Replied { reply: None },
+        };
+        let mut rows = vec![(Table::Meta, b"format".to_vec(), vec![2])];
+        rows.push(v2(put_outbound(ExchangeId(3), &record), 1 + 8 + 8));
+        rows.push(v2(outcome, 8));
+        rows.push(v2(put_inbound(peer, ExchangeId(5), &gone), 0));
+        let recovered = decode(me(), rows).unwrap();
+        assert_eq!(recovered.format, Some(2));
+        assert_eq!(recovered.outbound, vec![(ExchangeId(3), record)]);
+        assert_eq!(recovered.outcomes[0].key, None);
+        // Version 2 restored a reply gone from the cache as unconfirmed, and so does this.
+        assert_eq!(
+            recovered.inbound[0].1.stage,
+            InboundStage::Unconfirmed { reply: None }
+        );
     }
 
     #[test]
@@ -822,7 +999,7 @@ mod tests {
         assert_eq!(
             err.detail,
             format!(
-                "format version {}, this build reads version {FORMAT}",
+                "format version {}, this build reads versions {OLDEST_FORMAT} to {FORMAT}",
                 FORMAT + 1
             )
         );

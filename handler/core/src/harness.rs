@@ -22,6 +22,9 @@ use crate::endpoint::{ConnId, Endpoint, Event, Output};
 use crate::identity::{Keypair, PeerId};
 use crate::wire::{AckOf, ExchangeId, Kind, Message, NackReason};
 
+/// Where the virtual wall clock starts (2023-11-14), so deadlines are plausible dates.
+const WALL_EPOCH_MS: u64 = 1_700_000_000_000;
+
 /// How a node's application answers requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum App {
@@ -301,6 +304,38 @@ impl Net {
         Ok(id)
     }
 
+    /// A request with an idempotency key and/or a deadline `within` from now (stored with
+    /// its wall-clock time, as a durable driver stores it).
+    pub(crate) fn request_with(
+        &mut self,
+        from: usize,
+        to: usize,
+        payload: &[u8],
+        key: Option<&'static [u8]>,
+        within: Option<Duration>,
+    ) -> Result<ExchangeId, crate::endpoint::RequestError> {
+        let (peer, addr, now, wall) = (self.id(to), self.nodes[to].addr, self.now, self.wall_ms());
+        let deadline = within.map(|d| crate::endpoint::Deadline {
+            at: now + d,
+            unix_ms: Some(wall + u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        });
+        let id = self.nodes[from].endpoint.request_with(
+            peer,
+            addr,
+            Bytes::copy_from_slice(payload),
+            key.map(Bytes::from_static),
+            deadline,
+            now,
+        )?;
+        let name = (self.nodes[from].name, self.nodes[to].name);
+        self.log(format!(
+            "{} app: request {id} to {} (keyed)",
+            name.0, name.1
+        ));
+        self.drain(from);
+        Ok(id)
+    }
+
     pub(crate) fn respond(
         &mut self,
         node: usize,
@@ -396,9 +431,9 @@ impl Net {
             let rows = store.iter().map(|((t, k), v)| (*t, k.clone(), v.clone()));
             let recovered =
                 durable::decode(self.nodes[node].keypair.peer_id(), rows).expect("store decodes");
-            let outcomes = recovered.outcomes.clone();
-            self.nodes[node].endpoint.restore(recovered, now);
-            for (_, event) in outcomes {
+            let wall = self.wall_ms();
+            let outcomes = self.nodes[node].endpoint.restore(recovered, now, wall);
+            for event in outcomes {
                 self.on_app_event(node, event);
             }
             self.drain(node);
@@ -411,8 +446,25 @@ impl Net {
         let mut store = BTreeMap::new();
         apply(&mut store, durable::header(n.keypair.peer_id()));
         n.store = Some(store);
-        let now = self.now;
-        self.nodes[node].endpoint.restore(Recovered::default(), now);
+        let (now, wall) = (self.now, self.wall_ms());
+        self.nodes[node]
+            .endpoint
+            .restore(Recovered::default(), now, wall);
+    }
+
+    /// Commits what the node's endpoint journaled since its last step (a driver commits
+    /// after every command).
+    pub(crate) fn commit(&mut self, node: usize) {
+        let journal = self.nodes[node].endpoint.poll_journal();
+        if let Some(store) = &mut self.nodes[node].store {
+            apply(store, journal);
+        }
+    }
+
+    /// The virtual wall clock, in milliseconds since the Unix epoch (deadlines a durable
+    /// node stores are measured on it).
+    pub(crate) fn wall_ms(&self) -> u64 {
+        WALL_EPOCH_MS + u64::try_from((self.now - self.start).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Tells one end that its stream broke.
@@ -977,10 +1029,12 @@ impl Net {
         }
         if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &event {
             // The application takes its outcome at once: the store forgets it.
-            if self.nodes[node].takes_outcomes
-                && let Some(store) = &mut self.nodes[node].store
-            {
-                apply(store, vec![durable::outcome_taken(*exchange)]);
+            if self.nodes[node].takes_outcomes {
+                self.nodes[node].endpoint.outcome_settled(*exchange);
+                let journal = self.nodes[node].endpoint.poll_journal();
+                if let Some(store) = &mut self.nodes[node].store {
+                    apply(store, journal);
+                }
             }
         }
         self.nodes[node].events.push(event);

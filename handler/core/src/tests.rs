@@ -382,10 +382,22 @@ fn partition_mid_exchange_then_repair_redials_and_completes() {
 
 #[test]
 fn permanent_partition_fails_after_bounded_attempts() {
+    // Dials that never reach the peer are bounded by the exchange budget (time), not by
+    // the attempt count: the peer may be down for a while, and is waited for.
     let mut net = pair();
     net.partition(ALICE, BOB);
     let id = net.request(ALICE, BOB, b"void");
-    net.run(secs(120));
+    let budget = config().exchange_budget();
+    net.run_until(budget * 2, |n| n.has_outcome(ALICE, id));
+    let took = net.elapsed();
+    assert!(took <= budget, "{took:?} within {budget:?}");
+    // The last try starts no later than the budget allows: one more backoff would
+    // overrun it.
+    assert!(
+        took + config().backoff_max + config().connect_timeout > budget,
+        "{took:?} used the budget of {budget:?}"
+    );
+    net.run(secs(10));
     let failures = net.failures(ALICE);
     assert_eq!(failures.len(), 1);
     assert!(matches!(
@@ -396,10 +408,7 @@ fn permanent_partition_fails_after_bounded_attempts() {
             ..
         }
     ));
-    assert_eq!(
-        net.nodes[ALICE].endpoint.stats().dials,
-        u64::from(config().max_attempts)
-    );
+    assert!(net.nodes[ALICE].endpoint.stats().dials > u64::from(config().max_attempts));
     assert_eq!(net.outcomes(ALICE, id), 1);
     assert!(net.nodes[ALICE].endpoint.is_idle());
 }
@@ -2814,6 +2823,196 @@ mod durable {
     }
 
     #[test]
+    fn a_responder_down_for_a_minute_does_not_fail_an_exchange_with_the_defaults() {
+        let mut net = Net::new(7, &["alice", "bob"], Config::default());
+        net.crash(BOB);
+        let id = net.request(ALICE, BOB, b"patience");
+        net.run_for(secs(60));
+        assert!(!net.has_outcome(ALICE, id), "still trying after 60 s");
+        net.restart(BOB);
+        net.run(secs(120));
+        assert_eq!(
+            net.replies(ALICE),
+            vec![(id, Bytes::from_static(b"re:patience"))]
+        );
+        // Dials every few seconds meanwhile, backoff capped at backoff_max.
+        let dials = net.nodes[ALICE].endpoint.stats().dials;
+        assert!((10..=40).contains(&dials), "{dials} dials");
+    }
+
+    #[test]
+    fn a_deadline_of_hours_outlives_attempts_and_restarts_of_the_dialer() {
+        let mut net = durable_pair();
+        net.partition(ALICE, BOB);
+        let id = net
+            .request_with(ALICE, BOB, b"eventually", None, Some(secs(3 * 3600)))
+            .unwrap();
+        // Far past max_attempts and the exchange budget: still trying.
+        net.run_for(secs(1800));
+        assert!(!net.has_outcome(ALICE, id));
+        net.crash(ALICE);
+        net.run_for(secs(1800));
+        net.restart(ALICE);
+        net.run_for(secs(60));
+        assert!(
+            !net.has_outcome(ALICE, id),
+            "the deadline came back with it"
+        );
+        // Down past the deadline: it fails at once when the node comes back.
+        net.crash(ALICE);
+        net.run_for(secs(2 * 3600));
+        net.restart(ALICE);
+        net.run_for(secs(1));
+        let failures = net.failures(ALICE);
+        assert!(
+            matches!(&failures[..], [(x, Failure::DeadlineExceeded, p)] if *x == id && &p[..] == b"eventually"),
+            "{failures:?}"
+        );
+        net.repair(ALICE, BOB);
+        net.run(secs(60));
+        assert!(net.requests_seen(BOB).is_empty());
+    }
+
+    #[test]
+    fn an_acknowledgment_is_remembered_across_a_restart_of_the_dialer() {
+        let mut net = durable_pair();
+        net.nodes[BOB].app = App::Manual;
+        let id = net.request(ALICE, BOB, b"q");
+        net.run_until(secs(5), |n| n.trace.iter().any(|l| l.contains("<- Ack")));
+        net.crash(ALICE);
+        net.partition(ALICE, BOB);
+        net.restart(ALICE);
+        net.run(secs(600));
+        let failures = net.failures(ALICE);
+        assert!(
+            matches!(
+                &failures[..],
+                [(x, Failure::Exhausted { request_acked: true, .. }, _)] if *x == id
+            ),
+            "Bob's application has it, and Alice still knows: {failures:?}"
+        );
+    }
+
+    #[test]
+    fn an_idempotency_key_names_an_exchange_across_a_crash_of_its_dialer() {
+        let mut net = durable_pair();
+        net.nodes[BOB].app = App::Manual;
+        let (alice, bob) = (net.id(ALICE), net.id(BOB));
+        let id = net
+            .request_with(ALICE, BOB, b"pay 5", Some(b"invoice-9"), None)
+            .unwrap();
+        // A second live request with the key is refused, naming the first.
+        let again = net.request_with(ALICE, BOB, b"pay 5", Some(b"invoice-9"), None);
+        assert!(
+            matches!(&again, Err(RequestError::KeyInUse { exchange, finished: false, .. }) if *exchange == id),
+            "{again:?}"
+        );
+        // Other keys, and the same key to another peer, are other exchanges.
+        let queued = net
+            .request_with(ALICE, BOB, b"pay 6", Some(b"invoice-10"), None)
+            .unwrap();
+        assert_eq!(
+            net.nodes[ALICE].endpoint.lookup(bob, b"invoice-10"),
+            Some(crate::endpoint::KeyedExchange::Queued { exchange: queued })
+        );
+        assert_eq!(net.nodes[ALICE].endpoint.lookup(alice, b"invoice-9"), None);
+        net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+        // The application dies right after `request` returned, before it stored the id.
+        net.crash(ALICE);
+        net.restart(ALICE);
+        assert!(matches!(
+            net.nodes[ALICE].endpoint.lookup(bob, b"invoice-9"),
+            Some(crate::endpoint::KeyedExchange::InFlight { exchange, .. }) if exchange == id
+        ));
+        // Finished: the outcome is told by key until the application settles it (here it
+        // never takes it, as if it died each time before it could).
+        net.nodes[ALICE].takes_outcomes = false;
+        net.respond(BOB, alice, id, b"paid");
+        net.run_until(secs(30), |n| n.has_outcome(ALICE, id));
+        net.crash(ALICE);
+        net.restart(ALICE);
+        let found = net.nodes[ALICE].endpoint.lookup(bob, b"invoice-9");
+        assert!(
+            matches!(&found, Some(crate::endpoint::KeyedExchange::Finished(Event::Reply { exchange, payload, .. })) if *exchange == id && &payload[..] == b"paid"),
+            "{found:?}"
+        );
+        let again = net.request_with(ALICE, BOB, b"pay 5", Some(b"invoice-9"), None);
+        assert!(matches!(
+            again,
+            Err(RequestError::KeyInUse { finished: true, .. })
+        ));
+        net.nodes[ALICE].endpoint.outcome_settled(id);
+        net.commit(ALICE);
+        assert_eq!(net.nodes[ALICE].endpoint.lookup(bob, b"invoice-9"), None);
+        net.crash(ALICE);
+        net.restart(ALICE);
+        assert_eq!(net.nodes[ALICE].endpoint.lookup(bob, b"invoice-9"), None);
+        assert!(
+            net.request_with(ALICE, BOB, b"pay 7", Some(b"invoice-9"), None)
+                .is_ok()
+        );
+        // Keys are 1 to MAX_KEY_LEN bytes.
+        for bad in [&b""[..], &[b'k'; crate::endpoint::MAX_KEY_LEN + 1][..]] {
+            let key = Box::leak(bad.to_vec().into_boxed_slice());
+            let refused = net.request_with(ALICE, BOB, b"x", Some(key), None);
+            assert!(
+                matches!(refused, Err(RequestError::BadKey { .. })),
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_reply_is_reported_once_whatever_the_restarts() {
+        let mut net = durable_pair();
+        net.rules.push(
+            Rule::new(ALICE, BOB, Kind::Ack, Action::Drop)
+                .ack_of(AckOf::Reply)
+                .times(100),
+        );
+        let id = net.request(ALICE, BOB, b"q");
+        net.run(secs(30));
+        let unconfirmed = |net: &Net| {
+            net.nodes[BOB]
+                .events
+                .iter()
+                .filter(
+                    |e| matches!(e, Event::ResponseUnconfirmed { exchange, .. } if *exchange == id),
+                )
+                .count()
+        };
+        assert_eq!(unconfirmed(&net), 1);
+        for _ in 0..3 {
+            net.crash(BOB);
+            net.restart(BOB);
+            net.run(secs(30));
+        }
+        assert_eq!(unconfirmed(&net), 1);
+    }
+
+    #[test]
+    fn a_request_the_application_confirmed_is_answerable_but_not_redelivered() {
+        let mut net = durable_pair();
+        net.nodes[BOB].app = App::Manual;
+        let alice = net.id(ALICE);
+        let id = net.request(ALICE, BOB, b"store me");
+        net.run_until(secs(5), |n| !n.requests_seen(BOB).is_empty());
+        assert!(net.nodes[BOB].endpoint.confirm_request(alice, id));
+        assert!(!net.nodes[BOB].endpoint.confirm_request(alice, id), "once");
+        net.commit(BOB);
+        net.crash(BOB);
+        net.restart(BOB);
+        let (fresh, again) = delivered(&net, BOB, id);
+        assert_eq!((fresh, again), (1, 0), "not delivered again");
+        net.respond(BOB, alice, id, b"from my own storage");
+        net.run(secs(30));
+        assert_eq!(
+            net.replies(ALICE),
+            vec![(id, Bytes::from_static(b"from my own storage"))]
+        );
+    }
+
+    #[test]
     fn the_settled_floor_survives_a_restart_of_the_responder() {
         let mut net = Net::new(
             7,
@@ -2956,7 +3155,7 @@ mod durable {
                 table.iter().map(|((t, k), v)| (*t, k.clone(), v.clone())),
             )
             .unwrap();
-            ep.restore(recovered, now);
+            ep.restore(recovered, now, 0);
             for _ in 0..3 {
                 let id = ep.request(peer, addr, &b"x"[..], now).unwrap();
                 assert!(used.insert(id), "{id} reused");
@@ -3053,7 +3252,7 @@ mod durable {
     #[test]
     fn revoking_and_allowing_again_does_not_reopen_the_door_to_duplicates() {
         let mut r = responder(config());
-        r.ep.restore(Recovered::default(), r.now);
+        r.ep.restore(Recovered::default(), r.now, 0);
         let (_, events) = r.request(1, b"answered");
         assert_eq!(events.len(), 1, "{events:?}");
         r.ep.respond(r.peer, ExchangeId(1), &b"r"[..], r.now)
@@ -3152,7 +3351,7 @@ mod durable {
         };
         let mut ep = Endpoint::new(config, me, allow, [0; 32]).unwrap();
         let now = Instant::now();
-        ep.restore(recovered, now);
+        ep.restore(recovered, now, 0);
         ep.check_invariants();
         let journal = ep.poll_journal();
         let events = std::iter::from_fn(|| ep.poll_event()).collect();
@@ -3195,7 +3394,7 @@ mod durable {
             ..config()
         };
         let pending = store::InboundStage::Pending {
-            payload: Bytes::from_static(b"q"),
+            payload: Some(Bytes::from_static(b"q")),
         };
         let mut records: Vec<_> = (1..=4)
             .map(|seq| (seq, store::InboundStage::Done))
@@ -3228,7 +3427,7 @@ mod durable {
             ..super::config()
         };
         let pending = |p: &'static [u8]| store::InboundStage::Pending {
-            payload: Bytes::from_static(p),
+            payload: Some(Bytes::from_static(p)),
         };
         let (_, _, journal, events, _) =
             restored(one, true, vec![(1, pending(b"a")), (2, pending(b"b"))]);
@@ -3239,7 +3438,7 @@ mod durable {
     #[test]
     fn a_request_of_a_peer_no_longer_allowed_is_cancelled_on_restore_and_stored_as_such() {
         let pending = store::InboundStage::Pending {
-            payload: Bytes::from_static(b"q"),
+            payload: Some(Bytes::from_static(b"q")),
         };
         let (_, peer, journal, events, _) = restored(config(), false, vec![(7, pending)]);
         assert_eq!(

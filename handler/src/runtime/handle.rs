@@ -15,7 +15,9 @@ use tokio::task::JoinSet;
 use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::{Config, ConfigError};
 use crate::durable;
-use crate::endpoint::{Direction, Endpoint, Event, RequestError, RespondError, Stats};
+use crate::endpoint::{
+    Direction, Endpoint, Event, KeyedExchange, Receipt, RequestError, RespondError, Stats,
+};
 use crate::identity::{Keypair, PeerId};
 use crate::store::{Store, StoreError};
 use crate::transport::{Listener, Transport};
@@ -168,13 +170,56 @@ pub struct ShutdownReport {
     pub unread_notices: Vec<Notice>,
 }
 
+/// How to send one request, beyond its peer, address and payload
+/// ([`Handler::request_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestOptions {
+    /// An idempotency key the application makes from its own data (1 to
+    /// [`MAX_KEY_LEN`](crate::endpoint::MAX_KEY_LEN) bytes): see [`Handler::request_with`].
+    pub key: Option<Bytes>,
+    /// The exchange ends within this at the latest, and is retried until then.
+    pub deadline: Option<std::time::Duration>,
+}
+
+impl RequestOptions {
+    /// No key, no deadline: a plain request.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the idempotency key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the deadline.
+    pub fn deadline(mut self, within: std::time::Duration) -> Self {
+        self.deadline = Some(within);
+        self
+    }
+}
+
+/// The wall clock a durable node measures stored deadlines on ([`Options::wall_clock`]).
+pub type WallClock = Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>;
+
 pub(super) enum Command {
     Request {
         peer: PeerId,
         addr: SocketAddr,
         payload: Bytes,
-        deadline: Option<std::time::Duration>,
+        options: RequestOptions,
         reply: oneshot::Sender<Result<ExchangeId, RequestError>>,
+    },
+    Lookup {
+        peer: PeerId,
+        key: Bytes,
+        reply: oneshot::Sender<Option<KeyedExchange>>,
+    },
+    Confirm {
+        receipt: Receipt,
+        reply: oneshot::Sender<bool>,
     },
     Cancel {
         exchange: ExchangeId,
@@ -210,6 +255,9 @@ pub(super) enum Command {
         reply: oneshot::Sender<Status>,
     },
     Shutdown {
+        /// The application's inbox, when it hands it back (the sync facade): what is
+        /// unread in it goes into the report, and counts as taken.
+        inbox: Option<Inbox>,
         reply: oneshot::Sender<ShutdownReport>,
     },
 }
@@ -231,6 +279,17 @@ pub struct Options {
     pub store: Option<Box<dyn Store>>,
     /// Observes (and may alter) traffic; the simulator's hook.
     pub tap: Arc<dyn Tap>,
+    /// Confirm mode: an outcome of ours (`Reply`, `Failed`) counts as settled only when
+    /// the application confirms it stored it ([`Handler::confirm`]), not when it takes it
+    /// from the inbox; until then a durable node keeps it and hands it out again after a
+    /// restart, flagged `redelivered` (events unread at shutdown included). Requests are
+    /// confirmed too: a confirmed request is not delivered again after a restart, only
+    /// answerable. Default false: taking an outcome settles it.
+    pub confirm_outcomes: bool,
+    /// The wall clock deadlines are stored on (durable nodes keep a deadline across
+    /// restarts as a wall-clock time). Default `SystemTime::now`; the simulator passes its
+    /// virtual clock.
+    pub wall_clock: WallClock,
     /// A defect to plant in the endpoint (feature `sabotage`): the simulator's tests use it
     /// to show that each invariant catches what it should.
     #[cfg(feature = "sabotage")]
@@ -246,9 +305,23 @@ impl Options {
             incarnation: None,
             store: None,
             tap: Arc::new(NoTap),
+            confirm_outcomes: false,
+            wall_clock: Arc::new(std::time::SystemTime::now),
             #[cfg(feature = "sabotage")]
             sabotage: None,
         }
+    }
+
+    /// Turns confirm mode on (see [`Options::confirm_outcomes`]).
+    pub fn confirm_outcomes(mut self) -> Self {
+        self.confirm_outcomes = true;
+        self
+    }
+
+    /// Sets the wall clock.
+    pub fn wall_clock(mut self, clock: WallClock) -> Self {
+        self.wall_clock = clock;
+        self
     }
 
     /// Makes the node durable with `store`.
@@ -281,6 +354,7 @@ impl std::fmt::Debug for Options {
             .field("config", &self.config)
             .field("incarnation", &self.incarnation)
             .field("store", &self.store.as_ref().map(|s| s.location()))
+            .field("confirm_outcomes", &self.confirm_outcomes)
             .finish_non_exhaustive()
     }
 }
@@ -401,6 +475,8 @@ impl Handler {
             incarnation,
             mut store,
             tap,
+            confirm_outcomes,
+            wall_clock,
             #[cfg(feature = "sabotage")]
             sabotage,
         } = options;
@@ -447,12 +523,20 @@ impl Handler {
         }
         let mut recv_backlog = VecDeque::new();
         let mut pending_ops = Vec::new();
-        if let Some((fresh, mut recovered)) = recovered {
-            if fresh {
+        let mut unsettled = std::collections::BTreeSet::new();
+        if let Some((fresh, recovered)) = recovered {
+            // A fresh store gets its header; an older format's header is rewritten, since
+            // this build writes rows of its own format from now on.
+            if fresh || recovered.format.is_some_and(|f| f < durable::FORMAT) {
                 pending_ops = durable::header(local_peer_id);
             }
-            recv_backlog.extend(recovered.outcomes.drain(..).map(|(_, event)| event));
-            endpoint.restore(recovered, super::now());
+            let outcomes = endpoint.restore(recovered, super::now(), super::unix_ms(&*wall_clock));
+            for event in outcomes {
+                if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &event {
+                    unsettled.insert(*exchange);
+                }
+                recv_backlog.push_back(event);
+            }
         }
         let (taken_tx, taken_rx) = mpsc::unbounded_channel();
         let cap = config.channel_capacity;
@@ -492,7 +576,9 @@ impl Handler {
             network: net_tx,
             net_events: ev_rx,
             net_notices: notice_rx,
-            unread: recv_backlog.len(),
+            unsettled,
+            confirm_outcomes,
+            wall_clock,
             recv_backlog,
             prio_backlog: VecDeque::new(),
             store,
@@ -560,12 +646,14 @@ impl Handler {
         addr: SocketAddr,
         payload: impl Into<Bytes>,
     ) -> Result<ExchangeId, HandlerError> {
-        self.request_within(peer, addr, payload, None).await
+        self.request_with(peer, addr, payload, RequestOptions::new())
+            .await
     }
 
     /// [`Handler::request`] that must end within `deadline`: if it has not by then (queued,
     /// in flight or backing off), its outcome is `Failed(DeadlineExceeded)` with the payload
-    /// back. On a durable node the deadline is not kept across a restart.
+    /// back; until then it is retried, whatever `max_attempts` says. A durable node keeps
+    /// the deadline across restarts (as a wall-clock time).
     pub async fn request_with_deadline(
         &self,
         peer: PeerId,
@@ -573,16 +661,33 @@ impl Handler {
         payload: impl Into<Bytes>,
         deadline: std::time::Duration,
     ) -> Result<ExchangeId, HandlerError> {
-        self.request_within(peer, addr, payload, Some(deadline))
-            .await
+        self.request_with(
+            peer,
+            addr,
+            payload,
+            RequestOptions::new().deadline(deadline),
+        )
+        .await
     }
 
-    async fn request_within(
+    /// [`Handler::request`] with an idempotency key and/or a deadline.
+    ///
+    /// **Idempotency key.** Make it from your own data (an invoice number, a protocol
+    /// round), never at random. The handler refuses a second request with the same key to
+    /// the same peer while the first is unfinished or its outcome unsettled
+    /// (`RequestError::KeyInUse`, naming the first), keeps the key with the exchange on a
+    /// durable node, and [`Handler::lookup`] finds the exchange by it, also after a
+    /// restart. So a crash inside `request` is harmless: after the restart, look the key up
+    /// first; `None` means the request was never made (or you settled its outcome), so make
+    /// it; otherwise wait for (or read) its outcome.
+    ///
+    /// **Deadline.** See [`Handler::request_with_deadline`].
+    pub async fn request_with(
         &self,
         peer: PeerId,
         addr: SocketAddr,
         payload: impl Into<Bytes>,
-        deadline: Option<std::time::Duration>,
+        options: RequestOptions,
     ) -> Result<ExchangeId, HandlerError> {
         let payload = payload.into();
         Ok(self
@@ -590,10 +695,33 @@ impl Handler {
                 peer,
                 addr,
                 payload,
-                deadline,
+                options,
                 reply,
             })
             .await??)
+    }
+
+    /// Our exchange with `peer` that carries idempotency key `key`: queued, in flight, or
+    /// finished with its outcome (while the application has not settled it). `None`: no
+    /// such request was made, or its outcome was settled.
+    pub async fn lookup(
+        &self,
+        peer: PeerId,
+        key: impl Into<Bytes>,
+    ) -> Result<Option<KeyedExchange>, HandlerError> {
+        let key = key.into();
+        self.call(|reply| Command::Lookup { peer, key, reply })
+            .await
+    }
+
+    /// Confirm mode ([`Options::confirm_outcomes`]): the application stored the event
+    /// `receipt` names ([`Event::receipt`]). An outcome is then settled: a durable node
+    /// forgets it, its key is free, and it no longer counts against
+    /// `max_unread_outcomes`. A request is no longer delivered again after a restart (it
+    /// stays answerable). Returns whether there was something to confirm. Outside confirm
+    /// mode, outcomes settle when taken; confirming a request still works.
+    pub async fn confirm(&self, receipt: Receipt) -> Result<bool, HandlerError> {
+        self.call(|reply| Command::Confirm { receipt, reply }).await
     }
 
     /// Cancels our exchange `exchange`, queued or in flight: its outcome is then
@@ -698,6 +826,19 @@ impl Handler {
     /// and tells dialers waiting on us; a durable node keeps both in its store instead, to
     /// resume at the next start.
     pub async fn shutdown(&self) -> Result<ShutdownReport, HandlerError> {
-        self.call(|reply| Command::Shutdown { reply }).await
+        self.call(|reply| Command::Shutdown { inbox: None, reply })
+            .await
+    }
+
+    /// [`Handler::shutdown`], handing back the application's inbox: whatever is unread in
+    /// it comes back in the report (`unread`, `unread_notices`) and counts as taken, so a
+    /// durable node does not hand it out again at its next start (in confirm mode, outcomes
+    /// are settled only by confirmation, so unconfirmed ones do come back).
+    pub async fn shutdown_with_inbox(&self, inbox: Inbox) -> Result<ShutdownReport, HandlerError> {
+        self.call(|reply| Command::Shutdown {
+            inbox: Some(inbox),
+            reply,
+        })
+        .await
     }
 }

@@ -7,16 +7,17 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::connection::{Closed, ConnEvent};
-use crate::durable::{self, KvOp};
+use crate::durable::KvOp;
 use crate::endpoint::{
-    ConnId, Direction, Endpoint, Event, Failure, Output, RequestError, RespondError,
+    ConnId, Deadline, Direction, Endpoint, Event, Failure, Output, Receipt, RequestError,
+    RespondError,
 };
 use crate::identity::PeerId;
 use crate::store::{Commit, Store, StoreError};
 use crate::wire::{ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
-use super::handle::{Command, Notice, ShutdownReport, Status};
+use super::handle::{Command, Inbox, Notice, ShutdownReport, Status};
 use super::observe::{self, Gauges, Observer};
 use super::router::{NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
@@ -49,8 +50,13 @@ pub(super) struct HandlerTask {
     pub(super) pending_net: VecDeque<(ConnId, ConnCommand)>,
     /// Exchange states last reported to a tap that wants transitions.
     pub(super) states: BTreeMap<(Direction, PeerId, ExchangeId), &'static str>,
-    /// Outcomes handed towards the application and not taken yet (`max_unread_outcomes`).
-    pub(super) unread: usize,
+    /// Outcomes of ours handed towards the application and not settled yet: not taken, or
+    /// in confirm mode not confirmed (`max_unread_outcomes` bounds them).
+    pub(super) unsettled: std::collections::BTreeSet<ExchangeId>,
+    /// `Options::confirm_outcomes`.
+    pub(super) confirm_outcomes: bool,
+    /// `Options::wall_clock`: where stored deadlines are measured.
+    pub(super) wall_clock: super::WallClock,
     /// Durable mode: where the journal goes.
     pub(super) store: Option<Box<dyn Store>>,
     /// Writes of the driver's own for the next commit (the store header, taken outcomes).
@@ -60,7 +66,7 @@ pub(super) struct HandlerTask {
     /// Answers to commands, held until what they confirm is committed.
     pub(super) deferred: Vec<Box<dyn FnOnce() + Send>>,
     /// A shutdown command met while gathering a batch.
-    pub(super) stop: Option<oneshot::Sender<ShutdownReport>>,
+    pub(super) stop: Option<(Option<Inbox>, oneshot::Sender<ShutdownReport>)>,
     /// A drain began: the router must close the listener (sent from the async loop).
     pub(super) stop_accepting: bool,
     /// Log lines and metrics.
@@ -97,8 +103,9 @@ const BATCH: usize = 256;
 
 /// What stopped the main loop.
 enum Stop {
-    /// Every handle dropped, or a shutdown command (with where to send the report).
-    Shutdown(Option<oneshot::Sender<ShutdownReport>>),
+    /// Every handle dropped, or a shutdown command (with the inbox it handed back, and
+    /// where to send the report).
+    Shutdown(Option<Inbox>, Option<oneshot::Sender<ShutdownReport>>),
     /// The store failed; stop as a crash would.
     StoreFailed,
 }
@@ -122,8 +129,8 @@ impl HandlerTask {
             }
             self.observer.tick(self.endpoint.stats(), &self.gauges());
             let summary_due = self.observer.deadline();
-            if let Some(reply) = self.stop.take() {
-                break Stop::Shutdown(Some(reply));
+            if let Some((inbox, reply)) = self.stop.take() {
+                break Stop::Shutdown(inbox, Some(reply));
             }
             let deadline = endpoint_timer.arm(self.endpoint.poll_timeout());
             let summary_due = summary_timer.arm(summary_due.map(tokio::time::Instant::into_std));
@@ -162,10 +169,12 @@ impl HandlerTask {
                 }
                 Some(id) = self.taken.recv() => self.on_taken(id),
                 command = self.commands.recv() => match command {
-                    Some(Command::Shutdown { reply }) => break Stop::Shutdown(Some(reply)),
+                    Some(Command::Shutdown { inbox, reply }) => {
+                        break Stop::Shutdown(inbox, Some(reply));
+                    }
                     Some(command) => self.command(command),
                     // Every handle dropped: nobody can use this node any more.
-                    None => break Stop::Shutdown(None),
+                    None => break Stop::Shutdown(None, None),
                 },
                 Some(notice) = self.net_notices.recv() => self.net_notice(notice),
                 // Stop reading the network while the application is behind.
@@ -183,8 +192,8 @@ impl HandlerTask {
             }
         };
         match stop {
-            Stop::Shutdown(reply) => {
-                let report = self.shutdown(network).await;
+            Stop::Shutdown(inbox, reply) => {
+                let report = self.shutdown(network, inbox).await;
                 if let Some(reply) = reply {
                     let _ = reply.send(report);
                 }
@@ -254,8 +263,8 @@ impl HandlerTask {
                 continue;
             }
             match self.commands.try_recv() {
-                Ok(Command::Shutdown { reply }) => {
-                    self.stop = Some(reply);
+                Ok(Command::Shutdown { inbox, reply }) => {
+                    self.stop = Some((inbox, reply));
                     return;
                 }
                 Ok(command) => {
@@ -280,12 +289,21 @@ impl HandlerTask {
         let _ = self.priority.try_send(Notice::StoreFailed(e.to_string()));
     }
 
-    /// The application took the outcome of `id`: a durable node forgets it.
+    /// The application took the outcome of `id`. Unless it must confirm it, that settles
+    /// it: a durable node forgets it.
     fn on_taken(&mut self, id: ExchangeId) {
-        self.unread = self.unread.saturating_sub(1);
-        if self.store.is_some() {
-            self.pending_ops.push(durable::outcome_taken(id));
+        if !self.confirm_outcomes {
+            self.settle_outcome(id);
         }
+    }
+
+    /// The outcome of `id` is settled (taken, or confirmed in confirm mode).
+    fn settle_outcome(&mut self, id: ExchangeId) -> bool {
+        let known = self.unsettled.remove(&id);
+        if known {
+            self.endpoint.outcome_settled(id);
+        }
+        known
     }
 
     /// Answers a command once the step that produced the answer is committed.
@@ -407,8 +425,8 @@ impl HandlerTask {
             if event.is_priority() {
                 self.notice(Notice::Event(event));
             } else {
-                if matches!(event, Event::Reply { .. } | Event::Failed { .. }) {
-                    self.unread += 1;
+                if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &event {
+                    self.unsettled.insert(*exchange);
                 }
                 self.recv_backlog.push_back(event);
             }
@@ -424,7 +442,7 @@ impl HandlerTask {
             outbound_in_flight: self.endpoint.outbound_in_flight(),
             pending_responses: self.endpoint.pending_responses(),
             receive_backlog: self.recv_backlog.len(),
-            unread: self.unread,
+            unread: self.unsettled.len(),
         }
     }
 
@@ -453,18 +471,36 @@ impl HandlerTask {
                 peer,
                 addr,
                 payload,
-                deadline,
+                options,
                 reply,
             } => {
                 let limit = self.endpoint.config().max_unread_outcomes;
-                let result = if self.unread >= limit {
+                let result = if self.unsettled.len() >= limit {
                     Err(RequestError::Unread { limit })
                 } else {
-                    let deadline = deadline.map(|d| now + d);
+                    let wall = super::unix_ms(&*self.wall_clock);
+                    let deadline = options.deadline.map(|d| Deadline {
+                        at: now + d,
+                        unix_ms: Some(
+                            wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                        ),
+                    });
                     self.endpoint
-                        .request_with_deadline(peer, addr, payload, deadline, now)
+                        .request_with(peer, addr, payload, options.key, deadline, now)
                 };
                 self.answer(reply, result);
+            }
+            Command::Lookup { peer, key, reply } => {
+                let _ = reply.send(self.endpoint.lookup(peer, &key));
+            }
+            Command::Confirm { receipt, reply } => {
+                let confirmed = match receipt {
+                    Receipt::Outcome(id) => self.settle_outcome(id),
+                    Receipt::Request { peer, exchange } => {
+                        self.endpoint.confirm_request(peer, exchange)
+                    }
+                };
+                self.answer(reply, confirmed);
             }
             Command::Cancel { exchange, reply } => {
                 let cancelled = self.endpoint.cancel(exchange, now);
@@ -619,7 +655,11 @@ impl HandlerTask {
         }
     }
 
-    async fn shutdown(mut self, network: tokio::task::JoinHandle<()>) -> ShutdownReport {
+    async fn shutdown(
+        mut self,
+        network: tokio::task::JoinHandle<()>,
+        inbox: Option<Inbox>,
+    ) -> ShutdownReport {
         // What the running commit holds back leaves first, as it would have.
         if let Some((commit, effects)) = self.in_flight.take() {
             match commit.await {
@@ -654,6 +694,28 @@ impl HandlerTask {
             .filter_map(|conn| Some((conn, self.endpoint.peer_of(conn)?)))
             .collect();
         self.endpoint.shutdown(now());
+        // The application handed its inbox back: what it did not read goes into the
+        // report, taken (so settled, unless it must be confirmed), before the last commit.
+        let handed_back = inbox.is_some();
+        if let Some(mut inbox) = inbox {
+            while let Ok(event) = inbox.received.try_recv() {
+                report.unread.push(event);
+            }
+            while let Ok(notice) = inbox.priority.try_recv() {
+                report.unread_notices.push(notice);
+            }
+            report.unread.extend(self.recv_backlog.drain(..));
+            for event in &report.unread {
+                if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = event {
+                    self.on_taken(*exchange);
+                }
+            }
+        }
+        // Outcomes the application took before the shutdown are settled in the last commit
+        // too (a second report of one is a no-op).
+        while let Ok(id) = self.taken.try_recv() {
+            self.on_taken(id);
+        }
         if let Some(store) = &mut self.store {
             self.pending_ops.extend(self.endpoint.poll_journal());
             let ops = std::mem::take(&mut self.pending_ops);
@@ -679,6 +741,9 @@ impl HandlerTask {
                     failure: Failure::ShuttingDown,
                     ..
                 } => report.failed.push((peer, exchange, payload)),
+                // What the application can no longer read from its inbox comes in the
+                // report. (In memory only: a durable node's shutdown ends no exchange.)
+                other if handed_back => report.unread.push(other),
                 other => self.recv_backlog.push_back(other),
             }
         }

@@ -47,7 +47,10 @@ mod router;
 mod slots;
 mod tap;
 
-pub use handle::{Handler, HandlerError, Inbox, Notice, Options, Received, ShutdownReport, Status};
+pub use handle::{
+    Handler, HandlerError, Inbox, Notice, Options, Received, RequestOptions, ShutdownReport,
+    Status, WallClock,
+};
 pub use tap::{Arrival, NoTap, Tap, Verdict};
 
 use std::sync::{Arc, RwLock};
@@ -59,6 +62,13 @@ use crate::allow_list::AllowList;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 type SharedAllow = Arc<RwLock<AllowList>>;
+
+/// Milliseconds since the Unix epoch on `clock` (0 before it).
+fn unix_ms(clock: &(dyn Fn() -> std::time::SystemTime + Send + Sync)) -> u64 {
+    clock()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()

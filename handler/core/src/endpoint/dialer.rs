@@ -70,20 +70,60 @@ pub(super) struct Outbound {
     pub(super) payload: Bytes,
     /// Number of the last Request transmission (0 before the first).
     pub(super) attempt: u32,
-    /// Failed tries so far; reaching `max_attempts` ends the exchange.
+    /// Failed tries that reached the peer (or may have): Nacks, timeouts after the
+    /// Request left, lost connections. Reaching `max_attempts` ends the exchange.
     pub(super) failures: u32,
+    /// Failed tries that never reached the peer: the dial or the handshake failed. They
+    /// are bounded by time (`Config::exchange_budget` from the first try), not by count,
+    /// so a peer that is down for a while is waited for.
+    pub(super) unreached: u32,
+    /// When the first try began (this incarnation).
+    pub(super) started: Option<Instant>,
     /// Dials made for this exchange.
     pub(super) dials: u32,
+    /// The responder acknowledged the Request (kept in the store once true).
     pub(super) acked: bool,
+    /// The application's idempotency key.
+    pub(super) key: Option<Bytes>,
+    /// The deadline, if any: then tries are bounded by it alone, not by `max_attempts` or
+    /// the exchange budget.
+    pub(super) deadline: Option<Deadline>,
     pub(super) state: OutState,
+}
+
+/// When an exchange must end: the instant the endpoint's timer fires at, and (for a
+/// durable node) the same moment on the wall clock, stored so a restart keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// On the endpoint's clock.
+    pub at: Instant,
+    /// In milliseconds since the Unix epoch, if the driver can tell (it is stored with the
+    /// exchange; without it the deadline does not survive a restart).
+    pub unix_ms: Option<u64>,
+}
+
+impl Outbound {
+    /// The row that stores it.
+    pub(super) fn record(&self) -> durable::OutboundRecord {
+        durable::OutboundRecord {
+            seq: self.seq,
+            peer: self.peer,
+            addr: self.addr,
+            payload: self.payload.clone(),
+            acked: self.acked,
+            key: self.key.clone(),
+            deadline_ms: self.deadline.and_then(|d| d.unix_ms),
+        }
+    }
 }
 
 impl Endpoint {
     /// Moves an exchange that just became its peer's active one forward.
     pub(super) fn begin(&mut self, id: ExchangeId, now: Instant) {
-        let Some(ex) = self.outbound.get(&id) else {
+        let Some(ex) = self.outbound.get_mut(&id) else {
             return;
         };
+        ex.started.get_or_insert(now);
         let peer = ex.peer;
         let reusable = self
             .peers
@@ -186,30 +226,48 @@ impl Endpoint {
         } else {
             self.config.max_attempts
         };
+        let budget = self.config.exchange_budget();
         let Some(ex) = self.outbound.get_mut(&id) else {
             return;
         };
-        ex.failures += 1;
-        if ex.failures >= max {
+        let unreached = matches!(
+            cause,
+            RetryCause::DialFailed(_) | RetryCause::ConnectTimeout
+        );
+        if unreached {
+            ex.unreached += 1;
+        } else {
+            ex.failures += 1;
+        }
+        ex.state = OutState::Backoff { conn };
+        let (tries, deadline, started) = (ex.failures + ex.unreached, ex.deadline, ex.started);
+        let delay = self.backoff(tries).max(hint.min(self.config.backoff_max));
+        let Some(ex) = self.outbound.get_mut(&id) else {
+            return;
+        };
+        // With a deadline, only the deadline ends the tries. Without one, tries that reached
+        // the peer are counted, and tries that never reached it are bounded by time: the
+        // next would start after the exchange budget ran out.
+        let exhausted = deadline.is_none()
+            && if unreached {
+                started.is_some_and(|started| now + delay >= started + budget)
+            } else {
+                ex.failures >= max
+            };
+        if exhausted {
             let failure = Failure::Exhausted {
-                attempts: ex.failures,
+                attempts: tries,
                 last: cause,
                 request_acked: ex.acked,
             };
-            ex.state = OutState::Backoff { conn };
             return self.finish(id, Err(failure), now);
         }
-        let failures = ex.failures;
-        ex.state = OutState::Backoff { conn };
-        let delay = self
-            .backoff(failures)
-            .max(hint.min(self.config.backoff_max));
         self.timers.set(Timer::Outbound(id), now + delay);
     }
 
     /// Exponential backoff with "equal jitter": half fixed, half drawn from the seeded RNG.
-    fn backoff(&mut self, failures: u32) -> Duration {
-        let mut half = self.config.backoff_base(failures) / 2;
+    fn backoff(&mut self, tries: u32) -> Duration {
+        let mut half = self.config.backoff_base(tries) / 2;
         if self.sabotaged(super::Sabotage::SlowRetries) {
             half *= 100;
         }
@@ -294,7 +352,17 @@ impl Endpoint {
             },
         };
         if let Some(journal) = &mut self.journal {
-            journal.extend(durable::finish_outbound(id, ex.seq, &event));
+            journal.extend(durable::finish_outbound(
+                id,
+                ex.seq,
+                &event,
+                ex.key.as_ref(),
+            ));
+        }
+        if let Some(key) = ex.key {
+            // Kept until the application settles the outcome (`outcome_settled`), so that
+            // it can still look it up by its key.
+            self.keyed_outcomes.insert(id, (key, event.clone()));
         }
         if self.sabotaged(super::Sabotage::DoubleOutcome) {
             self.events.push_back(event.clone());
@@ -302,6 +370,20 @@ impl Endpoint {
         self.events.push_back(event);
         if was_active {
             self.start_next(peer, now);
+        }
+    }
+
+    /// The responder acknowledged our Request: its application has it. Stored the first
+    /// time, so that a restarted node still says so if the exchange later fails.
+    fn mark_acked(&mut self, id: ExchangeId) {
+        let Some(ex) = self.outbound.get_mut(&id) else {
+            return;
+        };
+        if std::mem::replace(&mut ex.acked, true) {
+            return;
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.push(durable::put_outbound(id, &ex.record()));
         }
     }
 
@@ -445,6 +527,7 @@ impl Endpoint {
                     },
                 );
                 if let Some(ex) = self.outbound.get_mut(&id) {
+                    // Its row gives way to the outcome's in this step: nothing to store.
                     ex.acked = true;
                 }
                 self.finish(id, Ok(payload), now);
@@ -455,13 +538,15 @@ impl Endpoint {
                     state,
                     OutState::AwaitingAck { .. } | OutState::Backoff { .. }
                 );
-                if let Some(ex) = self.outbound.get_mut(&id) {
-                    ex.acked = true;
-                    if bound && waiting && attempt <= ex.attempt {
-                        ex.state = OutState::AwaitingReply { conn };
-                        self.timers
-                            .set(Timer::Outbound(id), now + self.config.reply_timeout);
-                    }
+                self.mark_acked(id);
+                if let Some(ex) = self.outbound.get_mut(&id)
+                    && bound
+                    && waiting
+                    && attempt <= ex.attempt
+                {
+                    ex.state = OutState::AwaitingReply { conn };
+                    self.timers
+                        .set(Timer::Outbound(id), now + self.config.reply_timeout);
                 }
             }
             Message::Nack {

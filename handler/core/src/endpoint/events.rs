@@ -357,6 +357,36 @@ impl Event {
     pub fn is_priority(&self) -> bool {
         matches!(self, Self::PeerError(_) | Self::RateLimited { .. })
     }
+
+    /// What the application hands back to confirm it stored this event, in the driver's
+    /// confirm mode: the outcome of one of our exchanges (`Reply`, `Failed`) or a peer's
+    /// request (`Request`). `None` for events there is nothing to confirm of.
+    pub fn receipt(&self) -> Option<Receipt> {
+        match self {
+            Self::Reply { exchange, .. } | Self::Failed { exchange, .. } => {
+                Some(Receipt::Outcome(*exchange))
+            }
+            Self::Request { peer, exchange, .. } => Some(Receipt::Request {
+                peer: *peer,
+                exchange: *exchange,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Names an event the application confirms it has stored ([`Event::receipt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Receipt {
+    /// The outcome of our exchange.
+    Outcome(ExchangeId),
+    /// A peer's request.
+    Request {
+        /// From.
+        peer: PeerId,
+        /// Its exchange.
+        exchange: ExchangeId,
+    },
 }
 
 /// Why [`Endpoint::request`] refused.
@@ -398,6 +428,59 @@ pub enum RequestError {
         /// `max_unread_outcomes`.
         limit: usize,
     },
+    /// Another exchange with this peer carries the same idempotency key and is not
+    /// settled yet: unfinished, or finished with an outcome the application has not taken
+    /// (or, in confirm mode, confirmed). Look it up by its key instead of sending again.
+    #[error("idempotency key {key} is in use by exchange {exchange} with peer {peer} ({})",
+        if *finished { "finished, outcome not settled" } else { "unfinished" })]
+    KeyInUse {
+        /// Peer.
+        peer: PeerId,
+        /// The key, as text (UTF-8 where it is, hex otherwise).
+        key: String,
+        /// The exchange that holds it.
+        exchange: ExchangeId,
+        /// Whether that exchange has finished (its outcome waits for the application).
+        finished: bool,
+    },
+    /// An idempotency key must be 1 to `MAX_KEY_LEN` bytes long.
+    #[error("an idempotency key must be 1 to {max} bytes long, not {len}")]
+    BadKey {
+        /// Its length.
+        len: usize,
+        /// The longest allowed.
+        max: usize,
+    },
+}
+
+/// Where an exchange looked up by its idempotency key stands
+/// ([`Endpoint::lookup`](super::Endpoint::lookup)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyedExchange {
+    /// Waiting behind an earlier exchange with the same peer.
+    Queued {
+        /// Its id.
+        exchange: ExchangeId,
+    },
+    /// Being tried.
+    InFlight {
+        /// Its id.
+        exchange: ExchangeId,
+        /// The responder acknowledged it: its application has the request.
+        acked: bool,
+    },
+    /// Over: its outcome (`Event::Reply` or `Event::Failed`), not yet settled by the
+    /// application.
+    Finished(Event),
+}
+
+/// A key as people read it: its text when it is UTF-8, its hex digits otherwise.
+pub(crate) fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => format!("{text:?}"),
+        Err(_) => hex::encode(key),
+    }
 }
 
 /// Why [`Endpoint::respond`] refused.

@@ -32,8 +32,10 @@ mod invariants;
 mod recovery;
 mod responder;
 
+pub use dialer::Deadline;
 pub use events::{
-    Event, Failure, LimitKind, PeerError, RequestError, RespondError, RetryCause, Stats,
+    Event, Failure, KeyedExchange, LimitKind, PeerError, Receipt, RequestError, RespondError,
+    RetryCause, Stats,
 };
 pub use responder::{DEDUPE_RECORD_COST, SETTLED_WINDOW};
 
@@ -49,7 +51,7 @@ use rand_core::{Rng, SeedableRng};
 use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::{Config, ConfigError};
 use crate::connection::{ConnError, ConnEvent};
-use crate::durable::{self, KvOp, OutboundRecord};
+use crate::durable::{self, KvOp};
 use crate::identity::PeerId;
 use crate::rate::Bucket;
 use crate::timers::Timers;
@@ -57,6 +59,9 @@ use crate::wire::{AbortReason, CloseReason, ExchangeId, Message};
 
 use dialer::{OutState, Outbound};
 use responder::{InState, Inbound};
+
+/// The longest idempotency key ([`Endpoint::request_with`]), in bytes.
+pub const MAX_KEY_LEN: usize = 256;
 
 /// Names one connection for the lifetime of an [`Endpoint`].
 ///
@@ -235,6 +240,13 @@ pub struct Endpoint {
     /// stale copy of a settled exchange, refused rather than delivered again. Outlives the
     /// records and the peer's tracking state, bounded by `4 * max_tracked_peers` floors.
     settled: BTreeMap<PeerId, responder::Floor>,
+    /// Idempotency keys in use: of our unfinished exchanges, and of finished ones whose
+    /// outcome the application has not settled yet.
+    keys: BTreeMap<(PeerId, Bytes), ExchangeId>,
+    /// Outcomes of finished keyed exchanges, until the application settles them
+    /// ([`Endpoint::outcome_settled`]), so that [`Endpoint::lookup`] can tell them. Bounded
+    /// by the driver's `max_unread_outcomes`.
+    keyed_outcomes: BTreeMap<ExchangeId, (Bytes, Event)>,
     /// Order of acceptance of records, kept across restarts (durable mode).
     next_seq: u64,
     /// Durable mode: the writes the driver must commit before acting on this step's outputs.
@@ -292,6 +304,8 @@ impl Endpoint {
             cache_order: VecDeque::new(),
             dedupe_order: VecDeque::new(),
             settled: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            keyed_outcomes: BTreeMap::new(),
             next_seq: 0,
             journal: None,
             ids_left: 0,
@@ -424,14 +438,41 @@ impl Endpoint {
 
     /// [`Endpoint::request`] that ends by `deadline` at the latest: if it has not ended by
     /// then (queued, in flight or backing off), it fails with `DeadlineExceeded` and its
-    /// payload back, and its connection is closed. The deadline lives in memory only: a
-    /// durable node restarted resumes the exchange without it.
+    /// payload back, and its connection is closed. Until then it is retried whatever
+    /// `max_attempts` says. This deadline lives in memory only: see
+    /// [`Endpoint::request_with`] for one a durable node keeps across restarts.
     pub fn request_with_deadline(
         &mut self,
         peer: PeerId,
         addr: SocketAddr,
         payload: impl Into<Bytes>,
         deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<ExchangeId, RequestError> {
+        let deadline = deadline.map(|at| Deadline { at, unix_ms: None });
+        self.request_with(peer, addr, payload, None, deadline, now)
+    }
+
+    /// The most general request.
+    ///
+    /// * `key`, an idempotency key the application chooses (1 to [`MAX_KEY_LEN`] bytes,
+    ///   made from its own data): a second request with the same key to the same peer is
+    ///   refused (`RequestError::KeyInUse`) while the first is unfinished or its outcome
+    ///   unsettled; a durable node keeps the key with the exchange, and
+    ///   [`Endpoint::lookup`] finds the exchange by it, also after a restart. So an
+    ///   application killed inside `request` learns, once restarted, whether the request was
+    ///   made, and never makes it twice.
+    /// * `deadline`: the exchange ends by then at the latest (`DeadlineExceeded`, payload
+    ///   back) and is retried until then whatever `max_attempts` and the exchange budget
+    ///   say, with backoffs capped at `backoff_max`. Given with its wall-clock time, a
+    ///   durable node stores it, so a deadline of hours outlives restarts.
+    pub fn request_with(
+        &mut self,
+        peer: PeerId,
+        addr: SocketAddr,
+        payload: impl Into<Bytes>,
+        key: Option<Bytes>,
+        deadline: Option<Deadline>,
         now: Instant,
     ) -> Result<ExchangeId, RequestError> {
         let payload = payload.into();
@@ -450,6 +491,22 @@ impl Endpoint {
                 max: self.config.max_message_size,
             });
         }
+        if let Some(key) = &key {
+            if key.is_empty() || key.len() > MAX_KEY_LEN {
+                return Err(RequestError::BadKey {
+                    len: key.len(),
+                    max: MAX_KEY_LEN,
+                });
+            }
+            if let Some(&exchange) = self.keys.get(&(peer, key.clone())) {
+                return Err(RequestError::KeyInUse {
+                    peer,
+                    key: events::key_text(key),
+                    exchange,
+                    finished: !self.outbound.contains_key(&exchange),
+                });
+            }
+        }
         let limit = self.config.max_queued_per_peer;
         let state = self.peer_mut(peer, now).ok_or(RequestError::TooManyPeers)?;
         if state.active.is_some() && state.queue.len() >= limit {
@@ -457,29 +514,28 @@ impl Endpoint {
         }
         let id = self.alloc_exchange();
         let seq = self.alloc_seq();
+        let exchange = Outbound {
+            seq,
+            peer,
+            addr,
+            payload,
+            attempt: 0,
+            failures: 0,
+            unreached: 0,
+            started: None,
+            dials: 0,
+            acked: false,
+            key,
+            deadline,
+            state: OutState::Queued,
+        };
         if let Some(journal) = &mut self.journal {
-            let record = OutboundRecord {
-                seq,
-                peer,
-                addr,
-                payload: payload.clone(),
-            };
-            journal.push(durable::put_outbound(id, &record));
+            journal.push(durable::put_outbound(id, &exchange.record()));
         }
-        self.outbound.insert(
-            id,
-            Outbound {
-                seq,
-                peer,
-                addr,
-                payload,
-                attempt: 0,
-                failures: 0,
-                dials: 0,
-                acked: false,
-                state: OutState::Queued,
-            },
-        );
+        if let Some(key) = &exchange.key {
+            self.keys.insert((peer, key.clone()), id);
+        }
+        self.outbound.insert(id, exchange);
         let state = self
             .peers
             .get_mut(&peer)
@@ -493,9 +549,49 @@ impl Endpoint {
         if let Some(deadline) = deadline
             && self.outbound.contains_key(&id)
         {
-            self.timers.set(Timer::Deadline(id), deadline.max(now));
+            self.timers.set(Timer::Deadline(id), deadline.at.max(now));
         }
         Ok(id)
+    }
+
+    /// Finds our exchange with `peer` that carries idempotency key `key`: unfinished, or
+    /// finished with an outcome the application has not settled. `None`: no such request
+    /// was made (or its outcome was settled, which the application did itself).
+    pub fn lookup(&self, peer: PeerId, key: &[u8]) -> Option<KeyedExchange> {
+        let id = *self.keys.get(&(peer, Bytes::copy_from_slice(key)))?;
+        if let Some(ex) = self.outbound.get(&id) {
+            return Some(match ex.state {
+                OutState::Queued => KeyedExchange::Queued { exchange: id },
+                _ => KeyedExchange::InFlight {
+                    exchange: id,
+                    acked: ex.acked,
+                },
+            });
+        }
+        let (_, event) = self.keyed_outcomes.get(&id)?;
+        Some(KeyedExchange::Finished(event.clone()))
+    }
+
+    /// The application settled the outcome of our exchange `id`: it took it (or, in the
+    /// driver's confirm mode, confirmed it stored it). A durable node forgets its stored
+    /// copy, and its idempotency key is free again.
+    pub fn outcome_settled(&mut self, id: ExchangeId) {
+        if let Some(journal) = &mut self.journal {
+            journal.push(durable::outcome_taken(id));
+        }
+        if let Some((key, event)) = self.keyed_outcomes.remove(&id)
+            && let Event::Reply { peer, .. } | Event::Failed { peer, .. } = event
+        {
+            self.keys.remove(&(peer, key));
+        }
+    }
+
+    /// The application confirms it stored `peer`'s request `exchange` (the driver's
+    /// confirm mode): a durable node drops its stored copy of the request and no longer
+    /// delivers it again after a restart; it stays answerable. Returns whether the request
+    /// awaited an answer (and was not confirmed before).
+    pub fn confirm_request(&mut self, peer: PeerId, exchange: ExchangeId) -> bool {
+        self.confirm_inbound(peer, exchange)
     }
 
     /// Cancels our exchange `id`, queued or in flight: it fails with `Cancelled` and its

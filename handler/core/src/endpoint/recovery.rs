@@ -30,9 +30,14 @@ impl Endpoint {
     /// * A reply not yet acknowledged is cached again and waits for its Ack anew.
     /// * Finished records keep deduplicating resends.
     ///
-    /// Outcomes the application had not taken (`recovered.outcomes`) are the driver's to
-    /// hand out; the endpoint does not hold them.
-    pub fn restore(&mut self, recovered: Recovered, now: Instant) {
+    /// * An exchange's idempotency key and its deadline come back with it (the deadline
+    ///   measured on the wall clock: `unix_ms` is the driver's reading of it now; one that
+    ///   passed while the node was down fails at once with `DeadlineExceeded`).
+    ///
+    /// Returns the outcomes the application had not settled (`recovered.outcomes`), oldest
+    /// first and flagged `redelivered`: the driver hands them out. The endpoint keeps those
+    /// of keyed exchanges for [`Endpoint::lookup`] until they are settled.
+    pub fn restore(&mut self, recovered: Recovered, now: Instant, unix_ms: u64) -> Vec<Event> {
         self.journal = Some(Vec::new());
         if let Some(next) = recovered.next_id {
             self.next_exchange = next;
@@ -53,9 +58,30 @@ impl Endpoint {
             self.restore_inbound(peer, id, record, now);
         }
         let mut starts: Vec<PeerId> = Vec::new();
+        let mut outcomes = Vec::with_capacity(recovered.outcomes.len());
+        for stored in recovered.outcomes {
+            if let (
+                Some(key),
+                Event::Reply { peer, exchange, .. } | Event::Failed { peer, exchange, .. },
+            ) = (stored.key, &stored.event)
+            {
+                self.keys.insert((*peer, key.clone()), *exchange);
+                self.keyed_outcomes
+                    .insert(*exchange, (key, stored.event.clone()));
+            }
+            outcomes.push(stored.event);
+        }
         for (id, record) in recovered.outbound {
             self.next_seq = self.next_seq.max(record.seq.saturating_add(1));
             let peer = record.peer;
+            // The wall clock says how much of the deadline is left.
+            let deadline = record.deadline_ms.map(|ms| super::Deadline {
+                at: now + std::time::Duration::from_millis(ms.saturating_sub(unix_ms)),
+                unix_ms: Some(ms),
+            });
+            if let Some(key) = &record.key {
+                self.keys.insert((peer, key.clone()), id);
+            }
             self.outbound.insert(
                 id,
                 Outbound {
@@ -65,8 +91,12 @@ impl Endpoint {
                     payload: record.payload,
                     attempt: 0,
                     failures: 0,
+                    unreached: 0,
+                    started: None,
                     dials: 0,
-                    acked: false,
+                    acked: record.acked,
+                    key: record.key,
+                    deadline,
                     state: OutState::Queued,
                 },
             );
@@ -87,6 +117,9 @@ impl Endpoint {
             if !starts.contains(&peer) {
                 starts.push(peer);
             }
+            if let Some(deadline) = deadline {
+                self.timers.set(Timer::Deadline(id), deadline.at);
+            }
         }
         for peer in starts {
             if self.peers.get(&peer).is_some_and(|p| p.active.is_none()) {
@@ -94,6 +127,7 @@ impl Endpoint {
             }
         }
         self.trim_reply_cache();
+        outcomes
     }
 
     fn restore_inbound(
@@ -109,7 +143,7 @@ impl Endpoint {
         // is every record of a peer that cannot be tracked).
         let live = matches!(
             record.stage,
-            InboundStage::Pending { .. } | InboundStage::Replied { reply: Some(_) }
+            InboundStage::Pending { .. } | InboundStage::Replied { .. }
         );
         if self.peer_mut(peer, now).is_none() || (!self.make_room(peer) && !live) {
             if let Some(journal) = &mut self.journal {
@@ -121,10 +155,12 @@ impl Endpoint {
         }
         let allowed = self.allow.contains(&peer);
         let was_aborted = matches!(record.stage, InboundStage::Aborted(_));
-        let mut redeliver = None;
+        let mut pending = None;
+        let mut confirmed = false;
         let state = match record.stage {
             InboundStage::Pending { payload } if allowed => {
-                redeliver = Some(payload);
+                confirmed = payload.is_none();
+                pending = Some(payload);
                 InState::AwaitingResponse
             }
             InboundStage::Pending { .. } => {
@@ -132,16 +168,26 @@ impl Endpoint {
                     .push_back(Event::ResponseCancelled { peer, exchange: id });
                 InState::Aborted(AbortReason::NoResponse)
             }
-            InboundStage::Replied { reply: Some(reply) } => {
-                self.cache_bytes += reply.len();
-                self.cache_order.push_back(key);
+            InboundStage::Replied { reply } => {
+                if let Some(reply) = &reply {
+                    self.cache_bytes += reply.len();
+                    self.cache_order.push_back(key);
+                }
+                // Its Ack is awaited anew; if it does not come, the application hears of it
+                // once (the stage then says so).
                 self.timers.set(
                     Timer::Inbound(peer, id),
                     now + self.config.reply_ack_timeout,
                 );
-                InState::AwaitingReplyAck { reply: Some(reply) }
+                InState::AwaitingReplyAck { reply }
             }
-            InboundStage::Replied { reply: None } => InState::Unconfirmed { reply: None },
+            InboundStage::Unconfirmed { reply } => {
+                if let Some(reply) = &reply {
+                    self.cache_bytes += reply.len();
+                    self.cache_order.push_back(key);
+                }
+                InState::Unconfirmed { reply }
+            }
             InboundStage::Done => InState::Done,
             InboundStage::Aborted(reason) => InState::Aborted(reason),
         };
@@ -157,24 +203,29 @@ impl Endpoint {
                 digest: record.digest,
                 seq: record.seq,
                 addr: record.addr,
+                confirmed,
             },
         );
         self.remember(key);
         if cancelled {
             self.persist_inbound(key, None);
         }
-        if let Some(payload) = redeliver {
+        if let Some(payload) = pending {
             self.pending_inbound += 1;
             self.timers
                 .set(Timer::Inbound(peer, id), now + self.config.response_timeout);
-            self.stats.requests_delivered += 1;
-            self.events.push_back(Event::Request {
-                peer,
-                addr: record.addr,
-                exchange: id,
-                payload,
-                redelivered: true,
-            });
+            // A request the application confirmed it stored is answerable, not delivered
+            // again.
+            if let Some(payload) = payload {
+                self.stats.requests_delivered += 1;
+                self.events.push_back(Event::Request {
+                    peer,
+                    addr: record.addr,
+                    exchange: id,
+                    payload,
+                    redelivered: true,
+                });
+            }
         }
     }
 }

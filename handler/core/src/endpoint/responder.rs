@@ -60,6 +60,9 @@ pub(super) struct Inbound {
     pub(super) seq: u64,
     /// Where the request came from.
     pub(super) addr: SocketAddr,
+    /// The application confirmed it stored the request (confirm mode): a durable node no
+    /// longer keeps the request's bytes, nor delivers it again after a restart.
+    pub(super) confirmed: bool,
 }
 
 /// How far below a peer's settled floor an exchange id still counts as settled, in serial
@@ -236,6 +239,7 @@ impl Endpoint {
                 digest: durable::digest(&payload),
                 seq,
                 addr,
+                confirmed: false,
             },
         );
         self.remember(key);
@@ -265,6 +269,20 @@ impl Endpoint {
         });
     }
 
+    /// See [`Endpoint::confirm_request`].
+    pub(super) fn confirm_inbound(&mut self, peer: PeerId, exchange: ExchangeId) -> bool {
+        let key = (peer, exchange);
+        let Some(record) = self.inbound.get_mut(&key) else {
+            return false;
+        };
+        if record.state != InState::AwaitingResponse || record.confirmed {
+            return false;
+        }
+        record.confirmed = true;
+        self.persist_inbound(key, None);
+        true
+    }
+
     /// Indexes a new record for deduplication and eviction.
     pub(super) fn remember(&mut self, key: (PeerId, ExchangeId)) {
         if let Some(p) = self.peers.get_mut(&key.0) {
@@ -283,16 +301,20 @@ impl Endpoint {
             return;
         };
         let stage = match (&r.state, pending) {
+            (InState::AwaitingResponse, _) if r.confirmed => {
+                InboundStage::Pending { payload: None }
+            }
             (InState::AwaitingResponse, Some(payload)) => InboundStage::Pending {
-                payload: payload.clone(),
+                payload: Some(payload.clone()),
             },
             // Still pending and already stored with its payload: nothing changed.
             (InState::AwaitingResponse, None) => return,
-            (InState::AwaitingReplyAck { reply } | InState::Unconfirmed { reply }, _) => {
-                InboundStage::Replied {
-                    reply: reply.clone(),
-                }
-            }
+            (InState::AwaitingReplyAck { reply }, _) => InboundStage::Replied {
+                reply: reply.clone(),
+            },
+            (InState::Unconfirmed { reply }, _) => InboundStage::Unconfirmed {
+                reply: reply.clone(),
+            },
             (InState::Done, _) => InboundStage::Done,
             (InState::Aborted(reason), _) => InboundStage::Aborted(*reason),
         };
@@ -473,6 +495,8 @@ impl Endpoint {
                     reply: reply.take(),
                 };
                 let conn = record.conn;
+                // Stored as reported, so that a restart does not raise it again.
+                self.persist_inbound((peer, exchange), None);
                 self.unbind_inbound(conn, exchange, now);
                 self.events
                     .push_back(Event::ResponseUnconfirmed { peer, exchange });
