@@ -27,7 +27,8 @@ use allow::{AllowFile, AllowSource};
 use clap::{Parser, Subcommand};
 use config::{LogFormat, NodeFile};
 use p2p_handler::{
-    AllowList, Config, Event, ExchangeId, HandlerError, Keypair, Options, P2pHandler, PeerId,
+    AllowList, Config, Event, ExchangeId, HandlerError, KeyedExchange, Keypair, Options,
+    P2pHandler, PeerId, RequestOptions,
 };
 
 #[derive(Parser)]
@@ -129,18 +130,46 @@ enum Cmd {
         /// Send it this many times, one exchange after another, and print timing statistics.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
-        /// Give up after this long. Default: the handler's whole retry budget for one
-        /// exchange (Config::exchange_budget, about 225 s with the defaults), so that a dead
-        /// or slow peer shows the handler's real cause rather than this timeout.
+        /// Give up waiting after this long. Default: the handler's own bound, one second
+        /// past it, so that a dead or slow peer shows the handler's real cause rather than
+        /// this timeout: the --deadline if given, otherwise the retry budget of one exchange
+        /// (Config::exchange_budget, about 225 s with the defaults; a peer that cannot be
+        /// reached is redialed meanwhile, every 5 s at most).
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
+        /// Retry until this long has passed (e.g. "6h"), however many attempts it takes,
+        /// then fail. With --data-dir the deadline is stored with the request and survives
+        /// restarts of this command.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
+        /// An idempotency key made from your own data (e.g. "invoice-17"). With --data-dir,
+        /// running the same command again after a crash does not send a second request: it
+        /// finds the first by its key and waits for (or prints) its outcome.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         /// Keep exchanges in this directory: run again after a crash, the node resumes the
-        /// requests it had not finished and prints their outcomes too.
+        /// requests it had not finished and prints their outcomes too, in full.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Log format: text (default) or json (one object per line).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+    },
+    /// Print the outcomes stored in a data directory that no one collected (replies and
+    /// failures with their payloads), without sending anything, and forget them.
+    ///
+    /// The directory must not be in use by a running node. Unfinished requests stay in it:
+    /// `send` or `serve` with the same directory resumes them.
+    Outcomes {
+        /// The data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The node's key file (the directory belongs to one node).
+        #[arg(long)]
+        key: PathBuf,
+        /// Print them but keep them, to be collected again later.
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -221,6 +250,8 @@ fn run(command: Cmd) -> Result<()> {
             message,
             repeat,
             timeout,
+            deadline,
+            idempotency_key,
             data_dir,
             log_format,
         } => {
@@ -238,20 +269,110 @@ fn run(command: Cmd) -> Result<()> {
                     buf
                 }
             };
-            // One second over the budget: the outcome itself arrives first.
+            // One second over the handler's own bound: the outcome itself arrives first.
             let timeout = timeout.map_or_else(
-                || handler.exchange_budget() + Duration::from_secs(1),
+                || deadline.unwrap_or_else(|| handler.exchange_budget()) + Duration::from_secs(1),
                 Duration::from_secs,
             );
+            let mut request = RequestOptions::new();
+            if let Some(deadline) = deadline {
+                request = request.deadline(deadline);
+            }
+            if let Some(key) = idempotency_key {
+                if repeat > 1 {
+                    return Err("--idempotency-key names one request: not with --repeat".into());
+                }
+                request = request.key(key);
+            }
             send(
                 load_key(&key)?,
                 (peer, addr),
                 message,
                 repeat.max(1),
                 timeout,
+                request,
                 start_options(handler, data_dir.or(file.data_dir).as_deref())?,
             )
         }
+        Cmd::Outcomes {
+            data_dir,
+            key,
+            keep,
+        } => {
+            logging::init(LogFormat::Text, None, "warn")?;
+            outcomes(&load_key(&key)?, &data_dir, keep)
+        }
+    }
+}
+
+/// `p2p-node outcomes`: reads the store directly (no handler starts, nothing is sent),
+/// prints every stored outcome in full, and unless `keep`, deletes them in one commit.
+fn outcomes(key: &Keypair, dir: &Path, keep: bool) -> Result<()> {
+    use p2p_handler::Store;
+    let mut store = p2p_handler::RedbStore::open(dir)?;
+    let rows = store.load()?;
+    let recovered = p2p_handler::durable::decode(key.peer_id(), rows).map_err(|record| {
+        p2p_handler::StoreError::Corrupt {
+            path: store.location(),
+            record,
+        }
+    })?;
+    let mut settled = Vec::new();
+    for stored in &recovered.outcomes {
+        println!("{}", describe_outcome(&stored.event));
+        if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &stored.event {
+            settled.push(p2p_handler::durable::outcome_taken(*exchange));
+        }
+    }
+    let unfinished = recovered.outbound.len();
+    eprintln!(
+        "{} outcome{} {}; {unfinished} request{} still unfinished (send or serve with this \
+         data directory resumes them)",
+        recovered.outcomes.len(),
+        plural(recovered.outcomes.len()),
+        if keep { "kept" } else { "collected" },
+        plural(unfinished),
+    );
+    if !keep && !settled.is_empty() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(store.commit(settled))?;
+    }
+    Ok(())
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// An outcome in full, on one line: its exchange, the peer, and the reply or the failure
+/// with the payload it hands back (as text; bytes that are not printable are escaped).
+fn describe_outcome(event: &Event) -> String {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).escape_debug().to_string();
+    match event {
+        Event::Reply {
+            peer,
+            exchange,
+            payload,
+            ..
+        } => format!(
+            "{exchange} reply from {peer} ({} bytes): {}",
+            payload.len(),
+            text(payload)
+        ),
+        Event::Failed {
+            peer,
+            exchange,
+            payload,
+            failure,
+            ..
+        } => format!(
+            "{exchange} to {peer} failed: {failure}; its request ({} bytes): {}",
+            payload.len(),
+            text(payload)
+        ),
+        other => format!("{other:?}"),
     }
 }
 
@@ -547,28 +668,10 @@ fn serve(
 }
 
 /// Reports how a request of an earlier run (kept in the data directory) ended.
+/// An outcome of a request an earlier run left in the data directory, in full.
 fn report_outcome(event: &Event) {
-    match event {
-        Event::Reply {
-            peer,
-            exchange,
-            payload,
-            ..
-        } => eprintln!(
-            "reply to earlier request {exchange} from {} ({} bytes)",
-            peer.short(),
-            payload.len()
-        ),
-        Event::Failed {
-            peer,
-            exchange,
-            failure,
-            ..
-        } => eprintln!(
-            "earlier request {exchange} to {} failed: {failure}",
-            peer.short()
-        ),
-        _ => {}
+    if matches!(event, Event::Reply { .. } | Event::Failed { .. }) {
+        eprintln!("earlier request: {}", describe_outcome(event));
     }
 }
 
@@ -703,6 +806,7 @@ fn send(
     message: Vec<u8>,
     repeat: u32,
     timeout: Duration,
+    request: RequestOptions,
     start: Options,
 ) -> Result<()> {
     // Replies come back on the connections we dial, so nothing needs to reach this node:
@@ -712,7 +816,26 @@ fn send(
     let mut last = Vec::new();
     for _ in 0..repeat {
         let started = Instant::now();
-        let id = node.request(peer, addr, message.clone())?;
+        // A key this data directory already holds: the request was made by an earlier run
+        // (which may have died right after making it). Wait for that one instead.
+        let earlier = match &request.key {
+            Some(key) => node.lookup(peer, key.clone())?,
+            None => None,
+        };
+        let id = match earlier {
+            Some(KeyedExchange::Queued { exchange } | KeyedExchange::InFlight { exchange, .. }) => {
+                eprintln!("resuming request {exchange}, made earlier with this key");
+                exchange
+            }
+            Some(KeyedExchange::Finished(event)) => {
+                // Its outcome is first in the inbox; the loop below takes it.
+                match event {
+                    Event::Reply { exchange, .. } | Event::Failed { exchange, .. } => exchange,
+                    _ => return Err("unexpected outcome for the key".into()),
+                }
+            }
+            _ => node.request_with(peer, addr, message.clone(), request.clone())?,
+        };
         // The outcome, a Reply or a Failed, comes on the receive channel.
         loop {
             let left = timeout.saturating_sub(started.elapsed());

@@ -314,3 +314,134 @@ fn a_node_killed_mid_burst_loses_nothing_and_repeats_nothing() {
         }
     }
 }
+
+#[test]
+fn a_data_directory_prints_an_earlier_requests_outcome_in_full_and_keys_prevent_resends() {
+    let setup = Setup::new("resume");
+    let script = setup.gated_echo();
+    let (_server, target) = setup.serve(&["--exec", &script]);
+    let data = setup.dir.join("alice-data");
+    let send = |args: &[&str]| {
+        let mut cmd = setup.send("alice", &target);
+        cmd.arg("--data-dir").arg(&data).args(args);
+        cmd
+    };
+    // The first run gives up waiting while Bob's command is held at the gate; its request
+    // stays in the data directory, unfinished.
+    let first = send(&["--timeout", "1", "--idempotency-key", "job-1", "slow one"])
+        .output()
+        .unwrap();
+    assert!(!first.status.success());
+    // The gate opens once Bob's command waits at it (it may only start when the next run
+    // resumes the request, on a loaded machine).
+    let gate = std::thread::scope(|s| {
+        s.spawn(|| setup.open_gate());
+        // Run again with the same key: the request is not made a second time; the first
+        // is resumed and its reply printed.
+        send(&["--idempotency-key", "job-1", "slow one"])
+            .output()
+            .unwrap()
+    });
+    let again = gate;
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("resuming request"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "slow one\n");
+    // A run without a key after a run left an outcome behind prints that outcome in
+    // full. (Here: a request made with --timeout 1 whose reply came after the run ended.)
+    let left = send(&["--timeout", "1", "slow two"]).output().unwrap();
+    assert!(!left.status.success());
+    let next = std::thread::scope(|s| {
+        s.spawn(|| setup.open_gate());
+        send(&["fast"]).output().unwrap()
+    });
+    let err = String::from_utf8_lossy(&next.stderr);
+    assert!(next.status.success(), "{err}");
+    assert!(
+        err.contains("earlier request: x") && err.contains("(9 bytes): slow two"),
+        "{err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&next.stdout), "fast\n");
+}
+
+#[test]
+fn outcomes_collects_what_a_data_directory_holds_without_sending() {
+    let setup = Setup::new("outcomes");
+    let data = setup.dir.join("alice-data");
+    let alice = Keypair::from_file(setup.dir.join("alice.key")).unwrap();
+    let bob: p2p_handler::PeerId = setup.bob.parse().unwrap();
+    // A durable node whose request fails (nobody at the address) and whose application
+    // never reads the failure before it stops.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    runtime.block_on(async {
+        let config = p2p_handler::Config {
+            max_attempts: 1,
+            connect_timeout: std::time::Duration::from_millis(100),
+            ack_timeout: std::time::Duration::from_millis(100),
+            reply_timeout: std::time::Duration::from_millis(200),
+            response_timeout: std::time::Duration::from_millis(150),
+            ..p2p_handler::Config::default()
+        };
+        let (handler, _inbox) = p2p_handler::Handler::spawn_with(
+            p2p_handler::TcpTransport,
+            "127.0.0.1:0".parse().unwrap(),
+            alice.clone(),
+            p2p_handler::AllowList::from_peers([bob]),
+            p2p_handler::Options::new(config, [1; 32])
+                .data_dir(&data)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        handler
+            .request(bob, nobody, &b"lost cause"[..])
+            .await
+            .unwrap();
+        while handler.status().await.unwrap().outbound_in_flight > 0 {
+            tokio::task::yield_now().await;
+        }
+        handler.shutdown().await.unwrap();
+    });
+    drop(runtime);
+    let outcomes = |extra: &[&str]| {
+        let mut cmd = node();
+        cmd.args(["outcomes", "--data-dir"])
+            .arg(&data)
+            .arg("--key")
+            .arg(setup.dir.join("alice.key"))
+            .args(extra);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (kept, note) = outcomes(&["--keep"]);
+    assert!(
+        kept.contains(&format!("to {bob} failed: gave up after"))
+            && kept.contains("its request (10 bytes): lost cause"),
+        "{kept}"
+    );
+    assert!(
+        note.contains("1 outcome kept; 0 requests still unfinished"),
+        "{note}"
+    );
+    let (collected, note) = outcomes(&[]);
+    assert_eq!(collected, kept);
+    assert!(note.contains("1 outcome collected"), "{note}");
+    let (none, note) = outcomes(&[]);
+    assert_eq!(none, "");
+    assert!(note.contains("0 outcomes collected"), "{note}");
+}
