@@ -94,6 +94,21 @@ def scaling_section(scaling):
         )
     lines += [
         "",
+        "A crowd of allowed peers on one host, every node with the default `Config` (no bound",
+        "lifted): 1,000 clients, each sending 10 requests to one node, all at once (queued, one",
+        "connection each) or one after another (a fresh connection, so a handshake, each).",
+        "Their handshakes look like strangers' until they authenticate; every one must complete.",
+        "",
+        "| crowd | completed | failed | exchanges/s |",
+        "|---|---|---|---|",
+    ]
+    for c in scaling["crowd"]:
+        how = "one after another" if c["fresh"] else "all at once"
+        lines.append(
+            f"| {c['peers']:,} × {c['each']}, {how} | {c['completed']:,} | {c['failed']} | {c['per_s']:,}/s |"
+        )
+    lines += [
+        "",
         "One message on an open connection (2-byte reply; `max_message_size` raised to 300 MiB).",
         "Flagged: throughput below 2/3 of the smallest message's, memory per MiB above 1.5× its.",
         "",
@@ -271,7 +286,10 @@ def main():
         "",
         "1,500 attacking sockets from 64 loopback addresses, each re-opened as soon as the node",
         "closes it (the attacker of `handler/tests/hostile.rs`), while an allowed peer (default",
-        "timeouts and handshake budgets) does 300 exchanges. None may fail; the benchmark panics if one does.",
+        "timeouts and handshake budgets; its allow-list entry lists no address, so it gets no",
+        "priority lane) does 300 exchanges from 127.0.0.1. None may fail; the benchmark panics if",
+        "one does. The flood waits parked and unread (`admission.rs`); the peer starts in the",
+        "slots kept for addresses that hold none.",
         "",
         "| attack | p50 | p99 |",
         "|---|---|---|",

@@ -21,7 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub use p2p_handler_core::{
-    allow_list, config, connection, durable, endpoint, identity, noise, wire,
+    admission, allow_list, config, connection, durable, endpoint, identity, noise, wire,
 };
 
 mod facade;

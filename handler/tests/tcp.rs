@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers may panic: that is a failed test.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -601,7 +603,7 @@ fn shutdown_hands_back_pending_exchanges_and_frees_the_port() {
 }
 
 #[test]
-fn connection_limit_drops_excess_streams_and_the_dialer_retries() {
+fn connection_limit_tells_excess_peers_why_and_the_dialer_retries() {
     let k = keys(14, 3);
     let one = Config {
         max_connections: 1,
@@ -615,7 +617,17 @@ fn connection_limit_drops_excess_streams_and_the_dialer_retries() {
         .unwrap();
     let (from, exchange, _) = expect_request(&bob);
     assert_eq!((from, exchange), (alice.local_peer_id(), a));
-    // Bob's only connection slot is taken: Carol's stream is dropped and reported.
+    // Bob's only connection slot is taken: a peer that authenticates is told why
+    // (Close{TooManyConnections}) and disconnected, as PROTOCOL.md says.
+    let mut raw = common::RawPeer::dial(bob.local_address(), &k[2], 1 << 20);
+    assert_eq!(
+        raw.drain(),
+        vec![p2p_handler::wire::Message::Close {
+            reason: CloseReason::TooManyConnections
+        }]
+    );
+    wait_notice(&bob, |n| matches!(n, Notice::ConnectionLimit { .. }));
+    // Carol's node hears the same, and retries.
     let c = carol
         .request(bob.local_peer_id(), bob.local_address(), &b"c"[..])
         .unwrap();

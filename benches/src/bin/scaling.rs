@@ -134,6 +134,77 @@ async fn peers_with(peers: usize, each: usize, reuse: bool, backlog: u32) -> Str
     )
 }
 
+/// A crowd of allowed peers on one host, every node with the default `Config`: `peers`
+/// clients each send `each` requests to one node, all at once (queued behind each other,
+/// so each client dials once) or, `fresh`, one after another (each on a fresh connection:
+/// a handshake per exchange). Every exchange must complete: (completed, failed,
+/// exchanges/s).
+async fn crowd(peers: usize, each: usize, fresh: bool) -> String {
+    let k = keys(peers + 1);
+    let options = Options::new(Config::default(), [3; 32]);
+    let reply = Bytes::from_static(&[1u8; 64]);
+    let srv = server_opts(k[peers].clone(), &k[..peers], reply, options).await;
+    let mut clients = Vec::new();
+    for (i, key) in k[..peers].iter().enumerate() {
+        let options = Options::new(Config::default(), [i as u8; 32]).incarnation(i as u64);
+        let (handler, inbox) = Handler::spawn_with(
+            TcpTransport,
+            "127.0.0.1:0".parse().unwrap(),
+            key.clone(),
+            AllowList::from_peers([srv.peer]),
+            options,
+        )
+        .await
+        .unwrap();
+        clients.push((handler, inbox));
+    }
+    let (peer, addr) = (srv.peer, srv.addr);
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|(cl, mut inbox)| {
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, Vec::new());
+                let mut sent = 0;
+                while ok + failed.len() < each {
+                    // All at once, or the next only once the last ended.
+                    while sent < each && (!fresh || sent == ok + failed.len()) {
+                        cl.request(peer, addr, Bytes::from_static(&[7u8; 64]))
+                            .await
+                            .unwrap();
+                        sent += 1;
+                    }
+                    match inbox.received.recv().await {
+                        Some(Event::Reply { .. }) => ok += 1,
+                        Some(Event::Failed { failure, .. }) => failed.push(failure.to_string()),
+                        Some(_) => {}
+                        None => panic!("client stopped"),
+                    }
+                }
+                (ok, failed, cl, inbox)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed, mut keep) = (0, Vec::new(), Vec::new());
+    for t in tasks {
+        let (o, mut f, cl, inbox) = t.await.unwrap();
+        ok += o;
+        failed.append(&mut f);
+        keep.push((cl, inbox));
+    }
+    let elapsed = start.elapsed();
+    if let Some(first) = failed.first() {
+        eprintln!("crowd of {peers}: {} failed, first: {first}", failed.len());
+    }
+    drop(keep);
+    drop(srv);
+    format!(
+        "{{\"peers\": {peers}, \"each\": {each}, \"fresh\": {fresh}, \"completed\": {ok}, \"failed\": {}, \"per_s\": {:.0}}}",
+        failed.len(),
+        ok as f64 / elapsed.as_secs_f64()
+    )
+}
+
 fn big_config() -> Config {
     Config {
         max_message_size: 300 << 20,
@@ -207,6 +278,14 @@ fn main() {
         }
         return;
     }
+    // `scaling crowd N EACH queued|fresh`: N allowed peers on one host, default config.
+    if let [mode, n, each, how] = &args[..]
+        && mode == "crowd"
+    {
+        let (n, each) = (n.parse().expect("peers"), each.parse().expect("exchanges"));
+        println!("{}", rt.block_on(crowd(n, each, how == "fresh")));
+        return;
+    }
     // `scaling peers N EACH reuse|fresh` runs one row (for profiling it).
     if let [mode, n, each, how] = &args[..]
         && mode == "peers"
@@ -231,10 +310,12 @@ fn main() {
     for (mib, runs) in [(16, 3), (64, 2), (256, 1)] {
         big.push(rt.block_on(message(mib, runs)));
     }
+    let crowds = [false, true].map(|fresh| rt.block_on(crowd(1_000, 10, fresh)));
     println!(
-        "{{\"peers\": [{}], \"backlog\": [{}], \"messages\": [{}]}}",
+        "{{\"peers\": [{}], \"backlog\": [{}], \"messages\": [{}], \"crowd\": [{}]}}",
         rows.join(", "),
         backlog.join(", "),
-        big.join(", ")
+        big.join(", "),
+        crowds.join(", ")
     );
 }

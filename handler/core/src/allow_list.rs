@@ -301,6 +301,14 @@ impl AllowList {
         map.into_iter().flat_map(|m| m.iter())
     }
 
+    /// Whether some entry lists `ip` among the addresses its peer may connect from: a
+    /// stream from there is admitted ahead of strangers, before any cryptography (see
+    /// `admission`). A linear scan: lists are a few hundred entries at most, and it runs
+    /// once per accepted stream.
+    pub fn lists_address(&self, ip: IpAddr) -> bool {
+        self.peers().any(|(_, entry)| entry.addresses.contains(&ip))
+    }
+
     /// Checks an authenticated peer connecting from `ip`.
     pub fn check(&self, peer: &PeerId, ip: IpAddr) -> Result<(), Rejection> {
         match &self.mode {

@@ -106,26 +106,35 @@ pub struct Config {
     /// Peers whose rate-limit state is tracked at once (bounds memory in allow-any mode).
     /// Default 4096.
     pub max_tracked_peers: usize,
-    /// Open connections, both directions, handshaking ones included. When an accepted
-    /// stream finds this full, the oldest unauthenticated inbound connection makes room for
-    /// it; if every connection is authenticated (or ours), the new stream is dropped. Dials
-    /// wait for a free slot. Either refusal is reported as a priority notice. Default 1024.
+    /// Open connections, both directions: authenticated ones, and dials. A peer that
+    /// authenticates while this many are open is sent `Close{TooManyConnections}` and
+    /// disconnected (its dialer retries as after a refused dial); a dial waits for a free
+    /// slot. Either is reported as a priority notice. Handshakes of accepted streams are
+    /// bounded apart (`max_handshaking`). Default 1024.
     pub max_connections: usize,
     /// Connections the operating system holds for accepting (the listen backlog). A burst
     /// of dials beyond it loses their SYNs, and each costs its dialer a retransmit a second
     /// later. The system caps it (`net.core.somaxconn` on Linux, 4096 by default). A driver
     /// setting. Default 4096.
     pub listen_backlog: u32,
-    /// Inbound connections that have not finished their handshake, over all sources. They
-    /// have their own budget so that strangers can never crowd out allowed peers: when it is
-    /// full, a new stream evicts the oldest unauthenticated connection of the source address
-    /// that holds the most of them. Authenticated connections are never evicted. Each one
-    /// also ends at `handshake_timeout`. Default 256.
+    /// Inbound connections that have not finished their handshake, per class: from
+    /// addresses an allow-list entry lists, and from anywhere else (strangers). A stranger
+    /// never takes a listed address's slot. When a class is full, a new stream waits
+    /// (parked, unread, up to `4 * max_handshaking` of them, each for `handshake_timeout`
+    /// at most) or takes the slot of a handshake that stalled (no handshake message for a
+    /// tenth of `handshake_timeout`) from an address holding more slots than its own.
+    /// Handshakes that progress are never evicted; authenticated connections never are.
+    /// See `admission.rs`. Default 256.
     pub max_handshaking: usize,
-    /// Unauthenticated inbound connections from one IP address; a new stream from an address
-    /// at this bound evicts that address's oldest. Keeps one host from evicting the
-    /// handshakes of others. Default 32.
+    /// Unauthenticated inbound connections from one IP address, per class (listed or
+    /// stranger); a stream beyond it waits (parked) for one of them to finish, or takes
+    /// the slot of one that stalled. Keeps one host from taking every slot. Default 32.
     pub max_handshaking_per_ip: usize,
+    /// The Diffie-Hellman work a stranger address may cause: a token per handshake message
+    /// 1 processed from an address no allow-list entry lists, given back when the handshake
+    /// authenticates an allowed peer. An address whose handshakes fail or stall is slowed
+    /// to this rate; allowed peers never run dry. Default burst 32, 8 per second.
+    pub stranger_handshake_rate: RateLimit,
     /// Capacity of each of the six channels between the application, the handler task and
     /// the network side (a connection's own outgoing queue is sized by the driver, not by
     /// this). Any value from 1 works. Default 1024.
@@ -199,6 +208,10 @@ impl Default for Config {
             listen_backlog: 4096,
             max_handshaking: 256,
             max_handshaking_per_ip: 32,
+            stranger_handshake_rate: RateLimit {
+                burst: 32,
+                per_second: 8,
+            },
             channel_capacity: 1024,
         }
     }
@@ -260,6 +273,7 @@ impl Config {
         for (name, rate) in [
             ("request_rate", self.request_rate),
             ("connection_rate", self.connection_rate),
+            ("stranger_handshake_rate", self.stranger_handshake_rate),
         ] {
             if rate.burst == 0 || rate.per_second == 0 {
                 return Err(ConfigError(format!(

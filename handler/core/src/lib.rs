@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod allow_list;
 pub mod config;
 pub mod connection;

@@ -22,8 +22,8 @@ impl Bucket {
         }
     }
 
-    /// Takes one token, or says how long until one is available.
-    pub(crate) fn take(&mut self, limit: RateLimit, now: Instant) -> Result<(), Duration> {
+    /// Adds what accrued since the last call, up to the burst.
+    fn refill(&mut self, limit: RateLimit, now: Instant) {
         let capacity = u64::from(limit.burst) * TOKEN;
         let elapsed = now.saturating_duration_since(self.last);
         // micro-tokens per microsecond equals tokens per second.
@@ -32,6 +32,24 @@ impl Bucket {
             .saturating_mul(u64::from(limit.per_second));
         self.micro_tokens = self.micro_tokens.saturating_add(refill).min(capacity);
         self.last = now;
+    }
+
+    /// Gives one token back (what it paid for turned out well), up to the burst.
+    pub(crate) fn give_back(&mut self, limit: RateLimit, now: Instant) {
+        self.refill(limit, now);
+        let capacity = u64::from(limit.burst) * TOKEN;
+        self.micro_tokens = self.micro_tokens.saturating_add(TOKEN).min(capacity);
+    }
+
+    /// Whether it is full (so forgetting it changes nothing).
+    pub(crate) fn is_full(&mut self, limit: RateLimit, now: Instant) -> bool {
+        self.refill(limit, now);
+        self.micro_tokens >= u64::from(limit.burst) * TOKEN
+    }
+
+    /// Takes one token, or says how long until one is available.
+    pub(crate) fn take(&mut self, limit: RateLimit, now: Instant) -> Result<(), Duration> {
+        self.refill(limit, now);
         if self.micro_tokens >= TOKEN {
             self.micro_tokens -= TOKEN;
             Ok(())

@@ -1,7 +1,7 @@
 //! One task per connection: feeds frames to its [`Connection`] and writes what it produces.
 
 use std::io;
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
@@ -16,7 +16,7 @@ use crate::endpoint::ConnId;
 use crate::wire::{CloseReason, MAX_FRAME_LEN, Message};
 
 use super::router::NetEvent;
-use super::slots::Admission;
+use super::slots::SharedGate;
 use super::{SharedAllow, Timer, now};
 
 pub(super) enum ConnCommand {
@@ -130,8 +130,9 @@ pub(super) struct ConnTask {
     pub(super) conn: ConnId,
     /// Whether the endpoint knows this connection (dials always; accepts once established).
     pub(super) announced: bool,
-    /// Shared with the router, which may evict this connection until it authenticates.
-    pub(super) admission: Arc<Admission>,
+    /// Accepted streams: the admission table, which may evict this connection until it
+    /// authenticates, and charges its Diffie-Hellman work. `None` for dials.
+    pub(super) gate: Option<SharedGate>,
     pub(super) connection: Connection,
     pub(super) allow: SharedAllow,
     pub(super) commands: mpsc::Receiver<ConnCommand>,
@@ -184,6 +185,9 @@ impl ConnTask {
                 }
                 frame = framed.next() => match frame {
                     Some(Ok(frame)) => {
+                        if !frames_seen {
+                            self.pay_for_handshake().await;
+                        }
                         frames_seen = true;
                         self.bytes.received.increment(wire_len(frame.len()));
                         let handled = match self.allow.read() {
@@ -195,6 +199,12 @@ impl ConnTask {
                         };
                         if !handled {
                             return self.lost("allow list lock poisoned".into(), true).await;
+                        }
+                        if !self.announced
+                            && let Some(gate) = &self.gate
+                        {
+                            // A handshake message: its wait for the next one begins now.
+                            gate.with(|table| table.progressed(self.conn, now()));
                         }
                     }
                     Some(Err(e)) => return self.lost(format!("read failed: {e}"), true).await,
@@ -260,6 +270,18 @@ impl ConnTask {
         }
     }
 
+    /// Before the first handshake message of an accepted stream is read (the one that costs
+    /// us Diffie-Hellman work): a stranger address pays a token of its budget, waiting for
+    /// one if it spent them all. Dials and listed addresses go ahead.
+    async fn pay_for_handshake(&self) {
+        let Some(gate) = &self.gate else {
+            return;
+        };
+        while let Err(wait) = gate.with(|table| table.take_dh(self.conn, now())) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Forwards the connection's events; false if the handler is gone.
     async fn forward_events(&mut self) -> bool {
         while let Some(event) = self.connection.poll_event() {
@@ -271,9 +293,13 @@ impl ConnTask {
                         remote_max_message_size,
                     },
                 ) => {
-                    if !self.admission.admit() {
-                        // Evicted while finishing the handshake: the router has cut us.
-                        return false;
+                    if let Some(gate) = &self.gate {
+                        if !gate.with(|table| table.admit(self.conn, now())) {
+                            // Evicted while finishing the handshake: the router cuts us.
+                            return false;
+                        }
+                        // A slot is free: parked streams may start.
+                        gate.wake.notify_one();
                     }
                     self.announced = true;
                     tracing::debug!(peer = %peer.short(), "handshake complete");

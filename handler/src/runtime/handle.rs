@@ -132,9 +132,11 @@ pub struct Status {
     pub open_connections: usize,
     /// Connection tasks alive on the network side.
     pub connection_tasks: usize,
-    /// Unauthenticated inbound connections evicted to make room for newer ones (see
-    /// `Config::max_handshaking`), since the start.
+    /// Unauthenticated inbound connections evicted to make room for newer ones, and
+    /// parked streams dropped (see `Config::max_handshaking`), since the start.
     pub evicted_unauthenticated: u64,
+    /// Accepted streams waiting (unread) for a handshake slot.
+    pub parked_connections: usize,
     /// Notices dropped because the application left the priority channel full. Outcomes
     /// are never dropped: they travel on the receive channel.
     pub notices_dropped: u64,
@@ -548,6 +550,7 @@ impl Handler {
         let (notice_tx, notice_rx) = mpsc::channel(cap);
         let shared_allow: SharedAllow = Arc::new(RwLock::new(allow));
         let slots: Slots = Arc::default();
+        let gate = super::slots::Gate::new(crate::admission::Admission::new(&config));
         let router = Router {
             transport,
             keypair: Arc::new(keypair),
@@ -561,7 +564,8 @@ impl Handler {
             conns: slots.clone(),
             tasks: JoinSet::new(),
             accepted: 0,
-            evicted: 0,
+            gate,
+            parked: BTreeMap::new(),
             bytes: super::conn_task::ByteCounters::new(),
         };
         let network = tokio::spawn(router.run(listener));
@@ -592,6 +596,7 @@ impl Handler {
             connection_tasks: 0,
             notices_dropped: 0,
             evicted_unauthenticated: 0,
+            parked_connections: 0,
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),
             closing: BTreeMap::new(),

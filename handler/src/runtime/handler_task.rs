@@ -14,7 +14,7 @@ use crate::endpoint::{
 };
 use crate::identity::PeerId;
 use crate::store::{Commit, Store, StoreError};
-use crate::wire::{ExchangeId, Message};
+use crate::wire::{CloseReason, ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
 use super::handle::{Command, Inbox, Notice, ShutdownReport, Status};
@@ -46,6 +46,8 @@ pub(super) struct HandlerTask {
     pub(super) notices_dropped: u64,
     pub(super) connection_tasks: usize,
     pub(super) evicted_unauthenticated: u64,
+    /// Accepted streams waiting for a handshake slot (the router's count).
+    pub(super) parked_connections: usize,
     /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
     pub(super) pending_net: VecDeque<(ConnId, ConnCommand)>,
     /// Exchange states last reported to a tap that wants transitions.
@@ -396,10 +398,28 @@ impl HandlerTask {
                     self.send_direct(conn, command).await;
                 }
                 Output::Close { conn, reason } => {
+                    // The endpoint refuses with this reason at `max_connections`, and also
+                    // when it cannot track one more peer: only the first is this notice.
+                    let at_limit =
+                        self.endpoint.open_connections() >= self.endpoint.config().max_connections;
+                    if reason == CloseReason::TooManyConnections
+                        && at_limit
+                        && let Some(addr) = self.slot_addr(conn)
+                    {
+                        self.notice(Notice::ConnectionLimit {
+                            addr,
+                            direction: Direction::Inbound,
+                        });
+                    }
                     self.send_direct(conn, ConnCommand::Close(reason)).await;
                 }
             }
         }
+    }
+
+    /// The remote address of a live connection task.
+    fn slot_addr(&self, conn: ConnId) -> Option<std::net::SocketAddr> {
+        self.slots.lock().ok()?.get(&conn).map(|slot| slot.addr)
     }
 
     async fn send_direct(&mut self, conn: ConnId, command: ConnCommand) {
@@ -559,6 +579,7 @@ impl HandlerTask {
                     open_connections: self.endpoint.open_connections(),
                     connection_tasks: self.connection_tasks,
                     evicted_unauthenticated: self.evicted_unauthenticated,
+                    parked_connections: self.parked_connections,
                     notices_dropped: self.notices_dropped,
                     outbound_in_flight: self.endpoint.outbound_in_flight(),
                     pending_responses: self.endpoint.pending_responses(),
@@ -647,8 +668,13 @@ impl HandlerTask {
                 self.endpoint
                     .handle_conn_event(conn, ConnEvent::Closed(Closed::Io(why)), now());
             }
-            NetNotice::Tasks { live, evicted } => {
+            NetNotice::Tasks {
+                live,
+                parked,
+                evicted,
+            } => {
                 self.connection_tasks = live;
+                self.parked_connections = parked;
                 self.evicted_unauthenticated = evicted;
             }
             NetNotice::App(notice) => self.notice(notice),

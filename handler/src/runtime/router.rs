@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use rand_core::Rng;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
+use crate::admission::Verdict;
 use crate::config::Config;
 use crate::connection::{Closed, ConnError, ConnEvent, Connection};
 use crate::endpoint::{ConnId, Direction, Event};
@@ -21,7 +22,7 @@ use crate::wire::{CloseReason, Message};
 
 use super::conn_task::{ByteCounters, ConnCommand, ConnTask};
 use super::handle::Notice;
-use super::slots::{Admission, ConnSlot, Forwarded, Slots, forward};
+use super::slots::{ConnSlot, Forwarded, SharedGate, Slots, forward};
 use super::{SHUTDOWN_GRACE, SharedAllow, now};
 
 /// Messages waiting for one connection's task. An exchange puts at most a few on a
@@ -67,9 +68,13 @@ pub(super) enum NetEvent {
 pub(super) enum NetNotice {
     /// The router gave up on a connection (limit, slowness); the endpoint must hear of it.
     Lost { conn: ConnId, why: String },
-    /// The number of live connection tasks changed (and how many unauthenticated
-    /// connections have been evicted so far).
-    Tasks { live: usize, evicted: u64 },
+    /// The number of live connection tasks changed (and how many accepted streams wait for
+    /// a handshake slot, and how many unauthenticated ones have been evicted so far).
+    Tasks {
+        live: usize,
+        parked: usize,
+        evicted: u64,
+    },
     /// Something only the application needs to know.
     App(Notice),
 }
@@ -88,8 +93,10 @@ pub(super) struct Router<T: Transport> {
     pub(super) conns: Slots,
     pub(super) tasks: JoinSet<ConnId>,
     pub(super) accepted: u64,
-    /// Unauthenticated connections evicted to make room, since the start.
-    pub(super) evicted: u64,
+    /// The admission table of unauthenticated inbound connections.
+    pub(super) gate: SharedGate,
+    /// Accepted streams waiting for a handshake slot, unread (see `admission`).
+    pub(super) parked: BTreeMap<ConnId, (T::Stream, SocketAddr)>,
     /// Shared by every connection task.
     pub(super) bytes: ByteCounters,
 }
@@ -100,8 +107,11 @@ impl<T: Transport> Router<T> {
     pub(super) async fn run(mut self, listener: T::Listener) {
         let (accept_tx, mut accept_rx) = mpsc::channel::<Accepted<T::Stream>>(64);
         let mut acceptor = Some(tokio::spawn(accept_loop(listener, accept_tx)));
+        let gate = self.gate.clone();
+        let mut timer = super::Timer::new();
         loop {
             let notices = self.notices.clone();
+            let expiry = timer.arm(self.gate.with(|table| table.poll_timeout()));
             tokio::select! {
                 biased;
                 Ok(permit) = notices.reserve(), if !self.pending_notices.is_empty() => {
@@ -110,10 +120,23 @@ impl<T: Transport> Router<T> {
                     }
                 }
                 Some(done) = self.tasks.join_next() => {
-                    if let (Ok(conn), Ok(mut conns)) = (done, self.conns.lock()) {
-                        conns.remove(&conn);
+                    if let Ok(conn) = done {
+                        if let Ok(mut conns) = self.conns.lock() {
+                            conns.remove(&conn);
+                        }
+                        if conn.is_inbound() {
+                            self.gate.with(|table| table.ended(conn, now()));
+                            self.admit_parked();
+                        }
                     }
                     self.notify_tasks();
+                }
+                // A handshake authenticated: parked streams may take its slot.
+                () = gate.wake.notified() => self.admit_parked(),
+                () = timer.wait(), if expiry => {
+                    timer.fired();
+                    self.gate.with(|table| table.handle_timeout(now()));
+                    self.admit_parked();
                 }
                 command = self.commands.recv() => match command {
                     Some(NetCommand::Shutdown) | None => break,
@@ -135,9 +158,11 @@ impl<T: Transport> Router<T> {
     }
 
     fn notify_tasks(&mut self) {
+        let evicted = self.gate.with(|table| table.evictions());
         self.notify(NetNotice::Tasks {
             live: self.tasks.len(),
-            evicted: self.evicted,
+            parked: self.parked.len(),
+            evicted,
         });
     }
 
@@ -172,12 +197,12 @@ impl<T: Transport> Router<T> {
         }
     }
 
-    fn live(&self) -> usize {
-        self.conns.lock().map_or(0, |c| c.len())
-    }
-
+    /// Connections past their handshake, or ours: what `max_connections` bounds.
+    /// (Handshakes of accepted streams have budgets of their own.)
     fn at_limit(&self) -> bool {
-        self.live() >= self.config.max_connections
+        let tasks = self.conns.lock().map_or(0, |c| c.len());
+        let handshaking = self.gate.with(|table| table.handshaking());
+        tasks.saturating_sub(handshaking) >= self.config.max_connections
     }
 
     fn dial(&mut self, conn: ConnId, peer: PeerId, addr: SocketAddr) {
@@ -200,8 +225,6 @@ impl<T: Transport> Router<T> {
         let bytes = self.bytes.clone();
         let allow = self.allow.clone();
         let events = self.events.clone();
-        let admission = Admission::admitted();
-        let task_admission = admission.clone();
         let abort = self.tasks.spawn(async move {
             let mut rx = rx;
             // While connecting, a Close (the endpoint's connect timeout) or a dropped channel
@@ -228,7 +251,7 @@ impl<T: Transport> Router<T> {
                     let task = ConnTask {
                         conn,
                         announced: true,
-                        admission: task_admission,
+                        gate: None,
                         connection,
                         allow,
                         commands: rx,
@@ -246,7 +269,7 @@ impl<T: Transport> Router<T> {
             }
             conn
         });
-        self.register(conn, tx, abort, addr, admission);
+        self.register(conn, tx, abort, addr);
     }
 
     /// Records a spawned connection task so commands can reach it and limits count it.
@@ -256,7 +279,6 @@ impl<T: Transport> Router<T> {
         commands: mpsc::Sender<ConnCommand>,
         abort: AbortHandle,
         addr: SocketAddr,
-        admission: Arc<Admission>,
     ) {
         if let Ok(mut conns) = self.conns.lock() {
             conns.insert(
@@ -265,63 +287,14 @@ impl<T: Transport> Router<T> {
                     commands,
                     abort,
                     addr,
-                    admission,
                 },
             );
         }
         self.notify_tasks();
     }
 
-    /// Makes room for a stream just accepted from `ip`, within the budgets: at most
-    /// `max_handshaking_per_ip` unauthenticated connections from one address, at most
-    /// `max_handshaking` in all, at most `max_connections` of every kind. Room is made by
-    /// evicting unauthenticated inbound connections only: the oldest of `ip` when that
-    /// address is at its bound, otherwise the oldest of whichever address holds the most.
-    /// False when no room can be made (every connection is authenticated or ours).
-    fn make_room(&mut self, ip: IpAddr) -> bool {
-        let Ok(mut conns) = self.conns.lock() else {
-            return false;
-        };
-        loop {
-            // Unauthenticated inbound connections by source, oldest first (inbound ids
-            // count up, and the table is ordered by id).
-            let mut pending: BTreeMap<IpAddr, Vec<ConnId>> = BTreeMap::new();
-            for (id, slot) in conns.iter() {
-                if id.is_inbound() && slot.admission.is_pending() {
-                    pending.entry(slot.addr.ip()).or_default().push(*id);
-                }
-            }
-            let total: usize = pending.values().map(Vec::len).sum();
-            let own = pending.get(&ip).map_or(0, Vec::len);
-            let victim = if own >= self.config.max_handshaking_per_ip {
-                pending.get(&ip).and_then(|ids| ids.first().copied())
-            } else if total >= self.config.max_handshaking
-                || conns.len() >= self.config.max_connections
-            {
-                pending
-                    .values()
-                    .max_by_key(|ids| (ids.len(), std::cmp::Reverse(ids.first().copied())))
-                    .and_then(|ids| ids.first().copied())
-            } else {
-                return true;
-            };
-            let Some(victim) = victim else {
-                return false;
-            };
-            let Some(slot) = conns.remove(&victim) else {
-                return false;
-            };
-            if slot.admission.evict() {
-                slot.abort.abort();
-                self.evicted += 1;
-                tracing::debug!(conn = %victim, addr = %slot.addr, "evicted an unauthenticated connection");
-            } else {
-                // It authenticated a moment ago: keep it, and look again.
-                conns.insert(victim, slot);
-            }
-        }
-    }
-
+    /// A stream was accepted: the admission table says whether its handshake starts now,
+    /// waits (parked, unread) for a slot, or cannot be held at all.
     fn accepted(&mut self, accepted: Accepted<T::Stream>) {
         let (stream, addr) = match accepted {
             Ok(accepted) => accepted,
@@ -331,21 +304,79 @@ impl<T: Transport> Router<T> {
                 return;
             }
         };
-        if !self.make_room(addr.ip()) {
-            // Dropping the stream closes it; the dialer retries later.
-            tracing::warn!(%addr, "connection limit reached, dropping accepted stream");
-            self.notify(NetNotice::App(Notice::ConnectionLimit {
-                addr,
-                direction: Direction::Inbound,
-            }));
-            return;
-        }
         self.accepted += 1;
         let conn = ConnId::inbound(self.accepted);
+        let listed = self
+            .allow
+            .read()
+            .is_ok_and(|allow| allow.lists_address(addr.ip()));
+        let verdict = self
+            .gate
+            .with(|table| table.accept(conn, addr.ip(), listed, now()));
+        match verdict {
+            // Registering the task tells the handler task how many there are.
+            Verdict::Start => self.start(conn, stream, addr),
+            Verdict::Park => {
+                self.parked.insert(conn, (stream, addr));
+                self.notify_tasks();
+            }
+            Verdict::Drop => {
+                // Dropping the stream closes it. Only strangers' floods get here: every
+                // slot and parking place is held by streams at least as fair as this one.
+                tracing::debug!(%addr, "too many unauthenticated streams wait: dropped");
+                self.gate.with(|table| table.ended(conn, now()));
+            }
+        }
+        if self.cut_evicted() {
+            self.notify_tasks();
+        }
+    }
+
+    /// Starts the parked streams the admission table has room for, and cuts what it
+    /// evicted.
+    fn admit_parked(&mut self) {
+        let mut changed = false;
+        while let Some(conn) = self.gate.with(|table| table.poll_start()) {
+            changed = true;
+            if let Some((stream, addr)) = self.parked.remove(&conn) {
+                self.start(conn, stream, addr);
+            } else {
+                // Closed meanwhile (the router no longer holds it): free its slot.
+                self.gate.with(|table| table.ended(conn, now()));
+            }
+        }
+        if self.cut_evicted() || changed {
+            self.notify_tasks();
+        }
+    }
+
+    /// Cuts what the admission table evicted: a handshake's task, or a parked stream.
+    /// Returns whether there was any.
+    fn cut_evicted(&mut self) -> bool {
+        let mut any = false;
+        while let Some(victim) = self.gate.with(|table| table.poll_evicted()) {
+            any = true;
+            if self.parked.remove(&victim).is_some() {
+                // A parked stream, dropped unread: nothing else holds it.
+                self.gate.with(|table| table.ended(victim, now()));
+                continue;
+            }
+            let slot = self.conns.lock().ok().and_then(|mut c| c.remove(&victim));
+            if let Some(slot) = slot {
+                slot.abort.abort();
+                tracing::debug!(conn = %victim, addr = %slot.addr, "evicted an unauthenticated connection");
+            }
+        }
+        any
+    }
+
+    /// Starts the handshake task of an accepted stream.
+    fn start(&mut self, conn: ConnId, stream: T::Stream, addr: SocketAddr) {
         let seed = self.seed();
         let connection = match Connection::accept(&self.keypair, addr, seed, &self.config, now()) {
             Ok(connection) => connection,
             Err(e) => {
+                self.gate.with(|table| table.ended(conn, now()));
                 self.notify(NetNotice::App(Notice::Event(Event::PeerError(
                     crate::endpoint::PeerError::Connection(e),
                 ))));
@@ -353,11 +384,10 @@ impl<T: Transport> Router<T> {
             }
         };
         let (tx, rx) = mpsc::channel(CONN_QUEUE);
-        let admission = Admission::pending();
         let task = ConnTask {
             conn,
             announced: false,
-            admission: admission.clone(),
+            gate: Some(self.gate.clone()),
             connection,
             allow: self.allow.clone(),
             commands: rx,
@@ -370,7 +400,7 @@ impl<T: Transport> Router<T> {
             task.run(stream).await;
             conn
         });
-        self.register(conn, tx, abort, addr, admission);
+        self.register(conn, tx, abort, addr);
     }
 
     async fn shutdown(mut self) {

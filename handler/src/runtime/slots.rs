@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use crate::admission::Admission;
 use crate::endpoint::ConnId;
 
 use super::conn_task::ConnCommand;
@@ -16,55 +16,37 @@ pub(super) struct ConnSlot {
     pub(super) commands: mpsc::Sender<ConnCommand>,
     pub(super) abort: AbortHandle,
     pub(super) addr: SocketAddr,
-    /// Whether an accepted stream has authenticated yet (dials are admitted from the start).
-    pub(super) admission: Arc<Admission>,
 }
 
-/// Where an accepted connection stands in admission, shared by its task and the router.
-///
-/// An unauthenticated connection may be evicted by the router to make room for a newer one;
-/// an authenticated one never is. The two can race (the task finishes its handshake while
-/// the router picks it for eviction), so the transition is one compare-and-swap out of
-/// `PENDING`: whichever side wins decides, and the loser backs off. The task announces the
-/// connection to the endpoint only after winning, so the endpoint never learns of a
-/// connection the router has cut.
-#[derive(Debug)]
-pub(super) struct Admission(AtomicU8);
+/// The admission table of unauthenticated inbound connections (see
+/// [`admission`](crate::admission)), shared by the router, which accepts, parks, starts and
+/// evicts, and the connection tasks, which report their handshakes' progress and pay for
+/// their Diffie-Hellman work. The table's decisions are atomic under its lock: a task
+/// admitted and the router evicting it cannot both win.
+pub(super) struct Gate {
+    table: std::sync::Mutex<Admission>,
+    /// Rings when a slot frees (a handshake authenticated): parked streams may start.
+    pub(super) wake: tokio::sync::Notify,
+}
 
-const PENDING: u8 = 0;
-const ADMITTED: u8 = 1;
-const EVICTED: u8 = 2;
+pub(super) type SharedGate = Arc<Gate>;
 
-impl Admission {
-    /// An accepted stream, not authenticated yet.
-    pub(super) fn pending() -> Arc<Self> {
-        Arc::new(Self(AtomicU8::new(PENDING)))
+impl Gate {
+    pub(super) fn new(table: Admission) -> SharedGate {
+        Arc::new(Self {
+            table: std::sync::Mutex::new(table),
+            wake: tokio::sync::Notify::new(),
+        })
     }
 
-    /// A connection we dialed: never subject to eviction.
-    pub(super) fn admitted() -> Arc<Self> {
-        Arc::new(Self(AtomicU8::new(ADMITTED)))
-    }
-
-    /// The task: the handshake finished. False if the router evicted it first.
-    pub(super) fn admit(&self) -> bool {
-        self.transition(ADMITTED)
-    }
-
-    /// The router: claims a pending connection for eviction. False if it authenticated
-    /// first (or was already evicted).
-    pub(super) fn evict(&self) -> bool {
-        self.transition(EVICTED)
-    }
-
-    pub(super) fn is_pending(&self) -> bool {
-        self.0.load(Ordering::Acquire) == PENDING
-    }
-
-    fn transition(&self, to: u8) -> bool {
-        self.0
-            .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+    /// Runs `f` on the table. A poisoned lock (a panic elsewhere) still holds a consistent
+    /// table: every method leaves it whole before it could panic.
+    pub(super) fn with<R>(&self, f: impl FnOnce(&mut Admission) -> R) -> R {
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut table)
     }
 }
 

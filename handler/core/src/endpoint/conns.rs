@@ -73,6 +73,12 @@ impl Endpoint {
             (OutState::Connecting { .. }, Closed::Error(ConnError::HandshakeTimeout { .. })) => {
                 RetryCause::ConnectTimeout
             }
+            // Refused as it connected, before any Request was read: like a refused dial,
+            // retried for as long as the exchange budget lasts.
+            (
+                OutState::Connecting { .. } | OutState::AwaitingAck { .. },
+                Closed::ByPeer(CloseReason::TooManyConnections),
+            ) => RetryCause::DialFailed("the peer has too many connections".into()),
             (OutState::Connecting { .. }, why) => RetryCause::DialFailed(describe(why)),
             (_, why) => RetryCause::ConnectionLost(describe(why)),
         };

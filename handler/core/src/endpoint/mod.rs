@@ -875,6 +875,9 @@ impl Endpoint {
         } else if self.allow.check(&peer, addr.ip()).is_err() {
             // Revoked while the handshake ran.
             Err(CloseReason::NotAllowed)
+        } else if self.conns.len() >= self.config.max_connections {
+            // Told why, so that it backs off and tries again rather than guessing.
+            Err(CloseReason::TooManyConnections)
         } else {
             match self.peer_mut(peer, now) {
                 None => Err(CloseReason::TooManyConnections),

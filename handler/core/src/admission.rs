@@ -1,0 +1,617 @@
+//! Who may start a handshake, decided before any cryptography.
+//!
+//! Every accepted stream is unauthenticated until its Noise handshake ends, and a handshake
+//! costs the responder key generation and Diffie-Hellman work. [`Admission`] bounds what
+//! unauthenticated connections can take, so that strangers can never lock allowed peers
+//! out, and so that a crowd of allowed peers is never mistaken for an attack:
+//!
+//! * **Two classes.** A stream from an IP address that an allow-list entry lists
+//!   ([`Class::Listed`]) has a budget of its own: strangers never evict it, and it starts
+//!   ahead of them. Every other stream is a [`Class::Stranger`].
+//! * **Slots.** Each class holds at most `max_handshaking` handshakes at once, at most
+//!   `max_handshaking_per_ip` of them from one address.
+//! * **Park, don't churn.** A stream that finds no slot is *parked*: held, unread, costing
+//!   a file descriptor and nothing else, until a slot frees (up to `listen_backlog` of
+//!   them: what the operating system would otherwise hold for us). Closing it instead
+//!   would make its dialer reconnect at once, and a node busy closing and accepting has no
+//!   time left for anyone. Parked streams start in a fair order (the address with the
+//!   fewest handshakes first, then the oldest), and are dropped after `handshake_timeout`.
+//! * **Room for newcomers.** Parked streams never take the last eighth of a class's slots:
+//!   those are kept for streams from addresses that hold no handshake yet, so an allowed
+//!   peer arriving from its own address while a flood waits in the parking starts at once.
+//! * **Evict only what stalls.** A newcomer may take the slot of a connection that has
+//!   waited at least [`Admission::stall`] for its peer's next handshake message (silent, or
+//!   not answering message 2), and only from an address holding at least two more slots
+//!   than the newcomer's (fair share), or from its own address when that is at its bound.
+//!   A handshake that progresses at network speed is never evicted.
+//! * **Diffie-Hellman budget.** A stranger address spends a token of a bucket
+//!   (`stranger_handshake_rate`) before its message 1 is processed, and gets it back when
+//!   the handshake authenticates an allowed peer. Allowed crowds therefore never run dry;
+//!   an address whose handshakes fail or stall is slowed to the bucket's rate.
+//!
+//! Sans-IO like the rest of the core: the driver owns the sockets and tasks, tells this
+//! table what happens (`accept`, `progressed`, `admit`, `ended`, `handle_timeout`) and acts
+//! on what it says (start, park, drop; the ids in [`Admission::poll_evicted`] to cut, the
+//! ids in [`Admission::poll_start`] to start).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::endpoint::ConnId;
+use crate::rate::Bucket;
+
+/// Which budget a stream draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// From an address an allow-list entry lists.
+    Listed,
+    /// From anywhere else.
+    Stranger,
+}
+
+/// What to do with a stream just accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Start its handshake now.
+    Start,
+    /// Hold it unread until [`Admission::poll_start`] names it (or it is evicted).
+    Park,
+    /// Close it: nothing can make room (too many streams wait already).
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Handshake {
+    ip: IpAddr,
+    class: Class,
+    /// When it began waiting for its peer's next handshake message.
+    waiting_since: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    conn: ConnId,
+    class: Class,
+    since: Instant,
+}
+
+/// The table of unauthenticated inbound connections. See the module docs.
+#[derive(Debug)]
+pub struct Admission {
+    max_handshaking: usize,
+    /// Slots of each class that parked streams leave to newcomers from fresh addresses.
+    reserve: usize,
+    per_ip: usize,
+    max_parked: usize,
+    handshake_timeout: Duration,
+    stall: Duration,
+    rate: crate::config::RateLimit,
+    /// Handshakes in progress.
+    running: BTreeMap<ConnId, Handshake>,
+    /// Handshakes in progress per class and address.
+    counts: BTreeMap<(Class, IpAddr), usize>,
+    /// Per class, handshakes in progress.
+    totals: BTreeMap<Class, usize>,
+    /// Streams waiting for a slot, per address, oldest first.
+    parked: BTreeMap<IpAddr, VecDeque<Parked>>,
+    parked_len: usize,
+    /// Evicted (or dropped from parking) and not yet cut by the driver.
+    evicted: VecDeque<ConnId>,
+    /// Evicted handshakes whose task has not ended: `admit` refuses them.
+    cut: BTreeSet<ConnId>,
+    /// Parked streams whose turn came.
+    to_start: VecDeque<ConnId>,
+    /// Diffie-Hellman budget per stranger address.
+    buckets: BTreeMap<IpAddr, Bucket>,
+    evictions: u64,
+}
+
+/// At most this many stranger addresses keep a Diffie-Hellman bucket; past it, full
+/// buckets (which say nothing) are forgotten first.
+const MAX_BUCKETS: usize = 65_536;
+
+impl Admission {
+    /// A table with `config`'s budgets.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            max_handshaking: config.max_handshaking,
+            reserve: (config.max_handshaking / 8).max(1),
+            per_ip: config.max_handshaking_per_ip,
+            max_parked: usize::try_from(config.listen_backlog).unwrap_or(usize::MAX),
+            handshake_timeout: config.handshake_timeout,
+            stall: Self::stall_for(config),
+            rate: config.stranger_handshake_rate,
+            running: BTreeMap::new(),
+            counts: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            parked_len: 0,
+            evicted: VecDeque::new(),
+            cut: BTreeSet::new(),
+            to_start: VecDeque::new(),
+            buckets: BTreeMap::new(),
+            evictions: 0,
+        }
+    }
+
+    /// How long a handshake may wait for its peer's next message before a newcomer may
+    /// take its slot: a tenth of `handshake_timeout` (500 ms by default), far beyond a
+    /// round trip, far below the timeout that would end it anyway.
+    pub fn stall_for(config: &Config) -> Duration {
+        config.handshake_timeout / 10
+    }
+
+    /// How long a handshake may wait for its peer before a newcomer may take its slot.
+    pub fn stall(&self) -> Duration {
+        self.stall
+    }
+
+    /// Handshakes in progress.
+    pub fn handshaking(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Streams waiting for a slot.
+    pub fn parked(&self) -> usize {
+        self.parked_len
+    }
+
+    /// Connections evicted (or parked streams dropped) to make room, since the start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Input: the driver accepted `conn` from `ip`; `listed` if an allow-list entry lists
+    /// that address. Evictions it made room with are in [`Admission::poll_evicted`].
+    pub fn accept(&mut self, conn: ConnId, ip: IpAddr, listed: bool, now: Instant) -> Verdict {
+        let class = if listed {
+            Class::Listed
+        } else {
+            Class::Stranger
+        };
+        if self.has_room(class, ip, false) {
+            self.start(conn, ip, class, now);
+            return Verdict::Start;
+        }
+        if let Some(victim) = self.victim(class, ip, now) {
+            self.evict(victim);
+            self.start(conn, ip, class, now);
+            return Verdict::Start;
+        }
+        if self.parked_len >= self.max_parked && !self.drop_a_parked(ip) {
+            return Verdict::Drop;
+        }
+        self.parked.entry(ip).or_default().push_back(Parked {
+            conn,
+            class,
+            since: now,
+        });
+        self.parked_len += 1;
+        Verdict::Park
+    }
+
+    /// Input: a handshake message arrived on `conn`; its wait for the next begins anew.
+    pub fn progressed(&mut self, conn: ConnId, now: Instant) {
+        if let Some(h) = self.running.get_mut(&conn) {
+            h.waiting_since = now;
+        }
+    }
+
+    /// Input (the connection's task): the handshake of `conn` authenticated an allowed
+    /// peer. False if `conn` was evicted meanwhile: then the task must end without
+    /// announcing the connection. A stranger address gets its Diffie-Hellman token back.
+    pub fn admit(&mut self, conn: ConnId, now: Instant) -> bool {
+        if self.cut.contains(&conn) {
+            return false;
+        }
+        if let Some(h) = self.release(conn) {
+            if h.class == Class::Stranger {
+                self.refund(h.ip, now);
+            }
+            self.fill_slots(now);
+        }
+        true
+    }
+
+    /// Input: `conn`'s task ended (its handshake failed, timed out, or was cut), or a parked
+    /// stream was closed. Frees what it held.
+    pub fn ended(&mut self, conn: ConnId, now: Instant) {
+        self.cut.remove(&conn);
+        if self.release(conn).is_some() {
+            self.fill_slots(now);
+            return;
+        }
+        for queue in self.parked.values_mut() {
+            if let Some(i) = queue.iter().position(|p| p.conn == conn) {
+                queue.remove(i);
+                self.parked_len -= 1;
+                break;
+            }
+        }
+        self.parked.retain(|_, q| !q.is_empty());
+    }
+
+    /// Input: time passed; parked streams older than `handshake_timeout` are dropped (their
+    /// dialers gave up by now).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let timeout = self.handshake_timeout;
+        let mut expired = Vec::new();
+        for queue in self.parked.values_mut() {
+            while queue
+                .front()
+                .is_some_and(|p| now.saturating_duration_since(p.since) >= timeout)
+            {
+                if let Some(p) = queue.pop_front() {
+                    expired.push(p.conn);
+                }
+            }
+        }
+        self.parked.retain(|_, q| !q.is_empty());
+        self.parked_len -= expired.len();
+        self.evicted.extend(expired);
+    }
+
+    /// Input (the connection's task, before it reads message 1): a stranger's handshake
+    /// takes a Diffie-Hellman token of its address's bucket, or learns how long until one
+    /// refills; a listed address's goes ahead.
+    pub fn take_dh(&mut self, conn: ConnId, now: Instant) -> Result<(), Duration> {
+        let Some(h) = self.running.get(&conn) else {
+            // Not (or no longer) a handshake of this table: nothing to charge.
+            return Ok(());
+        };
+        if h.class == Class::Listed {
+            return Ok(());
+        }
+        let ip = h.ip;
+        if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_BUCKETS {
+            self.forget_full_buckets(now);
+        }
+        let rate = self.rate;
+        self.buckets
+            .entry(ip)
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now)
+    }
+
+    /// Output: the next connection to cut (a handshake's task to abort, or a parked stream
+    /// to close). The driver calls [`Admission::ended`] for it once it is gone.
+    pub fn poll_evicted(&mut self) -> Option<ConnId> {
+        self.evicted.pop_front()
+    }
+
+    /// Output: the next parked stream whose handshake may start now.
+    pub fn poll_start(&mut self) -> Option<ConnId> {
+        self.to_start.pop_front()
+    }
+
+    /// Output: when [`Admission::handle_timeout`] has parked streams to drop.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.parked
+            .values()
+            .filter_map(|q| q.front())
+            .map(|p| p.since + self.handshake_timeout)
+            .min()
+    }
+
+    // ----- helpers -----
+
+    /// Whether a stream from `ip` may start now. A parked one (`parked`) leaves the
+    /// reserve alone; a newcomer may use it only if its address holds no handshake yet.
+    fn has_room(&self, class: Class, ip: IpAddr, parked: bool) -> bool {
+        let total = self.totals.get(&class).copied().unwrap_or(0);
+        let own = self.count(class, ip);
+        let limit = if parked || own > 0 {
+            self.max_handshaking.saturating_sub(self.reserve).max(1)
+        } else {
+            self.max_handshaking
+        };
+        total < limit && own < self.per_ip
+    }
+
+    fn count(&self, class: Class, ip: IpAddr) -> usize {
+        self.counts.get(&(class, ip)).copied().unwrap_or(0)
+    }
+
+    fn start(&mut self, conn: ConnId, ip: IpAddr, class: Class, now: Instant) {
+        self.running.insert(
+            conn,
+            Handshake {
+                ip,
+                class,
+                waiting_since: now,
+            },
+        );
+        *self.counts.entry((class, ip)).or_default() += 1;
+        *self.totals.entry(class).or_default() += 1;
+    }
+
+    fn release(&mut self, conn: ConnId) -> Option<Handshake> {
+        let h = self.running.remove(&conn)?;
+        if let Some(n) = self.counts.get_mut(&(h.class, h.ip)) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&(h.class, h.ip));
+            }
+        }
+        if let Some(n) = self.totals.get_mut(&h.class) {
+            *n -= 1;
+        }
+        Some(h)
+    }
+
+    fn evict(&mut self, conn: ConnId) {
+        if self.release(conn).is_some() {
+            self.cut.insert(conn);
+            self.evicted.push_back(conn);
+            self.evictions += 1;
+        }
+    }
+
+    /// A stalled handshake of `class` whose slot a newcomer from `ip` may take: from its
+    /// own address when that is at its bound, otherwise from the address holding the most
+    /// (at least two more than the newcomer's). The one that waited longest goes.
+    fn victim(&self, class: Class, ip: IpAddr, now: Instant) -> Option<ConnId> {
+        let own = self.count(class, ip);
+        let from = if own >= self.per_ip {
+            ip
+        } else {
+            let (&(_, busiest), &most) = self
+                .counts
+                .iter()
+                .filter(|((c, _), _)| *c == class)
+                .max_by_key(|(key, n)| (**n, std::cmp::Reverse(key.1)))?;
+            if most < own + 2 {
+                return None;
+            }
+            busiest
+        };
+        self.running
+            .iter()
+            .filter(|(_, h)| h.class == class && h.ip == from)
+            .filter(|(_, h)| now.saturating_duration_since(h.waiting_since) >= self.stall)
+            .min_by_key(|(conn, h)| (h.waiting_since, **conn))
+            .map(|(conn, _)| *conn)
+    }
+
+    /// Parking is full: drops the oldest parked stream of the address with the most parked,
+    /// if that address has more parked than `ip`. False if none qualifies.
+    fn drop_a_parked(&mut self, ip: IpAddr) -> bool {
+        let own = self.parked.get(&ip).map_or(0, VecDeque::len);
+        let Some((&busiest, queue)) = self
+            .parked
+            .iter_mut()
+            .max_by_key(|(addr, q)| (q.len(), std::cmp::Reverse(**addr)))
+        else {
+            return false;
+        };
+        if queue.len() <= own {
+            return false;
+        }
+        let Some(dropped) = queue.pop_front() else {
+            return false;
+        };
+        if queue.is_empty() {
+            self.parked.remove(&busiest);
+        }
+        self.parked_len -= 1;
+        self.evicted.push_back(dropped.conn);
+        self.evictions += 1;
+        true
+    }
+
+    /// Starts parked streams while there is room: listed addresses first, then the
+    /// address with the fewest handshakes, then the oldest stream.
+    fn fill_slots(&mut self, now: Instant) {
+        loop {
+            let next = self
+                .parked
+                .iter()
+                .filter_map(|(ip, q)| q.front().map(|p| (*ip, *p)))
+                .filter(|(ip, p)| self.has_room(p.class, *ip, true))
+                .min_by_key(|(ip, p)| (p.class, self.count(p.class, *ip), p.since, p.conn));
+            let Some((ip, p)) = next else {
+                return;
+            };
+            if let Some(queue) = self.parked.get_mut(&ip) {
+                queue.pop_front();
+                if queue.is_empty() {
+                    self.parked.remove(&ip);
+                }
+            }
+            self.parked_len -= 1;
+            self.start(p.conn, ip, p.class, now);
+            self.to_start.push_back(p.conn);
+        }
+    }
+
+    fn refund(&mut self, ip: IpAddr, now: Instant) {
+        if let Some(bucket) = self.buckets.get_mut(&ip) {
+            bucket.give_back(self.rate, now);
+        }
+    }
+
+    fn forget_full_buckets(&mut self, now: Instant) {
+        let rate = self.rate;
+        self.buckets.retain(|_, b| !b.is_full(rate, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimit;
+
+    /// Five slots a class, the last kept for fresh addresses; two per address; sixteen
+    /// parking places.
+    fn config() -> Config {
+        Config {
+            max_handshaking: 5,
+            max_handshaking_per_ip: 2,
+            listen_backlog: 16,
+            handshake_timeout: Duration::from_secs(5),
+            stranger_handshake_rate: RateLimit {
+                burst: 2,
+                per_second: 1,
+            },
+            ..Config::default()
+        }
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    fn conn(n: u64) -> ConnId {
+        ConnId::inbound(n)
+    }
+
+    fn drain(table: &mut Admission) -> (Vec<ConnId>, Vec<ConnId>) {
+        let evicted = std::iter::from_fn(|| table.poll_evicted()).collect();
+        let started = std::iter::from_fn(|| table.poll_start()).collect();
+        (evicted, started)
+    }
+
+    /// Starts `streams` (conn, address) as strangers at `now`, each of which must start.
+    fn fill(table: &mut Admission, streams: &[(u64, u8)], now: Instant) {
+        for &(n, a) in streams {
+            assert_eq!(
+                table.accept(conn(n), ip(a), false, now),
+                Verdict::Start,
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_listed_address_has_slots_strangers_cannot_take() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)], t0);
+        // The allowed peer's listed address starts at once, with no eviction.
+        assert_eq!(table.accept(conn(9), ip(9), true, t0), Verdict::Start);
+        assert_eq!(drain(&mut table), (vec![], vec![]));
+        // Listed slots fill too, and strangers still cannot take them, stalled or not.
+        assert_eq!(table.accept(conn(10), ip(9), true, t0), Verdict::Start);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(table.accept(conn(11), ip(7), false, later), Verdict::Start);
+        let (evicted, _) = drain(&mut table);
+        assert_eq!(evicted, vec![conn(1)], "a stalled stranger made room");
+    }
+
+    #[test]
+    fn a_crowd_on_one_address_waits_its_turn_and_is_never_evicted() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        // The address is at its bound and its handshakes progress: later ones park.
+        for n in 3..=6 {
+            assert_eq!(table.accept(conn(n), ip(1), false, t0), Verdict::Park);
+        }
+        assert_eq!(table.parked(), 4);
+        // Progress keeps a handshake safe, even when it is old.
+        let t1 = t0 + Duration::from_secs(2);
+        table.progressed(conn(1), t1);
+        table.progressed(conn(2), t1);
+        assert_eq!(table.accept(conn(7), ip(1), false, t1), Verdict::Park);
+        assert_eq!(drain(&mut table), (vec![], vec![]));
+        // One authenticates: the oldest parked starts in its slot.
+        assert!(table.admit(conn(1), t1));
+        assert_eq!(drain(&mut table), (vec![], vec![conn(3)]));
+        table.ended(conn(2), t1);
+        assert_eq!(drain(&mut table), (vec![], vec![conn(4)]));
+        assert_eq!(table.handshaking(), 2);
+        assert_eq!(table.evictions(), 0);
+    }
+
+    #[test]
+    fn a_newcomer_takes_a_stalled_slot_of_the_busiest_address_only() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)], t0);
+        // Full. A newcomer from a fresh address: 10.0.0.1 holds two more than it, but
+        // nothing has stalled yet, so it parks.
+        assert_eq!(table.accept(conn(6), ip(4), false, t0), Verdict::Park);
+        // Once they stall, a newcomer takes the slot that waited longest.
+        let late = t0 + table.stall();
+        table.progressed(conn(1), late);
+        assert_eq!(table.accept(conn(7), ip(5), false, late), Verdict::Start);
+        assert_eq!(
+            drain(&mut table).0,
+            vec![conn(2)],
+            "the silent one, not conn 1"
+        );
+        assert!(
+            !table.admit(conn(2), late),
+            "an evicted handshake is not admitted"
+        );
+        // Fair share: no address holds two more than 10.0.0.3's one: it parks.
+        assert_eq!(table.accept(conn(8), ip(3), false, late), Verdict::Park);
+        assert_eq!(drain(&mut table).0, Vec::<ConnId>::new());
+        // An address at its own bound replaces its own stalled handshake.
+        assert_eq!(table.accept(conn(9), ip(2), false, late), Verdict::Start);
+        assert_eq!(drain(&mut table).0, vec![conn(3)]);
+    }
+
+    #[test]
+    fn parked_streams_start_fairly_leave_room_for_newcomers_and_expire() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 2), (3, 2), (4, 3)], t0);
+        // Four of five: the last slot is for an address that holds none. 10.0.0.1 holds
+        // one, so its next stream parks; then a stream of 10.0.0.4 takes the reserve.
+        let t1 = t0 + Duration::from_millis(1);
+        assert_eq!(table.accept(conn(5), ip(1), false, t0), Verdict::Park);
+        assert_eq!(table.accept(conn(6), ip(4), false, t1), Verdict::Start);
+        assert_eq!(table.accept(conn(7), ip(5), false, t1), Verdict::Park);
+        // Two slots free: parked streams fill up to four, the address with the fewest
+        // handshakes first (10.0.0.5, younger than 10.0.0.1's).
+        table.ended(conn(2), t1);
+        table.ended(conn(3), t1);
+        assert_eq!(drain(&mut table).1, vec![conn(7)]);
+        assert_eq!(table.handshaking(), 4);
+        // The other waits for its turn, and gives up with its dialer.
+        assert_eq!(table.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        table.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(drain(&mut table).0, vec![conn(5)]);
+        assert_eq!((table.parked(), table.poll_timeout()), (0, None));
+    }
+
+    #[test]
+    fn when_parking_is_full_the_busiest_address_gives_way() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)], t0);
+        // Sixteen parking places (listen_backlog), all taken by 10.0.0.1.
+        for n in 10..26 {
+            assert_eq!(table.accept(conn(n), ip(1), false, t0), Verdict::Park);
+        }
+        // Another of its streams cannot get in; one from elsewhere takes its oldest place.
+        assert_eq!(table.accept(conn(30), ip(1), false, t0), Verdict::Drop);
+        assert_eq!(table.accept(conn(31), ip(5), false, t0), Verdict::Park);
+        assert_eq!(drain(&mut table).0, vec![conn(10)]);
+        assert_eq!(table.parked(), 16);
+    }
+
+    #[test]
+    fn strangers_pay_for_their_handshakes_and_allowed_peers_get_it_back() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        table.accept(conn(3), ip(2), true, t0);
+        // Burst 2 for 10.0.0.1, then one a second.
+        assert_eq!(table.take_dh(conn(1), t0), Ok(()));
+        assert_eq!(table.take_dh(conn(2), t0), Ok(()));
+        table.ended(conn(1), t0);
+        fill(&mut table, &[(4, 1)], t0);
+        assert_eq!(table.take_dh(conn(4), t0), Err(Duration::from_secs(1)));
+        // An allowed peer's handshake from there authenticates: its token comes back.
+        assert!(table.admit(conn(2), t0));
+        assert_eq!(table.take_dh(conn(4), t0), Ok(()));
+        // A listed address never pays.
+        for _ in 0..10 {
+            assert_eq!(table.take_dh(conn(3), t0), Ok(()));
+        }
+    }
+}
