@@ -13,6 +13,9 @@ use std::time::Duration;
 use p2p_handler::Config;
 use serde::Deserialize;
 
+/// Commands `serve` runs at once, at most (`jobs`, `--jobs`): each is a thread.
+pub(crate) const MAX_JOBS: usize = 1024;
+
 /// The whole file. Every field is optional; a missing one takes the flag's default.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -96,8 +99,17 @@ impl NodeFile {
                 format!("invalid config {shown}: line {line}: [handler]: {}", e.0)
             })?;
         }
-        if file.jobs == Some(0) {
-            return Err(format!("invalid config {shown}: jobs must be at least 1"));
+        if let Some(jobs) = file.jobs
+            && !(1..=MAX_JOBS).contains(&jobs)
+        {
+            return Err(format!(
+                "invalid config {shown}: jobs = {jobs}: must be 1 to {MAX_JOBS} \
+                 (each is a thread running a command)"
+            ));
+        }
+        if let Some(level) = &file.log.level {
+            crate::logging::filter(level)
+                .map_err(|e| format!("invalid config {shown}: [log] level = {level:?}: {e}"))?;
         }
         if file.allow_reload_interval.is_some_and(|d| d.is_zero()) {
             return Err(format!(
@@ -165,6 +177,21 @@ mod tests {
         assert_eq!(config.response_timeout, Duration::from_secs(90));
         assert!(config.reuse_connections);
         assert_eq!(config.max_attempts, Config::default().max_attempts);
+    }
+
+    #[test]
+    fn values_that_would_abort_or_silence_the_node_are_refused_by_name() {
+        let e = parse("jobs = 1000000000000\n").unwrap_err();
+        assert!(e.contains("jobs = 1000000000000: must be 1 to 1024"), "{e}");
+        let e = parse("jobs = 0\n").unwrap_err();
+        assert!(e.contains("must be 1 to 1024"), "{e}");
+        // A level word with a typo would turn every line off without a word.
+        let e = parse("[log]\nlevel = \"verbose\"\n").unwrap_err();
+        assert!(
+            e.contains("/etc/p2p/node.toml") && e.contains("[log] level") && e.contains("verbose"),
+            "{e}"
+        );
+        assert!(parse("[log]\nlevel = \"p2p_handler=debug,warn\"\n").is_ok());
     }
 
     #[test]

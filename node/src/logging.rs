@@ -11,11 +11,11 @@ use crate::config::LogFormat;
 pub(crate) fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => {
-            EnvFilter::try_new(&env).map_err(|e| format!("invalid RUST_LOG {env:?}: {e}"))?
+            filter(&env).map_err(|e| format!("invalid RUST_LOG {env:?}: {e}"))?
         }
         _ => {
             let level = level.unwrap_or(default);
-            EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?
+            filter(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?
         }
     };
     let builder = tracing_subscriber::fmt()
@@ -33,4 +33,59 @@ pub(crate) fn init(format: LogFormat, level: Option<&str>, default: &str) -> Res
             .try_init(),
     };
     Ok(())
+}
+
+/// The level words a filter may use.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A filter, stricter than `EnvFilter`'s own syntax: `EnvFilter` reads a lone word it does
+/// not know as a target name, so `"verbose"` (or a typo, `"infoo"`) would turn every line
+/// off without a word. Here each comma-separated directive is a level word, or
+/// `target=level` with a level word after the `=`.
+pub(crate) fn filter(text: &str) -> Result<EnvFilter, String> {
+    let directives: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    for &directive in &directives {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{level:?} is not a level (trace, debug, info, warn, error, off); a filter for \
+                 one module is written target=level, e.g. p2p_handler=debug"
+            ));
+        }
+    }
+    EnvFilter::try_new(directives.join(",")).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter;
+
+    #[test]
+    fn unknown_level_words_are_refused_by_name() {
+        for good in [
+            "info",
+            "WARN",
+            "p2p_handler=debug,warn",
+            "off",
+            " debug , x=trace ",
+        ] {
+            assert!(filter(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "verbose",
+            "verbos",
+            "infoo",
+            "p2p_handler=loud",
+            "p2p_handler",
+        ] {
+            let e = filter(bad).unwrap_err();
+            assert!(e.contains("is not a level"), "{bad}: {e}");
+        }
+    }
 }

@@ -91,8 +91,8 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
         /// Commands run at once, for different requests; more requests wait their turn.
-        /// Default 8.
-        #[arg(long)]
+        /// 1 to 1024; default 8.
+        #[arg(long, value_parser = jobs_in_range)]
         jobs: Option<usize>,
         /// How long the application may take to answer a request; a command still running
         /// then is killed, and the dialer is told (Abort NoResponse). Default 25.
@@ -230,7 +230,7 @@ fn run(command: Cmd) -> Result<()> {
             let options = ServeOptions {
                 exec: exec.or(file.exec),
                 count,
-                jobs: jobs.or(file.jobs).unwrap_or(8).max(1),
+                jobs: jobs.or(file.jobs).unwrap_or(8),
                 grace: grace.or(file.grace).unwrap_or(Duration::from_secs(10)),
                 allow_reload_interval: file.allow_reload_interval.unwrap_or(Duration::from_secs(2)),
                 metrics: metrics.or(file.metrics.listen),
@@ -377,6 +377,21 @@ fn describe_outcome(event: &Event) -> String {
 }
 
 const NO_KEY: &str = "no key: give --key FILE (or `key` in the config file)";
+
+/// `--jobs`: the bound the config file's `jobs` has too.
+fn jobs_in_range(text: &str) -> std::result::Result<usize, String> {
+    let jobs: usize = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (1..=config::MAX_JOBS).contains(&jobs) {
+        Ok(jobs)
+    } else {
+        Err(format!(
+            "must be 1 to {} (each is a thread running a command)",
+            config::MAX_JOBS
+        ))
+    }
+}
 
 /// Loads the config file and starts logging: the flag's format over the file's, the
 /// file's level over `default_level` (`RUST_LOG` over both).

@@ -40,6 +40,43 @@ fn two_nodes_exchange_a_message_through_a_command() {
 }
 
 #[test]
+fn a_log_filter_with_an_unknown_word_or_a_thread_count_out_of_bounds_is_refused() {
+    let setup = Setup::new("bad-values");
+    // RUST_LOG=verbos would have turned every line off, silently.
+    let out = node()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-any-peer-insecure",
+            "--key",
+        ])
+        .arg(setup.dir.join("bob.key"))
+        .env("RUST_LOG", "verbos")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid RUST_LOG \"verbos\"") && err.contains("is not a level"),
+        "{err}"
+    );
+    for jobs in ["0", "1000000000000"] {
+        let out = node()
+            .args(["serve", "--jobs", jobs, "--key"])
+            .arg(setup.dir.join("bob.key"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--jobs") && err.contains("1 to 1024"),
+            "{jobs}: {err}"
+        );
+    }
+}
+
+#[test]
 fn bad_arguments_fail_with_a_message() {
     let out = node()
         .args(["send", "--key", "/nonexistent.key", "--to", "nope", "x"])

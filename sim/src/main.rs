@@ -40,14 +40,14 @@ enum Cmd {
     Sweep {
         /// Files or directories (default: scenarios/).
         paths: Vec<PathBuf>,
-        /// Seeds per scenario.
-        #[arg(long, default_value_t = 100)]
+        /// Seeds per scenario (at least 1).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         seeds: u64,
         /// First seed.
         #[arg(long, default_value_t = 0)]
         first_seed: u64,
-        /// Parallel jobs (default: the number of cores).
-        #[arg(long)]
+        /// Parallel jobs (default: the number of cores; 1 to 1024).
+        #[arg(long, value_parser = parse_jobs)]
         jobs: Option<usize>,
         /// Run only shard K of M (as K/M, 1-based): split a sweep across machines.
         #[arg(long, value_parser = parse_shard)]
@@ -86,6 +86,9 @@ enum Cmd {
         /// Include the coverage report.
         #[arg(long)]
         coverage: bool,
+        /// Merge even if a shard of the sweep is missing (the report then says so).
+        #[arg(long)]
+        allow_missing: bool,
     },
     /// Write one run's trace (text) and sequence diagram (Mermaid).
     Trace {
@@ -101,6 +104,13 @@ enum Cmd {
         #[arg(long, default_value = "traces")]
         out: PathBuf,
     },
+}
+
+fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!("{s:?}: jobs must be 1 to 1024")),
+    }
 }
 
 fn parse_shard(s: &str) -> Result<(u64, u64), String> {
@@ -135,7 +145,11 @@ fn main() -> ExitCode {
             json.as_deref(),
             coverage,
         ),
-        Cmd::Merge { files, coverage } => cmd_merge(&files, coverage),
+        Cmd::Merge {
+            files,
+            coverage,
+            allow_missing,
+        } => cmd_merge(&files, coverage, allow_missing),
         Cmd::Shrink {
             file,
             seed,
@@ -303,6 +317,10 @@ fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage:
             .map(|(_, w)| w)
             .collect();
     }
+    if work.is_empty() {
+        eprintln!("p2p-sim: this sweep has no runs (its shard gets none of them)");
+        return ExitCode::FAILURE;
+    }
     let jobs = plan
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -333,11 +351,12 @@ fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage:
                         let f = failed.fetch_add(1, Ordering::Relaxed) + 1;
                         bar.set_message(f.to_string());
                     }
-                    let record = RunRecord::new(
+                    let mut record = RunRecord::new(
                         &path.display().to_string(),
                         &outcome,
                         reproduce(path, seed, true),
                     );
+                    record.shard = plan.shard.map(|(k, m)| format!("{k}/{m}"));
                     if let Ok(mut r) = records.lock() {
                         r.push(record);
                     }
@@ -439,7 +458,7 @@ fn cmd_shrink(file: &Path, seed: u64, swarm: bool, out: Option<PathBuf>) -> Exit
     ExitCode::SUCCESS
 }
 
-fn cmd_merge(files: &[PathBuf], coverage: bool) -> ExitCode {
+fn cmd_merge(files: &[PathBuf], coverage: bool, allow_missing: bool) -> ExitCode {
     let mut records = Vec::new();
     for file in files {
         let text = match std::fs::read_to_string(file) {
@@ -467,6 +486,10 @@ fn cmd_merge(files: &[PathBuf], coverage: bool) -> ExitCode {
             );
             return ExitCode::FAILURE;
         }
+    }
+    if let Err(e) = p2p_sim::report::check_complete(&records, allow_missing) {
+        eprintln!("p2p-sim: {e}");
+        return ExitCode::FAILURE;
     }
     print!("{}", summary(&records, coverage));
     if records.iter().all(RunRecord::passed) {

@@ -38,6 +38,10 @@ pub struct RunRecord {
     pub reproduce: Option<String>,
     /// What the run exercised (see [`crate::coverage`]), sorted.
     pub coverage: Vec<String>,
+    /// The shard of the sweep that made the run, as `K/M` (absent: an unsharded sweep), so
+    /// that `merge` can tell a complete set of shards from one with a shard missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
 }
 
 impl RunRecord {
@@ -57,6 +61,7 @@ impl RunRecord {
             failures: outcome.failures.clone(),
             reproduce: (!outcome.passed()).then_some(reproduce),
             coverage: outcome.coverage.iter().cloned().collect(),
+            shard: None,
         }
     }
 
@@ -64,6 +69,49 @@ impl RunRecord {
     pub fn passed(&self) -> bool {
         self.verdict == "pass"
     }
+}
+
+/// Checks that `records` (from `merge`'s files) are a whole sweep: at least one run, all
+/// of one sharding, and every shard K of M present (unless `allow_missing`). Errors say
+/// what is missing.
+pub fn check_complete(records: &[RunRecord], allow_missing: bool) -> Result<(), String> {
+    if records.is_empty() {
+        return Err("no runs in the files: nothing to merge".into());
+    }
+    let mut shards: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut unsharded = false;
+    for r in records {
+        match &r.shard {
+            None => unsharded = true,
+            Some(text) => {
+                let (k, m) = text
+                    .split_once('/')
+                    .and_then(|(k, m)| Some((k.parse::<u64>().ok()?, m.parse::<u64>().ok()?)))
+                    .filter(|(k, m)| *k >= 1 && k <= m)
+                    .ok_or_else(|| {
+                        format!("{} seed {}: shard {text:?} is not K/M", r.file, r.seed)
+                    })?;
+                shards.entry(m).or_default().insert(k);
+            }
+        }
+    }
+    if unsharded && !shards.is_empty() || shards.len() > 1 {
+        return Err("the files mix sweeps sharded differently (or not at all)".into());
+    }
+    if let Some((m, present)) = shards.iter().next() {
+        let missing: Vec<String> = (1..=*m)
+            .filter(|k| !present.contains(k))
+            .map(|k| format!("{k}/{m}"))
+            .collect();
+        if !missing.is_empty() && !allow_missing {
+            return Err(format!(
+                "shard {} missing: the report would not cover the sweep \
+                 (give --allow-missing to merge what is here)",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `sweep --json` output: one record per non-empty line; errors name the line.
@@ -175,6 +223,7 @@ mod tests {
             failures: if passed { vec![] } else { vec!["boom".into()] },
             reproduce: (!passed).then(|| format!("p2p-sim trace x --seed {seed}")),
             coverage: coverage.iter().map(|s| (*s).to_owned()).collect(),
+            shard: None,
         }
     }
 

@@ -383,6 +383,7 @@ pub enum MsgKind {
     Reply,
     Abort,
     Close,
+    Progress,
 }
 
 /// Selects messages by kind, direction and attempt.
@@ -653,6 +654,16 @@ impl Scenario {
         if self.nodes.is_empty() {
             return Err("a scenario needs at least one [[node]]".into());
         }
+        if self.nodes.len() > MAX_NODES {
+            return Err(format!(
+                "{} nodes: a scenario holds at most {MAX_NODES} (turmoil links every pair)",
+                self.nodes.len()
+            ));
+        }
+        if self.duration.is_zero() {
+            return Err("duration must be positive".into());
+        }
+        self.expect.validate()?;
         let mut names = BTreeSet::new();
         for node in &self.nodes {
             if node.name.is_empty()
@@ -702,7 +713,57 @@ impl Scenario {
             let line = self.step_lines.get(i).copied().unwrap_or(0);
             let step = step.get_ref();
             validate_step(step, &known)
+                .and_then(|()| match step.at {
+                    Some(at) if at > self.duration => Err(format!(
+                        "at = {} is after the end of the run (duration = {}): it would never fire",
+                        humantime::format_duration(at),
+                        humantime::format_duration(self.duration)
+                    )),
+                    _ => Ok(()),
+                })
                 .map_err(|e| format!("line {line}: step {} (`{:?}`): {e}", i + 1, step.action))?;
+        }
+        Ok(())
+    }
+}
+
+/// Nodes a scenario may hold: turmoil links every pair, and each node is a runtime.
+pub const MAX_NODES: usize = 256;
+/// Requests one `request` step may make.
+pub const MAX_COUNT: u32 = 100_000;
+/// The largest `size` a request step may ask for: the protocol's own ceiling on a message.
+pub const MAX_SIZE: usize = p2p_handler::wire::MAX_MESSAGE_SIZE_LIMIT;
+
+impl Expect {
+    /// Every range must be satisfiable.
+    fn validate(&self) -> Result<(), String> {
+        let counts = [
+            ("delivered", &self.delivered),
+            ("replied", &self.replied),
+            ("failed", &self.failed),
+            ("resends", &self.resends),
+            ("redials", &self.redials),
+            ("duplicates_dropped", &self.duplicates_dropped),
+            ("settled_refused", &self.settled_refused),
+            ("replies_from_cache", &self.replies_from_cache),
+            ("redelivered", &self.redelivered),
+            ("nacks", &self.nacks),
+            ("peer_errors", &self.peer_errors),
+            ("rate_limited", &self.rate_limited),
+            ("open_connections", &self.open_connections),
+            ("refused", &self.refused),
+        ];
+        for (field, count) in counts {
+            if let Some(Count::Range {
+                min: Some(min),
+                max: Some(max),
+            }) = count
+                && min > max
+            {
+                return Err(format!(
+                    "[expect] {field}: min = {min} is above max = {max}: no run can meet it"
+                ));
+            }
         }
         Ok(())
     }
@@ -744,12 +805,27 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
         known("from", &m.from)?;
         known("to", &m.to)?;
     }
+    if let Some(trigger) = &step.on
+        && trigger.nth == 0
+    {
+        return Err("`on.nth` counts from 1 (the first matching message)".into());
+    }
+    if step.count == Some(0) || step.count.is_some_and(|c| c > MAX_COUNT) {
+        return Err(format!("`count` must be 1 to {MAX_COUNT}"));
+    }
     match step.action {
         A::Request => {
             need("from", step.from.is_some())?;
             need("to", step.to.is_some())?;
             if step.payload.is_some() && step.size.is_some() {
                 return Err("give `payload` or `size`, not both".into());
+            }
+            if let Some(size) = step.size
+                && size > MAX_SIZE
+            {
+                return Err(format!(
+                    "`size` = {size}: a message is at most {MAX_SIZE} bytes (1 GiB)"
+                ));
             }
         }
         A::Respond => {
@@ -947,6 +1023,40 @@ to = "bob"
             "{base}\n[[step]]\ndo = \"stop\"\nnode = \"bob\"\ngrace = \"soon\"\n"
         ));
         assert!(e.contains("grace"), "{e}");
+    }
+
+    #[test]
+    fn values_that_would_abort_or_never_fire_are_refused_by_name() {
+        let base = "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\n";
+        let request = |extra: &str| {
+            err(&format!(
+                "{base}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n{extra}"
+            ))
+        };
+        let e = request("size = 1000000000000\n");
+        assert!(
+            e.contains("line 6") && e.contains("`size` = 1000000000000"),
+            "{e}"
+        );
+        let e = request("count = 4000000000\n");
+        assert!(e.contains("`count` must be 1 to 100000"), "{e}");
+        let e = request("count = 0\n");
+        assert!(e.contains("`count` must be 1"), "{e}");
+        let e = request("at = \"200s\"\n");
+        assert!(e.contains("after the end of the run"), "{e}");
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"crash\"\nnode = \"bob\"\non = {{ kind = \"request\", nth = 0 }}\n"
+        ));
+        assert!(e.contains("`on.nth` counts from 1"), "{e}");
+        let e = err(&format!(
+            "{base}[expect]\ndelivered = {{ min = 3, max = 1 }}\n"
+        ));
+        assert!(e.contains("delivered: min = 3 is above max = 1"), "{e}");
+        let nodes: String = (0..=MAX_NODES)
+            .map(|i| format!("[[node]]\nname = \"n{i}\"\n"))
+            .collect();
+        let e = err(&nodes);
+        assert!(e.contains("257 nodes") && e.contains("at most 256"), "{e}");
     }
 
     #[test]

@@ -232,5 +232,34 @@ fn merged_shards_report_what_an_unsharded_sweep_reports() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("appears twice"));
+    // A shard missing is refused, unless asked for; an empty file has nothing to merge.
+    let out = sim().arg("merge").args(&shards[..2]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("shard 3/3 missing"), "{err}");
+    let out = sim()
+        .arg("merge")
+        .args(&shards[..2])
+        .arg("--allow-missing")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("runs of 3 scenarios"));
+    std::fs::write(dir.join("empty.jsonl"), "").unwrap();
+    let out = sim()
+        .arg("merge")
+        .arg(dir.join("empty.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no runs"));
+    // A sweep of no seeds is an error, not a pass.
+    let out = sim()
+        .arg("sweep")
+        .arg(&dir)
+        .args(["--seeds", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--seeds"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
