@@ -44,12 +44,13 @@ fuzz_target!(|frames: Vec<Frame>| {
     let hello = Hello {
         version: PROTOCOL_VERSION,
         max_message_size: 1000,
+        progress_ms: 0,
     }
     .encode();
     let Ok(n) = hs.write_message(&hello, &mut buf) else {
         return;
     };
-    conn.handle_frame(&buf[..n], &allow);
+    conn.handle_frame(&buf[..n], &allow, now);
     let Some(msg2) = conn.poll_transmit() else {
         return;
     };
@@ -59,7 +60,7 @@ fuzz_target!(|frames: Vec<Frame>| {
     let Ok(n) = hs.write_message(&[], &mut buf) else {
         return;
     };
-    conn.handle_frame(&buf[..n], &allow);
+    conn.handle_frame(&buf[..n], &allow, now);
     let Ok(mut session) = hs.into_transport_mode() else {
         return;
     };
@@ -86,7 +87,7 @@ fuzz_target!(|frames: Vec<Frame>| {
             }
         };
         let usable = conn.is_established();
-        conn.handle_frame(&bytes, &allow);
+        conn.handle_frame(&bytes, &allow, now);
         let mut transmits = Vec::new();
         while let Some(t) = conn.poll_transmit() {
             transmits.push(t);

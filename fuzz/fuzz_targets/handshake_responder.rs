@@ -19,7 +19,7 @@ fuzz_target!(|frames: Vec<Vec<u8>>| {
         return;
     };
     for frame in &frames {
-        conn.handle_frame(frame, &allow);
+        conn.handle_frame(frame, &allow, now);
         while conn.poll_transmit().is_some() {}
         while let Some(event) = conn.poll_event() {
             // Arbitrary bytes cannot complete a Noise XX handshake with an allowed key.

@@ -61,6 +61,7 @@ const MESSAGES: &[&str] = &[
     "Nack",
     "Reply",
     "Abort",
+    "Progress",
 ];
 
 const NACKS: &[NackReason] = &[
@@ -162,6 +163,7 @@ pub fn message(message: &Message) -> Vec<String> {
             vec!["message Abort".into(), format!("abort {reason:?}")]
         }
         Message::Close { reason } => vec!["message Close".into(), format!("close {reason:?}")],
+        Message::Progress { .. } => vec!["message Progress".into()],
     }
 }
 

@@ -160,6 +160,7 @@ impl Matcher {
             Message::Reply { .. } => MsgKind::Reply,
             Message::Abort { .. } => MsgKind::Abort,
             Message::Close { .. } => MsgKind::Close,
+            Message::Progress { .. } => MsgKind::Progress,
         };
         let of = match message {
             Message::Ack {
@@ -372,6 +373,11 @@ impl Shared {
                 reason,
             } => format!("Abort({reason:?}) {} try {attempt}", ex(exchange)),
             Message::Close { reason } => format!("Close({reason:?})"),
+            Message::Progress {
+                exchange,
+                attempt,
+                received,
+            } => format!("Progress {} try {attempt} ({received} B in)", ex(exchange)),
         }
     }
 
@@ -487,7 +493,16 @@ impl Tap for SimTap {
             return Arrival::Pass;
         };
         let to = self.node;
-        let dialer = dialer_of(from, to, message);
+        let dialer = match message {
+            // Either side sends it; the connection says who dialed it.
+            Message::Progress { .. } if conn.is_inbound() => from,
+            Message::Progress { .. } => to,
+            _ => dialer_of(from, to, message),
+        };
+        if let Message::Progress { .. } = message {
+            // Sent by the connection itself, so never seen going out.
+            s.coverage.extend(coverage::message(message));
+        }
         let text = s.describe(dialer, message);
         let from_name = s.names[from].clone();
         s.push(
@@ -566,6 +581,9 @@ impl Tap for SimTap {
             }
             ConnEvent::Oversized { len, .. } => {
                 format!("{conn} oversized message of {len} B from {name}")
+            }
+            ConnEvent::Receiving { kind, .. } => {
+                format!("{conn} a large {kind:?} from {name} arriving")
             }
             ConnEvent::Message(_) => return,
         };

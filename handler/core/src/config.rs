@@ -66,9 +66,10 @@ pub struct Config {
     /// A connection with no exchange in flight for this long is closed. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// A write that makes no progress for this long (the peer stopped reading, or its
-    /// host is gone without a reset) abandons the connection, and its exchange is retried
-    /// like any broken connection's. A driver setting. Default 30 s.
+    /// A transfer that makes no progress for this long abandons the connection, and its
+    /// exchange is retried like any broken connection's: a write of which the peer takes
+    /// no byte (it stopped reading, or its host is gone without a reset), or a message of
+    /// which no chunk arrives once it began. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub write_stall_timeout: Duration,
     /// Keep a dialed connection open after its exchange for the next one (until

@@ -159,6 +159,14 @@ pub enum ConnError {
         /// Who.
         remote: Remote,
     },
+    /// A message stopped arriving part-way: no byte of it for this long.
+    #[error("{remote}: transfer stalled: no bytes of the message arriving for {stalled:?}")]
+    Stalled {
+        /// Who.
+        remote: Remote,
+        /// How long nothing arrived.
+        stalled: std::time::Duration,
+    },
 }
 
 impl ConnError {
@@ -173,7 +181,8 @@ impl ConnError {
             | Self::Decrypt { remote }
             | Self::Protocol { remote, .. }
             | Self::BadFrame { remote, .. }
-            | Self::NotOpen { remote } => *remote,
+            | Self::NotOpen { remote }
+            | Self::Stalled { remote, .. } => *remote,
         }
     }
 
@@ -212,6 +221,18 @@ pub enum ConnEvent {
     },
     /// A complete message arrived.
     Message(Message),
+    /// A large Request or Reply began to arrive (its header is in, more chunks follow).
+    /// Reported once per message: while it arrives, the connection is busy, and a timer
+    /// waiting for that message should wait on; the connection itself fails with
+    /// [`ConnError::Stalled`] if the message stops arriving.
+    Receiving {
+        /// Its kind (Request or Reply).
+        kind: Kind,
+        /// Its exchange.
+        exchange: ExchangeId,
+        /// Its attempt.
+        attempt: u32,
+    },
     /// The peer started a message larger than our limit; its chunks are being discarded.
     Oversized {
         /// Kind of that message.
@@ -273,6 +294,31 @@ pub struct Connection {
     /// Whether `Closed` was reported. Separate from `state`, which `frame` takes out while it
     /// works, so an error found mid-transition is still reported.
     closed_reported: bool,
+    /// What we ask the remote for in our hello: a `Progress` at least this often while a
+    /// large message of ours arrives there.
+    progress_ms: u32,
+    /// What the remote asked for in its hello (`None`: it does not understand `Progress`).
+    remote_progress: Option<std::time::Duration>,
+    /// The large message arriving, once reported (`ConnEvent::Receiving`).
+    arriving: Option<(ExchangeId, u32)>,
+    /// When the next `Progress` about it may go.
+    next_progress: Option<Instant>,
+    /// A message that stops arriving fails the connection at this instant.
+    transfer_deadline: Option<Instant>,
+    /// How long a message may stop arriving (`Config::write_stall_timeout`).
+    stall: std::time::Duration,
+    /// The last Request or Reply queued to send: (exchange, attempt, encoded length, the
+    /// most the peer said it received). A `Progress` counts only if it names it and says
+    /// more arrived than before (never more than there is), so a peer cannot keep our
+    /// timers waiting by repeating itself.
+    sending: Option<(ExchangeId, u32, u64, u64)>,
+}
+
+/// The interval a node asks its peers to send `Progress` at: a quarter of the shorter of
+/// the two timers that wait for news of a message it sends (`ack_timeout` for its Requests,
+/// `reply_ack_timeout` for its Replies), at least 1 ms.
+pub fn progress_interval(config: &Config) -> std::time::Duration {
+    (config.ack_timeout.min(config.reply_ack_timeout) / 4).max(std::time::Duration::from_millis(1))
 }
 
 impl fmt::Debug for Connection {
@@ -346,6 +392,13 @@ impl Connection {
             plain: Vec::new(),
             chunk: Vec::new(),
             closed_reported: false,
+            progress_ms: u32::try_from(progress_interval(config).as_millis()).unwrap_or(u32::MAX),
+            remote_progress: None,
+            arriving: None,
+            next_progress: None,
+            transfer_deadline: None,
+            stall: config.write_stall_timeout,
+            sending: None,
         }
     }
 
@@ -353,6 +406,7 @@ impl Connection {
         Hello {
             version: PROTOCOL_VERSION,
             max_message_size: u32::try_from(self.max_message_size).unwrap_or(u32::MAX),
+            progress_ms: self.progress_ms,
         }
         .encode()
     }
@@ -372,15 +426,16 @@ impl Connection {
         self.closed_reported
     }
 
-    /// Input: one frame body read from the stream (without its length prefix). The allow
-    /// list is consulted when the responder learns who the dialer is.
-    pub fn handle_frame(&mut self, frame: &[u8], allow: &AllowList) {
-        if let Err(error) = self.frame(frame, allow) {
+    /// Input: one frame body read from the stream (without its length prefix), at `now`.
+    /// The allow list is consulted when the responder learns who the dialer is.
+    pub fn handle_frame(&mut self, frame: &[u8], allow: &AllowList, now: Instant) {
+        if let Err(error) = self.frame(frame, allow, now) {
             self.fail(error);
         }
     }
 
-    /// Input: time passed. Closes the connection if its handshake is overdue.
+    /// Input: time passed. Closes the connection if its handshake is overdue, or if a
+    /// message stopped arriving part-way.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self
             .handshake_deadline
@@ -388,6 +443,14 @@ impl Connection {
         {
             self.fail(ConnError::HandshakeTimeout {
                 remote: self.remote,
+            });
+        } else if self
+            .transfer_deadline
+            .is_some_and(|deadline| now >= deadline)
+        {
+            self.fail(ConnError::Stalled {
+                remote: self.remote,
+                stalled: self.stall,
             });
         }
     }
@@ -398,6 +461,16 @@ impl Connection {
             return Err(ConnError::NotOpen {
                 remote: self.remote,
             });
+        }
+        if let Message::Request {
+            exchange, attempt, ..
+        }
+        | Message::Reply {
+            exchange, attempt, ..
+        } = message
+        {
+            let len = message.encoded_len() as u64;
+            self.sending = Some((*exchange, *attempt, len, 0));
         }
         self.transmits
             .push_back(Outgoing::Message(Chunker::new(message)));
@@ -415,6 +488,7 @@ impl Connection {
             self.closed_reported = true;
             self.state = State::Closed;
             self.handshake_deadline = None;
+            self.transfer_deadline = None;
             self.events
                 .push_back(ConnEvent::Closed(Closed::Locally(reason)));
         }
@@ -511,7 +585,10 @@ impl Connection {
 
     /// Output: when `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.handshake_deadline
+        match (self.handshake_deadline, self.transfer_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn fail(&mut self, error: ConnError) {
@@ -523,6 +600,7 @@ impl Connection {
         self.closed_reported = true;
         self.state = State::Closed;
         self.handshake_deadline = None;
+        self.transfer_deadline = None;
         self.events
             .push_back(ConnEvent::Closed(Closed::Error(error)));
     }
@@ -543,7 +621,7 @@ impl Connection {
         Ok(())
     }
 
-    fn frame(&mut self, frame: &[u8], allow: &AllowList) -> Result<(), ConnError> {
+    fn frame(&mut self, frame: &[u8], allow: &AllowList, now: Instant) -> Result<(), ConnError> {
         if frame.is_empty() || frame.len() > MAX_FRAME_LEN {
             // Nothing was decrypted, so an established session is still usable.
             self.close_for_violation();
@@ -559,6 +637,7 @@ impl Connection {
             State::AwaitingMsg1(mut hs) => {
                 let theirs = self.read_hello(&mut hs, frame)?;
                 self.dialer_max_message_size = theirs.max_message_size as usize;
+                self.remote_progress = progress_of(theirs);
                 self.state = State::AwaitingMsg3(hs);
                 // Answer with our hello even on a version mismatch, so the dialer can report
                 // the incompatibility instead of an unexplained disconnect.
@@ -568,6 +647,7 @@ impl Connection {
             }
             State::AwaitingMsg2(mut hs) => {
                 let theirs = self.read_hello(&mut hs, frame)?;
+                self.remote_progress = progress_of(theirs);
                 let actual = remote_peer(&hs, remote)?;
                 if Some(actual) != self.expected {
                     // Abort before message 3: an impostor never learns who we are.
@@ -637,6 +717,13 @@ impl Connection {
                         return Err(ConnError::Protocol { remote, source });
                     }
                 };
+                if matches!(reassembled, Reassembled::Pending) {
+                    self.still_arriving(now);
+                } else {
+                    self.arriving = None;
+                    self.next_progress = None;
+                    self.transfer_deadline = None;
+                }
                 match reassembled {
                     Reassembled::Pending => {}
                     Reassembled::Message(Message::Close { reason }) => {
@@ -646,6 +733,32 @@ impl Connection {
                         self.handshake_deadline = None;
                         self.events
                             .push_back(ConnEvent::Closed(Closed::ByPeer(reason)));
+                    }
+                    Reassembled::Message(Message::Progress {
+                        exchange,
+                        attempt,
+                        received,
+                    }) => {
+                        let fresh = match &mut self.sending {
+                            Some((x, a, len, reported))
+                                if *x == exchange
+                                    && *a == attempt
+                                    && received > *reported
+                                    && received <= *len =>
+                            {
+                                *reported = received;
+                                true
+                            }
+                            _ => false,
+                        };
+                        // A stale or repeated Progress is dropped: it says nothing new.
+                        if fresh {
+                            self.events.push_back(ConnEvent::Message(Message::Progress {
+                                exchange,
+                                attempt,
+                                received,
+                            }));
+                        }
                     }
                     Reassembled::Message(message) => {
                         self.events.push_back(ConnEvent::Message(message));
@@ -664,6 +777,41 @@ impl Connection {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// A chunk of a large message arrived and more are to come: report the message once,
+    /// push its stall deadline back, and tell a peer that asked for it how far it got.
+    fn still_arriving(&mut self, now: Instant) {
+        let State::Established { reassembler, .. } = &self.state else {
+            return;
+        };
+        let Some((kind, exchange, attempt, received)) = reassembler.arriving() else {
+            return;
+        };
+        if !matches!(kind, Kind::Request | Kind::Reply) {
+            return;
+        }
+        self.transfer_deadline = Some(now + self.stall);
+        if self.arriving != Some((exchange, attempt)) {
+            self.arriving = Some((exchange, attempt));
+            self.next_progress = None;
+            self.events.push_back(ConnEvent::Receiving {
+                kind,
+                exchange,
+                attempt,
+            });
+        }
+        if let Some(interval) = self.remote_progress
+            && self.next_progress.is_none_or(|next| now >= next)
+        {
+            self.next_progress = Some(now + interval);
+            // Cannot fail: the session is established (checked above).
+            let _ = self.send(&Message::Progress {
+                exchange,
+                attempt,
+                received: received as u64,
+            });
         }
     }
 
@@ -733,6 +881,11 @@ fn handshake_error(remote: Remote, error: snow::Error) -> ConnError {
     }
 }
 
+/// The Progress interval a peer's hello asks for; `None` if it does not understand them.
+fn progress_of(hello: Hello) -> Option<std::time::Duration> {
+    (hello.progress_ms > 0).then(|| std::time::Duration::from_millis(u64::from(hello.progress_ms)))
+}
+
 fn check_version(remote: Remote, theirs: Hello) -> Result<(), ConnError> {
     if theirs.version == PROTOCOL_VERSION {
         Ok(())
@@ -794,7 +947,7 @@ mod tests {
     fn pump(from: &mut Connection, to: &mut Connection, allow: &AllowList) -> usize {
         let mut n = 0;
         while let Some(frame) = from.poll_transmit() {
-            to.handle_frame(&frame, allow);
+            to.handle_frame(&frame, allow, Instant::now());
             n += 1;
         }
         n
@@ -876,7 +1029,7 @@ mod tests {
                 Some(plain) => sealed(&mut d, plain),
                 None => Vec::new(),
             };
-            r.handle_frame(&frame, &allow);
+            r.handle_frame(&frame, &allow, Instant::now());
             assert!(matches!(
                 events(&mut r).as_slice(),
                 [ConnEvent::Closed(Closed::Error(
@@ -905,13 +1058,14 @@ mod tests {
         let mut padded = Hello {
             version: PROTOCOL_VERSION,
             max_message_size: 1000,
+            progress_ms: 0,
         }
         .encode()
         .to_vec();
         padded.resize(60_000, 0);
         let mut msg1 = vec![0u8; 65_535];
         let n = hs.write_message(&padded, &mut msg1).unwrap();
-        r.handle_frame(&msg1[..n], &allow);
+        r.handle_frame(&msg1[..n], &allow, Instant::now());
         assert!(r.plain.capacity() <= SMALL_FRAME, "{}", r.plain.capacity());
         // A large message, once complete.
         let (mut d, mut r) = connect(&f, &allow);
@@ -951,6 +1105,11 @@ mod tests {
         assert_eq!(
             events(&mut r),
             vec![
+                ConnEvent::Receiving {
+                    kind: Kind::Request,
+                    exchange: ExchangeId(7),
+                    attempt: 1
+                },
                 ConnEvent::Message(big),
                 ConnEvent::Closed(Closed::ByPeer(CloseReason::Idle))
             ]
@@ -1002,10 +1161,117 @@ mod tests {
     fn feed(to: &mut Connection, bytes: &[u8], lens: &[usize], allow: &AllowList) {
         let mut at = 0;
         for len in lens {
-            to.handle_frame(&bytes[at..at + len], allow);
+            to.handle_frame(&bytes[at..at + len], allow, Instant::now());
             at += len;
         }
         assert_eq!(at, bytes.len());
+    }
+
+    #[test]
+    fn a_message_arriving_slowly_is_reported_paced_and_failed_if_it_stalls() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = established(&f, &allow);
+        let big = Message::Request {
+            exchange: ExchangeId(4),
+            attempt: 2,
+            payload: Bytes::from(vec![3u8; 190_000]),
+        };
+        d.send(&big).unwrap();
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| d.poll_transmit()).collect();
+        assert_eq!(frames.len(), 3);
+        let interval = progress_interval(&f.config);
+        let t0 = f.now;
+        // The first frame: reported once, and the dialer (which asked in its hello) told.
+        r.handle_frame(&frames[0], &allow, t0);
+        assert_eq!(
+            events(&mut r),
+            vec![ConnEvent::Receiving {
+                kind: Kind::Request,
+                exchange: ExchangeId(4),
+                attempt: 2
+            }]
+        );
+        let progress = |c: &mut Connection| std::iter::from_fn(|| c.poll_transmit()).count();
+        assert_eq!(progress(&mut r), 1, "a Progress at once");
+        assert_eq!(r.poll_timeout(), Some(t0 + f.config.write_stall_timeout));
+        // The second, sooner than the interval: no new Progress, not reported again, and
+        // the stall deadline moves on.
+        let t1 = t0 + interval / 2;
+        r.handle_frame(&frames[1], &allow, t1);
+        assert!(events(&mut r).is_empty());
+        assert_eq!(progress(&mut r), 0);
+        assert_eq!(r.poll_timeout(), Some(t1 + f.config.write_stall_timeout));
+        // Then nothing: the transfer stalled, and the connection fails naming the peer.
+        r.handle_timeout(t1 + f.config.write_stall_timeout);
+        assert!(matches!(
+            &events(&mut r)[..],
+            [ConnEvent::Closed(Closed::Error(ConnError::Stalled { remote, .. }))]
+                if remote.peer == Some(f.alice.peer_id())
+        ));
+    }
+
+    #[test]
+    fn only_progress_that_says_something_new_is_reported() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = established(&f, &allow);
+        let request = Message::Request {
+            exchange: ExchangeId(4),
+            attempt: 2,
+            payload: Bytes::from(vec![3u8; 1000]),
+        };
+        d.send(&request).unwrap();
+        let len = request.encoded_len() as u64;
+        let progress = |exchange, attempt, received| Message::Progress {
+            exchange: ExchangeId(exchange),
+            attempt,
+            received,
+        };
+        // More each time, within the message: news. Repeated, less, beyond the message,
+        // another attempt or exchange: dropped, so a peer cannot hold our timers.
+        let said = [
+            (progress(4, 2, 100), true),
+            (progress(4, 2, 100), false),
+            (progress(4, 2, 50), false),
+            (progress(4, 1, 200), false),
+            (progress(5, 2, 200), false),
+            (progress(4, 2, len + 1), false),
+            (progress(4, 2, len), true),
+        ];
+        for (message, news) in said {
+            r.send(&message).unwrap();
+            pump(&mut r, &mut d, &allow);
+            let got = events(&mut d);
+            assert_eq!(
+                got == vec![ConnEvent::Message(message.clone())],
+                news,
+                "{message:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_that_asked_for_no_progress_gets_none() {
+        let f = fixture();
+        let allow = AllowList::from_peers([f.alice.peer_id()]);
+        let (mut d, mut r) = established(&f, &allow);
+        // Alice predates Progress: her hello asked for none.
+        r.remote_progress = progress_of(Hello {
+            version: PROTOCOL_VERSION,
+            max_message_size: 1,
+            progress_ms: 0,
+        });
+        d.send(&Message::Request {
+            exchange: ExchangeId(4),
+            attempt: 1,
+            payload: Bytes::from(vec![3u8; 150_000]),
+        })
+        .unwrap();
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| d.poll_transmit()).collect();
+        r.handle_frame(&frames[0], &allow, f.now);
+        assert_eq!(events(&mut r).len(), 1, "reported to its own endpoint");
+        assert!(r.poll_transmit().is_none(), "nothing sent to the peer");
     }
 
     #[test]
@@ -1043,7 +1309,18 @@ mod tests {
             3,
             "150 kB spans three Noise messages"
         );
-        assert_eq!(events(&mut r), vec![ConnEvent::Message(big)]);
+        // A message of several chunks is reported as it begins to arrive, then whole.
+        assert_eq!(
+            events(&mut r),
+            vec![
+                ConnEvent::Receiving {
+                    kind: Kind::Request,
+                    exchange: ExchangeId(9),
+                    attempt: 1
+                },
+                ConnEvent::Message(big)
+            ]
+        );
         let nack = Message::Nack {
             exchange: ExchangeId(9),
             attempt: 1,
@@ -1052,7 +1329,19 @@ mod tests {
         };
         r.send(&nack).unwrap();
         pump(&mut r, &mut d, &allow);
-        assert_eq!(events(&mut d), vec![ConnEvent::Message(nack)]);
+        // The dialer asked for Progress in its hello: it heard, as the first chunk came in,
+        // that its large Request was arriving.
+        assert_eq!(
+            events(&mut d),
+            vec![
+                ConnEvent::Message(Message::Progress {
+                    exchange: ExchangeId(9),
+                    attempt: 1,
+                    received: 65_514
+                }),
+                ConnEvent::Message(nack)
+            ]
+        );
     }
 
     #[test]
@@ -1147,7 +1436,7 @@ mod tests {
         .unwrap();
         let mut frame = d.poll_transmit().unwrap();
         frame[3] ^= 0x40;
-        r.handle_frame(&frame, &allow);
+        r.handle_frame(&frame, &allow, Instant::now());
         let evs = events(&mut r);
         let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
             panic!("{evs:?}")
@@ -1168,7 +1457,7 @@ mod tests {
             let mut r =
                 Connection::accept(&f.bob, addr("192.0.2.7:4444"), [2; 32], &f.config, f.now)
                     .unwrap();
-            r.handle_frame(frame, &any);
+            r.handle_frame(frame, &any, Instant::now());
             let evs = events(&mut r);
             let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
                 panic!("{evs:?}")
@@ -1257,6 +1546,7 @@ mod tests {
         Hello {
             version: 9,
             max_message_size: 1000,
+            progress_ms: 0,
         }
         .encode()
     }
@@ -1269,7 +1559,11 @@ mod tests {
         let n = fake.write_message(&hello_v9(), &mut buf).unwrap();
         let mut r =
             Connection::accept(&f.bob, addr("10.0.0.1:1"), [2; 32], &f.config, f.now).unwrap();
-        r.handle_frame(&buf[..n], &AllowList::allow_any_peer_insecure());
+        r.handle_frame(
+            &buf[..n],
+            &AllowList::allow_any_peer_insecure(),
+            Instant::now(),
+        );
         // Message 2 still goes out, so the dialer can tell what went wrong.
         assert!(r.poll_transmit().is_some());
         let evs = events(&mut r);
@@ -1304,7 +1598,7 @@ mod tests {
         let msg1 = d.poll_transmit().unwrap();
         fake.read_message(&msg1, &mut buf).unwrap();
         let n = fake.write_message(&hello_v9(), &mut buf).unwrap();
-        d.handle_frame(&buf[..n], &AllowList::new());
+        d.handle_frame(&buf[..n], &AllowList::new(), Instant::now());
         let evs = events(&mut d);
         let [ConnEvent::Closed(Closed::Error(err))] = evs.as_slice() else {
             panic!("{evs:?}")

@@ -624,10 +624,11 @@ impl Net {
             Delivery::Frame { link, to, frame } => {
                 let node = self.links[link].end(to).node;
                 let allow = self.nodes[node].endpoint.allow_list().clone();
+                let now = self.now;
                 let Some(c) = self.links[link].end(to).connection.as_mut() else {
                     return;
                 };
-                c.handle_frame(&frame, &allow);
+                c.handle_frame(&frame, &allow, now);
                 self.after_connection_input(link, to);
             }
             Delivery::Send {

@@ -1845,6 +1845,158 @@ mod endpoint_unit {
         (id, conn)
     }
 
+    fn retried(ep: &mut Endpoint) -> bool {
+        outputs(ep)
+            .iter()
+            .any(|o| matches!(o, Output::Close { .. } | Output::Dial { .. }))
+    }
+
+    #[test]
+    fn progress_from_the_responder_keeps_the_ack_timer_waiting_for_a_slow_request() {
+        let mut f = fixture(config());
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let ack = config().ack_timeout;
+        // The Request takes many ack timeouts to cross; the responder says it is arriving.
+        for step in 1..=10u32 {
+            let at = f.now + ack * step / 2;
+            f.ep.handle_conn_event(
+                conn,
+                ConnEvent::Message(Message::Progress {
+                    exchange: id,
+                    attempt: 1,
+                    received: u64::from(step) << 16,
+                }),
+                at,
+            );
+            f.ep.handle_timeout(at);
+            assert!(
+                !retried(&mut f.ep),
+                "step {step}: no retry while it arrives"
+            );
+        }
+        // Progress about another attempt changes nothing; silence for ack_timeout after the
+        // last one is a lost Request again.
+        let last = f.now + ack * 5;
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Message(Message::Progress {
+                exchange: id,
+                attempt: 7,
+                received: 1,
+            }),
+            last + ack / 2,
+        );
+        f.ep.handle_timeout(last + ack);
+        assert!(retried(&mut f.ep), "silence after the last Progress");
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn a_message_still_arriving_keeps_idle_and_reply_timers_waiting() {
+        // Responder: a large Request arriving keeps its connection from idling out.
+        let mut f = fixture(config());
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(
+            c,
+            ConnEvent::Receiving {
+                kind: Kind::Request,
+                exchange: ExchangeId(5),
+                attempt: 1,
+            },
+            f.now,
+        );
+        let idle = config().idle_timeout;
+        f.ep.handle_timeout(f.now + idle * 3);
+        assert!(outputs(&mut f.ep).is_empty(), "not closed Idle");
+        f.ep.handle_conn_event(c, request(5, 1), f.now + idle * 3);
+        assert!(
+            events(&mut f.ep)
+                .iter()
+                .any(|e| matches!(e, Event::Request { .. }))
+        );
+        // Dialer: a large Reply arriving keeps the reply timer from giving up on it.
+        let mut f = fixture(config());
+        let (id, conn) = {
+            let (p, a) = (f.peer, f.addr);
+            dial_established(&mut f, p, a)
+        };
+        let ack = Message::Ack {
+            exchange: id,
+            attempt: 1,
+            of: AckOf::Request,
+        };
+        f.ep.handle_conn_event(conn, ConnEvent::Message(ack), f.now);
+        f.ep.handle_conn_event(
+            conn,
+            ConnEvent::Receiving {
+                kind: Kind::Reply,
+                exchange: id,
+                attempt: 1,
+            },
+            f.now,
+        );
+        let wait = config().reply_timeout;
+        f.ep.handle_timeout(f.now + wait * 3);
+        assert!(!retried(&mut f.ep), "no retry while the Reply arrives");
+        let reply = Message::Reply {
+            exchange: id,
+            attempt: 1,
+            payload: Bytes::from_static(b"slowly"),
+        };
+        f.ep.handle_conn_event(conn, ConnEvent::Message(reply), f.now + wait * 3);
+        assert!(
+            events(&mut f.ep)
+                .iter()
+                .any(|e| matches!(e, Event::Reply { exchange, .. } if *exchange == id))
+        );
+        f.ep.check_invariants();
+    }
+
+    #[test]
+    fn progress_from_the_dialer_keeps_the_reply_unconfirmed_timer_waiting() {
+        let mut f = fixture(Config {
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        let c = ConnId::inbound(1);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_conn_event(c, request(3, 1), f.now);
+        f.ep.respond(
+            f.peer,
+            ExchangeId(3),
+            Bytes::from(vec![1u8; 1 << 18]),
+            f.now,
+        )
+        .unwrap();
+        let wait = config().reply_ack_timeout;
+        for step in 1..=6u32 {
+            let at = f.now + wait * step / 2;
+            let progress = Message::Progress {
+                exchange: ExchangeId(3),
+                attempt: 1,
+                received: u64::from(step) << 15,
+            };
+            f.ep.handle_conn_event(c, ConnEvent::Message(progress), at);
+            f.ep.handle_timeout(at);
+        }
+        assert!(
+            !events(&mut f.ep)
+                .iter()
+                .any(|e| matches!(e, Event::ResponseUnconfirmed { .. })),
+            "the Reply is still arriving"
+        );
+        f.ep.handle_timeout(f.now + wait * 3 + wait);
+        assert!(
+            events(&mut f.ep)
+                .iter()
+                .any(|e| matches!(e, Event::ResponseUnconfirmed { .. }))
+        );
+    }
+
     #[test]
     fn an_oversized_notice_cannot_fail_another_peers_exchange() {
         let mut f = fixture(config());

@@ -207,6 +207,9 @@ pub enum Kind {
     Abort = 5,
     /// Either way: the connection is being closed.
     Close = 6,
+    /// Either way, only to a peer whose hello asked for it: part of a large Request or
+    /// Reply arrived, still arriving.
+    Progress = 7,
 }
 
 impl Kind {
@@ -218,6 +221,7 @@ impl Kind {
             4 => Self::Reply,
             5 => Self::Abort,
             6 => Self::Close,
+            7 => Self::Progress,
             _ => return None,
         })
     }
@@ -278,6 +282,17 @@ pub enum Message {
         /// Why.
         reason: CloseReason,
     },
+    /// The receiver of a large Request (the responder) or Reply (the dialer) says it is
+    /// still arriving, so that its sender's timer waits on. Sent only to a peer whose hello
+    /// carries a progress interval, at least that often while the message arrives.
+    Progress {
+        /// The exchange of the message arriving.
+        exchange: ExchangeId,
+        /// The attempt of the message arriving.
+        attempt: u32,
+        /// Bytes of the encoded message received so far.
+        received: u64,
+    },
 }
 
 impl Message {
@@ -290,6 +305,7 @@ impl Message {
             Self::Reply { .. } => Kind::Reply,
             Self::Abort { .. } => Kind::Abort,
             Self::Close { .. } => Kind::Close,
+            Self::Progress { .. } => Kind::Progress,
         }
     }
 
@@ -300,7 +316,8 @@ impl Message {
             | Self::Ack { exchange, .. }
             | Self::Nack { exchange, .. }
             | Self::Reply { exchange, .. }
-            | Self::Abort { exchange, .. } => Some(*exchange),
+            | Self::Abort { exchange, .. }
+            | Self::Progress { exchange, .. } => Some(*exchange),
             Self::Close { .. } => None,
         }
     }
@@ -312,7 +329,8 @@ impl Message {
             | Self::Ack { attempt, .. }
             | Self::Nack { attempt, .. }
             | Self::Reply { attempt, .. }
-            | Self::Abort { attempt, .. } => Some(*attempt),
+            | Self::Abort { attempt, .. }
+            | Self::Progress { attempt, .. } => Some(*attempt),
             Self::Close { .. } => None,
         }
     }
@@ -326,6 +344,7 @@ impl Message {
             Self::Ack { .. } | Self::Abort { .. } => EXCHANGE_HEADER_LEN + 1,
             Self::Nack { .. } => EXCHANGE_HEADER_LEN + 1 + 4,
             Self::Close { .. } => 2,
+            Self::Progress { .. } => EXCHANGE_HEADER_LEN + 8,
         }
     }
 
@@ -354,6 +373,7 @@ impl Message {
                 head.extend_from_slice(&retry_after_ms.to_be_bytes());
             }
             Self::Abort { reason, .. } => head.push(reason.code()),
+            Self::Progress { received, .. } => head.extend_from_slice(&received.to_be_bytes()),
             Self::Close { reason } => head.push(reason.code()),
         }
         (head, body)
@@ -421,6 +441,14 @@ impl Message {
                     reason: AbortReason::from_code(r.u8("abort reason")?),
                 }
             }
+            Kind::Progress => {
+                let (exchange, attempt) = r.exchange_header()?;
+                Self::Progress {
+                    exchange,
+                    attempt,
+                    received: r.u64("bytes received")?,
+                }
+            }
         };
         r.finish(kind)?;
         Ok(message)
@@ -460,6 +488,11 @@ impl fmt::Debug for Message {
                 reason,
             } => write!(f, "Abort({exchange} #{attempt}, {reason:?})"),
             Self::Close { reason } => write!(f, "Close({reason:?})"),
+            Self::Progress {
+                exchange,
+                attempt,
+                received,
+            } => write!(f, "Progress({exchange} #{attempt}, {received} B)"),
         }
     }
 }
@@ -676,6 +709,20 @@ impl Reassembler {
         }
     }
 
+    /// The message being collected, once its header is in: its kind, exchange, attempt,
+    /// and the bytes of it received so far. `None` between messages, before its header is
+    /// complete, and for a message too large to collect.
+    pub fn arriving(&self) -> Option<(Kind, ExchangeId, u32, usize)> {
+        let ReassemblyState::Collecting { buf, .. } = &self.state else {
+            return None;
+        };
+        let head = buf.get(..EXCHANGE_HEADER_LEN)?;
+        let kind = Kind::from_code(head[0])?;
+        let exchange = ExchangeId(u64::from_be_bytes(head[1..9].try_into().ok()?));
+        let attempt = u32::from_be_bytes(head[9..13].try_into().ok()?);
+        Some((kind, exchange, attempt, buf.len()))
+    }
+
     /// Feeds one decrypted chunk.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Reassembled, WireError> {
         let (&flags, rest) = chunk
@@ -820,18 +867,25 @@ pub struct Hello {
     pub version: u8,
     /// Largest application payload the sender accepts.
     pub max_message_size: u32,
+    /// How often, at least, the sender wants a `Progress` while a large message of its
+    /// arrives at the other side, in milliseconds; 0 (or a hello without the field, from a
+    /// peer that predates it): it does not understand `Progress`, send none.
+    pub progress_ms: u32,
 }
 
 impl Hello {
     /// Encoded length.
-    pub const LEN: usize = 4 + 1 + 4;
+    pub const LEN: usize = 4 + 1 + 4 + 4;
+    /// The length of a hello from a peer that predates `progress_ms`.
+    pub const MIN_LEN: usize = 4 + 1 + 4;
 
     /// Encodes the hello.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
         out[..4].copy_from_slice(&HELLO_MAGIC);
         out[4] = self.version;
-        out[5..].copy_from_slice(&self.max_message_size.to_be_bytes());
+        out[5..9].copy_from_slice(&self.max_message_size.to_be_bytes());
+        out[9..].copy_from_slice(&self.progress_ms.to_be_bytes());
         out
     }
 
@@ -852,9 +906,15 @@ impl Hello {
             // Nothing could ever be sent to such a peer.
             return Err(WireError::BadHello("max_message_size 0"));
         }
+        // Absent from a peer that predates it: no Progress for that peer.
+        let progress_ms = bytes
+            .get(9..13)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_be_bytes);
         Ok(Self {
             version,
             max_message_size,
+            progress_ms,
         })
     }
 }
@@ -1167,6 +1227,7 @@ mod tests {
         let h = Hello {
             version: PROTOCOL_VERSION,
             max_message_size: 1 << 24,
+            progress_ms: 0,
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         assert!(Hello::decode(b"GET / HTTP/1.1").is_err());
@@ -1175,6 +1236,7 @@ mod tests {
         let zero = Hello {
             version: PROTOCOL_VERSION,
             max_message_size: 0,
+            progress_ms: 0,
         };
         assert_eq!(
             Hello::decode(&zero.encode()),

@@ -5,6 +5,8 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
+use std::task::{Context, Poll};
+
 use futures_util::future::poll_fn;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -43,25 +45,29 @@ pub(super) enum Written {
     Failed(String),
 }
 
-/// Moves the connection's frames into the sink's write buffer (each encrypted straight into
-/// it, after its length prefix) and flushes it. Cancel-safe: it waits for room before taking
-/// a frame from the connection, so at every await each frame is either still in the
-/// connection or already in the buffer. Each wait for the peer to take bytes is bounded by
-/// `stall`.
-async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
+/// One turn of writing, polled: moves the connection's frames into the sink's write buffer
+/// (each encrypted straight into it, after its length prefix) while the sink has room,
+/// then flushes. Ready once everything queued is flushed. Cancel-safe: it takes a frame
+/// from the connection only once there is room for it, so between polls each frame is
+/// either still in the connection or already in the buffer. `progressed` turns true when
+/// the socket took bytes (the buffer shrank across a flush): the peer is reading.
+fn poll_write<S: AsyncRead + AsyncWrite + Unpin>(
     connection: &mut Connection,
     corrupt_next: &mut bool,
     framed: &mut Framed<S, LengthDelimitedCodec>,
-    stall: Duration,
     sent: &metrics::Counter,
-) -> Written {
-    let stalled = || Written::Failed(format!("write stalled: no progress for {stall:?}"));
-    let failed = |e: io::Error| Written::Failed(format!("write failed: {e}"));
+    progressed: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), String>> {
+    let failed = |e: io::Error| format!("write failed: {e}");
     loop {
-        match within(stall, |cx| SinkExt::<Bytes>::poll_ready_unpin(framed, cx)).await {
-            None => return stalled(),
-            Some(Err(e)) => return failed(e),
-            Some(Ok(())) => {}
+        let held = framed.write_buffer().len();
+        let ready = SinkExt::<Bytes>::poll_ready_unpin(framed, cx);
+        *progressed |= framed.write_buffer().len() < held;
+        match ready {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(failed(e))),
+            Poll::Ready(Ok(())) => {}
         }
         // The frame is encrypted straight into the write buffer, after its length prefix
         // (what the codec would have copied it in with).
@@ -74,7 +80,9 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
         };
         // A frame is at most MAX_FRAME_LEN (u16::MAX) bytes: the connection's bound.
         let Ok(prefix) = u16::try_from(len) else {
-            return failed(io::Error::other(format!("frame of {len} bytes")));
+            return Poll::Ready(Err(failed(io::Error::other(format!(
+                "frame of {len} bytes"
+            )))));
         };
         buffer[at..at + 2].copy_from_slice(&prefix.to_be_bytes());
         if std::mem::take(corrupt_next)
@@ -84,23 +92,24 @@ async fn write_queued<S: AsyncRead + AsyncWrite + Unpin>(
         }
         sent.increment(wire_len(len));
     }
-    match within(stall, |cx| SinkExt::<Bytes>::poll_flush_unpin(framed, cx)).await {
-        None => stalled(),
-        Some(Err(e)) => failed(e),
-        Some(Ok(())) => Written::All,
-    }
+    let held = framed.write_buffer().len();
+    let flushed = SinkExt::<Bytes>::poll_flush_unpin(framed, cx).map_err(failed);
+    *progressed |= framed.write_buffer().len() < held;
+    flushed
 }
 
-/// Polls `poll` until it is ready, giving up (`None`) after `stall`. Most waits end on the
-/// first poll (the socket has room), and those read no clock and arm no timer.
-async fn within<T>(
-    stall: Duration,
-    mut poll: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>,
-) -> Option<T> {
-    if let std::task::Poll::Ready(value) = poll_fn(|cx| std::task::Poll::Ready(poll(cx))).await {
-        return Some(value);
-    }
-    tokio::time::timeout(stall, poll_fn(poll)).await.ok()
+/// What happened while a write was under way.
+enum WriteStep {
+    /// Everything queued is flushed (or the stream failed).
+    Done(Result<(), String>),
+    /// The peer took some bytes; the write goes on.
+    Progress,
+    /// A command from the endpoint.
+    Command(Option<ConnCommand>),
+    /// A frame from the peer (read while our write waited for it to take bytes).
+    Frame(Option<io::Result<bytes::BytesMut>>),
+    /// No byte taken for `write_stall_timeout`.
+    Stalled,
 }
 
 /// A frame's size on the wire: its payload and the 2-byte length prefix.
@@ -139,6 +148,9 @@ pub(super) struct ConnTask {
     pub(super) events: mpsc::Sender<NetEvent>,
     /// Fault injection: flip a byte of the next frame written.
     pub(super) corrupt_next: bool,
+    /// The peer said (a fresh `Progress`) that more of the message we send arrived: our
+    /// write is progressing, even while the kernel's buffer, full, wakes us seldom.
+    pub(super) peer_progressed: bool,
     /// `Config::write_stall_timeout`.
     pub(super) write_stall_timeout: Duration,
     pub(super) bytes: ByteCounters,
@@ -159,8 +171,12 @@ impl ConnTask {
         let mut framed = Framed::new(stream, codec());
         let mut frames_seen = false;
         let mut timer = Timer::new();
+        let mut stall_timer = Timer::new();
         loop {
-            match self.write_out(&mut framed).await {
+            match self
+                .write_out(&mut framed, &mut frames_seen, &mut stall_timer)
+                .await
+            {
                 Written::All => {}
                 Written::Abandoned => return,
                 Written::Failed(why) => return self.lost(why, frames_seen).await,
@@ -183,33 +199,11 @@ impl ConnTask {
                         self.command(command);
                     }
                 }
-                frame = framed.next() => match frame {
-                    Some(Ok(frame)) => {
-                        if !frames_seen {
-                            self.pay_for_handshake().await;
-                        }
-                        frames_seen = true;
-                        self.bytes.received.increment(wire_len(frame.len()));
-                        let handled = match self.allow.read() {
-                            Ok(allow) => {
-                                self.connection.handle_frame(&frame, &allow);
-                                true
-                            }
-                            Err(_) => false,
-                        };
-                        if !handled {
-                            return self.lost("allow list lock poisoned".into(), true).await;
-                        }
-                        if !self.announced
-                            && let Some(gate) = &self.gate
-                        {
-                            // A handshake message: its wait for the next one begins now.
-                            gate.with(|table| table.progressed(self.conn, now()));
-                        }
+                frame = framed.next() => {
+                    if let Err(why) = self.on_frame(frame, &mut frames_seen).await {
+                        return self.lost(why, frames_seen).await;
                     }
-                    Some(Err(e)) => return self.lost(format!("read failed: {e}"), true).await,
-                    None => return self.lost("connection closed by peer".into(), frames_seen).await,
-                },
+                }
                 () = timer.wait(), if deadline => {
                     timer.fired();
                     self.connection.handle_timeout(now());
@@ -234,38 +228,122 @@ impl ConnTask {
         }
     }
 
-    /// Writes everything the connection has queued. While the peer is slow to take it,
-    /// commands are still handled, so the endpoint's close always reaches this task: a Close
-    /// that finds the write blocked abandons the connection at once (the peer is not
-    /// reading, so waiting would only hold this task and its buffers), and a write that
-    /// makes no progress for `write_stall_timeout` abandons it too.
+    /// One frame read from the stream (or its end): fed to the connection. `Err` names why
+    /// the connection is lost.
+    async fn on_frame(
+        &mut self,
+        frame: Option<io::Result<bytes::BytesMut>>,
+        frames_seen: &mut bool,
+    ) -> Result<(), String> {
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => {
+                *frames_seen = true;
+                return Err(format!("read failed: {e}"));
+            }
+            None => return Err("connection closed by peer".into()),
+        };
+        if !*frames_seen {
+            self.pay_for_handshake().await;
+        }
+        *frames_seen = true;
+        self.bytes.received.increment(wire_len(frame.len()));
+        let Ok(allow) = self.allow.read() else {
+            return Err("allow list lock poisoned".into());
+        };
+        self.connection.handle_frame(&frame, &allow, now());
+        drop(allow);
+        if !self.announced
+            && let Some(gate) = &self.gate
+        {
+            // A handshake message: its wait for the next one begins now.
+            gate.with(|table| table.progressed(self.conn, now()));
+        }
+        Ok(())
+    }
+
+    /// Writes everything the connection has queued. While the peer is slow to take it:
+    /// * frames it sends are still read and handled (a large message we send may take
+    ///   minutes on a slow link, and the peer's `Progress` about it, or its Ack, must reach
+    ///   the endpoint meanwhile);
+    /// * commands are still handled, so the endpoint's close always reaches this task: a
+    ///   Close that finds the write blocked abandons the connection at once (the peer is not
+    ///   reading, so waiting would only hold this task and its buffers);
+    /// * a write that makes no progress for `write_stall_timeout` abandons it too.
+    ///
+    /// A write that can finish at once reads no clock and arms no timer.
     async fn write_out<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         framed: &mut Framed<S, LengthDelimitedCodec>,
+        frames_seen: &mut bool,
+        stall_timer: &mut Timer,
     ) -> Written {
+        let stall = self.write_stall_timeout;
+        let mut deadline = None;
         loop {
-            tokio::select! {
-                biased;
-                // First, so that a write that can finish at once always does.
-                written = write_queued(
+            let armed = stall_timer.arm(deadline);
+            let step = poll_fn(|cx| {
+                let mut progressed = false;
+                let written = poll_write(
                     &mut self.connection,
                     &mut self.corrupt_next,
                     framed,
-                    self.write_stall_timeout,
                     &self.bytes.sent,
-                ) => return written,
-                // The write is blocked (the future above is cancel-safe: no frame is lost
-                // or half-written when it is dropped here and polled anew).
-                command = self.commands.recv() => match command {
-                    None => return Written::Abandoned,
-                    Some(ConnCommand::Close(reason)) => {
-                        self.connection.close(reason);
-                        tracing::debug!(conn = %self.conn, remote = %self.connection.remote(),
-                            "closed while the peer was not reading: abandoned");
+                    &mut progressed,
+                    cx,
+                );
+                if let Poll::Ready(done) = written {
+                    return Poll::Ready(WriteStep::Done(done));
+                }
+                if progressed {
+                    return Poll::Ready(WriteStep::Progress);
+                }
+                if let Poll::Ready(command) = self.commands.poll_recv(cx) {
+                    return Poll::Ready(WriteStep::Command(command));
+                }
+                if let Poll::Ready(frame) = framed.poll_next_unpin(cx) {
+                    return Poll::Ready(WriteStep::Frame(frame));
+                }
+                if armed && stall_timer.wait().as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(WriteStep::Stalled);
+                }
+                // The write is blocked; the first time, the stall clock starts.
+                if deadline.is_none() {
+                    return Poll::Ready(WriteStep::Progress);
+                }
+                Poll::Pending
+            })
+            .await;
+            match step {
+                WriteStep::Done(Ok(())) => return Written::All,
+                WriteStep::Done(Err(why)) => return Written::Failed(why),
+                WriteStep::Progress => deadline = Some(now() + stall),
+                WriteStep::Stalled => {
+                    stall_timer.fired();
+                    return Written::Failed(format!("write stalled: no progress for {stall:?}"));
+                }
+                WriteStep::Command(None) => return Written::Abandoned,
+                WriteStep::Command(Some(ConnCommand::Close(reason))) => {
+                    self.connection.close(reason);
+                    tracing::debug!(conn = %self.conn, remote = %self.connection.remote(),
+                        "closed while the peer was not reading: abandoned");
+                    return Written::Abandoned;
+                }
+                WriteStep::Command(Some(command)) => self.command(command),
+                WriteStep::Frame(frame) => {
+                    if let Err(why) = self.on_frame(frame, frames_seen).await {
+                        return Written::Failed(why);
+                    }
+                    if !self.forward_events().await {
                         return Written::Abandoned;
                     }
-                    Some(command) => self.command(command),
-                },
+                    // A socket with a large send buffer wakes a blocked writer only after
+                    // much of it drained: on a slow link, the peer's word is the better
+                    // measure of progress.
+                    if std::mem::take(&mut self.peer_progressed) {
+                        deadline = Some(now() + stall);
+                    }
+                }
             }
         }
     }
@@ -312,10 +390,15 @@ impl ConnTask {
                 }
                 (false, ConnEvent::Closed(Closed::Error(e))) => NetEvent::Rejected(e),
                 (false, _) => continue,
-                (true, event) => NetEvent::Conn {
-                    conn: self.conn,
-                    event,
-                },
+                (true, event) => {
+                    if matches!(event, ConnEvent::Message(Message::Progress { .. })) {
+                        self.peer_progressed = true;
+                    }
+                    NetEvent::Conn {
+                        conn: self.conn,
+                        event,
+                    }
+                }
             };
             if self.events.send(message).await.is_err() {
                 return false;

@@ -257,6 +257,7 @@ impl<T: Transport> Router<T> {
                         commands: rx,
                         events,
                         corrupt_next: false,
+                        peer_progressed: false,
                         write_stall_timeout: config.write_stall_timeout,
                         bytes,
                     };
@@ -393,6 +394,7 @@ impl<T: Transport> Router<T> {
             commands: rx,
             events: self.events.clone(),
             corrupt_next: false,
+            peer_progressed: false,
             write_stall_timeout: self.config.write_stall_timeout,
             bytes: self.bytes.clone(),
         };

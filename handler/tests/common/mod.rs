@@ -26,10 +26,13 @@ pub(crate) struct RawPeer {
     pub(crate) their_hello: Hello,
 }
 
+/// This peer's hello. It asks for no `Progress` (`progress_ms` 0), as a peer that predates
+/// them does: the node must never send it one.
 fn hello(max_message_size: u32) -> [u8; Hello::LEN] {
     Hello {
         version: PROTOCOL_VERSION,
         max_message_size,
+        progress_ms: 0,
     }
     .encode()
 }

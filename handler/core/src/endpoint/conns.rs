@@ -17,9 +17,13 @@ use super::{Conn, ConnId, Direction, Endpoint, Output, Peer, Timer};
 
 impl Endpoint {
     pub(super) fn on_message(&mut self, conn: ConnId, message: Message, now: Instant) {
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        // Whatever was arriving on it has arrived (or was abandoned for this message).
+        if !matches!(message, Message::Progress { .. }) {
+            c.receiving = false;
+        }
         let (peer, direction) = (c.peer, c.direction);
         if !c.established {
             return self.violation(conn, "message before the handshake finished", now);

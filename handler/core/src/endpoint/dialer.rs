@@ -158,6 +158,7 @@ impl Endpoint {
                 established: false,
                 exchange: Some(id),
                 remote_max: 0,
+                receiving: false,
             },
         );
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -284,6 +285,18 @@ impl Endpoint {
         let Some(ex) = self.outbound.get(&id) else {
             return;
         };
+        if let OutState::AwaitingAck { conn } | OutState::AwaitingReply { conn } = ex.state
+            && self.conns.get(&conn).is_some_and(|c| c.receiving)
+        {
+            // Its Reply is arriving, slowly: the connection's stall guard watches it.
+            let wait = if matches!(ex.state, OutState::AwaitingAck { .. }) {
+                self.config.ack_timeout
+            } else {
+                self.config.reply_timeout
+            };
+            self.timers.set(Timer::Outbound(id), now + wait);
+            return;
+        }
         match ex.state {
             OutState::Queued => {}
             OutState::Connecting { conn } => {
@@ -484,7 +497,8 @@ impl Endpoint {
             }
             | Message::Nack { exchange, .. }
             | Message::Reply { exchange, .. }
-            | Message::Abort { exchange, .. } => *exchange,
+            | Message::Abort { exchange, .. }
+            | Message::Progress { exchange, .. } => *exchange,
             _ => {
                 return self.violation(
                     conn,
@@ -571,6 +585,18 @@ impl Endpoint {
                 self.retry_after(id, RetryCause::Nacked(reason), Some(conn), hint, now);
             }
             Message::Abort { reason, .. } => self.finish(id, Err(Failure::Aborted(reason)), now),
+            // Our large Request is still arriving there: wait on for its Ack.
+            Message::Progress { attempt, .. } => {
+                let current = matches!(state, OutState::AwaitingAck { conn: c } if c == conn)
+                    && self
+                        .outbound
+                        .get(&id)
+                        .is_some_and(|ex| ex.attempt == attempt);
+                if current {
+                    self.timers
+                        .set(Timer::Outbound(id), now + self.config.ack_timeout);
+                }
+            }
             _ => {}
         }
     }

@@ -169,6 +169,10 @@ pub(super) struct Conn {
     pub(super) exchange: Option<ExchangeId>,
     /// The remote's advertised maximum payload.
     pub(super) remote_max: usize,
+    /// A large message is arriving on it (`ConnEvent::Receiving`, until it is complete):
+    /// the timers that wait for it, and its idle timer, wait on; the connection's own stall
+    /// guard bounds the transfer.
+    pub(super) receiving: bool,
 }
 
 #[derive(Debug)]
@@ -907,6 +911,7 @@ impl Endpoint {
                 established: true,
                 exchange: None,
                 remote_max: remote_max_message_size.min(self.config.max_message_size.max(1)),
+                receiving: false,
             },
         );
         if let Some(state) = self.peers.get_mut(&peer) {
@@ -934,6 +939,11 @@ impl Endpoint {
                 remote_max_message_size,
             } => self.on_established(conn, peer, remote_max_message_size, now),
             ConnEvent::Message(message) => self.on_message(conn, message, now),
+            ConnEvent::Receiving { .. } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.receiving = true;
+                }
+            }
             ConnEvent::Oversized {
                 kind,
                 exchange,
@@ -957,8 +967,13 @@ impl Endpoint {
                     }
                 }
                 Timer::Idle(conn) => {
-                    if self.conns.get(&conn).is_some_and(|c| c.exchange.is_none())
-                        && !self.sabotaged(Sabotage::KeepIdleConnections)
+                    let Some(c) = self.conns.get(&conn) else {
+                        continue;
+                    };
+                    if c.receiving {
+                        // A message still arriving is activity, however long it takes.
+                        self.arm_idle(conn, now);
+                    } else if c.exchange.is_none() && !self.sabotaged(Sabotage::KeepIdleConnections)
                     {
                         self.close(conn, CloseReason::Idle, now);
                     }

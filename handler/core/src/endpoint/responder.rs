@@ -120,6 +120,18 @@ impl Endpoint {
                 of: AckOf::Reply,
                 ..
             } => self.on_reply_ack(conn, peer, exchange, now),
+            // Our large Reply is still arriving there: wait on for its Ack.
+            Message::Progress { exchange, .. } => {
+                let waiting = self.inbound.get(&(peer, exchange)).is_some_and(|r| {
+                    r.conn == conn && matches!(r.state, InState::AwaitingReplyAck { .. })
+                });
+                if waiting {
+                    self.timers.set(
+                        Timer::Inbound(peer, exchange),
+                        now + self.config.reply_ack_timeout,
+                    );
+                }
+            }
             _ => self.violation(conn, "dialer sent a message only a responder may send", now),
         }
     }
