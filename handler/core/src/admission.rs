@@ -122,7 +122,15 @@ impl Admission {
             max_parked: usize::try_from(config.listen_backlog).unwrap_or(usize::MAX),
             handshake_timeout: config.handshake_timeout,
             stall: Self::stall_for(config),
-            rate: config.stranger_handshake_rate,
+            // An address's handshakes in flight never wait for a token unless earlier
+            // ones failed: the burst covers as many as it may run at once.
+            rate: crate::config::RateLimit {
+                burst: config
+                    .stranger_handshake_rate
+                    .burst
+                    .max(u32::try_from(config.max_handshaking_per_ip).unwrap_or(u32::MAX)),
+                per_second: config.stranger_handshake_rate.per_second,
+            },
             running: BTreeMap::new(),
             counts: BTreeMap::new(),
             totals: BTreeMap::new(),
@@ -612,6 +620,22 @@ mod tests {
         // A listed address never pays.
         for _ in 0..10 {
             assert_eq!(table.take_dh(conn(3), t0), Ok(()));
+        }
+    }
+
+    #[test]
+    fn an_address_may_run_its_whole_bound_of_handshakes_without_waiting_for_tokens() {
+        // A bucket smaller than the per-address bound would make a crowd's handshakes in
+        // flight wait for tokens their successes give back only later.
+        let t0 = Instant::now();
+        let mut table = Admission::new(&Config {
+            max_handshaking: 100,
+            max_handshaking_per_ip: 40,
+            ..config()
+        });
+        for n in 1..=40 {
+            assert_eq!(table.accept(conn(n), ip(1), false, t0), Verdict::Start);
+            assert_eq!(table.take_dh(conn(n), t0), Ok(()), "handshake {n}");
         }
     }
 }

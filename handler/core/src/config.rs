@@ -134,7 +134,9 @@ pub struct Config {
     /// The Diffie-Hellman work a stranger address may cause: a token per handshake message
     /// 1 processed from an address no allow-list entry lists, given back when the handshake
     /// authenticates an allowed peer. An address whose handshakes fail or stall is slowed
-    /// to this rate; allowed peers never run dry. Default burst 32, 8 per second.
+    /// to this rate; allowed peers never run dry. The burst is at least
+    /// `max_handshaking_per_ip`, so that an address's handshakes in flight never wait for a
+    /// token unless earlier ones failed. Default burst 32, 8 per second.
     pub stranger_handshake_rate: RateLimit,
     /// Capacity of each of the six channels between the application, the handler task and
     /// the network side (a connection's own outgoing queue is sized by the driver, not by
@@ -218,6 +220,16 @@ impl Default for Config {
     }
 }
 
+/// The largest of every count bound (queues, channels, connections, tables): far beyond
+/// any real node, and within what its data structures (a channel's semaphore) can hold.
+pub const MAX_COUNT: usize = 1 << 24;
+/// The most attempts an exchange may make.
+pub const MAX_ATTEMPTS: u32 = 1_000;
+/// The longest any timeout or backoff may be: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+/// The largest byte budget (dedupe records, reply cache): 1 TiB.
+pub const MAX_BYTES: u64 = 1 << 40;
+
 /// A configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid config: {0}")]
@@ -231,8 +243,11 @@ impl Config {
         {
             return fail("max_message_size must be between 1 byte and 1 GiB");
         }
-        if self.max_attempts == 0 {
-            return fail("max_attempts must be at least 1");
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+            return Err(ConfigError(format!(
+                "max_attempts = {}: must be 1 to {MAX_ATTEMPTS}",
+                self.max_attempts
+            )));
         }
         if self.ack_delay >= self.ack_timeout {
             return fail("ack_delay must be below ack_timeout");
@@ -255,21 +270,49 @@ impl Config {
                 return Err(ConfigError(format!("{name} must be positive")));
             }
         }
-        if self.max_queued_per_peer == 0
-            || self.max_pending_inbound == 0
-            || self.dedupe_per_peer == 0
-            || self.max_tracked_peers == 0
-            || self.max_connections == 0
-            || self.max_handshaking == 0
-            || self.max_handshaking_per_ip == 0
-            || self.channel_capacity == 0
-            || self.max_unread_outcomes == 0
-            || self.listen_backlog == 0
-        {
-            return fail("queue, inbox, dedupe, tracking and connection bounds must be at least 1");
+        // Added to instants: a duration beyond what a clock can hold would panic there.
+        let durations = timeouts.into_iter().chain([
+            ("ack_delay", self.ack_delay),
+            ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
+        ]);
+        for (name, value) in durations {
+            if value > MAX_DURATION {
+                return Err(ConfigError(format!(
+                    "{name} = {value:?}: at most {} days",
+                    MAX_DURATION.as_secs() / 86_400
+                )));
+            }
+        }
+        let counts = [
+            ("max_queued_per_peer", self.max_queued_per_peer),
+            ("max_pending_inbound", self.max_pending_inbound),
+            ("dedupe_per_peer", self.dedupe_per_peer),
+            ("max_tracked_peers", self.max_tracked_peers),
+            ("max_connections", self.max_connections),
+            ("max_handshaking", self.max_handshaking),
+            ("max_handshaking_per_ip", self.max_handshaking_per_ip),
+            ("channel_capacity", self.channel_capacity),
+            ("max_unread_outcomes", self.max_unread_outcomes),
+            ("listen_backlog", self.listen_backlog as usize),
+        ];
+        for (name, value) in counts {
+            if value == 0 || value > MAX_COUNT {
+                return Err(ConfigError(format!(
+                    "{name} = {value}: must be 1 to {MAX_COUNT}"
+                )));
+            }
         }
         if self.dedupe_bytes < crate::endpoint::DEDUPE_RECORD_COST {
             return fail("dedupe_bytes must hold at least one record (256 bytes)");
+        }
+        for (name, value) in [
+            ("dedupe_bytes", self.dedupe_bytes),
+            ("reply_cache_bytes", self.reply_cache_bytes),
+        ] {
+            if value as u64 > MAX_BYTES {
+                return Err(ConfigError(format!("{name} = {value}: at most 1 TiB")));
+            }
         }
         for (name, rate) in [
             ("request_rate", self.request_rate),
@@ -331,6 +374,26 @@ mod tests {
                 ..Config::default()
             },
             Config {
+                channel_capacity: usize::MAX,
+                ..Config::default()
+            },
+            Config {
+                max_attempts: u32::MAX,
+                ..Config::default()
+            },
+            Config {
+                ack_timeout: Duration::MAX,
+                ..Config::default()
+            },
+            Config {
+                backoff_max: Duration::from_secs(400 * 86_400),
+                ..Config::default()
+            },
+            Config {
+                reply_cache_bytes: usize::MAX,
+                ..Config::default()
+            },
+            Config {
                 request_rate: RateLimit {
                     burst: 0,
                     per_second: 1,
@@ -341,6 +404,16 @@ mod tests {
         for config in bad {
             assert!(config.validate().is_err(), "{config:?}");
         }
+        // Out of bounds, not merely bad: the error names the field and the bound.
+        let huge = Config {
+            channel_capacity: 1 << 40,
+            ..Config::default()
+        };
+        let e = huge.validate().unwrap_err().0;
+        assert!(
+            e.contains("channel_capacity") && e.contains("1 to 16777216"),
+            "{e}"
+        );
     }
 
     #[test]
