@@ -171,7 +171,8 @@ impl ConnTask {
         let mut framed = Framed::new(stream, codec());
         let mut frames_seen = false;
         let mut timer = Timer::new();
-        let mut stall_timer = Timer::new();
+        // Made the first time a write has to wait: most connections never need it.
+        let mut stall_timer: Option<Timer> = None;
         loop {
             match self
                 .write_out(&mut framed, &mut frames_seen, &mut stall_timer)
@@ -243,8 +244,9 @@ impl ConnTask {
             }
             None => return Err("connection closed by peer".into()),
         };
-        if !*frames_seen {
-            self.pay_for_handshake().await;
+        if !*frames_seen && self.gate.is_some() {
+            // Boxed: its timer would otherwise sit in every connection task's state.
+            Box::pin(self.pay_for_handshake()).await;
         }
         *frames_seen = true;
         self.bytes.received.increment(wire_len(frame.len()));
@@ -276,12 +278,13 @@ impl ConnTask {
         &mut self,
         framed: &mut Framed<S, LengthDelimitedCodec>,
         frames_seen: &mut bool,
-        stall_timer: &mut Timer,
+        stall_timer: &mut Option<Timer>,
     ) -> Written {
         let stall = self.write_stall_timeout;
         let mut deadline = None;
         loop {
-            let armed = stall_timer.arm(deadline);
+            let armed =
+                deadline.is_some() && stall_timer.get_or_insert_with(Timer::new).arm(deadline);
             let step = poll_fn(|cx| {
                 let mut progressed = false;
                 let written = poll_write(
@@ -304,7 +307,10 @@ impl ConnTask {
                 if let Poll::Ready(frame) = framed.poll_next_unpin(cx) {
                     return Poll::Ready(WriteStep::Frame(frame));
                 }
-                if armed && stall_timer.wait().as_mut().poll(cx).is_ready() {
+                if armed
+                    && let Some(timer) = stall_timer.as_mut()
+                    && timer.wait().as_mut().poll(cx).is_ready()
+                {
                     return Poll::Ready(WriteStep::Stalled);
                 }
                 // The write is blocked; the first time, the stall clock starts.
@@ -319,7 +325,9 @@ impl ConnTask {
                 WriteStep::Done(Err(why)) => return Written::Failed(why),
                 WriteStep::Progress => deadline = Some(now() + stall),
                 WriteStep::Stalled => {
-                    stall_timer.fired();
+                    if let Some(timer) = stall_timer.as_mut() {
+                        timer.fired();
+                    }
                     return Written::Failed(format!("write stalled: no progress for {stall:?}"));
                 }
                 WriteStep::Command(None) => return Written::Abandoned,

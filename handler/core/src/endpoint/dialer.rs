@@ -83,12 +83,24 @@ pub(super) struct Outbound {
     pub(super) dials: u32,
     /// The responder acknowledged the Request (kept in the store once true).
     pub(super) acked: bool,
-    /// The application's idempotency key.
-    pub(super) key: Option<Bytes>,
-    /// The deadline, if any: then tries are bounded by it alone, not by `max_attempts` or
-    /// the exchange budget.
-    pub(super) deadline: Option<Deadline>,
+    /// What few requests carry, boxed so that a plain queued request stays small.
+    pub(super) extras: Option<Box<Extras>>,
     pub(super) state: OutState,
+}
+
+/// An exchange's idempotency key and deadline ([`Endpoint::request_with`]).
+#[derive(Debug)]
+pub(super) struct Extras {
+    pub(super) key: Option<Bytes>,
+    /// Then tries are bounded by it alone, not by `max_attempts` or the exchange budget.
+    pub(super) deadline: Option<Deadline>,
+}
+
+impl Extras {
+    /// Boxed, or nothing when there is nothing to keep.
+    pub(super) fn new(key: Option<Bytes>, deadline: Option<Deadline>) -> Option<Box<Self>> {
+        (key.is_some() || deadline.is_some()).then(|| Box::new(Self { key, deadline }))
+    }
 }
 
 /// When an exchange must end: the instant the endpoint's timer fires at, and (for a
@@ -103,6 +115,16 @@ pub struct Deadline {
 }
 
 impl Outbound {
+    /// Its idempotency key.
+    pub(super) fn key(&self) -> Option<&Bytes> {
+        self.extras.as_ref()?.key.as_ref()
+    }
+
+    /// Its deadline.
+    pub(super) fn deadline(&self) -> Option<Deadline> {
+        self.extras.as_ref()?.deadline
+    }
+
     /// The row that stores it.
     pub(super) fn record(&self) -> durable::OutboundRecord {
         durable::OutboundRecord {
@@ -111,8 +133,8 @@ impl Outbound {
             addr: self.addr,
             payload: self.payload.clone(),
             acked: self.acked,
-            key: self.key.clone(),
-            deadline_ms: self.deadline.and_then(|d| d.unix_ms),
+            key: self.key().cloned(),
+            deadline_ms: self.deadline().and_then(|d| d.unix_ms),
         }
     }
 }
@@ -241,7 +263,7 @@ impl Endpoint {
             ex.failures += 1;
         }
         ex.state = OutState::Backoff { conn };
-        let (tries, deadline, started) = (ex.failures + ex.unreached, ex.deadline, ex.started);
+        let (tries, deadline, started) = (ex.failures + ex.unreached, ex.deadline(), ex.started);
         let delay = self.backoff(tries).max(hint.min(self.config.backoff_max));
         let Some(ex) = self.outbound.get_mut(&id) else {
             return;
@@ -348,6 +370,7 @@ impl Endpoint {
             }
             None => false,
         };
+        let key = ex.extras.and_then(|extras| extras.key);
         let event = match outcome {
             Ok(payload) => Event::Reply {
                 peer,
@@ -365,14 +388,9 @@ impl Endpoint {
             },
         };
         if let Some(journal) = &mut self.journal {
-            journal.extend(durable::finish_outbound(
-                id,
-                ex.seq,
-                &event,
-                ex.key.as_ref(),
-            ));
+            journal.extend(durable::finish_outbound(id, ex.seq, &event, key.as_ref()));
         }
-        if let Some(key) = ex.key {
+        if let Some(key) = key {
             // Kept until the application settles the outcome (`outcome_settled`), so that
             // it can still look it up by its key.
             self.keyed_outcomes.insert(id, (key, event.clone()));

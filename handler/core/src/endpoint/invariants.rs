@@ -35,7 +35,7 @@ impl Endpoint {
             );
             assert!(queued || p.active == Some(*id), "{id} is active or queued");
             assert!(
-                ex.deadline.is_some() || ex.failures < self.config.max_attempts,
+                ex.deadline().is_some() || ex.failures < self.config.max_attempts,
                 "{id} within attempts"
             );
             if let Some(conn) = ex.state.conn()

@@ -529,14 +529,13 @@ impl Endpoint {
             started: None,
             dials: 0,
             acked: false,
-            key,
-            deadline,
+            extras: dialer::Extras::new(key, deadline),
             state: OutState::Queued,
         };
         if let Some(journal) = &mut self.journal {
             journal.push(durable::put_outbound(id, &exchange.record()));
         }
-        if let Some(key) = &exchange.key {
+        if let Some(key) = exchange.key() {
             self.keys.insert((peer, key.clone()), id);
         }
         self.outbound.insert(id, exchange);

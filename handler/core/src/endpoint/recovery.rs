@@ -95,8 +95,7 @@ impl Endpoint {
                     started: None,
                     dials: 0,
                     acked: record.acked,
-                    key: record.key,
-                    deadline,
+                    extras: super::dialer::Extras::new(record.key, deadline),
                     state: OutState::Queued,
                 },
             );
