@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +27,7 @@ async fn a_crowd_of_allowed_peers_on_one_address_all_gets_through_with_the_defau
     let keys: Vec<Keypair> = (0..=PEERS).map(|_| Keypair::generate(&mut rng)).collect();
     let (server_key, client_keys) = keys.split_last().unwrap();
     let localhost = "127.0.0.1:0".parse().unwrap();
-    let (server, mut server_inbox) = Handler::spawn_with(
+    let (server, server_inbox) = Handler::spawn_with(
         TcpTransport,
         localhost,
         server_key.clone(),
@@ -34,20 +36,7 @@ async fn a_crowd_of_allowed_peers_on_one_address_all_gets_through_with_the_defau
     )
     .await
     .unwrap();
-    let responder = server.clone();
-    let echo = tokio::spawn(async move {
-        while let Some(event) = server_inbox.received.recv().await {
-            if let Event::Request {
-                peer,
-                exchange,
-                payload,
-                ..
-            } = event
-            {
-                let _ = responder.response_to(peer, exchange, payload).await;
-            }
-        }
-    });
+    let echo = common::echo(server.clone(), server_inbox);
     let (to, at) = (server.local_peer_id(), server.local_addr());
     let mut clients = tokio::task::JoinSet::new();
     for (i, key) in client_keys.iter().enumerate() {

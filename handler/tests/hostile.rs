@@ -47,7 +47,7 @@ async fn allowed_peer_gets_through(attack: Attack, listed: bool) {
             ..AllowedPeer::default()
         },
     );
-    let (bob, mut bob_inbox) = Handler::spawn(
+    let (bob, bob_inbox) = Handler::spawn(
         TcpTransport,
         localhost,
         k[1].clone(),
@@ -68,20 +68,7 @@ async fn allowed_peer_gets_through(attack: Attack, listed: bool) {
     .await
     .unwrap();
     // Bob's application echoes.
-    let responder = bob.clone();
-    let echo = tokio::spawn(async move {
-        while let Some(event) = bob_inbox.received.recv().await {
-            if let Event::Request {
-                peer,
-                exchange,
-                payload,
-                ..
-            } = event
-            {
-                let _ = responder.response_to(peer, exchange, payload).await;
-            }
-        }
-    });
+    let echo = common::echo(bob.clone(), bob_inbox);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (tally, mut attackers) = start_attack(bob.local_addr(), attack, stop_rx).await;
 

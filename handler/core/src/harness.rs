@@ -858,20 +858,13 @@ impl Net {
                         self.log(format!("fault: corrupt {message:?}"));
                         self.encrypt_and_ship(link, from, &message, true);
                     }
-                    Some(Action::Duplicate(d)) => {
-                        self.log(format!("fault: duplicate {message:?} after {d:?}"));
-                        self.encrypt_and_ship(link, from, &message, false);
-                        self.schedule(
-                            now + d,
-                            Delivery::Send {
-                                link,
-                                from,
-                                message,
-                            },
-                        );
-                    }
-                    Some(Action::Delay(d)) => {
-                        self.log(format!("fault: delay {message:?} by {d:?}"));
+                    Some(action @ (Action::Duplicate(d) | Action::Delay(d))) => {
+                        if matches!(action, Action::Duplicate(_)) {
+                            self.log(format!("fault: duplicate {message:?} after {d:?}"));
+                            self.encrypt_and_ship(link, from, &message, false);
+                        } else {
+                            self.log(format!("fault: delay {message:?} by {d:?}"));
+                        }
                         self.schedule(
                             now + d,
                             Delivery::Send {

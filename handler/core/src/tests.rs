@@ -1677,8 +1677,8 @@ mod endpoint_unit {
         f.ep.check_invariants();
     }
 
-    #[test]
-    fn a_stale_copy_of_an_evicted_exchange_is_refused_not_delivered_again() {
+    /// A responder that remembers one exchange per peer, and a connection of that peer.
+    fn one_record_per_peer() -> (Fixture, ConnId) {
         let mut f = fixture(Config {
             dedupe_per_peer: 1,
             ack_delay: Duration::ZERO,
@@ -1686,6 +1686,12 @@ mod endpoint_unit {
         });
         let c = ConnId::inbound(1);
         f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        (f, c)
+    }
+
+    #[test]
+    fn a_stale_copy_of_an_evicted_exchange_is_refused_not_delivered_again() {
+        let (mut f, c) = one_record_per_peer();
         for id in [10, 11, 12] {
             settle(&mut f, c, id);
         }
@@ -1721,13 +1727,7 @@ mod endpoint_unit {
 
     #[test]
     fn the_settled_window_follows_a_dialer_that_restarted_into_new_ids() {
-        let mut f = fixture(Config {
-            dedupe_per_peer: 1,
-            ack_delay: Duration::ZERO,
-            ..config()
-        });
-        let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        let (mut f, c) = one_record_per_peer();
         let old = 1u64 << 40;
         settle(&mut f, c, old);
         settle(&mut f, c, old + 1);

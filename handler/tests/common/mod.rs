@@ -147,6 +147,27 @@ impl RawPeer {
     }
 }
 
+/// An application that answers every request with its own payload, until the handler
+/// stops.
+pub(crate) fn echo(
+    handler: p2p_handler::Handler,
+    mut inbox: p2p_handler::Inbox,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(event) = inbox.received.recv().await {
+            if let p2p_handler::Event::Request {
+                peer,
+                exchange,
+                payload,
+                ..
+            } = event
+            {
+                let _ = handler.response_to(peer, exchange, payload).await;
+            }
+        }
+    })
+}
+
 /// Plaintext of a message as one chunk (for messages below the chunk size).
 pub(crate) fn plain(message: &Message) -> Bytes {
     let mut chunks = chunk_message(message);
