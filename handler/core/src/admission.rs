@@ -624,6 +624,91 @@ mod tests {
     }
 
     #[test]
+    fn the_victim_is_the_busiest_addresss_own_stalled_handshake_and_evictions_are_counted() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        // 10.0.0.2's lone handshake has waited longest, but 10.0.0.1 holds the most.
+        fill(&mut table, &[(1, 2)], t0);
+        let t1 = t0 + Duration::from_millis(10);
+        fill(&mut table, &[(2, 1), (3, 1), (4, 3), (5, 4)], t1);
+        let late = t1 + table.stall();
+        assert_eq!(table.accept(conn(6), ip(6), false, late), Verdict::Start);
+        assert_eq!(drain(&mut table).0, vec![conn(2)]);
+        assert_eq!(table.evictions(), 1);
+        // Parked streams dropped for room count too.
+        let mut small = Admission::new(&Config {
+            listen_backlog: 1,
+            ..config()
+        });
+        fill(&mut small, &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)], t0);
+        assert_eq!(small.accept(conn(6), ip(1), false, t0), Verdict::Park);
+        assert_eq!(small.accept(conn(7), ip(1), false, t0), Verdict::Drop);
+        assert_eq!(small.evictions(), 0);
+        assert_eq!(small.accept(conn(8), ip(4), false, t0), Verdict::Park);
+        assert_eq!(drain(&mut small).0, vec![conn(6)]);
+        assert_eq!(small.evictions(), 1);
+    }
+
+    #[test]
+    fn a_parked_stream_that_closes_frees_its_place_and_never_starts() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        assert_eq!(table.accept(conn(3), ip(1), false, t0), Verdict::Park);
+        assert_eq!(table.accept(conn(4), ip(1), false, t0), Verdict::Park);
+        table.ended(conn(3), t0);
+        assert_eq!(table.parked(), 1);
+        table.ended(conn(1), t0);
+        assert_eq!(drain(&mut table).1, vec![conn(4)], "the one still parked");
+        assert_eq!(table.parked(), 0);
+    }
+
+    #[test]
+    fn expiry_drops_only_the_streams_that_waited_too_long() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        table.accept(conn(3), ip(1), false, t0);
+        let t1 = t0 + Duration::from_secs(3);
+        // Its handshakes progress, so the address's next stream waits too.
+        table.progressed(conn(1), t1);
+        table.progressed(conn(2), t1);
+        assert_eq!(table.accept(conn(4), ip(1), false, t1), Verdict::Park);
+        table.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(drain(&mut table).0, vec![conn(3)]);
+        assert_eq!(table.parked(), 1);
+        assert_eq!(table.poll_timeout(), Some(t1 + Duration::from_secs(5)));
+        table.ended(conn(1), t1);
+        assert_eq!(drain(&mut table).1, vec![conn(4)]);
+    }
+
+    #[test]
+    fn buckets_of_many_addresses_are_bounded_by_forgetting_full_ones() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        // One address spent its tokens; then as many others as there may be buckets.
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        table.take_dh(conn(1), t0).unwrap();
+        table.take_dh(conn(2), t0).unwrap();
+        table.ended(conn(1), t0);
+        table.ended(conn(2), t0);
+        for n in 0..MAX_BUCKETS as u64 {
+            let addr = IpAddr::from([10, (n >> 16) as u8 + 1, (n >> 8) as u8, n as u8]);
+            assert_eq!(table.accept(conn(100 + n), addr, false, t0), Verdict::Start);
+            assert_eq!(table.take_dh(conn(100 + n), t0), Ok(()));
+            table.admit(conn(100 + n), t0);
+        }
+        assert!(
+            table.buckets.len() <= MAX_BUCKETS,
+            "{}",
+            table.buckets.len()
+        );
+        // Full buckets went; the spent one stayed, so 10.0.0.1 still waits.
+        fill(&mut table, &[(3, 1)], t0);
+        assert!(table.take_dh(conn(3), t0).is_err());
+    }
+
+    #[test]
     fn an_address_may_run_its_whole_bound_of_handshakes_without_waiting_for_tokens() {
         // A bucket smaller than the per-address bound would make a crowd's handshakes in
         // flight wait for tokens their successes give back only later.

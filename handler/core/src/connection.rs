@@ -1212,6 +1212,22 @@ mod tests {
     }
 
     #[test]
+    fn the_progress_interval_asked_for_is_a_quarter_of_the_shorter_wait() {
+        assert_eq!(
+            progress_interval(&Config::default()),
+            std::time::Duration::from_millis(500)
+        );
+        let quick = Config {
+            reply_ack_timeout: std::time::Duration::from_millis(200),
+            ..Config::default()
+        };
+        assert_eq!(
+            progress_interval(&quick),
+            std::time::Duration::from_millis(50)
+        );
+    }
+
+    #[test]
     fn only_progress_that_says_something_new_is_reported() {
         let f = fixture();
         let allow = AllowList::from_peers([f.alice.peer_id()]);

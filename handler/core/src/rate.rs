@@ -67,6 +67,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_token_given_back_refills_up_to_the_burst_and_full_is_full() {
+        let limit = RateLimit {
+            burst: 2,
+            per_second: 1,
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::full(limit, t0);
+        assert!(b.is_full(limit, t0));
+        b.take(limit, t0).unwrap();
+        assert!(!b.is_full(limit, t0));
+        b.give_back(limit, t0);
+        assert!(b.is_full(limit, t0));
+        // Never beyond the burst.
+        b.give_back(limit, t0);
+        b.take(limit, t0).unwrap();
+        b.take(limit, t0).unwrap();
+        assert!(b.take(limit, t0).is_err());
+        // Refill counts towards full: a token and a bit is not two.
+        assert!(!b.is_full(limit, t0 + Duration::from_micros(1_000_002)));
+        assert!(b.is_full(limit, t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
     fn burst_then_steady_rate() {
         let limit = RateLimit {
             burst: 3,

@@ -1751,6 +1751,56 @@ mod endpoint_unit {
         assert_eq!(events_of_kind(&mut f.ep, "Request"), 4);
     }
 
+    #[test]
+    fn the_settled_window_ends_exactly_at_its_width_and_floors_are_bounded() {
+        let (mut f, c) = one_record_per_peer();
+        let floor = 1u64 << 40;
+        settle(&mut f, c, floor);
+        settle(&mut f, c, floor + 1);
+        // The last id inside the window is settled; the first outside is new.
+        let inside = floor - crate::endpoint::SETTLED_WINDOW + 1;
+        f.ep.handle_conn_event(c, request(inside, 2), f.now);
+        assert_eq!(f.ep.stats().settled_refused, 1);
+        let outside = floor - crate::endpoint::SETTLED_WINDOW;
+        f.ep.handle_conn_event(c, request(outside, 1), f.now);
+        assert_eq!(f.ep.stats().settled_refused, 1);
+        assert_eq!(events_of_kind(&mut f.ep, "Request"), 3);
+        // Floors of at most 4 x max_tracked_peers peers: the one raised longest ago goes.
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let peers: Vec<PeerId> = (0..5)
+            .map(|_| Keypair::generate(&mut rng).peer_id())
+            .collect();
+        let mut f = fixture(Config {
+            dedupe_per_peer: 1,
+            max_tracked_peers: 1,
+            ack_delay: Duration::ZERO,
+            ..config()
+        });
+        for (i, peer) in peers.iter().enumerate() {
+            f.ep.allow(*peer, crate::allow_list::AllowedPeer::default());
+            f.peer = *peer;
+            let c = ConnId::inbound(10 + i as u64);
+            f.ep.handle_accepted(c, *peer, f.addr, 1 << 20, f.now);
+            for id in [1, 2] {
+                settle(&mut f, c, id);
+            }
+            f.ep.handle_conn_event(
+                c,
+                ConnEvent::Closed(crate::connection::Closed::Io("x".into())),
+                f.now,
+            );
+        }
+        let floors: Vec<bool> = peers
+            .iter()
+            .map(|p| f.ep.settled_floor(p).is_some())
+            .collect();
+        assert_eq!(
+            floors,
+            vec![false, true, true, true, true],
+            "the oldest floor went"
+        );
+    }
+
     fn events_of_kind(ep: &mut Endpoint, kind: &str) -> usize {
         events(ep)
             .iter()
@@ -3112,6 +3162,11 @@ mod durable {
                 "{refused:?}"
             );
         }
+        let longest = Box::leak(vec![b'k'; crate::endpoint::MAX_KEY_LEN].into_boxed_slice());
+        assert!(
+            net.request_with(ALICE, BOB, b"x", Some(longest), None)
+                .is_ok()
+        );
     }
 
     #[test]
