@@ -10,8 +10,11 @@
 //!
 //! ```toml
 //! [[peer]]
-//! id = "3b0c…64 hex digits…"   # required: the peer id
+//! id = "3b0c…64 hex digits…"   # the peer id, or:
+//! key = "8520…64 hex digits…"  # its static public key (the id is derived from it; with
+//!                               # both, they must agree). One of the two is required.
 //! name = "bob"                  # optional: a label for logs
+//! address = "10.0.0.7:7000"     # optional: where it listens (membership offers go there)
 //! addresses = ["10.0.0.7"]      # optional: IPs it may connect from; absent = any
 //! expires = 2027-01-01T00:00:00Z  # optional: a date-time with its offset, or a duration
 //!                               # after the file is loaded, e.g. "30d"
@@ -22,13 +25,13 @@
 //! [`AllowList::next_expiry`] comes (`p2p-node serve` does).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use crate::identity::PeerId;
+use crate::identity::{KEY_LEN, PeerId};
 
 /// What the list knows about one allowed peer.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -40,6 +43,11 @@ pub struct AllowedPeer {
     /// When the entry stops allowing the peer, if ever (applied by the list's owner, see
     /// the module docs).
     pub expires: Option<Expiry>,
+    /// Its static public key, when the entry gave it (`key = ...`, or a membership
+    /// document, which always does).
+    pub public_key: Option<[u8; KEY_LEN]>,
+    /// Where it listens, if known: a membership node offers new epochs to it there.
+    pub address: Option<SocketAddr>,
 }
 
 /// When an allow-list entry ends.
@@ -111,62 +119,124 @@ pub enum AllowListError {
 #[serde(deny_unknown_fields)]
 struct FileFormat {
     #[serde(default)]
-    peer: Vec<FilePeer>,
+    peer: Vec<toml::Spanned<FilePeer>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FilePeer {
-    id: PeerId,
+    #[serde(default)]
+    id: Option<PeerId>,
+    #[serde(default)]
+    key: Option<toml::Spanned<String>>,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    address: Option<SocketAddr>,
     #[serde(default)]
     addresses: Vec<IpAddr>,
     #[serde(default)]
     expires: Option<toml::Spanned<toml::Value>>,
 }
 
+/// The line (from 1) of byte offset `at` in `text`.
+pub(crate) fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at).map_or(0, |t| t.matches('\n').count() + 1)
+}
+
+/// Seconds since the Unix epoch of a TOML date-time, which must carry its offset.
+pub(crate) fn datetime_to_unix(dt: &toml::value::Datetime) -> Result<u64, String> {
+    let (Some(date), Some(offset)) = (dt.date, dt.offset) else {
+        return Err("a date-time needs its offset (2027-01-01T00:00:00Z)".into());
+    };
+    let time = dt.time.unwrap_or(toml::value::Time {
+        hour: 0,
+        minute: 0,
+        second: None,
+        nanosecond: None,
+    });
+    let offset_minutes = match offset {
+        toml::value::Offset::Z => 0,
+        toml::value::Offset::Custom { minutes } => i64::from(minutes),
+    };
+    let days = days_from_civil(
+        i64::from(date.year),
+        i64::from(date.month),
+        i64::from(date.day),
+    );
+    let secs = days * 86_400
+        + i64::from(time.hour) * 3_600
+        + i64::from(time.minute) * 60
+        + i64::from(time.second.unwrap_or(0))
+        - offset_minutes * 60;
+    u64::try_from(secs).map_err(|_| "before 1970".to_owned())
+}
+
+/// The TOML date-time (UTC, whole seconds) of a Unix time.
+pub(crate) fn unix_to_datetime(secs: u64) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 /// Reads `expires`: an offset date-time, or a humantime duration string.
 fn parse_expiry(value: &toml::Spanned<toml::Value>, text: &str) -> Result<Expiry, String> {
-    let line = text
-        .get(..value.span().start)
-        .map_or(0, |t| t.lines().count().max(1));
+    let line = line_of(text, value.span().start);
     let bad = |why: &str| format!("line {line}: expires: {why}");
     match value.get_ref() {
-        toml::Value::Datetime(dt) => {
-            let (Some(date), Some(offset)) = (dt.date, dt.offset) else {
-                return Err(bad("a date-time needs its offset (2027-01-01T00:00:00Z)"));
-            };
-            let time = dt.time.unwrap_or(toml::value::Time {
-                hour: 0,
-                minute: 0,
-                second: None,
-                nanosecond: None,
-            });
-            let offset_minutes = match offset {
-                toml::value::Offset::Z => 0,
-                toml::value::Offset::Custom { minutes } => i64::from(minutes),
-            };
-            let days = days_from_civil(
-                i64::from(date.year),
-                i64::from(date.month),
-                i64::from(date.day),
-            );
-            let secs = days * 86_400
-                + i64::from(time.hour) * 3_600
-                + i64::from(time.minute) * 60
-                + i64::from(time.second.unwrap_or(0))
-                - offset_minutes * 60;
-            let secs = u64::try_from(secs).map_err(|_| bad("before 1970"))?;
-            Ok(Expiry::At(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
-            ))
-        }
+        toml::Value::Datetime(dt) => datetime_to_unix(dt)
+            .map(|secs| Expiry::At(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+            .map_err(|why| bad(&why)),
         toml::Value::String(s) => humantime::parse_duration(s)
             .map(Expiry::AfterLoad)
             .map_err(|e| bad(&format!("{s:?} is neither a date-time nor a duration: {e}"))),
         _ => Err(bad(
             "expected a date-time (2027-01-01T00:00:00Z) or a duration string (\"30d\")",
+        )),
+    }
+}
+
+/// Reads a static public key written as 64 hex digits, naming its line on error.
+pub(crate) fn parse_key(
+    value: &toml::Spanned<String>,
+    text: &str,
+) -> Result<[u8; KEY_LEN], String> {
+    let line = line_of(text, value.span().start);
+    let mut key = [0u8; KEY_LEN];
+    let hex_text = value.get_ref().trim();
+    if hex_text.len() != 2 * KEY_LEN {
+        return Err(format!(
+            "line {line}: key: expected {} hex digits, found {}",
+            2 * KEY_LEN,
+            hex_text.len()
+        ));
+    }
+    hex::decode_to_slice(hex_text, &mut key)
+        .map_err(|e| format!("line {line}: key: not hex: {e}"))?;
+    Ok(key)
+}
+
+/// The peer id of an entry: its `id`, or the one its `key` derives; both must agree.
+fn entry_id(
+    entry: &FilePeer,
+    line: usize,
+    text: &str,
+) -> Result<(PeerId, Option<[u8; KEY_LEN]>), String> {
+    let key = entry.key.as_ref().map(|k| parse_key(k, text)).transpose()?;
+    match (entry.id, key) {
+        (Some(id), Some(key)) if PeerId::from_public_key(&key) != id => {
+            let line = entry
+                .key
+                .as_ref()
+                .map_or(0, |k| line_of(text, k.span().start));
+            Err(format!(
+                "line {line}: key: it derives peer id {}, not the entry's id {id}",
+                PeerId::from_public_key(&key)
+            ))
+        }
+        (Some(id), key) => Ok((id, key)),
+        (None, Some(key)) => Ok((PeerId::from_public_key(&key), Some(key))),
+        (None, None) => Err(format!(
+            "line {line}: an entry needs its `id` (the peer id) or its `key` (its public key)"
         )),
     }
 }
@@ -216,10 +286,17 @@ impl AllowList {
         })?;
         let mut list = Self::new();
         for entry in file.peer {
-            if list.contains(&entry.id) {
+            let line = line_of(text, entry.span().start);
+            let entry = entry.into_inner();
+            let (id, public_key) =
+                entry_id(&entry, line, text).map_err(|message| AllowListError::Invalid {
+                    path: origin.to_owned(),
+                    message,
+                })?;
+            if list.contains(&id) {
                 return Err(AllowListError::Invalid {
                     path: origin.to_owned(),
-                    message: format!("peer {} is listed twice", entry.id),
+                    message: format!("peer {id} is listed twice"),
                 });
             }
             let expires = entry
@@ -232,11 +309,13 @@ impl AllowList {
                     message,
                 })?;
             list.insert(
-                entry.id,
+                id,
                 AllowedPeer {
                     name: entry.name,
                     addresses: entry.addresses,
                     expires,
+                    public_key,
+                    address: entry.address,
                 },
             );
         }

@@ -1425,9 +1425,8 @@ mod tests {
         allow.insert(
             f.alice.peer_id(),
             crate::allow_list::AllowedPeer {
-                name: None,
                 addresses: vec!["10.9.9.9".parse().unwrap()],
-                expires: None,
+                ..Default::default()
             },
         );
         let (_, mut r) = connect(&f, &allow);

@@ -27,6 +27,7 @@ pub mod connection;
 pub mod durable;
 pub mod endpoint;
 pub mod identity;
+pub mod membership;
 pub mod noise;
 mod rate;
 mod timers;

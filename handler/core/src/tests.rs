@@ -989,9 +989,8 @@ fn replacing_the_allow_list_closes_connections_from_addresses_no_longer_allowed(
     list.insert(
         alice,
         crate::allow_list::AllowedPeer {
-            name: None,
             addresses: vec![elsewhere],
-            expires: None,
+            ..Default::default()
         },
     );
     let now = net.now;

@@ -34,6 +34,15 @@ const ALLOWED: &[(&str, &str)] = &[
         "xxhash-rust",
         "payload digests in dedupe records (XXH3-128, pure Rust, no I/O)",
     ),
+    (
+        "secp256k1",
+        "BIP-340 signatures of membership documents (libsecp256k1; no rand feature: signing \
+         randomness is passed in)",
+    ),
+    (
+        "sha2",
+        "membership document digests (SHA-256 tagged hashes, as BIP-340)",
+    ),
 ];
 
 /// Crates whose presence would mean the core can do I/O or run tasks.
