@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 mod allow;
 mod config;
 mod logging;
+mod membership;
 mod metrics;
 
 use allow::{AllowFile, AllowSource};
@@ -57,11 +58,19 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print the peer id of a key file.
+    /// Print the peer id of a key file (or, with --public, its static public key).
     Id {
         /// The key file.
         #[arg(long)]
         key: PathBuf,
+        /// Print the static public key (hex) instead: what a membership document lists.
+        #[arg(long)]
+        public: bool,
+    },
+    /// Membership signed by a committee: governance keys, documents, signatures.
+    Membership {
+        #[command(subcommand)]
+        command: membership::MembershipCmd,
     },
     /// Answer requests: echo each one, or pipe it through a command and reply with its output.
     ///
@@ -191,9 +200,18 @@ fn run(command: Cmd) -> Result<()> {
             logging::init(LogFormat::Text, None, "warn")?;
             keygen(&out, force)
         }
-        Cmd::Id { key } => {
-            println!("{}", Keypair::from_file(&key)?.peer_id());
+        Cmd::Id { key, public } => {
+            let key = Keypair::from_file(&key)?;
+            if public {
+                println!("{}", hex::encode(key.public_bytes()));
+            } else {
+                println!("{}", key.peer_id());
+            }
             Ok(())
+        }
+        Cmd::Membership { command } => {
+            logging::init(LogFormat::Text, None, "warn")?;
+            membership::run(command)
         }
         Cmd::Serve {
             config,

@@ -160,6 +160,12 @@ impl Ledger {
         Ok(Some(ledger))
     }
 
+    /// A ledger at `doc`, trusted without any check (`verify` uses it to ask what a node
+    /// at `doc` would do).
+    pub fn trusting(doc: Signed, max_history: usize) -> Self {
+        Self::starting_at(doc, max_history)
+    }
+
     fn starting_at(anchor: Signed, max_history: usize) -> Self {
         Self {
             history: VecDeque::from([anchor]),

@@ -42,6 +42,7 @@
 mod encoding;
 mod human;
 mod ledger;
+mod ops;
 mod verify;
 
 #[cfg(test)]
@@ -50,6 +51,7 @@ pub(crate) mod tests;
 pub use encoding::DecodeError;
 pub use human::{HumanError, SignatureFile};
 pub use ledger::{Fork, Ledger, Offered, Refused};
+pub use ops::CombineError;
 pub use verify::{
     Refusal, SignatureCheck, check_expiry, check_genesis, check_signatures, check_successor,
 };

@@ -61,7 +61,7 @@ pub enum Refusal {
     },
     /// Fewer valid signatures of the signing committee than its threshold.
     #[error(
-        "{valid} valid signatures of the committee of epoch {committee_epoch}; its threshold is {threshold}"
+        "only {valid} of the committee of epoch {committee_epoch} signed validly; its threshold is {threshold}"
     )]
     UnderThreshold {
         /// Valid signatures from that committee.
@@ -74,7 +74,7 @@ pub enum Refusal {
     /// The document changes the committee, and the new committee did not reach its own
     /// threshold (it must, so that a committee that cannot sign is never installed).
     #[error(
-        "it changes the committee, and only {valid} of the new committee signed; its threshold is {threshold}"
+        "it changes the committee, and only {valid} of the new committee signed validly; its threshold is {threshold}"
     )]
     NewCommitteeUnderThreshold {
         /// Valid signatures from the new committee.
@@ -91,6 +91,13 @@ pub enum Refusal {
     /// A signature that does not verify for this document.
     #[error("the signature by {0} is not valid for this document")]
     BadSignature(GovernanceId),
+    /// A later epoch checked on its own (`verify` without the current document): its
+    /// signers are the previous epoch's committee, which only that document names.
+    #[error("epoch {epoch} cannot be checked on its own: its signers are the committee of epoch {}, so give that document as the current one", epoch.saturating_sub(1))]
+    NeedsCurrent {
+        /// The document's epoch.
+        epoch: u64,
+    },
     /// The newest document offered has expired.
     #[error("it expired at {expires} (Unix seconds); it is now {now}")]
     Expired {
@@ -116,6 +123,7 @@ impl Refusal {
             Self::UnknownSigner(_) => "unknown_signer",
             Self::DuplicateSigner(_) => "duplicate_signer",
             Self::BadSignature(_) => "bad_signature",
+            Self::NeedsCurrent { .. } => "needs_current",
             Self::Expired { .. } => "expired",
         }
     }
