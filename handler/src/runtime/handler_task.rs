@@ -575,6 +575,12 @@ impl HandlerTask {
                 self.answer(reply, ());
             }
             Command::Status { reply } => {
+                // Fresh counts: notices already waiting are taken first. (Commands come
+                // before notices in the task's loop, so a caller polling the status in a
+                // loop could otherwise keep reading counts its own polling holds back.)
+                while let Ok(notice) = self.net_notices.try_recv() {
+                    self.net_notice(notice);
+                }
                 let _ = reply.send(Status {
                     open_connections: self.endpoint.open_connections(),
                     connection_tasks: self.connection_tasks,
