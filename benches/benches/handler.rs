@@ -43,12 +43,13 @@ fn state_machine(c: &mut Criterion) {
             };
             accepted += 1;
             let bc = ConnId::inbound(accepted);
-            bob.handle_accepted(bc, a, from, 1 << 24, now);
+            bob.handle_accepted(bc, a, from, 1 << 24, 0, now);
             alice.handle_conn_event(
                 ac,
                 ConnEvent::Established {
                     peer: b,
                     remote_max_message_size: 1 << 24,
+                    remote_features: 0,
                 },
                 now,
             );

@@ -167,6 +167,8 @@ impl Driver {
                 }
                 // The task closes the stream; the endpoint has already forgotten it.
                 Output::Close { conn, .. } => self.forget(conn),
+                // No membership here: the list never changes by itself.
+                Output::AllowList(_) => panic!("the allow list changed by itself"),
             }
         }
         while let Some(event) = self.ep.poll_event() {
@@ -212,7 +214,7 @@ impl Driver {
                 let conn = ConnId::inbound(self.accepted);
                 let peer = peer_of(&self.peers, peer);
                 let max = usize::from(max.max(1));
-                self.ep.handle_accepted(conn, peer, addr, max, now);
+                self.ep.handle_accepted(conn, peer, addr, max, 0, now);
                 self.open.push((conn, peer));
             }
             Input::Establish { pick: n, max } => {
@@ -222,6 +224,7 @@ impl Driver {
                     let event = ConnEvent::Established {
                         peer,
                         remote_max_message_size: usize::from(max.max(1)),
+                        remote_features: 0,
                     };
                     self.ep.handle_conn_event(conn, event, now);
                 }

@@ -45,6 +45,7 @@ fuzz_target!(|frames: Vec<Frame>| {
         version: PROTOCOL_VERSION,
         max_message_size: 1000,
         progress_ms: 0,
+        features: 0,
     }
     .encode();
     let Ok(n) = hs.write_message(&hello, &mut buf) else {

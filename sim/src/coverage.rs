@@ -164,6 +164,9 @@ pub fn message(message: &Message) -> Vec<String> {
         }
         Message::Close { reason } => vec!["message Close".into(), format!("close {reason:?}")],
         Message::Progress { .. } => vec!["message Progress".into()],
+        Message::Epoch { .. } => vec!["message Epoch".into()],
+        Message::Fetch { .. } => vec!["message Fetch".into()],
+        Message::Documents { .. } => vec!["message Documents".into()],
     }
 }
 

@@ -161,6 +161,9 @@ impl Matcher {
             Message::Abort { .. } => MsgKind::Abort,
             Message::Close { .. } => MsgKind::Close,
             Message::Progress { .. } => MsgKind::Progress,
+            Message::Epoch { .. } => MsgKind::Epoch,
+            Message::Fetch { .. } => MsgKind::Fetch,
+            Message::Documents { .. } => MsgKind::Documents,
         };
         let of = match message {
             Message::Ack {
@@ -378,6 +381,14 @@ impl Shared {
                 attempt,
                 received,
             } => format!("Progress {} try {attempt} ({received} B in)", ex(exchange)),
+            Message::Epoch { epoch, digest } => {
+                format!(
+                    "Epoch {epoch} ({})",
+                    p2p_handler::membership::Digest(*digest).short()
+                )
+            }
+            Message::Fetch { after } => format!("Fetch after {after}"),
+            Message::Documents { docs } => format!("Documents ({} docs)", docs.len()),
         }
     }
 

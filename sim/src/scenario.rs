@@ -384,6 +384,12 @@ pub enum MsgKind {
     Abort,
     Close,
     Progress,
+    /// Membership: a node's epoch and digest.
+    Epoch,
+    /// Membership: a request for documents.
+    Fetch,
+    /// Membership: signed documents.
+    Documents,
 }
 
 /// Selects messages by kind, direction and attempt.

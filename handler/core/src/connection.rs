@@ -30,8 +30,8 @@ use crate::config::Config;
 use crate::identity::{KEY_LEN, Keypair, PeerId};
 use crate::noise::{HandshakeRole, handshake};
 use crate::wire::{
-    Chunker, CloseReason, ExchangeId, Hello, Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION,
-    Reassembled, Reassembler, TAG_LEN, WireError,
+    Chunker, CloseReason, ExchangeId, FEATURES, Hello, Kind, MAX_FRAME_LEN, Message,
+    PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
 };
 
 /// A buffer frames are appended to (`Vec<u8>`, `BytesMut`): a driver's write buffer, so
@@ -218,6 +218,8 @@ pub enum ConnEvent {
         peer: PeerId,
         /// Largest application payload the peer accepts.
         remote_max_message_size: usize,
+        /// The optional protocol features the peer understands (`wire::FEATURES` bits).
+        remote_features: u32,
     },
     /// A complete message arrived.
     Message(Message),
@@ -280,6 +282,8 @@ pub struct Connection {
     handshake_deadline: Option<Instant>,
     /// The dialer's advertised limit, read from message 1 (responder only).
     dialer_max_message_size: usize,
+    /// The dialer's feature bits, from its hello (responder only).
+    dialer_features: u32,
     /// What to write, in order. Chunks are encrypted when the driver pulls them, so a large
     /// message's encryption overlaps its transmission (and the peer's decryption) instead of
     /// all happening before the first byte leaves.
@@ -387,6 +391,7 @@ impl Connection {
             max_message_size: config.max_message_size,
             handshake_deadline: Some(now + config.handshake_timeout),
             dialer_max_message_size: 0,
+            dialer_features: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             plain: Vec::new(),
@@ -407,6 +412,7 @@ impl Connection {
             version: PROTOCOL_VERSION,
             max_message_size: u32::try_from(self.max_message_size).unwrap_or(u32::MAX),
             progress_ms: self.progress_ms,
+            features: FEATURES,
         }
         .encode()
     }
@@ -637,6 +643,7 @@ impl Connection {
             State::AwaitingMsg1(mut hs) => {
                 let theirs = self.read_hello(&mut hs, frame)?;
                 self.dialer_max_message_size = theirs.max_message_size as usize;
+                self.dialer_features = theirs.features;
                 self.remote_progress = progress_of(theirs);
                 self.state = State::AwaitingMsg3(hs);
                 // Answer with our hello even on a version mismatch, so the dialer can report
@@ -664,6 +671,7 @@ impl Connection {
                 self.events.push_back(ConnEvent::Established {
                     peer: actual,
                     remote_max_message_size: theirs.max_message_size as usize,
+                    remote_features: theirs.features,
                 });
                 Ok(())
             }
@@ -689,6 +697,7 @@ impl Connection {
                 self.events.push_back(ConnEvent::Established {
                     peer,
                     remote_max_message_size: self.dialer_max_message_size,
+                    remote_features: self.dialer_features,
                 });
                 Ok(())
             }
@@ -1059,6 +1068,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             max_message_size: 1000,
             progress_ms: 0,
+            features: 0,
         }
         .encode()
         .to_vec();
@@ -1277,6 +1287,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             max_message_size: 1,
             progress_ms: 0,
+            features: 0,
         });
         d.send(&Message::Request {
             exchange: ExchangeId(4),
@@ -1298,7 +1309,8 @@ mod tests {
             events(&mut d),
             vec![ConnEvent::Established {
                 peer: f.bob.peer_id(),
-                remote_max_message_size: 200_000
+                remote_max_message_size: 200_000,
+                remote_features: FEATURES,
             }]
         );
         assert!(matches!(
@@ -1562,6 +1574,7 @@ mod tests {
             version: 9,
             max_message_size: 1000,
             progress_ms: 0,
+            features: 0,
         }
         .encode()
     }

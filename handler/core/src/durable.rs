@@ -65,16 +65,19 @@ pub enum Table {
     /// Each peer's settled floor (see `Endpoint`'s deduplication): one row per peer,
     /// rewritten under a new, larger key when the floor rises.
     Settled,
+    /// The signed membership documents the node accepted, by epoch (its recent history).
+    Membership,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Meta,
         Table::Outbound,
         Table::Outcomes,
         Table::Inbound,
         Table::Settled,
+        Table::Membership,
     ];
 
     /// The table's name in a store.
@@ -85,6 +88,7 @@ impl Table {
             Self::Outcomes => "outcomes",
             Self::Inbound => "inbound",
             Self::Settled => "settled",
+            Self::Membership => "membership",
         }
     }
 }
@@ -208,6 +212,8 @@ pub struct Recovered {
     pub inbound: Vec<((PeerId, ExchangeId), InboundRecord)>,
     /// Each peer's settled floor and the key (seq) of the row that holds it.
     pub settled: Vec<(PeerId, ExchangeId, u64)>,
+    /// The membership documents the node accepted, oldest first.
+    pub membership: Vec<crate::membership::Signed>,
     /// The store's format version (`None`: a fresh store). Older than [`FORMAT`]: the
     /// driver rewrites the header at its first commit.
     pub format: Option<u8>,
@@ -387,6 +393,23 @@ pub(crate) fn delete_settled(seq: u64) -> KvOp {
     KvOp::Delete {
         table: Table::Settled,
         key: seq.to_be_bytes().to_vec(),
+    }
+}
+
+/// The signed membership document `doc` was accepted.
+pub(crate) fn put_membership(doc: &crate::membership::Signed) -> KvOp {
+    put(
+        Table::Membership,
+        doc.epoch().to_be_bytes().to_vec(),
+        versioned(|w| w.extend_from_slice(&doc.encode())),
+    )
+}
+
+/// The membership document of `epoch` left the history.
+pub(crate) fn delete_membership(epoch: u64) -> KvOp {
+    KvOp::Delete {
+        table: Table::Membership,
+        key: epoch.to_be_bytes().to_vec(),
     }
 }
 
@@ -631,6 +654,18 @@ where
                     let floor = ExchangeId(r.u64()?);
                     recovered.settled.push((peer, floor, seq));
                 }
+                Table::Membership => {
+                    let epoch = key_u64(&key)?;
+                    let doc = crate::membership::Signed::decode(r.rest())
+                        .map_err(|e| format!("membership document: {e}"))?;
+                    if doc.epoch() != epoch {
+                        return Err(format!(
+                            "a document of epoch {} under key {epoch}",
+                            doc.epoch()
+                        ));
+                    }
+                    recovered.membership.push(doc);
+                }
             }
             r.end()
         })();
@@ -646,6 +681,9 @@ where
     recovered.outbound.sort_by_key(|(_, r)| r.seq);
     recovered.inbound.sort_by_key(|(_, r)| r.seq);
     recovered.settled.sort_by_key(|(_, _, seq)| *seq);
+    recovered
+        .membership
+        .sort_by_key(crate::membership::Signed::epoch);
     outcomes.sort_by_key(|o: &StoredOutcome| o.seq);
     recovered.outcomes = outcomes;
     Ok(recovered)
@@ -761,6 +799,11 @@ impl<'a> Reader<'a> {
             10 => Failure::DeadlineExceeded,
             c => return Err(format!("unknown failure kind {c}")),
         })
+    }
+
+    /// Everything left (the row's last field).
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
     }
 
     fn end(&self) -> Result<(), String> {

@@ -109,6 +109,8 @@ pub(crate) struct Node {
     /// Whether the application takes outcomes from the store as it sees them (false: they
     /// stay, as dead letters of an application that crashed before reading them).
     pub takes_outcomes: bool,
+    /// The membership document its operator installed (installed again at each restart).
+    pub membership: Option<crate::membership::Signed>,
     incarnation: u64,
     /// Inbound connections accepted so far (numbers their ids).
     accepted: u64,
@@ -245,6 +247,7 @@ impl Net {
                 events: Vec::new(),
                 store: None,
                 takes_outcomes: true,
+                membership: None,
                 incarnation: 0,
                 accepted: 0,
                 conn_links: BTreeMap::new(),
@@ -438,6 +441,69 @@ impl Net {
             }
             self.drain(node);
         }
+        if let Some(doc) = self.nodes[node].membership.clone() {
+            self.install_membership(node, doc);
+        }
+    }
+
+    /// The node's operator installs `doc`: signed membership governs its allow list.
+    pub(crate) fn install_membership(&mut self, node: usize, doc: crate::membership::Signed) {
+        let (now, wall) = (self.now, self.wall_ms());
+        let n = &mut self.nodes[node];
+        n.membership = Some(doc.clone());
+        n.endpoint.set_wall_clock(now, wall);
+        let installed = n.endpoint.install_membership(Some(doc), now);
+        let name = n.name;
+        self.log(format!("{name} membership installed: {installed:?}"));
+        installed.expect("membership installs");
+        self.drain(node);
+    }
+
+    /// The node's operator offers a newer document.
+    pub(crate) fn offer_membership(
+        &mut self,
+        node: usize,
+        doc: crate::membership::Signed,
+    ) -> Result<Vec<crate::membership::Signed>, crate::membership::Refused> {
+        let now = self.now;
+        let result = self.nodes[node].endpoint.offer_membership(doc, now);
+        self.drain(node);
+        result
+    }
+
+    /// Sends `message` from `from` to `to` on an open connection between them, as a
+    /// misbehaving peer would (bypassing `from`'s endpoint). False if none is open.
+    pub(crate) fn inject(&mut self, from: usize, to: usize, message: Message) -> bool {
+        for link in 0..self.links.len() {
+            for (side, other) in [
+                (Side::Dialer, Side::Acceptor),
+                (Side::Acceptor, Side::Dialer),
+            ] {
+                let l = &mut self.links[link];
+                let open = |e: &mut End| {
+                    e.connection
+                        .as_ref()
+                        .is_some_and(Connection::is_established)
+                };
+                if l.end(side).node == from
+                    && l.end(other).node == to
+                    && open(l.end(side))
+                    && open(l.end(other))
+                {
+                    self.encrypt_and_ship(link, side, &message, false);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// The epoch in force at `node`.
+    pub(crate) fn epoch(&self, node: usize) -> u64 {
+        self.nodes[node]
+            .endpoint
+            .membership()
+            .map_or(0, |l| l.epoch())
     }
 
     /// Makes a node durable, with an empty store. Call before it does anything.
@@ -697,6 +763,7 @@ impl Net {
                     ConnEvent::Established {
                         peer,
                         remote_max_message_size,
+                        remote_features,
                     },
                 ) => {
                     let addr = self.nodes[self.links[link].dialer.node].addr;
@@ -707,6 +774,7 @@ impl Net {
                         peer,
                         addr,
                         remote_max_message_size,
+                        remote_features,
                         now,
                     );
                     self.links[link].end(side).conn = Some(id);
@@ -901,6 +969,8 @@ impl Net {
                     }
                 }
             }
+            // Handshakes here check the endpoint's own list: nothing to copy.
+            Output::AllowList(_) => self.log(format!("{name} allow list replaced")),
             Output::Close { conn, reason } => {
                 self.log(format!("{name} close {conn} ({reason:?})"));
                 let Some(link) = self.nodes[node].conn_links.remove(&conn) else {

@@ -138,13 +138,14 @@ fn drive(inputs: Vec<Input>) {
         match input {
             Input::Accept { peer } => {
                 accepted += 1;
-                ep.handle_accepted(ConnId::inbound(accepted), peer_of(peer), addr, 1000, now);
+                ep.handle_accepted(ConnId::inbound(accepted), peer_of(peer), addr, 1000, 0, now);
             }
             Input::Established { conn, peer } => ep.handle_conn_event(
                 conn_id(conn),
                 ConnEvent::Established {
                     peer: peer_of(peer),
                     remote_max_message_size: 150,
+                    remote_features: 0,
                 },
                 now,
             ),

@@ -1339,7 +1339,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(7, 1), f.now);
         assert_eq!(
             outputs(&mut f.ep),
@@ -1369,7 +1369,7 @@ mod endpoint_unit {
     fn held_ack_leaves_with_the_reply_or_when_its_delay_ends() {
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         // Answered quickly: Ack and Reply back to back, the Ack first.
         f.ep.handle_conn_event(c, request(7, 1), f.now);
         assert!(outputs(&mut f.ep).is_empty(), "the Ack is held");
@@ -1385,7 +1385,7 @@ mod endpoint_unit {
         assert_eq!(kinds, vec![Kind::Ack, Kind::Reply]);
         // Answered slowly: the Ack leaves when the delay ends.
         let c2 = ConnId::inbound(2);
-        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c2, request(8, 1), f.now);
         let due = f.now + config().ack_delay;
         f.ep.handle_timeout(due - Duration::from_micros(1));
@@ -1404,7 +1404,7 @@ mod endpoint_unit {
         );
         // A resent copy is acknowledged at once.
         let c3 = ConnId::inbound(3);
-        f.ep.handle_accepted(c3, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c3, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c3, request(9, 1), f.now);
         f.ep.handle_conn_event(c3, request(9, 2), f.now);
         assert!(matches!(
@@ -1430,6 +1430,7 @@ mod endpoint_unit {
             ConnEvent::Established {
                 peer: f.peer,
                 remote_max_message_size: 1 << 20,
+                remote_features: 0,
             },
             f.now,
         );
@@ -1453,7 +1454,7 @@ mod endpoint_unit {
     fn dialer_sending_replies_is_a_violation() {
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(
             c,
             ConnEvent::Message(Message::Reply {
@@ -1481,7 +1482,7 @@ mod endpoint_unit {
     fn oversized_request_is_nacked_too_large() {
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(
             c,
             ConnEvent::Oversized {
@@ -1513,7 +1514,7 @@ mod endpoint_unit {
         let max = config().max_message_size;
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         let over = ConnEvent::Message(Message::Request {
             exchange: ExchangeId(1),
             attempt: 1,
@@ -1537,7 +1538,7 @@ mod endpoint_unit {
     fn second_request_on_a_busy_connection_is_nacked_busy() {
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         outputs(&mut f.ep);
         f.ep.handle_conn_event(c, request(2, 1), f.now);
@@ -1561,9 +1562,9 @@ mod endpoint_unit {
             ..config()
         });
         let c1 = ConnId::inbound(1);
-        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, 0, f.now);
         let c2 = ConnId::inbound(2);
-        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c1, request(1, 1), f.now);
         f.ep.handle_conn_event(c2, request(2, 1), f.now);
         let outs = outputs(&mut f.ep);
@@ -1587,7 +1588,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         for id in 2..=4 {
             f.ep.handle_conn_event(c, request(id, 1), f.now);
@@ -1636,7 +1637,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         for id in 0..10u64 {
             f.ep.handle_conn_event(c, request(id, 1), f.now);
             f.ep.respond(f.peer, ExchangeId(id), Bytes::from_static(b"r"), f.now)
@@ -1684,7 +1685,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         (f, c)
     }
 
@@ -1779,7 +1780,7 @@ mod endpoint_unit {
             f.ep.allow(*peer, crate::allow_list::AllowedPeer::default());
             f.peer = *peer;
             let c = ConnId::inbound(10 + i as u64);
-            f.ep.handle_accepted(c, *peer, f.addr, 1 << 20, f.now);
+            f.ep.handle_accepted(c, *peer, f.addr, 1 << 20, 0, f.now);
             for id in [1, 2] {
                 settle(&mut f, c, id);
             }
@@ -1814,7 +1815,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         f.ep.respond(
             f.peer,
@@ -1887,6 +1888,7 @@ mod endpoint_unit {
             ConnEvent::Established {
                 peer,
                 remote_max_message_size: 1 << 20,
+                remote_features: 0,
             },
             f.now,
         );
@@ -1948,7 +1950,7 @@ mod endpoint_unit {
         // Responder: a large Request arriving keeps its connection from idling out.
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(
             c,
             ConnEvent::Receiving {
@@ -2012,7 +2014,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(3, 1), f.now);
         f.ep.respond(
             f.peer,
@@ -2176,6 +2178,7 @@ mod endpoint_unit {
             ConnEvent::Established {
                 peer,
                 remote_max_message_size: 10,
+                remote_features: 0,
             },
             f.now,
         );
@@ -2218,7 +2221,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         f.ep.respond(f.peer, ExchangeId(1), &b"r"[..], f.now)
             .unwrap();
@@ -2282,7 +2285,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        g.ep.handle_accepted(c, g.peer, g.addr, 1 << 20, g.now);
+        g.ep.handle_accepted(c, g.peer, g.addr, 1 << 20, 0, g.now);
         g.ep.handle_conn_event(c, request(3, 1), g.now);
         assert_eq!(
             g.ep.exchange_states(),
@@ -2306,11 +2309,11 @@ mod endpoint_unit {
     fn an_accepted_connection_must_be_new_and_inbound() {
         let mut f = fixture(config());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         outputs(&mut f.ep);
         // The driver handing over an outbound id, or the same id twice, is refused.
         for bad in [ConnId::outbound_for_tests(1), c] {
-            f.ep.handle_accepted(bad, f.peer, f.addr, 1 << 20, f.now);
+            f.ep.handle_accepted(bad, f.peer, f.addr, 1 << 20, 0, f.now);
             assert_eq!(
                 outputs(&mut f.ep),
                 vec![Output::Close {
@@ -2401,10 +2404,10 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         let c2 = ConnId::inbound(2);
-        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c2, request(2, 1), f.now); // Busy: the inbox holds one.
         let stats = f.ep.stats().clone();
         assert_eq!((stats.requests_delivered, stats.nacks_sent), (1, 1));
@@ -2420,7 +2423,7 @@ mod endpoint_unit {
         let other = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(9)).peer_id();
         f.ep.allow(other, crate::allow_list::AllowedPeer::default());
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         f.ep.handle_conn_event(
             c,
@@ -2431,7 +2434,7 @@ mod endpoint_unit {
         // The first peer has no connection but its request awaits our answer: the other
         // peer cannot be tracked, and the answer still goes through.
         let c2 = ConnId::inbound(2);
-        f.ep.handle_accepted(c2, other, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c2, other, f.addr, 1 << 20, 0, f.now);
         assert_eq!(f.ep.peer_of(c2), None, "no room for another peer");
         assert_eq!(f.ep.pending_request_from(&f.peer), Some(ExchangeId(1)));
         f.ep.respond(f.peer, ExchangeId(1), &b"r"[..], f.now)
@@ -2442,7 +2445,7 @@ mod endpoint_unit {
         f.ep.handle_timeout(now);
         events(&mut f.ep);
         let c3 = ConnId::inbound(3);
-        f.ep.handle_accepted(c3, other, f.addr, 1 << 20, now);
+        f.ep.handle_accepted(c3, other, f.addr, 1 << 20, 0, now);
         assert_eq!(f.ep.peer_of(c3), Some(other));
         // Forgetting the first peer's finished exchange cancels nothing.
         assert!(
@@ -2647,9 +2650,9 @@ mod endpoint_unit {
             ..config()
         });
         let (c1, c2) = (ConnId::inbound(1), ConnId::inbound(2));
-        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c1, request(1, 1), f.now);
-        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c2, request(1, 2), f.now);
         f.ep.check_invariants();
         // The same copy again on the same connection keeps it.
@@ -2677,7 +2680,7 @@ mod endpoint_unit {
         });
         for n in 1..=3u64 {
             let c = ConnId::inbound(n);
-            f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+            f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
             f.ep.handle_conn_event(c, request(n, 1), f.now);
             f.ep.respond(f.peer, ExchangeId(n), vec![0u8; 10], f.now)
                 .unwrap();
@@ -2690,7 +2693,7 @@ mod endpoint_unit {
             }
         }
         let c = ConnId::inbound(9);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 3), f.now);
         assert!(outputs(&mut f.ep).iter().any(|o| matches!(
             o,
@@ -2746,7 +2749,7 @@ mod endpoint_unit {
         outputs(&mut f.ep);
         // The peer dials us too, and that connection ends.
         let inbound = ConnId::inbound(1);
-        f.ep.handle_accepted(inbound, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(inbound, f.peer, f.addr, 1 << 20, 0, f.now);
         let gone = crate::connection::Closed::Io("reset".into());
         f.ep.handle_conn_event(inbound, ConnEvent::Closed(gone), f.now);
         // Our next request still goes on the kept connection, without a dial.
@@ -2766,7 +2769,7 @@ mod endpoint_unit {
             ..config()
         });
         let c = ConnId::inbound(1);
-        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c, request(1, 1), f.now);
         f.ep.respond(f.peer, ExchangeId(1), vec![0u8; 10], f.now)
             .unwrap();
@@ -2792,13 +2795,13 @@ mod endpoint_unit {
             ..config()
         });
         let (c1, c2) = (ConnId::inbound(1), ConnId::inbound(2));
-        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c1, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(c1, request(7, 1), f.now);
         f.ep.respond(f.peer, ExchangeId(7), &b"r"[..], f.now)
             .unwrap();
         outputs(&mut f.ep);
         // The dialer redialed and acknowledges the Reply on its new connection.
-        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, f.now);
+        f.ep.handle_accepted(c2, f.peer, f.addr, 1 << 20, 0, f.now);
         f.ep.handle_conn_event(
             c2,
             ConnEvent::Message(Message::Ack {
@@ -3394,7 +3397,7 @@ mod durable {
         let mut ep = Endpoint::new(config, me, AllowList::from_peers([peer]), [0; 32]).unwrap();
         let now = Instant::now();
         let conn = ConnId::inbound(1);
-        ep.handle_accepted(conn, peer, "10.0.0.2:1".parse().unwrap(), 1 << 20, now);
+        ep.handle_accepted(conn, peer, "10.0.0.2:1".parse().unwrap(), 1 << 20, 0, now);
         Responder {
             ep,
             peer,
@@ -3425,7 +3428,7 @@ mod durable {
             self.conn = ConnId::inbound(n);
             let addr = "10.0.0.2:1".parse().unwrap();
             self.ep
-                .handle_accepted(self.conn, self.peer, addr, 1 << 20, self.now);
+                .handle_accepted(self.conn, self.peer, addr, 1 << 20, 0, self.now);
         }
     }
 

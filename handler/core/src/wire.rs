@@ -34,6 +34,11 @@ pub const MAX_CHUNK_LEN: usize = MAX_FRAME_LEN - TAG_LEN;
 /// Upper limit for `Config::max_message_size`: the total length field is a u32, and 1 GiB
 /// is far beyond any sensible message.
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
+/// Hello feature bit: the sender understands the membership messages (`Epoch`, `Fetch`,
+/// `Documents`); a peer without it MUST NOT be sent one.
+pub const FEATURE_MEMBERSHIP: u32 = 1;
+/// The features this build has (every bit it understands).
+pub const FEATURES: u32 = FEATURE_MEMBERSHIP;
 /// Bytes of an encoded exchange message before its payload (kind, exchange id, attempt).
 pub const EXCHANGE_HEADER_LEN: usize = 1 + 8 + 4;
 /// The largest fixed part any message adds to its payload (a Nack: header + reason + u32).
@@ -210,6 +215,15 @@ pub enum Kind {
     /// Either way, only to a peer whose hello asked for it: part of a large Request or
     /// Reply arrived, still arriving.
     Progress = 7,
+    /// Either way, only to a peer with [`FEATURE_MEMBERSHIP`]: the sender's membership
+    /// epoch and the digest of its document.
+    Epoch = 8,
+    /// Either way, only to a peer with [`FEATURE_MEMBERSHIP`]: send me your membership
+    /// documents after this epoch.
+    Fetch = 9,
+    /// Either way, only to a peer with [`FEATURE_MEMBERSHIP`]: signed membership
+    /// documents, consecutive epochs, oldest first (the answer to a `Fetch`).
+    Documents = 10,
 }
 
 impl Kind {
@@ -222,8 +236,19 @@ impl Kind {
             5 => Self::Abort,
             6 => Self::Close,
             7 => Self::Progress,
+            8 => Self::Epoch,
+            9 => Self::Fetch,
+            10 => Self::Documents,
             _ => return None,
         })
+    }
+
+    /// Whether messages of this kind start with an exchange id and attempt.
+    pub fn has_exchange_header(self) -> bool {
+        !matches!(
+            self,
+            Self::Close | Self::Epoch | Self::Fetch | Self::Documents
+        )
     }
 }
 
@@ -293,6 +318,25 @@ pub enum Message {
         /// Bytes of the encoded message received so far.
         received: u64,
     },
+    /// The sender's membership: its epoch and the digest of its document. Sent when a
+    /// connection is established and whenever the sender moves to a new epoch.
+    Epoch {
+        /// The epoch.
+        epoch: u64,
+        /// The digest of its document.
+        digest: [u8; 32],
+    },
+    /// Asks for the receiver's membership documents after epoch `after`.
+    Fetch {
+        /// The epoch the asker holds.
+        after: u64,
+    },
+    /// Signed membership documents (each in its canonical encoding, `docs/PROTOCOL.md`
+    /// section 8), consecutive epochs, oldest first; none if the sender cannot help.
+    Documents {
+        /// The documents.
+        docs: Vec<Bytes>,
+    },
 }
 
 impl Message {
@@ -306,6 +350,9 @@ impl Message {
             Self::Abort { .. } => Kind::Abort,
             Self::Close { .. } => Kind::Close,
             Self::Progress { .. } => Kind::Progress,
+            Self::Epoch { .. } => Kind::Epoch,
+            Self::Fetch { .. } => Kind::Fetch,
+            Self::Documents { .. } => Kind::Documents,
         }
     }
 
@@ -318,7 +365,10 @@ impl Message {
             | Self::Reply { exchange, .. }
             | Self::Abort { exchange, .. }
             | Self::Progress { exchange, .. } => Some(*exchange),
-            Self::Close { .. } => None,
+            Self::Close { .. }
+            | Self::Epoch { .. }
+            | Self::Fetch { .. }
+            | Self::Documents { .. } => None,
         }
     }
 
@@ -331,7 +381,10 @@ impl Message {
             | Self::Reply { attempt, .. }
             | Self::Abort { attempt, .. }
             | Self::Progress { attempt, .. } => Some(*attempt),
-            Self::Close { .. } => None,
+            Self::Close { .. }
+            | Self::Epoch { .. }
+            | Self::Fetch { .. }
+            | Self::Documents { .. } => None,
         }
     }
 
@@ -345,6 +398,9 @@ impl Message {
             Self::Nack { .. } => EXCHANGE_HEADER_LEN + 1 + 4,
             Self::Close { .. } => 2,
             Self::Progress { .. } => EXCHANGE_HEADER_LEN + 8,
+            Self::Epoch { .. } => 1 + 8 + 32,
+            Self::Fetch { .. } => 1 + 8,
+            Self::Documents { docs } => 1 + 2 + docs.iter().map(|d| 4 + d.len()).sum::<usize>(),
         }
     }
 
@@ -375,6 +431,24 @@ impl Message {
             Self::Abort { reason, .. } => head.push(reason.code()),
             Self::Progress { received, .. } => head.extend_from_slice(&received.to_be_bytes()),
             Self::Close { reason } => head.push(reason.code()),
+            Self::Epoch { epoch, digest } => {
+                head.extend_from_slice(&epoch.to_be_bytes());
+                head.extend_from_slice(digest);
+            }
+            Self::Fetch { after } => head.extend_from_slice(&after.to_be_bytes()),
+            Self::Documents { docs } => {
+                // Senders keep a Documents message within the receiver's limit, far below
+                // 65,535 documents and 4 GiB each.
+                let mut list = Vec::with_capacity(self.encoded_len() - 1);
+                list.extend_from_slice(
+                    &(docs.len().min(usize::from(u16::MAX)) as u16).to_be_bytes(),
+                );
+                for doc in docs.iter().take(usize::from(u16::MAX)) {
+                    list.extend_from_slice(&(doc.len() as u32).to_be_bytes());
+                    list.extend_from_slice(doc);
+                }
+                body = Bytes::from(list);
+            }
         }
         (head, body)
     }
@@ -449,6 +523,22 @@ impl Message {
                     received: r.u64("bytes received")?,
                 }
             }
+            Kind::Epoch => Self::Epoch {
+                epoch: r.u64("epoch")?,
+                digest: r.take("digest")?,
+            },
+            Kind::Fetch => Self::Fetch {
+                after: r.u64("epoch")?,
+            },
+            Kind::Documents => {
+                let count = r.u16("document count")?;
+                let mut docs = Vec::with_capacity(usize::from(count).min(64));
+                for _ in 0..count {
+                    let len = r.u32("document length")? as usize;
+                    docs.push(r.slice(len, "document")?);
+                }
+                Self::Documents { docs }
+            }
         };
         r.finish(kind)?;
         Ok(message)
@@ -493,6 +583,11 @@ impl fmt::Debug for Message {
                 attempt,
                 received,
             } => write!(f, "Progress({exchange} #{attempt}, {received} B)"),
+            Self::Epoch { epoch, digest } => {
+                write!(f, "Epoch({epoch}, {})", hex::encode(&digest[..4]))
+            }
+            Self::Fetch { after } => write!(f, "Fetch(after {after})"),
+            Self::Documents { docs } => write!(f, "Documents({})", docs.len()),
         }
     }
 }
@@ -551,8 +646,24 @@ impl Reader {
     fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         Ok(self.take::<1>(what)?[0])
     }
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.take(what)?))
+    }
     fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
         Ok(u32::from_be_bytes(self.take(what)?))
+    }
+    /// The next `len` bytes, without copying.
+    fn slice(&mut self, len: usize, what: &'static str) -> Result<Bytes, WireError> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .ok_or(WireError::Truncated(what))?;
+        if end > self.bytes.len() {
+            return Err(WireError::Truncated(what));
+        }
+        let out = self.bytes.slice(self.pos..end);
+        self.pos = end;
+        Ok(out)
     }
     fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
         Ok(u64::from_be_bytes(self.take(what)?))
@@ -829,7 +940,7 @@ fn oversized_header(
         return Ok(None);
     };
     let kind = Kind::from_code(kind_code).ok_or(WireError::UnknownKind(kind_code))?;
-    let has_header = kind != Kind::Close;
+    let has_header = kind.has_exchange_header();
     if has_header && head.len() < EXCHANGE_HEADER_LEN && !last {
         return Ok(None);
     }
@@ -871,11 +982,13 @@ pub struct Hello {
     /// arrives at the other side, in milliseconds; 0 (or a hello without the field, from a
     /// peer that predates it): it does not understand `Progress`, send none.
     pub progress_ms: u32,
+    /// Feature bits ([`FEATURE_MEMBERSHIP`]); absent from a peer that predates them: 0.
+    pub features: u32,
 }
 
 impl Hello {
     /// Encoded length.
-    pub const LEN: usize = 4 + 1 + 4 + 4;
+    pub const LEN: usize = 4 + 1 + 4 + 4 + 4;
     /// The length of a hello from a peer that predates `progress_ms`.
     pub const MIN_LEN: usize = 4 + 1 + 4;
 
@@ -885,7 +998,8 @@ impl Hello {
         out[..4].copy_from_slice(&HELLO_MAGIC);
         out[4] = self.version;
         out[5..9].copy_from_slice(&self.max_message_size.to_be_bytes());
-        out[9..].copy_from_slice(&self.progress_ms.to_be_bytes());
+        out[9..13].copy_from_slice(&self.progress_ms.to_be_bytes());
+        out[13..17].copy_from_slice(&self.features.to_be_bytes());
         out
     }
 
@@ -911,10 +1025,15 @@ impl Hello {
             .get(9..13)
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
             .map_or(0, u32::from_be_bytes);
+        let features = bytes
+            .get(13..17)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_be_bytes);
         Ok(Self {
             version,
             max_message_size,
             progress_ms,
+            features,
         })
     }
 }
@@ -972,6 +1091,20 @@ mod tests {
             Message::Close {
                 reason: CloseReason::Idle,
             },
+            Message::Progress {
+                exchange,
+                attempt: 1,
+                received: 65_536,
+            },
+            Message::Epoch {
+                epoch: 7,
+                digest: [9; 32],
+            },
+            Message::Fetch { after: 6 },
+            Message::Documents { docs: Vec::new() },
+            Message::Documents {
+                docs: vec![Bytes::from_static(b"P2PS..."), Bytes::from(vec![1; 300])],
+            },
         ]
     }
 
@@ -1008,7 +1141,18 @@ mod tests {
     fn malformed_messages_are_errors() {
         let cases: &[(&[u8], WireError)] = &[
             (&[], WireError::Truncated("kind")),
-            (&[9], WireError::UnknownKind(9)),
+            (&[11], WireError::UnknownKind(11)),
+            (
+                &[8, 0, 0, 0, 0, 0, 0, 0, 1, 7],
+                WireError::Truncated("digest"),
+            ),
+            (&[9, 0, 0, 0], WireError::Truncated("epoch")),
+            (
+                &[10, 0, 2, 0, 0, 0, 1, 7],
+                WireError::Truncated("document length"),
+            ),
+            (&[10, 0, 1, 0, 0, 0, 9, 7], WireError::Truncated("document")),
+            (&[10, 0, 0, 1], WireError::Trailing(1, Kind::Documents)),
             (&[1, 0, 0], WireError::Truncated("exchange id")),
             (
                 &[2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1],
@@ -1228,6 +1372,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             max_message_size: 1 << 24,
             progress_ms: 0,
+            features: 0,
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         assert!(Hello::decode(b"GET / HTTP/1.1").is_err());
@@ -1237,6 +1382,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             max_message_size: 0,
             progress_ms: 0,
+            features: 0,
         };
         assert_eq!(
             Hello::decode(&zero.encode()),

@@ -377,6 +377,7 @@ impl ConnTask {
                     ConnEvent::Established {
                         peer,
                         remote_max_message_size,
+                        remote_features,
                     },
                 ) => {
                     if let Some(gate) = &self.gate {
@@ -394,6 +395,7 @@ impl ConnTask {
                         peer,
                         addr: self.connection.remote().addr,
                         remote_max_message_size,
+                        remote_features,
                     }
                 }
                 (false, ConnEvent::Closed(Closed::Error(e))) => NetEvent::Rejected(e),

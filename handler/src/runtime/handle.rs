@@ -16,9 +16,11 @@ use crate::allow_list::{AllowList, AllowedPeer};
 use crate::config::{Config, ConfigError};
 use crate::durable;
 use crate::endpoint::{
-    Direction, Endpoint, Event, KeyedExchange, Receipt, RequestError, RespondError, Stats,
+    Direction, Endpoint, Event, InstallError, KeyedExchange, Receipt, RequestError, RespondError,
+    Stats,
 };
 use crate::identity::{Keypair, PeerId};
+use crate::membership::{Digest, Refused, Signed};
 use crate::store::{Store, StoreError};
 use crate::transport::{Listener, Transport};
 use crate::wire::ExchangeId;
@@ -63,6 +65,44 @@ pub enum HandlerError {
     /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The membership document given at start cannot be installed.
+    #[error("membership: {0}")]
+    Membership(#[from] InstallError),
+    /// The allow list follows signed membership documents: it changes only when a newer
+    /// document is accepted ([`Handler::offer_membership`]), never by hand.
+    #[error("the allow list follows signed membership documents; offer a newer document instead")]
+    MembershipManaged,
+    /// A membership document was refused (every reason is listed).
+    #[error("{0}")]
+    MembershipRefused(Refused),
+    /// The node does not follow signed membership documents.
+    #[error("this node's allow list is not governed by membership documents")]
+    NoMembership,
+}
+
+/// What a node's membership is (see [`Handler::membership`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipStatus {
+    /// The network.
+    pub network: String,
+    /// The epoch in force.
+    pub epoch: u64,
+    /// Its digest.
+    pub digest: Digest,
+    /// Members in the document.
+    pub members: usize,
+    /// Members in force (unexpired): the allow list.
+    pub allowed: usize,
+    /// The committee's threshold and size.
+    pub threshold: u8,
+    /// Committee size.
+    pub committee: usize,
+    /// When the document expires (Unix seconds), if it does.
+    pub expires: Option<u64>,
+    /// Epochs held (to serve peers that are behind).
+    pub history: usize,
+    /// Forks found since the start (alarms).
+    pub forks: usize,
 }
 
 /// Something the application may want to know, on the priority channel: peer errors, rate
@@ -241,14 +281,22 @@ pub(super) enum Command {
     Allow {
         peer: PeerId,
         entry: AllowedPeer,
+        reply: oneshot::Sender<Result<(), HandlerError>>,
     },
     Revoke {
         peer: PeerId,
-        reply: oneshot::Sender<bool>,
+        reply: oneshot::Sender<Result<bool, HandlerError>>,
     },
     SetAllowList {
         list: AllowList,
-        reply: oneshot::Sender<Vec<PeerId>>,
+        reply: oneshot::Sender<Result<Vec<PeerId>, HandlerError>>,
+    },
+    OfferMembership {
+        document: Box<Signed>,
+        reply: oneshot::Sender<Result<Vec<u64>, HandlerError>>,
+    },
+    Membership {
+        reply: oneshot::Sender<Option<MembershipStatus>>,
     },
     Drain {
         reply: oneshot::Sender<()>,
@@ -292,6 +340,11 @@ pub struct Options {
     /// restarts as a wall-clock time). Default `SystemTime::now`; the simulator passes its
     /// virtual clock.
     pub wall_clock: WallClock,
+    /// The signed membership document the operator installed: from then on the allow
+    /// list given at start is ignored and the membership governs it (see
+    /// `p2p_handler_core::membership`). A durable node resumes the ledger it stored; this
+    /// document must then not be older than it. `None`: the allow list as given.
+    pub membership: Option<Signed>,
     /// A defect to plant in the endpoint (feature `sabotage`): the simulator's tests use it
     /// to show that each invariant catches what it should.
     #[cfg(feature = "sabotage")]
@@ -309,9 +362,17 @@ impl Options {
             tap: Arc::new(NoTap),
             confirm_outcomes: false,
             wall_clock: Arc::new(std::time::SystemTime::now),
+            membership: None,
             #[cfg(feature = "sabotage")]
             sabotage: None,
         }
+    }
+
+    /// Makes signed membership documents govern the allow list, starting from `document`
+    /// (see [`Options::membership`]).
+    pub fn membership(mut self, document: Signed) -> Self {
+        self.membership = Some(document);
+        self
     }
 
     /// Turns confirm mode on (see [`Options::confirm_outcomes`]).
@@ -479,6 +540,7 @@ impl Handler {
             tap,
             confirm_outcomes,
             wall_clock,
+            membership,
             #[cfg(feature = "sabotage")]
             sabotage,
         } = options;
@@ -539,6 +601,14 @@ impl Handler {
                 }
                 recv_backlog.push_back(event);
             }
+        }
+        endpoint.set_wall_clock(super::now(), super::unix_ms(&*wall_clock));
+        let mut allow = allow;
+        if let Some(document) = membership {
+            let installed = endpoint.install_membership(Some(document), super::now())?;
+            super::observe::membership_installed(&installed);
+            // Handshakes check the membership's list from the first one.
+            allow = endpoint.allow_list().clone();
         }
         let (taken_tx, taken_rx) = mpsc::unbounded_channel();
         let cap = config.channel_capacity;
@@ -790,16 +860,35 @@ impl Handler {
     }
 
     /// Adds or updates a peer on the allow list.
+    /// `MembershipManaged` when signed membership documents govern the list.
     pub async fn allow(&self, peer: PeerId, entry: AllowedPeer) -> Result<(), HandlerError> {
-        self.commands
-            .send(Command::Allow { peer, entry })
-            .await
-            .map_err(|_| HandlerError::Stopped)
+        self.call(|reply| Command::Allow { peer, entry, reply })
+            .await?
     }
 
     /// Removes a peer from the allow list and disconnects it. Returns whether it was listed.
+    /// `MembershipManaged` when signed membership documents govern the list.
     pub async fn revoke(&self, peer: PeerId) -> Result<bool, HandlerError> {
-        self.call(|reply| Command::Revoke { peer, reply }).await
+        self.call(|reply| Command::Revoke { peer, reply }).await?
+    }
+
+    /// Offers a signed membership document (the operator's newer epoch): applied when it
+    /// is the next epoch and acceptable, then spread to every member by the nodes
+    /// themselves. Returns the epochs applied (empty: held already). A document that skips
+    /// epochs is kept and applied once the ones between arrive from peers (then the error
+    /// says `gap`). Refused: `MembershipRefused` with every reason; the allow list is
+    /// untouched.
+    pub async fn offer_membership(&self, document: Signed) -> Result<Vec<u64>, HandlerError> {
+        self.call(|reply| Command::OfferMembership {
+            document: Box::new(document),
+            reply,
+        })
+        .await?
+    }
+
+    /// The membership in force, if documents govern the allow list.
+    pub async fn membership(&self) -> Result<Option<MembershipStatus>, HandlerError> {
+        self.call(|reply| Command::Membership { reply }).await
     }
 
     /// Replaces the allow list as a whole (e.g. a reloaded file). Peers it no longer lists
@@ -807,9 +896,10 @@ impl Handler {
     /// with the payload back (`Failed(Revoked)`), their requests awaiting our answer
     /// cancelled; a listed peer's connection from an address its new entry excludes is
     /// closed. Returns the peers removed, in id order.
+    /// `MembershipManaged` when signed membership documents govern the list.
     pub async fn set_allow_list(&self, list: AllowList) -> Result<Vec<PeerId>, HandlerError> {
         self.call(|reply| Command::SetAllowList { list, reply })
-            .await
+            .await?
     }
 
     /// Begins a graceful stop: the listener closes, our new requests are refused

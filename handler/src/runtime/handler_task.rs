@@ -17,12 +17,15 @@ use crate::store::{Commit, Store, StoreError};
 use crate::wire::{CloseReason, ExchangeId, Message};
 
 use super::conn_task::ConnCommand;
-use super::handle::{Command, Inbox, Notice, ShutdownReport, Status};
+use super::handle::{
+    Command, HandlerError, Inbox, MembershipStatus, Notice, ShutdownReport, Status,
+};
 use super::observe::{self, Gauges, Observer};
 use super::router::{NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
 use super::tap::{Arrival, Tap, Verdict};
 use super::{SharedAllow, Timer, now};
+use crate::membership::Signed;
 use tokio::sync::oneshot;
 
 pub(super) struct HandlerTask {
@@ -397,6 +400,11 @@ impl HandlerTask {
                     };
                     self.send_direct(conn, command).await;
                 }
+                Output::AllowList(list) => {
+                    if let Ok(mut allow) = self.allow.write() {
+                        *allow = list;
+                    }
+                }
                 Output::Close { conn, reason } => {
                     // The endpoint refuses with this reason at `max_connections`, and also
                     // when it cannot track one more peer: only the first is this notice.
@@ -549,25 +557,50 @@ impl HandlerTask {
                 };
                 self.answer(reply, result);
             }
-            Command::Allow { peer, entry } => {
+            Command::Allow { peer, entry, reply } => {
+                if self.endpoint.membership_managed() {
+                    return self.answer(reply, Err(HandlerError::MembershipManaged));
+                }
                 if let Ok(mut allow) = self.allow.write() {
                     allow.insert(peer, entry.clone());
                 }
                 self.endpoint.allow(peer, entry);
+                self.answer(reply, Ok(()));
             }
             Command::Revoke { peer, reply } => {
+                if self.endpoint.membership_managed() {
+                    return self.answer(reply, Err(HandlerError::MembershipManaged));
+                }
                 if let Ok(mut allow) = self.allow.write() {
                     allow.remove(&peer);
                 }
                 let revoked = self.endpoint.revoke(&peer, now);
-                self.answer(reply, revoked);
+                self.answer(reply, Ok(revoked));
             }
             Command::SetAllowList { list, reply } => {
+                if self.endpoint.membership_managed() {
+                    return self.answer(reply, Err(HandlerError::MembershipManaged));
+                }
                 if let Ok(mut allow) = self.allow.write() {
                     *allow = list.clone();
                 }
                 let removed = self.endpoint.set_allow_list(list, now);
-                self.answer(reply, removed);
+                self.answer(reply, Ok(removed));
+            }
+            Command::OfferMembership { document, reply } => {
+                let result = if self.endpoint.membership_managed() {
+                    self.endpoint
+                        .offer_membership(*document, now)
+                        .map(|applied| applied.iter().map(Signed::epoch).collect())
+                        .map_err(HandlerError::MembershipRefused)
+                } else {
+                    Err(HandlerError::NoMembership)
+                };
+                self.answer(reply, result);
+            }
+            Command::Membership { reply } => {
+                let status = self.membership_status();
+                let _ = reply.send(status);
             }
             Command::Drain { reply } => {
                 self.endpoint.drain();
@@ -598,6 +631,23 @@ impl HandlerTask {
         }
     }
 
+    fn membership_status(&self) -> Option<MembershipStatus> {
+        let ledger = self.endpoint.membership()?;
+        let document = ledger.current().document();
+        Some(MembershipStatus {
+            network: document.network.clone(),
+            epoch: ledger.epoch(),
+            digest: ledger.digest(),
+            members: document.members.len(),
+            allowed: self.endpoint.allow_list().peers().count(),
+            threshold: document.threshold,
+            committee: document.committee.len(),
+            expires: document.expires,
+            history: ledger.history().count(),
+            forks: ledger.forks().count(),
+        })
+    }
+
     fn net_event(&mut self, event: NetEvent) {
         let now = now();
         match event {
@@ -606,6 +656,7 @@ impl HandlerTask {
                 peer,
                 addr,
                 remote_max_message_size,
+                remote_features,
             } => {
                 self.tap.connection(
                     conn,
@@ -613,11 +664,18 @@ impl HandlerTask {
                     &ConnEvent::Established {
                         peer,
                         remote_max_message_size,
+                        remote_features,
                     },
                 );
                 observe::established(conn, peer, Some(addr));
-                self.endpoint
-                    .handle_accepted(conn, peer, addr, remote_max_message_size, now);
+                self.endpoint.handle_accepted(
+                    conn,
+                    peer,
+                    addr,
+                    remote_max_message_size,
+                    remote_features,
+                    now,
+                );
             }
             NetEvent::Rejected(error) => {
                 self.tap.rejected(&error);

@@ -20,7 +20,12 @@
 //! gauges (`p2p_connections{state="established"|"tasks"}`, `p2p_outbound_in_flight`,
 //! `p2p_pending_responses`, `p2p_receive_backlog`, `p2p_unread_outcomes`) and, from the
 //! connection tasks, `p2p_bytes_sent_total` / `p2p_bytes_received_total` (wire bytes,
-//! encryption and framing included). Without a recorder installed, each costs nothing.
+//! encryption and framing included). Membership: `p2p_membership_epoch` (gauge),
+//! `p2p_membership_applied_total`, `p2p_membership_refused_total{reason}` (by
+//! `Refusal::code`), `p2p_membership_forks_total`, `p2p_membership_expired_total`. Each
+//! applied epoch is an `info` line, each refusal a `warn` line (once per copy), a fork or
+//! an expired document an `error` line (alarms). Without a recorder installed, each costs
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,7 +33,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::connection::ConnError;
-use crate::endpoint::{ConnId, Event, Failure, LimitKind, PeerError, Stats};
+use crate::endpoint::{
+    ConnId, Event, Failure, Installed, LimitKind, MembershipEvent, PeerError, Stats,
+};
 use crate::identity::PeerId;
 use crate::wire::{Kind, Message};
 
@@ -217,6 +224,7 @@ impl Observer {
                     format!("peer {} over its {limit_name} rate: {action}", peer.short()),
                 );
             }
+            Event::Membership(event) => membership(event),
             _ => {}
         }
     }
@@ -391,6 +399,45 @@ pub(super) fn message(sent: bool, conn: ConnId, peer: Option<PeerId>, message: &
 }
 
 /// A dial, at `debug` (a redial is a dial for an exchange that already tried).
+/// A membership event: never throttled (each is reported once by the endpoint already).
+fn membership(event: &MembershipEvent) {
+    match event {
+        MembershipEvent::Applied { epoch, .. } => {
+            metrics::counter!("p2p_membership_applied_total").increment(1);
+            metrics::gauge!("p2p_membership_epoch").set(*epoch as f64);
+            tracing::info!("{event}");
+        }
+        MembershipEvent::Refused { refused, .. } => {
+            let reason = refused.reason().map_or("unknown", |r| r.code());
+            metrics::counter!("p2p_membership_refused_total", "reason" => reason).increment(1);
+            tracing::warn!("{event}");
+        }
+        MembershipEvent::Fork { .. } => {
+            metrics::counter!("p2p_membership_forks_total").increment(1);
+            tracing::error!("{event}");
+        }
+        MembershipEvent::Expired { .. } => {
+            metrics::counter!("p2p_membership_expired_total").increment(1);
+            tracing::error!("{event}");
+        }
+        _ => tracing::info!("{event}"),
+    }
+}
+
+/// The membership a node starts with.
+pub(super) fn membership_installed(installed: &Installed) {
+    metrics::gauge!("p2p_membership_epoch").set(installed.epoch as f64);
+    tracing::info!(
+        epoch = installed.epoch,
+        digest = %installed.digest.short(),
+        resumed = installed.resumed,
+        "membership in force"
+    );
+    if let Some(note) = &installed.note {
+        tracing::warn!("membership: {note}");
+    }
+}
+
 pub(super) fn dial(conn: ConnId, peer: PeerId, addr: std::net::SocketAddr) {
     tracing::debug!(%conn, peer = %peer.short(), %addr, "dial");
 }

@@ -57,6 +57,7 @@ pub(super) enum NetEvent {
         peer: PeerId,
         addr: SocketAddr,
         remote_max_message_size: usize,
+        remote_features: u32,
     },
     Rejected(ConnError),
     Conn {

@@ -40,6 +40,7 @@ fn msg1(seed: u8) -> Vec<u8> {
         version: PROTOCOL_VERSION,
         max_message_size: 1024,
         progress_ms: 0,
+        features: 0,
     }
     .encode();
     let mut buf = [0u8; 256];

@@ -33,6 +33,7 @@ fn hello(max_message_size: u32) -> [u8; Hello::LEN] {
         version: PROTOCOL_VERSION,
         max_message_size,
         progress_ms: 0,
+        features: 0,
     }
     .encode()
 }

@@ -28,6 +28,12 @@ impl Endpoint {
         if !c.established {
             return self.violation(conn, "message before the handshake finished", now);
         }
+        if matches!(
+            message,
+            Message::Epoch { .. } | Message::Fetch { .. } | Message::Documents { .. }
+        ) {
+            return self.on_membership_message(conn, peer, message, now);
+        }
         match direction {
             Direction::Outbound => self.on_outbound_message(conn, peer, message, now),
             Direction::Inbound => self.on_inbound_message(conn, peer, message, now),
@@ -38,6 +44,10 @@ impl Endpoint {
         let Some(c) = self.forget_conn(conn) else {
             return;
         };
+        self.membership_conn_closed(conn);
+        if c.sync {
+            self.sync_closed(conn, c.peer, now);
+        }
         // Errors the peer caused (or that name it) are reported once, here. A handshake that
         // timed out is the network's doing, not the peer's: it is a retry cause instead.
         let report = match &closed {
@@ -103,6 +113,10 @@ impl Endpoint {
             return;
         };
         self.outputs.push_back(Output::Close { conn, reason });
+        self.membership_conn_closed(conn);
+        if c.sync {
+            self.sync_closed(conn, c.peer, now);
+        }
         if c.direction == Direction::Outbound
             && let Some(id) = c.exchange
             && self.outbound.contains_key(&id)

@@ -181,6 +181,9 @@ impl Endpoint {
                 exchange: Some(id),
                 remote_max: 0,
                 receiving: false,
+                features: 0,
+                sync: false,
+                epoch_sent: false,
             },
         );
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -464,6 +467,7 @@ impl Endpoint {
         conn: ConnId,
         peer: PeerId,
         remote_max: usize,
+        features: u32,
         now: Instant,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -479,8 +483,12 @@ impl Endpoint {
         }
         c.established = true;
         c.remote_max = remote_max;
-        match c.exchange {
+        c.features = features;
+        let sync = c.sync;
+        self.membership_established(conn, now);
+        match self.conns.get(&conn).and_then(|c| c.exchange) {
             Some(id) => self.send_request(id, conn, now),
+            None if sync => {}
             None => self.close(conn, CloseReason::Done, now),
         }
     }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::Endpoint;
 use crate::connection::{ConnError, Remote};
 use crate::identity::PeerId;
+use crate::membership::{Digest, Fork, Refused};
 use crate::wire::{AbortReason, CloseReason, ExchangeId, NackReason};
 
 /// Why an outbound exchange was retried (and, once attempts run out, why it failed).
@@ -261,6 +262,102 @@ pub enum Event {
         /// Whether the peer was disconnected for it.
         disconnected: bool,
     },
+    /// The signed membership moved, or a document was refused, or an alarm went off.
+    Membership(MembershipEvent),
+}
+
+/// Where a membership document came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// This node's operator or application ([`Endpoint::offer_membership`]).
+    ///
+    /// [`Endpoint::offer_membership`]: super::Endpoint::offer_membership
+    Local,
+    /// A peer, over its authenticated connection.
+    Peer(PeerId),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local => f.write_str("this node's operator"),
+            Self::Peer(peer) => write!(f, "{peer}"),
+        }
+    }
+}
+
+/// What the membership did (see the endpoint's `membership` module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipEvent {
+    /// Documents were accepted; `epoch` is in force and the allow list follows it.
+    Applied {
+        /// The epoch now in force.
+        epoch: u64,
+        /// Its digest.
+        digest: Digest,
+        /// Who gave it.
+        source: Source,
+        /// Peers the allow list gained.
+        added: Vec<PeerId>,
+        /// Peers it lost (disconnected, their exchanges failed with `Revoked`).
+        removed: Vec<PeerId>,
+    },
+    /// A document was refused (reported once per copy); nothing changed.
+    Refused {
+        /// Who gave it.
+        source: Source,
+        /// The document and every reason.
+        refused: Refused,
+    },
+    /// Alarm: a threshold of the committee signed two documents for one epoch. This node
+    /// keeps its own.
+    Fork {
+        /// Who showed the other one.
+        source: Source,
+        /// Both digests.
+        fork: Fork,
+    },
+    /// Alarm: the document in force has expired and no newer one arrived. It stays in
+    /// force (cutting every peer off would stop the network that must sign the next).
+    Expired {
+        /// Its epoch.
+        epoch: u64,
+        /// Its digest.
+        digest: Digest,
+    },
+}
+
+impl fmt::Display for MembershipEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Applied {
+                epoch,
+                digest,
+                source,
+                added,
+                removed,
+            } => write!(
+                f,
+                "membership epoch {epoch} ({}) applied, from {source}: {} peers added, {} removed",
+                digest.short(),
+                added.len(),
+                removed.len()
+            ),
+            Self::Refused { source, refused } => {
+                write!(f, "membership document from {source} refused: {refused}")
+            }
+            Self::Fork { source, fork } => {
+                write!(f, "ALARM: membership {fork} (shown by {source})")
+            }
+            Self::Expired { epoch, digest } => write!(
+                f,
+                "ALARM: membership epoch {epoch} ({}) has expired and no newer one arrived; \
+                 it stays in force",
+                digest.short()
+            ),
+        }
+    }
 }
 
 impl fmt::Display for LimitKind {
@@ -345,6 +442,7 @@ impl fmt::Display for Event {
                     ""
                 }
             ),
+            Self::Membership(event) => event.fmt(f),
         }
     }
 }
@@ -355,7 +453,10 @@ impl Event {
     /// a separate channel and drop them when nobody reads it; outcomes must never be
     /// dropped.
     pub fn is_priority(&self) -> bool {
-        matches!(self, Self::PeerError(_) | Self::RateLimited { .. })
+        matches!(
+            self,
+            Self::PeerError(_) | Self::RateLimited { .. } | Self::Membership(_)
+        )
     }
 
     /// What the application hands back to confirm it stored this event, in the driver's
@@ -538,4 +639,12 @@ pub struct Stats {
     pub nacks_sent: u64,
     /// Nacks received.
     pub nacks_received: u64,
+    /// Membership documents accepted.
+    pub membership_applied: u64,
+    /// Membership documents refused (each copy counted once).
+    pub membership_refused: u64,
+    /// Membership forks found.
+    pub membership_forks: u64,
+    /// Connections dialed only to spread or learn the membership.
+    pub membership_sync_dials: u64,
 }

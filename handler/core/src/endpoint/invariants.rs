@@ -125,7 +125,10 @@ impl Endpoint {
                     );
                 }
                 (None, _) => {
-                    assert!(c.established, "{conn}: a dial always has its exchange");
+                    assert!(
+                        c.established || c.sync,
+                        "{conn}: a dial always has its exchange (or is a membership sync)"
+                    );
                     assert!(
                         self.timers.is_set(Timer::Idle(*conn)),
                         "{conn} is free but has no idle timer: it would stay open forever"

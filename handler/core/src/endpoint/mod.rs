@@ -29,13 +29,18 @@ mod dialer;
 mod events;
 #[cfg(any(test, feature = "invariants"))]
 mod invariants;
+mod membership;
 mod recovery;
 mod responder;
 
 pub use dialer::Deadline;
 pub use events::{
-    Event, Failure, KeyedExchange, LimitKind, PeerError, Receipt, RequestError, RespondError,
-    RetryCause, Stats,
+    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, Receipt, RequestError,
+    RespondError, RetryCause, Source, Stats,
+};
+pub use membership::{
+    InstallError, Installed, MAX_DOCUMENTS_BYTES, MAX_DOCUMENTS_PER_MESSAGE, MAX_SYNC_DIALS,
+    MEMBERSHIP_HISTORY, START_CONTACTS, SYNC_BACKOFF_INITIAL, SYNC_BACKOFF_MAX,
 };
 pub use responder::{DEDUPE_RECORD_COST, SETTLED_WINDOW};
 
@@ -145,6 +150,9 @@ pub enum Output {
         /// Why.
         reason: CloseReason,
     },
+    /// The allow list changed by itself (a membership document was applied, or a member
+    /// expired): handshakes must check this one from now on.
+    AllowList(AllowList),
 }
 
 /// Timer kinds; one slot each per exchange or connection.
@@ -157,6 +165,10 @@ pub(super) enum Timer {
     /// Our exchange's deadline ([`Endpoint::request_with_deadline`]).
     Deadline(ExchangeId),
     Idle(ConnId),
+    /// Sync dials to members are due.
+    MembershipSync,
+    /// A member, or the membership document, expires.
+    MembershipExpiry,
 }
 
 #[derive(Debug)]
@@ -173,6 +185,12 @@ pub(super) struct Conn {
     /// the timers that wait for it, and its idle timer, wait on; the connection's own stall
     /// guard bounds the transfer.
     pub(super) receiving: bool,
+    /// The optional features the peer announced in its hello (`wire::FEATURES` bits).
+    pub(super) features: u32,
+    /// Dialed only to spread or learn the membership (no exchange ever uses it).
+    pub(super) sync: bool,
+    /// Our epoch was sent on it (each end answers the other's first `Epoch` with its own).
+    pub(super) epoch_sent: bool,
 }
 
 #[derive(Debug)]
@@ -261,6 +279,12 @@ pub struct Endpoint {
     outputs: VecDeque<Output>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// The driver's wall clock: Unix milliseconds at an instant.
+    wall: Option<(Instant, u64)>,
+    /// Signed membership, once installed: it governs the allow list.
+    membership: Option<Box<membership::Membership>>,
+    /// Documents the store held, until [`Endpoint::install_membership`] takes them.
+    stored_membership: Vec<crate::membership::Signed>,
 }
 
 impl fmt::Debug for Endpoint {
@@ -317,6 +341,9 @@ impl Endpoint {
             outputs: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            wall: None,
+            membership: None,
+            stored_membership: Vec::new(),
         })
     }
 
@@ -862,6 +889,7 @@ impl Endpoint {
         peer: PeerId,
         addr: SocketAddr,
         remote_max_message_size: usize,
+        remote_features: u32,
         now: Instant,
     ) {
         if !conn.is_inbound() || self.conns.contains_key(&conn) {
@@ -911,12 +939,16 @@ impl Endpoint {
                 exchange: None,
                 remote_max: remote_max_message_size.min(self.config.max_message_size.max(1)),
                 receiving: false,
+                features: remote_features,
+                sync: false,
+                epoch_sent: false,
             },
         );
         if let Some(state) = self.peers.get_mut(&peer) {
             state.conns += 1;
         }
         self.arm_idle(conn, now);
+        self.membership_established(conn, now);
     }
 
     /// Input: an inbound connection failed before it was established (bad handshake,
@@ -936,7 +968,8 @@ impl Endpoint {
             ConnEvent::Established {
                 peer,
                 remote_max_message_size,
-            } => self.on_established(conn, peer, remote_max_message_size, now),
+                remote_features,
+            } => self.on_established(conn, peer, remote_max_message_size, remote_features, now),
             ConnEvent::Message(message) => self.on_message(conn, message, now),
             ConnEvent::Receiving { .. } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -965,6 +998,8 @@ impl Endpoint {
                         self.send_held_ack(peer, id);
                     }
                 }
+                Timer::MembershipSync => self.on_sync_timer(now),
+                Timer::MembershipExpiry => self.apply_membership_allow_list(now),
                 Timer::Idle(conn) => {
                     let Some(c) = self.conns.get(&conn) else {
                         continue;

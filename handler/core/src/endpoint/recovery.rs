@@ -39,6 +39,8 @@ impl Endpoint {
     /// of keyed exchanges for [`Endpoint::lookup`] until they are settled.
     pub fn restore(&mut self, recovered: Recovered, now: Instant, unix_ms: u64) -> Vec<Event> {
         self.journal = Some(Vec::new());
+        self.wall = Some((now, unix_ms));
+        self.stored_membership = recovered.membership;
         if let Some(next) = recovered.next_id {
             self.next_exchange = next;
         }

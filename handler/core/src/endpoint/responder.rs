@@ -860,14 +860,14 @@ mod tests {
         let mut ep = Endpoint::new(config, me, AllowList::from_peers([peer]), [0; 32]).unwrap();
         let (addr, now): (SocketAddr, Instant) = ("10.0.0.2:1".parse().unwrap(), Instant::now());
         let mut conn = ConnId::inbound(1);
-        ep.handle_accepted(conn, peer, addr, 1 << 20, now);
+        ep.handle_accepted(conn, peer, addr, 1 << 20, 0, now);
         for n in 1..50u64 {
             if n == 20 {
                 // Revoking drops the peer's records at once, keys left in the queue.
                 ep.revoke(&peer, now);
                 ep.allow(peer, crate::allow_list::AllowedPeer::default());
                 conn = ConnId::inbound(2);
-                ep.handle_accepted(conn, peer, addr, 1 << 20, now);
+                ep.handle_accepted(conn, peer, addr, 1 << 20, 0, now);
             }
             let exchange = ExchangeId(n);
             let request = Message::Request {
