@@ -265,6 +265,19 @@ impl P2pHandler {
         self.block_on(self.handler.set_allow_list(list))?
     }
 
+    /// Offers a signed membership document; see [`Handler::offer_membership`].
+    pub fn offer_membership(
+        &self,
+        document: crate::membership::Signed,
+    ) -> Result<Vec<u64>, HandlerError> {
+        self.block_on(self.handler.offer_membership(document))?
+    }
+
+    /// The membership in force; see [`Handler::membership`].
+    pub fn membership(&self) -> Result<Option<crate::MembershipStatus>, HandlerError> {
+        self.block_on(self.handler.membership())?
+    }
+
     /// Begins a graceful stop; see [`Handler::drain`]. Keep reading and answering until
     /// [`Status::drained`] (or a grace period ends), then call [`P2pHandler::shutdown`].
     pub fn drain(&self) -> Result<(), HandlerError> {

@@ -38,14 +38,14 @@ pub use allow_list::{AllowList, AllowedPeer, Expiry, Rejection};
 pub use config::{Config, RateLimit};
 pub use connection::{Closed, ConnError, ConnEvent, Connection, Remote};
 pub use endpoint::{
-    ConnId, Direction, Endpoint, Event, Failure, KeyedExchange, Output, Receipt, RequestError,
-    RespondError,
+    ConnId, Direction, Endpoint, Event, Failure, KeyedExchange, MembershipEvent, Output, Receipt,
+    RequestError, RespondError, Source,
 };
 pub use facade::P2pHandler;
 pub use identity::{Keypair, PeerId};
 pub use runtime::{
-    Arrival, Handler, HandlerError, Inbox, NoTap, Notice, Options, Received, RequestOptions,
-    ShutdownReport, Status, Tap, Verdict, WallClock,
+    Arrival, Handler, HandlerError, Inbox, MembershipStatus, NoTap, Notice, Options, Received,
+    RequestOptions, ShutdownReport, Status, Tap, Verdict, WallClock,
 };
 pub use store::{MemoryStore, RedbStore, Store, StoreError};
 pub use transport::{MemoryTransport, TcpTransport, Transport};

@@ -7,11 +7,18 @@
 //! stays. Expiries are applied as they come: an expired entry is treated as removed. Each
 //! change reaches the handler as a whole new list ([`P2pHandler::set_allow_list`]), which
 //! disconnects removed peers and fails their exchanges with the payload back.
+//!
+//! With `--membership FILE` the file is a signed membership document instead: the handler
+//! starts from it, and a changed file is *offered* ([`P2pHandler::offer_membership`]): a
+//! newer epoch signed by the committee is applied (and spread to every member by the
+//! nodes themselves), anything else is refused and logged, and the node keeps its epoch.
+//! Member expiry is then the handler's business, not this file's.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use p2p_handler::{AllowList, P2pHandler, PeerId};
+use p2p_handler::membership::Signed;
+use p2p_handler::{AllowList, HandlerError, P2pHandler, PeerId};
 
 /// Where the list comes from.
 pub(crate) enum AllowSource {
@@ -19,6 +26,8 @@ pub(crate) enum AllowSource {
     File(PathBuf),
     /// Any authenticated peer (`--allow-any-peer-insecure`).
     AnyPeerInsecure,
+    /// A signed membership document, watched (`--membership`).
+    Membership(PathBuf),
 }
 
 /// The list in force and what it came from.
@@ -33,11 +42,14 @@ pub(crate) struct AllowFile {
     loaded: SystemTime,
     /// What the handler has now: `list` minus the expired entries.
     applied: AllowList,
+    /// Membership mode: the document read at start (handed to the handler's options).
+    membership: Option<Signed>,
 }
 
 impl AllowFile {
     /// Loads the list at start. Unlike a reload, a bad file here is an error.
     pub(crate) fn load(source: AllowSource, now: SystemTime) -> Result<Self, String> {
+        let mut membership = None;
         let (path, text, list) = match source {
             AllowSource::File(path) => {
                 let text = read(&path)?;
@@ -47,7 +59,26 @@ impl AllowFile {
             AllowSource::AnyPeerInsecure => {
                 (None, String::new(), AllowList::allow_any_peer_insecure())
             }
+            AllowSource::Membership(path) => {
+                let text = read(&path)?;
+                let doc = Signed::from_toml(&text, &path.display().to_string())
+                    .map_err(|e| e.to_string())?;
+                let list = doc.document().allow_list();
+                membership = Some(doc);
+                (Some(path), text, list)
+            }
         };
+        if membership.is_some() {
+            return Ok(Self {
+                path,
+                text,
+                pending: None,
+                list: list.clone(),
+                loaded: now,
+                applied: list,
+                membership,
+            });
+        }
         let (applied, expired) = list.in_force_at(now, now);
         let file = Self {
             path,
@@ -56,6 +87,7 @@ impl AllowFile {
             list,
             loaded: now,
             applied,
+            membership: None,
         };
         file.report_expired(&expired, "at start");
         if !file.applied.is_allow_any() && file.applied.peers().next().is_none() {
@@ -68,6 +100,11 @@ impl AllowFile {
         Ok(file)
     }
 
+    /// Membership mode: the document to start the handler with.
+    pub(crate) fn membership(&self) -> Option<&Signed> {
+        self.membership.as_ref()
+    }
+
     /// The list to start the handler with.
     pub(crate) fn in_force(&self) -> AllowList {
         self.applied.clone()
@@ -77,6 +114,9 @@ impl AllowFile {
     /// entry already expired would stay "due" for ever, and the serve loop would re-read
     /// the file on every turn.)
     pub(crate) fn next_expiry(&self) -> Option<SystemTime> {
+        if self.membership.is_some() {
+            return None; // The handler judges members' expiry itself.
+        }
         self.applied.next_expiry(self.loaded)
     }
 
@@ -91,7 +131,19 @@ impl AllowFile {
                         tracing::warn!("{e}; the allow list in force stays");
                     }
                 }
-                Ok(text) if text == self.text => self.pending = None,
+                Ok(text) if text == self.text => {
+                    self.pending = None;
+                    if forced && self.membership.is_some() {
+                        // A reload asked for and nothing to do: say so.
+                        self.report_membership(node, "unchanged");
+                    } else if forced {
+                        tracing::info!(
+                            "allow list {} unchanged: {} peers in force",
+                            self.shown(),
+                            self.applied.peers().count()
+                        );
+                    }
+                }
                 Ok(text) if forced || self.pending.as_ref() == Some(&text) => {
                     self.pending = None;
                     self.reload(node, &path, text, now);
@@ -100,10 +152,52 @@ impl AllowFile {
                 Ok(text) => self.pending = Some(text),
             }
         }
-        self.expire(node, now);
+        if self.membership.is_none() {
+            self.expire(node, now);
+        }
+    }
+
+    /// Logs the epoch in force.
+    fn report_membership(&self, node: &P2pHandler, what: &str) {
+        if let Ok(Some(m)) = node.membership() {
+            tracing::info!(
+                "membership file {} {what}: epoch {} ({}) in force, {} peers allowed",
+                self.shown(),
+                m.epoch,
+                m.digest.short(),
+                m.allowed
+            );
+        }
+    }
+
+    /// Membership mode: offers the file's new document to the handler.
+    fn offer(&mut self, node: &P2pHandler, path: &Path, text: String) {
+        let origin = path.display().to_string();
+        self.text = text;
+        let doc = match Signed::from_toml(&self.text, &origin) {
+            Ok(doc) => doc,
+            Err(e) => {
+                return tracing::error!("{e}; the node keeps its membership epoch");
+            }
+        };
+        let epoch = doc.epoch();
+        match node.offer_membership(doc) {
+            Ok(applied) if applied.is_empty() => self.report_membership(node, "unchanged"),
+            Ok(_) => self.report_membership(node, &format!("applied (epoch {epoch})")),
+            Err(HandlerError::MembershipRefused(refused)) => {
+                let held = node.membership().ok().flatten().map_or(0, |m| m.epoch);
+                tracing::error!(
+                    "membership file {origin} refused: {refused}; the node keeps epoch {held}"
+                );
+            }
+            Err(e) => tracing::error!("membership file {origin}: {e}"),
+        }
     }
 
     fn reload(&mut self, node: &P2pHandler, path: &Path, text: String, now: SystemTime) {
+        if self.membership.is_some() {
+            return self.offer(node, path, text);
+        }
         let parsed = parse(&text, path);
         self.text = text;
         match parsed {

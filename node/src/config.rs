@@ -28,6 +28,8 @@ pub(crate) struct NodeFile {
     pub(crate) allow: Option<PathBuf>,
     /// Accept any authenticated peer.
     pub(crate) allow_any_peer_insecure: bool,
+    /// The signed membership document (in place of `allow`; re-read when it changes).
+    pub(crate) membership: Option<PathBuf>,
     /// Where exchanges are kept across restarts.
     pub(crate) data_dir: Option<PathBuf>,
     /// Shell command that turns a request into its reply.
@@ -117,9 +119,20 @@ impl NodeFile {
             ));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut file.key, &mut file.allow, &mut file.data_dir]
-            .into_iter()
-            .flatten()
+        if file.allow.is_some() && file.membership.is_some() {
+            return Err(format!(
+                "invalid config {shown}: `allow` and `membership` exclude each other \
+                 (a membership document governs the allow list)"
+            ));
+        }
+        for p in [
+            &mut file.key,
+            &mut file.allow,
+            &mut file.membership,
+            &mut file.data_dir,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -167,6 +180,20 @@ mod tests {
         let file = parse("key = \"bob.key\"\nallow = \"/abs/allow.toml\"\n").unwrap();
         assert_eq!(file.key.unwrap(), Path::new("/etc/p2p/bob.key"));
         assert_eq!(file.allow.unwrap(), Path::new("/abs/allow.toml"));
+    }
+
+    #[test]
+    fn a_membership_document_replaces_the_allow_list_never_joins_it() {
+        let file = parse("membership = \"net/epoch.signed.toml\"\n").unwrap();
+        assert_eq!(
+            file.membership.unwrap(),
+            Path::new("/etc/p2p/net/epoch.signed.toml")
+        );
+        let e = parse("allow = \"a.toml\"\nmembership = \"m.toml\"\n").unwrap_err();
+        assert!(
+            e.contains("/etc/p2p/node.toml") && e.contains("exclude"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -88,8 +88,16 @@ enum Cmd {
         #[arg(long)]
         listen: Option<String>,
         /// Allow-list file (TOML) of the peers that may talk to this node.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "membership")]
         allow: Option<PathBuf>,
+        /// Signed membership document (from `membership combine`), in place of --allow: the
+        /// committee's members may talk to this node. Re-read when it changes (and at once
+        /// on SIGHUP): a newer epoch signed by the committee is applied and spread to every
+        /// member; anything else is refused and logged, and the node keeps its epoch. With
+        /// --data-dir the node remembers the newest epoch it accepted, so a restart never
+        /// goes back to an older one, whatever the file says.
+        #[arg(long, value_name = "SIGNED")]
+        membership: Option<PathBuf>,
         /// Accept any authenticated peer. Only for experiments.
         #[arg(long)]
         allow_any_peer_insecure: bool,
@@ -156,6 +164,11 @@ enum Cmd {
         /// finds the first by its key and waits for (or prints) its outcome.
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
+        /// Signed membership document: the responder must be a member of it (by default
+        /// only the responder named by --to is allowed). With --data-dir a newer epoch
+        /// stored there wins over the file's.
+        #[arg(long, value_name = "SIGNED")]
+        membership: Option<PathBuf>,
         /// Keep exchanges in this directory: run again after a crash, the node resumes the
         /// requests it had not finished and prints their outcomes too, in full.
         #[arg(long)]
@@ -218,6 +231,7 @@ fn run(command: Cmd) -> Result<()> {
             key,
             listen,
             allow,
+            membership,
             allow_any_peer_insecure,
             exec,
             count,
@@ -234,13 +248,32 @@ fn run(command: Cmd) -> Result<()> {
                 handler.response_timeout = Duration::from_secs(secs.max(1));
             }
             let key = key.or(file.key).ok_or(NO_KEY)?;
-            let allow = match allow.or(file.allow) {
-                Some(path) => AllowSource::File(path),
-                None if allow_any_peer_insecure || file.allow_any_peer_insecure => {
+            let data_dir = data_dir.or(file.data_dir);
+            // A flag wins over the config file, whichever of the two it names.
+            let from_flags = allow.is_some() || membership.is_some();
+            let (allow, membership) = if from_flags {
+                (allow, membership)
+            } else {
+                (file.allow, file.membership)
+            };
+            let allow = match (allow, membership) {
+                (Some(path), _) => AllowSource::File(path),
+                (None, Some(path)) => {
+                    if data_dir.is_none() {
+                        tracing::warn!(
+                            "--membership without --data-dir: the node does not remember the \
+                             newest epoch it accepted, so a restart starts again from the \
+                             file's epoch"
+                        );
+                    }
+                    AllowSource::Membership(path)
+                }
+                (None, None) if allow_any_peer_insecure || file.allow_any_peer_insecure => {
                     AllowSource::AnyPeerInsecure
                 }
-                None => {
-                    return Err("--allow FILE (or `allow` in the config file) is required; \
+                (None, None) => {
+                    return Err("--allow FILE or --membership SIGNED (or `allow` or \
+                                `membership` in the config file) is required; \
                                 --allow-any-peer-insecure accepts anyone, for experiments"
                         .into());
                 }
@@ -258,7 +291,7 @@ fn run(command: Cmd) -> Result<()> {
                 .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
             // The key first: a node that cannot be itself touches no data directory.
             let key = load_key(&key)?;
-            let start = start_options(handler, data_dir.or(file.data_dir).as_deref())?;
+            let start = start_options(handler, data_dir.as_deref())?;
             serve(key, &listen, allow, start, &options)
         }
         Cmd::Send {
@@ -270,6 +303,7 @@ fn run(command: Cmd) -> Result<()> {
             timeout,
             deadline,
             idempotency_key,
+            membership,
             data_dir,
             log_format,
         } => {
@@ -302,6 +336,10 @@ fn run(command: Cmd) -> Result<()> {
                 }
                 request = request.key(key);
             }
+            let mut start = start_options(handler, data_dir.or(file.data_dir).as_deref())?;
+            if let Some(path) = membership.or(file.membership) {
+                start = start.membership(p2p_handler::membership::Signed::from_file(&path)?);
+            }
             send(
                 load_key(&key)?,
                 (peer, addr),
@@ -309,7 +347,7 @@ fn run(command: Cmd) -> Result<()> {
                 repeat.max(1),
                 timeout,
                 request,
-                start_options(handler, data_dir.or(file.data_dir).as_deref())?,
+                start,
             )
         }
         Cmd::Outcomes {
@@ -568,12 +606,27 @@ fn serve(
     let deadline = start.config.response_timeout;
     let mut allow = AllowFile::load(allow, SystemTime::now())?;
     let signals = Signals::register()?;
+    let start = match allow.membership() {
+        Some(doc) => start.membership(doc.clone()),
+        None => start,
+    };
     let node = P2pHandler::with_options(listen, key, allow.in_force(), start)?;
     println!(
         "listening on {} as {}",
         node.local_address(),
         node.local_peer_id()
     );
+    if let Some(m) = node.membership()? {
+        // Best effort: whoever started us may have stopped reading after the first line.
+        let _ = writeln!(
+            std::io::stdout(),
+            "membership: network {:?}, epoch {} ({}), {} peers allowed",
+            m.network,
+            m.epoch,
+            m.digest.short(),
+            m.allowed
+        );
+    }
     std::io::stdout().flush()?;
     tracing::info!(
         "listening on {} as {}",

@@ -48,8 +48,8 @@ mod slots;
 mod tap;
 
 pub use handle::{
-    Handler, HandlerError, Inbox, Notice, Options, Received, RequestOptions, ShutdownReport,
-    Status, WallClock,
+    Handler, HandlerError, Inbox, MembershipStatus, Notice, Options, Received, RequestOptions,
+    ShutdownReport, Status, WallClock,
 };
 pub use tap::{Arrival, NoTap, Tap, Verdict};
 

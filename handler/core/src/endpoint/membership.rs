@@ -169,12 +169,10 @@ impl Endpoint {
             (Some(ledger), None) => (ledger, true),
             (Some(mut ledger), Some(doc)) => {
                 let (epoch, digest) = (doc.epoch(), doc.digest());
-                if ledger
-                    .get(epoch)
-                    .is_some_and(|held| held.digest() == digest)
-                {
-                    // Already held.
-                } else if epoch <= ledger.epoch() && ledger.get(epoch).is_none() {
+                let held = ledger.get(epoch).map(Signed::digest);
+                if epoch == ledger.epoch() && held == Some(digest) {
+                    // The same document.
+                } else if epoch < ledger.epoch() && held.is_none_or(|h| h == digest) {
                     note = Some(format!(
                         "the document given (epoch {epoch}) is older than the stored epoch {}: \
                          kept the stored one",
