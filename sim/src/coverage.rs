@@ -62,6 +62,9 @@ const MESSAGES: &[&str] = &[
     "Reply",
     "Abort",
     "Progress",
+    "Epoch",
+    "Fetch",
+    "Documents",
 ];
 
 const NACKS: &[NackReason] = &[
@@ -105,6 +108,7 @@ const STEPS: &[ActionKind] = &[
     ActionKind::Crash,
     ActionKind::Restart,
     ActionKind::Stop,
+    ActionKind::Membership,
     ActionKind::Latency,
     ActionKind::FailRate,
     ActionKind::Drop,

@@ -5,6 +5,7 @@
 //!   scenario's expectations, and records a [`trace::Trace`].
 //! * [`transport`]: the handler's transport trait over turmoil's TCP.
 //! * [`coverage`]: what a run exercised (transitions, messages, reasons, steps).
+//! * [`membership`]: signed membership documents a scenario makes, and their invariants.
 //! * [`swarm`]: random fault schedules drawn from the seed (`[swarm]`).
 //! * [`shrink`]: a failing run written down and reduced to the smallest scenario that
 //!   fails the same way.
@@ -13,6 +14,7 @@
 //! The `p2p-sim` binary runs directories of scenarios, sweeps seeds, and writes traces.
 
 pub mod coverage;
+pub mod membership;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -201,6 +201,9 @@ enum NodeCommand {
     SetAllowList {
         peers: Vec<PeerId>,
     },
+    OfferMembership {
+        document: Box<p2p_handler::membership::Signed>,
+    },
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -274,6 +277,14 @@ struct Shared {
     /// Incarnations of memory-only nodes that stopped gracefully: unlike a crash, a stop
     /// hands every unfinished exchange back, so each still owes exactly one outcome.
     stopped: BTreeSet<(usize, u64)>,
+    /// Signed membership, with a `[membership]` table.
+    membership: Option<crate::membership::Registry>,
+    membership_refused: u64,
+    membership_forks: u64,
+    /// Virtual time a node last applied a membership document.
+    last_membership: Duration,
+    /// Virtual time a `membership` step last handed one over.
+    last_handed: Duration,
 }
 
 fn now() -> Duration {
@@ -733,6 +744,10 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         let config = s.scenario.config_of(node);
         let sabotage = s.scenario.sabotage;
         s.push(node, What::Start);
+        let genesis = s.membership.as_mut().map(|m| {
+            m.on_start(node, durable);
+            m.genesis().clone()
+        });
         (
             s.keys[node].clone(),
             allow,
@@ -741,9 +756,10 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
             app,
             incarnation,
             store,
-            sabotage,
+            (sabotage, genesis),
         )
     };
+    let (sabotage, genesis) = sabotage;
     let tap = Arc::new(SimTap {
         shared: shared.clone(),
         node,
@@ -758,6 +774,9 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         .tap(tap)
         .wall_clock(wall);
     options.sabotage = sabotage;
+    if let Some(genesis) = genesis {
+        options = options.membership(genesis);
+    }
     if let Some(store) = store {
         options = options.store(store);
     }
@@ -944,6 +963,26 @@ async fn run_command(
                 let _ = reply.send(status);
             }
         }
+        NodeCommand::OfferMembership { document } => {
+            let epoch = document.epoch();
+            let text = match handler.offer_membership(*document).await {
+                Ok(applied) if applied.is_empty() => {
+                    format!("membership epoch {epoch}: held already")
+                }
+                Ok(_) => format!("membership epoch {epoch} offered: accepted"),
+                Err(p2p_handler::HandlerError::MembershipRefused(refused)) => format!(
+                    "membership epoch {epoch} offered: refused ({})",
+                    refused
+                        .reasons
+                        .iter()
+                        .map(|r| r.code())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(e) => format!("membership epoch {epoch} offered: {e}"),
+            };
+            lock(shared).push(node, What::App(text));
+        }
         // Handled by the node's loop, which ends with it.
         NodeCommand::Stop { .. } => {}
     }
@@ -1126,12 +1165,75 @@ fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
                 s.inbound_label(node, &peer, exchange)
             )
         }
+        Notice::Event(Event::Membership(event)) => membership_event(&mut s, node, &event),
         Notice::ConnectionLimit { direction, .. } => format!("connection limit ({direction:?})"),
         Notice::SlowConnection { .. } => "slow connection dropped".to_owned(),
         Notice::AcceptFailed(e) => format!("accept failed: {e}"),
         other => format!("{other:?}"),
     };
     s.push(node, What::Event(text));
+}
+
+/// A membership event: traced, counted, and checked against the invariants.
+fn membership_event(s: &mut Shared, node: usize, event: &p2p_handler::MembershipEvent) -> String {
+    use p2p_handler::MembershipEvent as M;
+    let from = |s: &Shared, source: &p2p_handler::Source| match source {
+        p2p_handler::Source::Local => "its operator".to_owned(),
+        p2p_handler::Source::Peer(peer) => s.name(peer),
+    };
+    match event {
+        M::Applied {
+            epoch,
+            digest,
+            source,
+            added,
+            removed,
+        } => {
+            let broken = s
+                .membership
+                .as_mut()
+                .map(|m| m.on_applied(node, *epoch, *digest))
+                .unwrap_or_default();
+            s.errors.extend(broken);
+            s.last_membership = now();
+            let names = |peers: &[PeerId]| {
+                peers
+                    .iter()
+                    .map(|p| s.name(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "membership epoch {epoch} ({}) applied, from {}; added [{}], removed [{}]",
+                digest.short(),
+                from(s, source),
+                names(added),
+                names(removed)
+            )
+        }
+        M::Refused { source, refused } => {
+            s.membership_refused += 1;
+            let codes: Vec<&str> = refused.reasons.iter().map(|r| r.code()).collect();
+            format!(
+                "membership epoch {} from {} refused ({})",
+                refused.epoch,
+                from(s, source),
+                codes.join(", ")
+            )
+        }
+        M::Fork { source, fork } => {
+            s.membership_forks += 1;
+            format!(
+                "ALARM membership fork at epoch {} shown by {}: holds {}, other {}",
+                fork.epoch,
+                from(s, source),
+                fork.ours.short(),
+                fork.theirs.short()
+            )
+        }
+        M::Expired { epoch, .. } => format!("ALARM membership epoch {epoch} expired"),
+        other => format!("{other}"),
+    }
 }
 
 /// A timed or triggered step, ready to run.
@@ -1218,6 +1320,11 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         last_outcome: Duration::ZERO,
         errors: Vec::new(),
         stopped: BTreeSet::new(),
+        membership: None,
+        membership_refused: 0,
+        membership_forks: 0,
+        last_membership: Duration::ZERO,
+        last_handed: Duration::ZERO,
         scenario: scenario.clone(),
     }));
     // The longest a connection can legitimately stay open once nothing is pending: a reply
@@ -1243,6 +1350,18 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     for (i, name) in names.iter().enumerate() {
         let shared = shared.clone();
         sim.host(name.as_str(), move || node_main(shared.clone(), i));
+    }
+    let mut failures = Vec::new();
+    if let Some(plan) = &scenario.membership {
+        let addrs: Vec<SocketAddr> = names
+            .iter()
+            .map(|n| SocketAddr::new(sim.lookup(n.as_str()), PORT))
+            .collect();
+        let mut s = lock(&shared);
+        match crate::membership::Registry::new(plan, &scenario, &s.keys, &addrs, seed) {
+            Ok(registry) => s.membership = Some(registry),
+            Err(e) => failures.push(e),
+        }
     }
     for link in &scenario.network.links {
         if let Some(latency) = link.latency {
@@ -1276,7 +1395,6 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         timed.sort_by_key(|(at, i)| (*at, *i));
         timeline.timed = timed.into();
     }
-    let mut failures = Vec::new();
     // Let every node bind its listener before the timeline starts.
     for _ in 0..1_000 {
         if lock(&shared).nodes.iter().all(|n| n.commands.is_some()) {
@@ -1298,10 +1416,18 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         let (pending, busy) = {
             let s = lock(&shared);
             let pending = pending_exchanges(&s);
+            let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+            // Members still behind the newest document keep the run going (until the
+            // time limit, where the convergence invariant reports them).
+            let spreading = s
+                .membership
+                .as_ref()
+                .is_some_and(|m| !m.behind(&up).is_empty());
             let busy = !timeline.timed.is_empty()
                 || !timeline.restarts.is_empty()
                 || !s.fired.is_empty()
-                || !s.crash_requests.is_empty();
+                || !s.crash_requests.is_empty()
+                || spreading;
             (pending, busy)
         };
         if pending == 0 && !busy {
@@ -1611,6 +1737,39 @@ fn execute(
             fault(format!("repair {} -> {}", name(&step.from), name(&step.to)));
             sim.repair_oneway(name(&step.from).as_str(), name(&step.to).as_str());
         }
+        A::Membership => {
+            let node = idx(&step.node);
+            let made = {
+                let mut s = lock(shared);
+                match s.membership.as_mut() {
+                    Some(m) => m.make(step, scenario),
+                    None => Err("no [membership] table".to_owned()),
+                }
+            };
+            match made {
+                Ok(document) => {
+                    let text = format!(
+                        "hand membership epoch {} ({}) signed by {} to {}",
+                        document.epoch(),
+                        document.digest().short(),
+                        document.signatures().len(),
+                        name(&step.node)
+                    );
+                    let mut s = lock(shared);
+                    s.trace.push(now, &name(&step.node), What::App(text));
+                    s.last_handed = now;
+                    drop(s);
+                    let document = Box::new(document);
+                    if !send(node, NodeCommand::OfferMembership { document }) {
+                        fault(format!(
+                            "membership for {} skipped: node is down",
+                            name(&step.node)
+                        ));
+                    }
+                }
+                Err(e) => lock(shared).errors.push(format!("step {}: {e}", index + 1)),
+            }
+        }
         A::Crash => crash(sim, shared, idx(&step.node), rule.clone()),
         A::Stop => {
             let grace = step.grace.unwrap_or(DEFAULT_GRACE);
@@ -1789,6 +1948,33 @@ fn check(
             s.last_outcome, scenario.liveness, timeline.last_fault
         ));
     }
+    // Invariant (membership): every member of the newest document reached it, within
+    // `liveness` of the last fault.
+    if let Some(m) = &s.membership {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let behind = m.behind(&up);
+        if let Some(target) = m.target()
+            && !behind.is_empty()
+        {
+            let names: Vec<String> = behind
+                .iter()
+                .map(|&i| format!("{} (epoch {})", s.names[i], m.held(i).0))
+                .collect();
+            failures.push(format!(
+                "membership: not every member reached epoch {} by the end: {}",
+                target.epoch(),
+                names.join(", ")
+            ));
+        }
+        let since = timeline.last_fault.max(s.last_handed);
+        if s.last_membership > since + scenario.liveness {
+            failures.push(format!(
+                "liveness: the last membership document was applied at {:?}, more than {:?} \
+                 after the last fault or document handed over ({since:?})",
+                s.last_membership, scenario.liveness
+            ));
+        }
+    }
     // A step the handler refused is a mistake in the scenario unless it says it expects
     // refusals (`refused = N`): otherwise it would pass having tested nothing.
     if scenario.expect.refused.is_none() {
@@ -1839,7 +2025,30 @@ fn check(
         ("peer_errors", e.peer_errors, s.peer_errors),
         ("rate_limited", e.rate_limited, s.rate_limited),
     ];
-    for (what, want, got) in counts {
+    let membership_counts = [
+        (
+            "membership_refused",
+            e.membership_refused,
+            s.membership_refused,
+        ),
+        ("membership_forks", e.membership_forks, s.membership_forks),
+    ];
+    if let (Some(want), Some(m)) = (e.membership_epoch, &s.membership) {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        for i in (0..s.names.len()).filter(|&i| up[i]) {
+            let member = m
+                .target()
+                .is_none_or(|t| t.document().member(&s.keys[i].peer_id()).is_some());
+            if member && m.held(i).0 != want {
+                failures.push(format!(
+                    "expected membership_epoch = {want} at {}, got {}",
+                    s.names[i],
+                    m.held(i).0
+                ));
+            }
+        }
+    }
+    for (what, want, got) in counts.into_iter().chain(membership_counts) {
         if let Some(want) = want
             && !want.holds(got)
         {

@@ -68,6 +68,10 @@ pub struct Scenario {
     /// Random faults drawn from the seed (see [`crate::swarm`]).
     #[serde(default)]
     pub swarm: Option<crate::swarm::SwarmPlan>,
+    /// Signed membership: a committee governs every node's allow list (see
+    /// [`crate::membership`]).
+    #[serde(default)]
+    pub membership: Option<crate::membership::MembershipPlan>,
     /// Line of each step, filled in after parsing (0 for steps drawn by a swarm).
     #[serde(skip)]
     pub step_lines: Vec<usize>,
@@ -287,6 +291,27 @@ pub struct Step {
     /// default 5 s).
     #[serde(default, with = "humantime_serde")]
     pub grace: Option<Duration>,
+    /// Membership: the members of the document made (default: the previous one's).
+    #[serde(default)]
+    pub members: Option<Vec<String>>,
+    /// Membership: the governance keys (indices into the simulator's pool) that sign it
+    /// (default: the first `threshold` of the committee that signs it).
+    #[serde(default)]
+    pub signers: Option<Vec<usize>>,
+    /// Membership: a new committee (pool indices) from this epoch on.
+    #[serde(default)]
+    pub committee: Option<Vec<usize>>,
+    /// Membership: a new threshold from this epoch on.
+    #[serde(default)]
+    pub threshold: Option<u8>,
+    /// Membership: the epoch the document follows (default: the newest made). Following an
+    /// epoch that already has a successor makes a fork.
+    #[serde(default)]
+    pub follows: Option<u64>,
+    /// Membership: hand over the document already made for this epoch instead (a replay,
+    /// or a rollback when it is older than the node's).
+    #[serde(default)]
+    pub replay: Option<u64>,
 }
 
 impl Step {
@@ -311,6 +336,12 @@ impl Step {
             matches: None,
             peers: None,
             grace: None,
+            members: None,
+            signers: None,
+            committee: None,
+            threshold: None,
+            follows: None,
+            replay: None,
         }
     }
 }
@@ -339,6 +370,8 @@ pub enum ActionKind {
     /// A graceful stop: drain (new work refused, started work goes on), wait for the work to
     /// finish or the grace to run out, shut down. A `restart` brings the node back.
     Stop,
+    /// Hand a signed membership document to a node, as its operator would.
+    Membership,
     Latency,
     FailRate,
     // Message faults, keyed on decoded messages.
@@ -510,6 +543,12 @@ pub struct Expect {
     /// Steps the handler refuses (request to oneself, payload over the maximum, queue
     /// full). Unset, any refusal fails the run.
     pub refused: Option<Count>,
+    /// Membership: at the end, every member of the newest document is at this epoch.
+    pub membership_epoch: Option<u64>,
+    /// Membership: documents refused (events, all nodes; each copy once per node).
+    pub membership_refused: Option<Count>,
+    /// Membership: fork alarms (all nodes).
+    pub membership_forks: Option<Count>,
     /// The last exchange outcome happens no later than this virtual time.
     #[serde(default, with = "humantime_serde")]
     pub completes_within: Option<Duration>,
@@ -715,6 +754,28 @@ impl Scenario {
         if let Some(plan) = &self.swarm {
             plan.validate(self)?;
         }
+        match &self.membership {
+            Some(plan) => plan.validate(self)?,
+            None => {
+                if let Some(i) = self
+                    .steps
+                    .iter()
+                    .position(|s| s.get_ref().action == ActionKind::Membership)
+                {
+                    let line = self.step_lines.get(i).copied().unwrap_or(0);
+                    return Err(format!(
+                        "line {line}: step {} (`Membership`): needs a [membership] table",
+                        i + 1
+                    ));
+                }
+                if self.expect.membership_epoch.is_some()
+                    || self.expect.membership_refused.is_some()
+                    || self.expect.membership_forks.is_some()
+                {
+                    return Err("[expect] membership_*: needs a [membership] table".into());
+                }
+            }
+        }
         for (i, step) in self.steps.iter().enumerate() {
             let line = self.step_lines.get(i).copied().unwrap_or(0);
             let step = step.get_ref();
@@ -758,6 +819,8 @@ impl Expect {
             ("rate_limited", &self.rate_limited),
             ("open_connections", &self.open_connections),
             ("refused", &self.refused),
+            ("membership_refused", &self.membership_refused),
+            ("membership_forks", &self.membership_forks),
         ];
         for (field, count) in counts {
             if let Some(Count::Range {
@@ -855,6 +918,23 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
             need("to", step.to.is_some())?;
         }
         A::Crash | A::Restart | A::Stop => need("node", step.node.is_some())?,
+        A::Membership => {
+            need("node", step.node.is_some())?;
+            for member in step.members.iter().flatten() {
+                known("members", &Some(member.clone()))?;
+            }
+            if step.replay.is_some()
+                && (step.members.is_some()
+                    || step.signers.is_some()
+                    || step.committee.is_some()
+                    || step.threshold.is_some()
+                    || step.follows.is_some())
+            {
+                return Err("`replay` hands over a document already made: \
+                            give no other membership field"
+                    .into());
+            }
+        }
         A::Latency => {
             need("a", step.a.is_some())?;
             need("b", step.b.is_some())?;
@@ -936,6 +1016,28 @@ to = "bob"
         assert!(e.contains("scenarios/bad.toml"), "{e}");
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn membership_steps_and_tables_are_checked() {
+        let nodes = "[[node]]\nname = \"a\"\n[[node]]\nname = \"b\"\n";
+        let e = err(&format!(
+            "{nodes}[[step]]\ndo = \"membership\"\nnode = \"a\"\n"
+        ));
+        assert!(
+            e.contains("line 5") && e.contains("needs a [membership] table"),
+            "{e}"
+        );
+        let table = "[membership]\ncommittee = 3\nthreshold = 4\n";
+        let e = err(&format!("{table}{nodes}"));
+        assert!(e.contains("threshold = 4"), "{e}");
+        let table = "[membership]\nmembers = [\"zed\"]\n";
+        assert!(err(&format!("{table}{nodes}")).contains("unknown node \"zed\""));
+        let step = "[[step]]\ndo = \"membership\"\nnode = \"a\"\nreplay = 1\nsigners = [0]\n";
+        let e = err(&format!("[membership]\n{nodes}{step}"));
+        assert!(e.contains("`replay`"), "{e}");
+        let step = "[[step]]\ndo = \"membership\"\nmembers = [\"a\"]\n";
+        assert!(err(&format!("[membership]\n{nodes}{step}")).contains("needs `node`"));
     }
 
     #[test]

@@ -118,3 +118,32 @@ fn a_probe_after_the_last_heal_that_fails_is_caught() {
     assert!(f.contains("(sent after the last heal) failed"), "{f}");
     assert!(f.contains("did not answer in time"), "{f}");
 }
+
+const COMMITTEE: &str = "[membership]\ncommittee = 3\nthreshold = 2\n\n\
+                         [[node]]\nname = \"a\"\n\n[[node]]\nname = \"b\"\n\n[[node]]\nname = \"c\"\n";
+
+#[test]
+fn a_membership_document_applied_without_a_threshold_is_caught() {
+    // One committee signature of two needed: the real handler refuses it.
+    let text = format!(
+        "{COMMITTEE}\n[[step]]\nat = \"1s\"\ndo = \"membership\"\nnode = \"a\"\n\
+         members = [\"a\", \"b\"]\nsigners = [0]\n\n[expect]\nmembership_refused = 1\n"
+    );
+    let failures = caught(&text, Sabotage::MembershipIgnoresSignatures);
+    let f = one_matching(&failures, "which no threshold of the committee signed");
+    assert!(f.contains("a applied epoch 2"), "{f}");
+}
+
+#[test]
+fn a_membership_document_that_does_not_spread_is_caught() {
+    let text = format!(
+        "{COMMITTEE}\n[[step]]\nat = \"1s\"\ndo = \"membership\"\nnode = \"a\"\n\
+         members = [\"a\", \"b\", \"c\"]\n"
+    );
+    let failures = caught(&text, Sabotage::MembershipNoSpread);
+    let f = one_matching(&failures, "not every member reached epoch 2");
+    assert!(
+        f.contains("b (epoch 1)") && f.contains("c (epoch 1)"),
+        "{f}"
+    );
+}

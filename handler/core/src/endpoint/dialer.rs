@@ -457,6 +457,13 @@ impl Endpoint {
                 self.close(old, CloseReason::Done, now);
             }
             self.arm_idle(conn, now);
+        } else if healthy && !self.shutting_down && self.membership_asking_on(conn) {
+            // Our question about the peer's membership is still open on it: it stays,
+            // as a sync connection, until answered (or idle).
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.sync = true;
+            }
+            self.arm_idle(conn, now);
         } else {
             self.close(conn, CloseReason::Done, now);
         }

@@ -278,15 +278,25 @@ impl Endpoint {
                     theirs: fork.theirs,
                 }],
             }),
-            // Refused before, for good (reported then).
-            (true, None, None) => Err(Refused {
-                epoch,
-                digest,
-                reasons: vec![Refusal::Stale {
+            // An older epoch this node held (a rollback to it), or a copy refused before:
+            // the operator hears why, every time they try.
+            (true, None, None) => {
+                let refused = Refused {
                     epoch,
-                    current: self.membership().map_or(0, Ledger::epoch),
-                }],
-            }),
+                    digest,
+                    reasons: vec![Refusal::Stale {
+                        epoch,
+                        current: self.membership().map_or(0, Ledger::epoch),
+                    }],
+                };
+                self.stats.membership_refused += 1;
+                self.events
+                    .push_back(Event::Membership(MembershipEvent::Refused {
+                        source: Source::Local,
+                        refused: refused.clone(),
+                    }));
+                Err(refused)
+            }
         }
     }
 
@@ -485,7 +495,16 @@ impl Endpoint {
             return crate::membership::Offered::default();
         };
         let oldest_before = m.ledger.history().next().map_or(0, Signed::epoch);
-        let out = m.ledger.offer(chain, unix, newer_exists);
+        let mut out = m.ledger.offer(chain, unix, newer_exists);
+        if self.sabotaged(super::Sabotage::MembershipIgnoresSignatures)
+            && out.applied.is_empty()
+            && let Some(refused) = out.refused.take()
+            && let Some(doc) = chain.iter().find(|d| d.digest() == refused.digest)
+            && let Some(m) = self.membership.as_deref_mut()
+        {
+            m.ledger = Ledger::trusting(doc.clone(), MEMBERSHIP_HISTORY);
+            out.applied = vec![doc.clone()];
+        }
         if let Some(refused) = &out.refused {
             self.stats.membership_refused += 1;
             self.events
@@ -567,6 +586,9 @@ impl Endpoint {
     /// Tells every connected member our new epoch, and plans sync dials to every member
     /// with an address that has not said it holds it.
     fn spread(&mut self, now: Instant) {
+        if self.sabotaged(super::Sabotage::MembershipNoSpread) {
+            return;
+        }
         let Some(m) = self.membership.as_deref_mut() else {
             return;
         };
@@ -762,6 +784,13 @@ impl Endpoint {
         }
         m.asked.insert(peer, (conn, after));
         self.send(conn, Message::Fetch { after });
+    }
+
+    /// Whether a question we asked on `conn` is still open.
+    pub(super) fn membership_asking_on(&self, conn: ConnId) -> bool {
+        self.membership
+            .as_deref()
+            .is_some_and(|m| m.asked.values().any(|(c, _)| *c == conn))
     }
 
     /// A connection closed: a question asked on it will not be answered.

@@ -229,6 +229,10 @@ pub enum Sabotage {
     KeepIdleConnections,
     /// Retries wait a hundred times longer than configured.
     SlowRetries,
+    /// A membership document refused for its signatures is applied all the same.
+    MembershipIgnoresSignatures,
+    /// A node that applies a membership document tells no one.
+    MembershipNoSpread,
 }
 
 /// The exchange state machine of one node. See the module docs for the call order.
