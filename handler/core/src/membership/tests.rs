@@ -732,3 +732,54 @@ proptest! {
         }
     }
 }
+
+/// The test vector of `docs/PROTOCOL.md` section 8: a genesis of network "demo", committee
+/// of the governance keys with secrets 0x01..01 and 0x02..02 (threshold 1), one member (the
+/// node key with private bytes 0x03..03, named "n1", at 10.0.0.1:7000), signed by the first
+/// key with auxiliary randomness 0x00..00. A second implementation must get the same bytes.
+#[test]
+fn the_protocol_documents_test_vector_holds() {
+    let k1 = GovernanceKey::from_secret_bytes([1; 32]).unwrap();
+    let k2 = GovernanceKey::from_secret_bytes([2; 32]).unwrap();
+    let doc = Document {
+        network: "demo".into(),
+        epoch: 1,
+        previous: Digest::NONE,
+        expires: None,
+        threshold: 1,
+        committee: vec![k1.id(), k2.id()],
+        members: vec![Member {
+            key: *Keypair::from_private_bytes([3; 32]).public_bytes(),
+            name: Some("n1".into()),
+            address: Some(SocketAddr::from(([10, 0, 0, 1], 7000))),
+            allowed: Vec::new(),
+            expires: None,
+        }],
+    };
+    let mut signed = Signed::new(doc).unwrap();
+    struct Zeros;
+    impl rand_core::TryRng for Zeros {
+        type Error = core::convert::Infallible;
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            Ok(0)
+        }
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            Ok(0)
+        }
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+            dst.fill(0);
+            Ok(())
+        }
+    }
+    signed.sign(&k1, &mut Zeros);
+    let document = hex::encode(signed.document_bytes());
+    let digest = signed.digest().to_string();
+    let encoded = hex::encode(signed.encode());
+    let protocol = include_str!("../../../../docs/PROTOCOL.md").replace(['\n', ' '], "");
+    for (what, value) in [("document", &document), ("digest", &digest), ("signed", &encoded)] {
+        assert!(
+            protocol.contains(value.as_str()),
+            "PROTOCOL.md lacks the {what}: {value}"
+        );
+    }
+}
