@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use support::{keygen, node, output};
+use support::{governance_key, keygen, node, output, public_key};
 
 /// A scratch directory with three governance keys and three node keys.
 struct Committee {
@@ -23,14 +23,7 @@ impl Committee {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let gov = (1..=3)
-            .map(|i| {
-                let out = output(
-                    node()
-                        .args(["membership", "keygen", "--out"])
-                        .arg(dir.join(format!("gov{i}.key"))),
-                );
-                out.trim().to_owned()
-            })
+            .map(|i| governance_key(&dir, &format!("gov{i}.key")))
             .collect();
         for name in ["a", "b", "c"] {
             keygen(&dir, &format!("{name}.key"));
@@ -43,13 +36,7 @@ impl Committee {
     }
 
     fn public(&self, name: &str) -> String {
-        output(
-            node()
-                .args(["id", "--public", "--key"])
-                .arg(self.path(&format!("{name}.key"))),
-        )
-        .trim()
-        .to_owned()
+        public_key(&self.dir, &format!("{name}.key"))
     }
 
     /// A members file listing the given nodes by key.

@@ -14,7 +14,7 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use support::{keygen, node, output};
+use support::{governance_key, keygen, node, output, public_key};
 
 /// Generous for a loaded 2-core machine: waits end as soon as the line arrives.
 const WAIT: Duration = Duration::from_secs(120);
@@ -81,15 +81,7 @@ impl Network {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let gov = (1..=3)
-            .map(|i| {
-                output(
-                    node()
-                        .args(["membership", "keygen", "--out"])
-                        .arg(dir.join(format!("gov{i}.key"))),
-                )
-                .trim()
-                .to_owned()
-            })
+            .map(|i| governance_key(&dir, &format!("gov{i}.key")))
             .collect();
         for name in NAMES {
             keygen(&dir, &format!("{name}.key"));
@@ -102,13 +94,19 @@ impl Network {
     }
 
     fn public(&self, name: &str) -> String {
+        public_key(&self.dir, &format!("{name}.key"))
+    }
+
+    /// e (added by epoch 2) sends `text` to `target` (`PEER_ID@ADDR`); returns the output.
+    fn send_from_e(&self, target: &str, text: &str) -> String {
         output(
             node()
-                .args(["id", "--public", "--key"])
-                .arg(self.path(&format!("{name}.key"))),
+                .args(["send", "--to", target, "--key"])
+                .arg(self.path("e.key"))
+                .arg("--membership")
+                .arg(self.path("e2.signed.toml"))
+                .arg(text),
         )
-        .trim()
-        .to_owned()
     }
 
     fn id(&self, name: &str) -> String {
@@ -284,14 +282,7 @@ fn a_committee_governs_five_serving_nodes() {
     // The added peer exchanges with every other node.
     for (name, running) in NAMES.iter().zip(&nodes).take(4) {
         let target = format!("{}@{}", net.id(name), running.addr);
-        let reply = output(
-            node()
-                .args(["send", "--to", &target, "--key"])
-                .arg(net.path("e.key"))
-                .arg("--membership")
-                .arg(net.path("e2.signed.toml"))
-                .arg(format!("hello {name}")),
-        );
+        let reply = net.send_from_e(&target, &format!("hello {name}"));
         assert!(reply.contains(&format!("hello {name}")), "{reply}");
     }
 
@@ -327,13 +318,6 @@ fn a_committee_governs_five_serving_nodes() {
     c.wait_for(&["older than the stored epoch 2", "kept the stored one"]);
     // And it still answers e, whom only epoch 2 allows.
     let target = format!("{}@{}", net.id("c"), addr);
-    let reply = output(
-        node()
-            .args(["send", "--to", &target, "--key"])
-            .arg(net.path("e.key"))
-            .arg("--membership")
-            .arg(net.path("e2.signed.toml"))
-            .arg("after restart"),
-    );
+    let reply = net.send_from_e(&target, "after restart");
     assert!(reply.contains("after restart"), "{reply}");
 }

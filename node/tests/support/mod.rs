@@ -28,6 +28,24 @@ pub(crate) fn keygen(dir: &Path, name: &str) -> String {
     id.trim().to_owned()
 }
 
+/// `p2p-node id --public` of the key file `file` in `dir`: what a members file lists.
+pub(crate) fn public_key(dir: &Path, file: &str) -> String {
+    output(node().args(["id", "--public", "--key"]).arg(dir.join(file)))
+        .trim()
+        .to_owned()
+}
+
+/// `p2p-node membership keygen` into `dir/file`; returns the public key it prints.
+pub(crate) fn governance_key(dir: &Path, file: &str) -> String {
+    output(
+        node()
+            .args(["membership", "keygen", "--out"])
+            .arg(dir.join(file)),
+    )
+    .trim()
+    .to_owned()
+}
+
 /// A scratch directory with keys for Bob (the server), Alice and Carol, both allowed.
 pub(crate) struct Setup {
     pub(crate) dir: PathBuf,

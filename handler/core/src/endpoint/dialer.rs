@@ -171,21 +171,8 @@ impl Endpoint {
         let (peer, addr, redial) = (ex.peer, ex.addr, ex.dials > 1);
         self.stats.dials += 1;
         self.stats.redials += u64::from(redial);
-        self.conns.insert(
-            conn,
-            Conn {
-                peer,
-                addr,
-                direction: Direction::Outbound,
-                established: false,
-                exchange: Some(id),
-                remote_max: 0,
-                receiving: false,
-                features: 0,
-                sync: false,
-                epoch_sent: false,
-            },
-        );
+        self.conns
+            .insert(conn, Conn::dialing(peer, addr, Some(id), false));
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conns += 1;
         }

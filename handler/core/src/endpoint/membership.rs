@@ -36,7 +36,7 @@ use crate::membership::{Digest, Ledger, Refusal, Refused, Signed};
 use crate::wire::{CloseReason, FEATURE_MEMBERSHIP, Message};
 
 use super::events::{Event, MembershipEvent, Source};
-use super::{Conn, ConnId, Direction, Endpoint, Output, Timer};
+use super::{Conn, ConnId, Endpoint, Output, Timer};
 
 /// Epochs a node keeps (to serve peers that are behind, and to tell forks).
 pub const MEMBERSHIP_HISTORY: usize = 64;
@@ -606,15 +606,7 @@ impl Endpoint {
         for (_, peer) in &told {
             m.told.insert(*peer, ours);
         }
-        let behind: Vec<PeerId> = m
-            .ledger
-            .current()
-            .document()
-            .members
-            .iter()
-            .filter(|member| member.address.is_some())
-            .map(crate::membership::Member::peer_id)
-            .filter(|peer| *peer != self.local)
+        let behind: Vec<PeerId> = dialable(&m.ledger, self.local)
             .filter(|peer| m.heard.get(peer).is_none_or(|h| h.epoch < ours))
             .collect();
         for peer in behind {
@@ -648,16 +640,7 @@ impl Endpoint {
         let Some(m) = self.membership.as_deref_mut() else {
             return;
         };
-        let mut candidates: Vec<PeerId> = m
-            .ledger
-            .current()
-            .document()
-            .members
-            .iter()
-            .filter(|member| member.address.is_some())
-            .map(crate::membership::Member::peer_id)
-            .filter(|peer| *peer != self.local)
-            .collect();
+        let mut candidates: Vec<PeerId> = dialable(&m.ledger, self.local).collect();
         for _ in 0..START_CONTACTS.min(candidates.len()) {
             let i = usize::try_from(self.rng.next_u64() % candidates.len() as u64).unwrap_or(0);
             let peer = candidates.swap_remove(i);
@@ -726,21 +709,8 @@ impl Endpoint {
             };
             state.conns += 1;
             let conn = self.alloc_conn();
-            self.conns.insert(
-                conn,
-                Conn {
-                    peer,
-                    addr,
-                    direction: Direction::Outbound,
-                    established: false,
-                    exchange: None,
-                    remote_max: 0,
-                    receiving: false,
-                    features: 0,
-                    sync: true,
-                    epoch_sent: false,
-                },
-            );
+            self.conns
+                .insert(conn, Conn::dialing(peer, addr, None, true));
             self.stats.membership_sync_dials += 1;
             // The idle timer bounds the dial too (a black hole never answers).
             self.timers
@@ -905,4 +875,17 @@ impl Endpoint {
             m.sync.remove(peer);
         }
     }
+}
+
+/// The members of the current document this node can dial: those that publish an address,
+/// itself excepted.
+fn dialable(ledger: &Ledger, local: PeerId) -> impl Iterator<Item = PeerId> + '_ {
+    ledger
+        .current()
+        .document()
+        .members
+        .iter()
+        .filter(|member| member.address.is_some())
+        .map(crate::membership::Member::peer_id)
+        .filter(move |peer| *peer != local)
 }

@@ -193,6 +193,29 @@ pub(super) struct Conn {
     pub(super) epoch_sent: bool,
 }
 
+impl Conn {
+    /// A connection we are dialing, for exchange `exchange` or (`sync`) for membership.
+    pub(super) fn dialing(
+        peer: PeerId,
+        addr: SocketAddr,
+        exchange: Option<ExchangeId>,
+        sync: bool,
+    ) -> Self {
+        Self {
+            peer,
+            addr,
+            direction: Direction::Outbound,
+            established: false,
+            exchange,
+            remote_max: 0,
+            receiving: false,
+            features: 0,
+            sync,
+            epoch_sent: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Peer {
     /// Our exchange in progress with this peer (one at a time).

@@ -776,7 +776,11 @@ fn the_protocol_documents_test_vector_holds() {
     let digest = signed.digest().to_string();
     let encoded = hex::encode(signed.encode());
     let protocol = include_str!("../../../../docs/PROTOCOL.md").replace(['\n', ' '], "");
-    for (what, value) in [("document", &document), ("digest", &digest), ("signed", &encoded)] {
+    for (what, value) in [
+        ("document", &document),
+        ("digest", &digest),
+        ("signed", &encoded),
+    ] {
         assert!(
             protocol.contains(value.as_str()),
             "PROTOCOL.md lacks the {what}: {value}"
