@@ -442,12 +442,16 @@ impl Net {
             self.drain(node);
         }
         if let Some(doc) = self.nodes[node].membership.clone() {
-            self.install_membership(node, doc);
+            let _ = self.install_membership(node, doc);
         }
     }
 
     /// The node's operator installs `doc`: signed membership governs its allow list.
-    pub(crate) fn install_membership(&mut self, node: usize, doc: crate::membership::Signed) {
+    pub(crate) fn install_membership(
+        &mut self,
+        node: usize,
+        doc: crate::membership::Signed,
+    ) -> crate::endpoint::Installed {
         let (now, wall) = (self.now, self.wall_ms());
         let n = &mut self.nodes[node];
         n.membership = Some(doc.clone());
@@ -455,8 +459,9 @@ impl Net {
         let installed = n.endpoint.install_membership(Some(doc), now);
         let name = n.name;
         self.log(format!("{name} membership installed: {installed:?}"));
-        installed.expect("membership installs");
+        let installed = installed.expect("membership installs");
         self.drain(node);
+        installed
     }
 
     /// The node's operator offers a newer document.

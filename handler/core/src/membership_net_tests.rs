@@ -57,7 +57,7 @@ fn network(seed: u64) -> (Net, Signed) {
     let mut net = Net::new(seed, &NAMES, Config::default());
     let g = genesis(&net, &committee(), &[0, 1, 2, 3]);
     for node in 0..4 {
-        net.install_membership(node, g.clone());
+        let _ = net.install_membership(node, g.clone());
     }
     (net, g)
 }
@@ -95,7 +95,7 @@ fn a_document_handed_to_one_node_reaches_every_member_and_the_added_peer_talks()
     net.run(Duration::from_secs(5));
     // Epoch 2 adds node e; it is handed to a alone.
     let e2 = successor(&net, &g, &[0, 1, 2, 3, 4], &[1, 2]);
-    net.install_membership(4, g.clone());
+    let _ = net.install_membership(4, g.clone());
     assert_eq!(net.offer_membership(0, e2.clone()).map(|v| v.len()), Ok(1));
     assert!(net.run_until(WINDOW, |n| epochs(n, &[0, 1, 2, 3, 4]) == vec![2; 5]));
     for node in 0..5 {
@@ -327,4 +327,134 @@ fn a_forged_document_signed_by_strangers_is_refused() {
             .any(|r| r.code() == "under_threshold")
     );
     assert_eq!(net.epoch(0), 1);
+}
+
+/// Unix seconds at the harness's start (its virtual wall clock).
+fn start_secs(net: &Net) -> u64 {
+    net.wall_ms() / 1000
+}
+
+#[test]
+fn a_member_leaves_the_allow_list_when_it_expires_and_an_expired_document_raises_an_alarm() {
+    let mut net = Net::new(10, &NAMES, Config::default());
+    let at = start_secs(&net);
+    let mut doc = Document {
+        network: "test".into(),
+        epoch: 1,
+        previous: crate::membership::Digest::NONE,
+        expires: Some(at + 100),
+        threshold: 2,
+        committee: committee().iter().map(GovernanceKey::id).collect(),
+        members: (0..3).map(|n| member_of(&net, n)).collect(),
+    };
+    doc.members[2].expires = Some(at + 30);
+    let g = sign_with(Signed::new(doc).unwrap(), &committee(), &[0, 1]);
+    for node in 0..3 {
+        let _ = net.install_membership(node, g.clone());
+    }
+    let c = net.id(2);
+    assert!(net.nodes[0].endpoint.allow_list().contains(&c));
+    net.run_for(Duration::from_secs(29));
+    assert!(
+        net.nodes[0].endpoint.allow_list().contains(&c),
+        "expired early"
+    );
+    net.run_for(Duration::from_secs(2));
+    assert!(
+        !net.nodes[0].endpoint.allow_list().contains(&c),
+        "not expired at its time"
+    );
+    // c cannot reach a any more.
+    let id = net.request(2, 0, b"late");
+    net.run(WINDOW);
+    assert!(net.failures(2).iter().any(|(x, _, _)| *x == id));
+    // The document itself expires at +100 s: an alarm, once, and it stays in force.
+    net.run_for(Duration::from_secs(100));
+    let alarms = membership_events(&net, 0)
+        .iter()
+        .filter(|e| matches!(e, MembershipEvent::Expired { epoch: 1, .. }))
+        .count();
+    assert_eq!(alarms, 1);
+    assert!(net.nodes[0].endpoint.allow_list().contains(&net.id(1)));
+}
+
+#[test]
+fn a_restart_with_an_older_or_a_forked_file_keeps_the_stored_epoch_and_says_why() {
+    let mut net = Net::new(11, &NAMES, Config::default());
+    // Durable from the start, as a driver restores before it installs.
+    net.make_durable(0);
+    let g = genesis(&net, &committee(), &[0, 1, 2, 3]);
+    for node in 0..4 {
+        let _ = net.install_membership(node, g.clone());
+    }
+    let e2 = successor(&net, &g, &[0, 1, 2, 3], &[0, 1]);
+    net.offer_membership(0, e2.clone()).unwrap();
+    net.run(Duration::from_secs(5));
+    let restart = |net: &mut Net, file: Signed| {
+        net.crash(0);
+        net.nodes[0].membership = None;
+        net.restart(0);
+        net.install_membership(0, file)
+    };
+    // The older file: kept the stored epoch, and says so.
+    let installed = restart(&mut net, g.clone());
+    assert_eq!((installed.epoch, installed.resumed), (2, true));
+    assert!(
+        installed
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("older")),
+        "{installed:?}"
+    );
+    // The same document: nothing to say.
+    let installed = restart(&mut net, e2.clone());
+    assert_eq!((installed.epoch, installed.note), (2, None));
+    // Another epoch 2, validly signed: a fork; the stored one stays.
+    let other = successor(&net, &g, &[0, 1], &[1, 2]);
+    let installed = restart(&mut net, other);
+    assert_eq!(installed.digest, e2.digest());
+    assert!(
+        installed
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("fork")),
+        "{installed:?}"
+    );
+    // Epoch 4 while the store holds 2: kept, asked for, applied once 3 arrives.
+    let e3 = successor(&net, &e2, &[0, 1, 2, 3], &[0, 2]);
+    let e4 = successor(&net, &e3, &[0, 1, 2, 3], &[1, 2]);
+    let installed = restart(&mut net, e4.clone());
+    assert_eq!(installed.epoch, 2);
+    assert!(
+        installed
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("asking peers")),
+        "{installed:?}"
+    );
+    net.offer_membership(0, e3).unwrap();
+    assert_eq!(net.epoch(0), 4, "the kept epoch 4 follows epoch 3 at once");
+}
+
+#[test]
+fn nodes_at_the_same_epoch_say_it_once_not_on_every_connection() {
+    let (mut net, _) = network(12);
+    net.run(WINDOW);
+    let epochs_before = net.trace.iter().filter(|l| l.contains("Epoch(")).count();
+    for _ in 0..5 {
+        net.request(0, 1, b"again");
+        net.run(WINDOW);
+    }
+    let epochs_after = net.trace.iter().filter(|l| l.contains("Epoch(")).count();
+    assert_eq!(
+        epochs_after, epochs_before,
+        "five more exchanges, no more Epoch"
+    );
+    assert!(net.nodes[0].endpoint.membership_managed());
+    assert_eq!(net.nodes[0].endpoint.membership_heard(&net.id(1)), Some(1));
+    assert!(
+        !Net::new(13, &NAMES[..2], Config::default()).nodes[0]
+            .endpoint
+            .membership_managed()
+    );
 }
