@@ -458,3 +458,79 @@ fn nodes_at_the_same_epoch_say_it_once_not_on_every_connection() {
             .membership_managed()
     );
 }
+
+#[test]
+fn epochs_go_only_to_peers_that_understand_them_and_once_per_connection() {
+    use crate::connection::ConnEvent;
+    use crate::endpoint::{ConnId, Endpoint, Output};
+    let net = Net::new(14, &NAMES[..2], Config::default());
+    let g = genesis(&net, &committee(), &[0, 1]);
+    let now = std::time::Instant::now();
+    let mut ep = Endpoint::new(
+        Config::default(),
+        net.id(0),
+        crate::allow_list::AllowList::new(),
+        [1; 32],
+    )
+    .unwrap();
+    ep.set_wall_clock(now, net.wall_ms());
+    ep.install_membership(Some(g.clone()), now).unwrap();
+    let epochs = |ep: &mut Endpoint| {
+        std::iter::from_fn(|| ep.poll_output())
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        message: Message::Epoch { .. } | Message::Fetch { .. },
+                        ..
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let _ = epochs(&mut ep);
+    let addr = "10.0.0.2:7000".parse().unwrap();
+    // A peer that predates membership (features 0) is told nothing.
+    ep.handle_accepted(ConnId::inbound(1), net.id(1), addr, 1 << 20, 0, now);
+    assert!(epochs(&mut ep).is_empty());
+    ep.handle_conn_event(
+        ConnId::inbound(1),
+        ConnEvent::Message(Message::Epoch {
+            epoch: 1,
+            digest: g.digest().0,
+        }),
+        now,
+    );
+    assert!(
+        epochs(&mut ep).is_empty(),
+        "answered a peer without the feature"
+    );
+    // One that has it: told once on connecting, not again when it answers.
+    let c2 = ConnId::inbound(2);
+    ep.handle_accepted(c2, net.id(1), addr, 1 << 20, 1, now);
+    assert_eq!(epochs(&mut ep).len(), 1);
+    let epoch = |n: u64| {
+        ConnEvent::Message(Message::Epoch {
+            epoch: n,
+            digest: if n == 1 { g.digest().0 } else { [7; 32] },
+        })
+    };
+    ep.handle_conn_event(c2, epoch(1), now);
+    assert!(
+        epochs(&mut ep).is_empty(),
+        "said its epoch twice on one connection"
+    );
+    assert_eq!(ep.membership_heard(&net.id(1)), Some(1));
+    // It claims epoch 2: heard, and asked for what we lack, once.
+    ep.handle_conn_event(c2, epoch(2), now);
+    assert_eq!(ep.membership_heard(&net.id(1)), Some(2));
+    assert!(matches!(
+        epochs(&mut ep).as_slice(),
+        [Output::Send {
+            message: Message::Fetch { after: 1 },
+            ..
+        }]
+    ));
+    ep.handle_conn_event(c2, epoch(2), now);
+    assert!(epochs(&mut ep).is_empty(), "asked twice");
+}
