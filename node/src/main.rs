@@ -497,6 +497,14 @@ fn keygen(out: &Path, force: bool) -> Result<()> {
     let mut private = [0u8; 32];
     getrandom::fill(&mut private).map_err(|e| format!("no OS randomness: {e}"))?;
     let key = Keypair::from_private_bytes(private);
+    write_secret(out, force, &format!("{}\n", key.to_hex()))?;
+    println!("{}", key.peer_id());
+    Ok(())
+}
+
+/// Writes a secret key file, readable by its owner only; refuses to replace an existing
+/// file unless `force`.
+pub(crate) fn write_secret(out: &Path, force: bool, text: &str) -> Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true);
     if force {
@@ -512,8 +520,7 @@ fn keygen(out: &Path, force: bool) -> Result<()> {
     let mut file = options
         .open(out)
         .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-    writeln!(file, "{}", key.to_hex())?;
-    println!("{}", key.peer_id());
+    file.write_all(text.as_bytes())?;
     Ok(())
 }
 

@@ -11,7 +11,6 @@
 //! p2p-node membership show SIGNED
 //! ```
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -286,22 +285,7 @@ fn write_document(doc: &Signed, out: &Path) -> Result<()> {
 
 fn keygen(out: &Path, force: bool) -> Result<()> {
     let key = GovernanceKey::generate(&mut os_rng()?);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(out)
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-    file.write_all(key.to_file_text().as_bytes())?;
+    crate::write_secret(out, force, &key.to_file_text())?;
     println!("{}", key.id());
     Ok(())
 }

@@ -122,21 +122,22 @@ struct FileFormat {
     peer: Vec<toml::Spanned<FilePeer>>,
 }
 
+/// One `[[peer]]` entry as written (allow-list files and membership members files share it).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FilePeer {
+pub(crate) struct FilePeer {
     #[serde(default)]
-    id: Option<PeerId>,
+    pub(crate) id: Option<PeerId>,
     #[serde(default)]
-    key: Option<toml::Spanned<String>>,
+    pub(crate) key: Option<toml::Spanned<String>>,
     #[serde(default)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     #[serde(default)]
-    address: Option<SocketAddr>,
+    pub(crate) address: Option<SocketAddr>,
     #[serde(default)]
-    addresses: Vec<IpAddr>,
+    pub(crate) addresses: Vec<IpAddr>,
     #[serde(default)]
-    expires: Option<toml::Spanned<toml::Value>>,
+    pub(crate) expires: Option<toml::Spanned<toml::Value>>,
 }
 
 /// The line (from 1) of byte offset `at` in `text`.

@@ -26,7 +26,6 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -34,7 +33,7 @@ use toml::Spanned;
 
 use super::{Digest, Document, GovernanceId, Member, Signature, Signed};
 use crate::allow_list::{
-    AllowList, Expiry, datetime_to_unix, line_of, parse_key, unix_to_datetime,
+    AllowList, Expiry, FilePeer, datetime_to_unix, line_of, parse_key, unix_to_datetime,
 };
 use crate::identity::PeerId;
 
@@ -82,26 +81,9 @@ struct DocumentForm {
     threshold: u8,
     committee: Vec<Spanned<String>>,
     #[serde(default)]
-    peer: Vec<Spanned<PeerForm>>,
+    peer: Vec<Spanned<FilePeer>>,
     #[serde(default)]
     signature: Vec<Spanned<SignatureForm>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PeerForm {
-    #[serde(default)]
-    id: Option<PeerId>,
-    #[serde(default)]
-    key: Option<Spanned<String>>,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    address: Option<SocketAddr>,
-    #[serde(default)]
-    addresses: Vec<IpAddr>,
-    #[serde(default)]
-    expires: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -144,7 +126,7 @@ fn signature_of(form: &SignatureForm, text: &str) -> Result<Signature, String> {
     })
 }
 
-fn member_of(form: Spanned<PeerForm>, text: &str) -> Result<Member, String> {
+fn member_of(form: Spanned<FilePeer>, text: &str) -> Result<Member, String> {
     let line = line_of(text, form.span().start);
     let form = form.into_inner();
     let Some(key) = &form.key else {
