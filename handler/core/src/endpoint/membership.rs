@@ -229,6 +229,15 @@ impl Endpoint {
         self.membership.as_deref().map(|m| &m.ledger)
     }
 
+    /// The epoch of a document the application offered that skips ahead, kept until the
+    /// epochs between arrive from peers (then applied, or dropped if they overtake it).
+    pub fn membership_pending(&self) -> Option<u64> {
+        self.membership
+            .as_deref()
+            .and_then(|m| m.pending.as_ref())
+            .map(Signed::epoch)
+    }
+
     /// What `peer` last said it holds (epoch), if it said.
     pub fn membership_heard(&self, peer: &PeerId) -> Option<u64> {
         self.membership
@@ -278,16 +287,23 @@ impl Endpoint {
                     theirs: fork.theirs,
                 }],
             }),
-            // An older epoch this node held (a rollback to it), or a copy refused before:
-            // the operator hears why, every time they try.
+            // An older epoch this node held (a rollback to it), or a copy refused before
+            // (a fork of an epoch we hold, or stale): the operator hears why, every time.
             (true, None, None) => {
+                let ledger = self.membership();
+                let current = ledger.map_or(0, Ledger::epoch);
+                let reason = match ledger.and_then(|l| l.get(epoch)).map(Signed::digest) {
+                    Some(ours) if ours != digest => Refusal::Fork {
+                        epoch,
+                        ours,
+                        theirs: digest,
+                    },
+                    _ => Refusal::Stale { epoch, current },
+                };
                 let refused = Refused {
                     epoch,
                     digest,
-                    reasons: vec![Refusal::Stale {
-                        epoch,
-                        current: self.membership().map_or(0, Ledger::epoch),
-                    }],
+                    reasons: vec![reason],
                 };
                 self.stats.membership_refused += 1;
                 self.events
@@ -307,10 +323,19 @@ impl Endpoint {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
+        let (peer, sync) = (c.peer, c.sync);
         if c.features & FEATURE_MEMBERSHIP == 0 {
+            if sync {
+                // A member that predates membership cannot learn an epoch: the dial was
+                // for nothing, and another would be too.
+                if let Some(m) = self.membership.as_deref_mut() {
+                    m.sync.remove(&peer);
+                }
+                self.close(conn, CloseReason::Done, now);
+                self.arm_sync_timer();
+            }
             return;
         }
-        let (peer, sync) = (c.peer, c.sync);
         let Some(m) = self.membership.as_deref_mut() else {
             return;
         };
@@ -375,12 +400,9 @@ impl Endpoint {
         };
         m.heard.insert(peer, Heard { epoch, digest });
         let (ours, our_digest) = (m.ledger.epoch(), m.ledger.digest());
-        if epoch >= ours
-            && let Some(s) = m.sync.get_mut(&peer)
-            && s.conn.is_none_or(|c| c == conn)
-        {
-            // It holds ours (or newer): no need to dial it any more.
-            s.conn = None;
+        if epoch >= ours {
+            // It holds ours (or newer): no need to dial it any more (a sync connection
+            // still open to it closes once both ends agree, or when idle).
             m.sync.remove(&peer);
         }
         let known_fork = m
@@ -611,8 +633,10 @@ impl Endpoint {
             .collect();
         for peer in behind {
             let jitter = Duration::from_millis(self.rng.next_u64() % 200);
+            // Every member that applies an epoch dials the others: the jitter keeps them
+            // from all dialing in the same instant. A dial already due stays due.
             let entry = m.sync.entry(peer).or_insert(SyncState {
-                next: now,
+                next: now + jitter,
                 backoff: SYNC_BACKOFF_INITIAL,
                 conn: None,
             });
