@@ -18,7 +18,6 @@ use std::fmt;
 
 use super::verify::{check_expiry, check_genesis, check_signatures, check_successor};
 use super::{Digest, Refusal, Signed};
-use crate::allow_list::AllowList;
 
 /// Copies refused for good (document and signatures), remembered so that a peer repeating
 /// one costs no signature checks and no second report. By copy, not by document: the same
@@ -189,16 +188,6 @@ impl Ledger {
     /// The digest of the document in force.
     pub fn digest(&self) -> Digest {
         self.current().digest()
-    }
-
-    /// The network.
-    pub fn network(&self) -> &str {
-        &self.current().document().network
-    }
-
-    /// The allow list the current document stands for.
-    pub fn allow_list(&self) -> AllowList {
-        self.current().document().allow_list()
     }
 
     /// The document held for `epoch`, if it is within the history.

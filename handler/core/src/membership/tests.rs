@@ -787,3 +787,365 @@ fn the_protocol_documents_test_vector_holds() {
         );
     }
 }
+
+/// A document with every field at its bound: the longest there can be.
+fn largest() -> Document {
+    let keys = committee(MAX_COMMITTEE as u64);
+    let members = (0..MAX_MEMBERS)
+        .map(|i| {
+            let mut key = [0u8; KEY_LEN];
+            key[..2].copy_from_slice(&u16::try_from(i).unwrap().to_be_bytes());
+            Member {
+                key,
+                name: Some("n".repeat(MAX_NAME_LEN)),
+                address: Some(SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 1], 7000))),
+                allowed: (0..MAX_ALLOWED_IPS as u16)
+                    .map(|j| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, j]))
+                    .collect(),
+                expires: Some(NOW),
+            }
+        })
+        .collect();
+    Document {
+        network: "n".repeat(MAX_NETWORK_LEN),
+        epoch: 2,
+        previous: Digest([1; 32]),
+        expires: Some(NOW),
+        threshold: 1,
+        committee: keys.iter().map(GovernanceKey::id).collect(),
+        members,
+    }
+}
+
+#[test]
+fn every_bound_is_reached_exactly_and_one_more_is_refused() {
+    let doc = Signed::new(largest()).unwrap().document().clone();
+    let bytes = doc.encode();
+    assert_eq!(
+        bytes.len(),
+        MAX_DOCUMENT_LEN,
+        "the bound is the largest document"
+    );
+    assert!(Document::decode(&bytes).unwrap() == doc);
+    let mut signed = Signed::new(doc.clone()).unwrap();
+    let keys = committee(MAX_COMMITTEE as u64);
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    for key in keys.iter().chain(&keys).chain(&keys[..1]) {
+        signed.sign(key, &mut rng);
+    }
+    assert_eq!(
+        signed.signatures().len(),
+        MAX_SIGNATURES,
+        "one over is dropped"
+    );
+    assert_eq!(signed.encode().len(), MAX_SIGNED_LEN);
+    assert!(Signed::decode(&signed.encode()).unwrap() == signed);
+    assert!(signed.document_bytes().as_ref() == bytes.as_slice());
+
+    // One more of anything is refused, naming the field.
+    let over = |edit: &dyn Fn(&mut Document), field: &str| {
+        let mut d = doc.clone();
+        edit(&mut d);
+        let err = Signed::new(d).unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    };
+    over(&|d| d.network.push('n'), "network");
+    over(&|d| d.committee.push(gov(99).id()), "committee");
+    over(
+        &|d| {
+            let mut m = d.members[0].clone();
+            m.key = [0xff; KEY_LEN];
+            d.members.push(m);
+        },
+        "members",
+    );
+    over(&|d| d.members[0].name.as_mut().unwrap().push('n'), "name");
+    over(
+        &|d| d.members[0].allowed.push(IpAddr::from([10, 0, 0, 1])),
+        "addresses",
+    );
+    over(&|d| d.network.clear(), "network");
+    over(
+        &|d| d.previous = Digest::NONE,
+        "names the digest of the one before",
+    );
+    over(
+        &|d| {
+            d.epoch = 1;
+        },
+        "names no previous document",
+    );
+    over(&|d| d.committee.clear(), "committee");
+    over(&|d| d.members[0].name = Some(String::new()), "name");
+}
+
+#[test]
+fn names_for_people_and_the_allow_list_a_document_stands_for() {
+    let keys = committee(3);
+    let g = genesis(&keys, 2, &[1, 2], &[0, 1]);
+    let digest = g.digest();
+    assert_eq!(digest.short(), hex::encode(&digest.0[..4]));
+    assert_eq!(format!("{digest:?}"), format!("Digest({})", digest.short()));
+    assert_eq!(keys[0].id().short(), hex::encode(&keys[0].id().0[..4]));
+    let ids: Vec<PeerId> = g.document().member_ids().collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|id| g.document().member(id).is_some()));
+    // The allow list: every member, its key, address, allowed IPs and expiry.
+    let mut doc = g.document().clone();
+    doc.members[0].expires = Some(NOW);
+    doc.members[0].allowed = vec![IpAddr::from([10, 9, 9, 9])];
+    let list = doc.allow_list();
+    let first = list.get(&doc.members[0].peer_id()).unwrap();
+    assert_eq!(first.public_key, Some(doc.members[0].key));
+    assert_eq!(first.address, doc.members[0].address);
+    assert_eq!(first.addresses, vec![IpAddr::from([10, 9, 9, 9])]);
+    assert_eq!(
+        first.expires,
+        Some(crate::allow_list::Expiry::At(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOW)
+        ))
+    );
+    assert!(list.get(&doc.members[1].peer_id()).is_some());
+    // Fork-prone: two disjoint sets of signers can each reach the threshold.
+    let prone = |k: u8, n: u64| {
+        let mut d = doc.clone();
+        d.threshold = k;
+        d.committee = committee(n).iter().map(GovernanceKey::id).collect();
+        d.committee.sort_unstable();
+        d.fork_prone()
+    };
+    assert!(prone(1, 2) && prone(2, 4) && prone(1, 3));
+    assert!(!prone(2, 3) && !prone(3, 4) && !prone(1, 1));
+}
+
+#[test]
+fn files_are_read_and_named_in_errors_and_a_refusal_lists_every_reason() {
+    let dir = std::env::temp_dir().join(format!("p2p-membership-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = committee(3);
+    let g = genesis(&keys, 2, &[1, 2], &[0, 1]);
+    let e2 = next(&g, &[1, 2, 3], &keys, &[0, 1]);
+    // The genesis names no previous document; its successor does.
+    assert!(!g.to_toml().contains("previous ="));
+    assert!(
+        e2.to_toml()
+            .contains(&format!("previous = \"{}\"", g.digest()))
+    );
+    let doc_path = dir.join("epoch-2.toml");
+    std::fs::write(&doc_path, e2.to_toml()).unwrap();
+    assert_eq!(Signed::from_file(&doc_path).unwrap(), e2);
+    let members_path = dir.join("members.toml");
+    std::fs::write(
+        &members_path,
+        format!(
+            "[[peer]]\nkey = \"{}\"\nname = \"a\"\n",
+            hex::encode(node(7).public_bytes())
+        ),
+    )
+    .unwrap();
+    let members = Document::members_from_file(&members_path, NOW).unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].name.as_deref(), Some("a"));
+    let missing = dir.join("missing.toml");
+    let err = Signed::from_file(&missing).unwrap_err().to_string();
+    assert!(err.contains("missing.toml"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Every reason is told, in order, after the epoch and digest.
+    let refused = Refused {
+        epoch: 2,
+        digest: e2.digest(),
+        reasons: vec![
+            Refusal::Gap {
+                epoch: 3,
+                current: 1,
+            },
+            Refusal::Expired {
+                expires: NOW,
+                now: NOW + 1,
+            },
+        ],
+    };
+    let prefix = format!("epoch 2 ({}) refused: ", e2.digest().short());
+    let (first, second) = (&refused.reasons[0], &refused.reasons[1]);
+    assert_eq!(refused.to_string(), format!("{prefix}{first}; {second}"));
+    let single = Refused {
+        reasons: refused.reasons[..1].to_vec(),
+        ..refused.clone()
+    };
+    assert_eq!(single.to_string(), format!("{prefix}{first}"));
+}
+
+#[test]
+fn forks_are_remembered_each_once_and_a_genesis_can_fork_too() {
+    let keys = committee(3);
+    let g = genesis(&keys, 1, &[1, 2], &[0]);
+    let e2 = next(&g, &[1, 2], &keys, &[0]);
+    let mut ledger = Ledger::with_anchor(g.clone(), NOW, 8).unwrap();
+    assert_eq!(
+        ledger
+            .offer(std::slice::from_ref(&e2), NOW, false)
+            .applied
+            .len(),
+        1
+    );
+    // Two other documents for epoch 2, each validly signed: two forks, both remembered.
+    let f1 = next(&g, &[1], &keys, &[1]);
+    let f2 = next(&g, &[2], &keys, &[2]);
+    for fork in [&f1, &f2] {
+        let out = ledger.offer(std::slice::from_ref(fork), NOW, false);
+        assert_eq!(out.fork.map(|f| f.theirs), Some(fork.digest()));
+    }
+    assert_eq!(ledger.forks().count(), 2);
+    // The first fork again, with one more signature (another copy): known, not raised.
+    let mut again = f1.clone();
+    again.sign(&keys[2], &mut ChaCha20Rng::seed_from_u64(5));
+    let out = ledger.offer(&[again], NOW, false);
+    assert!(out.fork.is_none() && out.refused.is_none(), "{out:?}");
+    assert_eq!(ledger.forks().count(), 2);
+    // Another genesis, signed by the genesis committee: a fork of epoch 1.
+    let mut other = g.document().clone();
+    other.members.pop();
+    let g2 = sign_with(Signed::new(other).unwrap(), &keys, &[1]);
+    let out = ledger.offer(&[g2.clone()], NOW, false);
+    assert_eq!(
+        out.fork.map(|f| (f.epoch, f.theirs)),
+        Some((1, g2.digest()))
+    );
+}
+
+#[test]
+fn a_chain_may_repeat_a_document_and_is_served_from_the_epoch_asked() {
+    let keys = committee(3);
+    let g = genesis(&keys, 1, &[1, 2], &[0]);
+    let e2 = next(&g, &[1, 2], &keys, &[0]);
+    let e3 = next(&e2, &[1, 2, 3], &keys, &[0]);
+    let e4 = next(&e3, &[1, 3], &keys, &[0]);
+    let mut ledger = Ledger::with_anchor(g.clone(), NOW, 8).unwrap();
+    let out = ledger.offer(
+        &[e2.clone(), e3.clone(), e3.clone(), e4.clone()],
+        NOW,
+        false,
+    );
+    assert_eq!(out.applied.len(), 3, "{out:?}");
+    assert!(out.refused.is_none() && out.fork.is_none(), "{out:?}");
+    let served: Vec<u64> = ledger
+        .chain_after(2, usize::MAX)
+        .iter()
+        .map(Signed::epoch)
+        .collect();
+    assert_eq!(served, vec![3, 4]);
+}
+
+#[test]
+fn refused_copies_are_remembered_together_not_only_the_last() {
+    let keys = committee(3);
+    let g = genesis(&keys, 2, &[1], &[0, 1]);
+    let mut ledger = Ledger::with_anchor(g.clone(), NOW, 8).unwrap();
+    let a = next(&g, &[2], &keys, &[0]);
+    let b = next(&g, &[3], &keys, &[1]);
+    for copy in [&a, &b] {
+        let out = ledger.offer(std::slice::from_ref(copy), NOW, false);
+        assert!(out.refused.is_some());
+    }
+    for copy in [&a, &b] {
+        let out = ledger.offer(std::slice::from_ref(copy), NOW, false);
+        assert!(out.refused.is_none(), "reported again: {out:?}");
+    }
+}
+
+/// The signature file `key` makes for `doc`.
+fn signature_file(doc: &Signed, key: &GovernanceKey) -> SignatureFile {
+    let mut alone = Signed::new(doc.document().clone()).unwrap();
+    alone.sign(key, &mut ChaCha20Rng::seed_from_u64(3));
+    SignatureFile {
+        network: doc.document().network.clone(),
+        epoch: doc.epoch(),
+        digest: doc.digest(),
+        signature: alone.signatures()[0],
+    }
+}
+
+#[test]
+fn combining_takes_only_valid_signatures_of_this_document() {
+    let keys = committee(3);
+    let g = genesis(&keys, 2, &[1], &[0, 1]);
+    let mut e2 = Signed::new({
+        let mut d = g.document().successor_template();
+        d.members = vec![member(2)];
+        d
+    })
+    .unwrap();
+    let file = signature_file(&e2, &keys[0]);
+    e2.combine(&file).unwrap();
+    assert_eq!(e2.signatures().len(), 1);
+    // The same file twice: added once.
+    e2.combine(&file).unwrap();
+    assert_eq!(e2.signatures().len(), 1);
+    // Another signature by the same signer: refused by name.
+    let mut other = file.clone();
+    let mut resigned = Signed::new(e2.document().clone()).unwrap();
+    resigned.sign(&keys[0], &mut ChaCha20Rng::seed_from_u64(77));
+    other.signature = resigned.signatures()[0];
+    assert_ne!(other.signature, file.signature);
+    assert!(matches!(e2.combine(&other), Err(CombineError::Repeated(_))));
+    // Of another document: each field is checked.
+    let second = signature_file(&e2, &keys[1]);
+    for edit in [
+        &(|f: &mut SignatureFile| f.network = "other".into()) as &dyn Fn(&mut SignatureFile),
+        &|f| f.epoch = 3,
+        &|f| f.digest = Digest([7; 32]),
+    ] {
+        let mut wrong = second.clone();
+        edit(&mut wrong);
+        assert!(
+            matches!(e2.combine(&wrong), Err(CombineError::OtherDocument { .. })),
+            "{wrong:?}"
+        );
+    }
+    // A signature that does not verify.
+    let mut forged = second.clone();
+    forged.signature.signature[0] ^= 1;
+    assert!(matches!(e2.combine(&forged), Err(CombineError::Invalid(_))));
+    assert_eq!(e2.signatures().len(), 1);
+    e2.combine(&second).unwrap();
+    assert_eq!(e2.signatures().len(), 2);
+
+    // What a node would say of it.
+    assert_eq!(e2.verify(Some(&g), NOW), Ok(()));
+    let under = next(&g, &[2], &keys, &[2]);
+    assert_eq!(
+        under.verify(Some(&g), NOW).map_err(|r| r[0].code()),
+        Err("under_threshold")
+    );
+    assert_eq!(
+        e2.verify(None, NOW).map_err(|r| r[0].code()),
+        Err("needs_current")
+    );
+    assert_eq!(g.verify(None, NOW), Ok(()));
+    let weak = genesis(&keys, 2, &[1], &[0]);
+    assert_eq!(
+        weak.verify(None, NOW).map_err(|r| r[0].code()),
+        Err("under_threshold")
+    );
+}
+
+#[test]
+fn a_full_committee_can_hand_over_to_another_full_committee() {
+    // Every old key and every new key must sign: the most signatures a document needs.
+    let old: Vec<GovernanceKey> = (0..MAX_COMMITTEE as u64).map(gov).collect();
+    let new: Vec<GovernanceKey> = (100..100 + MAX_COMMITTEE as u64).map(gov).collect();
+    let all: Vec<usize> = (0..MAX_COMMITTEE).collect();
+    let g = genesis(&old, MAX_COMMITTEE as u8, &[1], &all);
+    let mut doc = g.document().successor_template();
+    doc.members = g.document().members.clone();
+    doc.committee = new.iter().map(GovernanceKey::id).collect();
+    doc.threshold = MAX_COMMITTEE as u8;
+    let mut e2 = sign_with(Signed::new(doc).unwrap(), &old, &all);
+    e2 = sign_with(e2, &new, &all);
+    assert_eq!(e2.signatures().len(), 2 * MAX_COMMITTEE);
+    let e2 = Signed::decode(&e2.encode()).unwrap();
+    let mut ledger = Ledger::with_anchor(g, NOW, 8).unwrap();
+    let out = ledger.offer(&[e2], NOW, false);
+    assert_eq!(out.applied.len(), 1, "{:?}", out.refused);
+}
