@@ -456,6 +456,61 @@ fn impostor_key_at_a_dialed_address_is_rejected() {
     );
 }
 
+/// A node whose allow list carries its peers' keys (as a membership document's does).
+fn node_knowing_keys(key: &Keypair, peers: &[&Keypair]) -> P2pHandler {
+    let allow = AllowList::from_keys(peers.iter().map(|k| *k.public_bytes()));
+    P2pHandler::with_seed(
+        "127.0.0.1:0",
+        key.clone(),
+        allow,
+        Config::default(),
+        [7; 32],
+    )
+    .unwrap()
+}
+
+#[test]
+fn nodes_that_know_each_others_keys_exchange_over_ik() {
+    let k = keys(21, 2);
+    let alice = node_knowing_keys(&k[0], &[&k[1]]);
+    let bob = node_knowing_keys(&k[1], &[&k[0]]);
+    for i in 0..3 {
+        echo_exchange(&alice, &bob, format!("over ik {i}"));
+        echo_exchange(&bob, &alice, format!("back {i}"));
+    }
+    let (a, b) = (alice.status().unwrap().stats, bob.status().unwrap().stats);
+    assert_eq!((a.ik_dials, b.ik_dials), (a.dials, b.dials), "{a:?} {b:?}");
+    assert!(a.dials >= 1 && b.dials >= 1);
+    alice.shutdown();
+    bob.shutdown();
+}
+
+#[test]
+fn an_impostor_at_a_known_keys_address_fails_ik_silently_and_is_named_by_xx() {
+    let k = keys(22, 3);
+    let alice = node_knowing_keys(&k[0], &[&k[1], &k[2]]);
+    let mallory = node(&k[2], &[&k[0]], Config::default());
+    let bob_id = k[1].peer_id();
+    let id = alice
+        .request(bob_id, mallory.local_address(), &b"secret"[..])
+        .unwrap();
+    let failed = wait_event(&alice, |e| matches!(e, Event::Failed { .. }));
+    let Event::Failed {
+        exchange,
+        failure: Failure::Connection(ConnError::Impostor { actual, .. }),
+        payload,
+        ..
+    } = failed
+    else {
+        panic!("{failed:?}");
+    };
+    assert_eq!((exchange, actual), (id, mallory.local_peer_id()));
+    assert_eq!(payload, Bytes::from_static(b"secret"));
+    let stats = alice.status().unwrap().stats;
+    assert_eq!((stats.ik_dials, stats.dials), (1, 2), "{stats:?}");
+    assert!(mallory.check_receive().is_none());
+}
+
 #[test]
 fn revoking_a_peer_at_runtime_disconnects_it() {
     let k = keys(9, 2);

@@ -192,14 +192,16 @@ enum NodeCommand {
     Respond {
         peer: PeerId,
     },
+    /// Allow the peer whose static key this is (nodes of one network know each other's
+    /// keys, so they dial each other with IK).
     Allow {
-        peer: PeerId,
+        key: [u8; 32],
     },
     Revoke {
         peer: PeerId,
     },
     SetAllowList {
-        peers: Vec<PeerId>,
+        keys: Vec<[u8; 32]>,
     },
     OfferMembership {
         document: Box<p2p_handler::membership::Signed>,
@@ -726,18 +728,19 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         rng.fill_bytes(&mut seed);
         let spec = &s.scenario.nodes[node];
         let allow = match &spec.allow {
-            Some(names) => AllowList::from_peers(
+            // Members of one network know each other's keys: they dial each other with IK.
+            Some(names) => AllowList::from_keys(
                 names
                     .iter()
                     .filter_map(|n| s.scenario.node_index(n))
-                    .map(|i| s.keys[i].peer_id()),
+                    .map(|i| *s.keys[i].public_bytes()),
             ),
-            None => AllowList::from_peers(
+            None => AllowList::from_keys(
                 s.keys
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| *i != node)
-                    .map(|(_, k)| k.peer_id()),
+                    .map(|(_, k)| *k.public_bytes()),
             ),
         };
         let app = spec.app.clone();
@@ -940,14 +943,20 @@ async fn run_command(
             };
             s.push(node, What::App(text));
         }
-        NodeCommand::Allow { peer } => {
-            let _ = handler.allow(peer, AllowedPeer::default()).await;
+        NodeCommand::Allow { key } => {
+            let entry = AllowedPeer {
+                public_key: Some(key),
+                ..AllowedPeer::default()
+            };
+            let _ = handler
+                .allow(p2p_handler::PeerId::from_public_key(&key), entry)
+                .await;
         }
         NodeCommand::Revoke { peer } => {
             let _ = handler.revoke(peer).await;
         }
-        NodeCommand::SetAllowList { peers } => {
-            if let Ok(removed) = handler.set_allow_list(AllowList::from_peers(peers)).await {
+        NodeCommand::SetAllowList { keys } => {
+            if let Ok(removed) = handler.set_allow_list(AllowList::from_keys(keys)).await {
                 let mut s = lock(shared);
                 let names: Vec<String> = removed.iter().map(|p| s.name(p)).collect();
                 if !names.is_empty() {
@@ -1640,6 +1649,7 @@ fn execute(
         }
     };
     let peer = |i: usize| lock(shared).keys[i].peer_id();
+    let key = |i: usize| *lock(shared).keys[i].public_bytes();
     let addr = |i: usize| SocketAddr::new(sim.lookup(scenario.nodes[i].name.as_str()), PORT);
     use ActionKind as A;
     match step.action {
@@ -1677,7 +1687,7 @@ fn execute(
             let _ = send(
                 idx(&step.node),
                 NodeCommand::Allow {
-                    peer: peer(idx(&step.to)),
+                    key: key(idx(&step.to)),
                 },
             );
             lock(shared).trace.push(
@@ -1701,8 +1711,8 @@ fn execute(
         }
         A::AllowList => {
             let names: Vec<String> = step.peers.iter().flatten().cloned().collect();
-            let peers = names.iter().map(|n| peer(idx(&Some(n.clone())))).collect();
-            let _ = send(idx(&step.node), NodeCommand::SetAllowList { peers });
+            let keys = names.iter().map(|n| key(idx(&Some(n.clone())))).collect();
+            let _ = send(idx(&step.node), NodeCommand::SetAllowList { keys });
             lock(shared).trace.push(
                 now,
                 &name(&step.node),

@@ -279,6 +279,21 @@ impl AllowList {
         list
     }
 
+    /// A list of the peers whose static public keys are `keys`, from any address. Knowing
+    /// a peer's key lets the endpoint dial it with IK (one handshake message before the
+    /// first request, instead of two).
+    pub fn from_keys(keys: impl IntoIterator<Item = [u8; KEY_LEN]>) -> Self {
+        let mut list = Self::new();
+        for key in keys {
+            let entry = AllowedPeer {
+                public_key: Some(key),
+                ..AllowedPeer::default()
+            };
+            list.insert(PeerId::from_public_key(&key), entry);
+        }
+        list
+    }
+
     /// Parses the TOML form; `origin` names the source in errors (a path, or e.g. `"<inline>"`).
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, AllowListError> {
         let file: FileFormat = toml::from_str(text).map_err(|e| AllowListError::Invalid {

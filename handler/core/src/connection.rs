@@ -1,10 +1,11 @@
 //! One authenticated, encrypted connection, free of I/O.
 //!
 //! A [`Connection`] turns frame bodies read from a stream into [`ConnEvent`]s and messages to
-//! send into frame bodies to write. It performs the Noise XX handshake, checks the remote's
-//! identity (the dialer: the key must hash to the peer id it dialed; the responder: the peer
-//! must be on the allow list, from that address), encrypts and chunks outgoing messages, and
-//! decrypts and reassembles incoming ones within the size limit. The driver owns the socket,
+//! send into frame bodies to write. It performs the Noise handshake (XX, or IK when the
+//! dialer knows the responder's key), checks the remote's identity (the dialer: the key must
+//! hash to the peer id it dialed; the responder: the peer must be on the allow list, from
+//! that address), encrypts and chunks outgoing messages, and decrypts and reassembles
+//! incoming ones within the size limit. The driver owns the socket,
 //! frames bodies with a 2-byte length prefix, and calls in the order documented on each
 //! method. Every failure is a [`ConnError`] that names the peer, followed by `Closed`.
 //!
@@ -17,6 +18,15 @@
 //!        |        <== chunks (encrypted) ==>      |
 //!   Closed        <-- Close{reason} / error -->  Closed
 //! ```
+//!
+//! A dialer that knows the responder's static key ([`Connection::dial_ik`]) uses IK, two
+//! messages; the responder tells the patterns apart by message 1 (XX's has the hello in
+//! clear after the ephemeral key) and checks the allow list on it:
+//!
+//! ```text
+//!   AwaitingIkMsg2 --- msg1: e,es,s,ss,hello -->  AwaitingMsg1 -> Established (allow list)
+//!   Established    <-- msg2: e,ee,se,hello ----
+//! ```
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -28,10 +38,10 @@ use snow::{HandshakeState, TransportState};
 use crate::allow_list::{AllowList, Rejection};
 use crate::config::Config;
 use crate::identity::{KEY_LEN, Keypair, PeerId};
-use crate::noise::{HandshakeRole, handshake};
+use crate::noise::{HandshakeRole, handshake, handshake_ik};
 use crate::wire::{
-    Chunker, CloseReason, ExchangeId, FEATURES, Hello, Kind, MAX_FRAME_LEN, Message,
-    PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
+    Chunker, CloseReason, ExchangeId, FEATURE_IK, FEATURES, HELLO_MAGIC, Hello, Kind,
+    MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
 };
 
 /// A buffer frames are appended to (`Vec<u8>`, `BytesMut`): a driver's write buffer, so
@@ -258,10 +268,12 @@ enum Outgoing {
 }
 
 enum State {
-    /// Dialer, after sending message 1.
+    /// Dialer, after sending message 1 (XX).
     AwaitingMsg2(Box<HandshakeState>),
-    /// Responder, before message 1.
-    AwaitingMsg1(Box<HandshakeState>),
+    /// Dialer, after sending message 1 (IK): message 2 finishes the handshake.
+    AwaitingIkMsg2(Box<HandshakeState>),
+    /// Responder, before message 1: which pattern it is decides the handshake built.
+    AwaitingMsg1(Box<Responding>),
     /// Responder, after sending message 2.
     AwaitingMsg3(Box<HandshakeState>),
     /// Handshake done.
@@ -270,6 +282,12 @@ enum State {
         reassembler: Reassembler,
     },
     Closed,
+}
+
+/// What a responder needs to answer either pattern's first message.
+struct Responding {
+    keypair: Keypair,
+    seed: [u8; 32],
 }
 
 /// One connection's protocol state. See the module docs for the call order.
@@ -316,6 +334,8 @@ pub struct Connection {
     /// more arrived than before (never more than there is), so a peer cannot keep our
     /// timers waiting by repeating itself.
     sending: Option<(ExchangeId, u32, u64, u64)>,
+    /// Responder: behave as a version-1 node did (XX only, no IK feature announced).
+    xx_only: bool,
 }
 
 /// The interval a node asks its peers to send `Progress` at: a quarter of the shorter of
@@ -357,7 +377,35 @@ impl Connection {
         Ok(conn)
     }
 
-    /// Starts the responder side of an accepted stream from `addr`.
+    /// Starts the dialer side with the IK pattern, for a responder whose static public key
+    /// the dialer knows (`key`, which must hash to the peer id dialed): message 1 carries
+    /// the dialer's identity and hello, and message 2 finishes the handshake. A responder
+    /// that predates IK fails message 1 and closes the stream without a word; the dialer's
+    /// owner then dials it with XX ([`Connection::dial`]).
+    pub fn dial_ik(
+        keypair: &Keypair,
+        key: &[u8; KEY_LEN],
+        addr: SocketAddr,
+        seed: [u8; 32],
+        config: &Config,
+        now: Instant,
+    ) -> Result<Self, ConnError> {
+        let expected = PeerId::from_public_key(key);
+        let remote = Remote {
+            addr,
+            peer: Some(expected),
+        };
+        let hs = handshake_ik(keypair, HandshakeRole::Initiator, seed, Some(key))
+            .map_err(|e| handshake_error(remote, e))?;
+        let mut conn = Self::new(remote, Some(expected), State::Closed, config, now);
+        conn.state = State::AwaitingIkMsg2(Box::new(hs));
+        let hello = conn.hello();
+        conn.write_handshake(&hello)?;
+        Ok(conn)
+    }
+
+    /// Starts the responder side of an accepted stream from `addr`. It answers an XX or an
+    /// IK first message, whichever arrives.
     pub fn accept(
         keypair: &Keypair,
         addr: SocketAddr,
@@ -366,15 +414,32 @@ impl Connection {
         now: Instant,
     ) -> Result<Self, ConnError> {
         let remote = Remote { addr, peer: None };
-        let hs = handshake(keypair, HandshakeRole::Responder, seed)
-            .map_err(|e| handshake_error(remote, e))?;
+        let responding = Responding {
+            keypair: keypair.clone(),
+            seed,
+        };
         Ok(Self::new(
             remote,
             None,
-            State::AwaitingMsg1(Box::new(hs)),
+            State::AwaitingMsg1(Box::new(responding)),
             config,
             now,
         ))
+    }
+
+    /// A responder that predates IK (protocol version 1 as first published): it takes
+    /// every first message for XX's. For tests of the negotiation.
+    #[doc(hidden)]
+    pub fn accept_xx_only(
+        keypair: &Keypair,
+        addr: SocketAddr,
+        seed: [u8; 32],
+        config: &Config,
+        now: Instant,
+    ) -> Result<Self, ConnError> {
+        let mut conn = Self::accept(keypair, addr, seed, config, now)?;
+        conn.xx_only = true;
+        Ok(conn)
     }
 
     fn new(
@@ -404,6 +469,7 @@ impl Connection {
             transfer_deadline: None,
             stall: config.write_stall_timeout,
             sending: None,
+            xx_only: false,
         }
     }
 
@@ -412,7 +478,11 @@ impl Connection {
             version: PROTOCOL_VERSION,
             max_message_size: u32::try_from(self.max_message_size).unwrap_or(u32::MAX),
             progress_ms: self.progress_ms,
-            features: FEATURES,
+            features: if self.xx_only {
+                FEATURES & !FEATURE_IK
+            } else {
+                FEATURES
+            },
         }
         .encode()
     }
@@ -613,15 +683,27 @@ impl Connection {
 
     fn write_handshake(&mut self, payload: &[u8]) -> Result<(), ConnError> {
         let remote = self.remote;
-        let hs = match &mut self.state {
-            State::AwaitingMsg1(hs) | State::AwaitingMsg2(hs) | State::AwaitingMsg3(hs) => hs,
-            _ => return Err(ConnError::NotOpen { remote }),
+        let mut state = std::mem::replace(&mut self.state, State::Closed);
+        let written = match &mut state {
+            State::AwaitingMsg2(hs) | State::AwaitingIkMsg2(hs) | State::AwaitingMsg3(hs) => {
+                self.write_handshake_with(hs, payload)
+            }
+            _ => Err(ConnError::NotOpen { remote }),
         };
+        self.state = state;
+        written
+    }
+
+    fn write_handshake_with(
+        &mut self,
+        hs: &mut HandshakeState,
+        payload: &[u8],
+    ) -> Result<(), ConnError> {
         // Largest handshake message: two keys, two tags, and the payload.
         let mut frame = vec![0u8; payload.len() + 2 * 32 + 2 * TAG_LEN];
         let n = hs
             .write_message(payload, &mut frame)
-            .map_err(|e| handshake_error(remote, e))?;
+            .map_err(|e| handshake_error(self.remote, e))?;
         frame.truncate(n);
         self.transmits.push_back(Outgoing::Sealed(frame));
         Ok(())
@@ -640,7 +722,22 @@ impl Connection {
         match std::mem::replace(&mut self.state, State::Closed) {
             // Late frames after close are ignored.
             State::Closed => Ok(()),
-            State::AwaitingMsg1(mut hs) => {
+            State::AwaitingMsg1(responding) => {
+                // XX's first message carries the hello in clear after the ephemeral key;
+                // IK's carries the dialer's encrypted static key there.
+                let xx = self.xx_only
+                    || frame.get(KEY_LEN..KEY_LEN + HELLO_MAGIC.len()) == Some(&HELLO_MAGIC[..]);
+                if !xx {
+                    return self.ik_message_1(&responding, frame, allow);
+                }
+                let mut hs = handshake(
+                    &responding.keypair,
+                    HandshakeRole::Responder,
+                    responding.seed,
+                )
+                .map(Box::new)
+                .map_err(|e| handshake_error(remote, e))?;
+                drop(responding);
                 let theirs = self.read_hello(&mut hs, frame)?;
                 self.dialer_max_message_size = theirs.max_message_size as usize;
                 self.dialer_features = theirs.features;
@@ -651,6 +748,20 @@ impl Connection {
                 let hello = self.hello();
                 self.write_handshake(&hello)?;
                 check_version(remote, theirs)
+            }
+            State::AwaitingIkMsg2(mut hs) => {
+                // Only the holder of the key we dialed can make message 2 decrypt.
+                let theirs = self.read_hello(&mut hs, frame)?;
+                self.remote_progress = progress_of(theirs);
+                check_version(remote, theirs)?;
+                let peer = self.expected.ok_or(ConnError::NotOpen { remote })?;
+                self.establish(hs)?;
+                self.events.push_back(ConnEvent::Established {
+                    peer,
+                    remote_max_message_size: theirs.max_message_size as usize,
+                    remote_features: theirs.features,
+                });
+                Ok(())
             }
             State::AwaitingMsg2(mut hs) => {
                 let theirs = self.read_hello(&mut hs, frame)?;
@@ -849,6 +960,53 @@ impl Connection {
         if self.plain.capacity() > SMALL_FRAME {
             self.plain = Vec::new();
         }
+    }
+
+    /// The responder's side of IK: message 1 names and proves the dialer and carries its
+    /// hello; message 2 answers and finishes the handshake. The allow list is checked as
+    /// soon as the dialer is known; a dialer refused is answered (so it learns why and
+    /// stops) and told `Close{NotAllowed}`, as after XX's message 3.
+    fn ik_message_1(
+        &mut self,
+        responding: &Responding,
+        frame: &[u8],
+        allow: &AllowList,
+    ) -> Result<(), ConnError> {
+        let remote = self.remote;
+        let mut hs = handshake_ik(
+            &responding.keypair,
+            HandshakeRole::Responder,
+            responding.seed,
+            None,
+        )
+        .map(Box::new)
+        .map_err(|e| handshake_error(remote, e))?;
+        let theirs = self.read_hello(&mut hs, frame)?;
+        let peer = remote_peer(&hs, remote)?;
+        self.remote.peer = Some(peer);
+        self.dialer_max_message_size = theirs.max_message_size as usize;
+        self.dialer_features = theirs.features;
+        self.remote_progress = progress_of(theirs);
+        let hello = self.hello();
+        self.write_handshake_with(&mut hs, &hello)?;
+        check_version(self.remote, theirs)?;
+        let rejection = allow.check(&peer, remote.addr.ip()).err();
+        self.establish(hs)?;
+        if let Some(rejection) = rejection {
+            self.send(&Message::Close {
+                reason: CloseReason::NotAllowed,
+            })?;
+            return Err(ConnError::NotAllowed {
+                remote: self.remote,
+                rejection,
+            });
+        }
+        self.events.push_back(ConnEvent::Established {
+            peer,
+            remote_max_message_size: self.dialer_max_message_size,
+            remote_features: self.dialer_features,
+        });
+        Ok(())
     }
 
     /// Reads handshake message 1 or 2 and the hello it carries.
@@ -1401,6 +1559,153 @@ mod tests {
             d.poll_transmit(),
             None,
             "message 3 (our identity) is never sent"
+        );
+    }
+
+    /// Alice's IK dial to Bob (whose key she knows) and Bob's accepted end.
+    fn unconnected_ik(f: &Fixture, xx_only: bool) -> (Connection, Connection) {
+        let d = Connection::dial_ik(
+            &f.alice,
+            f.bob.public_bytes(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let accept = if xx_only {
+            Connection::accept_xx_only
+        } else {
+            Connection::accept
+        };
+        let r = accept(&f.bob, addr("10.0.0.1:50000"), [2; 32], &f.config, f.now).unwrap();
+        (d, r)
+    }
+
+    #[test]
+    fn ik_authenticates_both_sides_in_two_messages() {
+        let f = fixture();
+        let (mut d, mut r) = unconnected_ik(&f, false);
+        let any = AllowList::allow_any_peer_insecure();
+        // Message 1 names Alice: Bob is established on reading it, before answering.
+        assert_eq!(pump(&mut d, &mut r, &any), 1);
+        let evs = events(&mut r);
+        assert!(
+            matches!(evs.as_slice(), [ConnEvent::Established { peer, remote_features, .. }]
+                if *peer == f.alice.peer_id() && remote_features & FEATURE_IK != 0),
+            "{evs:?}"
+        );
+        assert_eq!(pump(&mut r, &mut d, &any), 1);
+        let evs = events(&mut d);
+        assert!(
+            matches!(evs.as_slice(), [ConnEvent::Established { peer, remote_max_message_size, .. }]
+                if *peer == f.bob.peer_id() && *remote_max_message_size == 200_000),
+            "{evs:?}"
+        );
+        // And the session works both ways.
+        let hi = Message::Close {
+            reason: CloseReason::Done,
+        };
+        d.send(&hi).unwrap();
+        pump(&mut d, &mut r, &any);
+        assert_eq!(
+            events(&mut r),
+            vec![ConnEvent::Closed(Closed::ByPeer(CloseReason::Done))]
+        );
+    }
+
+    #[test]
+    fn ik_to_an_unlisted_dialer_answers_and_says_not_allowed() {
+        let f = fixture();
+        let (mut d, mut r) = unconnected_ik(&f, false);
+        let any = AllowList::allow_any_peer_insecure();
+        pump(&mut d, &mut r, &AllowList::new());
+        let evs = events(&mut r);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [ConnEvent::Closed(Closed::Error(ConnError::NotAllowed {
+                    rejection: Rejection::NotListed,
+                    ..
+                }))]
+            ),
+            "{evs:?}"
+        );
+        pump(&mut r, &mut d, &any);
+        let evs = events(&mut d);
+        assert!(
+            evs.contains(&ConnEvent::Closed(Closed::ByPeer(CloseReason::NotAllowed))),
+            "{evs:?}"
+        );
+    }
+
+    #[test]
+    fn ik_to_the_wrong_key_fails_at_the_responder_and_reveals_nothing() {
+        let f = fixture();
+        let mallory = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(99));
+        let mut d = Connection::dial_ik(
+            &f.alice,
+            f.bob.public_bytes(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let mut m =
+            Connection::accept(&mallory, addr("10.0.0.1:1"), [2; 32], &f.config, f.now).unwrap();
+        let any = AllowList::allow_any_peer_insecure();
+        pump(&mut d, &mut m, &any);
+        let evs = events(&mut m);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [ConnEvent::Closed(Closed::Error(
+                    ConnError::Handshake { .. }
+                ))]
+            ),
+            "{evs:?}"
+        );
+        assert_eq!(m.remote().peer, None, "Mallory learned who dialed");
+        assert_eq!(m.poll_transmit(), None);
+    }
+
+    #[test]
+    fn a_responder_that_predates_ik_fails_its_first_message_and_xx_still_works() {
+        let f = fixture();
+        let (mut d, mut r) = unconnected_ik(&f, true);
+        let any = AllowList::allow_any_peer_insecure();
+        pump(&mut d, &mut r, &any);
+        let evs = events(&mut r);
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [ConnEvent::Closed(Closed::Error(
+                    ConnError::Handshake { .. }
+                ))]
+            ),
+            "{evs:?}"
+        );
+        assert_eq!(r.poll_transmit(), None, "a v1 responder answers nothing");
+        // Dialed with XX, it connects, and its hello says it takes no IK.
+        let mut d = Connection::dial(
+            &f.alice,
+            f.bob.peer_id(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept_xx_only(&f.bob, addr("10.0.0.1:5"), [2; 32], &f.config, f.now)
+                .unwrap();
+        while pump(&mut d, &mut r, &any) + pump(&mut r, &mut d, &any) > 0 {}
+        let evs = events(&mut d);
+        assert!(
+            matches!(evs.as_slice(), [ConnEvent::Established { remote_features, .. }]
+                if remote_features & FEATURE_IK == 0),
+            "{evs:?}"
         );
     }
 

@@ -225,10 +225,11 @@ impl Net {
             delivered_fresh: BTreeMap::new(),
         };
         for (i, (name, keypair)) in names.iter().zip(&keys).enumerate() {
-            let allow = AllowList::from_peers(
+            // Members of one network know each other's keys: dials use IK.
+            let allow = AllowList::from_keys(
                 keys.iter()
-                    .map(Keypair::peer_id)
-                    .filter(|p| *p != keypair.peer_id()),
+                    .filter(|k| k.peer_id() != keypair.peer_id())
+                    .map(|k| *k.public_bytes()),
             );
             let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 7000));
             let mut seed = [0u8; 32];
@@ -847,13 +848,25 @@ impl Net {
         let now = self.now;
         let name = self.nodes[node].name;
         match output {
-            Output::Dial { conn, peer, addr } => {
-                self.log(format!("{name} dial {conn} to {} at {addr}", peer.short()));
+            Output::Dial {
+                conn,
+                peer,
+                addr,
+                key,
+            } => {
+                let how = if key.is_some() { "IK" } else { "XX" };
+                self.log(format!(
+                    "{name} dial {conn} to {} at {addr} ({how})",
+                    peer.short()
+                ));
                 let mut seed = [0u8; 32];
                 self.rng.fill_bytes(&mut seed);
                 let n = &self.nodes[node];
-                let dialer = Connection::dial(&n.keypair, peer, addr, seed, &n.config, now)
-                    .expect("dial state");
+                let dialer = match key {
+                    Some(key) => Connection::dial_ik(&n.keypair, &key, addr, seed, &n.config, now),
+                    None => Connection::dial(&n.keypair, peer, addr, seed, &n.config, now),
+                }
+                .expect("dial state");
                 let target = self.nodes.iter().position(|n| n.addr == addr);
                 let link = self.links.len();
                 self.nodes[node].conn_links.insert(conn, link);

@@ -36,6 +36,8 @@ pub mod wire;
 #[cfg(test)]
 mod harness;
 #[cfg(test)]
+mod ik_tests;
+#[cfg(test)]
 mod membership_endpoint_tests;
 #[cfg(test)]
 mod membership_net_tests;

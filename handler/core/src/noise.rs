@@ -15,7 +15,7 @@ use snow::types::{Cipher, Dh, Hash, Random};
 use snow::{Builder, HandshakeState};
 
 use crate::identity::Keypair;
-use crate::wire::{NOISE_PARAMS, NOISE_PROLOGUE};
+use crate::wire::{NOISE_PARAMS, NOISE_PARAMS_IK, NOISE_PROLOGUE};
 
 /// A snow resolver that draws randomness from a seeded ChaCha20 stream.
 #[derive(Debug, Clone)]
@@ -77,6 +77,27 @@ pub fn handshake(
     let builder = Builder::with_resolver(params, Box::new(SeededResolver::new(seed)))
         .local_private_key(keypair.private_bytes())?
         .prologue(NOISE_PROLOGUE)?;
+    match role {
+        HandshakeRole::Initiator => builder.build_initiator(),
+        HandshakeRole::Responder => builder.build_responder(),
+    }
+}
+
+/// Builds a Noise IK handshake state for `keypair`: the initiator must give the responder's
+/// static public key (`remote`), which it knows before dialing; the responder gives none.
+pub fn handshake_ik(
+    keypair: &Keypair,
+    role: HandshakeRole,
+    seed: [u8; 32],
+    remote: Option<&[u8; 32]>,
+) -> Result<HandshakeState, snow::Error> {
+    let params: NoiseParams = NOISE_PARAMS_IK.parse()?;
+    let mut builder = Builder::with_resolver(params, Box::new(SeededResolver::new(seed)))
+        .local_private_key(keypair.private_bytes())?
+        .prologue(NOISE_PROLOGUE)?;
+    if let Some(remote) = remote {
+        builder = builder.remote_public_key(remote)?;
+    }
     match role {
         HandshakeRole::Initiator => builder.build_initiator(),
         HandshakeRole::Responder => builder.build_responder(),

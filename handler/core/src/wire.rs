@@ -23,6 +23,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const HELLO_MAGIC: [u8; 4] = *b"P2PH";
 /// Noise protocol name: XX pattern, X25519, ChaCha20-Poly1305, BLAKE2s.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// Noise protocol name of the handshake a dialer that knows the responder's static key
+/// uses: IK pattern (two messages; the dialer's identity travels in the first).
+pub const NOISE_PARAMS_IK: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Prologue mixed into the handshake hash; a peer speaking another protocol fails the handshake.
 pub const NOISE_PROLOGUE: &[u8] = b"p2p-handler/1";
 /// Largest Noise message, and so the largest frame body.
@@ -37,8 +40,11 @@ pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
 /// Hello feature bit: the sender understands the membership messages (`Epoch`, `Fetch`,
 /// `Documents`); a peer without it MUST NOT be sent one.
 pub const FEATURE_MEMBERSHIP: u32 = 1;
+/// Hello feature bit: the sender, as a responder, accepts an IK first message (section 3);
+/// a dialer that has heard a peer's hello without it dials that peer with XX.
+pub const FEATURE_IK: u32 = 2;
 /// The features this build has (every bit it understands).
-pub const FEATURES: u32 = FEATURE_MEMBERSHIP;
+pub const FEATURES: u32 = FEATURE_MEMBERSHIP | FEATURE_IK;
 /// Bytes of an encoded exchange message before its payload (kind, exchange id, attempt).
 pub const EXCHANGE_HEADER_LEN: usize = 1 + 8 + 4;
 /// The largest fixed part any message adds to its payload (a Nack: header + reason + u32).

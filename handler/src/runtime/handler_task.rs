@@ -358,11 +358,21 @@ impl HandlerTask {
         // Sends and closes go straight to the connection task; dials go through the router.
         for output in outputs {
             match output {
-                Output::Dial { conn, peer, addr } => {
+                Output::Dial {
+                    conn,
+                    peer,
+                    addr,
+                    key,
+                } => {
                     self.tap.dial(conn, peer, addr);
                     observe::dial(conn, peer, addr);
                     // The router never waits on us, so this wait is short.
-                    let dial = NetCommand::Dial { conn, peer, addr };
+                    let dial = NetCommand::Dial {
+                        conn,
+                        peer,
+                        addr,
+                        key,
+                    };
                     if self.network.send(dial).await.is_err() {
                         return;
                     }

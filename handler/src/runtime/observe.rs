@@ -16,7 +16,8 @@
 //! (`p2p_dials_total`, `p2p_redials_total`, `p2p_requests_sent_total`, `p2p_resends_total`,
 //! `p2p_requests_delivered_total`, `p2p_duplicates_dropped_total`,
 //! `p2p_settled_refused_total`,
-//! `p2p_replies_from_cache_total`, `p2p_nacks_sent_total`, `p2p_nacks_received_total`),
+//! `p2p_replies_from_cache_total`, `p2p_nacks_sent_total`, `p2p_nacks_received_total`,
+//! `p2p_ik_dials_total`),
 //! gauges (`p2p_connections{state="established"|"tasks"}`, `p2p_outbound_in_flight`,
 //! `p2p_pending_responses`, `p2p_receive_backlog`, `p2p_unread_outcomes`) and, from the
 //! connection tasks, `p2p_bytes_sent_total` / `p2p_bytes_received_total` (wire bytes,
@@ -71,7 +72,7 @@ pub(super) struct Observer {
     /// The endpoint's counters and the gauges, registered once (with the recorder
     /// installed when the node started), so publishing after every step is a few atomic
     /// stores.
-    counters: [metrics::Counter; 10],
+    counters: [metrics::Counter; 11],
     gauges: [metrics::Gauge; 6],
 }
 
@@ -90,6 +91,7 @@ impl Observer {
                 metrics::counter!("p2p_replies_from_cache_total"),
                 metrics::counter!("p2p_nacks_sent_total"),
                 metrics::counter!("p2p_nacks_received_total"),
+                metrics::counter!("p2p_ik_dials_total"),
             ],
             gauges: [
                 metrics::gauge!("p2p_connections", "state" => "established"),
@@ -329,6 +331,7 @@ impl Observer {
             stats.replies_from_cache,
             stats.nacks_sent,
             stats.nacks_received,
+            stats.ik_dials,
         ];
         for (counter, value) in self.counters.iter().zip(values) {
             counter.absolute(value);

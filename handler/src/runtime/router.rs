@@ -37,6 +37,8 @@ pub(super) enum NetCommand {
         conn: ConnId,
         peer: PeerId,
         addr: SocketAddr,
+        /// The responder's static key, if known: an IK handshake.
+        key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
     },
     Send {
         conn: ConnId,
@@ -181,7 +183,12 @@ impl<T: Transport> Router<T> {
 
     fn command(&mut self, command: NetCommand) {
         match command {
-            NetCommand::Dial { conn, peer, addr } => self.dial(conn, peer, addr),
+            NetCommand::Dial {
+                conn,
+                peer,
+                addr,
+                key,
+            } => self.dial(conn, peer, addr, key),
             NetCommand::Send { conn, message } => self.forward(conn, ConnCommand::Send(message)),
             NetCommand::Close { conn, reason } => self.forward(conn, ConnCommand::Close(reason)),
             NetCommand::StopAccepting | NetCommand::Shutdown => {}
@@ -206,7 +213,13 @@ impl<T: Transport> Router<T> {
         tasks.saturating_sub(handshaking) >= self.config.max_connections
     }
 
-    fn dial(&mut self, conn: ConnId, peer: PeerId, addr: SocketAddr) {
+    fn dial(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        addr: SocketAddr,
+        key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
+    ) {
         if self.at_limit() {
             self.notify(NetNotice::Lost {
                 conn,
@@ -247,7 +260,11 @@ impl<T: Transport> Router<T> {
                     return conn;
                 }
             };
-            match Connection::dial(&keypair, peer, addr, seed, &config, now()) {
+            let dialed = match key {
+                Some(key) => Connection::dial_ik(&keypair, &key, addr, seed, &config, now()),
+                None => Connection::dial(&keypair, peer, addr, seed, &config, now()),
+            };
+            match dialed {
                 Ok(connection) => {
                     let task = ConnTask {
                         conn,

@@ -44,6 +44,15 @@ impl Endpoint {
         let Some(c) = self.forget_conn(conn) else {
             return;
         };
+        if c.ik
+            && !c.established
+            && let Some(p) = self.peers.get_mut(&c.peer)
+        {
+            // A responder that predates IK fails our first message and closes without a
+            // word (as does one that no longer holds the key we know): XX next time, which
+            // tells the two apart.
+            p.xx_only = true;
+        }
         self.membership_conn_closed(conn);
         if c.sync {
             self.sync_closed(conn, c.peer, now);
@@ -104,6 +113,27 @@ impl Endpoint {
         self.events
             .push_back(Event::PeerError(PeerError::Violation { remote, detail }));
         self.close(conn, CloseReason::ProtocolViolation, now);
+    }
+
+    /// Asks the driver to dial `conn` (already registered as dialing `peer` at `addr`),
+    /// with IK when the peer's key is known and the peer is not known to lack it.
+    pub(super) fn push_dial(&mut self, conn: ConnId, peer: PeerId, addr: SocketAddr) {
+        let xx_only = self.peers.get(&peer).is_some_and(|p| p.xx_only);
+        let key = self
+            .allow
+            .get(&peer)
+            .and_then(|entry| entry.public_key)
+            .filter(|key| !xx_only && PeerId::from_public_key(key) == peer);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.ik = key.is_some();
+        }
+        self.stats.ik_dials += u64::from(key.is_some());
+        self.outputs.push_back(Output::Dial {
+            conn,
+            peer,
+            addr,
+            key,
+        });
     }
 
     /// Closes a connection we decided to drop: tells the driver, and moves any outbound
@@ -224,6 +254,7 @@ impl Endpoint {
                     requests: Bucket::full(self.config.request_rate, now),
                     connections: Bucket::full(self.config.connection_rate, now),
                     strikes: 0,
+                    xx_only: false,
                 },
             );
         }

@@ -8,10 +8,10 @@ use rand_core::Rng;
 
 use crate::durable;
 use crate::identity::PeerId;
-use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, Message, NackReason};
+use crate::wire::{AbortReason, AckOf, CloseReason, ExchangeId, FEATURE_IK, Message, NackReason};
 
 use super::events::{Event, Failure, RetryCause};
-use super::{Conn, ConnId, Direction, Endpoint, Output, Timer};
+use super::{Conn, ConnId, Direction, Endpoint, Timer};
 
 /// The dialer's side of one exchange.
 ///
@@ -178,7 +178,7 @@ impl Endpoint {
         }
         self.timers
             .set(Timer::Outbound(id), now + self.config.connect_timeout);
-        self.outputs.push_back(Output::Dial { conn, peer, addr });
+        self.push_dial(conn, peer, addr);
     }
 
     fn send_request(&mut self, id: ExchangeId, conn: ConnId, now: Instant) {
@@ -479,6 +479,10 @@ impl Endpoint {
         c.remote_max = remote_max;
         c.features = features;
         let sync = c.sync;
+        if let Some(p) = self.peers.get_mut(&peer) {
+            // Its hello says whether it takes IK (it did, if this was an IK handshake).
+            p.xx_only = features & FEATURE_IK == 0;
+        }
         self.membership_established(conn, now);
         match self.conns.get(&conn).and_then(|c| c.exchange) {
             Some(id) => self.send_request(id, conn, now),

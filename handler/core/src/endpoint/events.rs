@@ -647,4 +647,6 @@ pub struct Stats {
     pub membership_forks: u64,
     /// Connections dialed only to spread or learn the membership.
     pub membership_sync_dials: u64,
+    /// Dials made with the IK pattern (the responder's key known; the rest use XX).
+    pub ik_dials: u64,
 }

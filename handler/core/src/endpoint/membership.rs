@@ -746,7 +746,7 @@ impl Endpoint {
             {
                 s.conn = Some(conn);
             }
-            self.outputs.push_back(Output::Dial { conn, peer, addr });
+            self.push_dial(conn, peer, addr);
         }
         self.arm_sync_timer();
     }

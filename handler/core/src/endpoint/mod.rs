@@ -134,6 +134,10 @@ pub enum Output {
         peer: PeerId,
         /// Where.
         addr: SocketAddr,
+        /// The peer's static public key, when the endpoint knows it (an allow-list entry or
+        /// a membership document gives it) and the peer is not known to lack IK: dial with
+        /// [`crate::Connection::dial_ik`]; otherwise with [`crate::Connection::dial`].
+        key: Option<[u8; crate::identity::KEY_LEN]>,
     },
     /// Send a message on an established connection.
     Send {
@@ -191,6 +195,8 @@ pub(super) struct Conn {
     pub(super) sync: bool,
     /// Our epoch was sent on it (each end answers the other's first `Epoch` with its own).
     pub(super) epoch_sent: bool,
+    /// Dialed with the IK pattern (the responder's key was known).
+    pub(super) ik: bool,
 }
 
 impl Conn {
@@ -212,6 +218,7 @@ impl Conn {
             features: 0,
             sync,
             epoch_sent: false,
+            ik: false,
         }
     }
 }
@@ -234,6 +241,9 @@ pub(super) struct Peer {
     pub(super) requests: Bucket,
     pub(super) connections: Bucket,
     pub(super) strikes: u32,
+    /// An IK dial to it failed before the handshake finished, or its hello lacked
+    /// `FEATURE_IK`: dial it with XX until a hello says it takes IK.
+    pub(super) xx_only: bool,
 }
 
 /// A defect planted on purpose in an endpoint, so that a checker can be seen to catch it.
@@ -969,6 +979,7 @@ impl Endpoint {
                 features: remote_features,
                 sync: false,
                 epoch_sent: false,
+                ik: false,
             },
         );
         if let Some(state) = self.peers.get_mut(&peer) {

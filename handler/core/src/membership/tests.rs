@@ -1007,7 +1007,7 @@ fn forks_are_remembered_each_once_and_a_genesis_can_fork_too() {
     let mut other = g.document().clone();
     other.members.pop();
     let g2 = sign_with(Signed::new(other).unwrap(), &keys, &[1]);
-    let out = ledger.offer(&[g2.clone()], NOW, false);
+    let out = ledger.offer(std::slice::from_ref(&g2), NOW, false);
     assert_eq!(
         out.fork.map(|f| (f.epoch, f.theirs)),
         Some((1, g2.digest()))
