@@ -793,24 +793,7 @@ impl Connection {
                 read.map_err(|e| handshake_error(remote, e))?;
                 let peer = remote_peer(&hs, remote)?;
                 self.remote.peer = Some(peer);
-                let rejection = allow.check(&peer, remote.addr.ip()).err();
-                self.establish(hs)?;
-                if let Some(rejection) = rejection {
-                    // Tell the dialer why before hanging up, so it fails definitively.
-                    self.send(&Message::Close {
-                        reason: CloseReason::NotAllowed,
-                    })?;
-                    return Err(ConnError::NotAllowed {
-                        remote: self.remote,
-                        rejection,
-                    });
-                }
-                self.events.push_back(ConnEvent::Established {
-                    peer,
-                    remote_max_message_size: self.dialer_max_message_size,
-                    remote_features: self.dialer_features,
-                });
-                Ok(())
+                self.admit_dialer(hs, peer, allow)
             }
             State::Established {
                 mut session,
@@ -990,7 +973,19 @@ impl Connection {
         let hello = self.hello();
         self.write_handshake_with(&mut hs, &hello)?;
         check_version(self.remote, theirs)?;
-        let rejection = allow.check(&peer, remote.addr.ip()).err();
+        self.admit_dialer(hs, peer, allow)
+    }
+
+    /// The responder's last step of either pattern: the dialer `peer` is authenticated and
+    /// the handshake done. Established if the allow list lets it in from its address;
+    /// otherwise told `Close{NotAllowed}` before the stream closes, so it fails for good.
+    fn admit_dialer(
+        &mut self,
+        hs: Box<HandshakeState>,
+        peer: PeerId,
+        allow: &AllowList,
+    ) -> Result<(), ConnError> {
+        let rejection = allow.check(&peer, self.remote.addr.ip()).err();
         self.establish(hs)?;
         if let Some(rejection) = rejection {
             self.send(&Message::Close {

@@ -16,7 +16,8 @@ use crate::endpoint::{
 use crate::harness::Net;
 use crate::identity::PeerId;
 use crate::membership::tests::{gov, sign_with};
-use crate::membership::{Document, GovernanceKey, Member, Refusal, Signed};
+use crate::membership::{Document, GovernanceKey, Refusal, Signed};
+use crate::membership_net_tests::member_of;
 use crate::wire::{AckOf, CloseReason, Message};
 
 const NAMES: [&str; 6] = ["us", "b", "c", "d", "e", "f"];
@@ -207,16 +208,6 @@ impl Fx {
             chain.push(self.next(&tip, &members, &[0, 1]));
         }
         chain
-    }
-}
-
-fn member_of(net: &Net, node: usize) -> Member {
-    Member {
-        key: *net.nodes[node].keypair.public_bytes(),
-        name: Some(net.nodes[node].name.to_owned()),
-        address: Some(net.nodes[node].addr),
-        allowed: Vec::new(),
-        expires: None,
     }
 }
 

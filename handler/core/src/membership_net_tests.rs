@@ -21,7 +21,7 @@ fn committee() -> Vec<GovernanceKey> {
     (0..3).map(gov).collect()
 }
 
-fn member_of(net: &Net, node: usize) -> Member {
+pub(crate) fn member_of(net: &Net, node: usize) -> Member {
     Member {
         key: *net.nodes[node].keypair.public_bytes(),
         name: Some(net.nodes[node].name.to_owned()),
