@@ -481,6 +481,16 @@ fn nodes_that_know_each_others_keys_exchange_over_ik() {
     let (a, b) = (alice.status().unwrap().stats, bob.status().unwrap().stats);
     assert_eq!((a.ik_dials, b.ik_dials), (a.dials, b.dials), "{a:?} {b:?}");
     assert!(a.dials >= 1 && b.dials >= 1);
+    // Each fresh connection's Request rode in message 1, and each was taken, or refused
+    // and sent again on the session (one sent in the very millisecond the responder
+    // started is refused: it cannot be told from a recording made before a restart).
+    assert_eq!(a.early_requests_sent, a.dials, "{a:?}");
+    assert_eq!(
+        b.early_requests_taken + b.early_requests_refused,
+        a.early_requests_sent,
+        "{b:?}"
+    );
+    assert!(b.early_requests_taken >= 1, "{b:?}");
     alice.shutdown();
     bob.shutdown();
 }

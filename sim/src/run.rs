@@ -609,7 +609,8 @@ impl Tap for SimTap {
             ConnEvent::Receiving { kind, .. } => {
                 format!("{conn} a large {kind:?} from {name} arriving")
             }
-            ConnEvent::Message(_) => return,
+            // Traced as messages (sent, received), as on the session.
+            ConnEvent::Early { .. } | ConnEvent::Message(_) => return,
         };
         s.push(self.node, What::Conn(text));
     }

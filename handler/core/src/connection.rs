@@ -40,8 +40,8 @@ use crate::config::Config;
 use crate::identity::{KEY_LEN, Keypair, PeerId};
 use crate::noise::{HandshakeRole, handshake, handshake_ik};
 use crate::wire::{
-    Chunker, CloseReason, ExchangeId, FEATURE_IK, FEATURES, HELLO_MAGIC, Hello, Kind,
-    MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
+    Chunker, CloseReason, EARLY_MAX_LEN, ExchangeId, FEATURE_IK, FEATURES, HELLO_MAGIC, Hello,
+    Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
 };
 
 /// A buffer frames are appended to (`Vec<u8>`, `BytesMut`): a driver's write buffer, so
@@ -256,6 +256,15 @@ pub enum ConnEvent {
         /// Announced length.
         len: usize,
     },
+    /// Responder: a Request rode in the dialer's IK message 1 (reported right after
+    /// `Established`), stamped with the dialer's wall clock. Whether it is fresh or a replay
+    /// is the endpoint's call ([`crate::Endpoint`] keeps the timestamps).
+    Early {
+        /// The dialer's wall clock when it sent message 1, in Unix milliseconds.
+        sent_unix_ms: u64,
+        /// The Request.
+        message: Message,
+    },
     /// The connection is over; the driver flushes pending transmits, then drops the stream.
     Closed(Closed),
 }
@@ -382,6 +391,10 @@ impl Connection {
     /// the dialer's identity and hello, and message 2 finishes the handshake. A responder
     /// that predates IK fails message 1 and closes the stream without a word; the dialer's
     /// owner then dials it with XX ([`Connection::dial`]).
+    ///
+    /// `early`: a Request to carry in message 1 (0-RTT), with the dialer's wall clock in
+    /// Unix milliseconds, strictly increasing per responder; its encoding must be at most
+    /// [`EARLY_MAX_LEN`] bytes.
     pub fn dial_ik(
         keypair: &Keypair,
         key: &[u8; KEY_LEN],
@@ -389,6 +402,7 @@ impl Connection {
         seed: [u8; 32],
         config: &Config,
         now: Instant,
+        early: Option<(u64, &Message)>,
     ) -> Result<Self, ConnError> {
         let expected = PeerId::from_public_key(key);
         let remote = Remote {
@@ -399,8 +413,16 @@ impl Connection {
             .map_err(|e| handshake_error(remote, e))?;
         let mut conn = Self::new(remote, Some(expected), State::Closed, config, now);
         conn.state = State::AwaitingIkMsg2(Box::new(hs));
-        let hello = conn.hello();
-        conn.write_handshake(&hello)?;
+        let mut payload = conn.hello().to_vec();
+        if let Some((sent_unix_ms, request)) = early {
+            let encoded = request.encode();
+            if encoded.len() > EARLY_MAX_LEN || !matches!(request, Message::Request { .. }) {
+                return Err(ConnError::NotOpen { remote });
+            }
+            payload.extend_from_slice(&sent_unix_ms.to_be_bytes());
+            payload.extend_from_slice(&encoded);
+        }
+        conn.write_handshake(&payload)?;
         Ok(conn)
     }
 
@@ -964,7 +986,12 @@ impl Connection {
         )
         .map(Box::new)
         .map_err(|e| handshake_error(remote, e))?;
-        let theirs = self.read_hello(&mut hs, frame)?;
+        let n = hs
+            .read_message(frame, self.plain_buffer(frame.len()))
+            .map_err(|e| handshake_error(remote, e))?;
+        let read = read_ik_payload(&self.plain[..n]);
+        self.shrink_plain();
+        let (theirs, early) = read.map_err(|detail| ConnError::Handshake { remote, detail })?;
         let peer = remote_peer(&hs, remote)?;
         self.remote.peer = Some(peer);
         self.dialer_max_message_size = theirs.max_message_size as usize;
@@ -973,7 +1000,14 @@ impl Connection {
         let hello = self.hello();
         self.write_handshake_with(&mut hs, &hello)?;
         check_version(self.remote, theirs)?;
-        self.admit_dialer(hs, peer, allow)
+        self.admit_dialer(hs, peer, allow)?;
+        if let Some((sent_unix_ms, message)) = early {
+            self.events.push_back(ConnEvent::Early {
+                sent_unix_ms,
+                message,
+            });
+        }
+        Ok(())
     }
 
     /// The responder's last step of either pattern: the dialer `peer` is authenticated and
@@ -1031,6 +1065,33 @@ impl Connection {
         self.handshake_deadline = None;
         Ok(())
     }
+}
+
+/// An IK message 1's payload: the dialer's hello, then, if the dialer sent a Request in
+/// it, an 8-byte timestamp (Unix ms) and the encoded Request.
+fn read_ik_payload(payload: &[u8]) -> Result<(Hello, Option<(u64, Message)>), String> {
+    let hello = Hello::decode(payload).map_err(|e| e.to_string())?;
+    let Some(rest) = payload.get(Hello::LEN..).filter(|rest| !rest.is_empty()) else {
+        return Ok((hello, None));
+    };
+    let (stamp, encoded) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| "an early request without its timestamp".to_owned())?;
+    if encoded.len() > EARLY_MAX_LEN {
+        return Err(format!(
+            "an early request of {} bytes (at most {EARLY_MAX_LEN})",
+            encoded.len()
+        ));
+    }
+    let message = Message::decode(bytes::Bytes::copy_from_slice(encoded))
+        .map_err(|e| format!("early request: {e}"))?;
+    if !matches!(message, Message::Request { .. }) {
+        return Err(format!(
+            "early {:?} message (only a Request may be)",
+            message.kind()
+        ));
+    }
+    Ok((hello, Some((u64::from_be_bytes(*stamp), message))))
 }
 
 /// Frames up to this size keep their read buffer between frames; larger ones release it.
@@ -1566,6 +1627,7 @@ mod tests {
             [1; 32],
             &f.config,
             f.now,
+            None,
         )
         .unwrap();
         let accept = if xx_only {
@@ -1610,6 +1672,81 @@ mod tests {
     }
 
     #[test]
+    fn a_request_rides_in_ik_message_1_after_the_hello_with_its_stamp() {
+        let f = fixture();
+        let request = Message::Request {
+            exchange: ExchangeId(7),
+            attempt: 1,
+            payload: Bytes::from_static(b"0-rtt"),
+        };
+        let mut d = Connection::dial_ik(
+            &f.alice,
+            f.bob.public_bytes(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+            Some((1_234, &request)),
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:9"), [2; 32], &f.config, f.now).unwrap();
+        let any = AllowList::allow_any_peer_insecure();
+        assert_eq!(pump(&mut d, &mut r, &any), 1, "one flight");
+        let evs = events(&mut r);
+        assert!(
+            matches!(evs.as_slice(), [
+                ConnEvent::Established { .. },
+                ConnEvent::Early { sent_unix_ms: 1_234, message },
+            ] if *message == request),
+            "{evs:?}"
+        );
+        // Only a Request, and only a small one, may ride there.
+        let ack = Message::Ack {
+            exchange: ExchangeId(7),
+            attempt: 1,
+            of: crate::wire::AckOf::Request,
+        };
+        let big = Message::Request {
+            exchange: ExchangeId(8),
+            attempt: 1,
+            payload: Bytes::from(vec![0; EARLY_MAX_LEN]),
+        };
+        for refused in [&ack, &big] {
+            assert!(
+                Connection::dial_ik(
+                    &f.alice,
+                    f.bob.public_bytes(),
+                    addr("10.0.0.2:7000"),
+                    [1; 32],
+                    &f.config,
+                    f.now,
+                    Some((1, refused)),
+                )
+                .is_err()
+            );
+        }
+        // A responder reading anything else there fails the handshake, naming it.
+        for (bytes, says) in [
+            (&[0u8; 3][..], "timestamp"),
+            (&[0u8; 9][..], "early request"),
+        ] {
+            let err = read_ik_payload(&[&f_hello()[..], bytes].concat()).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
+    fn f_hello() -> [u8; Hello::LEN] {
+        Hello {
+            version: PROTOCOL_VERSION,
+            max_message_size: 1,
+            progress_ms: 0,
+            features: FEATURES,
+        }
+        .encode()
+    }
+
+    #[test]
     fn ik_to_an_unlisted_dialer_answers_and_says_not_allowed() {
         let f = fixture();
         let (mut d, mut r) = unconnected_ik(&f, false);
@@ -1645,6 +1782,7 @@ mod tests {
             [1; 32],
             &f.config,
             f.now,
+            None,
         )
         .unwrap();
         let mut m =

@@ -104,6 +104,10 @@ pub(crate) struct Node {
     pub up: bool,
     /// Every event this node's application saw (across restarts).
     pub events: Vec<Event>,
+    /// The endpoint was given the wall clock (as a driver does), across restarts: with
+    /// keys known, its Requests ride in IK message 1. Off by default, so that the
+    /// message-level fault rules see every Request.
+    pub clocked: bool,
     /// Durable nodes: what survives a crash (committed before any output is performed).
     pub store: Option<Rows>,
     /// Whether the application takes outcomes from the store as it sees them (false: they
@@ -250,6 +254,7 @@ impl Net {
                 takes_outcomes: true,
                 membership: None,
                 incarnation: 0,
+                clocked: false,
                 accepted: 0,
                 conn_links: BTreeMap::new(),
             });
@@ -428,6 +433,10 @@ impl Net {
         let n = &mut self.nodes[node];
         n.endpoint = Endpoint::new(n.config.clone(), n.keypair.peer_id(), n.allow.clone(), seed)
             .expect("valid config");
+        if n.clocked {
+            let wall = WALL_EPOCH_MS + u64::try_from((now - self.start).as_millis()).unwrap_or(0);
+            n.endpoint.set_wall_clock(now, wall);
+        }
         n.up = true;
         n.incarnation += 1;
         self.log(format!("fault: restart {}", self.nodes[node].name));
@@ -445,6 +454,21 @@ impl Net {
         if let Some(doc) = self.nodes[node].membership.clone() {
             let _ = self.install_membership(node, doc);
         }
+    }
+
+    /// Gives every node the wall clock, as a driver does (a second before the first step,
+    /// as if they had started then): with keys known, Requests ride in IK message 1.
+    pub(crate) fn with_wall_clocks(mut self) -> Self {
+        let booted = self
+            .start
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(self.start);
+        let at_boot = WALL_EPOCH_MS - u64::try_from((self.start - booted).as_millis()).unwrap_or(0);
+        for n in &mut self.nodes {
+            n.clocked = true;
+            n.endpoint.set_wall_clock(booted, at_boot);
+        }
+        self
     }
 
     /// The node's operator installs `doc`: signed membership governs its allow list.
@@ -853,8 +877,13 @@ impl Net {
                 peer,
                 addr,
                 key,
+                early,
             } => {
-                let how = if key.is_some() { "IK" } else { "XX" };
+                let how = match (key, &early) {
+                    (Some(_), Some(_)) => "IK+request",
+                    (Some(_), None) => "IK",
+                    (None, _) => "XX",
+                };
                 self.log(format!(
                     "{name} dial {conn} to {} at {addr} ({how})",
                     peer.short()
@@ -863,7 +892,15 @@ impl Net {
                 self.rng.fill_bytes(&mut seed);
                 let n = &self.nodes[node];
                 let dialer = match key {
-                    Some(key) => Connection::dial_ik(&n.keypair, &key, addr, seed, &n.config, now),
+                    Some(key) => Connection::dial_ik(
+                        &n.keypair,
+                        &key,
+                        addr,
+                        seed,
+                        &n.config,
+                        now,
+                        early.as_ref().map(|(at, m)| (*at, m)),
+                    ),
                     None => Connection::dial(&n.keypair, peer, addr, seed, &n.config, now),
                 }
                 .expect("dial state");

@@ -12,7 +12,7 @@ use crate::connection::{Closed, ConnEvent};
 use crate::endpoint::{ConnId, Endpoint, Output};
 use crate::harness::Net;
 use crate::identity::{KEY_LEN, PeerId};
-use crate::wire::{FEATURE_IK, FEATURE_MEMBERSHIP};
+use crate::wire::{FEATURE_IK, FEATURE_MEMBERSHIP, Message, NackReason};
 
 /// The dials since the last call: (connection, key given).
 fn dials(ep: &mut Endpoint) -> Vec<(ConnId, Option<[u8; KEY_LEN]>)> {
@@ -125,4 +125,234 @@ fn a_network_of_known_keys_runs_its_exchanges_over_ik() {
     let xx = net.trace.iter().filter(|l| l.contains("(XX)")).count();
     assert!(ik >= 3 && xx == 0, "IK {ik}, XX {xx}");
     assert!((0..3).all(|n| net.nodes[n].endpoint.stats().ik_dials >= 1));
+}
+
+/// The virtual time at which node 0's first exchange with node 1 got its reply, and the
+/// stats of both ends.
+fn first_exchange(net: &mut Net) -> (Duration, crate::endpoint::Stats, crate::endpoint::Stats) {
+    let id = net.request(0, 1, b"fresh");
+    let replied = net.run_until(Duration::from_secs(10), |n| {
+        n.replies(0).iter().any(|(x, _)| *x == id)
+    });
+    assert!(replied, "{}", net.trace.join("\n"));
+    let at = net.elapsed();
+    let stats = |n: usize| net.nodes[n].endpoint.stats().clone();
+    (at, stats(0), stats(1))
+}
+
+#[test]
+fn a_fresh_exchange_sends_its_request_in_message_1_and_ends_a_round_trip_sooner() {
+    let mut xx = Net::new(6, &["a", "b"], Config::default());
+    for n in &mut xx.nodes {
+        // Known by peer id alone: XX.
+        n.allow = AllowList::from_peers(n.allow.peers().map(|(p, _)| *p).collect::<Vec<_>>());
+    }
+    let mut xx = xx;
+    for i in 0..2 {
+        let allow = xx.nodes[i].allow.clone();
+        xx.nodes[i].endpoint.set_allow_list(allow, xx.now);
+    }
+    let (t_xx, _, _) = first_exchange(&mut xx);
+    let mut early = Net::new(6, &["a", "b"], Config::default()).with_wall_clocks();
+    let (t_early, dialer, responder) = first_exchange(&mut early);
+    assert!(
+        early.trace.iter().any(|l| l.contains("(IK+request)")),
+        "{}",
+        early.trace.join("\n")
+    );
+    assert_eq!(
+        (
+            dialer.early_requests_sent,
+            dialer.requests_sent,
+            dialer.resends
+        ),
+        (1, 1, 0)
+    );
+    assert_eq!(
+        (
+            responder.early_requests_taken,
+            responder.early_requests_refused
+        ),
+        (1, 0)
+    );
+    eprintln!("fresh exchange: XX {t_xx:?}, IK with the request {t_early:?}");
+    // XX: msg1, msg2, msg3 with the Request, the Ack and Reply back: 4 one-way trips.
+    // IK with the Request in msg1: msg1, then msg2 with the Ack and Reply: 2.
+    let one_way = early.latency;
+    assert!(
+        t_early + 2 * one_way <= t_xx,
+        "early {t_early:?}, XX {t_xx:?}, one way {one_way:?}"
+    );
+}
+
+/// Bob's endpoint, with a wall clock from `WALL` on, allowing Alice (by key).
+struct Responder {
+    ep: Endpoint,
+    alice: PeerId,
+    addr: std::net::SocketAddr,
+    now: Instant,
+    next: u64,
+}
+
+const WALL: u64 = 1_800_000_000_000;
+
+impl Responder {
+    fn new() -> Self {
+        let net = Net::new(8, &["alice", "bob"], Config::default());
+        let allow = AllowList::from_keys([*net.nodes[0].keypair.public_bytes()]);
+        let now = Instant::now();
+        let mut ep = Endpoint::new(Config::default(), net.id(1), allow, [3; 32]).unwrap();
+        ep.set_wall_clock(now, WALL);
+        Self {
+            ep,
+            alice: net.id(0),
+            addr: net.nodes[0].addr,
+            now: now + Duration::from_secs(1),
+            next: 1,
+        }
+    }
+
+    /// A new connection from Alice whose message 1 carried `exchange` stamped `stamp`:
+    /// what Bob's application received and what Bob sent.
+    fn early(&mut self, exchange: u64, stamp: u64) -> (usize, Vec<Message>) {
+        let conn = ConnId::inbound(self.next);
+        self.next += 1;
+        self.ep
+            .handle_accepted(conn, self.alice, self.addr, 1 << 20, FEATURE_IK, self.now);
+        let request = Message::Request {
+            exchange: crate::wire::ExchangeId(exchange),
+            attempt: 1,
+            payload: Bytes::from_static(b"pay me"),
+        };
+        let early = ConnEvent::Early {
+            sent_unix_ms: stamp,
+            message: request,
+        };
+        self.ep.handle_conn_event(conn, early, self.now);
+        let delivered = std::iter::from_fn(|| self.ep.poll_event())
+            .filter(|e| matches!(e, crate::endpoint::Event::Request { .. }))
+            .count();
+        let sent = std::iter::from_fn(|| self.ep.poll_output())
+            .filter_map(|o| match o {
+                Output::Send { message, .. } => Some(message),
+                _ => None,
+            })
+            .collect();
+        (delivered, sent)
+    }
+
+    fn wall(&self) -> u64 {
+        WALL + 1_000
+    }
+}
+
+fn refused(sent: &[Message]) -> bool {
+    matches!(
+        sent,
+        [Message::Nack {
+            reason: NackReason::EarlyRefused,
+            retry_after_ms: 0,
+            ..
+        }]
+    )
+}
+
+#[test]
+fn a_replayed_message_1_never_delivers_its_request_again() {
+    let mut bob = Responder::new();
+    let now = bob.wall();
+    let (delivered, sent) = bob.early(1, now - 5);
+    assert_eq!(delivered, 1);
+    assert!(!refused(&sent), "{sent:?}");
+    // The same message 1 again, on another connection: refused, nothing delivered.
+    let (delivered, sent) = bob.early(1, now - 5);
+    assert_eq!(delivered, 0);
+    assert!(refused(&sent), "{sent:?}");
+    // Even for an exchange Bob no longer remembers: the stamp is not after the last.
+    let (delivered, sent) = bob.early(99, now - 5);
+    assert_eq!(delivered, 0);
+    assert!(refused(&sent), "{sent:?}");
+    let s = bob.ep.stats();
+    assert_eq!((s.early_requests_taken, s.early_requests_refused), (1, 2));
+}
+
+#[test]
+fn stamps_from_before_the_start_far_off_or_stepped_back_cost_a_round_trip_never_a_lockout() {
+    let mut bob = Responder::new();
+    let now = bob.wall();
+    // Recorded before Bob started (a restart): refused.
+    assert!(refused(&bob.early(1, WALL - 1).1));
+    assert!(refused(&bob.early(2, WALL).1));
+    // Far in the future: refused, and it does not raise the floor.
+    let window = u64::try_from(crate::endpoint::EARLY_WINDOW.as_millis()).unwrap();
+    assert!(refused(&bob.early(3, now + window + 1).1));
+    assert_eq!(
+        bob.early(4, now + 1).0,
+        1,
+        "a far-future stamp locked Alice out"
+    );
+    // Alice's clock steps back: refused (she resends on the session), and once her clock
+    // is past the last stamp taken, taken again.
+    assert!(refused(&bob.early(5, now - 1_000).1));
+    assert_eq!(bob.early(6, now + 2).0, 1);
+    // Far in the past (beyond the window) but after the start: refused.
+    bob.now += Duration::from_secs(60);
+    assert!(refused(&bob.early(7, now + 3).1));
+    assert_eq!(bob.early(8, now + 60_000).0, 1);
+}
+
+#[test]
+fn a_refused_early_request_is_sent_again_at_once_on_the_session() {
+    let net = Net::new(9, &["alice", "bob"], Config::default());
+    let bob_key = *net.nodes[1].keypair.public_bytes();
+    let mut now = Instant::now();
+    let mut ep = Endpoint::new(
+        Config::default(),
+        net.id(0),
+        AllowList::from_keys([bob_key]),
+        [4; 32],
+    )
+    .unwrap();
+    ep.set_wall_clock(now, WALL);
+    now += Duration::from_secs(1);
+    let id = ep
+        .request(net.id(1), net.nodes[1].addr, Bytes::from_static(b"x"), now)
+        .unwrap();
+    let outputs: Vec<Output> = std::iter::from_fn(|| ep.poll_output()).collect();
+    let [
+        Output::Dial {
+            conn,
+            key: Some(_),
+            early: Some((stamp, Message::Request { attempt: 1, .. })),
+            ..
+        },
+    ] = outputs.as_slice()
+    else {
+        panic!("{outputs:?}");
+    };
+    assert_eq!(*stamp, WALL + 1_000);
+    let conn = *conn;
+    ep.handle_conn_event(conn, established(net.id(1), FEATURE_IK), now);
+    assert!(
+        std::iter::from_fn(|| ep.poll_output()).next().is_none(),
+        "the Request was sent again although it rode in message 1"
+    );
+    let nack = Message::Nack {
+        exchange: id,
+        attempt: 1,
+        reason: NackReason::EarlyRefused,
+        retry_after_ms: 0,
+    };
+    ep.handle_conn_event(conn, ConnEvent::Message(nack), now);
+    let outputs: Vec<Output> = std::iter::from_fn(|| ep.poll_output()).collect();
+    assert!(
+        matches!(
+            outputs.as_slice(),
+            [Output::Send { conn: c, message: Message::Request { attempt: 2, .. } }] if *c == conn
+        ),
+        "{outputs:?}"
+    );
+    // The next early stamp to Bob is later than the last even if the clock is not.
+    let _ = ep.request(net.id(1), net.nodes[1].addr, Bytes::from_static(b"y"), now);
+    assert_eq!(ep.stats().early_requests_sent, 1);
 }

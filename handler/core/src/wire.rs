@@ -45,6 +45,9 @@ pub const FEATURE_MEMBERSHIP: u32 = 1;
 pub const FEATURE_IK: u32 = 2;
 /// The features this build has (every bit it understands).
 pub const FEATURES: u32 = FEATURE_MEMBERSHIP | FEATURE_IK;
+/// The longest encoded Request a dialer puts in an IK message 1 (with the hello and its
+/// 8-byte timestamp); a longer one waits for the session.
+pub const EARLY_MAX_LEN: usize = 16 * 1024;
 /// Bytes of an encoded exchange message before its payload (kind, exchange id, attempt).
 pub const EXCHANGE_HEADER_LEN: usize = 1 + 8 + 4;
 /// The largest fixed part any message adds to its payload (a Nack: header + reason + u32).
@@ -151,6 +154,10 @@ reason_enum! {
         TooLarge = 3 => "larger than it accepts",
         /// The responder is shutting down.
         ShuttingDown = 4 => "shutting down",
+        /// The Request rode in an IK message 1 and could not be told from a replay (its
+        /// timestamp is not after the last one taken from this dialer, or too far from
+        /// the responder's clock): send it again now, on the session.
+        EarlyRefused = 5 => "sent in the first handshake message and not taken as fresh",
     }
 }
 

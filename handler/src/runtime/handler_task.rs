@@ -363,15 +363,46 @@ impl HandlerTask {
                     peer,
                     addr,
                     key,
+                    early,
                 } => {
                     self.tap.dial(conn, peer, addr);
                     observe::dial(conn, peer, addr);
+                    // A Request in message 1 is seen, and may be lost or corrupted (then
+                    // message 1 is), as any sent; a duplicate of it lingers and arrives
+                    // later on the session; a delay of it passes.
+                    let mut corrupt_first = false;
+                    let early = early.and_then(|(stamp, message)| {
+                        observe::message(true, conn, Some(peer), &message);
+                        match self.tap.outgoing(conn, peer, &message) {
+                            Verdict::Drop => None,
+                            Verdict::Corrupt => {
+                                corrupt_first = true;
+                                Some((stamp, message))
+                            }
+                            Verdict::Duplicate(delay) => {
+                                let network = self.network.clone();
+                                let copy = message.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(delay).await;
+                                    let send = NetCommand::Send {
+                                        conn,
+                                        message: copy,
+                                    };
+                                    let _ = network.send(send).await;
+                                });
+                                Some((stamp, message))
+                            }
+                            Verdict::Pass | Verdict::Delay(_) => Some((stamp, message)),
+                        }
+                    });
                     // The router never waits on us, so this wait is short.
                     let dial = NetCommand::Dial {
                         conn,
                         peer,
                         addr,
                         key,
+                        early,
+                        corrupt_first,
                     };
                     if self.network.send(dial).await.is_err() {
                         return;
@@ -694,11 +725,15 @@ impl HandlerTask {
             NetEvent::Conn { conn, event } => {
                 let peer = self.endpoint.peer_of(conn);
                 let arrival = match (&event, peer) {
-                    (ConnEvent::Message(message), Some(peer)) => {
+                    // A Request in IK message 1 is seen, and may be faulted, as any.
+                    (
+                        ConnEvent::Message(message) | ConnEvent::Early { message, .. },
+                        Some(peer),
+                    ) => {
                         observe::message(false, conn, Some(peer), message);
                         self.tap.incoming(conn, peer, message)
                     }
-                    (ConnEvent::Message(_), None) => Arrival::Pass,
+                    (ConnEvent::Message(_) | ConnEvent::Early { .. }, None) => Arrival::Pass,
                     (other, peer) => {
                         if let ConnEvent::Established { peer, .. } = other {
                             observe::established(conn, *peer, None);
@@ -714,7 +749,14 @@ impl HandlerTask {
                         Arrival::Nack(reason),
                         ConnEvent::Message(Message::Request {
                             exchange, attempt, ..
-                        }),
+                        })
+                        | ConnEvent::Early {
+                            message:
+                                Message::Request {
+                                    exchange, attempt, ..
+                                },
+                            ..
+                        },
                     ) => {
                         let message = Message::Nack {
                             exchange,

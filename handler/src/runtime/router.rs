@@ -39,6 +39,10 @@ pub(super) enum NetCommand {
         addr: SocketAddr,
         /// The responder's static key, if known: an IK handshake.
         key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
+        /// With a key: a Request for IK message 1, and its timestamp (Unix ms).
+        early: Option<(u64, Message)>,
+        /// Flip a byte of message 1 (a fault injected into the Request it carries).
+        corrupt_first: bool,
     },
     Send {
         conn: ConnId,
@@ -188,7 +192,9 @@ impl<T: Transport> Router<T> {
                 peer,
                 addr,
                 key,
-            } => self.dial(conn, peer, addr, key),
+                early,
+                corrupt_first,
+            } => self.dial(conn, peer, addr, key, early, corrupt_first),
             NetCommand::Send { conn, message } => self.forward(conn, ConnCommand::Send(message)),
             NetCommand::Close { conn, reason } => self.forward(conn, ConnCommand::Close(reason)),
             NetCommand::StopAccepting | NetCommand::Shutdown => {}
@@ -219,6 +225,8 @@ impl<T: Transport> Router<T> {
         peer: PeerId,
         addr: SocketAddr,
         key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
+        early: Option<(u64, Message)>,
+        corrupt_first: bool,
     ) {
         if self.at_limit() {
             self.notify(NetNotice::Lost {
@@ -261,7 +269,15 @@ impl<T: Transport> Router<T> {
                 }
             };
             let dialed = match key {
-                Some(key) => Connection::dial_ik(&keypair, &key, addr, seed, &config, now()),
+                Some(key) => Connection::dial_ik(
+                    &keypair,
+                    &key,
+                    addr,
+                    seed,
+                    &config,
+                    now(),
+                    early.as_ref().map(|(at, m)| (*at, m)),
+                ),
                 None => Connection::dial(&keypair, peer, addr, seed, &config, now()),
             };
             match dialed {
@@ -274,7 +290,7 @@ impl<T: Transport> Router<T> {
                         allow,
                         commands: rx,
                         events,
-                        corrupt_next: false,
+                        corrupt_next: corrupt_first,
                         peer_progressed: false,
                         write_stall_timeout: config.write_stall_timeout,
                         bytes,

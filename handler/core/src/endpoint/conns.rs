@@ -8,12 +8,12 @@ use std::time::Instant;
 use crate::connection::{Closed, ConnError, Remote};
 use crate::identity::PeerId;
 use crate::rate::Bucket;
-use crate::wire::{CloseReason, ExchangeId, Message};
+use crate::wire::{CloseReason, EARLY_MAX_LEN, ExchangeId, Message, NackReason};
 
 use super::dialer::OutState;
 use super::events::{Event, Failure, PeerError, RetryCause};
 use super::responder::InState;
-use super::{Conn, ConnId, Direction, Endpoint, Output, Peer, Timer};
+use super::{Conn, ConnId, Direction, EARLY_WINDOW, Endpoint, Output, Peer, Timer};
 
 impl Endpoint {
     pub(super) fn on_message(&mut self, conn: ConnId, message: Message, now: Instant) {
@@ -116,24 +116,101 @@ impl Endpoint {
     }
 
     /// Asks the driver to dial `conn` (already registered as dialing `peer` at `addr`),
-    /// with IK when the peer's key is known and the peer is not known to lack it.
-    pub(super) fn push_dial(&mut self, conn: ConnId, peer: PeerId, addr: SocketAddr) {
+    /// with IK when the peer's key is known and the peer is not known to lack it. `early`:
+    /// a Request to carry in IK message 1 (the caller counted it as sent), taken only with
+    /// IK and a wall clock; returns whether it was.
+    pub(super) fn push_dial(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        addr: SocketAddr,
+        early: Option<Message>,
+        now: Instant,
+    ) -> bool {
         let xx_only = self.peers.get(&peer).is_some_and(|p| p.xx_only);
         let key = self
             .allow
             .get(&peer)
             .and_then(|entry| entry.public_key)
             .filter(|key| !xx_only && PeerId::from_public_key(key) == peer);
+        let wall = self.unix_ms(now);
+        let early = match (key, wall, early, self.peers.get_mut(&peer)) {
+            (Some(_), Some(wall), Some(message), Some(p))
+                if message.encoded_len() <= EARLY_MAX_LEN =>
+            {
+                let stamp = wall.max(p.early_sent.saturating_add(1));
+                p.early_sent = stamp;
+                Some((stamp, message))
+            }
+            _ => None,
+        };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.ik = key.is_some();
+            c.early = early.is_some();
         }
         self.stats.ik_dials += u64::from(key.is_some());
+        self.stats.early_requests_sent += u64::from(early.is_some());
+        let sent = early.is_some();
         self.outputs.push_back(Output::Dial {
             conn,
             peer,
             addr,
             key,
+            early,
         });
+        sent
+    }
+
+    /// Responder: a Request rode in IK message 1 on `conn`, stamped `sent_unix_ms` by the
+    /// dialer. Taken as if it came on the session if it cannot be a replay: stamped after
+    /// this endpoint first had a clock, after the last one taken from this dialer, and
+    /// within [`EARLY_WINDOW`] of our clock. Otherwise Nacked `EarlyRefused`: the dialer
+    /// sends it again on the session at once (a clock stepped back, or one far off, costs
+    /// a round trip, never a lockout; a far-future stamp is refused, so it cannot raise
+    /// the floor beyond our clock plus the window).
+    pub(super) fn on_early(
+        &mut self,
+        conn: ConnId,
+        sent_unix_ms: u64,
+        message: Message,
+        now: Instant,
+    ) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let peer = c.peer;
+        let window = u64::try_from(EARLY_WINDOW.as_millis()).unwrap_or(u64::MAX);
+        let (wall, epoch) = (self.unix_ms(now), self.early_epoch);
+        let floor = self.peer_mut(peer, now).map(|p| p.early_floor);
+        let fresh = match (wall, epoch, floor) {
+            (Some(wall), Some(epoch), Some(floor)) => {
+                sent_unix_ms > epoch
+                    && sent_unix_ms > floor
+                    && sent_unix_ms.abs_diff(wall) <= window
+            }
+            _ => false,
+        };
+        if fresh {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.early_floor = sent_unix_ms;
+            }
+            self.stats.early_requests_taken += 1;
+            return self.on_message(conn, message, now);
+        }
+        self.stats.early_requests_refused += 1;
+        if let Message::Request {
+            exchange, attempt, ..
+        } = message
+        {
+            self.stats.nacks_sent += 1;
+            let nack = Message::Nack {
+                exchange,
+                attempt,
+                reason: NackReason::EarlyRefused,
+                retry_after_ms: 0,
+            };
+            self.send(conn, nack);
+        }
     }
 
     /// Closes a connection we decided to drop: tells the driver, and moves any outbound
@@ -255,6 +332,8 @@ impl Endpoint {
                     connections: Bucket::full(self.config.connection_rate, now),
                     strikes: 0,
                     xx_only: false,
+                    early_sent: 0,
+                    early_floor: 0,
                 },
             );
         }

@@ -178,7 +178,36 @@ impl Endpoint {
         }
         self.timers
             .set(Timer::Outbound(id), now + self.config.connect_timeout);
-        self.push_dial(conn, peer, addr);
+        // The Request rides in IK message 1 when it can (the driver is told the key): on
+        // the exchange's first dial only, so that dials failing through an outage do not
+        // spend its attempts.
+        let early = self
+            .outbound
+            .get(&id)
+            .filter(|ex| ex.dials == 1)
+            .map(|ex| Message::Request {
+                exchange: id,
+                attempt: ex.attempt + 1,
+                payload: ex.payload.clone(),
+            });
+        if self.push_dial(conn, peer, addr, early, now)
+            && let Some(ex) = self.outbound.get_mut(&id)
+        {
+            ex.attempt += 1;
+            self.stats.requests_sent += 1;
+            self.stats.resends += u64::from(ex.attempt > 1);
+        }
+    }
+
+    /// The Request rode in IK message 1 and the handshake finished: it waits for its Ack
+    /// as if just sent on the session.
+    fn early_request_sent(&mut self, id: ExchangeId, conn: ConnId, now: Instant) {
+        let Some(ex) = self.outbound.get_mut(&id) else {
+            return;
+        };
+        ex.state = OutState::AwaitingAck { conn };
+        self.timers
+            .set(Timer::Outbound(id), now + self.config.ack_timeout);
     }
 
     fn send_request(&mut self, id: ExchangeId, conn: ConnId, now: Instant) {
@@ -484,7 +513,9 @@ impl Endpoint {
             p.xx_only = features & FEATURE_IK == 0;
         }
         self.membership_established(conn, now);
+        let early = self.conns.get(&conn).is_some_and(|c| c.early);
         match self.conns.get(&conn).and_then(|c| c.exchange) {
+            Some(id) if early => self.early_request_sent(id, conn, now),
             Some(id) => self.send_request(id, conn, now),
             None if sync => {}
             None => self.close(conn, CloseReason::Done, now),
@@ -604,6 +635,10 @@ impl Endpoint {
                 self.stats.nacks_received += 1;
                 if reason == NackReason::TooLarge {
                     return self.finish(id, Err(Failure::Refused(reason)), now);
+                }
+                if reason == NackReason::EarlyRefused {
+                    // Not taken from IK message 1: again at once, on the session.
+                    return self.send_request(id, conn, now);
                 }
                 let hint = Duration::from_millis(u64::from(retry_after_ms));
                 self.retry_after(id, RetryCause::Nacked(reason), Some(conn), hint, now);

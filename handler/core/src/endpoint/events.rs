@@ -649,4 +649,11 @@ pub struct Stats {
     pub membership_sync_dials: u64,
     /// Dials made with the IK pattern (the responder's key known; the rest use XX).
     pub ik_dials: u64,
+    /// Our Requests sent in IK message 1 (0-RTT).
+    pub early_requests_sent: u64,
+    /// Peers' Requests in IK message 1 taken as fresh.
+    pub early_requests_taken: u64,
+    /// Peers' Requests in IK message 1 that could have been replays: Nacked
+    /// `EarlyRefused`, so the dialer sent them again on the session.
+    pub early_requests_refused: u64,
 }

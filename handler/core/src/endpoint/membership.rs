@@ -129,18 +129,24 @@ impl Endpoint {
     /// the wall clock may have jumped).
     pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
         self.wall = Some((now, unix_ms));
+        // Requests in IK message 1 sent before this endpoint first had a clock may be
+        // recordings from before a restart: never taken as fresh.
+        self.early_epoch.get_or_insert(unix_ms);
     }
 
     /// Unix seconds at `now`, by the reference [`Endpoint::set_wall_clock`] gave (0 without
     /// one: then nothing expires... except what expired before 1970).
     pub(super) fn unix_secs(&self, now: Instant) -> u64 {
-        let Some((at, ms)) = self.wall else {
-            return 0;
-        };
+        self.unix_ms(now).map_or(0, |ms| ms / 1000)
+    }
+
+    /// The wall clock at `now`, in Unix milliseconds, if the driver gave one.
+    pub(super) fn unix_ms(&self, now: Instant) -> Option<u64> {
+        let (at, ms) = self.wall?;
         let later = now.saturating_duration_since(at).as_millis();
         let earlier = at.saturating_duration_since(now).as_millis();
         let ms = u128::from(ms).saturating_add(later).saturating_sub(earlier);
-        u64::try_from(ms / 1000).unwrap_or(u64::MAX)
+        Some(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
     /// Makes the allow list follow signed membership documents from now on: `document` is
@@ -746,7 +752,7 @@ impl Endpoint {
             {
                 s.conn = Some(conn);
             }
-            self.push_dial(conn, peer, addr);
+            self.push_dial(conn, peer, addr, None, now);
         }
         self.arm_sync_timer();
     }

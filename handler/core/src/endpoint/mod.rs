@@ -67,6 +67,11 @@ use responder::{InState, Inbound};
 
 /// The longest idempotency key ([`Endpoint::request_with`]), in bytes.
 pub const MAX_KEY_LEN: usize = 256;
+/// How far from our wall clock the timestamp of a Request in an IK message 1 may be for it
+/// to be taken at once (farther, it is Nacked `EarlyRefused` and sent again on the
+/// session). It bounds how long a replay is worth keeping, and how far a stamp can move a
+/// dialer's replay floor ahead of our clock.
+pub const EARLY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Names one connection for the lifetime of an [`Endpoint`].
 ///
@@ -138,6 +143,9 @@ pub enum Output {
         /// a membership document gives it) and the peer is not known to lack IK: dial with
         /// [`crate::Connection::dial_ik`]; otherwise with [`crate::Connection::dial`].
         key: Option<[u8; crate::identity::KEY_LEN]>,
+        /// With a key: the exchange's Request to carry in IK message 1, and its timestamp
+        /// (the endpoint's wall clock, Unix ms): `Connection::dial_ik`'s `early`.
+        early: Option<(u64, Message)>,
     },
     /// Send a message on an established connection.
     Send {
@@ -197,6 +205,8 @@ pub(super) struct Conn {
     pub(super) epoch_sent: bool,
     /// Dialed with the IK pattern (the responder's key was known).
     pub(super) ik: bool,
+    /// Its exchange's Request rode in IK message 1 (0-RTT).
+    pub(super) early: bool,
 }
 
 impl Conn {
@@ -219,6 +229,7 @@ impl Conn {
             sync,
             epoch_sent: false,
             ik: false,
+            early: false,
         }
     }
 }
@@ -244,6 +255,12 @@ pub(super) struct Peer {
     /// An IK dial to it failed before the handshake finished, or its hello lacked
     /// `FEATURE_IK`: dial it with XX until a hello says it takes IK.
     pub(super) xx_only: bool,
+    /// Dialer: the timestamp of the last Request we sent it in an IK message 1 (Unix ms);
+    /// the next is later, even if our clock is not.
+    pub(super) early_sent: u64,
+    /// Responder: the timestamp of the last Request in an IK message 1 taken from it as
+    /// fresh; a message 1 stamped at or before it is a replay (or reordered).
+    pub(super) early_floor: u64,
 }
 
 /// A defect planted on purpose in an endpoint, so that a checker can be seen to catch it.
@@ -318,6 +335,10 @@ pub struct Endpoint {
     stats: Stats,
     /// The driver's wall clock: Unix milliseconds at an instant.
     wall: Option<(Instant, u64)>,
+    /// The wall clock (Unix ms) when this endpoint first had one: a Request in an IK
+    /// message 1 stamped earlier is never taken as fresh (it may be a recording of a
+    /// message 1 sent to an earlier incarnation).
+    early_epoch: Option<u64>,
     /// Signed membership, once installed: it governs the allow list.
     membership: Option<Box<membership::Membership>>,
     /// Documents the store held, until [`Endpoint::install_membership`] takes them.
@@ -379,6 +400,7 @@ impl Endpoint {
             events: VecDeque::new(),
             stats: Stats::default(),
             wall: None,
+            early_epoch: None,
             membership: None,
             stored_membership: Vec::new(),
         })
@@ -980,6 +1002,7 @@ impl Endpoint {
                 sync: false,
                 epoch_sent: false,
                 ik: false,
+                early: false,
             },
         );
         if let Some(state) = self.peers.get_mut(&peer) {
@@ -1009,6 +1032,10 @@ impl Endpoint {
                 remote_features,
             } => self.on_established(conn, peer, remote_max_message_size, remote_features, now),
             ConnEvent::Message(message) => self.on_message(conn, message, now),
+            ConnEvent::Early {
+                sent_unix_ms,
+                message,
+            } => self.on_early(conn, sent_unix_ms, message, now),
             ConnEvent::Receiving { .. } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.receiving = true;
