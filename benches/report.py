@@ -157,6 +157,7 @@ def main():
 
     us = lambda full_id: median_ns(full_id) / 1e3
     handshake = us("limit/noise_xx_handshake")
+    handshake_ik = us("limit/noise_ik_handshake")
     bare_exchange = us("limit/noise_exchange_open_session")
     bare_two = us("limit/noise_exchange_open_session_two_threads")
     tcp_rtt = us("limit/tcp_rtt_64b")
@@ -207,6 +208,7 @@ def main():
         "| limit | time |",
         "|---|---|",
         f"| bare Noise XX handshake, both sides in memory | {handshake:.1f} µs ({1e6 / handshake:,.0f}/s) |",
+        f"| bare Noise IK handshake (two messages, one more Diffie-Hellman each side), both sides in memory | {handshake_ik:.1f} µs ({1e6 / handshake_ik:,.0f}/s) |",
         f"| Noise encrypt + decrypt, 64 B / 1 KiB / 64 KiB | {crypto[64]:.2f} / {crypto[1024]:.2f} / {crypto[65519]:.1f} µs |",
         f"| TCP loopback round trip, 64 B | {tcp_rtt:.1f} µs |",
         f"| hand-rolled request/ack/reply/ack on an open Noise session, loopback, one thread | {bare_exchange:.1f} µs ({1e6 / bare_exchange:,.0f}/s) |",

@@ -8,7 +8,9 @@
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use p2p_bench::{keys, noise_exchange_pair, noise_pair, noise_stream, tcp_echo_server};
+use p2p_bench::{
+    keys, noise_exchange_pair, noise_ik_pair, noise_pair, noise_stream, tcp_echo_server,
+};
 use p2p_handler::wire::MAX_FRAME_LEN;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -22,6 +24,9 @@ fn handshake(c: &mut Criterion) {
     let k = keys(2);
     c.bench_function("limit/noise_xx_handshake", |b| {
         b.iter(|| noise_pair(&k[0], &k[1]));
+    });
+    c.bench_function("limit/noise_ik_handshake", |b| {
+        b.iter(|| noise_ik_pair(&k[0], &k[1]));
     });
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
-use p2p_handler::noise::{HandshakeRole, handshake};
+use p2p_handler::noise::{HandshakeRole, handshake, handshake_ik};
 use p2p_handler::wire::MAX_FRAME_LEN;
 use p2p_handler::{
     AllowList, Config, Event, Handler, Inbox, Keypair, Options, PeerId, TcpTransport,
@@ -51,6 +51,23 @@ pub fn noise_pair(a: &Keypair, b: &Keypair) -> (TransportState, TransportState) 
     i.read_message(&buf[..n], &mut out).unwrap();
     let n = i.write_message(&[], &mut buf).unwrap();
     r.read_message(&buf[..n], &mut out).unwrap();
+    (
+        i.into_transport_mode().unwrap(),
+        r.into_transport_mode().unwrap(),
+    )
+}
+
+/// One complete Noise IK handshake (the dialer knows `b`'s key), both sides in memory;
+/// returns both transports.
+pub fn noise_ik_pair(a: &Keypair, b: &Keypair) -> (TransportState, TransportState) {
+    let mut i = handshake_ik(a, HandshakeRole::Initiator, [1; 32], Some(b.public_bytes())).unwrap();
+    let mut r = handshake_ik(b, HandshakeRole::Responder, [2; 32], None).unwrap();
+    let mut buf = [0u8; 1024];
+    let mut out = [0u8; 1024];
+    let n = i.write_message(&[], &mut buf).unwrap();
+    r.read_message(&buf[..n], &mut out).unwrap();
+    let n = r.write_message(&[], &mut buf).unwrap();
+    i.read_message(&buf[..n], &mut out).unwrap();
     (
         i.into_transport_mode().unwrap(),
         r.into_transport_mode().unwrap(),
