@@ -1701,6 +1701,36 @@ mod tests {
             ] if *message == request),
             "{evs:?}"
         );
+        // One exactly at the bound rides there too.
+        let empty = Message::Request {
+            exchange: ExchangeId(9),
+            attempt: 1,
+            payload: Bytes::new(),
+        };
+        let largest = Message::Request {
+            exchange: ExchangeId(9),
+            attempt: 1,
+            payload: Bytes::from(vec![5; EARLY_MAX_LEN - empty.encoded_len()]),
+        };
+        assert_eq!(largest.encoded_len(), EARLY_MAX_LEN);
+        let mut d = Connection::dial_ik(
+            &f.alice,
+            f.bob.public_bytes(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+            Some((5, &largest)),
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:9"), [2; 32], &f.config, f.now).unwrap();
+        pump(&mut d, &mut r, &any);
+        assert!(
+            events(&mut r)
+                .iter()
+                .any(|e| matches!(e, ConnEvent::Early { message, .. } if *message == largest))
+        );
         // Only a Request, and only a small one, may ride there.
         let ack = Message::Ack {
             exchange: ExchangeId(7),
