@@ -274,6 +274,7 @@ fn a_replayed_message_1_never_delivers_its_request_again() {
     assert!(refused(&sent), "{sent:?}");
     let s = bob.ep.stats();
     assert_eq!((s.early_requests_taken, s.early_requests_refused), (1, 2));
+    assert_eq!(s.nacks_sent, 2);
 }
 
 #[test]
@@ -352,7 +353,47 @@ fn a_refused_early_request_is_sent_again_at_once_on_the_session() {
         ),
         "{outputs:?}"
     );
-    // The next early stamp to Bob is later than the last even if the clock is not.
-    let _ = ep.request(net.id(1), net.nodes[1].addr, Bytes::from_static(b"y"), now);
     assert_eq!(ep.stats().early_requests_sent, 1);
+}
+
+#[test]
+fn a_request_too_large_for_message_1_waits_for_the_session_and_a_cancelled_dial_is_closed() {
+    let net = Net::new(10, &["alice", "bob"], Config::default());
+    let bob_key = *net.nodes[1].keypair.public_bytes();
+    let mut now = Instant::now();
+    let mut ep = Endpoint::new(
+        Config::default(),
+        net.id(0),
+        AllowList::from_keys([bob_key]),
+        [6; 32],
+    )
+    .unwrap();
+    ep.set_wall_clock(now, WALL);
+    now += Duration::from_secs(1);
+    let big = Bytes::from(vec![1; crate::wire::EARLY_MAX_LEN]);
+    let id = ep.request(net.id(1), net.nodes[1].addr, big, now).unwrap();
+    let outputs: Vec<Output> = std::iter::from_fn(|| ep.poll_output()).collect();
+    let [
+        Output::Dial {
+            conn,
+            key: Some(_),
+            early: None,
+            ..
+        },
+    ] = outputs.as_slice()
+    else {
+        panic!("{outputs:?}");
+    };
+    let conn = *conn;
+    assert_eq!(ep.stats().early_requests_sent, 0);
+    // Cancelled while dialing: once the handshake finishes, the connection is closed.
+    assert!(ep.cancel(id, now));
+    ep.handle_conn_event(conn, established(net.id(1), FEATURE_IK), now);
+    let outputs: Vec<Output> = std::iter::from_fn(|| ep.poll_output()).collect();
+    assert!(
+        outputs
+            .iter()
+            .any(|o| matches!(o, Output::Close { conn: c, .. } if *c == conn)),
+        "{outputs:?}"
+    );
 }
