@@ -302,20 +302,20 @@ fn stamps_from_before_the_start_far_off_or_stepped_back_cost_a_round_trip_never_
     assert_eq!(bob.early(8, now + 60_000).0, 1);
 }
 
+/// Alice's endpoint, knowing Bob's key, with a wall clock from `WALL` a second ago.
+fn alice_knowing_bob(seed: u64) -> (Net, Endpoint, Instant) {
+    let net = Net::new(seed, &["alice", "bob"], Config::default());
+    let bob_key = *net.nodes[1].keypair.public_bytes();
+    let now = Instant::now();
+    let allow = AllowList::from_keys([bob_key]);
+    let mut ep = Endpoint::new(Config::default(), net.id(0), allow, [4; 32]).unwrap();
+    ep.set_wall_clock(now, WALL);
+    (net, ep, now + Duration::from_secs(1))
+}
+
 #[test]
 fn a_refused_early_request_is_sent_again_at_once_on_the_session() {
-    let net = Net::new(9, &["alice", "bob"], Config::default());
-    let bob_key = *net.nodes[1].keypair.public_bytes();
-    let mut now = Instant::now();
-    let mut ep = Endpoint::new(
-        Config::default(),
-        net.id(0),
-        AllowList::from_keys([bob_key]),
-        [4; 32],
-    )
-    .unwrap();
-    ep.set_wall_clock(now, WALL);
-    now += Duration::from_secs(1);
+    let (net, mut ep, now) = alice_knowing_bob(9);
     let id = ep
         .request(net.id(1), net.nodes[1].addr, Bytes::from_static(b"x"), now)
         .unwrap();
@@ -358,18 +358,7 @@ fn a_refused_early_request_is_sent_again_at_once_on_the_session() {
 
 #[test]
 fn a_request_too_large_for_message_1_waits_for_the_session_and_a_cancelled_dial_is_closed() {
-    let net = Net::new(10, &["alice", "bob"], Config::default());
-    let bob_key = *net.nodes[1].keypair.public_bytes();
-    let mut now = Instant::now();
-    let mut ep = Endpoint::new(
-        Config::default(),
-        net.id(0),
-        AllowList::from_keys([bob_key]),
-        [6; 32],
-    )
-    .unwrap();
-    ep.set_wall_clock(now, WALL);
-    now += Duration::from_secs(1);
+    let (net, mut ep, now) = alice_knowing_bob(10);
     let big = Bytes::from(vec![1; crate::wire::EARLY_MAX_LEN]);
     let id = ep.request(net.id(1), net.nodes[1].addr, big, now).unwrap();
     let outputs: Vec<Output> = std::iter::from_fn(|| ep.poll_output()).collect();
