@@ -1618,18 +1618,25 @@ mod tests {
         );
     }
 
-    /// Alice's IK dial to Bob (whose key she knows) and Bob's accepted end.
-    fn unconnected_ik(f: &Fixture, xx_only: bool) -> (Connection, Connection) {
-        let d = Connection::dial_ik(
+    /// Alice's IK dial to Bob, whose key she knows, with `early` in message 1.
+    fn alice_dials_bob_ik(
+        f: &Fixture,
+        early: Option<(u64, &Message)>,
+    ) -> Result<Connection, ConnError> {
+        Connection::dial_ik(
             &f.alice,
             f.bob.public_bytes(),
             addr("10.0.0.2:7000"),
             [1; 32],
             &f.config,
             f.now,
-            None,
+            early,
         )
-        .unwrap();
+    }
+
+    /// Alice's IK dial to Bob (whose key she knows) and Bob's accepted end.
+    fn unconnected_ik(f: &Fixture, xx_only: bool) -> (Connection, Connection) {
+        let d = alice_dials_bob_ik(f, None).unwrap();
         let accept = if xx_only {
             Connection::accept_xx_only
         } else {
@@ -1679,16 +1686,7 @@ mod tests {
             attempt: 1,
             payload: Bytes::from_static(b"0-rtt"),
         };
-        let mut d = Connection::dial_ik(
-            &f.alice,
-            f.bob.public_bytes(),
-            addr("10.0.0.2:7000"),
-            [1; 32],
-            &f.config,
-            f.now,
-            Some((1_234, &request)),
-        )
-        .unwrap();
+        let mut d = alice_dials_bob_ik(&f, Some((1_234, &request))).unwrap();
         let mut r =
             Connection::accept(&f.bob, addr("10.0.0.1:9"), [2; 32], &f.config, f.now).unwrap();
         let any = AllowList::allow_any_peer_insecure();
@@ -1713,16 +1711,7 @@ mod tests {
             payload: Bytes::from(vec![5; EARLY_MAX_LEN - empty.encoded_len()]),
         };
         assert_eq!(largest.encoded_len(), EARLY_MAX_LEN);
-        let mut d = Connection::dial_ik(
-            &f.alice,
-            f.bob.public_bytes(),
-            addr("10.0.0.2:7000"),
-            [1; 32],
-            &f.config,
-            f.now,
-            Some((5, &largest)),
-        )
-        .unwrap();
+        let mut d = alice_dials_bob_ik(&f, Some((5, &largest))).unwrap();
         let mut r =
             Connection::accept(&f.bob, addr("10.0.0.1:9"), [2; 32], &f.config, f.now).unwrap();
         pump(&mut d, &mut r, &any);
@@ -1743,18 +1732,7 @@ mod tests {
             payload: Bytes::from(vec![0; EARLY_MAX_LEN]),
         };
         for refused in [&ack, &big] {
-            assert!(
-                Connection::dial_ik(
-                    &f.alice,
-                    f.bob.public_bytes(),
-                    addr("10.0.0.2:7000"),
-                    [1; 32],
-                    &f.config,
-                    f.now,
-                    Some((1, refused)),
-                )
-                .is_err()
-            );
+            assert!(alice_dials_bob_ik(&f, Some((1, refused))).is_err());
         }
         // A responder reading anything else there fails the handshake, naming it.
         for (bytes, says) in [
@@ -1805,16 +1783,7 @@ mod tests {
     fn ik_to_the_wrong_key_fails_at_the_responder_and_reveals_nothing() {
         let f = fixture();
         let mallory = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(99));
-        let mut d = Connection::dial_ik(
-            &f.alice,
-            f.bob.public_bytes(),
-            addr("10.0.0.2:7000"),
-            [1; 32],
-            &f.config,
-            f.now,
-            None,
-        )
-        .unwrap();
+        let mut d = alice_dials_bob_ik(&f, None).unwrap();
         let mut m =
             Connection::accept(&mallory, addr("10.0.0.1:1"), [2; 32], &f.config, f.now).unwrap();
         let any = AllowList::allow_any_peer_insecure();

@@ -429,12 +429,11 @@ impl Net {
     pub(crate) fn restart(&mut self, node: usize) {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
-        let now = self.now;
+        let (now, wall) = (self.now, self.wall_ms());
         let n = &mut self.nodes[node];
         n.endpoint = Endpoint::new(n.config.clone(), n.keypair.peer_id(), n.allow.clone(), seed)
             .expect("valid config");
         if n.clocked {
-            let wall = WALL_EPOCH_MS + u64::try_from((now - self.start).as_millis()).unwrap_or(0);
             n.endpoint.set_wall_clock(now, wall);
         }
         n.up = true;
@@ -444,7 +443,6 @@ impl Net {
             let rows = store.iter().map(|((t, k), v)| (*t, k.clone(), v.clone()));
             let recovered =
                 durable::decode(self.nodes[node].keypair.peer_id(), rows).expect("store decodes");
-            let wall = self.wall_ms();
             let outcomes = self.nodes[node].endpoint.restore(recovered, now, wall);
             for event in outcomes {
                 self.on_app_event(node, event);

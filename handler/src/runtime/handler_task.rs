@@ -380,16 +380,7 @@ impl HandlerTask {
                                 Some((stamp, message))
                             }
                             Verdict::Duplicate(delay) => {
-                                let network = self.network.clone();
-                                let copy = message.clone();
-                                tokio::spawn(async move {
-                                    tokio::time::sleep(delay).await;
-                                    let send = NetCommand::Send {
-                                        conn,
-                                        message: copy,
-                                    };
-                                    let _ = network.send(send).await;
-                                });
+                                self.send_later(conn, delay, message.clone());
                                 Some((stamp, message))
                             }
                             Verdict::Pass | Verdict::Delay(_) => Some((stamp, message)),
@@ -418,24 +409,16 @@ impl HandlerTask {
                         Some(peer) => self.tap.outgoing(conn, peer, &message),
                         None => Verdict::Pass,
                     };
-                    let later = |delay, message| {
-                        // Later, through the router, which reports a slow connection.
-                        let network = self.network.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = network.send(NetCommand::Send { conn, message }).await;
-                        });
-                    };
                     let command = match verdict {
                         Verdict::Pass => ConnCommand::Send(message),
                         Verdict::Corrupt => ConnCommand::SendCorrupted(message),
                         Verdict::Drop => continue,
                         Verdict::Delay(delay) => {
-                            later(delay, message);
+                            self.send_later(conn, delay, message);
                             continue;
                         }
                         Verdict::Duplicate(delay) => {
-                            later(delay, message.clone());
+                            self.send_later(conn, delay, message.clone());
                             ConnCommand::Send(message)
                         }
                     };
@@ -776,6 +759,16 @@ impl HandlerTask {
                 }
             }
         }
+    }
+
+    /// Sends `message` on `conn` after `delay` (a delayed or duplicated message, injected
+    /// by the tap), through the router, which reports a slow connection.
+    fn send_later(&self, conn: ConnId, delay: std::time::Duration, message: Message) {
+        let network = self.network.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = network.send(NetCommand::Send { conn, message }).await;
+        });
     }
 
     fn net_notice(&mut self, notice: NetNotice) {

@@ -144,13 +144,13 @@ impl Endpoint {
             }
             _ => None,
         };
+        let sent = early.is_some();
         if let Some(c) = self.conns.get_mut(&conn) {
             c.ik = key.is_some();
-            c.early = early.is_some();
+            c.early = sent;
         }
         self.stats.ik_dials += u64::from(key.is_some());
-        self.stats.early_requests_sent += u64::from(early.is_some());
-        let sent = early.is_some();
+        self.stats.early_requests_sent += u64::from(sent);
         self.outputs.push_back(Output::Dial {
             conn,
             peer,
@@ -202,14 +202,13 @@ impl Endpoint {
             exchange, attempt, ..
         } = message
         {
-            self.stats.nacks_sent += 1;
             let nack = Message::Nack {
                 exchange,
                 attempt,
                 reason: NackReason::EarlyRefused,
                 retry_after_ms: 0,
             };
-            self.send(conn, nack);
+            self.send_nack(conn, nack);
         }
     }
 
