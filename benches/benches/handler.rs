@@ -48,8 +48,10 @@ fn state_machine(c: &mut Criterion) {
                 ac,
                 ConnEvent::Established {
                     peer: b,
+                    key: *k[1].public_bytes(),
                     remote_max_message_size: 1 << 24,
                     remote_features: 0,
+                    ticket: None,
                 },
                 now,
             );

@@ -21,7 +21,8 @@
 #![forbid(unsafe_code)]
 
 pub use p2p_handler_core::{
-    admission, allow_list, config, connection, durable, endpoint, identity, membership, noise, wire,
+    admission, allow_list, config, connection, durable, endpoint, guard, identity, membership,
+    noise, wire,
 };
 
 mod facade;

@@ -24,10 +24,19 @@
 //!   not answering message 2), and only from an address holding at least two more slots
 //!   than the newcomer's (fair share), or from its own address when that is at its bound.
 //!   A handshake that progresses at network speed is never evicted.
-//! * **Diffie-Hellman budget.** A stranger address spends a token of a bucket
-//!   (`stranger_handshake_rate`) before its message 1 is processed, and gets it back when
-//!   the handshake authenticates an allowed peer. Allowed crowds therefore never run dry;
-//!   an address whose handshakes fail or stall is slowed to the bucket's rate.
+//! * **Diffie-Hellman budget.** An address spends a token of a bucket
+//!   (`stranger_handshake_rate`) before an unproven message 1 of its is processed, and gets
+//!   it back when the handshake authenticates an allowed peer. Allowed crowds therefore
+//!   never run dry; an address whose handshakes fail or stall is slowed to the bucket's
+//!   rate, a listed one too (an attacker may share an allowed peer's address).
+//! * **Proven first.** A message 1 that redeems a ticket ([`crate::guard`]) proves an
+//!   allowed identity before any Diffie-Hellman: [`Admission::prove`] takes it out of the
+//!   slots and the parking at once, so it waits behind no unproven stream, from its own
+//!   address neither, and pays nothing. Tickets are single use and at most
+//!   [`crate::guard::TICKETS_PER_PEER`] per peer are live, which bounds these.
+//! * **Load.** While handshakes fill half the slots or streams wait parked,
+//!   [`Admission::under_load`] says so: the driver then answers an unproven IK message 1
+//!   with a cookie reply instead of Diffie-Hellman work.
 //!
 //! Sans-IO like the rest of the core: the driver owns the sockets and tasks, tells this
 //! table what happens (`accept`, `progressed`, `admit`, `ended`, `handle_timeout`) and acts
@@ -106,6 +115,7 @@ pub struct Admission {
     /// Diffie-Hellman budget per stranger address.
     buckets: BTreeMap<IpAddr, Bucket>,
     evictions: u64,
+    proven: u64,
 }
 
 /// At most this many stranger addresses keep a Diffie-Hellman bucket; past it, full
@@ -141,6 +151,7 @@ impl Admission {
             to_start: VecDeque::new(),
             buckets: BTreeMap::new(),
             evictions: 0,
+            proven: 0,
         }
     }
 
@@ -223,6 +234,40 @@ impl Admission {
         true
     }
 
+    /// Input (the connection's task): message 1 of `conn` redeemed a ticket. It leaves its
+    /// slot or its parking place for good: it waits for nothing, is never evicted, and
+    /// pays no token. False if it was evicted meanwhile (the task must end).
+    pub fn prove(&mut self, conn: ConnId, now: Instant) -> bool {
+        if self.cut.contains(&conn) {
+            return false;
+        }
+        self.proven += 1;
+        if self.release(conn).is_some() {
+            self.fill_slots(now);
+            return true;
+        }
+        self.unpark(conn);
+        true
+    }
+
+    /// Whether the driver should ask unproven IK dialers for a cookie before any
+    /// Diffie-Hellman: streams wait parked, or handshakes fill half the slots of a class.
+    pub fn under_load(&self) -> bool {
+        self.parked_len > 0 || self.totals.values().any(|n| 2 * n >= self.max_handshaking)
+    }
+
+    /// Whether `conn` waits parked for a slot.
+    pub fn is_parked(&self, conn: ConnId) -> bool {
+        self.parked
+            .values()
+            .any(|q| q.iter().any(|p| p.conn == conn))
+    }
+
+    /// Message 1s that proved an allowed identity by a ticket, since the start.
+    pub fn proven(&self) -> u64 {
+        self.proven
+    }
+
     /// Input: `conn`'s task ended (its handshake failed, timed out, or was cut), or a parked
     /// stream was closed. Frees what it held.
     pub fn ended(&mut self, conn: ConnId, now: Instant) {
@@ -231,6 +276,10 @@ impl Admission {
             self.fill_slots(now);
             return;
         }
+        self.unpark(conn);
+    }
+
+    fn unpark(&mut self, conn: ConnId) {
         for queue in self.parked.values_mut() {
             if let Some(i) = queue.iter().position(|p| p.conn == conn) {
                 queue.remove(i);
@@ -261,17 +310,14 @@ impl Admission {
         self.evicted.extend(expired);
     }
 
-    /// Input (the connection's task, before it reads message 1): a stranger's handshake
-    /// takes a Diffie-Hellman token of its address's bucket, or learns how long until one
-    /// refills; a listed address's goes ahead.
+    /// Input (the connection's task, before it processes an unproven message 1): the
+    /// handshake takes a Diffie-Hellman token of its address's bucket, or learns how long
+    /// until one refills.
     pub fn take_dh(&mut self, conn: ConnId, now: Instant) -> Result<(), Duration> {
         let Some(h) = self.running.get(&conn) else {
             // Not (or no longer) a handshake of this table: nothing to charge.
             return Ok(());
         };
-        if h.class == Class::Listed {
-            return Ok(());
-        }
         let ip = h.ip;
         if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_BUCKETS {
             self.forget_full_buckets(now);
@@ -617,10 +663,49 @@ mod tests {
         // An allowed peer's handshake from there authenticates: its token comes back.
         assert!(table.admit(conn(2), t0));
         assert_eq!(table.take_dh(conn(4), t0), Ok(()));
-        // A listed address never pays.
-        for _ in 0..10 {
-            assert_eq!(table.take_dh(conn(3), t0), Ok(()));
+        // A listed address pays too (an attacker may share it), within its own bucket.
+        assert_eq!(table.take_dh(conn(3), t0), Ok(()));
+        assert_eq!(table.take_dh(conn(3), t0), Ok(()));
+        assert!(table.take_dh(conn(3), t0).is_err());
+    }
+
+    #[test]
+    fn a_proven_handshake_leaves_its_slot_or_parking_place_and_is_never_evicted() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        assert!(!table.under_load());
+        for n in 3..=5 {
+            assert_eq!(table.accept(conn(n), ip(1), false, t0), Verdict::Park);
         }
+        assert!(table.under_load());
+        assert!(table.is_parked(conn(4)));
+        // A parked stream's message 1 redeems a ticket: it starts ahead of the older ones,
+        // in no slot.
+        assert!(table.prove(conn(4), t0));
+        assert!(!table.is_parked(conn(4)));
+        assert_eq!((table.parked(), table.handshaking()), (2, 2));
+        // One in a slot proves itself: its slot goes to the oldest parked stream.
+        assert!(table.prove(conn(1), t0));
+        assert_eq!(drain(&mut table), (vec![], vec![conn(3)]));
+        // Neither can be chosen as a victim, stalled or not; both are admitted.
+        let late = t0 + table.stall() * 2;
+        assert_eq!(table.accept(conn(9), ip(1), false, late), Verdict::Start);
+        let (evicted, _) = drain(&mut table);
+        assert!(
+            !evicted.contains(&conn(1)) && !evicted.contains(&conn(4)),
+            "{evicted:?}"
+        );
+        assert!(table.admit(conn(1), late) && table.admit(conn(4), late));
+        // An evicted handshake cannot prove itself afterwards.
+        assert!(!table.prove(evicted[0], late));
+        assert_eq!(table.proven(), 2);
+        // Half the slots of a class busy is load too.
+        let mut busy = Admission::new(&config());
+        fill(&mut busy, &[(1, 1), (2, 2)], t0);
+        assert!(!busy.under_load());
+        fill(&mut busy, &[(3, 3)], t0);
+        assert!(busy.under_load());
     }
 
     #[test]

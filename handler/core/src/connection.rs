@@ -24,9 +24,14 @@
 //! clear after the ephemeral key) and checks the allow list on it:
 //!
 //! ```text
-//!   AwaitingIkMsg2 --- msg1: e,es,s,ss,hello -->  AwaitingMsg1 -> Established (allow list)
-//!   Established    <-- msg2: e,ee,se,hello ----
+//!   AwaitingIkMsg2 --- msg1: e,es,s,ss,hello | ticket id, mac1, mac2 -->  AwaitingMsg1
+//!        |         <-- cookie reply (under load) -------------------      |
+//!        |         --- msg1 again, mac2 proving the cookie ---------->    |
+//!   Established    <-- msg2: e,ee,se,hello,ticket -------------------  Established (allow list)
 //! ```
+//!
+//! IK's message 1 ends in the envelope of [`crate::guard`]: its mac1 is checked before any
+//! Diffie-Hellman, and a ticket handed over in an earlier message 2 proves the dialer.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -37,11 +42,12 @@ use snow::{HandshakeState, TransportState};
 
 use crate::allow_list::{AllowList, Rejection};
 use crate::config::Config;
+use crate::guard::{self, Ticket};
 use crate::identity::{KEY_LEN, Keypair, PeerId};
 use crate::noise::{HandshakeRole, handshake, handshake_ik};
 use crate::wire::{
-    Chunker, CloseReason, EARLY_MAX_LEN, ExchangeId, FEATURE_IK, FEATURES, HELLO_MAGIC, Hello,
-    Kind, MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
+    Chunker, CloseReason, EARLY_MAX_LEN, ExchangeId, FEATURE_IK, FEATURES, Hello, Kind,
+    MAX_FRAME_LEN, Message, PROTOCOL_VERSION, Reassembled, Reassembler, TAG_LEN, WireError,
 };
 
 /// A buffer frames are appended to (`Vec<u8>`, `BytesMut`): a driver's write buffer, so
@@ -226,10 +232,17 @@ pub enum ConnEvent {
     Established {
         /// The authenticated peer.
         peer: PeerId,
+        /// Its static public key (which `peer` is the hash of): a dialer keeps it to dial
+        /// with IK next time.
+        key: [u8; KEY_LEN],
         /// Largest application payload the peer accepts.
         remote_max_message_size: usize,
         /// The optional protocol features the peer understands (`wire::FEATURES` bits).
         remote_features: u32,
+        /// IK only: the ticket handed over in message 2. A dialer received it (to redeem
+        /// in a later message 1 to this peer); a responder gave it (the driver's
+        /// [`guard::Guard::issue`] must hear of it, or it proves nothing).
+        ticket: Option<Ticket>,
     },
     /// A complete message arrived.
     Message(Message),
@@ -299,6 +312,32 @@ struct Responding {
     seed: [u8; 32],
 }
 
+/// What an IK dial knows and carries (see [`Connection::dial_ik`]).
+#[derive(Debug, Clone, Copy)]
+pub struct IkDial<'a> {
+    /// The responder's static public key; it must hash to the peer id dialed.
+    pub key: &'a [u8; KEY_LEN],
+    /// A Request to carry in message 1, with the dialer's wall clock in Unix milliseconds,
+    /// strictly increasing per responder; its encoding must be at most [`EARLY_MAX_LEN`]
+    /// bytes.
+    pub early: Option<(u64, &'a Message)>,
+    /// A ticket this responder gave us, to prove who we are before its Diffie-Hellman.
+    pub ticket: Option<Ticket>,
+}
+
+/// Dialer, IK: message 1 as sent, to send again proving a cookie.
+struct IkSent {
+    /// The Noise message, without the envelope.
+    noise: Vec<u8>,
+    /// The whole frame last sent (its mac1 is the cookie reply's associated data).
+    frame: Vec<u8>,
+    key: [u8; KEY_LEN],
+}
+
+/// Cookie replies a dialer follows, and a responder sends, on one connection: one is all a
+/// well-behaved pair needs (a cookie is valid for two periods).
+const MAX_COOKIE_REPLIES: u8 = 2;
+
 /// One connection's protocol state. See the module docs for the call order.
 pub struct Connection {
     remote: Remote,
@@ -345,6 +384,13 @@ pub struct Connection {
     sending: Option<(ExchangeId, u32, u64, u64)>,
     /// Responder: behave as a version-1 node did (XX only, no IK feature announced).
     xx_only: bool,
+    /// Dialer, IK: message 1 as sent.
+    ik_sent: Option<Box<IkSent>>,
+    /// Cookie replies followed (dialer) or sent (responder).
+    cookie_replies: u8,
+    /// Responder: the peer whose ticket message 1 redeemed ([`Connection::proven_by_ticket`]);
+    /// the handshake fails if another key made it.
+    ticket_peer: Option<PeerId>,
 }
 
 /// The interval a node asks its peers to send `Progress` at: a quarter of the shorter of
@@ -387,34 +433,28 @@ impl Connection {
     }
 
     /// Starts the dialer side with the IK pattern, for a responder whose static public key
-    /// the dialer knows (`key`, which must hash to the peer id dialed): message 1 carries
-    /// the dialer's identity and hello, and message 2 finishes the handshake. A responder
-    /// that predates IK fails message 1 and closes the stream without a word; the dialer's
-    /// owner then dials it with XX ([`Connection::dial`]).
-    ///
-    /// `early`: a Request to carry in message 1 (0-RTT), with the dialer's wall clock in
-    /// Unix milliseconds, strictly increasing per responder; its encoding must be at most
-    /// [`EARLY_MAX_LEN`] bytes.
+    /// the dialer knows (`ik.key`): message 1 carries the dialer's identity and hello (and
+    /// `ik.early`'s Request), wrapped in [`guard`]'s envelope, and message 2 finishes the
+    /// handshake. A responder that predates IK fails message 1 and closes the stream
+    /// without a word; the dialer's owner then dials it with XX ([`Connection::dial`]).
     pub fn dial_ik(
         keypair: &Keypair,
-        key: &[u8; KEY_LEN],
         addr: SocketAddr,
         seed: [u8; 32],
         config: &Config,
         now: Instant,
-        early: Option<(u64, &Message)>,
+        ik: IkDial<'_>,
     ) -> Result<Self, ConnError> {
-        let expected = PeerId::from_public_key(key);
+        let expected = PeerId::from_public_key(ik.key);
         let remote = Remote {
             addr,
             peer: Some(expected),
         };
-        let hs = handshake_ik(keypair, HandshakeRole::Initiator, seed, Some(key))
+        let mut hs = handshake_ik(keypair, HandshakeRole::Initiator, seed, Some(ik.key))
             .map_err(|e| handshake_error(remote, e))?;
         let mut conn = Self::new(remote, Some(expected), State::Closed, config, now);
-        conn.state = State::AwaitingIkMsg2(Box::new(hs));
         let mut payload = conn.hello().to_vec();
-        if let Some((sent_unix_ms, request)) = early {
+        if let Some((sent_unix_ms, request)) = ik.early {
             let encoded = request.encode();
             if encoded.len() > EARLY_MAX_LEN || !matches!(request, Message::Request { .. }) {
                 return Err(ConnError::NotOpen { remote });
@@ -422,8 +462,40 @@ impl Connection {
             payload.extend_from_slice(&sent_unix_ms.to_be_bytes());
             payload.extend_from_slice(&encoded);
         }
-        conn.write_handshake(&payload)?;
+        let mut noise = vec![0u8; payload.len() + 2 * 32 + 2 * TAG_LEN];
+        let n = hs
+            .write_message(&payload, &mut noise)
+            .map_err(|e| handshake_error(remote, e))?;
+        noise.truncate(n);
+        let frame = guard::seal_message_1(&noise, ik.key, ik.ticket.as_ref(), None);
+        conn.transmits.push_back(Outgoing::Sealed(frame.clone()));
+        conn.ik_sent = Some(Box::new(IkSent {
+            noise,
+            frame,
+            key: *ik.key,
+        }));
+        conn.state = State::AwaitingIkMsg2(Box::new(hs));
         Ok(conn)
+    }
+
+    /// Starts the dialer side as an [`crate::Output::Dial`] says: IK when it gives the
+    /// responder's key (which must hash to `peer`; one that does not is ignored), XX
+    /// otherwise. Every driver dials through this one door.
+    pub fn dial_with(
+        keypair: &Keypair,
+        peer: PeerId,
+        addr: SocketAddr,
+        seed: [u8; 32],
+        config: &Config,
+        now: Instant,
+        ik: Option<IkDial<'_>>,
+    ) -> Result<Self, ConnError> {
+        match ik {
+            Some(ik) if PeerId::from_public_key(ik.key) == peer => {
+                Self::dial_ik(keypair, addr, seed, config, now, ik)
+            }
+            _ => Self::dial(keypair, peer, addr, seed, config, now),
+        }
     }
 
     /// Starts the responder side of an accepted stream from `addr`. It answers an XX or an
@@ -492,6 +564,9 @@ impl Connection {
             stall: config.write_stall_timeout,
             sending: None,
             xx_only: false,
+            ik_sent: None,
+            cookie_replies: 0,
+            ticket_peer: None,
         }
     }
 
@@ -522,6 +597,27 @@ impl Connection {
     /// Whether the connection is over (pending transmits may remain to flush).
     pub fn is_closed(&self) -> bool {
         self.closed_reported
+    }
+
+    /// Responder, before message 1 is handled: the driver's [`guard::Guard`] found that it
+    /// redeems a ticket issued to `peer`. The handshake fails unless `peer`'s key made it.
+    pub fn proven_by_ticket(&mut self, peer: PeerId) {
+        self.ticket_peer = Some(peer);
+    }
+
+    /// Responder, instead of handling message 1: answer it with `reply` (from
+    /// [`guard::Guard::cookie_reply`]) and wait for the dialer to send it again. False,
+    /// and nothing queued, once [`MAX_COOKIE_REPLIES`] went on this connection or past
+    /// message 1: the driver closes it.
+    pub fn send_cookie_reply(&mut self, reply: Vec<u8>) -> bool {
+        if !matches!(self.state, State::AwaitingMsg1(_))
+            || self.cookie_replies >= MAX_COOKIE_REPLIES
+        {
+            return false;
+        }
+        self.cookie_replies += 1;
+        self.transmits.push_back(Outgoing::Sealed(reply));
+        true
     }
 
     /// Input: one frame body read from the stream (without its length prefix), at `now`.
@@ -747,8 +843,7 @@ impl Connection {
             State::AwaitingMsg1(responding) => {
                 // XX's first message carries the hello in clear after the ephemeral key;
                 // IK's carries the dialer's encrypted static key there.
-                let xx = self.xx_only
-                    || frame.get(KEY_LEN..KEY_LEN + HELLO_MAGIC.len()) == Some(&HELLO_MAGIC[..]);
+                let xx = self.xx_only || guard::is_xx_message_1(frame);
                 if !xx {
                     return self.ik_message_1(&responding, frame, allow);
                 }
@@ -772,23 +867,40 @@ impl Connection {
                 check_version(remote, theirs)
             }
             State::AwaitingIkMsg2(mut hs) => {
+                if guard::is_cookie_reply(frame) {
+                    self.state = State::AwaitingIkMsg2(hs);
+                    return self.follow_cookie_reply(frame);
+                }
                 // Only the holder of the key we dialed can make message 2 decrypt.
-                let theirs = self.read_hello(&mut hs, frame)?;
+                let n = hs
+                    .read_message(frame, self.plain_buffer(frame.len()))
+                    .map_err(|e| handshake_error(remote, e))?;
+                let read = read_ik_reply(&self.plain[..n]);
+                self.shrink_plain();
+                let (theirs, ticket) =
+                    read.map_err(|detail| ConnError::Handshake { remote, detail })?;
                 self.remote_progress = progress_of(theirs);
                 check_version(remote, theirs)?;
                 let peer = self.expected.ok_or(ConnError::NotOpen { remote })?;
+                let key = self
+                    .ik_sent
+                    .take()
+                    .map(|sent| sent.key)
+                    .ok_or(ConnError::NotOpen { remote })?;
                 self.establish(hs)?;
                 self.events.push_back(ConnEvent::Established {
                     peer,
+                    key,
                     remote_max_message_size: theirs.max_message_size as usize,
                     remote_features: theirs.features,
+                    ticket,
                 });
                 Ok(())
             }
             State::AwaitingMsg2(mut hs) => {
                 let theirs = self.read_hello(&mut hs, frame)?;
                 self.remote_progress = progress_of(theirs);
-                let actual = remote_peer(&hs, remote)?;
+                let (actual, key) = remote_identity(&hs, remote)?;
                 if Some(actual) != self.expected {
                     // Abort before message 3: an impostor never learns who we are.
                     return Err(ConnError::Impostor { remote, actual });
@@ -803,8 +915,10 @@ impl Connection {
                 self.establish(hs)?;
                 self.events.push_back(ConnEvent::Established {
                     peer: actual,
+                    key,
                     remote_max_message_size: theirs.max_message_size as usize,
                     remote_features: theirs.features,
+                    ticket: None,
                 });
                 Ok(())
             }
@@ -813,9 +927,9 @@ impl Connection {
                 let read = hs.read_message(frame, &mut self.plain);
                 self.shrink_plain();
                 read.map_err(|e| handshake_error(remote, e))?;
-                let peer = remote_peer(&hs, remote)?;
+                let (peer, key) = remote_identity(&hs, remote)?;
                 self.remote.peer = Some(peer);
-                self.admit_dialer(hs, peer, allow)
+                self.admit_dialer(hs, peer, key, None, allow)
             }
             State::Established {
                 mut session,
@@ -968,7 +1082,9 @@ impl Connection {
     }
 
     /// The responder's side of IK: message 1 names and proves the dialer and carries its
-    /// hello; message 2 answers and finishes the handshake. The allow list is checked as
+    /// hello; message 2 answers, hands the dialer a ticket, and finishes the handshake.
+    /// mac1 is checked before any Diffie-Hellman (the driver's guard checked it already,
+    /// and mac2; this check stands for drivers without one). The allow list is checked as
     /// soon as the dialer is known; a dialer refused is answered (so it learns why and
     /// stops) and told `Close{NotAllowed}`, as after XX's message 3.
     fn ik_message_1(
@@ -978,6 +1094,13 @@ impl Connection {
         allow: &AllowList,
     ) -> Result<(), ConnError> {
         let remote = self.remote;
+        if !guard::mac1_matches(frame, &guard::mac1_key(responding.keypair.public_bytes())) {
+            return Err(ConnError::Handshake {
+                remote,
+                detail: "IK message 1 with a wrong mac1 (not made with our public key)".to_owned(),
+            });
+        }
+        let noise = &frame[..frame.len() - guard::ENVELOPE_LEN];
         let mut hs = handshake_ik(
             &responding.keypair,
             HandshakeRole::Responder,
@@ -987,26 +1110,60 @@ impl Connection {
         .map(Box::new)
         .map_err(|e| handshake_error(remote, e))?;
         let n = hs
-            .read_message(frame, self.plain_buffer(frame.len()))
+            .read_message(noise, self.plain_buffer(noise.len()))
             .map_err(|e| handshake_error(remote, e))?;
         let read = read_ik_payload(&self.plain[..n]);
         self.shrink_plain();
         let (theirs, early) = read.map_err(|detail| ConnError::Handshake { remote, detail })?;
-        let peer = remote_peer(&hs, remote)?;
+        let (peer, key) = remote_identity(&hs, remote)?;
         self.remote.peer = Some(peer);
+        if let Some(holder) = self.ticket_peer
+            && holder != peer
+        {
+            return Err(ConnError::Handshake {
+                remote: self.remote,
+                detail: format!("redeemed a ticket issued to peer {}", holder.short()),
+            });
+        }
         self.dialer_max_message_size = theirs.max_message_size as usize;
         self.dialer_features = theirs.features;
         self.remote_progress = progress_of(theirs);
-        let hello = self.hello();
-        self.write_handshake_with(&mut hs, &hello)?;
+        let ticket = Ticket::derive(&responding.seed);
+        let mut reply = self.hello().to_vec();
+        reply.extend_from_slice(&ticket.encode());
+        self.write_handshake_with(&mut hs, &reply)?;
         check_version(self.remote, theirs)?;
-        self.admit_dialer(hs, peer, allow)?;
+        self.admit_dialer(hs, peer, key, Some(ticket), allow)?;
         if let Some((sent_unix_ms, message)) = early {
             self.events.push_back(ConnEvent::Early {
                 sent_unix_ms,
                 message,
             });
         }
+        Ok(())
+    }
+
+    /// Dialer, IK: the responder, under load, answered message 1 with a cookie reply. Send
+    /// message 1 again with mac2 proving the cookie (and no ticket: one it did not take).
+    fn follow_cookie_reply(&mut self, frame: &[u8]) -> Result<(), ConnError> {
+        let remote = self.remote;
+        let sent = self.ik_sent.as_mut().ok_or(ConnError::NotOpen { remote })?;
+        if self.cookie_replies >= MAX_COOKIE_REPLIES {
+            return Err(ConnError::Handshake {
+                remote,
+                detail: format!("more than {MAX_COOKIE_REPLIES} cookie replies"),
+            });
+        }
+        let cookie = guard::open_cookie_reply(frame, &sent.key, &sent.frame).map_err(|detail| {
+            ConnError::Handshake {
+                remote,
+                detail: detail.to_owned(),
+            }
+        })?;
+        self.cookie_replies += 1;
+        sent.frame = guard::seal_message_1(&sent.noise, &sent.key, None, Some(&cookie));
+        self.transmits
+            .push_back(Outgoing::Sealed(sent.frame.clone()));
         Ok(())
     }
 
@@ -1017,6 +1174,8 @@ impl Connection {
         &mut self,
         hs: Box<HandshakeState>,
         peer: PeerId,
+        key: [u8; KEY_LEN],
+        ticket: Option<Ticket>,
         allow: &AllowList,
     ) -> Result<(), ConnError> {
         let rejection = allow.check(&peer, self.remote.addr.ip()).err();
@@ -1032,8 +1191,10 @@ impl Connection {
         }
         self.events.push_back(ConnEvent::Established {
             peer,
+            key,
             remote_max_message_size: self.dialer_max_message_size,
             remote_features: self.dialer_features,
+            ticket,
         });
         Ok(())
     }
@@ -1064,6 +1225,18 @@ impl Connection {
         };
         self.handshake_deadline = None;
         Ok(())
+    }
+}
+
+/// An IK message 2's payload: the responder's hello, then the ticket it hands over (a
+/// responder may hand none).
+fn read_ik_reply(payload: &[u8]) -> Result<(Hello, Option<Ticket>), String> {
+    let hello = Hello::decode(payload).map_err(|e| e.to_string())?;
+    match payload.get(Hello::LEN..).filter(|rest| !rest.is_empty()) {
+        None => Ok((hello, None)),
+        Some(rest) => Ticket::decode(rest)
+            .map(|ticket| (hello, Some(ticket)))
+            .ok_or_else(|| format!("a ticket of {} bytes (not {})", rest.len(), Ticket::LEN)),
     }
 }
 
@@ -1121,7 +1294,11 @@ fn check_version(remote: Remote, theirs: Hello) -> Result<(), ConnError> {
     }
 }
 
-fn remote_peer(hs: &HandshakeState, remote: Remote) -> Result<PeerId, ConnError> {
+/// The remote's peer id and the static key it hashes.
+fn remote_identity(
+    hs: &HandshakeState,
+    remote: Remote,
+) -> Result<(PeerId, [u8; KEY_LEN]), ConnError> {
     let key: [u8; KEY_LEN] = hs
         .get_remote_static()
         .and_then(|k| k.try_into().ok())
@@ -1129,7 +1306,7 @@ fn remote_peer(hs: &HandshakeState, remote: Remote) -> Result<PeerId, ConnError>
             remote,
             detail: "no remote static key".to_owned(),
         })?;
-    Ok(PeerId::from_public_key(&key))
+    Ok((PeerId::from_public_key(&key), key))
 }
 
 #[cfg(test)]
@@ -1523,8 +1700,10 @@ mod tests {
             events(&mut d),
             vec![ConnEvent::Established {
                 peer: f.bob.peer_id(),
+                key: *f.bob.public_bytes(),
                 remote_max_message_size: 200_000,
                 remote_features: FEATURES,
+                ticket: None,
             }]
         );
         assert!(matches!(
@@ -1625,12 +1804,15 @@ mod tests {
     ) -> Result<Connection, ConnError> {
         Connection::dial_ik(
             &f.alice,
-            f.bob.public_bytes(),
             addr("10.0.0.2:7000"),
             [1; 32],
             &f.config,
             f.now,
-            early,
+            IkDial {
+                key: f.bob.public_bytes(),
+                early,
+                ticket: None,
+            },
         )
     }
 
@@ -2074,5 +2256,244 @@ mod tests {
         ));
         assert!(err.is_definite());
         assert!(err.to_string().contains(&f.bob.peer_id().short()), "{err}");
+    }
+
+    // ----- the envelope: mac1, cookies, tickets (`guard`) -----
+
+    fn handshake_error_of(c: &mut Connection) -> String {
+        let evs = events(c);
+        match evs.as_slice() {
+            [ConnEvent::Closed(Closed::Error(ConnError::Handshake { detail, .. }))] => {
+                detail.clone()
+            }
+            _ => panic!("{evs:?}"),
+        }
+    }
+
+    #[test]
+    fn the_responder_checks_mac1_before_any_diffie_hellman() {
+        let f = fixture();
+        let any = AllowList::allow_any_peer_insecure();
+        let (mut d, mut r) = unconnected_ik(&f, false);
+        let mut msg1 = d.poll_transmit().unwrap();
+        let at = msg1.len() - 2 * guard::MAC_LEN;
+        msg1[at] ^= 1;
+        r.handle_frame(&msg1, &any, f.now);
+        assert!(handshake_error_of(&mut r).contains("mac1"));
+        assert_eq!(r.remote().peer, None, "nothing was decrypted");
+        assert_eq!(r.poll_transmit(), None);
+        // A dialer with the wrong key for Bob makes a mac1 Bob refuses the same way.
+        let mallory = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(99));
+        let mut d = Connection::dial_ik(
+            &f.alice,
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+            IkDial {
+                key: mallory.public_bytes(),
+                early: None,
+                ticket: None,
+            },
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept(&f.bob, addr("10.0.0.1:2"), [2; 32], &f.config, f.now).unwrap();
+        pump(&mut d, &mut r, &any);
+        assert!(handshake_error_of(&mut r).contains("mac1"));
+    }
+
+    /// Alice's IK dial to Bob carrying `ticket`, Bob's accepted end guarded by `guard`:
+    /// message 1 sorted by the guard as a driver would, then handled.
+    fn ik_through_guard(
+        f: &Fixture,
+        dialer: &Keypair,
+        ticket: Option<Ticket>,
+        guard: &mut guard::Guard,
+        seed: u8,
+    ) -> (Connection, Connection, guard::FirstMessage) {
+        let from = addr("10.0.0.1:50000");
+        let mut d = Connection::dial_ik(
+            dialer,
+            addr("10.0.0.2:7000"),
+            [seed; 32],
+            &f.config,
+            f.now,
+            IkDial {
+                key: f.bob.public_bytes(),
+                early: None,
+                ticket,
+            },
+        )
+        .unwrap();
+        let mut r =
+            Connection::accept(&f.bob, from, [seed.wrapping_add(1); 32], &f.config, f.now).unwrap();
+        let msg1 = d.poll_transmit().unwrap();
+        let sorted = guard.classify(&msg1, from, f.now);
+        if let guard::FirstMessage::Proven(peer) = sorted {
+            r.proven_by_ticket(peer);
+        }
+        r.handle_frame(&msg1, &AllowList::allow_any_peer_insecure(), f.now);
+        (d, r, sorted)
+    }
+
+    fn ticket_of(evs: &[ConnEvent]) -> Option<Ticket> {
+        match evs {
+            [ConnEvent::Established { ticket, .. }, ..] => *ticket,
+            _ => panic!("{evs:?}"),
+        }
+    }
+
+    #[test]
+    fn message_2_hands_the_dialer_a_ticket_that_proves_it_in_its_next_message_1() {
+        let f = fixture();
+        let any = AllowList::allow_any_peer_insecure();
+        let mut bob_guard = guard::Guard::new(f.bob.public_bytes(), [3; 32], f.now);
+        let (mut d, mut r, sorted) = ik_through_guard(&f, &f.alice, None, &mut bob_guard, 1);
+        assert_eq!(sorted, guard::FirstMessage::Unproven { cookie: false });
+        let given = ticket_of(&events(&mut r)).expect("Bob hands a ticket");
+        pump(&mut r, &mut d, &any);
+        let evs = events(&mut d);
+        assert_eq!(ticket_of(&evs), Some(given), "Alice holds what Bob gave");
+        assert!(
+            matches!(evs.as_slice(), [ConnEvent::Established { key, .. }] if key == f.bob.public_bytes())
+        );
+        // Bob's driver records it once Alice is allowed; her next message 1 proves her.
+        bob_guard.issue(f.alice.peer_id(), given, f.now);
+        let (mut d, mut r, sorted) = ik_through_guard(&f, &f.alice, Some(given), &mut bob_guard, 5);
+        assert_eq!(sorted, guard::FirstMessage::Proven(f.alice.peer_id()));
+        let next = ticket_of(&events(&mut r)).expect("a fresh ticket");
+        assert_ne!(next, given);
+        pump(&mut r, &mut d, &any);
+        assert_eq!(ticket_of(&events(&mut d)), Some(next));
+        // Spent: the same ticket again proves nothing, and the handshake still works.
+        let (_, mut r, sorted) = ik_through_guard(&f, &f.alice, Some(given), &mut bob_guard, 9);
+        assert_eq!(sorted, guard::FirstMessage::Unproven { cookie: false });
+        assert!(ticket_of(&events(&mut r)).is_some());
+    }
+
+    #[test]
+    fn a_ticket_redeemed_by_another_key_fails_the_handshake() {
+        let f = fixture();
+        let carol = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(77));
+        let mut bob_guard = guard::Guard::new(f.bob.public_bytes(), [3; 32], f.now);
+        let alices = Ticket::derive(&[42; 32]);
+        bob_guard.issue(f.alice.peer_id(), alices, f.now);
+        // Alice gave Carol her ticket: the guard lets Carol ahead as Alice, and the
+        // Diffie-Hellman that follows shows who she is.
+        let (_, mut r, sorted) = ik_through_guard(&f, &carol, Some(alices), &mut bob_guard, 1);
+        assert_eq!(sorted, guard::FirstMessage::Proven(f.alice.peer_id()));
+        assert!(handshake_error_of(&mut r).contains("ticket issued to"));
+        assert_eq!(r.poll_transmit(), None, "Carol gets no message 2");
+    }
+
+    /// Bob, under load, answers message 1 with a cookie reply (as the driver does).
+    fn answer_with_cookie(r: &mut Connection, guard: &mut guard::Guard, msg1: &[u8], now: Instant) {
+        let reply = guard.cookie_reply(msg1, r.remote().addr, now).unwrap();
+        assert!(r.send_cookie_reply(reply));
+    }
+
+    #[test]
+    fn a_cookie_reply_makes_the_dialer_send_message_1_again_proving_the_cookie() {
+        let f = fixture();
+        let any = AllowList::allow_any_peer_insecure();
+        let mut bob_guard = guard::Guard::new(f.bob.public_bytes(), [3; 32], f.now);
+        let (mut d, mut r) = unconnected_ik(&f, false);
+        let from = r.remote().addr;
+        let msg1 = d.poll_transmit().unwrap();
+        assert_eq!(
+            bob_guard.classify(&msg1, from, f.now),
+            guard::FirstMessage::Unproven { cookie: false }
+        );
+        answer_with_cookie(&mut r, &mut bob_guard, &msg1, f.now);
+        assert!(events(&mut r).is_empty() && !r.is_established());
+        // Alice follows it: the same Noise message, mac2 now proving the cookie.
+        assert_eq!(pump(&mut r, &mut d, &any), 1);
+        assert!(events(&mut d).is_empty());
+        let again = d.poll_transmit().unwrap();
+        assert_eq!(again[..again.len() - 48], msg1[..msg1.len() - 48]);
+        assert_eq!(
+            bob_guard.classify(&again, from, f.now),
+            guard::FirstMessage::Unproven { cookie: true }
+        );
+        r.handle_frame(&again, &any, f.now);
+        assert!(r.is_established());
+        pump(&mut r, &mut d, &any);
+        assert!(d.is_established());
+        // A cookie gone stale (two periods later) is answered with another one; a dialer
+        // follows at most two.
+        let later = f.now + 2 * guard::COOKIE_PERIOD;
+        let (mut d, mut r) = unconnected_ik(&f, false);
+        let msg1 = d.poll_transmit().unwrap();
+        answer_with_cookie(&mut r, &mut bob_guard, &msg1, f.now);
+        pump(&mut r, &mut d, &any);
+        let stale = d.poll_transmit().unwrap();
+        assert_eq!(
+            bob_guard.classify(&stale, from, later),
+            guard::FirstMessage::Unproven { cookie: false }
+        );
+        answer_with_cookie(&mut r, &mut bob_guard, &stale, later);
+        pump(&mut r, &mut d, &any);
+        let fresh = d.poll_transmit().unwrap();
+        assert_eq!(
+            bob_guard.classify(&fresh, from, later),
+            guard::FirstMessage::Unproven { cookie: true }
+        );
+        assert!(
+            !r.send_cookie_reply(vec![0; guard::COOKIE_REPLY_LEN]),
+            "two per connection"
+        );
+        let third = bob_guard.cookie_reply(&fresh, from, later).unwrap();
+        d.handle_frame(&third, &any, later);
+        assert!(handshake_error_of(&mut d).contains("cookie replies"));
+    }
+
+    #[test]
+    fn a_cookie_reply_for_another_message_1_fails_the_dial() {
+        let f = fixture();
+        let any = AllowList::allow_any_peer_insecure();
+        let mut bob_guard = guard::Guard::new(f.bob.public_bytes(), [3; 32], f.now);
+        let mut other = Connection::dial_ik(
+            &f.alice,
+            addr("10.0.0.2:7000"),
+            [7; 32],
+            &f.config,
+            f.now,
+            IkDial {
+                key: f.bob.public_bytes(),
+                early: None,
+                ticket: None,
+            },
+        )
+        .unwrap();
+        let theirs = other.poll_transmit().unwrap();
+        let reply = bob_guard
+            .cookie_reply(&theirs, addr("10.0.0.1:50000"), f.now)
+            .unwrap();
+        let mut forged = reply.clone();
+        forged[30] ^= 1;
+        for bad in [reply.clone(), forged] {
+            let (mut d, _) = unconnected_ik(&f, false);
+            let mine = d.poll_transmit().unwrap();
+            assert_ne!(mine, theirs);
+            d.handle_frame(&bad, &any, f.now);
+            assert!(handshake_error_of(&mut d).contains("decrypt"));
+        }
+        // An XX dialer takes no cookie reply: it is no message 2.
+        let mut xx = Connection::dial(
+            &f.alice,
+            f.bob.peer_id(),
+            addr("10.0.0.2:7000"),
+            [1; 32],
+            &f.config,
+            f.now,
+        )
+        .unwrap();
+        xx.poll_transmit();
+        xx.handle_frame(&reply, &any, f.now);
+        assert!(matches!(
+            events(&mut xx).as_slice(),
+            [ConnEvent::Closed(Closed::Error(_))]
+        ));
     }
 }

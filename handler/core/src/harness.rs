@@ -16,7 +16,7 @@ use rand_core::{Rng, SeedableRng};
 
 use crate::allow_list::AllowList;
 use crate::config::Config;
-use crate::connection::{Closed, ConnEvent, Connection};
+use crate::connection::{Closed, ConnEvent, Connection, IkDial};
 use crate::durable::{self, Recovered, Rows, apply};
 use crate::endpoint::{ConnId, Endpoint, Event, Output};
 use crate::identity::{Keypair, PeerId};
@@ -792,6 +792,7 @@ impl Net {
                         peer,
                         remote_max_message_size,
                         remote_features,
+                        ..
                     },
                 ) => {
                     let addr = self.nodes[self.links[link].dialer.node].addr;
@@ -876,6 +877,7 @@ impl Net {
                 addr,
                 key,
                 early,
+                ticket,
             } => {
                 let how = match (key, &early) {
                     (Some(_), Some(_)) => "IK+request",
@@ -889,19 +891,14 @@ impl Net {
                 let mut seed = [0u8; 32];
                 self.rng.fill_bytes(&mut seed);
                 let n = &self.nodes[node];
-                let dialer = match key {
-                    Some(key) => Connection::dial_ik(
-                        &n.keypair,
-                        &key,
-                        addr,
-                        seed,
-                        &n.config,
-                        now,
-                        early.as_ref().map(|(at, m)| (*at, m)),
-                    ),
-                    None => Connection::dial(&n.keypair, peer, addr, seed, &n.config, now),
-                }
-                .expect("dial state");
+                let ik = key.as_ref().map(|key| IkDial {
+                    key,
+                    early: early.as_ref().map(|(at, m)| (*at, m)),
+                    ticket,
+                });
+                let dialer =
+                    Connection::dial_with(&n.keypair, peer, addr, seed, &n.config, now, ik)
+                        .expect("dial state");
                 let target = self.nodes.iter().position(|n| n.addr == addr);
                 let link = self.links.len();
                 self.nodes[node].conn_links.insert(conn, link);

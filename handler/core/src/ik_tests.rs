@@ -27,6 +27,8 @@ fn dials(ep: &mut Endpoint) -> Vec<(ConnId, Option<[u8; KEY_LEN]>)> {
 fn established(peer: PeerId, features: u32) -> ConnEvent {
     ConnEvent::Established {
         peer,
+        key: [0; 32],
+        ticket: None,
         remote_max_message_size: 1 << 20,
         remote_features: features,
     }

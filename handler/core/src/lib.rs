@@ -26,6 +26,7 @@ pub mod config;
 pub mod connection;
 pub mod durable;
 pub mod endpoint;
+pub mod guard;
 pub mod identity;
 pub mod membership;
 pub mod noise;

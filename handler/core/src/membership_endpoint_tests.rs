@@ -135,6 +135,8 @@ impl Fx {
     fn establish(&mut self, conn: ConnId, node: usize, features: u32) {
         let event = ConnEvent::Established {
             peer: self.id(node),
+            key: [0; 32],
+            ticket: None,
             remote_max_message_size: 1 << 20,
             remote_features: features,
         };

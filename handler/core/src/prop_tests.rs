@@ -144,6 +144,8 @@ fn drive(inputs: Vec<Input>) {
                 conn_id(conn),
                 ConnEvent::Established {
                     peer: peer_of(peer),
+                    key: [0; 32],
+                    ticket: None,
                     remote_max_message_size: 150,
                     remote_features: 0,
                 },

@@ -1429,6 +1429,8 @@ mod endpoint_unit {
             conn,
             ConnEvent::Established {
                 peer: f.peer,
+                key: [0; 32],
+                ticket: None,
                 remote_max_message_size: 1 << 20,
                 remote_features: 0,
             },
@@ -1887,6 +1889,8 @@ mod endpoint_unit {
             conn,
             ConnEvent::Established {
                 peer,
+                key: [0; 32],
+                ticket: None,
                 remote_max_message_size: 1 << 20,
                 remote_features: 0,
             },
@@ -2177,6 +2181,8 @@ mod endpoint_unit {
             conn,
             ConnEvent::Established {
                 peer,
+                key: [0; 32],
+                ticket: None,
                 remote_max_message_size: 10,
                 remote_features: 0,
             },

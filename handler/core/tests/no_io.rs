@@ -11,7 +11,14 @@ const ALLOWED: &[(&str, &str)] = &[
         "Noise XX state machines (no std/getrandom features: no OS randomness)",
     ),
     ("bytes", "cheaply cloned payloads"),
-    ("blake2", "peer id = BLAKE2s-256 of the public key"),
+    (
+        "blake2",
+        "peer id = BLAKE2s-256 of the public key; mac1, mac2 and cookies (keyed BLAKE2s)",
+    ),
+    (
+        "chacha20poly1305",
+        "cookie replies (XChaCha20-Poly1305, WireGuard's; no getrandom feature: nonces are passed in)",
+    ),
     ("curve25519-dalek", "X25519 public keys from private ones"),
     ("rand_core", "the RNG traits"),
     (

@@ -15,6 +15,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::connection::{Closed, ConnError, ConnEvent, Connection};
 use crate::endpoint::ConnId;
+use crate::guard::FirstMessage;
 use crate::wire::{CloseReason, MAX_FRAME_LEN, Message};
 
 use super::router::NetEvent;
@@ -140,8 +141,14 @@ pub(super) struct ConnTask {
     /// Whether the endpoint knows this connection (dials always; accepts once established).
     pub(super) announced: bool,
     /// Accepted streams: the admission table, which may evict this connection until it
-    /// authenticates, and charges its Diffie-Hellman work. `None` for dials.
+    /// authenticates, and charges its Diffie-Hellman work, and the guard that sorts its
+    /// message 1. `None` for dials.
     pub(super) gate: Option<SharedGate>,
+    /// Accepted streams parked by the admission table: the router's word that a slot is
+    /// ours. Until then message 1 is read and sorted, and waits unless it proves a ticket.
+    pub(super) turn: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Whether message 1 passed the gate (always, for dials).
+    pub(super) screened: bool,
     pub(super) connection: Connection,
     pub(super) allow: SharedAllow,
     pub(super) commands: mpsc::Receiver<ConnCommand>,
@@ -244,12 +251,16 @@ impl ConnTask {
             }
             None => return Err("connection closed by peer".into()),
         };
-        if !*frames_seen && self.gate.is_some() {
-            // Boxed: its timer would otherwise sit in every connection task's state.
-            Box::pin(self.pay_for_handshake()).await;
-        }
         *frames_seen = true;
         self.bytes.received.increment(wire_len(frame.len()));
+        if !self.screened {
+            // Boxed: its timer would otherwise sit in every connection task's state.
+            if !Box::pin(self.screen(&frame)).await? {
+                // Answered with a cookie reply: the dialer sends message 1 again.
+                return Ok(());
+            }
+            self.screened = true;
+        }
         let Ok(allow) = self.allow.read() else {
             return Err("allow list lock poisoned".into());
         };
@@ -356,16 +367,44 @@ impl ConnTask {
         }
     }
 
-    /// Before the first handshake message of an accepted stream is read (the one that costs
-    /// us Diffie-Hellman work): a stranger address pays a token of its budget, waiting for
-    /// one if it spent them all. Dials and listed addresses go ahead.
-    async fn pay_for_handshake(&self) {
-        let Some(gate) = &self.gate else {
-            return;
+    /// Message 1 of an accepted stream, before any Diffie-Hellman (see `guard` and
+    /// `admission`): garbage and a wrong mac1 end the stream; a ticket proves an allowed
+    /// peer, which goes ahead of everything unproven; under load an unproven IK message 1
+    /// without a cookie gets a cookie reply (`Ok(false)`: wait for message 1 again);
+    /// anything else waits for its slot, if parked, and pays a token of its address's
+    /// budget. `Err` names why the stream is dropped.
+    async fn screen(&mut self, frame: &[u8]) -> Result<bool, String> {
+        let Some(gate) = self.gate.clone() else {
+            return Ok(true);
         };
+        let from = self.connection.remote().addr;
+        match gate.guard(|guard| guard.classify(frame, from, now())) {
+            FirstMessage::Garbage(why) => return Err(format!("first message refused: {why}")),
+            FirstMessage::Proven(peer) => {
+                if !gate.with(|table| table.prove(self.conn, now())) {
+                    return Err("evicted".into());
+                }
+                gate.wake.notify_one();
+                self.turn = None;
+                self.connection.proven_by_ticket(peer);
+                return Ok(true);
+            }
+            FirstMessage::Unproven { cookie: false } if gate.with(|table| table.under_load()) => {
+                let reply = gate.guard(|guard| guard.cookie_reply(frame, from, now()));
+                return match reply.map(|reply| self.connection.send_cookie_reply(reply)) {
+                    Some(true) => Ok(false),
+                    _ => Err("message 1 without the cookie it was sent".into()),
+                };
+            }
+            FirstMessage::Xx | FirstMessage::Unproven { .. } => {}
+        }
+        if let Some(turn) = self.turn.take() {
+            turn.await.map_err(|_| "the router is gone".to_owned())?;
+        }
         while let Err(wait) = gate.with(|table| table.take_dh(self.conn, now())) {
             tokio::time::sleep(wait).await;
         }
+        Ok(true)
     }
 
     /// Forwards the connection's events; false if the handler is gone.
@@ -378,12 +417,18 @@ impl ConnTask {
                         peer,
                         remote_max_message_size,
                         remote_features,
+                        ticket,
+                        key,
                     },
                 ) => {
                     if let Some(gate) = &self.gate {
                         if !gate.with(|table| table.admit(self.conn, now())) {
                             // Evicted while finishing the handshake: the router cuts us.
                             return false;
+                        }
+                        // The ticket we handed over in message 2 proves this peer next time.
+                        if let Some(ticket) = ticket {
+                            gate.guard(|guard| guard.issue(peer, ticket, now()));
                         }
                         // A slot is free: parked streams may start.
                         gate.wake.notify_one();
@@ -393,6 +438,7 @@ impl ConnTask {
                     NetEvent::Accepted {
                         conn: self.conn,
                         peer,
+                        key,
                         addr: self.connection.remote().addr,
                         remote_max_message_size,
                         remote_features,

@@ -620,7 +620,10 @@ impl Handler {
         let (notice_tx, notice_rx) = mpsc::channel(cap);
         let shared_allow: SharedAllow = Arc::new(RwLock::new(allow));
         let slots: Slots = Arc::default();
-        let gate = super::slots::Gate::new(crate::admission::Admission::new(&config));
+        let mut guard_seed = [0u8; 32];
+        rand_core::Rng::fill_bytes(&mut rng, &mut guard_seed);
+        let guard = crate::guard::Guard::new(keypair.public_bytes(), guard_seed, super::now());
+        let gate = super::slots::Gate::new(crate::admission::Admission::new(&config), guard);
         let router = Router {
             transport,
             keypair: Arc::new(keypair),

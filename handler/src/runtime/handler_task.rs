@@ -21,7 +21,7 @@ use super::handle::{
     Command, HandlerError, Inbox, MembershipStatus, Notice, ShutdownReport, Status,
 };
 use super::observe::{self, Gauges, Observer};
-use super::router::{NetCommand, NetEvent, NetNotice};
+use super::router::{DialCommand, NetCommand, NetEvent, NetNotice};
 use super::slots::{Forwarded, Slots, forward};
 use super::tap::{Arrival, Tap, Verdict};
 use super::{SharedAllow, Timer, now};
@@ -364,6 +364,7 @@ impl HandlerTask {
                     addr,
                     key,
                     early,
+                    ticket,
                 } => {
                     self.tap.dial(conn, peer, addr);
                     observe::dial(conn, peer, addr);
@@ -387,14 +388,15 @@ impl HandlerTask {
                         }
                     });
                     // The router never waits on us, so this wait is short.
-                    let dial = NetCommand::Dial {
+                    let dial = NetCommand::Dial(DialCommand {
                         conn,
                         peer,
                         addr,
                         key,
                         early,
+                        ticket,
                         corrupt_first,
-                    };
+                    });
                     if self.network.send(dial).await.is_err() {
                         return;
                     }
@@ -678,6 +680,7 @@ impl HandlerTask {
             NetEvent::Accepted {
                 conn,
                 peer,
+                key,
                 addr,
                 remote_max_message_size,
                 remote_features,
@@ -687,8 +690,10 @@ impl HandlerTask {
                     Some(peer),
                     &ConnEvent::Established {
                         peer,
+                        key,
                         remote_max_message_size,
                         remote_features,
+                        ticket: None,
                     },
                 );
                 observe::established(conn, peer, Some(addr));

@@ -14,7 +14,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use crate::admission::Verdict;
 use crate::config::Config;
-use crate::connection::{Closed, ConnError, ConnEvent, Connection};
+use crate::connection::{Closed, ConnError, ConnEvent, Connection, IkDial};
 use crate::endpoint::{ConnId, Direction, Event};
 use crate::identity::{Keypair, PeerId};
 use crate::transport::{Listener, Transport};
@@ -32,18 +32,23 @@ use super::{SHUTDOWN_GRACE, SharedAllow, now};
 /// hold a whole burst of one exchange whatever the application's channels are sized at.
 const CONN_QUEUE: usize = 64;
 
+/// A dial the endpoint asked for (`Output::Dial`), with the tap's fault for message 1.
+pub(super) struct DialCommand {
+    pub(super) conn: ConnId,
+    pub(super) peer: PeerId,
+    pub(super) addr: SocketAddr,
+    /// The responder's static key, if known: an IK handshake.
+    pub(super) key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
+    /// With a key: a Request for IK message 1, and its timestamp (Unix ms).
+    pub(super) early: Option<(u64, Message)>,
+    /// With a key: a ticket the responder gave us, for message 1.
+    pub(super) ticket: Option<p2p_handler_core::guard::Ticket>,
+    /// Flip a byte of message 1 (a fault injected into the Request it carries).
+    pub(super) corrupt_first: bool,
+}
+
 pub(super) enum NetCommand {
-    Dial {
-        conn: ConnId,
-        peer: PeerId,
-        addr: SocketAddr,
-        /// The responder's static key, if known: an IK handshake.
-        key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
-        /// With a key: a Request for IK message 1, and its timestamp (Unix ms).
-        early: Option<(u64, Message)>,
-        /// Flip a byte of message 1 (a fault injected into the Request it carries).
-        corrupt_first: bool,
-    },
+    Dial(DialCommand),
     Send {
         conn: ConnId,
         message: Message,
@@ -61,6 +66,7 @@ pub(super) enum NetEvent {
     Accepted {
         conn: ConnId,
         peer: PeerId,
+        key: [u8; p2p_handler_core::identity::KEY_LEN],
         addr: SocketAddr,
         remote_max_message_size: usize,
         remote_features: u32,
@@ -102,8 +108,10 @@ pub(super) struct Router<T: Transport> {
     pub(super) accepted: u64,
     /// The admission table of unauthenticated inbound connections.
     pub(super) gate: SharedGate,
-    /// Accepted streams waiting for a handshake slot, unread (see `admission`).
-    pub(super) parked: BTreeMap<ConnId, (T::Stream, SocketAddr)>,
+    /// Accepted streams waiting for a handshake slot (see `admission`): their tasks read
+    /// and sort message 1, and wait for this word before any Diffie-Hellman unless it
+    /// proves a ticket.
+    pub(super) parked: BTreeMap<ConnId, tokio::sync::oneshot::Sender<()>>,
     /// Shared by every connection task.
     pub(super) bytes: ByteCounters,
 }
@@ -132,6 +140,7 @@ impl<T: Transport> Router<T> {
                             conns.remove(&conn);
                         }
                         if conn.is_inbound() {
+                            self.parked.remove(&conn);
                             self.gate.with(|table| table.ended(conn, now()));
                             self.admit_parked();
                         }
@@ -187,14 +196,7 @@ impl<T: Transport> Router<T> {
 
     fn command(&mut self, command: NetCommand) {
         match command {
-            NetCommand::Dial {
-                conn,
-                peer,
-                addr,
-                key,
-                early,
-                corrupt_first,
-            } => self.dial(conn, peer, addr, key, early, corrupt_first),
+            NetCommand::Dial(dial) => self.dial(dial),
             NetCommand::Send { conn, message } => self.forward(conn, ConnCommand::Send(message)),
             NetCommand::Close { conn, reason } => self.forward(conn, ConnCommand::Close(reason)),
             NetCommand::StopAccepting | NetCommand::Shutdown => {}
@@ -219,15 +221,16 @@ impl<T: Transport> Router<T> {
         tasks.saturating_sub(handshaking) >= self.config.max_connections
     }
 
-    fn dial(
-        &mut self,
-        conn: ConnId,
-        peer: PeerId,
-        addr: SocketAddr,
-        key: Option<[u8; p2p_handler_core::identity::KEY_LEN]>,
-        early: Option<(u64, Message)>,
-        corrupt_first: bool,
-    ) {
+    fn dial(&mut self, dial: DialCommand) {
+        let DialCommand {
+            conn,
+            peer,
+            addr,
+            key,
+            early,
+            ticket,
+            corrupt_first,
+        } = dial;
         if self.at_limit() {
             self.notify(NetNotice::Lost {
                 conn,
@@ -268,24 +271,20 @@ impl<T: Transport> Router<T> {
                     return conn;
                 }
             };
-            let dialed = match key {
-                Some(key) => Connection::dial_ik(
-                    &keypair,
-                    &key,
-                    addr,
-                    seed,
-                    &config,
-                    now(),
-                    early.as_ref().map(|(at, m)| (*at, m)),
-                ),
-                None => Connection::dial(&keypair, peer, addr, seed, &config, now()),
-            };
+            let ik = key.as_ref().map(|key| IkDial {
+                key,
+                early: early.as_ref().map(|(at, m)| (*at, m)),
+                ticket,
+            });
+            let dialed = Connection::dial_with(&keypair, peer, addr, seed, &config, now(), ik);
             match dialed {
                 Ok(connection) => {
                     let task = ConnTask {
                         conn,
                         announced: true,
                         gate: None,
+                        turn: None,
+                        screened: true,
                         connection,
                         allow,
                         commands: rx,
@@ -350,10 +349,11 @@ impl<T: Transport> Router<T> {
             .with(|table| table.accept(conn, addr.ip(), listed, now()));
         match verdict {
             // Registering the task tells the handler task how many there are.
-            Verdict::Start => self.start(conn, stream, addr),
+            Verdict::Start => self.start(conn, stream, addr, None),
             Verdict::Park => {
-                self.parked.insert(conn, (stream, addr));
-                self.notify_tasks();
+                let (go, turn) = tokio::sync::oneshot::channel();
+                self.parked.insert(conn, go);
+                self.start(conn, stream, addr, Some(turn));
             }
             Verdict::Drop => {
                 // Dropping the stream closes it. Only strangers' floods get here: every
@@ -373,10 +373,12 @@ impl<T: Transport> Router<T> {
         let mut changed = false;
         while let Some(conn) = self.gate.with(|table| table.poll_start()) {
             changed = true;
-            if let Some((stream, addr)) = self.parked.remove(&conn) {
-                self.start(conn, stream, addr);
-            } else {
-                // Closed meanwhile (the router no longer holds it): free its slot.
+            let started = self
+                .parked
+                .remove(&conn)
+                .is_some_and(|go| go.send(()).is_ok());
+            if !started {
+                // Its task ended meanwhile: free its slot.
                 self.gate.with(|table| table.ended(conn, now()));
             }
         }
@@ -391,11 +393,7 @@ impl<T: Transport> Router<T> {
         let mut any = false;
         while let Some(victim) = self.gate.with(|table| table.poll_evicted()) {
             any = true;
-            if self.parked.remove(&victim).is_some() {
-                // A parked stream, dropped unread: nothing else holds it.
-                self.gate.with(|table| table.ended(victim, now()));
-                continue;
-            }
+            self.parked.remove(&victim);
             let slot = self.conns.lock().ok().and_then(|mut c| c.remove(&victim));
             if let Some(slot) = slot {
                 slot.abort.abort();
@@ -405,8 +403,15 @@ impl<T: Transport> Router<T> {
         any
     }
 
-    /// Starts the handshake task of an accepted stream.
-    fn start(&mut self, conn: ConnId, stream: T::Stream, addr: SocketAddr) {
+    /// Starts the handshake task of an accepted stream; a parked one waits for its `turn`
+    /// before any Diffie-Hellman.
+    fn start(
+        &mut self,
+        conn: ConnId,
+        stream: T::Stream,
+        addr: SocketAddr,
+        turn: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) {
         let seed = self.seed();
         let connection = match Connection::accept(&self.keypair, addr, seed, &self.config, now()) {
             Ok(connection) => connection,
@@ -423,6 +428,8 @@ impl<T: Transport> Router<T> {
             conn,
             announced: false,
             gate: Some(self.gate.clone()),
+            turn,
+            screened: false,
             connection,
             allow: self.allow.clone(),
             commands: rx,

@@ -9,6 +9,7 @@ use tokio::task::AbortHandle;
 
 use crate::admission::Admission;
 use crate::endpoint::ConnId;
+use crate::guard::Guard;
 
 use super::conn_task::ConnCommand;
 
@@ -22,9 +23,11 @@ pub(super) struct ConnSlot {
 /// [`admission`](crate::admission)), shared by the router, which accepts, parks, starts and
 /// evicts, and the connection tasks, which report their handshakes' progress and pay for
 /// their Diffie-Hellman work. The table's decisions are atomic under its lock: a task
-/// admitted and the router evicting it cannot both win.
+/// admitted and the router evicting it cannot both win. Beside it, the [`Guard`] that sorts
+/// message 1s before any Diffie-Hellman (mac1, cookies, tickets).
 pub(super) struct Gate {
     table: std::sync::Mutex<Admission>,
+    guard: std::sync::Mutex<Guard>,
     /// Rings when a slot frees (a handshake authenticated): parked streams may start.
     pub(super) wake: tokio::sync::Notify,
 }
@@ -32,9 +35,10 @@ pub(super) struct Gate {
 pub(super) type SharedGate = Arc<Gate>;
 
 impl Gate {
-    pub(super) fn new(table: Admission) -> SharedGate {
+    pub(super) fn new(table: Admission, guard: Guard) -> SharedGate {
         Arc::new(Self {
             table: std::sync::Mutex::new(table),
+            guard: std::sync::Mutex::new(guard),
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -47,6 +51,15 @@ impl Gate {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut table)
+    }
+
+    /// Runs `f` on the guard (consistent after a panic elsewhere, as the table is).
+    pub(super) fn guard<R>(&self, f: impl FnOnce(&mut Guard) -> R) -> R {
+        let mut guard = self
+            .guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
     }
 }
 

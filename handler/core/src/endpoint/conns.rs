@@ -40,6 +40,34 @@ impl Endpoint {
         }
     }
 
+    /// A handshake on `conn`, one we dialed, authenticated `peer` with static key `key`:
+    /// keep the key (IK from now on) and the ticket it handed over, if any.
+    pub(super) fn learn(
+        &mut self,
+        conn: ConnId,
+        peer: PeerId,
+        key: [u8; crate::identity::KEY_LEN],
+        ticket: Option<crate::guard::Ticket>,
+    ) {
+        let ours = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.direction == Direction::Outbound && c.peer == peer);
+        if !ours || PeerId::from_public_key(&key) != peer {
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.learned_key = Some(key);
+        if let Some(ticket) = ticket {
+            if p.tickets.len() >= crate::guard::TICKETS_PER_PEER {
+                p.tickets.pop_front();
+            }
+            p.tickets.push_back(ticket);
+        }
+    }
+
     pub(super) fn on_closed(&mut self, conn: ConnId, closed: Closed, now: Instant) {
         let Some(c) = self.forget_conn(conn) else {
             return;
@@ -127,12 +155,19 @@ impl Endpoint {
         early: Option<Message>,
         now: Instant,
     ) -> bool {
-        let xx_only = self.peers.get(&peer).is_some_and(|p| p.xx_only);
+        let known = self.peers.get(&peer);
+        let xx_only = known.is_some_and(|p| p.xx_only);
+        let learned = known.and_then(|p| p.learned_key);
         let key = self
             .allow
             .get(&peer)
             .and_then(|entry| entry.public_key)
+            .or(learned)
             .filter(|key| !xx_only && PeerId::from_public_key(key) == peer);
+        let ticket = match (key, self.peers.get_mut(&peer)) {
+            (Some(_), Some(p)) => p.tickets.pop_back(),
+            _ => None,
+        };
         let wall = self.unix_ms(now);
         let early = match (key, wall, early, self.peers.get_mut(&peer)) {
             (Some(_), Some(wall), Some(message), Some(p))
@@ -157,6 +192,7 @@ impl Endpoint {
             addr,
             key,
             early,
+            ticket,
         });
         sent
     }
@@ -333,6 +369,8 @@ impl Endpoint {
                     xx_only: false,
                     early_sent: 0,
                     early_floor: 0,
+                    learned_key: None,
+                    tickets: VecDeque::new(),
                 },
             );
         }

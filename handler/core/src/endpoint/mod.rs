@@ -146,6 +146,8 @@ pub enum Output {
         /// With a key: the exchange's Request to carry in IK message 1, and its timestamp
         /// (the endpoint's wall clock, Unix ms): `Connection::dial_ik`'s `early`.
         early: Option<(u64, Message)>,
+        /// With a key: a ticket the peer gave us, to redeem in message 1.
+        ticket: Option<crate::guard::Ticket>,
     },
     /// Send a message on an established connection.
     Send {
@@ -261,6 +263,12 @@ pub(super) struct Peer {
     /// Responder: the timestamp of the last Request in an IK message 1 taken from it as
     /// fresh; a message 1 stamped at or before it is a replay (or reordered).
     pub(super) early_floor: u64,
+    /// Its static key, learned from a handshake (an XX one tells it): dial it with IK from
+    /// now on even if the allow list gives no key.
+    pub(super) learned_key: Option<[u8; crate::identity::KEY_LEN]>,
+    /// Dialer: tickets it gave us in IK message 2s, oldest first (at most
+    /// [`crate::guard::TICKETS_PER_PEER`]); the next IK dial redeems the newest.
+    pub(super) tickets: VecDeque<crate::guard::Ticket>,
 }
 
 /// A defect planted on purpose in an endpoint, so that a checker can be seen to catch it.
@@ -1028,9 +1036,14 @@ impl Endpoint {
         match event {
             ConnEvent::Established {
                 peer,
+                key,
                 remote_max_message_size,
                 remote_features,
-            } => self.on_established(conn, peer, remote_max_message_size, remote_features, now),
+                ticket,
+            } => {
+                self.learn(conn, peer, key, ticket);
+                self.on_established(conn, peer, remote_max_message_size, remote_features, now);
+            }
             ConnEvent::Message(message) => self.on_message(conn, message, now),
             ConnEvent::Early {
                 sent_unix_ms,
