@@ -234,6 +234,8 @@ pub struct Server {
     pub peer: PeerId,
     /// Listening address.
     pub addr: SocketAddr,
+    /// Static public key (a client that knows it dials with IK).
+    pub key: [u8; 32],
 }
 
 /// Config for benchmarks: generous limits so rate limiting never interferes.
@@ -323,6 +325,7 @@ pub async fn server_opts(
     Server {
         peer: key.peer_id(),
         addr: handler.local_addr(),
+        key: *key.public_bytes(),
         handler,
     }
 }
@@ -347,6 +350,25 @@ pub async fn client_with(
         key,
         AllowList::from_peers([server]),
         options,
+    )
+    .await
+    .unwrap()
+}
+
+/// A client handler that knows the server's static key (`server_key`): it dials with IK,
+/// the request in message 1, and redeems the tickets the server gives it.
+pub async fn client_ik(
+    key: Keypair,
+    server_key: [u8; 32],
+    reuse: bool,
+    seed: u8,
+) -> (Handler, Inbox) {
+    Handler::spawn_with(
+        TcpTransport,
+        "127.0.0.1:0".parse().unwrap(),
+        key,
+        AllowList::from_keys([server_key]),
+        bench_options(reuse, seed, None),
     )
     .await
     .unwrap()

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use p2p_handler_core::connection::{ConnEvent, Connection};
+use p2p_handler_core::guard;
 use p2p_handler_core::noise::{HandshakeRole, handshake_ik};
 use p2p_handler_core::wire::{FEATURES, Hello, Message, PROTOCOL_VERSION};
 use p2p_handler_core::{AllowList, Config, Keypair};
@@ -45,6 +46,8 @@ fuzz_target!(|input: (bool, u64, Vec<u8>)| {
         return;
     };
     frame.truncate(n);
+    // In its envelope, with a right mac1 (a wrong one is `guard_first_frame`'s).
+    let frame = guard::seal_message_1(&frame, responder.public_bytes(), None, None);
     let addr = "10.0.0.1:5".parse().expect("address");
     let Ok(mut conn) = Connection::accept(&responder, addr, [1; 32], &config, now) else {
         return;

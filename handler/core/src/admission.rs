@@ -22,8 +22,17 @@
 //! * **Evict only what stalls.** A newcomer may take the slot of a connection that has
 //!   waited at least [`Admission::stall`] for its peer's next handshake message (silent, or
 //!   not answering message 2), and only from an address holding at least two more slots
-//!   than the newcomer's (fair share), or from its own address when that is at its bound.
+//!   than the newcomer's (fair share). A parked stream whose message 1 arrived
+//!   ([`Admission::ready`]) may also take one from its own address when that is at its
+//!   bound; a stream that has sent nothing never does, so an attacker's silent sockets,
+//!   re-opened as soon as they are evicted, cannot evict each other in a loop.
 //!   A handshake that progresses at network speed is never evicted.
+//! * **Ready first.** Parked streams whose message 1 arrived start before silent ones.
+//! * **Hold garbage.** A stream whose message 1 is garbage (a wrong mac1) is not closed at
+//!   once, which would have its sender reconnect at once and keep the node accepting and
+//!   closing at full speed: [`Admission::hold`] parks it for good, unread, never started,
+//!   the first to go when parking is full, and closed when it expires like any parked
+//!   stream. Its sender's sockets then cost what silent ones do.
 //! * **Diffie-Hellman budget.** An address spends a token of a bucket
 //!   (`stranger_handshake_rate`) before an unproven message 1 of its is processed, and gets
 //!   it back when the handshake authenticates an allowed peer. Allowed crowds therefore
@@ -84,6 +93,10 @@ struct Parked {
     conn: ConnId,
     class: Class,
     since: Instant,
+    /// Its message 1 arrived (the driver read it while it waited).
+    ready: bool,
+    /// Its message 1 was garbage: held until it expires, never started.
+    held: bool,
 }
 
 /// The table of unauthenticated inbound connections. See the module docs.
@@ -116,6 +129,7 @@ pub struct Admission {
     buckets: BTreeMap<IpAddr, Bucket>,
     evictions: u64,
     proven: u64,
+    held: u64,
 }
 
 /// At most this many stranger addresses keep a Diffie-Hellman bucket; past it, full
@@ -152,6 +166,7 @@ impl Admission {
             buckets: BTreeMap::new(),
             evictions: 0,
             proven: 0,
+            held: 0,
         }
     }
 
@@ -194,7 +209,7 @@ impl Admission {
             self.start(conn, ip, class, now);
             return Verdict::Start;
         }
-        if let Some(victim) = self.victim(class, ip, now) {
+        if let Some(victim) = self.victim(class, ip, now, false) {
             self.evict(victim);
             self.start(conn, ip, class, now);
             return Verdict::Start;
@@ -206,6 +221,8 @@ impl Admission {
             conn,
             class,
             since: now,
+            ready: false,
+            held: false,
         });
         self.parked_len += 1;
         Verdict::Park
@@ -232,6 +249,74 @@ impl Admission {
             self.fill_slots(now);
         }
         true
+    }
+
+    /// Input (the connection's task): message 1 of the parked stream `conn` arrived, and
+    /// does not prove a ticket. True if its handshake starts now (room, or the slot of a
+    /// stalled handshake, from its own address too); false if it waits for
+    /// [`Admission::poll_start`], ahead of the silent parked streams. True as well if it
+    /// is not parked (it started meanwhile).
+    pub fn ready(&mut self, conn: ConnId, now: Instant) -> bool {
+        let Some((ip, class)) = self.parked.iter_mut().find_map(|(ip, q)| {
+            let p = q.iter_mut().find(|p| p.conn == conn)?;
+            p.ready = true;
+            Some((*ip, p.class))
+        }) else {
+            return !self.cut.contains(&conn);
+        };
+        let victim = if self.has_room(class, ip, false) {
+            None
+        } else {
+            match self.victim(class, ip, now, true) {
+                Some(victim) => Some(victim),
+                None => return false,
+            }
+        };
+        if let Some(victim) = victim {
+            self.evict(victim);
+        }
+        self.unpark(conn);
+        self.start(conn, ip, class, now);
+        true
+    }
+
+    /// Input (the connection's task): message 1 of `conn` was garbage. It leaves its slot
+    /// (or parking place) and is held, parked for good, until it expires or parking needs
+    /// room; the driver keeps the stream open, unread, until [`Admission::poll_evicted`]
+    /// names it (or its sender closes it).
+    pub fn hold(&mut self, conn: ConnId, now: Instant) {
+        let (ip, class) = if let Some(h) = self.release(conn) {
+            self.fill_slots(now);
+            (h.ip, h.class)
+        } else if let Some(found) = self
+            .parked
+            .iter()
+            .find_map(|(ip, q)| q.iter().find(|p| p.conn == conn).map(|p| (*ip, p.class)))
+        {
+            self.unpark(conn);
+            found
+        } else {
+            return;
+        };
+        self.held += 1;
+        if self.parked_len >= self.max_parked && !self.drop_oldest_held() {
+            // Parking is full of streams that may yet be good: close this one.
+            self.evicted.push_back(conn);
+            return;
+        }
+        self.parked.entry(ip).or_default().push_back(Parked {
+            conn,
+            class,
+            since: now,
+            ready: false,
+            held: true,
+        });
+        self.parked_len += 1;
+    }
+
+    /// Streams held for a garbage message 1, since the start.
+    pub fn held(&self) -> u64 {
+        self.held
     }
 
     /// Input (the connection's task): message 1 of `conn` redeemed a ticket. It leaves its
@@ -404,11 +489,15 @@ impl Admission {
     }
 
     /// A stalled handshake of `class` whose slot a newcomer from `ip` may take: from its
-    /// own address when that is at its bound, otherwise from the address holding the most
-    /// (at least two more than the newcomer's). The one that waited longest goes.
-    fn victim(&self, class: Class, ip: IpAddr, now: Instant) -> Option<ConnId> {
+    /// own address when that is at its bound and the newcomer sent its message 1
+    /// (`ready`), otherwise from the address holding the most (at least two more than the
+    /// newcomer's). The one that waited longest goes.
+    fn victim(&self, class: Class, ip: IpAddr, now: Instant, ready: bool) -> Option<ConnId> {
         let own = self.count(class, ip);
         let from = if own >= self.per_ip {
+            if !ready {
+                return None;
+            }
             ip
         } else {
             let (&(_, busiest), &most) = self
@@ -431,6 +520,23 @@ impl Admission {
 
     /// Parking is full: drops the oldest parked stream of the address with the most parked,
     /// if that address has more parked than `ip`. False if none qualifies.
+    /// Parking is full: closes the held stream that was held longest. False if none is.
+    fn drop_oldest_held(&mut self) -> bool {
+        let oldest = self
+            .parked
+            .values()
+            .flat_map(|q| q.iter().filter(|p| p.held))
+            .min_by_key(|p| (p.since, p.conn))
+            .map(|p| p.conn);
+        let Some(conn) = oldest else {
+            return false;
+        };
+        self.unpark(conn);
+        self.evicted.push_back(conn);
+        self.evictions += 1;
+        true
+    }
+
     fn drop_a_parked(&mut self, ip: IpAddr) -> bool {
         let own = self.parked.get(&ip).map_or(0, VecDeque::len);
         let Some((&busiest, queue)) = self
@@ -443,7 +549,9 @@ impl Admission {
         if queue.len() <= own {
             return false;
         }
-        let Some(dropped) = queue.pop_front() else {
+        // A held stream goes first: it has shown it is garbage.
+        let at = queue.iter().position(|p| p.held).unwrap_or(0);
+        let Some(dropped) = queue.remove(at) else {
             return false;
         };
         if queue.is_empty() {
@@ -455,26 +563,28 @@ impl Admission {
         true
     }
 
-    /// Starts parked streams while there is room: listed addresses first, then the
-    /// address with the fewest handshakes, then the oldest stream.
+    /// Starts parked streams while there is room: listed addresses first, then streams
+    /// whose message 1 arrived, then the address with the fewest handshakes, then the
+    /// oldest stream.
     fn fill_slots(&mut self, now: Instant) {
         loop {
             let next = self
                 .parked
                 .iter()
-                .filter_map(|(ip, q)| q.front().map(|p| (*ip, *p)))
+                .flat_map(|(ip, q)| {
+                    // An address's oldest ready stream and its oldest one not held.
+                    let ready = q.iter().find(|p| p.ready);
+                    let oldest = q.iter().find(|p| !p.held);
+                    ready.into_iter().chain(oldest).map(|p| (*ip, *p))
+                })
                 .filter(|(ip, p)| self.has_room(p.class, *ip, true))
-                .min_by_key(|(ip, p)| (p.class, self.count(p.class, *ip), p.since, p.conn));
+                .min_by_key(|(ip, p)| {
+                    (p.class, !p.ready, self.count(p.class, *ip), p.since, p.conn)
+                });
             let Some((ip, p)) = next else {
                 return;
             };
-            if let Some(queue) = self.parked.get_mut(&ip) {
-                queue.pop_front();
-                if queue.is_empty() {
-                    self.parked.remove(&ip);
-                }
-            }
-            self.parked_len -= 1;
+            self.unpark(p.conn);
             self.start(p.conn, ip, p.class, now);
             self.to_start.push_back(p.conn);
         }
@@ -603,9 +713,35 @@ mod tests {
         // Fair share: no address holds two more than 10.0.0.3's one: it parks.
         assert_eq!(table.accept(conn(8), ip(3), false, late), Verdict::Park);
         assert_eq!(drain(&mut table).0, Vec::<ConnId>::new());
-        // An address at its own bound replaces its own stalled handshake.
-        assert_eq!(table.accept(conn(9), ip(2), false, late), Verdict::Start);
-        assert_eq!(drain(&mut table).0, vec![conn(3)]);
+        // An address at its own bound: a newcomer that has sent nothing parks (a silent
+        // flood re-opened as fast as it is evicted must not evict itself in a loop); once
+        // its message 1 arrives, it replaces the address's own stalled handshake, ahead
+        // of the streams parked before it.
+        assert_eq!(table.accept(conn(9), ip(2), false, late), Verdict::Park);
+        assert_eq!(drain(&mut table).0, Vec::<ConnId>::new());
+        assert!(table.ready(conn(9), late));
+        assert_eq!(drain(&mut table), (vec![conn(3)], vec![]));
+        assert!(!table.is_parked(conn(9)));
+        assert!(table.ready(conn(9), late), "started already");
+        assert!(!table.ready(conn(3), late), "evicted");
+    }
+
+    #[test]
+    fn parked_streams_whose_message_1_arrived_start_before_silent_ones() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        for n in 3..=5 {
+            assert_eq!(table.accept(conn(n), ip(1), false, t0), Verdict::Park);
+        }
+        // Conn 5's message 1 arrives; no stalled handshake to replace yet: it waits,
+        // first in line.
+        assert!(!table.ready(conn(5), t0));
+        table.ended(conn(1), t0);
+        assert_eq!(drain(&mut table), (vec![], vec![conn(5)]));
+        // Then the oldest silent one.
+        table.ended(conn(2), t0);
+        assert_eq!(drain(&mut table), (vec![], vec![conn(3)]));
     }
 
     #[test]
@@ -690,7 +826,8 @@ mod tests {
         assert_eq!(drain(&mut table), (vec![], vec![conn(3)]));
         // Neither can be chosen as a victim, stalled or not; both are admitted.
         let late = t0 + table.stall() * 2;
-        assert_eq!(table.accept(conn(9), ip(1), false, late), Verdict::Start);
+        assert_eq!(table.accept(conn(9), ip(1), false, late), Verdict::Park);
+        assert!(table.ready(conn(9), late));
         let (evicted, _) = drain(&mut table);
         assert!(
             !evicted.contains(&conn(1)) && !evicted.contains(&conn(4)),

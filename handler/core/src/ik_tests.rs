@@ -388,3 +388,188 @@ fn a_request_too_large_for_message_1_waits_for_the_session_and_a_cancelled_dial_
         "{outputs:?}"
     );
 }
+
+/// The next dial (connection, key, ticket) after `conn` drops, the exchange retrying.
+fn redial(
+    ep: &mut Endpoint,
+    conn: ConnId,
+    now: &mut Instant,
+) -> (ConnId, Option<[u8; KEY_LEN]>, Option<crate::guard::Ticket>) {
+    ep.handle_conn_event(conn, ConnEvent::Closed(Closed::Io("gone".into())), *now);
+    let limit = *now + Duration::from_secs(60);
+    loop {
+        *now += Duration::from_millis(50);
+        ep.handle_timeout(*now);
+        let dial = std::iter::from_fn(|| ep.poll_output()).find_map(|o| match o {
+            Output::Dial {
+                conn, key, ticket, ..
+            } => Some((conn, key, ticket)),
+            _ => None,
+        });
+        if let Some(dial) = dial {
+            return dial;
+        }
+        assert!(*now < limit, "never dialed again");
+    }
+}
+
+fn established_with(peer: PeerId, key: [u8; KEY_LEN], ticket: u8) -> ConnEvent {
+    ConnEvent::Established {
+        peer,
+        key,
+        ticket: Some(crate::guard::Ticket::derive(&[ticket; 32])),
+        remote_max_message_size: 1 << 20,
+        remote_features: FEATURE_IK,
+    }
+}
+
+#[test]
+fn a_key_learned_in_a_handshake_makes_later_dials_ik_and_tickets_are_redeemed_newest_first() {
+    let net = Net::new(3, &["a", "c"], Config::default());
+    let (c, c_key) = (net.id(1), *net.nodes[1].keypair.public_bytes());
+    let mut now = Instant::now();
+    // c is listed by peer id alone: the first dial is XX.
+    let config = Config {
+        max_attempts: 100,
+        ..Config::default()
+    };
+    let mut ep = Endpoint::new(config, net.id(0), AllowList::from_peers([c]), [5; 32]).unwrap();
+    ep.request(c, net.nodes[1].addr, Bytes::from_static(b"x"), now)
+        .unwrap();
+    let first = dials(&mut ep);
+    assert_eq!(first[0].1, None);
+    // A key that is not c's is not kept (a driver's bug, not trusted), nor its ticket.
+    ep.handle_conn_event(first[0].0, established_with(c, [9; KEY_LEN], 1), now);
+    let (conn, key, ticket) = redial(&mut ep, first[0].0, &mut now);
+    assert_eq!((key, ticket), (None, None), "a wrong key was learned");
+    // The XX handshake tells c's key and hands over a ticket: IK from now on, with it.
+    ep.handle_conn_event(conn, established_with(c, c_key, 2), now);
+    let (conn, key, ticket) = redial(&mut ep, conn, &mut now);
+    assert_eq!(key, Some(c_key), "the learned key");
+    assert_eq!(ticket, Some(crate::guard::Ticket::derive(&[2; 32])));
+    // That dial fails before its handshake: XX next (no key, no ticket), and the ticket
+    // goes back, since the responder may never have seen it.
+    let (conn, key, none) = redial(&mut ep, conn, &mut now);
+    assert_eq!((key, none), (None, None));
+    // The XX handshake's hello offers IK: IK again, redeeming the ticket given back.
+    let plain = ConnEvent::Established {
+        peer: c,
+        key: c_key,
+        ticket: None,
+        remote_max_message_size: 1 << 20,
+        remote_features: FEATURE_IK,
+    };
+    ep.handle_conn_event(conn, plain, now);
+    let (conn, key, back) = redial(&mut ep, conn, &mut now);
+    assert_eq!(key, Some(c_key));
+    assert_eq!(
+        back,
+        Some(crate::guard::Ticket::derive(&[2; 32])),
+        "given back"
+    );
+    let plain = ConnEvent::Established {
+        peer: c,
+        key: c_key,
+        ticket: None,
+        remote_max_message_size: 1 << 20,
+        remote_features: FEATURE_IK,
+    };
+    ep.handle_conn_event(conn, plain, now);
+    // Tickets pile up (a driver reporting six, as six handshakes would); the four newest
+    // are kept, the newest used first, each once.
+    for n in 10..16u8 {
+        ep.handle_conn_event(conn, established_with(c, c_key, n), now);
+    }
+    let mut conn = conn;
+    let mut used = Vec::new();
+    for _ in 0..5 {
+        let (next, _, ticket) = redial(&mut ep, conn, &mut now);
+        used.push(ticket);
+        // Established, handing over no ticket (so IK stays, and no new one arrives).
+        let ev = ConnEvent::Established {
+            peer: c,
+            key: c_key,
+            ticket: None,
+            remote_max_message_size: 1 << 20,
+            remote_features: FEATURE_IK,
+        };
+        ep.handle_conn_event(next, ev, now);
+        conn = next;
+    }
+    let derive = |n: u8| Some(crate::guard::Ticket::derive(&[n; 32]));
+    assert_eq!(
+        used,
+        vec![derive(15), derive(14), derive(13), derive(12), None]
+    );
+}
+
+#[test]
+fn an_ik_dial_the_connect_timeout_gives_up_on_is_retried_with_xx() {
+    // A responder that holds a message 1 whose mac1 it refuses (it no longer has the key
+    // we know) never answers: the connect timeout ends the dial, and XX names who is there.
+    let net = Net::new(3, &["a", "b"], Config::default());
+    let (b, b_key) = (net.id(1), *net.nodes[1].keypair.public_bytes());
+    let mut now = Instant::now();
+    let mut ep = Endpoint::new(
+        Config::default(),
+        net.id(0),
+        AllowList::from_keys([b_key]),
+        [5; 32],
+    )
+    .unwrap();
+    ep.request(b, net.nodes[1].addr, Bytes::from_static(b"x"), now)
+        .unwrap();
+    assert_eq!(dials(&mut ep)[0].1, Some(b_key));
+    let retry = loop {
+        now += Duration::from_millis(100);
+        ep.handle_timeout(now);
+        let d = dials(&mut ep);
+        if !d.is_empty() {
+            break d;
+        }
+        assert!(
+            now < Instant::now() + Duration::from_secs(120),
+            "never retried"
+        );
+    };
+    assert_eq!(
+        retry[0].1, None,
+        "retried with IK after the connect timeout"
+    );
+    // That says nothing of IK (a partition would do the same): once XX, then IK again.
+    let (conn, key, _) = redial_after(&mut ep, &mut now);
+    assert_eq!(key, Some(b_key), "XX stuck after a timeout");
+    // The Connection's own handshake timeout counts the same.
+    let remote = crate::connection::Remote {
+        addr: net.nodes[1].addr,
+        peer: Some(b),
+    };
+    let timeout = crate::connection::ConnError::HandshakeTimeout { remote };
+    ep.handle_conn_event(conn, ConnEvent::Closed(Closed::Error(timeout)), now);
+    let (_, key, _) = redial_after(&mut ep, &mut now);
+    assert_eq!(key, None, "XX once after a handshake timeout");
+    let (_, key, _) = redial_after(&mut ep, &mut now);
+    assert_eq!(key, Some(b_key), "then IK again");
+}
+
+/// The next dial, after time passes (the connect timeout ends the one before).
+fn redial_after(
+    ep: &mut Endpoint,
+    now: &mut Instant,
+) -> (ConnId, Option<[u8; KEY_LEN]>, Option<crate::guard::Ticket>) {
+    let limit = *now + Duration::from_secs(60);
+    loop {
+        *now += Duration::from_millis(50);
+        ep.handle_timeout(*now);
+        let dial = std::iter::from_fn(|| ep.poll_output()).find_map(|o| match o {
+            Output::Dial {
+                conn, key, ticket, ..
+            } => Some((conn, key, ticket)),
+            _ => None,
+        });
+        if let Some(dial) = dial {
+            return dial;
+        }
+        assert!(*now < limit, "never dialed again");
+    }
+}

@@ -99,6 +99,16 @@ fn poll_write<S: AsyncRead + AsyncWrite + Unpin>(
     flushed
 }
 
+/// What the gate made of an accepted stream's message 1.
+enum Screen {
+    /// Handle it: the handshake goes on.
+    Go,
+    /// A cookie reply went out: wait for message 1 again.
+    Wait,
+    /// Garbage: hold the stream (reported with this reason).
+    Hold(String),
+}
+
 /// What happened while a write was under way.
 enum WriteStep {
     /// Everything queued is flushed (or the stream failed).
@@ -149,6 +159,9 @@ pub(super) struct ConnTask {
     pub(super) turn: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Whether message 1 passed the gate (always, for dials).
     pub(super) screened: bool,
+    /// Message 1 was garbage: the stream is held open, unread, until the admission table
+    /// lets it go (see `admission`'s "hold garbage") or its sender closes it.
+    pub(super) held: bool,
     pub(super) connection: Connection,
     pub(super) allow: SharedAllow,
     pub(super) commands: mpsc::Receiver<ConnCommand>,
@@ -181,6 +194,9 @@ impl ConnTask {
         // Made the first time a write has to wait: most connections never need it.
         let mut stall_timer: Option<Timer> = None;
         loop {
+            if self.held {
+                return self.hold(&mut framed).await;
+            }
             match self
                 .write_out(&mut framed, &mut frames_seen, &mut stall_timer)
                 .await
@@ -255,11 +271,20 @@ impl ConnTask {
         self.bytes.received.increment(wire_len(frame.len()));
         if !self.screened {
             // Boxed: its timer would otherwise sit in every connection task's state.
-            if !Box::pin(self.screen(&frame)).await? {
+            match Box::pin(self.screen(&frame)).await? {
+                Screen::Go => self.screened = true,
                 // Answered with a cookie reply: the dialer sends message 1 again.
-                return Ok(());
+                Screen::Wait => return Ok(()),
+                Screen::Hold(why) => {
+                    let error = ConnError::Handshake {
+                        remote: self.connection.remote(),
+                        detail: why,
+                    };
+                    self.held = true;
+                    let _ = self.events.send(NetEvent::Rejected(error)).await;
+                    return Ok(());
+                }
             }
-            self.screened = true;
         }
         let Ok(allow) = self.allow.read() else {
             return Err("allow list lock poisoned".into());
@@ -368,18 +393,23 @@ impl ConnTask {
     }
 
     /// Message 1 of an accepted stream, before any Diffie-Hellman (see `guard` and
-    /// `admission`): garbage and a wrong mac1 end the stream; a ticket proves an allowed
-    /// peer, which goes ahead of everything unproven; under load an unproven IK message 1
-    /// without a cookie gets a cookie reply (`Ok(false)`: wait for message 1 again);
-    /// anything else waits for its slot, if parked, and pays a token of its address's
-    /// budget. `Err` names why the stream is dropped.
-    async fn screen(&mut self, frame: &[u8]) -> Result<bool, String> {
+    /// `admission`): garbage and a wrong mac1 are held (`Screen::Hold`); a ticket proves
+    /// an allowed peer, which goes ahead of everything unproven; under load an unproven IK
+    /// message 1 without a cookie gets a cookie reply (`Screen::Wait`: message 1 comes
+    /// again); anything else waits for its slot, if parked, and pays a token of its
+    /// address's budget. `Err` names why the stream is dropped.
+    async fn screen(&mut self, frame: &[u8]) -> Result<Screen, String> {
         let Some(gate) = self.gate.clone() else {
-            return Ok(true);
+            return Ok(Screen::Go);
         };
         let from = self.connection.remote().addr;
         match gate.guard(|guard| guard.classify(frame, from, now())) {
-            FirstMessage::Garbage(why) => return Err(format!("first message refused: {why}")),
+            FirstMessage::Garbage(why) => {
+                gate.with(|table| table.hold(self.conn, now()));
+                // A slot may have freed, or parking dropped a held stream: the router acts.
+                gate.wake.notify_one();
+                return Ok(Screen::Hold(format!("first message refused: {why}")));
+            }
             FirstMessage::Proven(peer) => {
                 if !gate.with(|table| table.prove(self.conn, now())) {
                     return Err("evicted".into());
@@ -387,24 +417,53 @@ impl ConnTask {
                 gate.wake.notify_one();
                 self.turn = None;
                 self.connection.proven_by_ticket(peer);
-                return Ok(true);
+                return Ok(Screen::Go);
             }
             FirstMessage::Unproven { cookie: false } if gate.with(|table| table.under_load()) => {
                 let reply = gate.guard(|guard| guard.cookie_reply(frame, from, now()));
                 return match reply.map(|reply| self.connection.send_cookie_reply(reply)) {
-                    Some(true) => Ok(false),
+                    Some(true) => Ok(Screen::Wait),
                     _ => Err("message 1 without the cookie it was sent".into()),
                 };
             }
             FirstMessage::Xx | FirstMessage::Unproven { .. } => {}
         }
         if let Some(turn) = self.turn.take() {
-            turn.await.map_err(|_| "the router is gone".to_owned())?;
+            // Parked: a message 1 goes ahead of the silent streams, and may take a stalled
+            // handshake's slot (the router cuts it).
+            let started = gate.with(|table| table.ready(self.conn, now()));
+            gate.wake.notify_one();
+            if !started {
+                turn.await.map_err(|_| "the router is gone".to_owned())?;
+            }
         }
         while let Err(wait) = gate.with(|table| table.take_dh(self.conn, now())) {
             tokio::time::sleep(wait).await;
         }
-        Ok(true)
+        Ok(Screen::Go)
+    }
+
+    /// A stream held for its garbage message 1: nothing is read into the connection and
+    /// nothing written, until the router cuts this task (the hold expired, or parking
+    /// needed room), a Close comes (shutdown), or the sender closes the stream.
+    async fn hold<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        framed: &mut Framed<S, LengthDelimitedCodec>,
+    ) {
+        let mut commands = self.commands;
+        loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    None | Some(ConnCommand::Close(_)) => return,
+                    Some(_) => {}
+                },
+                frame = framed.next() => match frame {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                },
+            }
+        }
     }
 
     /// Forwards the connection's events; false if the handler is gone.

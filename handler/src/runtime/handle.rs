@@ -175,8 +175,12 @@ pub struct Status {
     /// Unauthenticated inbound connections evicted to make room for newer ones, and
     /// parked streams dropped (see `Config::max_handshaking`), since the start.
     pub evicted_unauthenticated: u64,
-    /// Accepted streams waiting (unread) for a handshake slot.
+    /// Accepted streams waiting for a handshake slot.
     pub parked_connections: usize,
+    /// What the guard made of inbound IK message 1s before any Diffie-Hellman: wrong
+    /// mac1s, cookies sent and proven, tickets issued, redeemed and unknown (see
+    /// [`crate::guard`]).
+    pub first_messages: crate::guard::GuardStats,
     /// Notices dropped because the application left the priority channel full. Outcomes
     /// are never dropped: they travel on the receive channel.
     pub notices_dropped: u64,
@@ -624,6 +628,7 @@ impl Handler {
         rand_core::Rng::fill_bytes(&mut rng, &mut guard_seed);
         let guard = crate::guard::Guard::new(keypair.public_bytes(), guard_seed, super::now());
         let gate = super::slots::Gate::new(crate::admission::Admission::new(&config), guard);
+        let gate_for_status = gate.clone();
         let router = Router {
             transport,
             keypair: Arc::new(keypair),
@@ -670,6 +675,8 @@ impl Handler {
             notices_dropped: 0,
             evicted_unauthenticated: 0,
             parked_connections: 0,
+            first_messages: crate::guard::GuardStats::default(),
+            gate: gate_for_status,
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),
             closing: BTreeMap::new(),

@@ -51,6 +51,10 @@ pub(super) struct HandlerTask {
     pub(super) evicted_unauthenticated: u64,
     /// Accepted streams waiting for a handshake slot (the router's count).
     pub(super) parked_connections: usize,
+    /// The guard's counters, as of the router's last notice.
+    pub(super) first_messages: crate::guard::GuardStats,
+    /// The admission table and guard the network side shares, read for `Status`.
+    pub(super) gate: super::slots::SharedGate,
     /// Commands a tap produced (forged Nacks), sent before the endpoint's outputs.
     pub(super) pending_net: VecDeque<(ConnId, ConnCommand)>,
     /// Exchange states last reported to a tap that wants transitions.
@@ -497,6 +501,7 @@ impl HandlerTask {
             pending_responses: self.endpoint.pending_responses(),
             receive_backlog: self.recv_backlog.len(),
             unread: self.unsettled.len(),
+            first_messages: self.first_messages,
         }
     }
 
@@ -645,6 +650,7 @@ impl HandlerTask {
                     connection_tasks: self.connection_tasks,
                     evicted_unauthenticated: self.evicted_unauthenticated,
                     parked_connections: self.parked_connections,
+                    first_messages: self.gate.guard(|guard| guard.stats()),
                     notices_dropped: self.notices_dropped,
                     outbound_in_flight: self.endpoint.outbound_in_flight(),
                     pending_responses: self.endpoint.pending_responses(),
@@ -786,7 +792,9 @@ impl HandlerTask {
                 live,
                 parked,
                 evicted,
+                first_messages,
             } => {
+                self.first_messages = first_messages;
                 self.connection_tasks = live;
                 self.parked_connections = parked;
                 self.evicted_unauthenticated = evicted;

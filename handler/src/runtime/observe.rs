@@ -17,7 +17,9 @@
 //! `p2p_requests_delivered_total`, `p2p_duplicates_dropped_total`,
 //! `p2p_settled_refused_total`,
 //! `p2p_replies_from_cache_total`, `p2p_nacks_sent_total`, `p2p_nacks_received_total`,
-//! `p2p_ik_dials_total`),
+//! `p2p_ik_dials_total`), what the guard made of inbound IK message 1s
+//! (`p2p_first_messages_total{verdict="wrong_mac1"|"cookie_sent"|"cookie_proven"|
+//! "ticket_redeemed"|"ticket_unknown"}`, `p2p_tickets_issued_total`),
 //! gauges (`p2p_connections{state="established"|"tasks"}`, `p2p_outbound_in_flight`,
 //! `p2p_pending_responses`, `p2p_receive_backlog`, `p2p_unread_outcomes`) and, from the
 //! connection tasks, `p2p_bytes_sent_total` / `p2p_bytes_received_total` (wire bytes,
@@ -57,6 +59,8 @@ pub(super) struct Gauges {
     pub(super) pending_responses: usize,
     pub(super) receive_backlog: usize,
     pub(super) unread: usize,
+    /// The guard's counters (as of the router's last notice).
+    pub(super) first_messages: crate::guard::GuardStats,
 }
 
 #[derive(Debug)]
@@ -72,7 +76,7 @@ pub(super) struct Observer {
     /// The endpoint's counters and the gauges, registered once (with the recorder
     /// installed when the node started), so publishing after every step is a few atomic
     /// stores.
-    counters: [metrics::Counter; 11],
+    counters: [metrics::Counter; 17],
     gauges: [metrics::Gauge; 6],
 }
 
@@ -92,6 +96,12 @@ impl Observer {
                 metrics::counter!("p2p_nacks_sent_total"),
                 metrics::counter!("p2p_nacks_received_total"),
                 metrics::counter!("p2p_ik_dials_total"),
+                metrics::counter!("p2p_first_messages_total", "verdict" => "wrong_mac1"),
+                metrics::counter!("p2p_first_messages_total", "verdict" => "cookie_sent"),
+                metrics::counter!("p2p_first_messages_total", "verdict" => "cookie_proven"),
+                metrics::counter!("p2p_first_messages_total", "verdict" => "ticket_redeemed"),
+                metrics::counter!("p2p_first_messages_total", "verdict" => "ticket_unknown"),
+                metrics::counter!("p2p_tickets_issued_total"),
             ],
             gauges: [
                 metrics::gauge!("p2p_connections", "state" => "established"),
@@ -332,6 +342,12 @@ impl Observer {
             stats.nacks_sent,
             stats.nacks_received,
             stats.ik_dials,
+            gauges.first_messages.bad_mac1,
+            gauges.first_messages.cookies_sent,
+            gauges.first_messages.cookies_proven,
+            gauges.first_messages.tickets_redeemed,
+            gauges.first_messages.tickets_unknown,
+            gauges.first_messages.tickets_issued,
         ];
         for (counter, value) in self.counters.iter().zip(values) {
             counter.absolute(value);

@@ -87,6 +87,7 @@ pub(super) enum NetNotice {
         live: usize,
         parked: usize,
         evicted: u64,
+        first_messages: crate::guard::GuardStats,
     },
     /// Something only the application needs to know.
     App(Notice),
@@ -175,10 +176,12 @@ impl<T: Transport> Router<T> {
 
     fn notify_tasks(&mut self) {
         let evicted = self.gate.with(|table| table.evictions());
+        let first_messages = self.gate.guard(|guard| guard.stats());
         self.notify(NetNotice::Tasks {
             live: self.tasks.len(),
             parked: self.parked.len(),
             evicted,
+            first_messages,
         });
     }
 
@@ -285,6 +288,7 @@ impl<T: Transport> Router<T> {
                         gate: None,
                         turn: None,
                         screened: true,
+                        held: false,
                         connection,
                         allow,
                         commands: rx,
@@ -430,6 +434,7 @@ impl<T: Transport> Router<T> {
             gate: Some(self.gate.clone()),
             turn,
             screened: false,
+            held: false,
             connection,
             allow: self.allow.clone(),
             commands: rx,

@@ -72,15 +72,10 @@ impl Endpoint {
         let Some(c) = self.forget_conn(conn) else {
             return;
         };
-        if c.ik
-            && !c.established
-            && let Some(p) = self.peers.get_mut(&c.peer)
-        {
-            // A responder that predates IK fails our first message and closes without a
-            // word (as does one that no longer holds the key we know): XX next time, which
-            // tells the two apart.
-            p.xx_only = true;
-        }
+        // A timeout says nothing of IK (a partition, a busy responder, or one holding a
+        // message 1 whose mac1 it refuses): XX once. A stream that ended does.
+        let timed_out = matches!(closed, Closed::Error(ConnError::HandshakeTimeout { .. }));
+        self.ik_dial_failed(c.ik && !c.established, c.peer, c.ticket, !timed_out);
         self.membership_conn_closed(conn);
         if c.sync {
             self.sync_closed(conn, c.peer, now);
@@ -156,7 +151,11 @@ impl Endpoint {
         now: Instant,
     ) -> bool {
         let known = self.peers.get(&peer);
-        let xx_only = known.is_some_and(|p| p.xx_only);
+        let xx_only = known.is_some_and(|p| p.xx_only || p.xx_next);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.xx_next = false;
+        }
+        let known = self.peers.get(&peer);
         let learned = known.and_then(|p| p.learned_key);
         let key = self
             .allow
@@ -183,6 +182,7 @@ impl Endpoint {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.ik = key.is_some();
             c.early = sent;
+            c.ticket = ticket;
         }
         self.stats.ik_dials += u64::from(key.is_some());
         self.stats.early_requests_sent += u64::from(sent);
@@ -270,6 +270,35 @@ impl Endpoint {
 
     /// Closes an outbound connection whose exchange will be retried elsewhere. The exchange
     /// is unbound first so that closing does not count as a second failure.
+    /// An IK dial to `peer` ended before its handshake finished (`failed`). A responder that
+    /// predates IK fails our first message and closes without a word: with `sticky`, dial
+    /// it with XX until a hello says it takes IK. A dial that timed out (a partition, a busy
+    /// responder, or one holding a message 1 whose mac1 it refuses because it no longer
+    /// has the key we know) says nothing of IK: XX once, which names who is there, then IK
+    /// again.
+    /// Its `ticket` goes back to the peer's (if the responder did redeem it, the next IK
+    /// message 1 naming it is merely unproven).
+    pub(super) fn ik_dial_failed(
+        &mut self,
+        failed: bool,
+        peer: PeerId,
+        ticket: Option<crate::guard::Ticket>,
+        sticky: bool,
+    ) {
+        if failed && let Some(p) = self.peers.get_mut(&peer) {
+            if sticky {
+                p.xx_only = true;
+            } else {
+                p.xx_next = true;
+            }
+            if let Some(ticket) = ticket
+                && p.tickets.len() < crate::guard::TICKETS_PER_PEER
+            {
+                p.tickets.push_back(ticket);
+            }
+        }
+    }
+
     pub(super) fn abandon_conn(&mut self, conn: ConnId, now: Instant) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.exchange = None;
@@ -367,6 +396,7 @@ impl Endpoint {
                     connections: Bucket::full(self.config.connection_rate, now),
                     strikes: 0,
                     xx_only: false,
+                    xx_next: false,
                     early_sent: 0,
                     early_floor: 0,
                     learned_key: None,

@@ -341,6 +341,9 @@ impl Endpoint {
         match ex.state {
             OutState::Queued => {}
             OutState::Connecting { conn } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    self.ik_dial_failed(c.ik && !c.established, c.peer, c.ticket, false);
+                }
                 self.abandon_conn(conn, now);
                 self.retry(id, RetryCause::ConnectTimeout, None, now);
             }

@@ -209,6 +209,9 @@ pub(super) struct Conn {
     pub(super) ik: bool,
     /// Its exchange's Request rode in IK message 1 (0-RTT).
     pub(super) early: bool,
+    /// The ticket its IK message 1 redeems: back to the peer's tickets if the dial fails
+    /// before its handshake (the responder may never have seen it).
+    pub(super) ticket: Option<crate::guard::Ticket>,
 }
 
 impl Conn {
@@ -232,6 +235,7 @@ impl Conn {
             epoch_sent: false,
             ik: false,
             early: false,
+            ticket: None,
         }
     }
 }
@@ -257,6 +261,8 @@ pub(super) struct Peer {
     /// An IK dial to it failed before the handshake finished, or its hello lacked
     /// `FEATURE_IK`: dial it with XX until a hello says it takes IK.
     pub(super) xx_only: bool,
+    /// An IK dial to it timed out: dial it with XX once (see `ik_dial_failed`).
+    pub(super) xx_next: bool,
     /// Dialer: the timestamp of the last Request we sent it in an IK message 1 (Unix ms);
     /// the next is later, even if our clock is not.
     pub(super) early_sent: u64,
@@ -1011,6 +1017,7 @@ impl Endpoint {
                 epoch_sent: false,
                 ik: false,
                 early: false,
+                ticket: None,
             },
         );
         if let Some(state) = self.peers.get_mut(&peer) {
