@@ -48,6 +48,42 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {rustc}"
 
 
+def handshake_v2_section(scaling, wan):
+    hs = {(r["peers"], r["ik"]): r for r in scaling["handshakes"]}
+    lines = [
+        "## Handshake v2: IK and the request in message 1",
+        "",
+        "Fresh exchanges (a connection and a handshake each) on loopback, the client knowing",
+        "only the node's peer id (XX, 3 messages, then the request) or its key (IK, 2 messages,",
+        "the request in message 1), run in turn:",
+        "",
+        "| peers × exchanges | XX fresh/s | p50 | p99 | IK fresh/s | p50 | p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({r["peers"] for r in scaling["handshakes"]}):
+        xx, ik = hs[(n, False)], hs[(n, True)]
+        lines.append(
+            f"| {n} × {xx['each']} | {xx['per_s']:,} | {xx['p50_us'] / 1e3:.2f} ms | {xx['p99_us'] / 1e3:.2f} ms "
+            f"| {ik['per_s']:,} | {ik['p50_us'] / 1e3:.2f} ms | {ik['p99_us'] / 1e3:.2f} ms |"
+        )
+    lines += [
+        "",
+        "On loopback the round trips cost nothing and IK's extra Diffie-Hellman per side",
+        "about cancels the flight it saves. Across a WAN the flight is what counts: two",
+        "operators 50 ms apart (one way), in the simulator (`wan` binary; virtual time, so",
+        "exact). Turmoil lets a dialer write after one one-way trip where TCP takes a round",
+        "trip, so over real TCP a fresh exchange takes 50 ms more:",
+        "",
+        "| exchange | handshake | simulator | real TCP | round trips |",
+        "|---|---|---|---|---|",
+    ]
+    for r in wan:
+        what = "reused connection" if r["reuse"] else "fresh connection"
+        how = "IK" if r["ik"] else "XX"
+        lines.append(f"| {what} | {how} | {r['sim_ms']} ms | {r['tcp_ms']} ms | {r['round_trips']} |")
+    return lines + [""]
+
+
 def scaling_section(scaling):
     """How cost grows with peers and message size, with anything superlinear flagged."""
     lines = [
@@ -141,6 +177,7 @@ def main():
     memory = json.loads(run([str(ROOT / "target/release/memory")]).strip().splitlines()[-1])
     attack = json.loads(run([str(ROOT / "target/release/attack")]).strip().splitlines()[-1])
     scaling = json.loads(run([str(ROOT / "target/release/scaling")]).strip().splitlines()[-1])
+    wan = json.loads(run([str(ROOT / "target/release/wan")]).strip().splitlines()[-1])
     # rust-libp2p through the same workloads, in its own workspace (never built by CI).
     libp2p_manifest = str(ROOT / "benches/vs-libp2p/Cargo.toml")
     # Its target directory given here: cargo reads benches/vs-libp2p/.cargo/config.toml only
@@ -314,6 +351,7 @@ def main():
         f"| one queued request with a 64 B payload | {memory['queued_request_64b_bytes']:,} |",
         "",
         *scaling_section(scaling),
+        *handshake_v2_section(scaling, wan),
         "## Simulator",
         "",
         "| figure | value |",

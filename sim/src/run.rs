@@ -728,21 +728,25 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
         let spec = &s.scenario.nodes[node];
-        let allow = match &spec.allow {
-            // Members of one network know each other's keys: they dial each other with IK.
-            Some(names) => AllowList::from_keys(
-                names
-                    .iter()
-                    .filter_map(|n| s.scenario.node_index(n))
-                    .map(|i| *s.keys[i].public_bytes()),
-            ),
-            None => AllowList::from_keys(
-                s.keys
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != node)
-                    .map(|(_, k)| *k.public_bytes()),
-            ),
+        let allowed: Vec<[u8; 32]> = match &spec.allow {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| s.scenario.node_index(n))
+                .map(|i| *s.keys[i].public_bytes())
+                .collect(),
+            None => s
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != node)
+                .map(|(_, k)| *k.public_bytes())
+                .collect(),
+        };
+        // Members of one network know each other's keys: they dial each other with IK.
+        let allow = if spec.know_keys {
+            AllowList::from_keys(allowed)
+        } else {
+            AllowList::from_peers(allowed.iter().map(p2p_handler::PeerId::from_public_key))
         };
         let app = spec.app.clone();
         let config = s.scenario.config_of(node);

@@ -196,6 +196,11 @@ pub struct NodeSpec {
     /// forgets everything).
     #[serde(default)]
     pub durable: Option<bool>,
+    /// Whether its allow list carries its peers' keys (true, the default: members of one
+    /// network know them, and dial with IK); false names them by peer id alone (XX), as
+    /// a node configured before keys were known would be.
+    #[serde(default = "yes")]
+    pub know_keys: bool,
 }
 
 /// Application behaviour of a node.

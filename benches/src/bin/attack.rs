@@ -9,7 +9,8 @@
 //! own connects share, not the node). The allowed peer knows the responder's key, as a
 //! member does: IK, its request in message 1, a ticket from each handshake for the next.
 //! One row without an attack dials with XX, for comparison. Printed as JSON for
-//! `benches/report.py`.
+//! `benches/report.py`. `attack ROW` runs one row; with `ATTACK_DEBUG=1` each exchange
+//! slower than 50 ms is printed with the node's first-message counters and the client's.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -77,6 +78,24 @@ async fn measure(attack: Option<(Attack, Sources)>, ik: bool) -> String {
             }
         }
         samples.push(started.elapsed());
+        if std::env::var_os("ATTACK_DEBUG").is_some() && started.elapsed().as_millis() > 50 {
+            let (b, c) = (
+                srv.handler.status().await.unwrap(),
+                cl.status().await.unwrap(),
+            );
+            eprintln!(
+                "slow #{}: {:?}; node {:?} parked {} tasks {}; client ik {} dials {} early {}/{}",
+                samples.len(),
+                started.elapsed(),
+                b.first_messages,
+                b.parked_connections,
+                b.connection_tasks,
+                c.stats.ik_dials,
+                c.stats.dials,
+                c.stats.early_requests_sent,
+                c.stats.redials,
+            );
+        }
     }
     stop_tx.send(true).unwrap();
     if let Some((_, attacker)) = attackers {

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use p2p_bench::{bench_config, client, keys, server_opts};
+use p2p_bench::{bench_config, client, client_ik, keys, server_opts};
 use p2p_handler::{AllowList, Config, Event, Handler, Inbox, Keypair, Options, TcpTransport};
 
 /// Resident memory of this process, in bytes.
@@ -54,11 +54,12 @@ async fn timed_exchange(
 /// `peers` clients, `each` exchanges each, all at once: (exchanges/s, p50 µs, p99 µs, RSS
 /// bytes per peer).
 async fn peers(peers: usize, each: usize, reuse: bool) -> String {
-    peers_with(peers, each, reuse, Config::default().listen_backlog).await
+    peers_with(peers, each, reuse, Config::default().listen_backlog, false).await
 }
 
-/// [`peers`], the node listening with `backlog`.
-async fn peers_with(peers: usize, each: usize, reuse: bool, backlog: u32) -> String {
+/// [`peers`], the node listening with `backlog`; `ik`: the clients know the node's key
+/// (IK, the request in message 1, tickets) instead of only its peer id (XX).
+async fn peers_with(peers: usize, each: usize, reuse: bool, backlog: u32, ik: bool) -> String {
     let k = keys(peers + 1);
     let before = rss();
     // Default bounds, except that every peer here dials from 127.0.0.1: the per-address
@@ -74,7 +75,11 @@ async fn peers_with(peers: usize, each: usize, reuse: bool, backlog: u32) -> Str
     let srv = server_opts(k[peers].clone(), &k[..peers], reply, options).await;
     let mut clients = Vec::new();
     for (i, key) in k[..peers].iter().enumerate() {
-        clients.push(client(key.clone(), srv.peer, reuse, i as u8).await);
+        clients.push(if ik {
+            client_ik(key.clone(), srv.key, reuse, i as u8).await
+        } else {
+            client(key.clone(), srv.peer, reuse, i as u8).await
+        });
     }
     let (peer, addr) = (srv.peer, srv.addr);
     if reuse {
@@ -127,7 +132,7 @@ async fn peers_with(peers: usize, each: usize, reuse: bool, backlog: u32) -> Str
     drop(keep);
     drop(srv);
     format!(
-        "{{\"peers\": {peers}, \"each\": {each}, \"reuse\": {reuse}, \"failed\": {}, \"per_s\": {rate:.0}, \"p50_us\": {:.0}, \"p99_us\": {:.0}, \"rss_per_peer\": {per_peer}}}",
+        "{{\"peers\": {peers}, \"each\": {each}, \"reuse\": {reuse}, \"ik\": {ik}, \"failed\": {}, \"per_s\": {rate:.0}, \"p50_us\": {:.0}, \"p99_us\": {:.0}, \"rss_per_peer\": {per_peer}}}",
         failed.len(),
         percentile(&times, 0.5),
         percentile(&times, 0.99)
@@ -286,6 +291,11 @@ fn main() {
         println!("{}", rt.block_on(crowd(n, each, how == "fresh")));
         return;
     }
+    // `scaling handshakes`: fresh exchanges, XX against IK, 1 and 100 peers.
+    if args.first().map(String::as_str) == Some("handshakes") {
+        println!("[{}]", handshakes(&rt).join(", "));
+        return;
+    }
     // `scaling peers N EACH reuse|fresh` runs one row (for profiling it).
     if let [mode, n, each, how] = &args[..]
         && mode == "peers"
@@ -303,7 +313,7 @@ fn main() {
     // The listen backlog: 1,000 fresh dials at once, with tokio's fixed 128 and our default.
     let mut backlog = Vec::new();
     for b in [128, Config::default().listen_backlog] {
-        let row = rt.block_on(peers_with(1_000, 5, false, b));
+        let row = rt.block_on(peers_with(1_000, 5, false, b, false));
         backlog.push(format!("{{\"backlog\": {b}, \"run\": {row}}}"));
     }
     let mut big = Vec::new();
@@ -311,11 +321,26 @@ fn main() {
         big.push(rt.block_on(message(mib, runs)));
     }
     let crowds = [false, true].map(|fresh| rt.block_on(crowd(1_000, 10, fresh)));
+    let handshakes = handshakes(&rt);
     println!(
-        "{{\"peers\": [{}], \"backlog\": [{}], \"messages\": [{}], \"crowd\": [{}]}}",
+        "{{\"peers\": [{}], \"backlog\": [{}], \"messages\": [{}], \"crowd\": [{}], \"handshakes\": [{}]}}",
         rows.join(", "),
         backlog.join(", "),
         big.join(", "),
-        crowds.join(", ")
+        crowds.join(", "),
+        handshakes.join(", ")
     );
+}
+
+/// Fresh exchanges (a handshake each), XX against IK, one peer and 100 peers, each pair
+/// run in turn so the machine's noise falls on both alike.
+fn handshakes(rt: &tokio::runtime::Runtime) -> Vec<String> {
+    let backlog = Config::default().listen_backlog;
+    let mut rows = Vec::new();
+    for (n, each) in [(1, 2_000), (100, 20)] {
+        for ik in [false, true] {
+            rows.push(rt.block_on(peers_with(n, each, false, backlog, ik)));
+        }
+    }
+    rows
 }

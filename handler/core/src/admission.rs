@@ -22,12 +22,15 @@
 //! * **Evict only what stalls.** A newcomer may take the slot of a connection that has
 //!   waited at least [`Admission::stall`] for its peer's next handshake message (silent, or
 //!   not answering message 2), and only from an address holding at least two more slots
-//!   than the newcomer's (fair share). A parked stream whose message 1 arrived
+//!   than the newcomer's (fair share). A parked stream whose IK message 1 arrived
 //!   ([`Admission::ready`]) may also take one from its own address when that is at its
-//!   bound; a stream that has sent nothing never does, so an attacker's silent sockets,
-//!   re-opened as soon as they are evicted, cannot evict each other in a loop.
+//!   bound: an IK handshake ends with message 1 at the responder, so it can never stall
+//!   a slot itself. A stream that has sent nothing, or an XX message 1 (which leaves the
+//!   responder waiting for message 3), never does, so an attacker's sockets, re-opened as
+//!   soon as they are evicted, cannot evict each other in a loop and keep every slot young.
 //!   A handshake that progresses at network speed is never evicted.
-//! * **Ready first.** Parked streams whose message 1 arrived start before silent ones.
+//! * **Ready first.** Parked streams whose message 1 arrived start before silent ones, IK
+//!   ones before XX ones.
 //! * **Hold garbage.** A stream whose message 1 is garbage (a wrong mac1) is not closed at
 //!   once, which would have its sender reconnect at once and keep the node accepting and
 //!   closing at full speed: [`Admission::hold`] parks it for good, unread, never started,
@@ -95,6 +98,8 @@ struct Parked {
     since: Instant,
     /// Its message 1 arrived (the driver read it while it waited).
     ready: bool,
+    /// That message 1 is IK's (it cannot stall the handshake at our end).
+    ik: bool,
     /// Its message 1 was garbage: held until it expires, never started.
     held: bool,
 }
@@ -130,6 +135,8 @@ pub struct Admission {
     evictions: u64,
     proven: u64,
     held: u64,
+    /// When [`Admission::handle_timeout`] last ran.
+    checked_at: Option<Instant>,
 }
 
 /// At most this many stranger addresses keep a Diffie-Hellman bucket; past it, full
@@ -167,6 +174,7 @@ impl Admission {
             evictions: 0,
             proven: 0,
             held: 0,
+            checked_at: None,
         }
     }
 
@@ -222,6 +230,7 @@ impl Admission {
             class,
             since: now,
             ready: false,
+            ik: false,
             held: false,
         });
         self.parked_len += 1;
@@ -252,14 +261,16 @@ impl Admission {
     }
 
     /// Input (the connection's task): message 1 of the parked stream `conn` arrived, and
-    /// does not prove a ticket. True if its handshake starts now (room, or the slot of a
-    /// stalled handshake, from its own address too); false if it waits for
-    /// [`Admission::poll_start`], ahead of the silent parked streams. True as well if it
-    /// is not parked (it started meanwhile).
-    pub fn ready(&mut self, conn: ConnId, now: Instant) -> bool {
+    /// does not prove a ticket; `ik` if it is an IK message 1. True if its handshake starts
+    /// now (room, or the slot of a stalled handshake, of its own address too if `ik`);
+    /// false if it waits for [`Admission::poll_start`], ahead of the silent parked streams
+    /// (and an IK one ahead of XX ones). True as well if it is not parked (it started
+    /// meanwhile).
+    pub fn ready(&mut self, conn: ConnId, ik: bool, now: Instant) -> bool {
         let Some((ip, class)) = self.parked.iter_mut().find_map(|(ip, q)| {
             let p = q.iter_mut().find(|p| p.conn == conn)?;
             p.ready = true;
+            p.ik = ik;
             Some((*ip, p.class))
         }) else {
             return !self.cut.contains(&conn);
@@ -267,7 +278,7 @@ impl Admission {
         let victim = if self.has_room(class, ip, false) {
             None
         } else {
-            match self.victim(class, ip, now, true) {
+            match self.victim(class, ip, now, ik) {
                 Some(victim) => Some(victim),
                 None => return false,
             }
@@ -309,6 +320,7 @@ impl Admission {
             class,
             since: now,
             ready: false,
+            ik: false,
             held: true,
         });
         self.parked_len += 1;
@@ -336,9 +348,12 @@ impl Admission {
     }
 
     /// Whether the driver should ask unproven IK dialers for a cookie before any
-    /// Diffie-Hellman: streams wait parked, or handshakes fill half the slots of a class.
+    /// Diffie-Hellman: streams wait parked for a slot (held garbage does not count: a port
+    /// scanner's probe must not cost every first contact a round trip), or handshakes fill
+    /// half the slots of a class.
     pub fn under_load(&self) -> bool {
-        self.parked_len > 0 || self.totals.values().any(|n| 2 * n >= self.max_handshaking)
+        self.totals.values().any(|n| 2 * n >= self.max_handshaking)
+            || self.parked.values().flatten().any(|p| !p.held)
     }
 
     /// Whether `conn` waits parked for a slot.
@@ -393,6 +408,34 @@ impl Admission {
         self.parked.retain(|_, q| !q.is_empty());
         self.parked_len -= expired.len();
         self.evicted.extend(expired);
+        self.checked_at = Some(now);
+        self.promote(now);
+    }
+
+    /// Parked streams whose IK message 1 arrived take the slots of handshakes that have
+    /// stalled since (the timer of [`Admission::poll_timeout`] wakes the driver when one
+    /// does), oldest first: without it such a stream could wait for a slot to free by
+    /// itself, a whole `handshake_timeout`, behind an attacker's stalled XX handshakes.
+    fn promote(&mut self, now: Instant) {
+        loop {
+            let next = self
+                .parked
+                .iter()
+                .filter_map(|(ip, q)| q.iter().find(|p| p.ready && p.ik).map(|p| (*ip, *p)))
+                .min_by_key(|(_, p)| (p.class, p.since, p.conn));
+            let Some((ip, p)) = next else {
+                return;
+            };
+            if !self.has_room(p.class, ip, true) {
+                let Some(victim) = self.victim(p.class, ip, now, true) else {
+                    return;
+                };
+                self.evict(victim);
+            }
+            self.unpark(p.conn);
+            self.start(p.conn, ip, p.class, now);
+            self.to_start.push_back(p.conn);
+        }
     }
 
     /// Input (the connection's task, before it processes an unproven message 1): the
@@ -427,11 +470,24 @@ impl Admission {
 
     /// Output: when [`Admission::handle_timeout`] has parked streams to drop.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.parked
+        let expiry = self
+            .parked
             .values()
             .filter_map(|q| q.front())
             .map(|p| p.since + self.handshake_timeout)
-            .min()
+            .min();
+        // When a running handshake stalls, a parked IK stream may take its slot; only
+        // instants after the last check, so a stall no one may take never spins the timer.
+        let stall = if self.parked.values().flatten().any(|p| p.ready && p.ik) {
+            self.running
+                .values()
+                .map(|h| h.waiting_since + self.stall)
+                .filter(|at| self.checked_at.is_none_or(|checked| *at > checked))
+                .min()
+        } else {
+            None
+        };
+        expiry.into_iter().chain(stall).min()
     }
 
     // ----- helpers -----
@@ -489,13 +545,13 @@ impl Admission {
     }
 
     /// A stalled handshake of `class` whose slot a newcomer from `ip` may take: from its
-    /// own address when that is at its bound and the newcomer sent its message 1
-    /// (`ready`), otherwise from the address holding the most (at least two more than the
+    /// own address when that is at its bound and the newcomer sent an IK message 1
+    /// (`own_ok`), otherwise from the address holding the most (at least two more than the
     /// newcomer's). The one that waited longest goes.
-    fn victim(&self, class: Class, ip: IpAddr, now: Instant, ready: bool) -> Option<ConnId> {
+    fn victim(&self, class: Class, ip: IpAddr, now: Instant, own_ok: bool) -> Option<ConnId> {
         let own = self.count(class, ip);
         let from = if own >= self.per_ip {
-            if !ready {
+            if !own_ok {
                 return None;
             }
             ip
@@ -572,14 +628,23 @@ impl Admission {
                 .parked
                 .iter()
                 .flat_map(|(ip, q)| {
-                    // An address's oldest ready stream and its oldest one not held.
+                    // An address's oldest ready IK stream, its oldest ready stream and its
+                    // oldest one not held.
+                    let ik = q.iter().find(|p| p.ready && p.ik);
                     let ready = q.iter().find(|p| p.ready);
                     let oldest = q.iter().find(|p| !p.held);
-                    ready.into_iter().chain(oldest).map(|p| (*ip, *p))
+                    ik.into_iter().chain(ready).chain(oldest).map(|p| (*ip, *p))
                 })
                 .filter(|(ip, p)| self.has_room(p.class, *ip, true))
                 .min_by_key(|(ip, p)| {
-                    (p.class, !p.ready, self.count(p.class, *ip), p.since, p.conn)
+                    (
+                        p.class,
+                        !p.ready,
+                        !p.ik,
+                        self.count(p.class, *ip),
+                        p.since,
+                        p.conn,
+                    )
                 });
             let Some((ip, p)) = next else {
                 return;
@@ -719,11 +784,11 @@ mod tests {
         // of the streams parked before it.
         assert_eq!(table.accept(conn(9), ip(2), false, late), Verdict::Park);
         assert_eq!(drain(&mut table).0, Vec::<ConnId>::new());
-        assert!(table.ready(conn(9), late));
+        assert!(table.ready(conn(9), true, late));
         assert_eq!(drain(&mut table), (vec![conn(3)], vec![]));
         assert!(!table.is_parked(conn(9)));
-        assert!(table.ready(conn(9), late), "started already");
-        assert!(!table.ready(conn(3), late), "evicted");
+        assert!(table.ready(conn(9), true, late), "started already");
+        assert!(!table.ready(conn(3), true, late), "evicted");
     }
 
     #[test]
@@ -736,7 +801,7 @@ mod tests {
         }
         // Conn 5's message 1 arrives; no stalled handshake to replace yet: it waits,
         // first in line.
-        assert!(!table.ready(conn(5), t0));
+        assert!(!table.ready(conn(5), false, t0));
         table.ended(conn(1), t0);
         assert_eq!(drain(&mut table), (vec![], vec![conn(5)]));
         // Then the oldest silent one.
@@ -806,6 +871,81 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_ik_stream_takes_the_slot_of_a_handshake_as_soon_as_it_stalls() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        assert_eq!(table.accept(conn(5), ip(1), false, t0), Verdict::Park);
+        assert_eq!(table.accept(conn(6), ip(1), false, t0), Verdict::Park);
+        // An XX message 1 and an IK one arrive; nothing has stalled yet: both wait.
+        assert!(!table.ready(conn(6), false, t0));
+        assert!(!table.ready(conn(5), true, t0));
+        // The timer is set for when the first running handshake stalls, not for the
+        // parked streams' expiry.
+        let stalls = t0 + table.stall();
+        assert_eq!(table.poll_timeout(), Some(stalls));
+        table.handle_timeout(stalls);
+        assert_eq!(drain(&mut table), (vec![conn(1)], vec![conn(5)]));
+        // The XX one is never promoted over a stalled handshake of its own address: it
+        // waits for a slot to free, or its expiry.
+        let later = stalls + table.stall();
+        assert_eq!(table.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        table.handle_timeout(later);
+        assert_eq!(drain(&mut table), (vec![], vec![]));
+        assert!(table.is_parked(conn(6)));
+    }
+
+    #[test]
+    fn garbage_is_held_parked_never_started_and_the_first_to_go() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        // Four of five slots: the last is kept for fresh addresses.
+        fill(&mut table, &[(1, 1), (2, 2), (3, 2), (4, 3)], t0);
+        assert_eq!(table.accept(conn(5), ip(1), false, t0), Verdict::Park);
+        // Conn 1's message 1 is garbage: it leaves its slot (conn 5 takes it) and is held.
+        table.hold(conn(1), t0);
+        assert_eq!(drain(&mut table), (vec![], vec![conn(5)]));
+        assert!(table.is_parked(conn(1)));
+        assert_eq!((table.parked(), table.held()), (1, 1));
+        // Held garbage is no load, and no slot ever goes to it.
+        let mut quiet = Admission::new(&config());
+        quiet.accept(conn(9), ip(9), false, t0);
+        quiet.hold(conn(9), t0);
+        assert!(!quiet.under_load(), "a scanner's probe made a load");
+        table.ended(conn(2), t0);
+        assert_eq!(drain(&mut table), (vec![], vec![]));
+        // It goes when it expires, as any parked stream.
+        table.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(drain(&mut table), (vec![conn(1)], vec![]));
+        assert_eq!(table.parked(), 0);
+        // Parking full: the held one goes first, not the newcomer; none held, the garbage
+        // itself is closed.
+        let mut full = Admission::new(&config());
+        fill(&mut full, &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)], t0);
+        // From 10.0.0.2, at its bound: none of them starts when a slot frees.
+        for n in 10..25 {
+            assert_eq!(full.accept(conn(n), ip(2), false, t0), Verdict::Park);
+        }
+        full.hold(conn(1), t0);
+        assert_eq!(full.parked(), 16);
+        full.hold(conn(2), t0);
+        assert_eq!(drain(&mut full).0, vec![conn(1)], "the older held one goes");
+        assert!(full.is_parked(conn(2)));
+        let mut none_held = Admission::new(&config());
+        fill(
+            &mut none_held,
+            &[(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)],
+            t0,
+        );
+        for n in 10..26 {
+            assert_eq!(none_held.accept(conn(n), ip(2), false, t0), Verdict::Park);
+        }
+        none_held.hold(conn(1), t0);
+        assert_eq!(drain(&mut none_held).0, vec![conn(1)]);
+        assert_eq!(none_held.parked(), 16);
+    }
+
+    #[test]
     fn a_proven_handshake_leaves_its_slot_or_parking_place_and_is_never_evicted() {
         let t0 = Instant::now();
         let mut table = Admission::new(&config());
@@ -827,7 +967,7 @@ mod tests {
         // Neither can be chosen as a victim, stalled or not; both are admitted.
         let late = t0 + table.stall() * 2;
         assert_eq!(table.accept(conn(9), ip(1), false, late), Verdict::Park);
-        assert!(table.ready(conn(9), late));
+        assert!(table.ready(conn(9), true, late));
         let (evicted, _) = drain(&mut table);
         assert!(
             !evicted.contains(&conn(1)) && !evicted.contains(&conn(4)),

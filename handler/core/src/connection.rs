@@ -605,14 +605,33 @@ impl Connection {
         self.ticket_peer = Some(peer);
     }
 
+    /// Responder: the ticket this connection's message 2 hands its dialer, and to whom,
+    /// once the handshake authenticated and allowed it (its `Established` is pending or
+    /// was taken). The driver registers it with its guard before message 2 leaves, so the
+    /// dialer can never redeem it before the guard knows it.
+    pub fn issued_ticket(&self) -> Option<(PeerId, Ticket)> {
+        self.events.iter().find_map(|event| match event {
+            ConnEvent::Established {
+                peer,
+                ticket: Some(ticket),
+                ..
+            } if self.expected.is_none() => Some((*peer, *ticket)),
+            _ => None,
+        })
+    }
+
+    /// Whether [`Connection::send_cookie_reply`] would send one (before the driver asks
+    /// its guard to make it).
+    pub fn may_send_cookie_reply(&self) -> bool {
+        matches!(self.state, State::AwaitingMsg1(_)) && self.cookie_replies < MAX_COOKIE_REPLIES
+    }
+
     /// Responder, instead of handling message 1: answer it with `reply` (from
     /// [`guard::Guard::cookie_reply`]) and wait for the dialer to send it again. False,
     /// and nothing queued, once [`MAX_COOKIE_REPLIES`] went on this connection or past
     /// message 1: the driver closes it.
     pub fn send_cookie_reply(&mut self, reply: Vec<u8>) -> bool {
-        if !matches!(self.state, State::AwaitingMsg1(_))
-            || self.cookie_replies >= MAX_COOKIE_REPLIES
-        {
+        if !self.may_send_cookie_reply() {
             return false;
         }
         self.cookie_replies += 1;
@@ -2351,7 +2370,12 @@ mod tests {
         let mut bob_guard = guard::Guard::new(f.bob.public_bytes(), [3; 32], f.now);
         let (mut d, mut r, sorted) = ik_through_guard(&f, &f.alice, None, &mut bob_guard, 1);
         assert_eq!(sorted, guard::FirstMessage::Unproven { cookie: false });
+        // The driver can register it before message 2 leaves.
+        let issued = r.issued_ticket().expect("issued");
+        assert_eq!(issued.0, f.alice.peer_id());
+        assert_eq!(d.issued_ticket(), None, "a dialer issues none");
         let given = ticket_of(&events(&mut r)).expect("Bob hands a ticket");
+        assert_eq!(given, issued.1);
         pump(&mut r, &mut d, &any);
         let evs = events(&mut d);
         assert_eq!(ticket_of(&evs), Some(given), "Alice holds what Bob gave");

@@ -294,6 +294,11 @@ impl ConnTask {
         if !self.announced
             && let Some(gate) = &self.gate
         {
+            // The ticket message 2 hands over proves this peer next time: the guard
+            // learns it before message 2 leaves.
+            if let Some((peer, ticket)) = self.connection.issued_ticket() {
+                gate.guard(|guard| guard.issue(peer, ticket, now()));
+            }
             // A handshake message: its wait for the next one begins now.
             gate.with(|table| table.progressed(self.conn, now()));
         }
@@ -403,7 +408,8 @@ impl ConnTask {
             return Ok(Screen::Go);
         };
         let from = self.connection.remote().addr;
-        match gate.guard(|guard| guard.classify(frame, from, now())) {
+        let sorted = gate.guard(|guard| guard.classify(frame, from, now()));
+        match sorted {
             FirstMessage::Garbage(why) => {
                 gate.with(|table| table.hold(self.conn, now()));
                 // A slot may have freed, or parking dropped a held stream: the router acts.
@@ -420,6 +426,9 @@ impl ConnTask {
                 return Ok(Screen::Go);
             }
             FirstMessage::Unproven { cookie: false } if gate.with(|table| table.under_load()) => {
+                if !self.connection.may_send_cookie_reply() {
+                    return Err("message 1 without the cookie it was sent, again".into());
+                }
                 let reply = gate.guard(|guard| guard.cookie_reply(frame, from, now()));
                 return match reply.map(|reply| self.connection.send_cookie_reply(reply)) {
                     Some(true) => Ok(Screen::Wait),
@@ -428,10 +437,11 @@ impl ConnTask {
             }
             FirstMessage::Xx | FirstMessage::Unproven { .. } => {}
         }
+        let ik = !matches!(sorted, FirstMessage::Xx);
         if let Some(turn) = self.turn.take() {
             // Parked: a message 1 goes ahead of the silent streams, and may take a stalled
             // handshake's slot (the router cuts it).
-            let started = gate.with(|table| table.ready(self.conn, now()));
+            let started = gate.with(|table| table.ready(self.conn, ik, now()));
             gate.wake.notify_one();
             if !started {
                 turn.await.map_err(|_| "the router is gone".to_owned())?;
@@ -476,18 +486,14 @@ impl ConnTask {
                         peer,
                         remote_max_message_size,
                         remote_features,
-                        ticket,
                         key,
+                        ..
                     },
                 ) => {
                     if let Some(gate) = &self.gate {
                         if !gate.with(|table| table.admit(self.conn, now())) {
                             // Evicted while finishing the handshake: the router cuts us.
                             return false;
-                        }
-                        // The ticket we handed over in message 2 proves this peer next time.
-                        if let Some(ticket) = ticket {
-                            gate.guard(|guard| guard.issue(peer, ticket, now()));
                         }
                         // A slot is free: parked streams may start.
                         gate.wake.notify_one();
