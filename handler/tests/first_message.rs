@@ -90,6 +90,12 @@ fn finish(conn: &mut Connection, stream: &mut TcpStream) -> bool {
     }
 }
 
+/// `msg1` (for `bob`) sent again with its mac2 keyed by `cookie`.
+fn with_cookie(msg1: &[u8], bob: &Keypair, cookie: &[u8; 16]) -> Vec<u8> {
+    let noise = &msg1[..msg1.len() - guard::ENVELOPE_LEN];
+    guard::seal_message_1(noise, bob.public_bytes(), None, Some(cookie))
+}
+
 fn request(n: u64) -> Message {
     Message::Request {
         exchange: ExchangeId(n),
@@ -219,8 +225,7 @@ fn under_load_a_message_1_must_prove_the_cookie_given_to_its_own_connection() {
     assert!(guard::is_cookie_reply(&reply), "{} bytes", reply.len());
     let cookie = guard::open_cookie_reply(&reply, bob_key.public_bytes(), &msg1).unwrap();
     // Message 1 again with a made-up cookie: another cookie reply; then the stream is closed.
-    let noise = &msg1[..msg1.len() - guard::ENVELOPE_LEN];
-    let made_up = guard::seal_message_1(noise, bob_key.public_bytes(), None, Some(&[1; 16]));
+    let made_up = with_cookie(&msg1, bob_key, &[1; 16]);
     write_frame(&mut s, &made_up).unwrap();
     let again = read_frame(&mut s).expect("another cookie reply");
     assert!(guard::is_cookie_reply(&again));
@@ -236,8 +241,7 @@ fn under_load_a_message_1_must_prove_the_cookie_given_to_its_own_connection() {
         None,
         None,
     );
-    let noise = &msg1[..msg1.len() - guard::ENVELOPE_LEN];
-    let elsewhere = guard::seal_message_1(noise, bob_key.public_bytes(), None, Some(&cookie));
+    let elsewhere = with_cookie(&msg1, bob_key, &cookie);
     let mut s = TcpStream::connect(bob.local_address()).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
     write_frame(&mut s, &elsewhere).unwrap();

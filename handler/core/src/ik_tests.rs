@@ -396,21 +396,7 @@ fn redial(
     now: &mut Instant,
 ) -> (ConnId, Option<[u8; KEY_LEN]>, Option<crate::guard::Ticket>) {
     ep.handle_conn_event(conn, ConnEvent::Closed(Closed::Io("gone".into())), *now);
-    let limit = *now + Duration::from_secs(60);
-    loop {
-        *now += Duration::from_millis(50);
-        ep.handle_timeout(*now);
-        let dial = std::iter::from_fn(|| ep.poll_output()).find_map(|o| match o {
-            Output::Dial {
-                conn, key, ticket, ..
-            } => Some((conn, key, ticket)),
-            _ => None,
-        });
-        if let Some(dial) = dial {
-            return dial;
-        }
-        assert!(*now < limit, "never dialed again");
-    }
+    redial_after(ep, now)
 }
 
 fn established_with(peer: PeerId, key: [u8; KEY_LEN], ticket: u8) -> ConnEvent {
