@@ -424,6 +424,11 @@ fn a_key_learned_in_a_handshake_makes_later_dials_ik_and_tickets_are_redeemed_ne
         .unwrap();
     let first = dials(&mut ep);
     assert_eq!(first[0].1, None);
+    // A handshake c dialed to us teaches nothing here (only ours do: the key is the one
+    // we reached, and a ticket is for dialing c).
+    let inbound = ConnId::inbound(1);
+    ep.handle_accepted(inbound, c, net.nodes[1].addr, 1 << 20, FEATURE_IK, now);
+    ep.handle_conn_event(inbound, established_with(c, c_key, 3), now);
     // A key that is not c's is not kept (a driver's bug, not trusted), nor its ticket.
     ep.handle_conn_event(first[0].0, established_with(c, [9; KEY_LEN], 1), now);
     let (conn, key, ticket) = redial(&mut ep, first[0].0, &mut now);

@@ -186,6 +186,7 @@ fn a_ticket_proves_its_peer_once_and_not_after_its_lifetime() {
         (g.stats().tickets_redeemed, g.stats().tickets_unknown),
         (2, 3)
     );
+    assert_eq!(g.stats().tickets_issued, 2);
 }
 
 #[test]
@@ -243,4 +244,8 @@ fn tickets_are_derived_from_the_seed_and_encode_both_ways() {
     assert_eq!(Ticket::decode(&a.encode()), Some(a));
     assert_eq!(Ticket::decode(&a.encode()[1..]), None);
     assert!(!format!("{a:?}").contains(&hex::encode(a.key)));
+    assert_eq!(format!("{a:?}"), format!("Ticket({})", hex::encode(a.id)));
+    // An ephemeral key, the encrypted static key, the encrypted 17-byte hello and the
+    // envelope (PROTOCOL section 3 says 161).
+    assert_eq!(IK_MESSAGE_1_MIN, 161);
 }
