@@ -2295,7 +2295,11 @@ mod tests {
         let any = AllowList::allow_any_peer_insecure();
         let (mut d, mut r) = unconnected_ik(&f, false);
         let mut msg1 = d.poll_transmit().unwrap();
-        assert_eq!(msg1.len(), guard::IK_MESSAGE_1_MIN, "the shortest is one with no request");
+        assert_eq!(
+            msg1.len(),
+            guard::IK_MESSAGE_1_MIN,
+            "the shortest is one with no request"
+        );
         let at = msg1.len() - 2 * guard::MAC_LEN;
         msg1[at] ^= 1;
         r.handle_frame(&msg1, &any, f.now);
