@@ -896,6 +896,66 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_stream_may_be_held_too_and_half_the_slots_busy_is_load() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        assert_eq!(table.accept(conn(3), ip(1), false, t0), Verdict::Park);
+        assert_eq!(table.accept(conn(4), ip(1), false, t0), Verdict::Park);
+        // Garbage from a parked stream: still parked, now held, never started.
+        table.hold(conn(4), t0);
+        table.hold(conn(3), t0);
+        assert_eq!((table.parked(), table.held()), (2, 2));
+        table.ended(conn(1), t0);
+        assert_eq!(drain(&mut table), (vec![], vec![]));
+        // Load is half of `max_handshaking`: with eight slots, four busy.
+        let eight = Config {
+            max_handshaking: 8,
+            max_handshaking_per_ip: 8,
+            ..config()
+        };
+        let mut busy = Admission::new(&eight);
+        fill(&mut busy, &[(1, 1), (2, 2), (3, 3)], t0);
+        assert!(!busy.under_load());
+        fill(&mut busy, &[(4, 4)], t0);
+        assert!(busy.under_load());
+    }
+
+    #[test]
+    fn ik_ready_before_xx_ready_and_a_stall_no_one_may_take_does_not_wake_the_timer_again() {
+        let t0 = Instant::now();
+        let mut table = Admission::new(&config());
+        fill(&mut table, &[(1, 1), (2, 1)], t0);
+        for n in 3..=5 {
+            assert_eq!(table.accept(conn(n), ip(1), false, t0), Verdict::Park);
+        }
+        // The oldest sent XX, the next nothing, the youngest IK: a freed slot goes to IK.
+        assert!(!table.ready(conn(3), false, t0));
+        let t1 = t0 + Duration::from_millis(1);
+        assert!(!table.ready(conn(5), true, t1));
+        table.ended(conn(1), t1);
+        assert_eq!(drain(&mut table), (vec![], vec![conn(5)]));
+        table.ended(conn(2), t1);
+        assert_eq!(drain(&mut table), (vec![], vec![conn(3)]));
+
+        // Five addresses hold a slot each (full); a parked IK stream from a sixth may take
+        // none of theirs (each holds one, not two more than its none): when they stall the
+        // timer wakes once, finds nothing it may do, and is next set for the expiry.
+        let mut full = Admission::new(&config());
+        fill(&mut full, &[(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)], t0);
+        assert_eq!(full.accept(conn(6), ip(6), false, t0), Verdict::Park);
+        assert!(!full.ready(conn(6), true, t0));
+        let stalls = t0 + full.stall();
+        assert_eq!(full.poll_timeout(), Some(stalls));
+        full.handle_timeout(stalls);
+        assert_eq!(drain(&mut full), (vec![], vec![]));
+        assert_eq!(full.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        // A handshake that progressed stalls anew later: the timer is set for that.
+        full.progressed(conn(1), stalls);
+        assert_eq!(full.poll_timeout(), Some(stalls + full.stall()));
+    }
+
+    #[test]
     fn garbage_is_held_parked_never_started_and_the_first_to_go() {
         let t0 = Instant::now();
         let mut table = Admission::new(&config());
@@ -928,8 +988,10 @@ mod tests {
         }
         full.hold(conn(1), t0);
         assert_eq!(full.parked(), 16);
+        let before = full.evictions();
         full.hold(conn(2), t0);
         assert_eq!(drain(&mut full).0, vec![conn(1)], "the older held one goes");
+        assert_eq!(full.evictions(), before + 1);
         assert!(full.is_parked(conn(2)));
         let mut none_held = Admission::new(&config());
         fill(

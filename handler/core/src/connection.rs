@@ -2290,6 +2290,49 @@ mod tests {
     }
 
     #[test]
+    fn dial_with_uses_ik_only_with_a_key_of_the_peer_dialed() {
+        let f = fixture();
+        let carol = Keypair::generate(&mut ChaCha20Rng::seed_from_u64(5));
+        let to = addr("10.0.0.2:7000");
+        let ik = |key| IkDial {
+            key,
+            early: None,
+            ticket: None,
+        };
+        let (bob, now) = (f.bob.peer_id(), f.now);
+        let mut d = Connection::dial_with(
+            &f.alice,
+            bob,
+            to,
+            [1; 32],
+            &f.config,
+            now,
+            Some(ik(f.bob.public_bytes())),
+        )
+        .unwrap();
+        assert!(
+            !guard::is_xx_message_1(&d.poll_transmit().unwrap()),
+            "IK with Bob's key"
+        );
+        // Carol's key for Bob's id: ignored, XX expecting Bob.
+        let mut d = Connection::dial_with(
+            &f.alice,
+            bob,
+            to,
+            [1; 32],
+            &f.config,
+            now,
+            Some(ik(carol.public_bytes())),
+        )
+        .unwrap();
+        assert!(guard::is_xx_message_1(&d.poll_transmit().unwrap()));
+        assert_eq!(d.remote().peer, Some(bob));
+        let mut d =
+            Connection::dial_with(&f.alice, bob, to, [1; 32], &f.config, now, None).unwrap();
+        assert!(guard::is_xx_message_1(&d.poll_transmit().unwrap()));
+    }
+
+    #[test]
     fn the_responder_checks_mac1_before_any_diffie_hellman() {
         let f = fixture();
         let any = AllowList::allow_any_peer_insecure();
@@ -2382,6 +2425,7 @@ mod tests {
         let given = ticket_of(&events(&mut r)).expect("Bob hands a ticket");
         assert_eq!(given, issued.1);
         pump(&mut r, &mut d, &any);
+        assert_eq!(d.issued_ticket(), None, "one received is not one issued");
         let evs = events(&mut d);
         assert_eq!(ticket_of(&evs), Some(given), "Alice holds what Bob gave");
         assert!(
