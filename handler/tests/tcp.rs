@@ -712,8 +712,15 @@ fn channels_of_capacity_one_still_complete_exchanges() {
     // Each exchange puts two messages on a connection at once (Ack and Reply; final Ack and
     // Close): a per-connection queue sized by `channel_capacity` dropped every connection.
     let k = keys(15, 2);
+    // Timers out of a busy machine's reach: a redial then means a dropped connection.
+    let patient = Duration::from_secs(120);
     let one = Config {
         channel_capacity: 1,
+        connect_timeout: patient,
+        handshake_timeout: patient,
+        ack_timeout: patient,
+        reply_timeout: patient,
+        reply_ack_timeout: patient,
         ..Config::default()
     };
     let alice = node(&k[0], &[&k[1]], one.clone());
