@@ -221,10 +221,14 @@ impl Driver {
                 if let Some((conn, peer)) = pick(&self.dialing, n) {
                     self.dialing.retain(|(c, _)| *c != conn);
                     self.open.push((conn, peer));
+                    // A key that is not the peer's: the endpoint keeps none (and dials
+                    // on as configured).
                     let event = ConnEvent::Established {
                         peer,
+                        key: [0; 32],
                         remote_max_message_size: usize::from(max.max(1)),
                         remote_features: 0,
+                        ticket: None,
                     };
                     self.ep.handle_conn_event(conn, event, now);
                 }
