@@ -150,13 +150,11 @@ impl Endpoint {
         early: Option<Message>,
         now: Instant,
     ) -> bool {
-        let known = self.peers.get(&peer);
-        let xx_only = known.is_some_and(|p| p.xx_only || p.xx_next);
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.xx_next = false;
-        }
-        let known = self.peers.get(&peer);
-        let learned = known.and_then(|p| p.learned_key);
+        // A one-shot XX (after a timed-out IK dial) is spent by this dial.
+        let (xx_only, learned) = match self.peers.get_mut(&peer) {
+            Some(p) => (p.xx_only || std::mem::take(&mut p.xx_next), p.learned_key),
+            None => (false, None),
+        };
         let key = self
             .allow
             .get(&peer)
