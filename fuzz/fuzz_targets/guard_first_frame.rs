@@ -66,7 +66,10 @@ fuzz_target!(|input: (u8, u16, Vec<u8>, Vec<u8>)| {
         return;
     };
     let followed = guard::open_cookie_reply(&answer, responder.public_bytes(), &sent).is_ok();
-    assert!(!followed, "a cookie reply forged without the responder's guard");
+    assert!(
+        !followed,
+        "a cookie reply forged without the responder's guard"
+    );
     d.handle_frame(&answer, &AllowList::new(), now);
     let events: Vec<ConnEvent> = std::iter::from_fn(|| d.poll_event()).collect();
     // An arbitrary answer cannot be message 2 from the holder of the responder's key.
@@ -74,5 +77,9 @@ fuzz_target!(|input: (u8, u16, Vec<u8>, Vec<u8>)| {
         matches!(events.as_slice(), [ConnEvent::Closed(Closed::Error(_))]),
         "{events:?}"
     );
-    assert_eq!(d.poll_transmit(), None, "no message 1 again without a real cookie");
+    assert_eq!(
+        d.poll_transmit(),
+        None,
+        "no message 1 again without a real cookie"
+    );
 });

@@ -30,6 +30,7 @@ fn genesis() -> Signed {
             address: None,
             allowed: Vec::new(),
             expires: None,
+            record_key: None,
         }],
     };
     let mut signed = Signed::new(doc).expect("a valid genesis");
@@ -60,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
     let offered = ledger.offer(&chain, 1_800_000_000, false);
     let mut tip = genesis();
     for doc in &offered.applied {
-        assert!(check_successor(&tip, doc).is_empty(), "applied a document that does not follow");
+        assert!(
+            check_successor(&tip, doc).is_empty(),
+            "applied a document that does not follow"
+        );
         tip = doc.clone();
     }
     assert!(ledger.epoch() >= before);

@@ -142,6 +142,7 @@ impl Registry {
                 address: Some(*addr),
                 allowed: Vec::new(),
                 expires: None,
+                record_key: None,
             })
             .collect();
         let chosen: Vec<usize> = match &plan.members {

@@ -48,6 +48,9 @@ pub struct AllowedPeer {
     pub public_key: Option<[u8; KEY_LEN]>,
     /// Where it listens, if known: a membership node offers new epochs to it there.
     pub address: Option<SocketAddr>,
+    /// The key that signs its address records (`record_key = ...`; membership members
+    /// files only).
+    pub record_key: Option<crate::records::RecordKeyId>,
 }
 
 /// When an allow-list entry ends.
@@ -138,6 +141,8 @@ pub(crate) struct FilePeer {
     pub(crate) addresses: Vec<IpAddr>,
     #[serde(default)]
     pub(crate) expires: Option<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    pub(crate) record_key: Option<toml::Spanned<String>>,
 }
 
 /// The line (from 1) of byte offset `at` in `text`.
@@ -324,6 +329,21 @@ impl AllowList {
                     path: origin.to_owned(),
                     message,
                 })?;
+            let record_key = entry
+                .record_key
+                .as_ref()
+                .map(|k| {
+                    crate::records::RecordKeyId::from_hex(k.get_ref()).map_err(|why| {
+                        AllowListError::Invalid {
+                            path: origin.to_owned(),
+                            message: format!(
+                                "line {}: record_key: {why}",
+                                line_of(text, k.span().start)
+                            ),
+                        }
+                    })
+                })
+                .transpose()?;
             list.insert(
                 id,
                 AllowedPeer {
@@ -332,6 +352,7 @@ impl AllowList {
                     expires,
                     public_key,
                     address: entry.address,
+                    record_key,
                 },
             );
         }

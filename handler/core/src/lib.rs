@@ -31,6 +31,7 @@ pub mod identity;
 pub mod membership;
 pub mod noise;
 mod rate;
+pub mod records;
 mod timers;
 pub mod wire;
 

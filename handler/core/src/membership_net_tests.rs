@@ -28,6 +28,7 @@ pub(crate) fn member_of(net: &Net, node: usize) -> Member {
         address: Some(net.nodes[node].addr),
         allowed: Vec::new(),
         expires: None,
+        record_key: None,
     }
 }
 

@@ -50,6 +50,10 @@ const ALLOWED: &[(&str, &str)] = &[
         "sha2",
         "membership document digests (SHA-256 tagged hashes, as BIP-340)",
     ),
+    (
+        "hpke",
+        "address records sealed to each member's static key (RFC 9180; randomness passed in)",
+    ),
 ];
 
 /// Crates whose presence would mean the core can do I/O or run tasks.

@@ -6,10 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
 
+use crate::records::RecordKeyId;
+
 use super::{
-    DIGEST_TAG, DOCUMENT_MAGIC, Digest, Document, FORMAT_VERSION, GovernanceId, MAX_ALLOWED_IPS,
-    MAX_COMMITTEE, MAX_DOCUMENT_LEN, MAX_MEMBERS, MAX_NAME_LEN, MAX_NETWORK_LEN, MAX_SIGNATURES,
-    MAX_SIGNED_LEN, Member, SIGNED_MAGIC, Signature, Signed, tagged_hash,
+    DIGEST_TAG, DOCUMENT_MAGIC, Digest, Document, FORMAT_VERSION, FORMAT_VERSION_RECORD_KEYS,
+    GovernanceId, MAX_ALLOWED_IPS, MAX_COMMITTEE, MAX_DOCUMENT_LEN, MAX_MEMBERS, MAX_NAME_LEN,
+    MAX_NETWORK_LEN, MAX_SIGNATURES, MAX_SIGNED_LEN, Member, SIGNED_MAGIC, Signature, Signed,
+    tagged_hash,
 };
 
 /// Why bytes (or a document built in memory) are not a valid document. Names the field.
@@ -179,13 +182,26 @@ fn check_member(member: &Member) -> Result<(), DecodeError> {
             ));
         }
     }
+    if let Some(key) = member.record_key
+        && secp256k1::XOnlyPublicKey::from_byte_array(key.0).is_err()
+    {
+        return Err(invalid(
+            "record key",
+            format!("peer {peer}: not a secp256k1 x-only public key"),
+        ));
+    }
     Ok(())
 }
 
 pub(super) fn encode_document(doc: &Document) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + doc.members.len() * 64);
     out.extend_from_slice(&DOCUMENT_MAGIC);
-    out.push(FORMAT_VERSION);
+    let with_record_keys = doc.members.iter().any(|m| m.record_key.is_some());
+    out.push(if with_record_keys {
+        FORMAT_VERSION_RECORD_KEYS
+    } else {
+        FORMAT_VERSION
+    });
     // Lengths are within their bounds for a checked document; a longer one is cut to the
     // byte the length field can hold and the decoder refuses the result.
     out.push(doc.network.len().min(255) as u8);
@@ -221,6 +237,15 @@ pub(super) fn encode_document(doc: &Document) -> Vec<u8> {
         out.push(allowed.len().min(255) as u8);
         for ip in allowed {
             put_ip(&mut out, ip);
+        }
+        if with_record_keys {
+            match member.record_key {
+                None => out.push(0),
+                Some(key) => {
+                    out.push(1);
+                    out.extend_from_slice(&key.0);
+                }
+            }
         }
     }
     out
@@ -285,18 +310,23 @@ impl<'a> Reader<'a> {
             other => Err(invalid(what, format!("address family {other} (4 or 6)"))),
         }
     }
-    fn magic(&mut self, magic: [u8; 4], what: &'static str) -> Result<(), DecodeError> {
+    fn magic(
+        &mut self,
+        magic: [u8; 4],
+        what: &'static str,
+        versions: &[u8],
+    ) -> Result<u8, DecodeError> {
         if self.array::<4>("magic")? != magic {
             return Err(invalid("magic", format!("not a {what}")));
         }
         let version = self.u8("version")?;
-        if version != FORMAT_VERSION {
+        if !versions.contains(&version) {
             return Err(invalid(
                 "version",
-                format!("{version}; this build reads version {FORMAT_VERSION}"),
+                format!("{version}; this build reads versions {versions:?}"),
             ));
         }
-        Ok(())
+        Ok(version)
     }
     fn finish(&self) -> Result<(), DecodeError> {
         match self.bytes.len() - self.pos.min(self.bytes.len()) {
@@ -318,7 +348,12 @@ pub(super) fn decode_document(bytes: &[u8]) -> Result<Document, DecodeError> {
         });
     }
     let mut r = Reader { bytes, pos: 0 };
-    r.magic(DOCUMENT_MAGIC, "membership document")?;
+    let version = r.magic(
+        DOCUMENT_MAGIC,
+        "membership document",
+        &[FORMAT_VERSION, FORMAT_VERSION_RECORD_KEYS],
+    )?;
+    let with_record_keys = version == FORMAT_VERSION_RECORD_KEYS;
     let network = r.text("network")?.to_owned();
     let epoch = r.u64("epoch")?;
     let previous = Digest(r.array("previous")?);
@@ -367,15 +402,33 @@ pub(super) fn decode_document(bytes: &[u8]) -> Result<Document, DecodeError> {
             let tag = r.u8("addresses")?;
             allowed.push(r.ip(tag, "addresses")?);
         }
+        let record_key = if with_record_keys {
+            match r.u8("record key")? {
+                0 => None,
+                1 => Some(RecordKeyId(r.array("record key")?)),
+                other => return Err(invalid("record key", format!("presence {other} (0 or 1)"))),
+            }
+        } else {
+            None
+        };
         members.push(Member {
             key,
             name,
             address,
             allowed,
             expires: member_expires,
+            record_key,
         });
     }
     r.finish()?;
+    if with_record_keys && members.iter().all(|m| m.record_key.is_none()) {
+        return Err(invalid(
+            "version",
+            format!(
+                "{FORMAT_VERSION_RECORD_KEYS} but no member has a record key (that is version {FORMAT_VERSION})"
+            ),
+        ));
+    }
     let doc = Document {
         network,
         epoch,
@@ -412,7 +465,11 @@ pub(super) fn decode_signed(bytes: &[u8]) -> Result<Signed, DecodeError> {
         });
     }
     let mut r = Reader { bytes, pos: 0 };
-    r.magic(SIGNED_MAGIC, "signed membership document")?;
+    r.magic(
+        SIGNED_MAGIC,
+        "signed membership document",
+        &[FORMAT_VERSION],
+    )?;
     let doc_len = r.u32("document length")? as usize;
     if doc_len > MAX_DOCUMENT_LEN {
         return Err(DecodeError::TooLong {

@@ -19,6 +19,8 @@
 //! address = "10.0.0.1:7000"            # optional: where it listens
 //! addresses = ["10.0.0.1"]             # optional: IPs it may connect from
 //! expires = 2027-01-01T00:00:00Z       # optional: a date-time, never a duration
+//! record_key = "…x-only key…"          # optional: signs its address records
+//!                                      # (`p2p-node id --key FILE --record-key`)
 //!
 //! [[signature]]                        # a signed document: one per signer
 //! signer = "…x-only key…"
@@ -36,6 +38,7 @@ use crate::allow_list::{
     AllowList, Expiry, FilePeer, datetime_to_unix, line_of, parse_key, unix_to_datetime,
 };
 use crate::identity::PeerId;
+use crate::records::RecordKeyId;
 
 /// Why a TOML form could not be read. Names the file, and the line and field when known.
 #[derive(Debug, thiserror::Error)]
@@ -159,12 +162,21 @@ fn member_of(form: Spanned<FilePeer>, text: &str) -> Result<Member, String> {
             }
         })
         .transpose()?;
+    let record_key = form
+        .record_key
+        .as_ref()
+        .map(|k| {
+            RecordKeyId::from_hex(k.get_ref())
+                .map_err(|why| format!("line {}: record_key: {why}", line_of(text, k.span().start)))
+        })
+        .transpose()?;
     Ok(Member {
         key,
         name: form.name,
         address: form.address,
         allowed: form.addresses,
         expires,
+        record_key,
     })
 }
 
@@ -280,6 +292,9 @@ impl Signed {
             }
             if let Some(expires) = member.expires {
                 let _ = writeln!(out, "expires = {}", unix_to_datetime(expires));
+            }
+            if let Some(key) = member.record_key {
+                let _ = writeln!(out, "record_key = \"{key}\"");
             }
         }
         for sig in self.signatures() {
@@ -405,6 +420,7 @@ impl Document {
                     address: entry.address,
                     allowed: entry.addresses.clone(),
                     expires,
+                    record_key: entry.record_key,
                 })
             })
             .collect()

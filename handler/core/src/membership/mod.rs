@@ -66,13 +66,18 @@ use sha2::{Digest as _, Sha256};
 
 use crate::allow_list::{AllowList, AllowedPeer, Expiry};
 use crate::identity::{KEY_LEN, PeerId};
+use crate::records::RecordKeyId;
 
 /// First bytes of an encoded document.
 pub const DOCUMENT_MAGIC: [u8; 4] = *b"P2PM";
 /// First bytes of an encoded signed document.
 pub const SIGNED_MAGIC: [u8; 4] = *b"P2PS";
-/// Version of both encodings.
+/// Version of both encodings (a document none of whose members has a record key).
 pub const FORMAT_VERSION: u8 = 1;
+/// Version of a document some of whose members have a record key: each member's entry
+/// ends in one more field. A document's content decides its version, so it has one
+/// encoding and one digest, and documents written before record keys keep theirs.
+pub const FORMAT_VERSION_RECORD_KEYS: u8 = 2;
 /// Tag of the tagged hash that names a document (its digest).
 pub const DIGEST_TAG: &[u8] = b"p2p-handler/membership/document/v1";
 /// Tag of the tagged hash a committee member signs (over the digest): a signature of a
@@ -104,7 +109,7 @@ pub const MAX_DOCUMENT_LEN: usize = 4
     + 1
     + MAX_COMMITTEE * 32
     + 2
-    + MAX_MEMBERS * (KEY_LEN + 1 + MAX_NAME_LEN + 8 + 1 + 18 + 1 + MAX_ALLOWED_IPS * 17);
+    + MAX_MEMBERS * (KEY_LEN + 1 + MAX_NAME_LEN + 8 + 1 + 18 + 1 + MAX_ALLOWED_IPS * 17 + 33);
 /// The longest encoded signed document.
 pub const MAX_SIGNED_LEN: usize = 4 + 1 + 4 + MAX_DOCUMENT_LEN + 1 + MAX_SIGNATURES * (32 + 64);
 
@@ -352,6 +357,8 @@ pub struct Member {
     pub allowed: Vec<IpAddr>,
     /// When it stops being a member (Unix seconds), if ever.
     pub expires: Option<u64>,
+    /// The key that signs its address records (`crate::records`), if it publishes them.
+    pub record_key: Option<RecordKeyId>,
 }
 
 impl Member {
@@ -441,6 +448,7 @@ impl Document {
                     }),
                     public_key: Some(member.key),
                     address: member.address,
+                    record_key: member.record_key,
                 },
             );
         }

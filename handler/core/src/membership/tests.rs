@@ -22,6 +22,7 @@ fn member(seed: u64) -> Member {
         address: Some(SocketAddr::from(([10, 0, 0, seed as u8], 7000))),
         allowed: Vec::new(),
         expires: None,
+        record_key: None,
     }
 }
 
@@ -118,7 +119,7 @@ fn encoding_round_trips_and_is_canonical() {
             .contains("magic")
     );
     let mut bad = bytes.clone();
-    bad[4] = 2;
+    bad[4] = 3;
     assert!(
         Document::decode(&bad)
             .unwrap_err()
@@ -754,6 +755,7 @@ fn the_protocol_documents_test_vector_holds() {
             address: Some(SocketAddr::from(([10, 0, 0, 1], 7000))),
             allowed: Vec::new(),
             expires: None,
+            record_key: None,
         }],
     };
     let mut signed = Signed::new(doc).unwrap();
@@ -791,6 +793,8 @@ fn the_protocol_documents_test_vector_holds() {
 /// A document with every field at its bound: the longest there can be.
 fn largest() -> Document {
     let keys = committee(MAX_COMMITTEE as u64);
+    let record_key =
+        crate::records::RecordSigner::new(&Keypair::from_private_bytes([5; 32])).record_key();
     let members = (0..MAX_MEMBERS)
         .map(|i| {
             let mut key = [0u8; KEY_LEN];
@@ -803,6 +807,7 @@ fn largest() -> Document {
                     .map(|j| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, j]))
                     .collect(),
                 expires: Some(NOW),
+                record_key: Some(record_key),
             }
         })
         .collect();
@@ -1148,4 +1153,55 @@ fn a_full_committee_can_hand_over_to_another_full_committee() {
     let mut ledger = Ledger::with_anchor(g, NOW, 8).unwrap();
     let out = ledger.offer(&[e2], NOW, false);
     assert_eq!(out.applied.len(), 1, "{:?}", out.refused);
+}
+
+#[test]
+fn record_keys_make_a_version_2_document_and_leave_others_as_they_were() {
+    let keys = committee(3);
+    let plain = genesis(&keys, 2, &[1, 2, 3], &[0, 1]);
+    assert_eq!(plain.document().encode()[4], FORMAT_VERSION);
+    let mut doc = plain.document().clone();
+    let record_key =
+        crate::records::RecordSigner::new(&Keypair::from_private_bytes([5; 32])).record_key();
+    doc.members[1].record_key = Some(record_key);
+    let bytes = doc.encode();
+    assert_eq!(bytes[4], FORMAT_VERSION_RECORD_KEYS);
+    let back = Document::decode(&bytes).unwrap();
+    assert_eq!(back, doc);
+    assert_eq!(back.encode(), bytes);
+    assert_ne!(back.digest(), plain.digest());
+    // Its TOML form carries the key too.
+    let signed = Signed::new(doc.clone()).unwrap();
+    let again = Signed::from_toml(&signed.to_toml(), "<test>").unwrap();
+    assert_eq!(again.document(), &doc);
+    // Version 2 with no record key is not canonical (that document is version 1).
+    let mut none = plain.document().encode();
+    none[4] = FORMAT_VERSION_RECORD_KEYS;
+    let members_at = none.len() - 3 * (32 + 1 + 6 + 8 + 1 + 6 + 1);
+    let mut padded = none[..members_at].to_vec();
+    for member in none[members_at..].chunks(32 + 1 + 6 + 8 + 1 + 6 + 1) {
+        padded.extend_from_slice(member);
+        padded.push(0);
+    }
+    assert!(matches!(
+        Document::decode(&padded),
+        Err(DecodeError::Invalid {
+            field: "version",
+            ..
+        })
+    ));
+    // A presence byte other than 0 or 1, and a key that is not on the curve.
+    let mut bad = bytes.clone();
+    let last = bad.len() - 1;
+    bad[last] = 2;
+    assert!(Document::decode(&bad).is_err());
+    let mut off_curve = doc.clone();
+    off_curve.members[1].record_key = Some(crate::records::RecordKeyId([0xff; 32]));
+    assert!(matches!(
+        off_curve.check(),
+        Err(DecodeError::Invalid {
+            field: "record key",
+            ..
+        })
+    ));
 }
