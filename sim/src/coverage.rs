@@ -65,6 +65,8 @@ const MESSAGES: &[&str] = &[
     "Epoch",
     "Fetch",
     "Documents",
+    "RecordSeqs",
+    "Records",
 ];
 
 const NACKS: &[NackReason] = &[
@@ -171,6 +173,8 @@ pub fn message(message: &Message) -> Vec<String> {
         Message::Epoch { .. } => vec!["message Epoch".into()],
         Message::Fetch { .. } => vec!["message Fetch".into()],
         Message::Documents { .. } => vec!["message Documents".into()],
+        Message::RecordSeqs { .. } => vec!["message RecordSeqs".into()],
+        Message::Records { .. } => vec!["message Records".into()],
     }
 }
 

@@ -164,6 +164,8 @@ impl Matcher {
             Message::Epoch { .. } => MsgKind::Epoch,
             Message::Fetch { .. } => MsgKind::Fetch,
             Message::Documents { .. } => MsgKind::Documents,
+            Message::RecordSeqs { .. } => MsgKind::RecordSeqs,
+            Message::Records { .. } => MsgKind::Records,
         };
         let of = match message {
             Message::Ack {
@@ -402,6 +404,8 @@ impl Shared {
             }
             Message::Fetch { after } => format!("Fetch after {after}"),
             Message::Documents { docs } => format!("Documents ({} docs)", docs.len()),
+            Message::RecordSeqs { seqs } => format!("RecordSeqs ({} held)", seqs.len()),
+            Message::Records { records } => format!("Records ({})", records.len()),
         }
     }
 
@@ -1194,6 +1198,7 @@ fn membership_event(s: &mut Shared, node: usize, event: &p2p_handler::Membership
     let from = |s: &Shared, source: &p2p_handler::Source| match source {
         p2p_handler::Source::Local => "its operator".to_owned(),
         p2p_handler::Source::Peer(peer) => s.name(peer),
+        p2p_handler::Source::Directory => "the records directory".to_owned(),
     };
     match event {
         M::Applied {

@@ -428,6 +428,10 @@ pub enum MsgKind {
     Fetch,
     /// Membership: signed documents.
     Documents,
+    /// Address records: what a node holds.
+    RecordSeqs,
+    /// Address records: sealed records.
+    Records,
 }
 
 /// Selects messages by kind, direction and attempt.

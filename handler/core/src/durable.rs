@@ -67,17 +67,21 @@ pub enum Table {
     Settled,
     /// The signed membership documents the node accepted, by epoch (its recent history).
     Membership,
+    /// The freshest address record of each member (ours included), by peer id: what a
+    /// restarted node resumes, and the floor under each member's sequence numbers.
+    Records,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Meta,
         Table::Outbound,
         Table::Outcomes,
         Table::Inbound,
         Table::Settled,
         Table::Membership,
+        Table::Records,
     ];
 
     /// The table's name in a store.
@@ -89,6 +93,7 @@ impl Table {
             Self::Inbound => "inbound",
             Self::Settled => "settled",
             Self::Membership => "membership",
+            Self::Records => "records",
         }
     }
 }
@@ -214,6 +219,8 @@ pub struct Recovered {
     pub settled: Vec<(PeerId, ExchangeId, u64)>,
     /// The membership documents the node accepted, oldest first.
     pub membership: Vec<crate::membership::Signed>,
+    /// The freshest address record of each member: owner, sequence number, sealed bytes.
+    pub records: Vec<(PeerId, u64, Bytes)>,
     /// The store's format version (`None`: a fresh store). Older than [`FORMAT`]: the
     /// driver rewrites the header at its first commit.
     pub format: Option<u8>,
@@ -405,6 +412,18 @@ pub(crate) fn put_membership(doc: &crate::membership::Signed) -> KvOp {
     )
 }
 
+/// `peer`'s address record `seq` (sealed as `sealed`) is the freshest taken.
+pub(crate) fn put_record(peer: PeerId, seq: u64, sealed: &[u8]) -> KvOp {
+    put(
+        Table::Records,
+        peer.as_bytes().to_vec(),
+        versioned(|w| {
+            w.extend_from_slice(&seq.to_be_bytes());
+            w.extend_from_slice(sealed);
+        }),
+    )
+}
+
 /// The membership document of `epoch` left the history.
 pub(crate) fn delete_membership(epoch: u64) -> KvOp {
     KvOp::Delete {
@@ -504,6 +523,7 @@ fn put_failure(w: &mut Vec<u8>, failure: &Failure) {
         Failure::ShuttingDown => w.push(8),
         Failure::Cancelled => w.push(9),
         Failure::DeadlineExceeded => w.push(10),
+        Failure::Inactive => w.push(11),
     }
 }
 
@@ -666,6 +686,24 @@ where
                     }
                     recovered.membership.push(doc);
                 }
+                Table::Records => {
+                    let peer: [u8; 32] = key
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| format!("key of {} bytes, expected 32", key.len()))?;
+                    let seq = r.u64()?;
+                    let sealed = r.rest();
+                    let decoded = crate::records::SealedRecord::decode(sealed)
+                        .map_err(|e| format!("address record: {e}"))?;
+                    if decoded.owner_id() != PeerId::from_bytes(peer) {
+                        return Err("an address record under another peer's key".into());
+                    }
+                    recovered.records.push((
+                        PeerId::from_bytes(peer),
+                        seq,
+                        Bytes::copy_from_slice(sealed),
+                    ));
+                }
             }
             r.end()
         })();
@@ -797,6 +835,7 @@ impl<'a> Reader<'a> {
             8 => Failure::ShuttingDown,
             9 => Failure::Cancelled,
             10 => Failure::DeadlineExceeded,
+            11 => Failure::Inactive,
             c => return Err(format!("unknown failure kind {c}")),
         })
     }

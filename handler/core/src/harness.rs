@@ -115,6 +115,9 @@ pub(crate) struct Node {
     pub takes_outcomes: bool,
     /// The membership document its operator installed (installed again at each restart).
     pub membership: Option<crate::membership::Signed>,
+    /// The life of the address records it publishes, once its operator installed records
+    /// (installed again at each restart, publishing `addr`).
+    pub records: Option<Duration>,
     incarnation: u64,
     /// Inbound connections accepted so far (numbers their ids).
     accepted: u64,
@@ -253,6 +256,7 @@ impl Net {
                 store: None,
                 takes_outcomes: true,
                 membership: None,
+                records: None,
                 incarnation: 0,
                 clocked: false,
                 accepted: 0,
@@ -309,6 +313,24 @@ impl Net {
             name.1,
             payload.len()
         ));
+        self.drain(from);
+        Ok(id)
+    }
+
+    /// A request by peer id alone: the address comes from `to`'s address record.
+    pub(crate) fn request_to(
+        &mut self,
+        from: usize,
+        to: usize,
+        payload: &[u8],
+    ) -> Result<ExchangeId, crate::endpoint::RequestError> {
+        let (peer, now) = (self.id(to), self.now);
+        let id =
+            self.nodes[from]
+                .endpoint
+                .request_to(peer, Bytes::copy_from_slice(payload), now)?;
+        let name = (self.nodes[from].name, self.nodes[to].name);
+        self.log(format!("{} app: request_to {id} to {}", name.0, name.1));
         self.drain(from);
         Ok(id)
     }
@@ -452,6 +474,36 @@ impl Net {
         if let Some(doc) = self.nodes[node].membership.clone() {
             let _ = self.install_membership(node, doc);
         }
+        if let Some(ttl) = self.nodes[node].records {
+            self.install_records(node, ttl);
+        }
+    }
+
+    /// The node's operator turns address records on: it publishes its `addr` in records
+    /// living `ttl`. Needs its membership installed.
+    pub(crate) fn install_records(&mut self, node: usize, ttl: Duration) {
+        let now = self.now;
+        let n = &mut self.nodes[node];
+        n.records = Some(ttl);
+        let signer = crate::records::RecordSigner::new(&n.keypair);
+        let settings = crate::endpoint::RecordSettings {
+            addresses: vec![n.addr],
+            ttl,
+        };
+        n.endpoint
+            .install_records(signer, settings, now)
+            .expect("records install");
+        let name = n.name;
+        self.log(format!("{name} records installed"));
+        self.drain(node);
+    }
+
+    /// Offers `records` to `node` as its records directory would.
+    pub(crate) fn offer_records(&mut self, node: usize, records: Vec<Bytes>) -> usize {
+        let now = self.now;
+        let taken = self.nodes[node].endpoint.offer_records(records, now);
+        self.drain(node);
+        taken
     }
 
     /// Gives every node the wall clock, as a driver does (a second before the first step,

@@ -46,6 +46,8 @@ mod membership_net_tests;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
+mod records_net_tests;
+#[cfg(test)]
 mod tests;
 
 pub use allow_list::{AllowList, AllowedPeer, Expiry, Rejection};

@@ -43,8 +43,11 @@ pub const FEATURE_MEMBERSHIP: u32 = 1;
 /// Hello feature bit: the sender, as a responder, accepts an IK first message (section 3);
 /// a dialer that has heard a peer's hello without it dials that peer with XX.
 pub const FEATURE_IK: u32 = 2;
+/// Hello feature bit: the sender understands the address record messages (`RecordSeqs`,
+/// `Records`); a peer without it MUST NOT be sent one.
+pub const FEATURE_RECORDS: u32 = 4;
 /// The features this build has (every bit it understands).
-pub const FEATURES: u32 = FEATURE_MEMBERSHIP | FEATURE_IK;
+pub const FEATURES: u32 = FEATURE_MEMBERSHIP | FEATURE_IK | FEATURE_RECORDS;
 /// The longest encoded Request a dialer puts in an IK message 1 (with the hello and its
 /// 8-byte timestamp); a longer one waits for the session.
 pub const EARLY_MAX_LEN: usize = 16 * 1024;
@@ -237,6 +240,12 @@ pub enum Kind {
     /// Either way, only to a peer with [`FEATURE_MEMBERSHIP`]: signed membership
     /// documents, consecutive epochs, oldest first (the answer to a `Fetch`).
     Documents = 10,
+    /// Either way, only to a peer with [`FEATURE_RECORDS`]: the address records the sender
+    /// holds, as (peer id, sequence number) pairs.
+    RecordSeqs = 11,
+    /// Either way, only to a peer with [`FEATURE_RECORDS`]: sealed address records
+    /// (`docs/PROTOCOL.md` section 9).
+    Records = 12,
 }
 
 impl Kind {
@@ -252,6 +261,8 @@ impl Kind {
             8 => Self::Epoch,
             9 => Self::Fetch,
             10 => Self::Documents,
+            11 => Self::RecordSeqs,
+            12 => Self::Records,
             _ => return None,
         })
     }
@@ -260,7 +271,12 @@ impl Kind {
     pub fn has_exchange_header(self) -> bool {
         !matches!(
             self,
-            Self::Close | Self::Epoch | Self::Fetch | Self::Documents
+            Self::Close
+                | Self::Epoch
+                | Self::Fetch
+                | Self::Documents
+                | Self::RecordSeqs
+                | Self::Records
         )
     }
 }
@@ -350,6 +366,19 @@ pub enum Message {
         /// The documents.
         docs: Vec<Bytes>,
     },
+    /// The address records the sender holds: each owner's peer id and the record's
+    /// sequence number, ascending by peer id. Sent when a connection to a member is
+    /// established and the sender has not told this peer since its records changed; the
+    /// receiver answers with the records it holds newer, and with its own `RecordSeqs`.
+    RecordSeqs {
+        /// (owner's peer id, sequence number) pairs.
+        seqs: Vec<([u8; 32], u64)>,
+    },
+    /// Sealed address records (each as `docs/PROTOCOL.md` section 9 encodes it).
+    Records {
+        /// The records.
+        records: Vec<Bytes>,
+    },
 }
 
 impl Message {
@@ -366,6 +395,8 @@ impl Message {
             Self::Epoch { .. } => Kind::Epoch,
             Self::Fetch { .. } => Kind::Fetch,
             Self::Documents { .. } => Kind::Documents,
+            Self::RecordSeqs { .. } => Kind::RecordSeqs,
+            Self::Records { .. } => Kind::Records,
         }
     }
 
@@ -381,7 +412,9 @@ impl Message {
             Self::Close { .. }
             | Self::Epoch { .. }
             | Self::Fetch { .. }
-            | Self::Documents { .. } => None,
+            | Self::Documents { .. }
+            | Self::RecordSeqs { .. }
+            | Self::Records { .. } => None,
         }
     }
 
@@ -397,7 +430,9 @@ impl Message {
             Self::Close { .. }
             | Self::Epoch { .. }
             | Self::Fetch { .. }
-            | Self::Documents { .. } => None,
+            | Self::Documents { .. }
+            | Self::RecordSeqs { .. }
+            | Self::Records { .. } => None,
         }
     }
 
@@ -413,7 +448,10 @@ impl Message {
             Self::Progress { .. } => EXCHANGE_HEADER_LEN + 8,
             Self::Epoch { .. } => 1 + 8 + 32,
             Self::Fetch { .. } => 1 + 8,
-            Self::Documents { docs } => 1 + 2 + docs.iter().map(|d| 4 + d.len()).sum::<usize>(),
+            Self::Documents { docs: items } | Self::Records { records: items } => {
+                1 + 2 + items.iter().map(|d| 4 + d.len()).sum::<usize>()
+            }
+            Self::RecordSeqs { seqs } => 1 + 2 + seqs.len() * 40,
         }
     }
 
@@ -449,16 +487,27 @@ impl Message {
                 head.extend_from_slice(digest);
             }
             Self::Fetch { after } => head.extend_from_slice(&after.to_be_bytes()),
-            Self::Documents { docs } => {
-                // Senders keep a Documents message within the receiver's limit, far below
-                // 65,535 documents and 4 GiB each.
+            Self::Documents { docs: items } | Self::Records { records: items } => {
+                // Senders keep these messages within the receiver's limit, far below
+                // 65,535 items and 4 GiB each.
                 let mut list = Vec::with_capacity(self.encoded_len() - 1);
                 list.extend_from_slice(
-                    &(docs.len().min(usize::from(u16::MAX)) as u16).to_be_bytes(),
+                    &(items.len().min(usize::from(u16::MAX)) as u16).to_be_bytes(),
                 );
-                for doc in docs.iter().take(usize::from(u16::MAX)) {
-                    list.extend_from_slice(&(doc.len() as u32).to_be_bytes());
-                    list.extend_from_slice(doc);
+                for item in items.iter().take(usize::from(u16::MAX)) {
+                    list.extend_from_slice(&(item.len() as u32).to_be_bytes());
+                    list.extend_from_slice(item);
+                }
+                body = Bytes::from(list);
+            }
+            Self::RecordSeqs { seqs } => {
+                let mut list = Vec::with_capacity(self.encoded_len() - 1);
+                list.extend_from_slice(
+                    &(seqs.len().min(usize::from(u16::MAX)) as u16).to_be_bytes(),
+                );
+                for (peer, seq) in seqs.iter().take(usize::from(u16::MAX)) {
+                    list.extend_from_slice(peer);
+                    list.extend_from_slice(&seq.to_be_bytes());
                 }
                 body = Bytes::from(list);
             }
@@ -552,6 +601,23 @@ impl Message {
                 }
                 Self::Documents { docs }
             }
+            Kind::Records => {
+                let count = r.u16("record count")?;
+                let mut records = Vec::with_capacity(usize::from(count).min(64));
+                for _ in 0..count {
+                    let len = r.u32("record length")? as usize;
+                    records.push(r.slice(len, "record")?);
+                }
+                Self::Records { records }
+            }
+            Kind::RecordSeqs => {
+                let count = r.u16("record count")?;
+                let mut seqs = Vec::with_capacity(usize::from(count).min(1024));
+                for _ in 0..count {
+                    seqs.push((r.take("peer id")?, r.u64("sequence number")?));
+                }
+                Self::RecordSeqs { seqs }
+            }
         };
         r.finish(kind)?;
         Ok(message)
@@ -601,6 +667,8 @@ impl fmt::Debug for Message {
             }
             Self::Fetch { after } => write!(f, "Fetch(after {after})"),
             Self::Documents { docs } => write!(f, "Documents({})", docs.len()),
+            Self::RecordSeqs { seqs } => write!(f, "RecordSeqs({})", seqs.len()),
+            Self::Records { records } => write!(f, "Records({})", records.len()),
         }
     }
 }
@@ -1118,6 +1186,13 @@ mod tests {
             Message::Documents {
                 docs: vec![Bytes::from_static(b"P2PS..."), Bytes::from(vec![1; 300])],
             },
+            Message::RecordSeqs { seqs: Vec::new() },
+            Message::RecordSeqs {
+                seqs: vec![([1; 32], 5), ([2; 32], u64::MAX)],
+            },
+            Message::Records {
+                records: vec![Bytes::from_static(b"P2PR..."), Bytes::new()],
+            },
         ]
     }
 
@@ -1154,7 +1229,11 @@ mod tests {
     fn malformed_messages_are_errors() {
         let cases: &[(&[u8], WireError)] = &[
             (&[], WireError::Truncated("kind")),
-            (&[11], WireError::UnknownKind(11)),
+            (&[13], WireError::UnknownKind(13)),
+            (&[11, 0, 1, 0], WireError::Truncated("peer id")),
+            (&[11, 0, 0, 9], WireError::Trailing(1, Kind::RecordSeqs)),
+            (&[12, 0, 1, 0, 0, 0, 9, 7], WireError::Truncated("record")),
+            (&[12, 0], WireError::Truncated("record count")),
             (
                 &[8, 0, 0, 0, 0, 0, 0, 0, 1, 7],
                 WireError::Truncated("digest"),

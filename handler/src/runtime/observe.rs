@@ -479,6 +479,7 @@ fn failure_cause(failure: &Failure) -> &'static str {
         Failure::ShuttingDown => "shutting_down",
         Failure::Cancelled => "cancelled",
         Failure::DeadlineExceeded => "deadline_exceeded",
+        Failure::Inactive => "inactive",
         _ => "other",
     }
 }

@@ -34,6 +34,12 @@ impl Endpoint {
         ) {
             return self.on_membership_message(conn, peer, message, now);
         }
+        if matches!(
+            message,
+            Message::RecordSeqs { .. } | Message::Records { .. }
+        ) {
+            return self.on_records_message(conn, peer, message, now);
+        }
         match direction {
             Direction::Outbound => self.on_outbound_message(conn, peer, message, now),
             Direction::Inbound => self.on_inbound_message(conn, peer, message, now),

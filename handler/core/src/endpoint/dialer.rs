@@ -516,6 +516,7 @@ impl Endpoint {
             p.xx_only = features & FEATURE_IK == 0;
         }
         self.membership_established(conn, now);
+        self.records_established(conn);
         let early = self.conns.get(&conn).is_some_and(|c| c.early);
         match self.conns.get(&conn).and_then(|c| c.exchange) {
             Some(id) if early => self.early_request_sent(id, conn, now),

@@ -85,6 +85,10 @@ pub enum Failure {
     /// Its deadline passed before it ended. If it was in flight, the responder may have
     /// received it.
     DeadlineExceeded,
+    /// The peer became inactive (its address record expired and no newer one came) while
+    /// the exchange could not reach it. Not delivered: it was queued, dialing or backing
+    /// off, never in contact.
+    Inactive,
 }
 
 impl fmt::Display for Failure {
@@ -113,6 +117,9 @@ impl fmt::Display for Failure {
             Self::ShuttingDown => f.write_str("the node is shutting down"),
             Self::Cancelled => f.write_str("cancelled by our application"),
             Self::DeadlineExceeded => f.write_str("its deadline passed"),
+            Self::Inactive => f.write_str(
+                "the peer is inactive: its address record expired and it published no newer one",
+            ),
         }
     }
 }
@@ -264,6 +271,8 @@ pub enum Event {
     },
     /// The signed membership moved, or a document was refused, or an alarm went off.
     Membership(MembershipEvent),
+    /// Address records: published, accepted, refused, peers gone inactive or back.
+    Record(RecordEvent),
 }
 
 /// Where a membership document came from.
@@ -275,13 +284,121 @@ pub enum Source {
     Local,
     /// A peer, over its authenticated connection.
     Peer(PeerId),
+    /// The records directory the driver reads ([`Endpoint::offer_records`]).
+    ///
+    /// [`Endpoint::offer_records`]: super::Endpoint::offer_records
+    Directory,
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Local => f.write_str("this node's operator"),
+            Self::Directory => f.write_str("the records directory"),
             Self::Peer(peer) => write!(f, "{peer}"),
+        }
+    }
+}
+
+/// What happened to address records (see the endpoint's `records` module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordEvent {
+    /// This node sealed a new record of its own (at start, on a new address or epoch, or
+    /// to refresh it): a driver with a directory writes `sealed` there.
+    Published {
+        /// Its sequence number.
+        seq: u64,
+        /// When it expires (Unix seconds).
+        expires: u64,
+        /// The addresses it names.
+        addresses: Vec<std::net::SocketAddr>,
+        /// The sealed record.
+        sealed: Bytes,
+    },
+    /// A member's record was taken as its freshest.
+    Accepted {
+        /// Its owner.
+        peer: PeerId,
+        /// Who passed it on.
+        source: Source,
+        /// Its sequence number.
+        seq: u64,
+        /// The addresses it names.
+        addresses: Vec<std::net::SocketAddr>,
+        /// The owner named other addresses before (it moved): our exchanges with it now
+        /// dial the new ones.
+        moved: bool,
+    },
+    /// A record was refused (reported once per copy).
+    Refused {
+        /// Who passed it on.
+        source: Source,
+        /// Its owner as its header names it, if it decoded that far.
+        owner: Option<PeerId>,
+        /// Why.
+        refusal: crate::records::Refusal,
+    },
+    /// A member's record expired and no newer one came: it is inactive, nothing dials it,
+    /// and our exchanges with it that could not reach it failed with `Inactive`.
+    Inactive {
+        /// The member.
+        peer: PeerId,
+    },
+    /// This node cannot publish: the membership does not list its record key.
+    Unlisted {
+        /// The epoch in force.
+        epoch: u64,
+        /// Our record key, which the committee must add.
+        key: crate::records::RecordKeyId,
+    },
+}
+
+impl fmt::Display for RecordEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |a: &[std::net::SocketAddr]| {
+            a.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            Self::Published {
+                seq,
+                expires,
+                addresses,
+                ..
+            } => write!(
+                f,
+                "published our address record {seq} ({}), expiring at {expires}",
+                list(addresses)
+            ),
+            Self::Accepted {
+                peer,
+                source,
+                seq,
+                addresses,
+                moved,
+            } => write!(
+                f,
+                "address record {seq} of {peer} from {source}: {}{}",
+                list(addresses),
+                if *moved { " (it moved)" } else { "" }
+            ),
+            Self::Refused {
+                source, refusal, ..
+            } => {
+                write!(f, "refused an address record from {source}: {refusal}")
+            }
+            Self::Inactive { peer } => write!(
+                f,
+                "{peer} is inactive: its address record expired and no newer one came"
+            ),
+            Self::Unlisted { epoch, key } => write!(
+                f,
+                "cannot publish our address record: membership epoch {epoch} does not list our \
+                 record key {key}"
+            ),
         }
     }
 }
@@ -443,6 +560,7 @@ impl fmt::Display for Event {
                 }
             ),
             Self::Membership(event) => event.fmt(f),
+            Self::Record(event) => event.fmt(f),
         }
     }
 }
@@ -455,7 +573,7 @@ impl Event {
     pub fn is_priority(&self) -> bool {
         matches!(
             self,
-            Self::PeerError(_) | Self::RateLimited { .. } | Self::Membership(_)
+            Self::PeerError(_) | Self::RateLimited { .. } | Self::Membership(_) | Self::Record(_)
         )
     }
 
@@ -516,6 +634,13 @@ pub enum RequestError {
     /// A node cannot exchange with itself.
     #[error("cannot send a request to ourselves")]
     SelfRequest,
+    /// No address is known for the peer: no valid address record (it is inactive, or its
+    /// record has not reached this node yet) and the membership publishes none.
+    #[error(
+        "no address is known for {0}: it is inactive (no unexpired address record) and the \
+         membership publishes no address for it"
+    )]
+    NoAddress(PeerId),
     /// Too many distinct peers are tracked (`max_tracked_peers`).
     #[error("too many peers tracked")]
     TooManyPeers,
@@ -645,8 +770,14 @@ pub struct Stats {
     pub membership_refused: u64,
     /// Membership forks found.
     pub membership_forks: u64,
-    /// Connections dialed only to spread or learn the membership.
+    /// Connections dialed only to spread or learn the membership (or address records).
     pub membership_sync_dials: u64,
+    /// Address records of our own sealed.
+    pub records_published: u64,
+    /// Members' address records taken.
+    pub records_accepted: u64,
+    /// Address records refused (every copy counted; each reported once).
+    pub records_refused: u64,
     /// Dials made with the IK pattern (the responder's key known; the rest use XX).
     pub ik_dials: u64,
     /// Our Requests sent in IK message 1 (0-RTT).

@@ -67,7 +67,7 @@ struct Heard {
 
 /// Sync dials to one member.
 #[derive(Debug, Clone, Copy)]
-struct SyncState {
+pub(super) struct SyncState {
     /// Not before this instant.
     next: Instant,
     backoff: Duration,
@@ -87,7 +87,7 @@ pub(super) struct Membership {
     /// asked after. Forgotten when that connection closes (the answer cannot come).
     asked: BTreeMap<PeerId, (ConnId, u64)>,
     /// Members to dial, and how soon.
-    sync: BTreeMap<PeerId, SyncState>,
+    pub(super) sync: BTreeMap<PeerId, SyncState>,
     /// A document the application offered that skips ahead: offered again once the ledger
     /// catches up to the epoch before it.
     pending: Option<Signed>,
@@ -401,14 +401,16 @@ impl Endpoint {
     }
 
     fn on_epoch(&mut self, conn: ConnId, peer: PeerId, epoch: u64, digest: Digest, now: Instant) {
+        let owes_record = self.owes_record(&peer);
         let Some(m) = self.membership.as_deref_mut() else {
             return;
         };
         m.heard.insert(peer, Heard { epoch, digest });
         let (ours, our_digest) = (m.ledger.epoch(), m.ledger.digest());
-        if epoch >= ours {
-            // It holds ours (or newer): no need to dial it any more (a sync connection
-            // still open to it closes once both ends agree, or when idle).
+        if epoch >= ours && !owes_record {
+            // It holds ours (or newer), and our address record: no need to dial it any
+            // more (a sync connection still open to it closes once both ends agree, or
+            // when idle).
             m.sync.remove(&peer);
         }
         let known_fork = m
@@ -594,6 +596,7 @@ impl Endpoint {
                 removed,
             }));
         self.spread(now);
+        self.records_after_epoch(now);
         // A document the application gave that waited for these epochs may follow now.
         let pending = self.membership.as_deref_mut().and_then(|m| {
             let next = m.ledger.epoch().saturating_add(1);
@@ -617,6 +620,7 @@ impl Endpoint {
         if self.sabotaged(super::Sabotage::MembershipNoSpread) {
             return;
         }
+        let dialable = self.dialable(now);
         let Some(m) = self.membership.as_deref_mut() else {
             return;
         };
@@ -634,21 +638,10 @@ impl Endpoint {
         for (_, peer) in &told {
             m.told.insert(*peer, ours);
         }
-        let behind: Vec<PeerId> = dialable(&m.ledger, self.local)
+        let behind: Vec<PeerId> = dialable
+            .into_iter()
             .filter(|peer| m.heard.get(peer).is_none_or(|h| h.epoch < ours))
             .collect();
-        for peer in behind {
-            let jitter = Duration::from_millis(self.rng.next_u64() % 200);
-            // Every member that applies an epoch dials the others: the jitter keeps them
-            // from all dialing in the same instant. A dial already due stays due.
-            let entry = m.sync.entry(peer).or_insert(SyncState {
-                next: now + jitter,
-                backoff: SYNC_BACKOFF_INITIAL,
-                conn: None,
-            });
-            entry.next = entry.next.min(now + jitter);
-            entry.backoff = SYNC_BACKOFF_INITIAL;
-        }
         for (conn, _) in told {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.epoch_sent = true;
@@ -661,16 +654,70 @@ impl Endpoint {
                 },
             );
         }
+        self.plan_sync(behind, now);
+    }
+
+    /// Plans sync dials to `peers`, soon: every member that applies an epoch (or publishes
+    /// a record) dials the others, and the jitter keeps them from all dialing in the same
+    /// instant. A dial already due stays due.
+    pub(super) fn plan_sync(&mut self, peers: Vec<PeerId>, now: Instant) {
+        let Some(m) = self.membership.as_deref_mut() else {
+            return;
+        };
+        for peer in peers {
+            let jitter = Duration::from_millis(self.rng.next_u64() % 200);
+            let entry = m.sync.entry(peer).or_insert(SyncState {
+                next: now + jitter,
+                backoff: SYNC_BACKOFF_INITIAL,
+                conn: None,
+            });
+            entry.next = entry.next.min(now + jitter);
+            entry.backoff = SYNC_BACKOFF_INITIAL;
+        }
         self.arm_sync_timer();
+    }
+
+    /// The members this node can dial (an address from a record or the document; not
+    /// inactive), itself excepted. In the document's order.
+    fn dialable(&self, now: Instant) -> Vec<PeerId> {
+        let Some(m) = self.membership.as_deref() else {
+            return Vec::new();
+        };
+        m.ledger
+            .current()
+            .document()
+            .members
+            .iter()
+            .map(crate::membership::Member::peer_id)
+            .filter(|peer| *peer != self.local && self.member_address(peer, now).is_some())
+            .collect()
+    }
+
+    /// Where to dial member `peer`: its record's address, else the document's (never an
+    /// inactive member's).
+    fn member_address(&self, peer: &PeerId, now: Instant) -> Option<std::net::SocketAddr> {
+        if let Some(record) = self.record_of(peer, now) {
+            return record.addresses.first().copied();
+        }
+        if self.lapsed(peer) {
+            return None;
+        }
+        self.membership
+            .as_deref()?
+            .ledger
+            .current()
+            .document()
+            .member(peer)
+            .and_then(|member| member.address)
     }
 
     /// A starting node asks a few members (chosen by the seeded RNG) whether it missed an
     /// epoch.
     fn plan_start_contacts(&mut self, now: Instant) {
+        let mut candidates: Vec<PeerId> = self.dialable(now);
         let Some(m) = self.membership.as_deref_mut() else {
             return;
         };
-        let mut candidates: Vec<PeerId> = dialable(&m.ledger, self.local).collect();
         for _ in 0..START_CONTACTS.min(candidates.len()) {
             let i = usize::try_from(self.rng.next_u64() % candidates.len() as u64).unwrap_or(0);
             let peer = candidates.swap_remove(i);
@@ -720,14 +767,7 @@ impl Endpoint {
             .take(MAX_SYNC_DIALS.saturating_sub(open))
             .collect();
         for peer in due {
-            let addr = self.membership.as_deref().and_then(|m| {
-                m.ledger
-                    .current()
-                    .document()
-                    .member(&peer)
-                    .and_then(|member| member.address)
-            });
-            let Some(addr) = addr else {
+            let Some(addr) = self.member_address(&peer, now) else {
                 if let Some(m) = self.membership.as_deref_mut() {
                     m.sync.remove(&peer);
                 }
@@ -800,8 +840,9 @@ impl Endpoint {
         }
     }
 
-    /// A sync connection whose two ends hold the same epoch has done its work.
-    fn close_sync_if_done(&mut self, conn: ConnId, now: Instant) {
+    /// A sync connection whose two ends hold the same epoch (and have told each other
+    /// their address records) has done its work.
+    pub(super) fn close_sync_if_done(&mut self, conn: ConnId, now: Instant) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -809,6 +850,9 @@ impl Endpoint {
             return;
         }
         let peer = c.peer;
+        if self.records_pending_on(conn) {
+            return;
+        }
         let Some(m) = self.membership.as_deref() else {
             return;
         };
@@ -896,6 +940,11 @@ impl Endpoint {
         }
     }
 
+    /// What `peer` last said of its epoch.
+    pub(super) fn heard_epoch(&self, peer: &PeerId) -> Option<u64> {
+        self.membership.as_deref()?.heard.get(peer).map(|h| h.epoch)
+    }
+
     /// A peer left the membership: what we knew of its ledger goes with it.
     pub(super) fn forget_membership_peer(&mut self, peer: &PeerId) {
         if let Some(m) = self.membership.as_deref_mut() {
@@ -905,17 +954,4 @@ impl Endpoint {
             m.sync.remove(peer);
         }
     }
-}
-
-/// The members of the current document this node can dial: those that publish an address,
-/// itself excepted.
-fn dialable(ledger: &Ledger, local: PeerId) -> impl Iterator<Item = PeerId> + '_ {
-    ledger
-        .current()
-        .document()
-        .members
-        .iter()
-        .filter(|member| member.address.is_some())
-        .map(crate::membership::Member::peer_id)
-        .filter(move |peer| *peer != local)
 }

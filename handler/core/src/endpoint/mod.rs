@@ -30,17 +30,22 @@ mod events;
 #[cfg(any(test, feature = "invariants"))]
 mod invariants;
 mod membership;
+mod records;
 mod recovery;
 mod responder;
 
 pub use dialer::Deadline;
 pub use events::{
-    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, Receipt, RequestError,
-    RespondError, RetryCause, Source, Stats,
+    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, Receipt, RecordEvent,
+    RequestError, RespondError, RetryCause, Source, Stats,
 };
 pub use membership::{
     InstallError, Installed, MAX_DOCUMENTS_BYTES, MAX_DOCUMENTS_PER_MESSAGE, MAX_SYNC_DIALS,
     MEMBERSHIP_HISTORY, START_CONTACTS, SYNC_BACKOFF_INITIAL, SYNC_BACKOFF_MAX,
+};
+pub use records::{
+    DEFAULT_RECORD_TTL, MAX_RECORDS_BYTES, MIN_RECORD_TTL, REFRESH_AT_QUARTERS, RecordSettings,
+    RecordsError,
 };
 pub use responder::{DEDUPE_RECORD_COST, SETTLED_WINDOW};
 
@@ -183,6 +188,10 @@ pub(super) enum Timer {
     MembershipSync,
     /// A member, or the membership document, expires.
     MembershipExpiry,
+    /// Our address record is due for a refresh.
+    RecordRefresh,
+    /// A member's address record expires.
+    RecordExpiry,
 }
 
 #[derive(Debug)]
@@ -212,6 +221,10 @@ pub(super) struct Conn {
     /// The ticket its IK message 1 redeems: back to the peer's tickets if the dial fails
     /// before its handshake (the responder may never have seen it).
     pub(super) ticket: Option<crate::guard::Ticket>,
+    /// Our `RecordSeqs` was sent on it.
+    pub(super) records_sent: bool,
+    /// The peer's `RecordSeqs` arrived on it.
+    pub(super) records_heard: bool,
 }
 
 impl Conn {
@@ -236,6 +249,8 @@ impl Conn {
             ik: false,
             early: false,
             ticket: None,
+            records_sent: false,
+            records_heard: false,
         }
     }
 }
@@ -357,6 +372,11 @@ pub struct Endpoint {
     membership: Option<Box<membership::Membership>>,
     /// Documents the store held, until [`Endpoint::install_membership`] takes them.
     stored_membership: Vec<crate::membership::Signed>,
+    /// Address records, once installed (they need the membership).
+    records: Option<Box<records::Records>>,
+    /// Records the store held (owner, seq, sealed), until [`Endpoint::install_records`]
+    /// takes them.
+    stored_records: Vec<(PeerId, u64, Bytes)>,
 }
 
 impl fmt::Debug for Endpoint {
@@ -417,6 +437,8 @@ impl Endpoint {
             early_epoch: None,
             membership: None,
             stored_membership: Vec::new(),
+            records: None,
+            stored_records: Vec::new(),
         })
     }
 
@@ -1018,6 +1040,8 @@ impl Endpoint {
                 ik: false,
                 early: false,
                 ticket: None,
+                records_sent: false,
+                records_heard: false,
             },
         );
         if let Some(state) = self.peers.get_mut(&peer) {
@@ -1025,6 +1049,7 @@ impl Endpoint {
         }
         self.arm_idle(conn, now);
         self.membership_established(conn, now);
+        self.records_established(conn);
     }
 
     /// Input: an inbound connection failed before it was established (bad handshake,
@@ -1085,6 +1110,8 @@ impl Endpoint {
                 }
                 Timer::MembershipSync => self.on_sync_timer(now),
                 Timer::MembershipExpiry => self.apply_membership_allow_list(now),
+                Timer::RecordRefresh => self.on_record_refresh(now),
+                Timer::RecordExpiry => self.on_record_expiry(now),
                 Timer::Idle(conn) => {
                     let Some(c) = self.conns.get(&conn) else {
                         continue;

@@ -41,6 +41,7 @@ impl Endpoint {
         self.journal = Some(Vec::new());
         self.wall = Some((now, unix_ms));
         self.stored_membership = recovered.membership;
+        self.restore_records(recovered.records);
         if let Some(next) = recovered.next_id {
             self.next_exchange = next;
         }
