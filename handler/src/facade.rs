@@ -175,6 +175,16 @@ impl P2pHandler {
         self.block_on(self.handler.request_with(peer_id, address, msg, options))?
     }
 
+    /// Sends `msg` to `peer_id` wherever its address record says it is; see
+    /// [`Handler::request_to`].
+    pub fn request_to(
+        &self,
+        peer_id: PeerId,
+        msg: impl Into<Bytes>,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.block_on(self.handler.request_to(peer_id, msg))?
+    }
+
     /// Our exchange with `peer_id` carrying idempotency key `key`; see [`Handler::lookup`].
     pub fn lookup(
         &self,

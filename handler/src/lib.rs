@@ -26,6 +26,7 @@ pub use p2p_handler_core::{
 };
 
 mod facade;
+pub mod records;
 pub mod runtime;
 pub mod store;
 pub mod transport;

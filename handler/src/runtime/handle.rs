@@ -75,6 +75,9 @@ pub enum HandlerError {
     /// A membership document was refused (every reason is listed).
     #[error("{0}")]
     MembershipRefused(Refused),
+    /// Address records cannot be used as configured.
+    #[error("address records: {0}")]
+    Records(crate::endpoint::RecordsError),
     /// The node does not follow signed membership documents.
     #[error("this node's allow list is not governed by membership documents")]
     NoMembership,
@@ -195,6 +198,10 @@ pub struct Status {
     pub drained: bool,
     /// Exchange counters.
     pub stats: Stats,
+    /// Members that are inactive (address records on: no unexpired record), ascending.
+    pub inactive_members: Vec<PeerId>,
+    /// Address records held (ours included).
+    pub records_held: usize,
 }
 
 /// What shutdown handed back.
@@ -299,6 +306,20 @@ pub(super) enum Command {
         document: Box<Signed>,
         reply: oneshot::Sender<Result<Vec<u64>, HandlerError>>,
     },
+    RequestTo {
+        peer: PeerId,
+        payload: Bytes,
+        options: RequestOptions,
+        reply: oneshot::Sender<Result<ExchangeId, RequestError>>,
+    },
+    /// Records a backend holds (the records task reads them).
+    OfferRecords {
+        records: Vec<Bytes>,
+    },
+    SetRecordAddresses {
+        addresses: Vec<SocketAddr>,
+        reply: oneshot::Sender<Result<(), HandlerError>>,
+    },
     Membership {
         reply: oneshot::Sender<Option<MembershipStatus>>,
     },
@@ -349,6 +370,10 @@ pub struct Options {
     /// `p2p_handler_core::membership`). A durable node resumes the ledger it stored; this
     /// document must then not be older than it. `None`: the allow list as given.
     pub membership: Option<Signed>,
+    /// Address records (needs `membership`): the node publishes where it listens, signed
+    /// and sealed for the members, reads theirs, and `request_to` finds peers by id alone.
+    /// `None`: no records.
+    pub records: Option<crate::records::RecordOptions>,
     /// A defect to plant in the endpoint (feature `sabotage`): the simulator's tests use it
     /// to show that each invariant catches what it should.
     #[cfg(feature = "sabotage")]
@@ -367,9 +392,16 @@ impl Options {
             confirm_outcomes: false,
             wall_clock: Arc::new(std::time::SystemTime::now),
             membership: None,
+            records: None,
             #[cfg(feature = "sabotage")]
             sabotage: None,
         }
+    }
+
+    /// Publishes and reads address records (see [`Options::records`]).
+    pub fn records(mut self, records: crate::records::RecordOptions) -> Self {
+        self.records = Some(records);
+        self
     }
 
     /// Makes signed membership documents govern the allow list, starting from `document`
@@ -545,9 +577,16 @@ impl Handler {
             confirm_outcomes,
             wall_clock,
             membership,
+            records,
             #[cfg(feature = "sabotage")]
             sabotage,
         } = options;
+        if records.is_some() && membership.is_none() {
+            return Err(HandlerError::Records(
+                crate::endpoint::RecordsError::NoMembership,
+            ));
+        }
+        let record_signer = crate::records::RecordSigner::new(&keypair);
         config.validate()?;
         let local_peer_id = keypair.peer_id();
         let recovered = match &mut store {
@@ -614,6 +653,33 @@ impl Handler {
             // Handshakes check the membership's list from the first one.
             allow = endpoint.allow_list().clone();
         }
+        let (published_tx, records_pump) = match records {
+            Some(options) => {
+                let addresses = if options.addresses.is_empty() {
+                    vec![local_addr]
+                } else {
+                    options.addresses.clone()
+                };
+                let settings = crate::endpoint::RecordSettings {
+                    addresses,
+                    ttl: options.ttl,
+                };
+                endpoint
+                    .install_records(record_signer, settings, super::now())
+                    .map_err(HandlerError::Records)?;
+                match options.backend {
+                    Some(backend) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        if let Some(own) = endpoint.own_record() {
+                            let _ = tx.send(own.bytes().clone());
+                        }
+                        (Some(tx), Some((backend, options.poll_interval, rx)))
+                    }
+                    None => (None, None),
+                }
+            }
+            None => (None, None),
+        };
         let (taken_tx, taken_rx) = mpsc::unbounded_channel();
         let cap = config.channel_capacity;
         let (cmd_tx, cmd_rx) = mpsc::channel(cap);
@@ -680,7 +746,17 @@ impl Handler {
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),
             closing: BTreeMap::new(),
+            published: published_tx,
         };
+        if let Some((backend, interval, rx)) = records_pump {
+            tokio::spawn(super::records::pump(
+                backend,
+                interval,
+                local_peer_id,
+                cmd_tx.downgrade(),
+                rx,
+            ));
+        }
         tokio::spawn(task.run(network));
         Ok((
             Self {
@@ -784,6 +860,48 @@ impl Handler {
                 reply,
             })
             .await??)
+    }
+
+    /// Sends `payload` to `peer` at the address its freshest address record names (or, for
+    /// a member without records, the one its membership entry gives): the application
+    /// needs no address. Fails at once with `NoAddress` (payload not sent) for an inactive
+    /// peer. Needs [`Options::records`]. A peer that moves later is followed: the exchange
+    /// redials at its new address once its new record arrives.
+    pub async fn request_to(
+        &self,
+        peer: PeerId,
+        payload: impl Into<Bytes>,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.request_to_with(peer, payload, RequestOptions::new())
+            .await
+    }
+
+    /// [`Handler::request_to`] with an idempotency key and/or a deadline.
+    pub async fn request_to_with(
+        &self,
+        peer: PeerId,
+        payload: impl Into<Bytes>,
+        options: RequestOptions,
+    ) -> Result<ExchangeId, HandlerError> {
+        let payload = payload.into();
+        Ok(self
+            .call(|reply| Command::RequestTo {
+                peer,
+                payload,
+                options,
+                reply,
+            })
+            .await??)
+    }
+
+    /// Publishes `addresses` in a new address record at once (a node that moved: its
+    /// peers' exchanges with it follow). Needs [`Options::records`].
+    pub async fn set_record_addresses(
+        &self,
+        addresses: Vec<SocketAddr>,
+    ) -> Result<(), HandlerError> {
+        self.call(|reply| Command::SetRecordAddresses { addresses, reply })
+            .await?
     }
 
     /// Our exchange with `peer` that carries idempotency key `key`: queued, in flight, or

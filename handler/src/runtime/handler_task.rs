@@ -84,6 +84,8 @@ pub(super) struct HandlerTask {
     pub(super) in_flight: Option<(Commit, Effects)>,
     /// At shutdown: the peer of each connection the endpoint is closing.
     pub(super) closing: BTreeMap<ConnId, PeerId>,
+    /// Where our newly published address records go (the records backend's task).
+    pub(super) published: Option<mpsc::UnboundedSender<bytes::Bytes>>,
 }
 
 /// What one step (or batch of steps) makes visible outside the handler task: answers to
@@ -480,6 +482,11 @@ impl HandlerTask {
     fn flush_events(&mut self, events: Vec<Event>) {
         for event in events {
             self.observer.event(&event);
+            if let Event::Record(crate::endpoint::RecordEvent::Published { sealed, .. }) = &event
+                && let Some(published) = &self.published
+            {
+                let _ = published.send(sealed.clone());
+            }
             if event.is_priority() {
                 self.notice(Notice::Event(event));
             } else {
@@ -629,6 +636,38 @@ impl HandlerTask {
                 };
                 self.answer(reply, result);
             }
+            Command::RequestTo {
+                peer,
+                payload,
+                options,
+                reply,
+            } => {
+                let limit = self.endpoint.config().max_unread_outcomes;
+                let result = if self.unsettled.len() >= limit {
+                    Err(RequestError::Unread { limit })
+                } else {
+                    let wall = super::unix_ms(&*self.wall_clock);
+                    let deadline = options.deadline.map(|d| Deadline {
+                        at: now + d,
+                        unix_ms: Some(
+                            wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                        ),
+                    });
+                    self.endpoint
+                        .request_to_with(peer, payload, options.key, deadline, now)
+                };
+                self.answer(reply, result);
+            }
+            Command::OfferRecords { records } => {
+                self.endpoint.offer_records(records, now);
+            }
+            Command::SetRecordAddresses { addresses, reply } => {
+                let result = self
+                    .endpoint
+                    .set_record_addresses(addresses, now)
+                    .map_err(HandlerError::Records);
+                self.answer(reply, result);
+            }
             Command::Membership { reply } => {
                 let status = self.membership_status();
                 let _ = reply.send(status);
@@ -657,6 +696,8 @@ impl HandlerTask {
                     draining: self.endpoint.is_draining(),
                     drained: self.endpoint.is_drained(),
                     stats: self.endpoint.stats().clone(),
+                    inactive_members: self.endpoint.inactive_members(now),
+                    records_held: self.endpoint.records_held(),
                 });
             }
             Command::Shutdown { .. } => {}

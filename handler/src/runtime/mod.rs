@@ -36,13 +36,14 @@
 //!
 //! One file per task or concern: `handle` (the application's [`Handler`] and what it
 //! receives), `handler_task`, `router` (listener, dials, limits, and the handler/network
-//! messages), `slots` (the live connection table both of those use), `conn_task`, and `tap`
-//! (the simulator's hook).
+//! messages), `slots` (the live connection table both of those use), `conn_task`, `records`
+//! (the task that reads and writes a records backend), and `tap` (the simulator's hook).
 
 mod conn_task;
 mod handle;
 mod handler_task;
 mod observe;
+mod records;
 mod router;
 mod slots;
 mod tap;

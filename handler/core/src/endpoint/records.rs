@@ -166,6 +166,11 @@ impl Endpoint {
         Ok(())
     }
 
+    /// How many address records are held (ours included).
+    pub fn records_held(&self) -> usize {
+        self.records.as_deref().map_or(0, |r| r.book.len())
+    }
+
     /// Whether address records are installed.
     pub fn records_installed(&self) -> bool {
         self.records.is_some()
@@ -253,6 +258,18 @@ impl Endpoint {
         payload: impl Into<Bytes>,
         now: Instant,
     ) -> Result<crate::wire::ExchangeId, RequestError> {
+        self.request_to_with(peer, payload, None, None, now)
+    }
+
+    /// [`Endpoint::request_with`] to the address [`Endpoint::resolve`] finds.
+    pub fn request_to_with(
+        &mut self,
+        peer: PeerId,
+        payload: impl Into<Bytes>,
+        key: Option<Bytes>,
+        deadline: Option<super::Deadline>,
+        now: Instant,
+    ) -> Result<crate::wire::ExchangeId, RequestError> {
         if peer == self.local {
             return Err(RequestError::SelfRequest);
         }
@@ -262,7 +279,7 @@ impl Endpoint {
         let addr = self
             .resolve(&peer, now)
             .ok_or(RequestError::NoAddress(peer))?;
-        self.request(peer, addr, payload, now)
+        self.request_with(peer, addr, payload, key, deadline, now)
     }
 
     // ----- within the endpoint -----
