@@ -185,6 +185,21 @@ impl P2pHandler {
         self.block_on(self.handler.request_to(peer_id, msg))?
     }
 
+    /// [`P2pHandler::request_to`] with an idempotency key and/or a deadline.
+    pub fn request_to_with(
+        &self,
+        peer_id: PeerId,
+        msg: impl Into<Bytes>,
+        options: RequestOptions,
+    ) -> Result<ExchangeId, HandlerError> {
+        self.block_on(self.handler.request_to_with(peer_id, msg, options))?
+    }
+
+    /// Offers address records read elsewhere; see [`Handler::offer_records`].
+    pub fn offer_records(&self, records: Vec<Bytes>) -> Result<usize, HandlerError> {
+        self.block_on(self.handler.offer_records(records))?
+    }
+
     /// Our exchange with `peer_id` carrying idempotency key `key`; see [`Handler::lookup`].
     pub fn lookup(
         &self,

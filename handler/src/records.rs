@@ -224,6 +224,9 @@ pub struct RecordOptions {
     pub backend: Option<Arc<dyn RecordBackend>>,
     /// How often the backend is read.
     pub poll_interval: Duration,
+    /// Whether this node publishes a record of its own (default true). A client that only
+    /// sends (`p2p-node send`) reads records and publishes none.
+    pub publish: bool,
 }
 
 impl fmt::Debug for RecordOptions {
@@ -233,6 +236,7 @@ impl fmt::Debug for RecordOptions {
             .field("ttl", &self.ttl)
             .field("backend", &self.backend.as_ref().map(|b| b.describe()))
             .field("poll_interval", &self.poll_interval)
+            .field("publish", &self.publish)
             .finish()
     }
 }
@@ -244,6 +248,7 @@ impl Default for RecordOptions {
             ttl: crate::endpoint::DEFAULT_RECORD_TTL,
             backend: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            publish: true,
         }
     }
 }

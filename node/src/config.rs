@@ -32,6 +32,18 @@ pub(crate) struct NodeFile {
     pub(crate) membership: Option<PathBuf>,
     /// Where exchanges are kept across restarts.
     pub(crate) data_dir: Option<PathBuf>,
+    /// The records directory: this node writes its address record there and reads the
+    /// other members' (needs `membership`).
+    pub(crate) records: Option<PathBuf>,
+    /// The addresses this node's record publishes (where peers reach it); default: the
+    /// listen address.
+    pub(crate) publish: Vec<SocketAddr>,
+    /// How long each address record lives (refreshed at half of it).
+    #[serde(with = "humantime_serde")]
+    pub(crate) record_ttl: Option<Duration>,
+    /// How often the records directory is read.
+    #[serde(with = "humantime_serde")]
+    pub(crate) records_interval: Option<Duration>,
     /// Shell command that turns a request into its reply.
     pub(crate) exec: Option<String>,
     /// Commands run at once.
@@ -125,11 +137,27 @@ impl NodeFile {
                  (a membership document governs the allow list)"
             ));
         }
+        if file.records.is_some() && file.membership.is_none() {
+            return Err(format!(
+                "invalid config {shown}: `records` needs `membership` (records are sealed for \
+                 the members and signed by keys the membership lists)"
+            ));
+        }
+        if file.records_interval.is_some_and(|d| d.is_zero()) {
+            return Err(format!(
+                "invalid config {shown}: records_interval must be positive"
+            ));
+        }
+        if let Some(ttl) = file.record_ttl {
+            check_record_ttl(ttl)
+                .map_err(|e| format!("invalid config {shown}: record_ttl: {e}"))?;
+        }
         for p in [
             &mut file.key,
             &mut file.allow,
             &mut file.membership,
             &mut file.data_dir,
+            &mut file.records,
         ]
         .into_iter()
         .flatten()
@@ -147,6 +175,21 @@ impl NodeFile {
             .as_ref()
             .map_or_else(Config::default, |c| c.get_ref().clone())
     }
+}
+
+/// The bounds of a record's life (the protocol's).
+pub(crate) fn check_record_ttl(ttl: Duration) -> Result<Duration, String> {
+    let min = p2p_handler::endpoint::MIN_RECORD_TTL;
+    let max = Duration::from_secs(p2p_handler::records::MAX_RECORD_TTL);
+    if ttl < min || ttl > max {
+        return Err(format!(
+            "{} is outside {} to {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(ttl)
 }
 
 /// The 1-based line of a byte offset.

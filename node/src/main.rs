@@ -5,6 +5,7 @@
 //! p2p-node id --key bob.key
 //! p2p-node serve --key bob.key --listen 127.0.0.1:7000 --allow allow.toml [--exec 'tr a-z A-Z']
 //! p2p-node send --key alice.key --to <bob's peer id>@127.0.0.1:7000 hello
+//! p2p-node send --key alice.key --membership signed.toml --records /shared/records --to <bob's peer id> hello
 //! ```
 //!
 //! With `--data-dir DIR`, a node keeps its exchanges in `DIR/node.redb`: killed and started
@@ -58,14 +59,19 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print the peer id of a key file (or, with --public, its static public key).
+    /// Print the peer id of a key file (or, with --public, its static public key; with
+    /// --record-key, the key that signs its address records).
     Id {
         /// The key file.
         #[arg(long)]
         key: PathBuf,
         /// Print the static public key (hex) instead: what a membership document lists.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "record_key")]
         public: bool,
+        /// Print the public record key (hex) instead: what a membership document lists as
+        /// `record_key` for a node that publishes address records.
+        #[arg(long)]
+        record_key: bool,
     },
     /// Membership signed by a committee: governance keys, documents, signatures.
     Membership {
@@ -127,6 +133,23 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (GET /metrics).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// A folder shared with the other members (a mounted bucket, a synced folder):
+        /// this node writes its signed, encrypted address record there and reads theirs, so
+        /// members find each other by peer id alone and a node that moves is followed.
+        /// Needs --membership.
+        #[arg(long, value_name = "DIR")]
+        records: Option<PathBuf>,
+        /// An address to publish in this node's record (repeat for several, most preferred
+        /// first); default: the listen address (which must then be one peers can dial).
+        #[arg(long, value_name = "ADDR")]
+        publish: Vec<SocketAddr>,
+        /// How long each address record lives (e.g. "1h"); it is refreshed at half that.
+        /// A node that stops refreshing is inactive to the others once it expires.
+        #[arg(long, value_parser = parse_record_ttl)]
+        record_ttl: Option<Duration>,
+        /// How often the records directory is read (e.g. "30s", the default).
+        #[arg(long, value_parser = parse_positive_duration)]
+        records_interval: Option<Duration>,
         /// Log format: text (default) or json (one object per line).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
@@ -139,7 +162,8 @@ enum Cmd {
         /// This node's key file.
         #[arg(long)]
         key: Option<PathBuf>,
-        /// The responder, as PEER_ID@HOST:PORT.
+        /// The responder, as PEER_ID@HOST:PORT, or PEER_ID alone with --membership (its
+        /// address then comes from its record in --records, or from its membership entry).
         #[arg(long)]
         to: String,
         /// The message; read from stdin when absent.
@@ -173,6 +197,10 @@ enum Cmd {
         /// requests it had not finished and prints their outcomes too, in full.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The members' records directory (see `serve --records`): read, never written.
+        /// Needs --membership.
+        #[arg(long, value_name = "DIR")]
+        records: Option<PathBuf>,
         /// Log format: text (default) or json (one object per line).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
@@ -213,10 +241,19 @@ fn run(command: Cmd) -> Result<()> {
             logging::init(LogFormat::Text, None, "warn")?;
             keygen(&out, force)
         }
-        Cmd::Id { key, public } => {
+        Cmd::Id {
+            key,
+            public,
+            record_key,
+        } => {
             let key = Keypair::from_file(&key)?;
             if public {
                 println!("{}", hex::encode(key.public_bytes()));
+            } else if record_key {
+                println!(
+                    "{}",
+                    p2p_handler::records::RecordSigner::new(&key).record_key()
+                );
             } else {
                 println!("{}", key.peer_id());
             }
@@ -240,6 +277,10 @@ fn run(command: Cmd) -> Result<()> {
             data_dir,
             grace,
             metrics,
+            records,
+            publish,
+            record_ttl,
+            records_interval,
             log_format,
         } => {
             let file = configure(config.as_deref(), log_format, "info")?;
@@ -278,6 +319,32 @@ fn run(command: Cmd) -> Result<()> {
                         .into());
                 }
             };
+            let records_dir = if from_flags {
+                records
+            } else {
+                records.or(file.records.clone())
+            };
+            let records = match records_dir {
+                Some(dir) => {
+                    if !matches!(allow, AllowSource::Membership(_)) {
+                        return Err("--records needs --membership: records are sealed for the \
+                                    members and signed by keys the membership lists"
+                            .into());
+                    }
+                    Some(record_options(
+                        &dir,
+                        if publish.is_empty() {
+                            file.publish.clone()
+                        } else {
+                            publish
+                        },
+                        record_ttl.or(file.record_ttl),
+                        records_interval.or(file.records_interval),
+                        true,
+                    )?)
+                }
+                None => None,
+            };
             let options = ServeOptions {
                 exec: exec.or(file.exec),
                 count,
@@ -291,7 +358,10 @@ fn run(command: Cmd) -> Result<()> {
                 .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
             // The key first: a node that cannot be itself touches no data directory.
             let key = load_key(&key)?;
-            let start = start_options(handler, data_dir.as_deref())?;
+            let mut start = start_options(handler, data_dir.as_deref())?;
+            if let Some(records) = records {
+                start = start.records(records);
+            }
             serve(key, &listen, allow, start, &options)
         }
         Cmd::Send {
@@ -305,6 +375,7 @@ fn run(command: Cmd) -> Result<()> {
             idempotency_key,
             membership,
             data_dir,
+            records,
             log_format,
         } => {
             // A command-line client prints the outcome itself; the handler's own lines
@@ -313,6 +384,18 @@ fn run(command: Cmd) -> Result<()> {
             let handler = file.handler_config();
             let key = key.or(file.key).ok_or(NO_KEY)?;
             let (peer, addr) = parse_target(&to)?;
+            let membership = membership.or(file.membership);
+            let records = records.or(file.records);
+            if addr.is_none() && membership.is_none() {
+                return Err(format!(
+                    "--to {to}: without an address, give --membership (and --records DIR) so \
+                     the node can find the peer by its id"
+                )
+                .into());
+            }
+            if records.is_some() && membership.is_none() {
+                return Err("--records needs --membership".into());
+            }
             let message = match message {
                 Some(m) => m.into_bytes(),
                 None => {
@@ -337,12 +420,21 @@ fn run(command: Cmd) -> Result<()> {
                 request = request.key(key);
             }
             let mut start = start_options(handler, data_dir.or(file.data_dir).as_deref())?;
-            if let Some(path) = membership.or(file.membership) {
+            if let Some(path) = membership {
                 start = start.membership(p2p_handler::membership::Signed::from_file(&path)?);
+                // Records on even without a directory: members' records reach a node that
+                // talks to them, and `request_to` falls back to membership addresses.
+                start = start.records(match &records {
+                    Some(dir) => record_options(dir, Vec::new(), None, None, false)?,
+                    None => p2p_handler::records::RecordOptions {
+                        publish: false,
+                        ..Default::default()
+                    },
+                });
             }
             send(
                 load_key(&key)?,
-                (peer, addr),
+                (peer, addr, records.as_deref()),
                 message,
                 repeat.max(1),
                 timeout,
@@ -524,16 +616,58 @@ pub(crate) fn write_secret(out: &Path, force: bool, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn parse_target(to: &str) -> Result<(PeerId, SocketAddr)> {
-    let (id, addr) = to
-        .split_once('@')
-        .ok_or_else(|| format!("--to must be PEER_ID@HOST:PORT, got {to:?}"))?;
-    let peer: PeerId = id.parse().map_err(|e| format!("bad peer id {id:?}: {e}"))?;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .map_err(|e| format!("bad address {addr:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr:?} resolves to nothing"))?;
+/// `--to PEER_ID@HOST:PORT`, or `--to PEER_ID` (the address then comes from records).
+fn parse_target(to: &str) -> Result<(PeerId, Option<SocketAddr>)> {
+    let (id, addr) = match to.split_once('@') {
+        Some((id, addr)) => (id, Some(addr)),
+        None => (to, None),
+    };
+    let peer: PeerId = id.parse().map_err(|e| {
+        format!("--to must be PEER_ID or PEER_ID@HOST:PORT: bad peer id {id:?}: {e}")
+    })?;
+    let addr = addr
+        .map(|addr| {
+            std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .map_err(|e| format!("bad address {addr:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{addr:?} resolves to nothing"))
+        })
+        .transpose()?;
     Ok((peer, addr))
+}
+
+/// `--record-ttl`: a duration within the protocol's bounds.
+fn parse_record_ttl(text: &str) -> std::result::Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    config::check_record_ttl(ttl)
+}
+
+/// Records kept in `dir` (which must exist): this node's own written there when
+/// `publish`, everyone's read from it.
+fn record_options(
+    dir: &Path,
+    addresses: Vec<SocketAddr>,
+    ttl: Option<Duration>,
+    interval: Option<Duration>,
+    publish: bool,
+) -> Result<p2p_handler::records::RecordOptions> {
+    let backend = p2p_handler::records::DirectoryBackend::new(dir)?;
+    Ok(p2p_handler::records::RecordOptions {
+        addresses,
+        ttl: ttl.unwrap_or(p2p_handler::endpoint::DEFAULT_RECORD_TTL),
+        backend: Some(Arc::new(backend)),
+        poll_interval: interval.unwrap_or(p2p_handler::records::DEFAULT_POLL_INTERVAL),
+        publish,
+    })
+}
+
+/// A duration above zero ("30s").
+fn parse_positive_duration(text: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be positive".into());
+    }
+    Ok(d)
 }
 
 /// A node's start options: fresh randomness, and the data directory if one is given.
@@ -617,12 +751,33 @@ fn serve(
         Some(doc) => start.membership(doc.clone()),
         None => start,
     };
+    let records = start.records.as_ref().map(|r| {
+        (
+            r.addresses.clone(),
+            r.ttl,
+            r.backend.as_ref().map(|b| b.describe()),
+        )
+    });
     let node = P2pHandler::with_options(listen, key, allow.in_force(), start)?;
     println!(
         "listening on {} as {}",
         node.local_address(),
         node.local_peer_id()
     );
+    if let Some((addresses, ttl, backend)) = records {
+        let shown: Vec<String> = if addresses.is_empty() {
+            vec![node.local_address().to_string()]
+        } else {
+            addresses.iter().map(ToString::to_string).collect()
+        };
+        let _ = writeln!(
+            std::io::stdout(),
+            "address record: {} (refreshed every {}), {}",
+            shown.join(", "),
+            humantime::format_duration(ttl / 2),
+            backend.unwrap_or_else(|| "no records directory".into())
+        );
+    }
     if let Some(m) = node.membership()? {
         // Best effort: whoever started us may have stopped reading after the first line.
         let _ = writeln!(
@@ -895,7 +1050,7 @@ fn kill_group(child: &mut std::process::Child) {
 
 fn send(
     key: Keypair,
-    (peer, addr): (PeerId, SocketAddr),
+    (peer, addr, records): (PeerId, Option<SocketAddr>, Option<&Path>),
     message: Vec<u8>,
     repeat: u32,
     timeout: Duration,
@@ -905,6 +1060,14 @@ fn send(
     // Replies come back on the connections we dial, so nothing needs to reach this node:
     // its listener stays on loopback rather than on every interface.
     let node = P2pHandler::with_options("127.0.0.1:0", key, AllowList::from_peers([peer]), start)?;
+    if let Some(dir) = records {
+        // Read the folder before the first request (the node's own reading of it runs
+        // in the background and may come later).
+        use p2p_handler::records::RecordBackend as _;
+        let found = p2p_handler::records::DirectoryBackend::new(dir)?.fetch()?;
+        let taken = node.offer_records(found)?;
+        tracing::debug!(taken, dir = %dir.display(), "address records read");
+    }
     let mut times = Vec::new();
     let mut last = Vec::new();
     for _ in 0..repeat {
@@ -927,7 +1090,10 @@ fn send(
                     _ => return Err("unexpected outcome for the key".into()),
                 }
             }
-            _ => node.request_with(peer, addr, message.clone(), request.clone())?,
+            _ => match addr {
+                Some(addr) => node.request_with(peer, addr, message.clone(), request.clone())?,
+                None => node.request_to_with(peer, message.clone(), request.clone())?,
+            },
         };
         // The outcome, a Reply or a Failed, comes on the receive channel.
         loop {

@@ -315,6 +315,8 @@ pub(super) enum Command {
     /// Records a backend holds (the records task reads them).
     OfferRecords {
         records: Vec<Bytes>,
+        /// How many were taken.
+        reply: Option<oneshot::Sender<usize>>,
     },
     SetRecordAddresses {
         addresses: Vec<SocketAddr>,
@@ -655,7 +657,9 @@ impl Handler {
         }
         let (published_tx, records_pump) = match records {
             Some(options) => {
-                let addresses = if options.addresses.is_empty() {
+                let addresses = if !options.publish {
+                    Vec::new()
+                } else if options.addresses.is_empty() {
                     vec![local_addr]
                 } else {
                     options.addresses.clone()
@@ -892,6 +896,16 @@ impl Handler {
                 reply,
             })
             .await??)
+    }
+
+    /// Offers address records from elsewhere (a directory read by the application): each
+    /// is judged as one from a peer. Returns how many were taken.
+    pub async fn offer_records(&self, records: Vec<Bytes>) -> Result<usize, HandlerError> {
+        self.call(|reply| Command::OfferRecords {
+            records,
+            reply: Some(reply),
+        })
+        .await
     }
 
     /// Publishes `addresses` in a new address record at once (a node that moved: its

@@ -480,6 +480,11 @@ impl HandlerTask {
     }
 
     fn flush_events(&mut self, events: Vec<Event>) {
+        if events.iter().any(|e| matches!(e, Event::Record(_))) {
+            // Records change rarely: the list is worked out on their events only.
+            let inactive = self.endpoint.inactive_members(now());
+            observe::inactive_members(&inactive);
+        }
         for event in events {
             self.observer.event(&event);
             if let Event::Record(crate::endpoint::RecordEvent::Published { sealed, .. }) = &event
@@ -658,8 +663,11 @@ impl HandlerTask {
                 };
                 self.answer(reply, result);
             }
-            Command::OfferRecords { records } => {
-                self.endpoint.offer_records(records, now);
+            Command::OfferRecords { records, reply } => {
+                let taken = self.endpoint.offer_records(records, now);
+                if let Some(reply) = reply {
+                    self.answer(reply, taken);
+                }
             }
             Command::SetRecordAddresses { addresses, reply } => {
                 let result = self

@@ -27,8 +27,12 @@
 //! `p2p_membership_applied_total`, `p2p_membership_refused_total{reason}` (by
 //! `Refusal::code`), `p2p_membership_forks_total`, `p2p_membership_expired_total`. Each
 //! applied epoch is an `info` line, each refusal a `warn` line (once per copy), a fork or
-//! an expired document an `error` line (alarms). Without a recorder installed, each costs
-//! nothing.
+//! an expired document an `error` line (alarms). Address records:
+//! `p2p_records_published_total`, `p2p_records_accepted_total`,
+//! `p2p_records_refused_total{reason}` (by `Refusal::label`), `p2p_records_inactive_total`
+//! and the gauge `p2p_records_inactive_members`; a refusal or a member going inactive is a
+//! `warn` line, a node whose record key the membership lacks an `error` line. Without a
+//! recorder installed, each costs nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -237,6 +241,7 @@ impl Observer {
                 );
             }
             Event::Membership(event) => membership(event),
+            Event::Record(event) => record(event),
             _ => {}
         }
     }
@@ -441,6 +446,47 @@ fn membership(event: &MembershipEvent) {
         }
         _ => tracing::info!("{event}"),
     }
+}
+
+/// What happened to an address record: a line, and metrics.
+fn record(event: &crate::endpoint::RecordEvent) {
+    use crate::endpoint::RecordEvent as R;
+    match event {
+        R::Published { seq, expires, .. } => {
+            metrics::counter!("p2p_records_published_total").increment(1);
+            tracing::info!(seq, expires, "{event}");
+        }
+        R::Accepted {
+            peer, moved, first, ..
+        } => {
+            metrics::counter!("p2p_records_accepted_total").increment(1);
+            // A refresh is routine; a member heard of, back, or moved is news.
+            if *moved || *first {
+                tracing::info!(peer = %peer.short(), "{event}");
+            } else {
+                tracing::debug!(peer = %peer.short(), "{event}");
+            }
+        }
+        R::Refused { refusal, .. } => {
+            metrics::counter!("p2p_records_refused_total", "reason" => refusal.label())
+                .increment(1);
+            tracing::warn!("{event}");
+        }
+        R::Inactive { peer } => {
+            metrics::counter!("p2p_records_inactive_total").increment(1);
+            tracing::warn!(peer = %peer.short(), "{event}");
+        }
+        R::Unlisted { .. } => tracing::error!("{event}"),
+        _ => tracing::info!("{event}"),
+    }
+}
+
+/// The members without an unexpired address record: a gauge of how many, and a line
+/// naming them when the set changes (at `info`; each one going inactive is a `warn`).
+pub(super) fn inactive_members(inactive: &[PeerId]) {
+    metrics::gauge!("p2p_records_inactive_members").set(inactive.len() as f64);
+    let names: Vec<String> = inactive.iter().map(PeerId::short).collect();
+    tracing::debug!(count = inactive.len(), members = ?names, "inactive members");
 }
 
 /// The membership a node starts with.

@@ -58,7 +58,7 @@ pub(super) async fn pump(
                 };
                 let Some(commands) = commands.upgrade() else { break };
                 if commands
-                    .send(super::handle::Command::OfferRecords { records })
+                    .send(super::handle::Command::OfferRecords { records, reply: None })
                     .await
                     .is_err()
                 {

@@ -329,6 +329,8 @@ pub enum RecordEvent {
         /// The owner named other addresses before (it moved): our exchanges with it now
         /// dial the new ones.
         moved: bool,
+        /// No record of it was held before (first heard of, or back after being inactive).
+        first: bool,
     },
     /// A record was refused (reported once per copy).
     Refused {
@@ -379,6 +381,7 @@ impl fmt::Display for RecordEvent {
                 seq,
                 addresses,
                 moved,
+                ..
             } => write!(
                 f,
                 "address record {seq} of {peer} from {source}: {}{}",

@@ -589,6 +589,7 @@ impl Endpoint {
                     r.heard.entry(from).or_default().insert(peer, record.seq);
                 }
                 r.lapsed.remove(&peer);
+                let first = previous.is_none();
                 let moved = previous.is_some_and(|p| p != record.addresses);
                 self.stats.records_accepted += 1;
                 if let Some(journal) = &mut self.journal {
@@ -600,6 +601,7 @@ impl Endpoint {
                     seq: record.seq,
                     addresses: record.addresses.clone(),
                     moved,
+                    first,
                 }));
                 if let Some(addr) = record.addresses.first() {
                     self.follow_record(peer, *addr, now);
