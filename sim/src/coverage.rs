@@ -111,6 +111,7 @@ const STEPS: &[ActionKind] = &[
     ActionKind::Restart,
     ActionKind::Stop,
     ActionKind::Membership,
+    ActionKind::OfferRecord,
     ActionKind::Latency,
     ActionKind::FailRate,
     ActionKind::Drop,

@@ -15,6 +15,7 @@
 
 pub mod coverage;
 pub mod membership;
+pub mod records;
 pub mod report;
 pub mod run;
 pub mod scenario;

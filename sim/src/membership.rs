@@ -142,7 +142,10 @@ impl Registry {
                 address: Some(*addr),
                 allowed: Vec::new(),
                 expires: None,
-                record_key: None,
+                record_key: scenario
+                    .records
+                    .is_some()
+                    .then(|| p2p_handler::records::RecordSigner::new(key).record_key()),
             })
             .collect();
         let chosen: Vec<usize> = match &plan.members {
@@ -184,6 +187,11 @@ impl Registry {
     /// The document every node's operator installed.
     pub(crate) fn genesis(&self) -> &Signed {
         &self.genesis
+    }
+
+    /// The newest valid document made.
+    pub(crate) fn newest(&self) -> &Signed {
+        &self.newest
     }
 
     fn record(&mut self, doc: Signed) {

@@ -188,8 +188,13 @@ impl Matcher {
 enum NodeCommand {
     Request {
         to: PeerId,
-        addr: SocketAddr,
+        /// `None`: by peer id alone (`request_to`), the address from records.
+        addr: Option<SocketAddr>,
         payload: Bytes,
+    },
+    /// Records as the node's records directory would hand them over.
+    OfferRecords {
+        records: Vec<Bytes>,
     },
     Respond {
         peer: PeerId,
@@ -289,6 +294,8 @@ struct Shared {
     last_membership: Duration,
     /// Virtual time a `membership` step last handed one over.
     last_handed: Duration,
+    /// Address records, with a `[records]` table.
+    records: Option<crate::records::Tracker>,
 }
 
 fn now() -> Duration {
@@ -590,6 +597,12 @@ impl Tap for SimTap {
 
     fn dial(&self, conn: p2p_handler::ConnId, peer: PeerId, addr: SocketAddr) {
         let mut s = lock(&self.shared);
+        if let Some(target) = s.by_peer.get(&peer).copied() {
+            let names = s.names.clone();
+            if let Some(r) = s.records.as_mut() {
+                r.on_dial(self.node, target, addr, &names);
+            }
+        }
         let name = s.name(&peer);
         let host = host_of(addr);
         s.push(
@@ -760,6 +773,10 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
             m.on_start(node, durable);
             m.genesis().clone()
         });
+        let records = s.records.as_mut().map(|r| {
+            r.on_start(node, durable);
+            (r.listen_addr(node), r.ttl)
+        });
         (
             s.keys[node].clone(),
             allow,
@@ -768,15 +785,16 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
             app,
             incarnation,
             store,
-            (sabotage, genesis),
+            (sabotage, genesis, records),
         )
     };
-    let (sabotage, genesis) = sabotage;
+    let (sabotage, genesis, records) = sabotage;
     let tap = Arc::new(SimTap {
         shared: shared.clone(),
         node,
     });
-    let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
+    let port = records.map_or(PORT, |(addr, _)| addr.port());
+    let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
     // The wall clock is virtual too: a fixed epoch plus simulated time, so stored deadlines
     // replay identically.
     let wall: p2p_handler::WallClock =
@@ -788,6 +806,15 @@ async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
     options.sabotage = sabotage;
     if let Some(genesis) = genesis {
         options = options.membership(genesis);
+    }
+    if let Some((addr, ttl)) = records {
+        // No directory: members find each other from the document's first addresses and
+        // pass records on among themselves.
+        options = options.records(p2p_handler::records::RecordOptions {
+            addresses: vec![addr],
+            ttl,
+            ..Default::default()
+        });
     }
     if let Some(store) = store {
         options = options.store(store);
@@ -916,7 +943,10 @@ async fn run_command(
         NodeCommand::Request { to, addr, payload } => {
             let len = payload.len();
             let probe = payload == crate::swarm::PROBE.as_bytes();
-            let result = handler.request(to, addr, payload).await;
+            let result = match addr {
+                Some(addr) => handler.request(to, addr, payload).await,
+                None => handler.request_to(to, payload).await,
+            };
             let mut s = lock(shared);
             let to_name = s.name(&to);
             match result {
@@ -998,6 +1028,14 @@ async fn run_command(
                         .join(", ")
                 ),
                 Err(e) => format!("membership epoch {epoch} offered: {e}"),
+            };
+            lock(shared).push(node, What::App(text));
+        }
+        NodeCommand::OfferRecords { records } => {
+            let count = records.len();
+            let text = match handler.offer_records(records).await {
+                Ok(taken) => format!("offered {count} record(s) as its directory: {taken} taken"),
+                Err(e) => format!("offered {count} record(s): {e}"),
             };
             lock(shared).push(node, What::App(text));
         }
@@ -1184,6 +1222,14 @@ fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice) {
             )
         }
         Notice::Event(Event::Membership(event)) => membership_event(&mut s, node, &event),
+        Notice::Event(Event::Record(event)) => {
+            let names = s.names.clone();
+            let by_peer = s.by_peer.clone();
+            match s.records.as_mut() {
+                Some(r) => r.on_event(node, &event, &names, |p| by_peer.get(p).copied(), now()),
+                None => format!("{event}"),
+            }
+        }
         Notice::ConnectionLimit { direction, .. } => format!("connection limit ({direction:?})"),
         Notice::SlowConnection { .. } => "slow connection dropped".to_owned(),
         Notice::AcceptFailed(e) => format!("accept failed: {e}"),
@@ -1344,6 +1390,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         membership_forks: 0,
         last_membership: Duration::ZERO,
         last_handed: Duration::ZERO,
+        records: None,
         scenario: scenario.clone(),
     }));
     // The longest a connection can legitimately stay open once nothing is pending: a reply
@@ -1380,6 +1427,10 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         match crate::membership::Registry::new(plan, &scenario, &s.keys, &addrs, seed) {
             Ok(registry) => s.membership = Some(registry),
             Err(e) => failures.push(e),
+        }
+        if let Some(plan) = &scenario.records {
+            let ips = addrs.iter().map(SocketAddr::ip).collect();
+            s.records = Some(crate::records::Tracker::new(plan, ips, PORT));
         }
     }
     for link in &scenario.network.links {
@@ -1425,6 +1476,8 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         }
     }
     let mut quiet_since: Option<Duration> = None;
+    let mut records_behind_since: Option<Duration> = None;
+    let mut records_late = false;
     let mut probe: Option<Vec<Option<oneshot::Receiver<Status>>>> = None;
     let mut probe_clean = true;
     let mut last_probe = Duration::ZERO;
@@ -1438,10 +1491,31 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
             let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
             // Members still behind the newest document keep the run going (until the
             // time limit, where the convergence invariant reports them).
+            let records_behind = s.records.as_ref().map(|r| r.behind(&up));
             let spreading = s
                 .membership
                 .as_ref()
-                .is_some_and(|m| !m.behind(&up).is_empty());
+                .is_some_and(|m| !m.behind(&up).is_empty())
+                || records_behind.as_ref().is_some_and(|b| !b.is_empty());
+            // Invariant (records, liveness): once faults heal, a record reaches every node
+            // up within `liveness` (a refresh makes nodes briefly behind: each episode is
+            // measured from its start, or from the last fault if later).
+            match records_behind {
+                Some(behind) if !behind.is_empty() => {
+                    let since = *records_behind_since.get_or_insert(now);
+                    let from = since.max(timeline.last_fault);
+                    if now > from + scenario.liveness && !records_late {
+                        records_late = true;
+                        let (receiver, owner) = behind[0];
+                        failures.push(format!(
+                            "liveness: {} still lacked {}'s newest record at {now:?}, more \
+                             than {:?} after {from:?}",
+                            s.names[receiver], s.names[owner], scenario.liveness
+                        ));
+                    }
+                }
+                _ => records_behind_since = None,
+            }
             let busy = !timeline.timed.is_empty()
                 || !timeline.restarts.is_empty()
                 || !s.fired.is_empty()
@@ -1619,6 +1693,64 @@ fn restart(sim: &mut turmoil::Sim<'_>, shared: &Arc<Mutex<Shared>>, node: usize,
     sim.bounce(name.as_str());
 }
 
+/// The record an `offer_record` step hands over, and how the trace says it.
+fn offer_record(
+    s: &mut Shared,
+    step: &Step,
+    owner: usize,
+    forger: usize,
+) -> Result<(String, Bytes), String> {
+    let tracker = s.records.as_ref().ok_or("no [records] table")?;
+    let owner_name = s.names[owner].clone();
+    match step.record.as_deref() {
+        Some("previous") => {
+            let published = tracker.published(owner);
+            let [.., (seq, bytes), _] = published else {
+                return Err(format!(
+                    "{owner_name} published {} record(s): no previous one to replay",
+                    published.len()
+                ));
+            };
+            Ok((
+                format!("hand {owner_name}'s previous record (seq {seq}) again"),
+                bytes.clone(),
+            ))
+        }
+        _ => {
+            let document = s
+                .membership
+                .as_ref()
+                .ok_or("no [membership] table")?
+                .newest()
+                .document()
+                .clone();
+            let signer = p2p_handler::records::RecordSigner::new(&s.keys[forger]);
+            let issued = 1_700_000_000 + now().as_secs();
+            let mut addr = tracker.listen_addr(forger);
+            addr.set_port(addr.port().wrapping_add(1).max(1));
+            let record = p2p_handler::records::Record {
+                seq: u64::MAX / 2,
+                issued,
+                expires: issued + 600,
+                addresses: vec![addr],
+            };
+            let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
+            rng.set_stream(0x7265_636f);
+            let owner_key = *s.keys[owner].public_bytes();
+            let sealed =
+                p2p_handler::records::forge(&owner_key, &signer, &record, &document, &mut rng)
+                    .map_err(|e| e.to_string())?;
+            Ok((
+                format!(
+                    "hand a record of {owner_name} forged by {} (naming {addr})",
+                    s.names[forger]
+                ),
+                sealed.bytes().clone(),
+            ))
+        }
+    }
+}
+
 fn execute(
     sim: &mut turmoil::Sim<'_>,
     shared: &Arc<Mutex<Shared>>,
@@ -1661,6 +1793,8 @@ fn execute(
     let peer = |i: usize| lock(shared).keys[i].peer_id();
     let key = |i: usize| *lock(shared).keys[i].public_bytes();
     let addr = |i: usize| SocketAddr::new(sim.lookup(scenario.nodes[i].name.as_str()), PORT);
+    // With records, requests go by peer id alone: the address comes from records.
+    let by_id = scenario.records.is_some();
     use ActionKind as A;
     match step.action {
         A::Request => {
@@ -1674,7 +1808,7 @@ fn execute(
             for _ in 0..step.count.unwrap_or(1) {
                 let command = NodeCommand::Request {
                     to: peer(to),
-                    addr: addr(target),
+                    addr: (!by_id || step.via.is_some()).then(|| addr(target)),
                     payload: payload.clone(),
                 };
                 if !send(from, command) {
@@ -1797,7 +1931,40 @@ fn execute(
                 fault(format!("stop {} (grace {grace:?})", name(&step.node)));
             }
         }
-        A::Restart => restart(sim, shared, idx(&step.node), rule.clone()),
+        A::Restart => {
+            if let Some(port) = step.port
+                && let Some(r) = lock(shared).records.as_mut()
+            {
+                r.move_to(idx(&step.node), port);
+            }
+            restart(sim, shared, idx(&step.node), rule.clone())
+        }
+        A::OfferRecord => {
+            let (receiver, owner) = (idx(&step.node), idx(&step.to));
+            let record = {
+                let mut s = lock(shared);
+                offer_record(&mut s, step, owner, idx(&step.from))
+            };
+            match record {
+                Ok((text, bytes)) => {
+                    lock(shared)
+                        .trace
+                        .push(now, &name(&step.node), What::App(text));
+                    if !send(
+                        receiver,
+                        NodeCommand::OfferRecords {
+                            records: vec![bytes],
+                        },
+                    ) {
+                        fault(format!(
+                            "record for {} skipped: node is down",
+                            name(&step.node)
+                        ));
+                    }
+                }
+                Err(e) => lock(shared).errors.push(format!("step {}: {e}", index + 1)),
+            }
+        }
         A::Latency => {
             let latency = step.latency.unwrap_or_default();
             fault(format!(
@@ -1995,6 +2162,25 @@ fn check(
             ));
         }
     }
+    // Invariants (records): no dial steered by a record its owner did not sign; every node
+    // up holds every other's newest record, within `liveness` of the last fault.
+    if let Some(r) = &s.records {
+        failures.extend(r.violations.iter().take(10).cloned());
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let behind = r.behind(&up);
+        if !behind.is_empty() {
+            let pairs: Vec<String> = behind
+                .iter()
+                .map(|(receiver, owner)| {
+                    format!("{} lacks {}'s newest", s.names[*receiver], s.names[*owner])
+                })
+                .collect();
+            failures.push(format!(
+                "records: not every node holds every other's newest record by the end: {}",
+                pairs.join(", ")
+            ));
+        }
+    }
     // A step the handler refused is a mistake in the scenario unless it says it expects
     // refusals (`refused = N`): otherwise it would pass having tested nothing.
     if scenario.expect.refused.is_none() {
@@ -2052,6 +2238,16 @@ fn check(
             s.membership_refused,
         ),
         ("membership_forks", e.membership_forks, s.membership_forks),
+        (
+            "records_refused",
+            e.records_refused,
+            s.records.as_ref().map_or(0, |r| r.refused),
+        ),
+        (
+            "records_inactive",
+            e.records_inactive,
+            s.records.as_ref().map_or(0, |r| r.inactive),
+        ),
     ];
     if let (Some(want), Some(m)) = (e.membership_epoch, &s.membership) {
         let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();

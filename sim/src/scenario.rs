@@ -72,6 +72,10 @@ pub struct Scenario {
     /// [`crate::membership`]).
     #[serde(default)]
     pub membership: Option<crate::membership::MembershipPlan>,
+    /// Address records: members publish where they listen and find each other by peer id
+    /// (needs `[membership]`; see [`crate::records`]).
+    #[serde(default)]
+    pub records: Option<crate::records::RecordsPlan>,
     /// Line of each step, filled in after parsing (0 for steps drawn by a swarm).
     #[serde(skip)]
     pub step_lines: Vec<usize>,
@@ -317,6 +321,15 @@ pub struct Step {
     /// or a rollback when it is older than the node's).
     #[serde(default)]
     pub replay: Option<u64>,
+    /// Restart: the node listens on this port from now on (it moved; with `[records]` its
+    /// new record tells the others).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Offer_record: which record of `to` to hand `node`: `"previous"` (its owner's record
+    /// before the newest: a replay) or `"forged"` (one naming `to` as owner, signed by
+    /// `from`'s record key, naming `from`'s host).
+    #[serde(default)]
+    pub record: Option<String>,
 }
 
 impl Step {
@@ -347,6 +360,8 @@ impl Step {
             threshold: None,
             follows: None,
             replay: None,
+            port: None,
+            record: None,
         }
     }
 }
@@ -377,6 +392,9 @@ pub enum ActionKind {
     Stop,
     /// Hand a signed membership document to a node, as its operator would.
     Membership,
+    /// Hand an address record to a node as its records directory would (a replayed or
+    /// forged one: see `record`).
+    OfferRecord,
     Latency,
     FailRate,
     // Message faults, keyed on decoded messages.
@@ -558,6 +576,10 @@ pub struct Expect {
     pub membership_refused: Option<Count>,
     /// Membership: fork alarms (all nodes).
     pub membership_forks: Option<Count>,
+    /// Address records refused (events, all nodes; each copy once per node).
+    pub records_refused: Option<Count>,
+    /// Members that became inactive (events, all nodes).
+    pub records_inactive: Option<Count>,
     /// The last exchange outcome happens no later than this virtual time.
     #[serde(default, with = "humantime_serde")]
     pub completes_within: Option<Duration>,
@@ -763,6 +785,18 @@ impl Scenario {
         if let Some(plan) = &self.swarm {
             plan.validate(self)?;
         }
+        if let Some(plan) = &self.records {
+            plan.validate(self)?;
+        } else if let Some(i) = self.steps.iter().position(|s| {
+            let s = s.get_ref();
+            s.action == ActionKind::OfferRecord || s.port.is_some()
+        }) {
+            let line = self.step_lines.get(i).copied().unwrap_or(0);
+            return Err(format!(
+                "line {line}: step {}: `offer_record` and `port` need a [records] table",
+                i + 1
+            ));
+        }
         match &self.membership {
             Some(plan) => plan.validate(self)?,
             None => {
@@ -926,7 +960,24 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
             need("from", step.from.is_some())?;
             need("to", step.to.is_some())?;
         }
-        A::Crash | A::Restart | A::Stop => need("node", step.node.is_some())?,
+        A::Crash | A::Stop => need("node", step.node.is_some())?,
+        A::Restart => {
+            need("node", step.node.is_some())?;
+            if step.port == Some(0) {
+                return Err("`port` 0 is not a port a record can name".into());
+            }
+        }
+        A::OfferRecord => {
+            need("node", step.node.is_some())?;
+            need("to", step.to.is_some())?;
+            match step.record.as_deref() {
+                Some("previous") => {}
+                Some("forged") => need("from", step.from.is_some())?,
+                _ => {
+                    return Err("`record` must be \"previous\" (a replay) or \"forged\"".into());
+                }
+            }
+        }
         A::Membership => {
             need("node", step.node.is_some())?;
             for member in step.members.iter().flatten() {

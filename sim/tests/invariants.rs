@@ -147,3 +147,32 @@ fn a_membership_document_that_does_not_spread_is_caught() {
         "{f}"
     );
 }
+
+const RECORDS: &str = "duration = \"40s\"\n\n[membership]\ncommittee = 3\nthreshold = 2\n\n\
+                       [records]\nttl = \"60s\"\n\n\
+                       [[node]]\nname = \"a\"\n\n[[node]]\nname = \"b\"\n\n[[node]]\nname = \"c\"\n";
+
+#[test]
+fn a_dial_steered_by_a_forged_record_is_caught() {
+    // b forges a record of c naming b's own host; the real handler refuses it, so a's
+    // request reaches the real c.
+    let text = format!(
+        "{RECORDS}\n[[step]]\nat = \"2s\"\ndo = \"offer_record\"\nnode = \"a\"\nto = \"c\"\n\
+         record = \"forged\"\nfrom = \"b\"\n\n\
+         [[step]]\nat = \"3s\"\ndo = \"request\"\nfrom = \"a\"\nto = \"c\"\n\n\
+         [expect]\nrecords_refused = 1\nreplied = 1\n"
+    );
+    let failures = caught(&text, Sabotage::RecordsIgnoreSignatures);
+    let f = one_matching(&failures, "never published");
+    assert!(f.contains("a dialed c at"), "{f}");
+}
+
+#[test]
+fn records_that_do_not_spread_are_caught() {
+    let failures = caught(RECORDS, Sabotage::RecordsNoSpread);
+    let f = one_matching(
+        &failures,
+        "not every node holds every other's newest record",
+    );
+    assert!(f.contains("a lacks b's newest"), "{f}");
+}

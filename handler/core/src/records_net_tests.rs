@@ -192,7 +192,7 @@ fn a_node_that_stops_refreshing_becomes_inactive_and_is_not_dialled() {
         );
         assert_eq!(
             net.request_to(node, 3, b"x"),
-            Err(RequestError::NoAddress(net.id(3)))
+            Err(RequestError::Inactive(net.id(3)))
         );
     }
     // Nothing dials it any more, however long we wait (the others keep refreshing).

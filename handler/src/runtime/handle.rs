@@ -868,8 +868,9 @@ impl Handler {
 
     /// Sends `payload` to `peer` at the address its freshest address record names (or, for
     /// a member without records, the one its membership entry gives): the application
-    /// needs no address. Fails at once with `NoAddress` (payload not sent) for an inactive
-    /// peer. Needs [`Options::records`]. A peer that moves later is followed: the exchange
+    /// needs no address. Fails at once (payload not sent) with `Inactive` for a peer whose
+    /// record expired, `NoAddress` for one whose record never reached this node and whose
+    /// entry gives no address. Needs [`Options::records`]. A peer that moves later is followed: the exchange
     /// redials at its new address once its new record arrives.
     pub async fn request_to(
         &self,

@@ -637,13 +637,17 @@ pub enum RequestError {
     /// A node cannot exchange with itself.
     #[error("cannot send a request to ourselves")]
     SelfRequest,
-    /// No address is known for the peer: no valid address record (it is inactive, or its
-    /// record has not reached this node yet) and the membership publishes none.
+    /// No address is known for the peer: no address record of it has reached this node
+    /// (yet), and its membership or allow-list entry gives none.
     #[error(
-        "no address is known for {0}: it is inactive (no unexpired address record) and the \
-         membership publishes no address for it"
+        "no address is known for {0}: no address record of it has reached this node and its \
+         membership entry gives none"
     )]
     NoAddress(PeerId),
+    /// The peer is inactive: its address record expired and no newer one came. Nothing
+    /// dials it until it publishes again.
+    #[error("{0} is inactive: its address record expired and it published no newer one")]
+    Inactive(PeerId),
     /// Too many distinct peers are tracked (`max_tracked_peers`).
     #[error("too many peers tracked")]
     TooManyPeers,

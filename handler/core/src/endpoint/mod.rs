@@ -312,6 +312,10 @@ pub enum Sabotage {
     MembershipIgnoresSignatures,
     /// A node that applies a membership document tells no one.
     MembershipNoSpread,
+    /// Address records whose signature is not their owner's are taken all the same.
+    RecordsIgnoreSignatures,
+    /// Address records are never passed to other members (own or relayed).
+    RecordsNoSpread,
 }
 
 /// The exchange state machine of one node. See the module docs for the call order.

@@ -251,7 +251,8 @@ impl Endpoint {
     }
 
     /// [`Endpoint::request`] to the address [`Endpoint::resolve`] finds: fails at once
-    /// with `NoAddress` for an inactive peer, or one no record or entry gives an address.
+    /// with `Inactive` for an inactive peer, `NoAddress` for one no record or entry gives an
+    /// address (the payload is not sent).
     pub fn request_to(
         &mut self,
         peer: PeerId,
@@ -276,9 +277,11 @@ impl Endpoint {
         if !self.allow.contains(&peer) {
             return Err(RequestError::NotAllowed(peer));
         }
-        let addr = self
-            .resolve(&peer, now)
-            .ok_or(RequestError::NoAddress(peer))?;
+        let addr = match self.resolve(&peer, now) {
+            Some(addr) => addr,
+            None if self.lapsed(&peer) => return Err(RequestError::Inactive(peer)),
+            None => return Err(RequestError::NoAddress(peer)),
+        };
         self.request_with(peer, addr, payload, key, deadline, now)
     }
 
@@ -394,6 +397,9 @@ impl Endpoint {
     /// Sends `Records{sealed}` to every connected member with the records feature that
     /// has not heard this record (or a newer one), except `except`.
     fn pass_on(&mut self, owner: PeerId, seq: u64, sealed: Bytes, except: Option<PeerId>) {
+        if self.sabotaged(super::Sabotage::RecordsNoSpread) {
+            return;
+        }
         let Some(r) = self.records.as_deref_mut() else {
             return;
         };
@@ -540,7 +546,7 @@ impl Endpoint {
         for (owner, seq) in sent {
             heard.insert(owner, seq);
         }
-        if !records.is_empty() {
+        if !records.is_empty() && !self.sabotaged(super::Sabotage::RecordsNoSpread) {
             self.send(conn, Message::Records { records });
         }
         // Each end answers the other's first word on a connection with its own.
@@ -560,6 +566,7 @@ impl Endpoint {
     fn offer_record(&mut self, source: Source, bytes: Bytes, now: Instant) -> Option<PeerId> {
         let unix = self.unix_secs(now);
         let document = self.current_document()?.clone();
+        let verify = !self.sabotaged(super::Sabotage::RecordsIgnoreSignatures);
         let r = self.records.as_deref_mut()?;
         let decoded = SealedRecord::decode_bytes(bytes.clone());
         let owner = decoded.as_ref().ok().map(SealedRecord::owner_id);
@@ -568,7 +575,7 @@ impl Endpoint {
             Ok(sealed) => {
                 let signer = r.signer.clone();
                 r.book
-                    .offer(sealed, &document, &signer, unix)
+                    .offer_with(sealed, &document, &signer, unix, verify)
                     .map_err(|refusal| (refusal, owner))
             }
             Err(e) => Err((Refusal::Malformed(e), None)),

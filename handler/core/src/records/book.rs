@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use super::{MAX_CLOCK_SKEW, MAX_RECORD_TTL, Record, RecordSigner, Refusal, SealedRecord, open};
+use super::{MAX_CLOCK_SKEW, MAX_RECORD_TTL, Record, RecordSigner, Refusal, SealedRecord};
 use crate::identity::PeerId;
 use crate::membership::Document;
 
@@ -55,13 +55,25 @@ impl RecordBook {
         reader: &RecordSigner,
         now: u64,
     ) -> Result<Offer, Refusal> {
+        self.offer_with(sealed, document, reader, now, true)
+    }
+
+    /// [`RecordBook::offer`], checking signatures only if `verify` (see `open_with`).
+    pub(crate) fn offer_with(
+        &mut self,
+        sealed: SealedRecord,
+        document: &Document,
+        reader: &RecordSigner,
+        now: u64,
+        verify: bool,
+    ) -> Result<Offer, Refusal> {
         let peer = sealed.owner_id();
         if let Some(held) = self.held.get(&peer)
             && held.sealed.bytes() == sealed.bytes()
         {
             return Ok(Offer::Duplicate);
         }
-        let record = open(&sealed, document, reader)?;
+        let record = super::open_with(&sealed, document, reader, verify)?;
         let expired = |why: String| Refusal::Expired { peer, why };
         if record.expires <= record.issued
             || record.expires.saturating_sub(record.issued) > MAX_RECORD_TTL

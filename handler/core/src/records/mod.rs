@@ -469,6 +469,24 @@ pub fn seal(
     seal_unchecked(signer, record, document, rng)
 }
 
+/// A forgery, for the simulator's hostile steps (feature `sabotage`): a record that names
+/// `owner` (its static public key) as its owner but is signed by `signer`'s record key,
+/// sealed correctly for the members of `document`. Every honest node refuses it
+/// (`BadSignature`); a node that took it would dial an address its owner never published.
+#[cfg(feature = "sabotage")]
+#[allow(clippy::missing_errors_doc)]
+pub fn forge(
+    owner: &[u8; KEY_LEN],
+    signer: &RecordSigner,
+    record: &Record,
+    document: &Document,
+    rng: &mut impl CryptoRng,
+) -> Result<SealedRecord, SealError> {
+    let mut forger = signer.clone();
+    forger.static_public = *owner;
+    seal_unchecked(&forger, record, document, rng)
+}
+
 /// [`seal`] without its checks of the record: tests make the records a careless or hostile
 /// member could send.
 pub(crate) fn seal_unchecked(
@@ -551,6 +569,17 @@ pub fn open(
     document: &Document,
     reader: &RecordSigner,
 ) -> Result<Record, Refusal> {
+    open_with(sealed, document, reader, true)
+}
+
+/// [`open`], checking the signature only if `verify` (false only for a defect planted on
+/// purpose: `Sabotage::RecordsIgnoreSignatures`).
+pub(crate) fn open_with(
+    sealed: &SealedRecord,
+    document: &Document,
+    reader: &RecordSigner,
+    verify: bool,
+) -> Result<Record, Refusal> {
     let peer = sealed.owner_id();
     if sealed.network != document.network {
         return Err(Refusal::OtherNetwork(sealed.network.clone()));
@@ -565,7 +594,7 @@ pub fn open(
         .map_err(|_| Refusal::NoRecordKey(peer))?;
     let digest = tagged_hash(SIGNATURE_TAG, sealed.signed_part());
     let sig = secp256k1::schnorr::Signature::from_byte_array(sealed.signature());
-    if secp256k1::schnorr::verify(&sig, &digest, &key).is_err() {
+    if verify && secp256k1::schnorr::verify(&sig, &digest, &key).is_err() {
         return Err(Refusal::BadSignature(peer));
     }
     if sealed.epoch != document.epoch {
