@@ -242,3 +242,50 @@ fn the_directory_backend_writes_whole_files_and_reads_only_record_files() {
     assert!(DirectoryBackend::new(dir.join("missing")).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_to_can_wait_for_a_peer_that_has_not_published_yet() {
+    let keys = keys(3);
+    let doc = genesis(&keys);
+    let backend = MemoryBackend::new();
+    let (a, mut a_inbox, _) = start(&keys[0], &doc, &backend, 1).await;
+    // b has not started: a's request waits for its record instead of failing.
+    let waiting = {
+        let a = a.clone();
+        let peer = keys[1].peer_id();
+        tokio::spawn(async move {
+            a.request_to_with(
+                peer,
+                "are you up yet?",
+                p2p_handler::RequestOptions::new().wait_for_address(WAIT),
+            )
+            .await
+        })
+    };
+    let (b, b_inbox, _) = start(&keys[1], &doc, &backend, 2).await;
+    let _b = serve(b, b_inbox);
+    let id = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        reply_to(&mut a_inbox, id).await.as_deref(),
+        Some(&b"re:are you up yet?"[..])
+    );
+    // c never starts: the wait ends with the error, payload unsent.
+    let result = a
+        .request_to_with(
+            keys[2].peer_id(),
+            "nobody",
+            p2p_handler::RequestOptions::new().wait_for_address(Duration::from_millis(200)),
+        )
+        .await;
+    assert!(
+        matches!(
+            result,
+            Err(HandlerError::Request(RequestError::NoAddress(_)))
+        ),
+        "{result:?}"
+    );
+}

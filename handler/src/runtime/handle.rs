@@ -233,6 +233,11 @@ pub struct RequestOptions {
     pub key: Option<Bytes>,
     /// The exchange ends within this at the latest, and is retried until then.
     pub deadline: Option<std::time::Duration>,
+    /// [`Handler::request_to`] only: when no address is known for the peer (no record of
+    /// it yet, or it is inactive), wait up to this long for one to arrive instead of
+    /// failing at once. The call returns when the request is made, or with the error when
+    /// the wait ends.
+    pub wait_for_address: Option<std::time::Duration>,
 }
 
 impl RequestOptions {
@@ -250,6 +255,12 @@ impl RequestOptions {
     /// Sets the deadline.
     pub fn deadline(mut self, within: std::time::Duration) -> Self {
         self.deadline = Some(within);
+        self
+    }
+
+    /// Waits up to `bound` for a peer's address record ([`RequestOptions::wait_for_address`]).
+    pub fn wait_for_address(mut self, bound: std::time::Duration) -> Self {
+        self.wait_for_address = Some(bound);
         self
     }
 }
@@ -751,6 +762,7 @@ impl Handler {
             states: BTreeMap::new(),
             closing: BTreeMap::new(),
             published: published_tx,
+            awaiting_address: Vec::new(),
         };
         if let Some((backend, interval, rx)) = records_pump {
             tokio::spawn(super::records::pump(

@@ -86,6 +86,17 @@ pub(super) struct HandlerTask {
     pub(super) closing: BTreeMap<ConnId, PeerId>,
     /// Where our newly published address records go (the records backend's task).
     pub(super) published: Option<mpsc::UnboundedSender<bytes::Bytes>>,
+    /// `request_to` calls waiting for their peer's address record, oldest first.
+    pub(super) awaiting_address: Vec<AwaitingAddress>,
+}
+
+/// A `request_to` waiting for its peer's address (`RequestOptions::wait_for_address`).
+pub(super) struct AwaitingAddress {
+    peer: PeerId,
+    payload: bytes::Bytes,
+    options: super::RequestOptions,
+    reply: oneshot::Sender<Result<ExchangeId, RequestError>>,
+    until: std::time::Instant,
 }
 
 /// What one step (or batch of steps) makes visible outside the handler task: answers to
@@ -131,6 +142,7 @@ impl HandlerTask {
         // again for every input (several per exchange).
         let mut endpoint_timer = Timer::new();
         let mut summary_timer = Timer::new();
+        let mut address_timer = Timer::new();
         let stop = loop {
             // Durable mode: nothing leaves (answer, message, event) before the state that
             // explains it is committed. In memory, everything leaves at once.
@@ -145,6 +157,8 @@ impl HandlerTask {
             }
             let deadline = endpoint_timer.arm(self.endpoint.poll_timeout());
             let summary_due = summary_timer.arm(summary_due.map(tokio::time::Instant::into_std));
+            let address_due =
+                address_timer.arm(self.awaiting_address.iter().map(|a| a.until).min());
             // Only what must not be lost holds the network back.
             let backlog = self.recv_backlog.len();
             tokio::select! {
@@ -192,6 +206,10 @@ impl HandlerTask {
                 Some(event) = self.net_events.recv(), if backlog < limit => self.net_event(event),
                 // A throttled log line's summary is due (the tick above writes it).
                 () = summary_timer.wait(), if summary_due => summary_timer.fired(),
+                () = address_timer.wait(), if address_due => {
+                    address_timer.fired();
+                    self.retry_awaiting(None);
+                }
             }
             if self.store.is_some() {
                 if self.in_flight.is_none() {
@@ -484,6 +502,20 @@ impl HandlerTask {
             // Records change rarely: the list is worked out on their events only.
             let inactive = self.endpoint.inactive_members(now());
             observe::inactive_members(&inactive);
+            let arrived: Vec<PeerId> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Record(crate::endpoint::RecordEvent::Accepted { peer, .. }) => {
+                        Some(*peer)
+                    }
+                    _ => None,
+                })
+                .collect();
+            for peer in arrived {
+                if self.awaiting_address.iter().any(|w| w.peer == peer) {
+                    self.retry_awaiting(Some(peer));
+                }
+            }
         }
         for event in events {
             self.observer.event(&event);
@@ -647,21 +679,19 @@ impl HandlerTask {
                 options,
                 reply,
             } => {
-                let limit = self.endpoint.config().max_unread_outcomes;
-                let result = if self.unsettled.len() >= limit {
-                    Err(RequestError::Unread { limit })
-                } else {
-                    let wall = super::unix_ms(&*self.wall_clock);
-                    let deadline = options.deadline.map(|d| Deadline {
-                        at: now + d,
-                        unix_ms: Some(
-                            wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                        ),
-                    });
-                    self.endpoint
-                        .request_to_with(peer, payload, options.key, deadline, now)
-                };
-                self.answer(reply, result);
+                let result = self.request_to(peer, payload.clone(), &options);
+                match (result, options.wait_for_address) {
+                    (Err(RequestError::NoAddress(_) | RequestError::Inactive(_)), Some(bound)) => {
+                        self.awaiting_address.push(AwaitingAddress {
+                            peer,
+                            payload,
+                            options,
+                            reply,
+                            until: now + bound,
+                        });
+                    }
+                    (result, _) => self.answer(reply, result),
+                }
             }
             Command::OfferRecords { records, reply } => {
                 let taken = self.endpoint.offer_records(records, now);
@@ -709,6 +739,46 @@ impl HandlerTask {
                 });
             }
             Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn request_to(
+        &mut self,
+        peer: PeerId,
+        payload: bytes::Bytes,
+        options: &super::RequestOptions,
+    ) -> Result<ExchangeId, RequestError> {
+        let now = now();
+        let limit = self.endpoint.config().max_unread_outcomes;
+        if self.unsettled.len() >= limit {
+            return Err(RequestError::Unread { limit });
+        }
+        let wall = super::unix_ms(&*self.wall_clock);
+        let deadline = options.deadline.map(|d| Deadline {
+            at: now + d,
+            unix_ms: Some(wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+        });
+        self.endpoint
+            .request_to_with(peer, payload, options.key.clone(), deadline, now)
+    }
+
+    /// Tries the `request_to` calls waiting for an address again: those for `peer` (whose
+    /// record just came), or with `None` those whose wait is over (they get the error).
+    fn retry_awaiting(&mut self, peer: Option<PeerId>) {
+        let now = now();
+        let waiting = std::mem::take(&mut self.awaiting_address);
+        for w in waiting {
+            let due = w.until <= now;
+            if peer.is_some_and(|p| p != w.peer) && !due {
+                self.awaiting_address.push(w);
+                continue;
+            }
+            match self.request_to(w.peer, w.payload.clone(), &w.options) {
+                Err(RequestError::NoAddress(_) | RequestError::Inactive(_)) if !due => {
+                    self.awaiting_address.push(w);
+                }
+                result => self.answer(w.reply, result),
+            }
         }
     }
 
