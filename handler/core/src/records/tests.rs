@@ -518,3 +518,44 @@ proptest! {
         }
     }
 }
+
+/// The test vector of `docs/PROTOCOL.md` section 9: printed by this test, and the document
+/// must hold exactly it, so that a change of the format shows in review.
+#[test]
+fn the_protocol_document_gives_this_test_vector() {
+    let mut doc = Document {
+        network: "demo".into(),
+        epoch: 1,
+        previous: Digest::NONE,
+        expires: None,
+        threshold: 1,
+        committee: vec![
+            crate::membership::GovernanceKey::from_secret_bytes([1; 32])
+                .unwrap()
+                .id(),
+        ],
+        members: vec![member(3, true), member(4, true)],
+    };
+    for m in &mut doc.members {
+        m.name = None;
+    }
+    doc.check().unwrap();
+    let rec = Record {
+        seq: 1_800_000_000_000,
+        issued: 1_800_000_000,
+        expires: 1_800_003_600,
+        addresses: vec![SocketAddr::from(([10, 0, 0, 3], 7000))],
+    };
+    let sealed = seal(&signer(3), &rec, &doc, &mut ChaCha20Rng::from_seed([0; 32])).unwrap();
+    let hex_text = hex::encode(sealed.bytes());
+    let record_key = signer(3).record_key().to_string();
+    println!("record key {record_key}\nsealed {hex_text}");
+    let protocol = include_str!("../../../../docs/PROTOCOL.md").replace(['\n', ' '], "");
+    for (what, value) in [("record key", &record_key), ("sealed record", &hex_text)] {
+        assert!(
+            protocol.contains(value.as_str()),
+            "PROTOCOL.md lacks the {what}: {value}"
+        );
+    }
+    assert_eq!(open(&sealed, &doc, &signer(4)).unwrap(), rec);
+}
