@@ -8,65 +8,23 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-use support::{governance_key, keygen, node, output, public_key};
+use support::{Running, governance_key, keygen, node, output, public_key};
 
-/// Generous for a loaded 2-core machine: waits end as soon as the line arrives.
-const WAIT: Duration = Duration::from_secs(120);
 const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
 
-/// A serving node whose log lines (stderr) the test reads.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Every line read so far.
-    seen: Vec<String>,
-    addr: String,
+trait Hup {
+    fn hup(&self);
 }
 
-impl Running {
-    /// Waits for a line containing every one of `words`; returns it.
-    fn wait_for(&mut self, words: &[&str]) -> String {
-        let found = |line: &String| words.iter().all(|w| line.contains(w));
-        if let Some(line) = self.seen.iter().find(|l| found(l)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if found(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line with {words:?} within {WAIT:?}; the node said:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
+impl Hup for Running {
     fn hup(&self) {
         let status = std::process::Command::new("kill")
             .args(["-HUP", &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -168,43 +126,16 @@ impl Network {
         if !file.exists() {
             std::fs::copy(doc, &file).unwrap();
         }
-        let mut child = node()
-            .args(["serve", "--listen", listen, "--key"])
-            .arg(self.path(&format!("{name}.key")))
-            .arg("--membership")
-            .arg(&file)
-            .arg("--data-dir")
-            .arg(self.path(&format!("{name}.data")))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut first).unwrap();
-        // Keep reading (and discarding) what else it prints.
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        // "listening on 127.0.0.1:PORT as PEER_ID"
-        let words: Vec<&str> = first.split_whitespace().collect();
-        assert_eq!(words.first(), Some(&"listening"), "{first}");
-        let addr = words[2].to_owned();
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-            addr,
-        }
+        Running::spawn(
+            node()
+                .args(["serve", "--listen", listen, "--key"])
+                .arg(self.path(&format!("{name}.key")))
+                .arg("--membership")
+                .arg(&file)
+                .arg("--data-dir")
+                .arg(self.path(&format!("{name}.data")))
+                .env("RUST_LOG", "info"),
+        )
     }
 
     /// Hands `doc` to `node` the way its operator would: replaces its file, then SIGHUP.

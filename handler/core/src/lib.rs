@@ -22,6 +22,7 @@
 
 pub mod admission;
 pub mod allow_list;
+pub mod canonical;
 pub mod config;
 pub mod connection;
 pub mod durable;

@@ -30,10 +30,8 @@ fn member(net: &Net, node: usize, with_address: bool) -> Member {
     }
 }
 
-/// Four members, each with a record key; `addressed` ones also have a static address in
-/// the document. Membership and records installed on every node.
-fn network(seed: u64, addressed: &[usize]) -> (Net, Signed) {
-    let mut net = Net::new(seed, &NAMES, Config::default());
+/// A genesis of network "test" with `members`, 2-of-3, signed by keys 0 and 1.
+fn genesis(members: Vec<Member>) -> Signed {
     let keys: Vec<GovernanceKey> = (0..3).map(gov).collect();
     let doc = Document {
         network: "test".into(),
@@ -42,11 +40,20 @@ fn network(seed: u64, addressed: &[usize]) -> (Net, Signed) {
         expires: None,
         threshold: 2,
         committee: keys.iter().map(GovernanceKey::id).collect(),
-        members: (0..4)
+        members,
+    };
+    sign_with(Signed::new(doc).unwrap(), &keys, &[0, 1])
+}
+
+/// Four members, each with a record key; `addressed` ones also have a static address in
+/// the document. Membership and records installed on every node.
+fn network(seed: u64, addressed: &[usize]) -> (Net, Signed) {
+    let mut net = Net::new(seed, &NAMES, Config::default());
+    let g = genesis(
+        (0..4)
             .map(|n| member(&net, n, addressed.contains(&n)))
             .collect(),
-    };
-    let g = sign_with(Signed::new(doc).unwrap(), &keys, &[0, 1]);
+    );
     for node in 0..4 {
         let _ = net.install_membership(node, g.clone());
         net.install_records(node, TTL);
@@ -332,17 +339,7 @@ fn a_directory_introduces_nodes_that_know_no_address() {
 fn a_durable_node_remembers_records_and_refuses_an_old_one_after_a_restart() {
     let mut net = Net::new(6, &NAMES, Config::default());
     net.make_durable(1);
-    let keys: Vec<GovernanceKey> = (0..3).map(gov).collect();
-    let doc = Document {
-        network: "test".into(),
-        epoch: 1,
-        previous: crate::membership::Digest::NONE,
-        expires: None,
-        threshold: 2,
-        committee: keys.iter().map(GovernanceKey::id).collect(),
-        members: (0..4).map(|n| member(&net, n, true)).collect(),
-    };
-    let g = sign_with(Signed::new(doc).unwrap(), &keys, &[0, 1]);
+    let g = genesis((0..4).map(|n| member(&net, n, true)).collect());
     for node in 0..4 {
         let _ = net.install_membership(node, g.clone());
         net.install_records(node, TTL);
@@ -384,19 +381,9 @@ fn a_durable_node_remembers_records_and_refuses_an_old_one_after_a_restart() {
 #[test]
 fn a_node_whose_record_key_is_not_listed_says_so_and_publishes_nothing() {
     let mut net = Net::new(7, &NAMES, Config::default());
-    let keys: Vec<GovernanceKey> = (0..3).map(gov).collect();
     let mut members: Vec<Member> = (0..4).map(|n| member(&net, n, true)).collect();
     members[2].record_key = None;
-    let doc = Document {
-        network: "test".into(),
-        epoch: 1,
-        previous: crate::membership::Digest::NONE,
-        expires: None,
-        threshold: 2,
-        committee: keys.iter().map(GovernanceKey::id).collect(),
-        members,
-    };
-    let g = sign_with(Signed::new(doc).unwrap(), &keys, &[0, 1]);
+    let g = genesis(members);
     let _ = net.install_membership(2, g);
     net.install_records(2, TTL);
     assert!(net.nodes[2].endpoint.own_record().is_none());

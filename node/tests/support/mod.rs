@@ -156,3 +156,83 @@ impl Drop for Setup {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A serving node whose log lines (stderr) a test reads; killed when dropped.
+pub(crate) struct Running {
+    pub(crate) child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far.
+    seen: Vec<String>,
+    /// Where it listens (from its first line).
+    pub(crate) addr: String,
+}
+
+/// Generous for a loaded 2-core machine: waits end as soon as the line arrives.
+pub(crate) const LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Running {
+    /// Spawns `cmd` (a `serve` with `RUST_LOG` set) and reads its first line, "listening on
+    /// ADDR as PEER_ID"; its other stdout is discarded, its stderr collected.
+    pub(crate) fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut first).unwrap();
+        // Keep reading (and discarding) what else it prints.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        let words: Vec<&str> = first.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"listening"), "{first}");
+        let addr = words[2].to_owned();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr,
+        }
+    }
+
+    /// Waits for a line containing every one of `words`; returns it.
+    pub(crate) fn wait_for(&mut self, words: &[&str]) -> String {
+        let found = |line: &String| words.iter().all(|w| line.contains(w));
+        if let Some(line) = self.seen.iter().find(|l| found(l)) {
+            return line.clone();
+        }
+        let deadline = std::time::Instant::now() + LINE_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if found(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {words:?} within {LINE_WAIT:?}; the node said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -293,6 +293,13 @@ impl Endpoint {
             .map(|m| m.ledger.current().document())
     }
 
+    /// The members of the document in force, in its order (ascending keys).
+    fn member_ids(&self) -> Vec<PeerId> {
+        self.current_document()
+            .map(|d| d.member_ids().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `peer`'s record expired with no newer one (it is not dialled).
     pub(super) fn lapsed(&self, peer: &PeerId) -> bool {
         self.records
@@ -378,16 +385,8 @@ impl Endpoint {
 
     /// Plans sync dials to every member we can reach that has not heard our record.
     fn plan_record_sync(&mut self, now: Instant) {
-        let targets: Vec<PeerId> = self
-            .current_document()
-            .map(|d| {
-                d.members
-                    .iter()
-                    .map(crate::membership::Member::peer_id)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let owed: Vec<PeerId> = targets
+        let owed: Vec<PeerId> = self
+            .member_ids()
             .into_iter()
             .filter(|p| *p != self.local && self.owes_record(p) && self.resolve(p, now).is_some())
             .collect();
@@ -748,15 +747,7 @@ impl Endpoint {
     /// A new epoch is in force: records of members that left go, and ours is sealed anew
     /// for the new members.
     pub(super) fn records_after_epoch(&mut self, now: Instant) {
-        let members: BTreeSet<PeerId> = self
-            .current_document()
-            .map(|d| {
-                d.members
-                    .iter()
-                    .map(crate::membership::Member::peer_id)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let members: BTreeSet<PeerId> = self.member_ids().into_iter().collect();
         let Some(r) = self.records.as_deref_mut() else {
             return;
         };

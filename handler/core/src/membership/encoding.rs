@@ -2,7 +2,7 @@
 //! section 8). The decoder accepts exactly what the encoder writes for a document that
 //! passes [`check_document`]: one document has one encoding, so one digest.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 
@@ -11,43 +11,11 @@ use crate::records::RecordKeyId;
 use super::{
     DIGEST_TAG, DOCUMENT_MAGIC, Digest, Document, FORMAT_VERSION, FORMAT_VERSION_RECORD_KEYS,
     GovernanceId, MAX_ALLOWED_IPS, MAX_COMMITTEE, MAX_DOCUMENT_LEN, MAX_MEMBERS, MAX_NAME_LEN,
-    MAX_NETWORK_LEN, MAX_SIGNATURES, MAX_SIGNED_LEN, Member, SIGNED_MAGIC, Signature, Signed,
-    tagged_hash,
+    MAX_SIGNATURES, MAX_SIGNED_LEN, Member, SIGNED_MAGIC, Signature, Signed, tagged_hash,
 };
 
-/// Why bytes (or a document built in memory) are not a valid document. Names the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    /// The input ended inside a field.
-    #[error("truncated: the input ends inside {0}")]
-    Truncated(&'static str),
-    /// Bytes after the end.
-    #[error("{0} bytes after the end of the document")]
-    Trailing(usize),
-    /// Longer than any valid encoding.
-    #[error("{len} bytes, more than the {max} a document can have")]
-    TooLong {
-        /// Its length.
-        len: usize,
-        /// The bound.
-        max: usize,
-    },
-    /// A field breaks a rule.
-    #[error("{field}: {why}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// The rule it breaks.
-        why: String,
-    },
-}
-
-fn invalid(field: &'static str, why: impl Into<String>) -> DecodeError {
-    DecodeError::Invalid {
-        field,
-        why: why.into(),
-    }
-}
+pub use crate::canonical::DecodeError;
+use crate::canonical::{Reader, check_network, invalid, put_ip};
 
 /// Checks every rule the decoder checks, on a document built in memory (members and
 /// committee already in canonical order).
@@ -116,25 +84,6 @@ pub(super) fn check_document(doc: &Document) -> Result<(), DecodeError> {
         }
     }
     doc.members.iter().try_for_each(check_member)
-}
-
-fn check_network(network: &str) -> Result<(), DecodeError> {
-    if network.is_empty() || network.len() > MAX_NETWORK_LEN {
-        return Err(invalid(
-            "network",
-            format!("1 to {MAX_NETWORK_LEN} characters, found {}", network.len()),
-        ));
-    }
-    if let Some(c) = network
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(invalid(
-            "network",
-            format!("{c:?} is not allowed (ASCII letters, digits, '.', '_', '-')"),
-        ));
-    }
-    Ok(())
 }
 
 fn check_member(member: &Member) -> Result<(), DecodeError> {
@@ -251,89 +200,24 @@ pub(super) fn encode_document(doc: &Document) -> Vec<u8> {
     out
 }
 
-fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            out.push(4);
-            out.extend_from_slice(&v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            out.push(6);
-            out.extend_from_slice(&v6.octets());
-        }
+/// Reads the magic and version of `what`; returns the version (one of `versions`).
+fn magic(
+    r: &mut Reader<'_>,
+    magic: [u8; 4],
+    what: &'static str,
+    versions: &[u8],
+) -> Result<u8, DecodeError> {
+    if r.array::<4>("magic")? != magic {
+        return Err(invalid("magic", format!("not a {what}")));
     }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(DecodeError::Truncated(what))?;
-        let slice = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(DecodeError::Truncated(what))?;
-        self.pos = end;
-        Ok(slice)
+    let version = r.u8("version")?;
+    if !versions.contains(&version) {
+        return Err(invalid(
+            "version",
+            format!("{version}; this build reads versions {versions:?}"),
+        ));
     }
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N, what)?);
-        Ok(out)
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>(what)?[0])
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.array(what)?))
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.array(what)?))
-    }
-    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.array(what)?))
-    }
-    fn text(&mut self, what: &'static str) -> Result<&'a str, DecodeError> {
-        let len = usize::from(self.u8(what)?);
-        std::str::from_utf8(self.take(len, what)?).map_err(|_| invalid(what, "not UTF-8"))
-    }
-    fn ip(&mut self, tag: u8, what: &'static str) -> Result<IpAddr, DecodeError> {
-        match tag {
-            4 => Ok(IpAddr::V4(Ipv4Addr::from(self.array::<4>(what)?))),
-            6 => Ok(IpAddr::V6(Ipv6Addr::from(self.array::<16>(what)?))),
-            other => Err(invalid(what, format!("address family {other} (4 or 6)"))),
-        }
-    }
-    fn magic(
-        &mut self,
-        magic: [u8; 4],
-        what: &'static str,
-        versions: &[u8],
-    ) -> Result<u8, DecodeError> {
-        if self.array::<4>("magic")? != magic {
-            return Err(invalid("magic", format!("not a {what}")));
-        }
-        let version = self.u8("version")?;
-        if !versions.contains(&version) {
-            return Err(invalid(
-                "version",
-                format!("{version}; this build reads versions {versions:?}"),
-            ));
-        }
-        Ok(version)
-    }
-    fn finish(&self) -> Result<(), DecodeError> {
-        match self.bytes.len() - self.pos.min(self.bytes.len()) {
-            0 => Ok(()),
-            n => Err(DecodeError::Trailing(n)),
-        }
-    }
+    Ok(version)
 }
 
 fn optional_time(value: u64) -> Option<u64> {
@@ -347,8 +231,9 @@ pub(super) fn decode_document(bytes: &[u8]) -> Result<Document, DecodeError> {
             max: MAX_DOCUMENT_LEN,
         });
     }
-    let mut r = Reader { bytes, pos: 0 };
-    let version = r.magic(
+    let mut r = Reader::new(bytes);
+    let version = magic(
+        &mut r,
         DOCUMENT_MAGIC,
         "membership document",
         &[FORMAT_VERSION, FORMAT_VERSION_RECORD_KEYS],
@@ -464,8 +349,9 @@ pub(super) fn decode_signed(bytes: &[u8]) -> Result<Signed, DecodeError> {
             max: MAX_SIGNED_LEN,
         });
     }
-    let mut r = Reader { bytes, pos: 0 };
-    r.magic(
+    let mut r = Reader::new(bytes);
+    magic(
+        &mut r,
         SIGNED_MAGIC,
         "signed membership document",
         &[FORMAT_VERSION],

@@ -62,7 +62,6 @@ use std::path::Path;
 
 use bytes::Bytes;
 use rand_core::Rng;
-use sha2::{Digest as _, Sha256};
 
 use crate::allow_list::{AllowList, AllowedPeer, Expiry};
 use crate::identity::{KEY_LEN, PeerId};
@@ -85,8 +84,7 @@ pub const DIGEST_TAG: &[u8] = b"p2p-handler/membership/document/v1";
 pub const SIGNATURE_TAG: &[u8] = b"p2p-handler/membership/signature/v1";
 /// Tag of the hash that names one copy of a signed document (local use only).
 const COPY_TAG: &[u8] = b"p2p-handler/membership/signed-copy/v1";
-/// The longest network name, in bytes (ASCII letters, digits, `.`, `_`, `-`).
-pub const MAX_NETWORK_LEN: usize = 64;
+pub use crate::canonical::MAX_NETWORK_LEN;
 /// The most governance keys in a committee.
 pub const MAX_COMMITTEE: usize = 32;
 /// The most members in a document.
@@ -140,15 +138,7 @@ impl fmt::Debug for Digest {
     }
 }
 
-/// BIP-340's tagged hash: `SHA-256(SHA-256(tag) || SHA-256(tag) || data)`.
-fn tagged_hash(tag: &[u8], data: &[u8]) -> [u8; 32] {
-    let tag_hash = Sha256::digest(tag);
-    let mut hasher = Sha256::new();
-    hasher.update(tag_hash);
-    hasher.update(tag_hash);
-    hasher.update(data);
-    hasher.finalize().into()
-}
+use crate::canonical::tagged_hash;
 
 /// A committee member's public governance key: a BIP-340 x-only secp256k1 key. Its text
 /// form is 64 lowercase hex digits.
@@ -158,15 +148,7 @@ pub struct GovernanceId(pub [u8; 32]);
 impl GovernanceId {
     /// Parses 64 hex digits naming a valid x-only key.
     pub fn from_hex(text: &str) -> Result<Self, String> {
-        let mut bytes = [0u8; 32];
-        let text = text.trim();
-        if text.len() != 64 {
-            return Err(format!("expected 64 hex digits, found {}", text.len()));
-        }
-        hex::decode_to_slice(text, &mut bytes).map_err(|e| format!("not hex: {e}"))?;
-        secp256k1::XOnlyPublicKey::from_byte_array(bytes)
-            .map_err(|_| "not a secp256k1 x-only public key".to_owned())?;
-        Ok(Self(bytes))
+        crate::canonical::xonly_from_hex(text).map(Self)
     }
 
     /// The first 8 hex digits, for logs.

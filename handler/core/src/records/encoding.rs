@@ -2,7 +2,7 @@
 //! decoder checks the layout and every bound, never panics, and accepts nothing after the
 //! signature; what the bytes mean is checked by `open`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 
@@ -10,41 +10,10 @@ use super::{
     KEY_LEN, MAX_BODY_PLAIN, MAX_RECORD_ADDRESSES, MAX_RECORD_LEN, RECORD_MAGIC, RECORD_VERSION,
     Record, SLOT_LEN, SealedRecord,
 };
-use crate::membership::{MAX_MEMBERS, MAX_NETWORK_LEN};
+use crate::membership::MAX_MEMBERS;
 
-/// Why bytes are not a sealed record (or a body). Names the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    /// The input ended inside a field.
-    #[error("truncated: the input ends inside {0}")]
-    Truncated(&'static str),
-    /// Bytes after the end.
-    #[error("{0} bytes after the end of the record")]
-    Trailing(usize),
-    /// Longer than any valid record.
-    #[error("{len} bytes, more than the {max} a record can have")]
-    TooLong {
-        /// Its length.
-        len: usize,
-        /// The bound.
-        max: usize,
-    },
-    /// A field breaks a rule.
-    #[error("{field}: {why}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// The rule it breaks.
-        why: String,
-    },
-}
-
-fn invalid(field: &'static str, why: impl Into<String>) -> DecodeError {
-    DecodeError::Invalid {
-        field,
-        why: why.into(),
-    }
-}
+pub use crate::canonical::DecodeError;
+use crate::canonical::{Reader, check_network, invalid, put_ip};
 
 /// The clear header: magic, version, network, epoch, owner's key.
 pub(super) fn header(network: &str, epoch: u64, owner: &[u8; KEY_LEN]) -> Vec<u8> {
@@ -66,78 +35,10 @@ pub(super) fn body(record: &Record) -> Vec<u8> {
     out.extend_from_slice(&record.expires.to_be_bytes());
     out.push(record.addresses.len().min(255) as u8);
     for address in &record.addresses {
-        match address.ip() {
-            IpAddr::V4(v4) => {
-                out.push(4);
-                out.extend_from_slice(&v4.octets());
-            }
-            IpAddr::V6(v6) => {
-                out.push(6);
-                out.extend_from_slice(&v6.octets());
-            }
-        }
+        put_ip(&mut out, address.ip());
         out.extend_from_slice(&address.port().to_be_bytes());
     }
     out
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or(DecodeError::Truncated(what))?;
-        let slice = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(DecodeError::Truncated(what))?;
-        self.pos = end;
-        Ok(slice)
-    }
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N, what)?);
-        Ok(out)
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>(what)?[0])
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_be_bytes(self.array(what)?))
-    }
-    fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.array(what)?))
-    }
-    fn finish(&self) -> Result<(), DecodeError> {
-        match self.bytes.len().saturating_sub(self.pos) {
-            0 => Ok(()),
-            n => Err(DecodeError::Trailing(n)),
-        }
-    }
-}
-
-fn check_network(network: &str) -> Result<(), DecodeError> {
-    if network.is_empty() || network.len() > MAX_NETWORK_LEN {
-        return Err(invalid(
-            "network",
-            format!("{} bytes; 1 to {MAX_NETWORK_LEN}", network.len()),
-        ));
-    }
-    if !network
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        return Err(invalid(
-            "network",
-            "only ASCII letters, digits, '.', '_' and '-'",
-        ));
-    }
-    Ok(())
 }
 
 /// Decodes a sealed record's layout.
@@ -148,10 +49,7 @@ pub(super) fn decode(bytes: Bytes) -> Result<SealedRecord, DecodeError> {
             max: MAX_RECORD_LEN,
         });
     }
-    let mut r = Reader {
-        bytes: &bytes,
-        pos: 0,
-    };
+    let mut r = Reader::new(&bytes);
     if r.array::<4>("magic")? != RECORD_MAGIC {
         return Err(invalid("magic", "not an address record"));
     }
@@ -162,10 +60,7 @@ pub(super) fn decode(bytes: Bytes) -> Result<SealedRecord, DecodeError> {
             format!("{version}; this build reads version {RECORD_VERSION}"),
         ));
     }
-    let network_len = usize::from(r.u8("network")?);
-    let network = std::str::from_utf8(r.take(network_len, "network")?)
-        .map_err(|_| invalid("network", "not UTF-8"))?
-        .to_owned();
+    let network = r.text("network")?.to_owned();
     check_network(&network)?;
     let epoch = r.u64("epoch")?;
     if epoch == 0 {
@@ -179,7 +74,7 @@ pub(super) fn decode(bytes: Bytes) -> Result<SealedRecord, DecodeError> {
             format!("{slot_count} slots; one per member, 1 to {MAX_MEMBERS}"),
         ));
     }
-    let slots_at = r.pos;
+    let slots_at = r.pos();
     r.take(slot_count * SLOT_LEN, "slots")?;
     let body_len = usize::from(r.u16("body")?);
     // The body is the plaintext and a 16-byte tag; its plaintext has room for 1 to
@@ -194,9 +89,9 @@ pub(super) fn decode(bytes: Bytes) -> Result<SealedRecord, DecodeError> {
             ),
         ));
     }
-    let body_at = r.pos;
+    let body_at = r.pos();
     r.take(body_len, "body")?;
-    let body_end = r.pos;
+    let body_end = r.pos();
     r.take(64, "signature")?;
     r.finish()?;
     Ok(SealedRecord {
@@ -214,10 +109,7 @@ pub(super) fn decode(bytes: Bytes) -> Result<SealedRecord, DecodeError> {
 /// Decodes a body's plaintext (after it decrypted: its owner signed it, but a member with
 /// a bad encoder is still refused by name).
 pub(super) fn decode_body(plain: &[u8]) -> Result<Record, DecodeError> {
-    let mut r = Reader {
-        bytes: plain,
-        pos: 0,
-    };
+    let mut r = Reader::new(plain);
     let seq = r.u64("seq")?;
     let issued = r.u64("issued")?;
     let expires = r.u64("expires")?;
@@ -230,13 +122,8 @@ pub(super) fn decode_body(plain: &[u8]) -> Result<Record, DecodeError> {
     }
     let mut addresses = Vec::with_capacity(count);
     for _ in 0..count {
-        let ip = match r.u8("address family")? {
-            4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("address")?)),
-            6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("address")?)),
-            other => {
-                return Err(invalid("address family", format!("{other} (4 or 6)")));
-            }
-        };
+        let tag = r.u8("address family")?;
+        let ip = r.ip(tag, "address")?;
         addresses.push(SocketAddr::new(ip, r.u16("port")?));
     }
     r.finish()?;

@@ -61,7 +61,6 @@ use chacha20poly1305::aead::{AeadInPlace as _, KeyInit as _};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hpke::{Deserializable as _, Serializable as _};
 use rand_core::CryptoRng;
-use sha2::{Digest as _, Sha256};
 
 use crate::identity::{KEY_LEN, Keypair, PeerId};
 use crate::membership::{Document, Member};
@@ -102,15 +101,7 @@ pub const MAX_RECORD_LEN: usize = 4
     + 16
     + 64;
 
-/// BIP-340's tagged hash, as the membership documents use it.
-fn tagged_hash(tag: &[u8], data: &[u8]) -> [u8; 32] {
-    let tag_hash = Sha256::digest(tag);
-    let mut hasher = Sha256::new();
-    hasher.update(tag_hash);
-    hasher.update(tag_hash);
-    hasher.update(data);
-    hasher.finalize().into()
-}
+use crate::canonical::tagged_hash;
 
 /// A member's public record key: a BIP-340 x-only secp256k1 key. Text form: 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,15 +110,7 @@ pub struct RecordKeyId(pub [u8; 32]);
 impl RecordKeyId {
     /// Parses 64 hex digits naming a valid x-only key.
     pub fn from_hex(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.len() != 64 {
-            return Err(format!("expected 64 hex digits, found {}", text.len()));
-        }
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(text, &mut bytes).map_err(|e| format!("not hex: {e}"))?;
-        secp256k1::XOnlyPublicKey::from_byte_array(bytes)
-            .map_err(|_| "not a secp256k1 x-only public key".to_owned())?;
-        Ok(Self(bytes))
+        crate::canonical::xonly_from_hex(text).map(Self)
     }
 }
 
