@@ -559,3 +559,28 @@ fn the_protocol_document_gives_this_test_vector() {
     }
     assert_eq!(open(&sealed, &doc, &signer(4)).unwrap(), rec);
 }
+
+#[test]
+fn the_protocol_bounds_are_those_section_9_states() {
+    // Peers must agree on these: PROTOCOL.md section 9 gives them in words.
+    assert_eq!(MAX_RECORD_TTL, 7 * 24 * 60 * 60);
+    assert_eq!(MAX_CLOCK_SKEW, 10 * 60);
+    assert_eq!(MAX_RECORD_ADDRESSES, 8);
+    assert_eq!(SLOT_LEN, 80);
+    assert_eq!(MAX_BODY_PLAIN + 16, 193);
+}
+
+#[test]
+fn debug_output_names_records_and_keys_without_their_secrets() {
+    let doc = document(1);
+    let sealed = sealed_by(1, &record(5, 7000), &doc);
+    let text = format!("{sealed:?}");
+    assert!(text.contains(&keypair(1).peer_id().short()), "{text}");
+    assert!(text.contains("test epoch 1"), "{text}");
+    let signer_text = format!("{:?}", signer(1));
+    assert!(signer_text.contains(&keypair(1).peer_id().short()), "{signer_text}");
+    assert!(!signer_text.contains(&hex::encode(keypair(1).private_bytes())));
+    let key_text = format!("{:?}", signer(1).record_key());
+    assert!(key_text.starts_with("RecordKeyId("), "{key_text}");
+    assert!(key_text.contains(&hex::encode(&signer(1).record_key().0[..4])));
+}
