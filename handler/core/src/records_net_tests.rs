@@ -394,3 +394,40 @@ fn a_node_whose_record_key_is_not_listed_says_so_and_publishes_nothing() {
             .any(|e| matches!(e, RecordEvent::Unlisted { epoch: 1, key: k } if *k == key))
     );
 }
+
+#[test]
+fn a_peer_cannot_make_a_node_resend_its_book_or_take_unbounded_work() {
+    let (mut net, _) = network(8, &[0, 1, 2, 3]);
+    assert!(net.run_until(WINDOW, |n| (0..4).all(|node| knows_everyone(n, node))));
+    // An exchange holds a connection from c to b open.
+    net.nodes[1].app = crate::harness::App::Manual;
+    net.request(2, 1, b"hold");
+    net.run(Duration::from_millis(100));
+    // c asks again and again for everything b holds, on that one connection.
+    let mark = net.trace.len();
+    for _ in 0..5 {
+        assert!(net.inject(2, 1, Message::RecordSeqs { seqs: Vec::new() }));
+    }
+    net.run_for(Duration::from_millis(200));
+    let answers = net.trace[mark..]
+        .iter()
+        .filter(|l| l.contains(" b ") && l.contains("-> Records("))
+        .count();
+    assert!(answers <= 1, "{:#?}", &net.trace[mark..]);
+    // A flood of Records messages runs into c's request budget.
+    let known = sealed_of(&net, 0);
+    for _ in 0..100 {
+        assert!(net.inject(
+            2,
+            1,
+            Message::Records {
+                records: vec![known.clone()],
+            }
+        ));
+    }
+    net.run_for(Duration::from_millis(200));
+    assert!(net.nodes[1].events.iter().any(|e| matches!(
+        e,
+        Event::RateLimited { peer, .. } if *peer == net.id(2)
+    )));
+}

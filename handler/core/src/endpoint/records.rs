@@ -477,7 +477,25 @@ impl Endpoint {
         if self.records.is_none() {
             return; // We keep no records: nothing to say, nothing to take.
         }
+        // Each costs us signature checks and decryption, or an answer of up to
+        // MAX_RECORDS_BYTES: it draws on the peer's request budget.
+        let rate = self.config.request_rate;
+        let Some(state) = self.peer_mut(peer, now) else {
+            return;
+        };
+        if state.requests.take(rate, now).is_err() {
+            self.events.push_back(Event::RateLimited {
+                peer,
+                limit: super::LimitKind::Requests,
+                disconnected: false,
+            });
+            return;
+        }
         match message {
+            // Only the first on a connection is answered: a peer cannot make us send our
+            // whole book again and again on one connection.
+            Message::RecordSeqs { .. }
+                if self.conns.get(&conn).is_some_and(|c| c.records_heard) => {}
             Message::RecordSeqs { seqs } => self.on_record_seqs(conn, peer, seqs, now),
             Message::Records { records } => {
                 for bytes in records {
@@ -506,12 +524,15 @@ impl Endpoint {
         }
         let local = self.local;
         let remote_max = self.conns.get(&conn).map_or(0, |c| c.remote_max);
+        // Only members' entries are kept: a peer cannot fill our memory with made-up ids.
+        let members: BTreeSet<PeerId> = self.member_ids().into_iter().collect();
         let Some(r) = self.records.as_deref_mut() else {
             return;
         };
         let theirs: BTreeMap<PeerId, u64> = seqs
             .into_iter()
             .map(|(p, s)| (PeerId::from_bytes(p), s))
+            .filter(|(p, _)| members.contains(p))
             .collect();
         let budget = remote_max
             .min(MAX_RECORDS_BYTES)

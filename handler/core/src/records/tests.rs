@@ -86,7 +86,13 @@ fn every_member_opens_what_another_sealed() {
     let doc = document(1);
     let sealed = sealed_by(1, &record(5, 7000), &doc);
     assert_eq!(sealed.owner_id(), keypair(1).peer_id());
+    assert_eq!(sealed.owner_key(), keypair(1).public_bytes());
     assert_eq!((sealed.network(), sealed.epoch()), ("test", 1));
+    let later = sealed_by(2, &record(5, 7000), &document(3));
+    assert_eq!(
+        (later.epoch(), later.owner_key()),
+        (3, keypair(2).public_bytes())
+    );
     for reader in [1, 2, 3, 4] {
         assert_eq!(
             open(&sealed, &doc, &signer(reader)).unwrap(),
@@ -578,7 +584,10 @@ fn debug_output_names_records_and_keys_without_their_secrets() {
     assert!(text.contains(&keypair(1).peer_id().short()), "{text}");
     assert!(text.contains("test epoch 1"), "{text}");
     let signer_text = format!("{:?}", signer(1));
-    assert!(signer_text.contains(&keypair(1).peer_id().short()), "{signer_text}");
+    assert!(
+        signer_text.contains(&keypair(1).peer_id().short()),
+        "{signer_text}"
+    );
     assert!(!signer_text.contains(&hex::encode(keypair(1).private_bytes())));
     let key_text = format!("{:?}", signer(1).record_key());
     assert!(key_text.starts_with("RecordKeyId("), "{key_text}");
