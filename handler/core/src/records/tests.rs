@@ -593,3 +593,44 @@ fn debug_output_names_records_and_keys_without_their_secrets() {
     assert!(key_text.starts_with("RecordKeyId("), "{key_text}");
     assert!(key_text.contains(&hex::encode(&signer(1).record_key().0[..4])));
 }
+
+#[test]
+fn every_refusal_has_the_label_protocol_md_names() {
+    let peer = keypair(1).peer_id();
+    let address = SocketAddr::from(([10, 0, 0, 1], 1));
+    let all = [
+        Refusal::Malformed(DecodeError::Trailing(1)),
+        Refusal::OtherNetwork("x".into()),
+        Refusal::NotMember(peer),
+        Refusal::NoRecordKey(peer),
+        Refusal::BadSignature(peer),
+        Refusal::OtherEpoch {
+            peer,
+            record: 1,
+            ours: 2,
+        },
+        Refusal::Undecryptable(peer),
+        Refusal::Expired {
+            peer,
+            why: String::new(),
+        },
+        Refusal::Stale {
+            peer,
+            offered: 1,
+            held: 1,
+        },
+        Refusal::ForbiddenAddress { peer, address },
+    ];
+    let protocol = include_str!("../../../../docs/PROTOCOL.md");
+    let section = &protocol[protocol.find("## 9.").unwrap()..];
+    let mut labels: Vec<&str> = all.iter().map(Refusal::label).collect();
+    for label in &labels {
+        assert!(
+            section.contains(&format!("`{label}`")),
+            "PROTOCOL.md section 9 does not name `{label}`"
+        );
+    }
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), all.len());
+}
