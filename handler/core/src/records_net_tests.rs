@@ -431,3 +431,19 @@ fn a_peer_cannot_make_a_node_resend_its_book_or_take_unbounded_work() {
         Event::RateLimited { peer, .. } if *peer == net.id(2)
     )));
 }
+
+#[test]
+fn a_node_publishing_an_address_the_membership_forbids_it_is_told_why() {
+    let mut net = Net::new(9, &NAMES, Config::default());
+    let mut members: Vec<Member> = (0..4).map(|n| member(&net, n, true)).collect();
+    // b may only use 10.9.9.9; it listens on 10.0.0.2.
+    members[1].allowed = vec![std::net::IpAddr::from([10, 9, 9, 9])];
+    let g = genesis(members);
+    let _ = net.install_membership(1, g);
+    net.install_records(1, TTL);
+    assert!(net.nodes[1].endpoint.own_record().is_none());
+    assert!(record_events(&net, 1).iter().any(|e| matches!(
+        e,
+        RecordEvent::CannotPublish { why } if why.contains("does not allow")
+    )));
+}

@@ -476,7 +476,7 @@ fn record(event: &crate::endpoint::RecordEvent) {
             metrics::counter!("p2p_records_inactive_total").increment(1);
             tracing::warn!(peer = %peer.short(), "{event}");
         }
-        R::Unlisted { .. } => tracing::error!("{event}"),
+        R::Unlisted { .. } | R::CannotPublish { .. } => tracing::error!("{event}"),
         _ => tracing::info!("{event}"),
     }
 }

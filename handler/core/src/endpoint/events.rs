@@ -347,6 +347,12 @@ pub enum RecordEvent {
         /// The member.
         peer: PeerId,
     },
+    /// This node cannot publish its record for another reason (an address the membership
+    /// does not allow it, a member key the document gives that cannot receive HPKE).
+    CannotPublish {
+        /// Why.
+        why: String,
+    },
     /// This node cannot publish: the membership does not list its record key.
     Unlisted {
         /// The epoch in force.
@@ -397,6 +403,7 @@ impl fmt::Display for RecordEvent {
                 f,
                 "{peer} is inactive: its address record expired and no newer one came"
             ),
+            Self::CannotPublish { why } => write!(f, "cannot publish our address record: {why}"),
             Self::Unlisted { epoch, key } => write!(
                 f,
                 "cannot publish our address record: membership epoch {epoch} does not list our \

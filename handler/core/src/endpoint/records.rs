@@ -358,13 +358,27 @@ impl Endpoint {
                 self.timers.cancel(Timer::RecordRefresh);
                 return;
             }
-            Err(_) => return, // Settings were checked: nothing else can fail here.
+            Err(e) => {
+                // Settings were checked; a member key HPKE refuses is the document's doing.
+                let why = e.to_string();
+                self.events
+                    .push_back(Event::Record(RecordEvent::CannotPublish { why }));
+                return;
+            }
         };
         let bytes = sealed.bytes().clone();
         let signer = r.signer.clone();
         match r.book.offer(sealed, &document, &signer, unix) {
             Ok(Offer::Accepted { .. }) => {}
-            _ => return,
+            // What every member would refuse (an address the membership does not allow
+            // us): the operator must hear it, nobody else would.
+            Err(refusal) => {
+                let why = format!("every member would refuse it: {refusal}");
+                self.events
+                    .push_back(Event::Record(RecordEvent::CannotPublish { why }));
+                return;
+            }
+            Ok(Offer::Duplicate) => return,
         }
         r.version += 1;
         self.stats.records_published += 1;
