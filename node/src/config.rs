@@ -219,6 +219,29 @@ mod tests {
     }
 
     #[test]
+    fn records_need_a_membership_and_a_life_within_the_protocols_bounds() {
+        let file = parse(
+            "membership = \"m.toml\"\nrecords = \"recs\"\npublish = [\"10.0.0.1:7000\"]\n\
+             record_ttl = \"2h\"\nrecords_interval = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(file.records.unwrap(), Path::new("/etc/p2p/recs"));
+        assert_eq!(file.publish, vec!["10.0.0.1:7000".parse().unwrap()]);
+        assert_eq!(file.record_ttl, Some(Duration::from_secs(7200)));
+        let e = parse("records = \"recs\"\n").unwrap_err();
+        assert!(e.contains("needs `membership`"), "{e}");
+        for bad in ["1s", "8d"] {
+            let e = parse(&format!(
+                "membership = \"m.toml\"\nrecords = \"r\"\nrecord_ttl = \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("record_ttl") && e.contains("outside"), "{e}");
+        }
+        let e = parse("records_interval = \"0s\"\n").unwrap_err();
+        assert!(e.contains("records_interval"), "{e}");
+    }
+
+    #[test]
     fn relative_paths_are_relative_to_the_file() {
         let file = parse("key = \"bob.key\"\nallow = \"/abs/allow.toml\"\n").unwrap();
         assert_eq!(file.key.unwrap(), Path::new("/etc/p2p/bob.key"));

@@ -319,11 +319,7 @@ fn run(command: Cmd) -> Result<()> {
                         .into());
                 }
             };
-            let records_dir = if from_flags {
-                records
-            } else {
-                records.or(file.records.clone())
-            };
+            let records_dir = records.or(file.records.clone());
             let records = match records_dir {
                 Some(dir) => {
                     if !matches!(allow, AllowSource::Membership(_)) {

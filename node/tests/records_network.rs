@@ -138,3 +138,45 @@ fn serving_nodes_find_each_other_from_a_records_folder_and_follow_a_move() {
     let reply = net.send("c", "after the move");
     assert!(reply.contains("after the move"), "{reply}");
 }
+
+#[test]
+fn records_without_a_membership_and_an_address_less_target_without_one_are_refused() {
+    let dir = std::env::temp_dir().join(format!("p2p-records-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let id = keygen(&dir, "a.key");
+    std::fs::write(dir.join("allow.toml"), format!("[[peer]]\nid = \"{id}\"\n")).unwrap();
+    let out = node()
+        .args(["serve", "--listen", "127.0.0.1:0", "--key"])
+        .arg(dir.join("a.key"))
+        .arg("--allow")
+        .arg(dir.join("allow.toml"))
+        .arg("--records")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--records needs --membership"), "{err}");
+    let out = node()
+        .args(["send", "--to", &id, "--key"])
+        .arg(dir.join("a.key"))
+        .arg("hi")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without an address, give --membership"),
+        "{err}"
+    );
+    let out = node()
+        .args(["serve", "--record-ttl", "1s", "--key"])
+        .arg(dir.join("a.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outside"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
