@@ -634,3 +634,111 @@ fn every_refusal_has_the_label_protocol_md_names() {
     labels.dedup();
     assert_eq!(labels.len(), all.len());
 }
+
+/// A sealed record's layout by hand (nothing sealed or signed): for the decoder's bounds.
+fn layout(network: &[u8], slots: u16, body_len: u16) -> Vec<u8> {
+    let mut out = b"P2PR\x01".to_vec();
+    out.push(network.len() as u8);
+    out.extend_from_slice(network);
+    out.extend_from_slice(&1u64.to_be_bytes());
+    out.extend_from_slice(&[7; 32]);
+    out.extend_from_slice(&slots.to_be_bytes());
+    out.extend(std::iter::repeat_n(0u8, usize::from(slots) * SLOT_LEN));
+    out.extend_from_slice(&body_len.to_be_bytes());
+    out.extend(std::iter::repeat_n(0u8, usize::from(body_len)));
+    out.extend_from_slice(&[0; 64]);
+    out
+}
+
+fn field_of(result: Result<SealedRecord, DecodeError>) -> &'static str {
+    match result {
+        Err(DecodeError::Invalid { field, .. }) => field,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_layout_bounds_are_exact() {
+    assert!(SealedRecord::decode(&layout(b"net", 1, 41)).is_ok());
+    assert!(SealedRecord::decode(&layout(b"net", 1, 193)).is_ok());
+    assert!(SealedRecord::decode(&layout(b"net", 1024, 41)).is_ok());
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(b"net", 1, 40))),
+        "body"
+    );
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(b"net", 1, 194))),
+        "body"
+    );
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(b"net", 0, 41))),
+        "slots"
+    );
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(b"net", 1025, 41))),
+        "slots"
+    );
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(b"", 1, 41))),
+        "network"
+    );
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(b"te$t", 1, 41))),
+        "network"
+    );
+    assert_eq!(
+        field_of(SealedRecord::decode(&layout(&[b'n'; 65], 1, 41))),
+        "network"
+    );
+}
+
+#[test]
+fn a_body_without_an_address_or_with_too_many_is_malformed() {
+    let doc = document(1);
+    for count in [0usize, MAX_RECORD_ADDRESSES + 1] {
+        let mut rec = record(1, 7000);
+        rec.addresses = (0..count)
+            .map(|p| SocketAddr::from(([10, 0, 0, 1], 7000 + p as u16)))
+            .collect();
+        let sealed = seal_unchecked(&signer(1), &rec, &doc, &mut rng());
+        match sealed {
+            // Nine addresses no longer fit a body: the layout refuses it at once.
+            Err(SealError::Encoding(_)) => assert_eq!(count, MAX_RECORD_ADDRESSES + 1),
+            Ok(sealed) => assert!(matches!(
+                open(&sealed, &doc, &signer(2)),
+                Err(Refusal::Malformed(DecodeError::Invalid {
+                    field: "addresses",
+                    ..
+                }))
+            )),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn the_books_time_bounds_are_inclusive_where_the_protocol_says() {
+    let doc = document(1);
+    let reader = signer(2);
+    // Exactly the longest life, and issued exactly the allowed skew ahead: taken.
+    let mut longest = record(1, 7000);
+    longest.expires = longest.issued + MAX_RECORD_TTL;
+    let mut book = RecordBook::new();
+    assert!(
+        book.offer(
+            seal_unchecked(&signer(1), &longest, &doc, &mut rng()).unwrap(),
+            &doc,
+            &reader,
+            NOW
+        )
+        .is_ok()
+    );
+    assert_eq!((book.len(), book.is_empty()), (1, false));
+    let mut ahead = record(2, 7000);
+    ahead.issued = NOW + MAX_CLOCK_SKEW;
+    ahead.expires = ahead.issued + 60;
+    assert!(
+        book.offer(sealed_by(1, &ahead, &doc), &doc, &reader, NOW)
+            .is_ok()
+    );
+}
