@@ -15,6 +15,7 @@ use crate::membership::tests::{gov, sign_with};
 use crate::membership::{Document, GovernanceKey, Member, Signed};
 use crate::records::{RecordSigner, Refusal};
 use crate::wire::Message;
+use rand_core::SeedableRng as _;
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const TTL: Duration = Duration::from_secs(120);
@@ -445,5 +446,91 @@ fn a_node_publishing_an_address_the_membership_forbids_it_is_told_why() {
     assert!(record_events(&net, 1).iter().any(|e| matches!(
         e,
         RecordEvent::CannotPublish { why } if why.contains("does not allow")
+    )));
+}
+
+#[test]
+fn counters_and_getters_say_what_the_book_holds() {
+    let mut net = Net::new(10, &NAMES, Config::default());
+    assert!(!net.nodes[0].endpoint.records_installed());
+    let g = genesis((0..4).map(|n| member(&net, n, true)).collect());
+    for node in 0..4 {
+        let _ = net.install_membership(node, g.clone());
+        net.install_records(node, TTL);
+    }
+    assert!(net.nodes[0].endpoint.records_installed());
+    assert!(net.run_until(WINDOW, |n| (0..4).all(|node| knows_everyone(n, node))));
+    for node in 0..4 {
+        let e = &net.nodes[node].endpoint;
+        assert_eq!(e.records_held(), 4);
+        assert_eq!(e.stats().records_published, 1);
+        assert_eq!(e.stats().records_accepted, 3);
+        assert_eq!(e.stats().records_refused, 0);
+    }
+}
+
+#[test]
+fn records_taken_from_a_directory_alone_expire_too() {
+    // Only a runs records; the others' records come from the directory, never over the
+    // network (the others keep none), so only the directory's offer can arm a's expiry.
+    let mut net = Net::new(11, &NAMES, Config::default());
+    let g = genesis((0..4).map(|n| member(&net, n, false)).collect());
+    let _ = net.install_membership(0, g.clone());
+    net.install_records(0, TTL);
+    let document = g.document().clone();
+    let issued = net.wall_ms() / 1000;
+    let folder: Vec<Bytes> = (1..4)
+        .map(|n| {
+            let record = crate::records::Record {
+                seq: 1,
+                issued,
+                expires: issued + 20,
+                addresses: vec![net.nodes[n].addr],
+            };
+            let signer = RecordSigner::new(&net.nodes[n].keypair);
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(n as u64);
+            crate::records::seal(&signer, &record, &document, &mut rng)
+                .unwrap()
+                .bytes()
+                .clone()
+        })
+        .collect();
+    assert_eq!(net.offer_records(0, folder), 3);
+    net.run_for(Duration::from_secs(25));
+    let inactive = record_events(&net, 0)
+        .iter()
+        .filter(|e| matches!(e, RecordEvent::Inactive { .. }))
+        .count();
+    assert_eq!(inactive, 3);
+    assert_eq!(net.nodes[0].endpoint.inactive_members(net.now).len(), 3);
+}
+
+#[test]
+fn a_record_is_passed_on_over_open_connections_to_a_member_its_owner_cannot_reach() {
+    let (mut net, _) = network(12, &[0, 1, 2, 3]);
+    assert!(net.run_until(WINDOW, |n| (0..4).all(|node| knows_everyone(n, node))));
+    // b cannot reach c (nor c b); an exchange holds a connection from a to b open.
+    net.partition(1, 2);
+    net.nodes[1].app = crate::harness::App::Manual;
+    net.request(0, 1, b"hold");
+    net.run(Duration::from_millis(100));
+    // c moves: its record reaches a (c dials it), and a passes it on to b at once.
+    let moved = SocketAddr::from(([10, 0, 1, 3], 7100));
+    net.nodes[2].addr = moved;
+    let now = net.now;
+    net.nodes[2]
+        .endpoint
+        .set_record_addresses(vec![moved], now)
+        .unwrap();
+    assert!(net.run_until(Duration::from_secs(3), |n| {
+        n.nodes[1]
+            .endpoint
+            .record_of(&n.id(2), n.now)
+            .is_some_and(|r| r.addresses == vec![moved])
+    }));
+    // Passed on by a: never back to c, the owner.
+    assert!(record_events(&net, 1).iter().any(|e| matches!(
+        e,
+        RecordEvent::Accepted { source: Source::Peer(p), moved: true, .. } if *p == net.id(0)
     )));
 }
