@@ -47,6 +47,8 @@ mod membership_net_tests;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
+mod records_endpoint_tests;
+#[cfg(test)]
 mod records_net_tests;
 #[cfg(test)]
 mod tests;

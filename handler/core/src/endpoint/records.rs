@@ -491,6 +491,14 @@ impl Endpoint {
         if self.records.is_none() {
             return; // We keep no records: nothing to say, nothing to take.
         }
+        if self
+            .conns
+            .get(&conn)
+            .is_none_or(|c| c.features & FEATURE_RECORDS == 0)
+        {
+            // It did not announce records: it gets none, whatever it sends.
+            return;
+        }
         // Each costs us signature checks and decryption, or an answer of up to
         // MAX_RECORDS_BYTES: it draws on the peer's request budget.
         let rate = self.config.request_rate;

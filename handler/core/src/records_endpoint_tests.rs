@@ -1,0 +1,238 @@
+//! Address records in one endpoint, driven by hand: to whom records and summaries go, and
+//! when (the network tests check outcomes; these check the choices behind them).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rand_core::SeedableRng as _;
+
+use crate::allow_list::AllowList;
+use crate::config::Config;
+use crate::connection::{Closed, ConnEvent};
+use crate::endpoint::{ConnId, Endpoint, Output, RecordSettings};
+use crate::harness::Net;
+use crate::membership::tests::{gov, sign_with};
+use crate::membership::{Document, GovernanceKey, Member, Signed};
+use crate::records::{Record, RecordSigner, seal};
+use crate::wire::{FEATURE_IK, FEATURE_MEMBERSHIP, FEATURES, Message};
+
+const NAMES: [&str; 4] = ["us", "b", "c", "d"];
+/// What a peer that predates records announces.
+const NO_RECORDS: u32 = FEATURE_MEMBERSHIP | FEATURE_IK;
+
+struct Fx {
+    keys: Net,
+    ep: Endpoint,
+    now: Instant,
+    document: Document,
+    next_inbound: u64,
+}
+
+impl Fx {
+    fn new() -> Self {
+        let keys = Net::new(51, &NAMES, Config::default());
+        let now = keys.now;
+        let committee: Vec<GovernanceKey> = (0..3).map(gov).collect();
+        let doc = Document {
+            network: "test".into(),
+            epoch: 1,
+            previous: crate::membership::Digest::NONE,
+            expires: None,
+            threshold: 2,
+            committee: committee.iter().map(GovernanceKey::id).collect(),
+            members: (0..4)
+                .map(|n| Member {
+                    key: *keys.nodes[n].keypair.public_bytes(),
+                    name: None,
+                    address: Some(keys.nodes[n].addr),
+                    allowed: Vec::new(),
+                    expires: None,
+                    record_key: Some(RecordSigner::new(&keys.nodes[n].keypair).record_key()),
+                })
+                .collect(),
+        };
+        let genesis = sign_with(Signed::new(doc).unwrap(), &committee, &[0, 1]);
+        let mut ep =
+            Endpoint::new(Config::default(), keys.id(0), AllowList::new(), [9; 32]).unwrap();
+        ep.set_wall_clock(now, keys.wall_ms());
+        ep.install_membership(Some(genesis.clone()), now).unwrap();
+        let settings = RecordSettings {
+            addresses: vec![keys.nodes[0].addr],
+            ..RecordSettings::default()
+        };
+        ep.install_records(RecordSigner::new(&keys.nodes[0].keypair), settings, now)
+            .unwrap();
+        let mut fx = Self {
+            keys,
+            ep,
+            now,
+            document: genesis.document().clone(),
+            next_inbound: 1,
+        };
+        fx.sent();
+        fx
+    }
+
+    /// Record messages sent since the last call, with their connections.
+    fn sent(&mut self) -> Vec<(ConnId, Message)> {
+        std::iter::from_fn(|| self.ep.poll_output())
+            .filter_map(|o| match o {
+                Output::Send { conn, message }
+                    if matches!(
+                        message,
+                        Message::Records { .. } | Message::RecordSeqs { .. }
+                    ) =>
+                {
+                    Some((conn, message))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn accept(&mut self, node: usize, features: u32) -> ConnId {
+        let conn = ConnId::inbound(self.next_inbound);
+        self.next_inbound += 1;
+        let (peer, addr) = (self.keys.id(node), self.keys.nodes[node].addr);
+        self.ep
+            .handle_accepted(conn, peer, addr, 1 << 20, features, self.now);
+        conn
+    }
+
+    fn deliver(&mut self, conn: ConnId, message: Message) {
+        self.ep
+            .handle_conn_event(conn, ConnEvent::Message(message), self.now);
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        let closed = ConnEvent::Closed(Closed::Io("reset".into()));
+        self.ep.handle_conn_event(conn, closed, self.now);
+    }
+
+    /// `node`'s record number `seq`, naming port `port`.
+    fn record_of(&self, node: usize, seq: u64, port: u16) -> Bytes {
+        let issued = self.keys.wall_ms() / 1000;
+        let record = Record {
+            seq,
+            issued,
+            expires: issued + 3600,
+            addresses: vec![SocketAddr::new(self.keys.nodes[node].addr.ip(), port)],
+        };
+        let signer = RecordSigner::new(&self.keys.nodes[node].keypair);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seq);
+        seal(&signer, &record, &self.document, &mut rng)
+            .unwrap()
+            .bytes()
+            .clone()
+    }
+}
+
+fn records_on(sent: &[(ConnId, Message)], conn: ConnId) -> usize {
+    sent.iter()
+        .filter(|(c, m)| *c == conn && matches!(m, Message::Records { .. }))
+        .count()
+}
+
+fn seqs_on(sent: &[(ConnId, Message)], conn: ConnId) -> usize {
+    sent.iter()
+        .filter(|(c, m)| *c == conn && matches!(m, Message::RecordSeqs { .. }))
+        .count()
+}
+
+#[test]
+fn records_go_only_to_peers_that_announced_the_feature() {
+    let mut fx = Fx::new();
+    let old = fx.accept(1, NO_RECORDS);
+    let new = fx.accept(2, FEATURES);
+    let sent = fx.sent();
+    assert_eq!((seqs_on(&sent, old), seqs_on(&sent, new)), (0, 1));
+    // A record of d arrives from c: passed on to nobody (b cannot take it, c sent it).
+    let record = fx.record_of(3, 5, 7000);
+    fx.deliver(
+        new,
+        Message::Records {
+            records: vec![record],
+        },
+    );
+    let sent = fx.sent();
+    assert_eq!(records_on(&sent, old), 0);
+    assert_eq!(records_on(&sent, new), 0);
+    // Even when b asks (it should not), it gets nothing.
+    fx.deliver(old, Message::RecordSeqs { seqs: Vec::new() });
+    assert!(fx.sent().is_empty());
+}
+
+#[test]
+fn a_record_is_passed_on_to_members_that_lack_it_never_to_its_source_or_owner() {
+    let mut fx = Fx::new();
+    let from_b = fx.accept(1, FEATURES);
+    let from_c = fx.accept(2, FEATURES);
+    let from_d = fx.accept(3, FEATURES);
+    fx.sent();
+    // c says it holds d's record 5 already; b says nothing of d.
+    let d = *fx.keys.id(3).as_bytes();
+    fx.deliver(from_c, Message::RecordSeqs { seqs: vec![(d, 5)] });
+    fx.deliver(from_b, Message::RecordSeqs { seqs: Vec::new() });
+    fx.sent();
+    // d's record 5 arrives from d itself: b gets it, c holds it, d is its owner.
+    let record = fx.record_of(3, 5, 7000);
+    fx.deliver(
+        from_d,
+        Message::Records {
+            records: vec![record],
+        },
+    );
+    let sent = fx.sent();
+    assert_eq!(
+        (
+            records_on(&sent, from_b),
+            records_on(&sent, from_c),
+            records_on(&sent, from_d)
+        ),
+        (1, 0, 0),
+        "{sent:?}"
+    );
+    // Record 6 of d, from b: c gets it now (it holds only 5), b sent it, d owns it.
+    let newer = fx.record_of(3, 6, 7100);
+    fx.deliver(
+        from_b,
+        Message::Records {
+            records: vec![newer],
+        },
+    );
+    let sent = fx.sent();
+    assert_eq!(
+        (
+            records_on(&sent, from_b),
+            records_on(&sent, from_c),
+            records_on(&sent, from_d)
+        ),
+        (0, 1, 0),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_summary_goes_to_a_peer_once_per_change_of_the_book() {
+    let mut fx = Fx::new();
+    let first = fx.accept(1, FEATURES);
+    let sent = fx.sent();
+    assert_eq!(seqs_on(&sent, first), 1);
+    fx.close(first);
+    // A second connection from b: nothing changed since b was told.
+    let second = fx.accept(1, FEATURES);
+    assert_eq!(seqs_on(&fx.sent(), second), 0);
+    fx.close(second);
+    // A record of c is taken (from the directory): b is told again on its next connection.
+    let record = fx.record_of(2, 5, 7000);
+    assert_eq!(fx.ep.offer_records(vec![record], fx.now), 1);
+    fx.sent();
+    let third = fx.accept(1, FEATURES);
+    assert_eq!(seqs_on(&fx.sent(), third), 1);
+    // The record of c is sent to b when b's summary lacks it, once.
+    fx.deliver(third, Message::RecordSeqs { seqs: Vec::new() });
+    let sent = fx.sent();
+    assert_eq!(records_on(&sent, third), 1);
+    assert_eq!(fx.ep.stats().records_published, 1);
+}
