@@ -166,11 +166,37 @@ def scaling_section(scaling):
     return lines + [""]
 
 
+def records_lines(us):
+    """Address records: sealing (one HPKE seal per member), opening, a book taking one."""
+    ik = us("records/limit_noise_ik_handshake")
+    seal = {n: us(f"records/seal/{n}") for n in (4, 100, 1000)}
+    opened = {n: us(f"records/open/{n}") for n in (4, 100, 1000)}
+    offer = us("records/book_offer/100")
+    return [
+        "## Address records (one record; the limit: a bare Noise IK handshake, same run)",
+        "",
+        f"The limit: an IK handshake, both sides in memory, {ik:,.0f} us.",
+        "",
+        "| members | seal our record | per member | open one (a member) | open / IK handshake |",
+        "|---:|---:|---:|---:|---:|",
+    ] + [
+        f"| {n:,} | {seal[n] / 1e3:,.2f} ms | {seal[n] / n:,.0f} us ({seal[n] / n / ik:.2f} IK) "
+        f"| {opened[n]:,.0f} us | {opened[n] / ik:.2f} |"
+        for n in (4, 100, 1000)
+    ] + [
+        "",
+        f"A book taking a record (decode, signature, decryption, times, sequence number), 100 "
+        f"members: {offer:,.0f} us. A node seals its record at start, on a new address or "
+        "epoch, and at half its life (1 h by default); it opens each member's once per refresh.",
+        "",
+    ]
+
+
 def main():
     quick = "--quick" in sys.argv
     timing = ["--warm-up-time", "1", "--measurement-time", "1" if quick else "5"]
     bench_out = ""
-    for suite in ["limits", "handler", "sim"]:
+    for suite in ["limits", "handler", "sim", "records"]:
         bench_out += run(["cargo", "bench", "-q", "-p", "p2p-bench", "--bench", suite, "--"] + timing)
     run(["cargo", "build", "-q", "--release", "-p", "p2p-bench", "--bins"])
     latency = json.loads(run([str(ROOT / "target/release/latency")]).strip().splitlines()[-1])
@@ -360,6 +386,7 @@ def main():
         f"| whole `scenarios/` set, one seed (swarm mode) | {1 / sim_all:.1f} seeds/s ({sim_all * 1e3:.0f} ms per seed) |",
         "",
     ]
+    lines += records_lines(us)
     notes = ROOT / "benches" / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
