@@ -236,3 +236,111 @@ fn a_summary_goes_to_a_peer_once_per_change_of_the_book() {
     assert_eq!(records_on(&sent, third), 1);
     assert_eq!(fx.ep.stats().records_published, 1);
 }
+
+#[test]
+fn settings_outside_the_protocols_bounds_are_refused_naming_the_setting() {
+    let keys = Net::new(52, &NAMES, Config::default());
+    let fx = Fx::new();
+    let signer = RecordSigner::new(&keys.nodes[0].keypair);
+    let addr = keys.nodes[0].addr;
+    let install = |addresses: Vec<SocketAddr>, ttl: std::time::Duration| {
+        let mut ep =
+            Endpoint::new(Config::default(), keys.id(0), AllowList::new(), [9; 32]).unwrap();
+        ep.set_wall_clock(fx.now, keys.wall_ms());
+        let committee: Vec<GovernanceKey> = (0..3).map(gov).collect();
+        let genesis = sign_with(
+            Signed::new(fx.document.clone()).unwrap(),
+            &committee,
+            &[0, 1],
+        );
+        ep.install_membership(Some(genesis), fx.now).unwrap();
+        ep.install_records(signer.clone(), RecordSettings { addresses, ttl }, fx.now)
+    };
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let min = crate::endpoint::MIN_RECORD_TTL;
+    assert!(install(vec![addr], min).is_ok());
+    assert!(install(vec![addr], 7 * day).is_ok());
+    assert!(install(vec![addr; 8], min).is_ok());
+    assert!(install(Vec::new(), min).is_ok());
+    let refused = |r: Result<(), crate::endpoint::RecordsError>, what: &str| match r {
+        Err(crate::endpoint::RecordsError::Settings(why)) => assert!(why.contains(what), "{why}"),
+        other => panic!("{other:?}"),
+    };
+    refused(
+        install(vec![addr], min - std::time::Duration::from_secs(1)),
+        "record_ttl",
+    );
+    refused(
+        install(vec![addr], 7 * day + std::time::Duration::from_secs(1)),
+        "record_ttl",
+    );
+    refused(install(vec![addr; 9], min), "at most 8");
+    refused(
+        install(vec![SocketAddr::from(([0, 0, 0, 0], 7000))], min),
+        "cannot be published",
+    );
+    refused(
+        install(vec![SocketAddr::new(addr.ip(), 0)], min),
+        "cannot be published",
+    );
+}
+
+#[test]
+fn our_own_record_echoed_back_is_neither_taken_nor_refused() {
+    let mut fx = Fx::new();
+    let from_b = fx.accept(1, FEATURES);
+    fx.sent();
+    let ours = fx.ep.own_record().unwrap().bytes().clone();
+    while fx.ep.poll_event().is_some() {}
+    fx.deliver(
+        from_b,
+        Message::Records {
+            records: vec![ours],
+        },
+    );
+    let events: Vec<_> = std::iter::from_fn(|| fx.ep.poll_event()).collect();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(fx.ep.stats().records_refused, 0);
+}
+
+#[test]
+fn a_summary_is_answered_with_what_fits_the_peer_our_own_first_never_its_own() {
+    let mut fx = Fx::new();
+    // Records of b, c and d in our book.
+    let records: Vec<Bytes> = (1..4).map(|n| fx.record_of(n, 5, 7000)).collect();
+    let len = records[0].len();
+    assert_eq!(fx.ep.offer_records(records, fx.now), 3);
+    fx.sent();
+    // b holds nothing: it gets c's, d's and ours, not its own.
+    let from_b = fx.accept(1, FEATURES);
+    fx.sent();
+    fx.deliver(from_b, Message::RecordSeqs { seqs: Vec::new() });
+    let sent = fx.sent();
+    let got: Vec<usize> = sent
+        .iter()
+        .filter_map(|(_, m)| match m {
+            Message::Records { records } => Some(records.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![3], "{sent:?}");
+    // c can take about one record per message: it gets ours, first.
+    let conn = ConnId::inbound(99);
+    let (peer, addr) = (fx.keys.id(2), fx.keys.nodes[2].addr);
+    fx.ep
+        .handle_accepted(conn, peer, addr, len + 10, FEATURES, fx.now);
+    fx.sent();
+    fx.deliver(conn, Message::RecordSeqs { seqs: Vec::new() });
+    let ours = fx.ep.own_record().unwrap().bytes().clone();
+    let sent = fx.sent();
+    let first: Vec<&Vec<Bytes>> = sent
+        .iter()
+        .filter_map(|(_, m)| match m {
+            Message::Records { records } => Some(records),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(first.len(), 1, "{sent:?}");
+    assert_eq!(first[0].first(), Some(&ours));
+    assert!(first[0].len() <= 2);
+}

@@ -534,3 +534,91 @@ fn a_record_is_passed_on_over_open_connections_to_a_member_its_owner_cannot_reac
         RecordEvent::Accepted { source: Source::Peer(p), moved: true, .. } if *p == net.id(0)
     )));
 }
+
+#[test]
+fn an_exchange_in_contact_when_its_peer_goes_inactive_is_not_redialed_after() {
+    // a's request reaches d, whose Ack is lost and whose application sits on it; d stops
+    // publishing records. When d's record expires the exchange is still waiting for that
+    // Ack (in contact: not failed then); when the Ack timeout sends it to retry, d is
+    // inactive: it fails instead of redialing.
+    let config = Config {
+        ack_timeout: Duration::from_secs(40),
+        response_timeout: Duration::from_secs(150),
+        reply_timeout: Duration::from_secs(200),
+        ..Config::default()
+    };
+    let mut net = Net::new(13, &NAMES, config);
+    let g = genesis((0..4).map(|n| member(&net, n, true)).collect());
+    let ttl = crate::endpoint::MIN_RECORD_TTL * 2;
+    for node in 0..4 {
+        let _ = net.install_membership(node, g.clone());
+        net.install_records(node, ttl);
+    }
+    assert!(net.run_until(WINDOW, |n| (0..4).all(|node| knows_everyone(n, node))));
+    net.nodes[3].app = crate::harness::App::Manual;
+    net.rules.push(
+        crate::harness::Rule::new(3, 0, crate::wire::Kind::Ack, crate::harness::Action::Drop)
+            .ack_of(crate::wire::AckOf::Request),
+    );
+    let now = net.now;
+    net.nodes[3]
+        .endpoint
+        .set_record_addresses(Vec::new(), now)
+        .unwrap();
+    let mark = net.trace.len();
+    let id = net.request_to(0, 3, b"lost ack").unwrap();
+    assert!(net.run_until(ttl + WINDOW, |n| {
+        n.nodes[0]
+            .endpoint
+            .inactive_members(n.now)
+            .contains(&n.id(3))
+    }));
+    assert!(!net.has_outcome(0, id), "in contact: not failed at expiry");
+    let d_addr = net.nodes[3].addr.to_string();
+    assert!(net.run_until(Duration::from_secs(120), |n| n.has_outcome(0, id)));
+    assert!(
+        net.failures(0)
+            .iter()
+            .any(|(x, f, _)| *x == id && *f == Failure::Inactive),
+        "{:?}",
+        net.failures(0)
+    );
+    let dials = net.trace[mark..]
+        .iter()
+        .filter(|l| l.contains("a dial") && l.contains(&d_addr))
+        .count();
+    assert_eq!(dials, 1, "only the request's first dial");
+}
+
+#[test]
+fn a_new_epoch_drops_a_removed_members_record_and_every_member_seals_anew() {
+    let (mut net, g) = network(14, &[0, 1, 2, 3]);
+    assert!(net.run_until(WINDOW, |n| (0..4).all(|node| knows_everyone(n, node))));
+    let keys: Vec<GovernanceKey> = (0..3).map(gov).collect();
+    let mut doc = g.document().successor_template();
+    doc.members = (0..3).map(|n| member(&net, n, true)).collect();
+    let e2 = sign_with(Signed::new(doc).unwrap(), &keys, &[0, 1]);
+    assert!(net.offer_membership(0, e2).is_ok());
+    assert!(net.run_until(WINDOW, |n| (0..3).all(|node| n.epoch(node) == 2)));
+    assert!(net.run_until(WINDOW, |n| (0..3).all(|node| {
+        let e = &n.nodes[node].endpoint;
+        e.records_held() == 3 && e.stats().records_published == 2
+    })));
+    for node in 0..3 {
+        assert!(
+            net.nodes[node]
+                .endpoint
+                .record_of(&net.id(3), net.now)
+                .is_none()
+        );
+        // Each holds the others' records sealed for epoch 2.
+        for other in (0..3).filter(|&o| o != node) {
+            assert!(
+                net.nodes[node]
+                    .endpoint
+                    .record_of(&net.id(other), net.now)
+                    .is_some()
+            );
+        }
+    }
+}

@@ -162,6 +162,17 @@ impl Endpoint {
     }
 
     fn dial(&mut self, id: ExchangeId, now: Instant) {
+        // A peer gone inactive (its address record expired) is not redialed: an exchange
+        // it never acknowledged fails now instead of retrying for its whole budget. (The
+        // first dial goes where the application said; one the peer acknowledged keeps
+        // retrying for its reply.)
+        if let Some(ex) = self.outbound.get(&id)
+            && ex.dials > 0
+            && !ex.acked
+            && self.lapsed(&ex.peer)
+        {
+            return self.finish(id, Err(Failure::Inactive), now);
+        }
         let conn = self.alloc_conn();
         let Some(ex) = self.outbound.get_mut(&id) else {
             return;

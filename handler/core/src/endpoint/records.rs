@@ -562,7 +562,12 @@ impl Endpoint {
         let mut used = 0usize;
         let mut records = Vec::new();
         let mut sent = Vec::new();
-        for (owner, seq) in r.book.seqs() {
+        // Our own record first, so that a move is never held back by others'; then the
+        // rest in peer-id order while they fit. What does not fit goes in the next round
+        // (the next connection, or the next summary).
+        let ours = r.book.seq(&local).map(|seq| (local, seq));
+        let others = r.book.seqs().filter(|(owner, _)| *owner != local);
+        for (owner, seq) in ours.into_iter().chain(others) {
             if owner == peer || theirs.get(&owner).is_some_and(|s| *s >= seq) {
                 continue;
             }
@@ -571,12 +576,6 @@ impl Endpoint {
             };
             let cost = sealed.bytes().len() + RECORD_OVERHEAD;
             if used + cost > budget {
-                // The rest goes in the next round (the next connection, or our next
-                // RecordSeqs): our own record first, so a move is never held back.
-                if owner == local {
-                    records.insert(0, sealed.bytes().clone());
-                    sent.push((owner, seq));
-                }
                 break;
             }
             used += cost;
