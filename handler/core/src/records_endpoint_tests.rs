@@ -169,6 +169,8 @@ fn a_record_is_passed_on_to_members_that_lack_it_never_to_its_source_or_owner() 
     let from_b = fx.accept(1, FEATURES);
     let from_c = fx.accept(2, FEATURES);
     let from_d = fx.accept(3, FEATURES);
+    // A second connection from b: b still gets each record once.
+    let from_b_again = fx.accept(1, FEATURES);
     fx.sent();
     // c says it holds d's record 5 already; b says nothing of d.
     let d = *fx.keys.id(3).as_bytes();
@@ -186,7 +188,7 @@ fn a_record_is_passed_on_to_members_that_lack_it_never_to_its_source_or_owner() 
     let sent = fx.sent();
     assert_eq!(
         (
-            records_on(&sent, from_b),
+            records_on(&sent, from_b) + records_on(&sent, from_b_again),
             records_on(&sent, from_c),
             records_on(&sent, from_d)
         ),
@@ -211,6 +213,7 @@ fn a_record_is_passed_on_to_members_that_lack_it_never_to_its_source_or_owner() 
         (0, 1, 0),
         "{sent:?}"
     );
+    assert_eq!(records_on(&sent, from_b_again), 0);
 }
 
 #[test]
@@ -235,6 +238,14 @@ fn a_summary_goes_to_a_peer_once_per_change_of_the_book() {
     let sent = fx.sent();
     assert_eq!(records_on(&sent, third), 1);
     assert_eq!(fx.ep.stats().records_published, 1);
+    fx.close(third);
+    // We publish anew (we moved): b is told on its next connection.
+    let moved = SocketAddr::new(fx.keys.nodes[0].addr.ip(), 7100);
+    fx.ep.set_record_addresses(vec![moved], fx.now).unwrap();
+    fx.sent();
+    let fourth = fx.accept(1, FEATURES);
+    assert_eq!(seqs_on(&fx.sent(), fourth), 1);
+    assert_eq!(fx.ep.stats().records_published, 2);
 }
 
 #[test]
@@ -342,5 +353,59 @@ fn a_summary_is_answered_with_what_fits_the_peer_our_own_first_never_its_own() {
         .collect();
     assert_eq!(first.len(), 1, "{sent:?}");
     assert_eq!(first[0].first(), Some(&ours));
-    assert!(first[0].len() <= 2);
+    assert_eq!(first[0].len(), 1);
+    // d takes exactly two (kind and count, then two records with their lengths).
+    let conn = ConnId::inbound(100);
+    let (peer, addr) = (fx.keys.id(3), fx.keys.nodes[3].addr);
+    fx.ep
+        .handle_accepted(conn, peer, addr, 3 + 2 * (len + 4), FEATURES, fx.now);
+    fx.sent();
+    fx.deliver(conn, Message::RecordSeqs { seqs: Vec::new() });
+    let sent = fx.sent();
+    let counts: Vec<usize> = sent
+        .iter()
+        .filter_map(|(_, m)| match m {
+            Message::Records { records } => Some(records.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(counts, vec![2], "{sent:?}");
+}
+
+#[test]
+fn a_sync_connection_to_a_member_without_records_closes_once_epochs_agree() {
+    let mut fx = Fx::new();
+    // A starting node dials a few members to compare epochs (and records).
+    fx.ep
+        .handle_timeout(fx.now + std::time::Duration::from_secs(1));
+    let dials: Vec<(ConnId, crate::identity::PeerId)> = std::iter::from_fn(|| fx.ep.poll_output())
+        .filter_map(|o| match o {
+            Output::Dial { conn, peer, .. } => Some((conn, peer)),
+            _ => None,
+        })
+        .collect();
+    let (conn, peer) = *dials.first().expect("a start contact");
+    let event = ConnEvent::Established {
+        peer,
+        key: [0; 32],
+        ticket: None,
+        remote_max_message_size: 1 << 20,
+        remote_features: NO_RECORDS,
+    };
+    fx.ep.handle_conn_event(conn, event, fx.now);
+    let epoch = fx.ep.membership().unwrap();
+    let (e, d) = (epoch.epoch(), epoch.digest().0);
+    fx.deliver(
+        conn,
+        Message::Epoch {
+            epoch: e,
+            digest: d,
+        },
+    );
+    let closed = std::iter::from_fn(|| fx.ep.poll_output())
+        .any(|o| matches!(o, Output::Close { conn: c, .. } if c == conn));
+    assert!(
+        closed,
+        "nothing of records to wait for from a peer without them"
+    );
 }

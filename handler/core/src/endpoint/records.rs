@@ -453,9 +453,7 @@ impl Endpoint {
         let Some(r) = self.records.as_deref() else {
             return;
         };
-        if c.features & FEATURE_RECORDS == 0 {
-            return;
-        }
+        // (`send_record_seqs` sends only to a peer that announced records.)
         if c.sync || r.told.get(&c.peer) != Some(&r.version) {
             self.send_record_seqs(conn);
         }
