@@ -301,7 +301,11 @@ fn our_own_record_echoed_back_is_neither_taken_nor_refused() {
     let mut fx = Fx::new();
     let from_b = fx.accept(1, FEATURES);
     fx.sent();
+    // Our record before the newest: offered to our book it would be refused as stale.
     let ours = fx.ep.own_record().unwrap().bytes().clone();
+    let moved = SocketAddr::new(fx.keys.nodes[0].addr.ip(), 7100);
+    fx.ep.set_record_addresses(vec![moved], fx.now).unwrap();
+    fx.sent();
     while fx.ep.poll_event().is_some() {}
     fx.deliver(
         from_b,
