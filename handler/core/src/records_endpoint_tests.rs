@@ -13,8 +13,9 @@ use crate::connection::{Closed, ConnEvent};
 use crate::endpoint::{ConnId, Endpoint, Output, RecordSettings};
 use crate::harness::Net;
 use crate::membership::tests::{gov, sign_with};
-use crate::membership::{Document, GovernanceKey, Member, Signed};
+use crate::membership::{Document, GovernanceKey, Signed};
 use crate::records::{Record, RecordSigner, seal};
+use crate::records_net_tests::{genesis, member};
 use crate::wire::{FEATURE_IK, FEATURE_MEMBERSHIP, FEATURES, Message};
 
 const NAMES: [&str; 4] = ["us", "b", "c", "d"];
@@ -33,26 +34,7 @@ impl Fx {
     fn new() -> Self {
         let keys = Net::new(51, &NAMES, Config::default());
         let now = keys.now;
-        let committee: Vec<GovernanceKey> = (0..3).map(gov).collect();
-        let doc = Document {
-            network: "test".into(),
-            epoch: 1,
-            previous: crate::membership::Digest::NONE,
-            expires: None,
-            threshold: 2,
-            committee: committee.iter().map(GovernanceKey::id).collect(),
-            members: (0..4)
-                .map(|n| Member {
-                    key: *keys.nodes[n].keypair.public_bytes(),
-                    name: None,
-                    address: Some(keys.nodes[n].addr),
-                    allowed: Vec::new(),
-                    expires: None,
-                    record_key: Some(RecordSigner::new(&keys.nodes[n].keypair).record_key()),
-                })
-                .collect(),
-        };
-        let genesis = sign_with(Signed::new(doc).unwrap(), &committee, &[0, 1]);
+        let genesis = genesis((0..4).map(|n| member(&keys, n, true)).collect());
         let mut ep =
             Endpoint::new(Config::default(), keys.id(0), AllowList::new(), [9; 32]).unwrap();
         ep.set_wall_clock(now, keys.wall_ms());

@@ -20,7 +20,7 @@ use rand_core::SeedableRng as _;
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 const TTL: Duration = Duration::from_secs(120);
 
-fn member(net: &Net, node: usize, with_address: bool) -> Member {
+pub(crate) fn member(net: &Net, node: usize, with_address: bool) -> Member {
     Member {
         key: *net.nodes[node].keypair.public_bytes(),
         name: Some(net.nodes[node].name.to_owned()),
@@ -32,7 +32,7 @@ fn member(net: &Net, node: usize, with_address: bool) -> Member {
 }
 
 /// A genesis of network "test" with `members`, 2-of-3, signed by keys 0 and 1.
-fn genesis(members: Vec<Member>) -> Signed {
+pub(crate) fn genesis(members: Vec<Member>) -> Signed {
     let keys: Vec<GovernanceKey> = (0..3).map(gov).collect();
     let doc = Document {
         network: "test".into(),
