@@ -581,13 +581,7 @@ impl HandlerTask {
                 let result = if self.unsettled.len() >= limit {
                     Err(RequestError::Unread { limit })
                 } else {
-                    let wall = super::unix_ms(&*self.wall_clock);
-                    let deadline = options.deadline.map(|d| Deadline {
-                        at: now + d,
-                        unix_ms: Some(
-                            wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                        ),
-                    });
+                    let deadline = self.deadline_of(&options, now);
                     self.endpoint
                         .request_with(peer, addr, payload, options.key, deadline, now)
                 };
@@ -753,13 +747,22 @@ impl HandlerTask {
         if self.unsettled.len() >= limit {
             return Err(RequestError::Unread { limit });
         }
-        let wall = super::unix_ms(&*self.wall_clock);
-        let deadline = options.deadline.map(|d| Deadline {
-            at: now + d,
-            unix_ms: Some(wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
-        });
+        let deadline = self.deadline_of(options, now);
         self.endpoint
             .request_to_with(peer, payload, options.key.clone(), deadline, now)
+    }
+
+    /// A request's deadline, at `now` and on the wall clock (a durable node stores it so).
+    fn deadline_of(
+        &self,
+        options: &super::RequestOptions,
+        now: std::time::Instant,
+    ) -> Option<Deadline> {
+        let wall = super::unix_ms(&*self.wall_clock);
+        options.deadline.map(|d| Deadline {
+            at: now + d,
+            unix_ms: Some(wall.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
+        })
     }
 
     /// Tries the `request_to` calls waiting for an address again: those for `peer` (whose

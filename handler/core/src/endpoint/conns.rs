@@ -373,6 +373,25 @@ impl Endpoint {
         }
     }
 
+    /// Charges one token of `peer`'s request budget for work that is not an exchange (a
+    /// membership Fetch, an address-record message). False, and a `RateLimited` event,
+    /// when the budget is spent (or the peer cannot be tracked): skip the work.
+    pub(super) fn take_request_token(&mut self, peer: PeerId, now: Instant) -> bool {
+        let rate = self.config.request_rate;
+        let Some(state) = self.peer_mut(peer, now) else {
+            return false;
+        };
+        if state.requests.take(rate, now).is_err() {
+            self.events.push_back(Event::RateLimited {
+                peer,
+                limit: super::LimitKind::Requests,
+                disconnected: false,
+            });
+            return false;
+        }
+        true
+    }
+
     /// The state for `peer`, created on first use. Bounded by `max_tracked_peers`: an idle
     /// peer (nothing in flight, no connection) is evicted to make room; `None` if none is.
     pub(super) fn peer_mut(&mut self, peer: PeerId, now: Instant) -> Option<&mut Peer> {

@@ -431,16 +431,7 @@ impl Endpoint {
 
     fn on_fetch(&mut self, conn: ConnId, peer: PeerId, after: u64, now: Instant) {
         // Each Fetch costs us encoding and bandwidth: it draws on the peer's request budget.
-        let rate = self.config.request_rate;
-        let Some(state) = self.peer_mut(peer, now) else {
-            return;
-        };
-        if state.requests.take(rate, now).is_err() {
-            self.events.push_back(Event::RateLimited {
-                peer,
-                limit: super::LimitKind::Requests,
-                disconnected: false,
-            });
+        if !self.take_request_token(peer, now) {
             return;
         }
         let remote_max = self.conns.get(&conn).map_or(0, |c| c.remote_max);

@@ -201,7 +201,10 @@ impl Endpoint {
     pub fn offer_records(&mut self, records: Vec<Bytes>, now: Instant) -> usize {
         let mut taken = 0;
         for bytes in records {
-            taken += usize::from(self.offer_record(Source::Directory, bytes, now).is_some());
+            taken += usize::from(matches!(
+                self.offer_record(Source::Directory, bytes, now),
+                Ok(Some(_))
+            ));
         }
         if taken > 0 {
             self.arm_record_expiry(now);
@@ -327,12 +330,10 @@ impl Endpoint {
         let unix_ms = self.unix_ms(now).unwrap_or(0);
         let unix = unix_ms / 1000;
         let local = self.local;
-        let Some(document) = self.current_document().cloned() else {
+        let (Some(m), Some(r)) = (self.membership.as_deref(), self.records.as_deref_mut()) else {
             return;
         };
-        let Some(r) = self.records.as_deref_mut() else {
-            return;
-        };
+        let document = m.ledger.current().document();
         if r.settings.addresses.is_empty() {
             self.timers.cancel(Timer::RecordRefresh);
             return;
@@ -347,7 +348,7 @@ impl Endpoint {
             expires: unix.saturating_add(r.settings.ttl.as_secs()),
             addresses: r.settings.addresses.clone(),
         };
-        let sealed = match crate::records::seal(&r.signer, &record, &document, &mut self.rng) {
+        let sealed = match crate::records::seal(&r.signer, &record, document, &mut self.rng) {
             Ok(sealed) => sealed,
             Err(crate::records::SealError::NotListed { epoch, key }) => {
                 if r.unlisted != Some(epoch) {
@@ -367,8 +368,7 @@ impl Endpoint {
             }
         };
         let bytes = sealed.bytes().clone();
-        let signer = r.signer.clone();
-        match r.book.offer(sealed, &document, &signer, unix) {
+        match r.book.offer(sealed, document, &r.signer, unix) {
             Ok(Offer::Accepted { .. }) => {}
             // What every member would refuse (an address the membership does not allow
             // us): the operator must hear it, nobody else would.
@@ -499,16 +499,7 @@ impl Endpoint {
         }
         // Each costs us signature checks and decryption, or an answer of up to
         // MAX_RECORDS_BYTES: it draws on the peer's request budget.
-        let rate = self.config.request_rate;
-        let Some(state) = self.peer_mut(peer, now) else {
-            return;
-        };
-        if state.requests.take(rate, now).is_err() {
-            self.events.push_back(Event::RateLimited {
-                peer,
-                limit: super::LimitKind::Requests,
-                disconnected: false,
-            });
+        if !self.take_request_token(peer, now) {
             return;
         }
         match message {
@@ -516,14 +507,12 @@ impl Endpoint {
             // whole book again and again on one connection.
             Message::RecordSeqs { .. }
                 if self.conns.get(&conn).is_some_and(|c| c.records_heard) => {}
-            Message::RecordSeqs { seqs } => self.on_record_seqs(conn, peer, seqs, now),
+            Message::RecordSeqs { seqs } => self.on_record_seqs(conn, peer, seqs),
             Message::Records { records } => {
                 for bytes in records {
-                    if SealedRecord::decode(&bytes).is_err() {
-                        self.offer_record(Source::Peer(peer), bytes, now);
+                    if self.offer_record(Source::Peer(peer), bytes, now).is_err() {
                         return self.violation(conn, "malformed address record", now);
                     }
-                    self.offer_record(Source::Peer(peer), bytes, now);
                 }
                 self.arm_record_expiry(now);
             }
@@ -532,13 +521,7 @@ impl Endpoint {
         self.close_sync_if_done(conn, now);
     }
 
-    fn on_record_seqs(
-        &mut self,
-        conn: ConnId,
-        peer: PeerId,
-        seqs: Vec<([u8; 32], u64)>,
-        now: Instant,
-    ) {
+    fn on_record_seqs(&mut self, conn: ConnId, peer: PeerId, seqs: Vec<([u8; 32], u64)>) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.records_heard = true;
         }
@@ -597,29 +580,35 @@ impl Endpoint {
         {
             m.sync.remove(&peer);
         }
-        let _ = now;
     }
 
     /// Offers one record from `source`; reports a refusal once per copy. Returns the owner
-    /// if it was taken.
-    fn offer_record(&mut self, source: Source, bytes: Bytes, now: Instant) -> Option<PeerId> {
+    /// if it was taken, and `Err` if the bytes are not a record at all (refused as
+    /// malformed; from a peer, a protocol violation).
+    fn offer_record(
+        &mut self,
+        source: Source,
+        bytes: Bytes,
+        now: Instant,
+    ) -> Result<Option<PeerId>, ()> {
         let unix = self.unix_secs(now);
-        let document = self.current_document()?.clone();
         let verify = !self.sabotaged(super::Sabotage::RecordsIgnoreSignatures);
-        let r = self.records.as_deref_mut()?;
+        let (Some(m), Some(r)) = (self.membership.as_deref(), self.records.as_deref_mut()) else {
+            return Ok(None);
+        };
+        let document = m.ledger.current().document();
         let decoded = SealedRecord::decode_bytes(bytes.clone());
+        let malformed = decoded.is_err();
         let owner = decoded.as_ref().ok().map(SealedRecord::owner_id);
         let outcome = match decoded {
-            Ok(sealed) if sealed.owner_id() == self.local => return None, // Our own, echoed.
-            Ok(sealed) => {
-                let signer = r.signer.clone();
-                r.book
-                    .offer_with(sealed, &document, &signer, unix, verify)
-                    .map_err(|refusal| (refusal, owner))
-            }
+            Ok(sealed) if sealed.owner_id() == self.local => return Ok(None), // Our own, echoed.
+            Ok(sealed) => r
+                .book
+                .offer_with(sealed, document, &r.signer, unix, verify)
+                .map_err(|refusal| (refusal, owner)),
             Err(e) => Err((Refusal::Malformed(e), None)),
         };
-        match outcome {
+        let taken = match outcome {
             Ok(Offer::Duplicate) => {
                 if let (Source::Peer(from), Some(owner)) = (source, owner)
                     && let Some(seq) = r.book.seq(&owner)
@@ -630,7 +619,9 @@ impl Endpoint {
             }
             Ok(Offer::Accepted { peer, previous }) => {
                 r.version += 1;
-                let record = r.book.active(&peer, unix)?.clone();
+                let Some(record) = r.book.active(&peer, unix).cloned() else {
+                    return Ok(None);
+                };
                 if let Source::Peer(from) = source {
                     r.heard.entry(from).or_default().insert(peer, record.seq);
                 }
@@ -682,7 +673,8 @@ impl Endpoint {
                 }
                 None
             }
-        }
+        };
+        if malformed { Err(()) } else { Ok(taken) }
     }
 
     /// `peer`'s freshest record names `addr` first: our exchanges with it dial there from

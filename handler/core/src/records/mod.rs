@@ -587,15 +587,22 @@ pub(crate) fn open_with(
             ours: document.epoch,
         });
     }
-    let mut keys: Vec<[u8; KEY_LEN]> = document.members.iter().map(|m| m.key).collect();
-    keys.sort_unstable();
     let undecryptable = || Refusal::Undecryptable(peer);
-    if keys.len() != sealed.slot_count {
+    if document.members.len() != sealed.slot_count
+        || !document
+            .members
+            .iter()
+            .any(|m| m.key == reader.static_public)
+    {
         return Err(undecryptable());
     }
-    let index = keys
-        .binary_search(&reader.static_public)
-        .map_err(|_| undecryptable())?;
+    // Our slot: our place in ascending key order (how `seal` lays slots out), counted
+    // without sorting a copy of the members.
+    let index = document
+        .members
+        .iter()
+        .filter(|m| m.key < reader.static_public)
+        .count();
     let slot = sealed.slot(index).ok_or_else(undecryptable)?;
     let encapped =
         <Kem as hpke::Kem>::EncappedKey::from_bytes(&slot[..32]).map_err(|_| undecryptable())?;
