@@ -9,9 +9,10 @@
 //! each change only while the run still fails with the same kind of failure (its
 //! [`signature`]): the same invariant, or the same expectation.
 
-use crate::run::{Outcome, randomise, run, swarm_rng};
+use crate::run::{Outcome, run};
 use crate::scenario::{Expect, Scenario, Step};
 use crate::swarm::draw;
+use crate::swarm::{randomise, swarm_rng};
 
 /// The kind of a failure, for "fails the same way": the invariant's tag (`duplicate`,
 /// `lost`, `leak`, `liveness`, `exactly once`, `attempts`, `refused`, `status`) or, for an

@@ -341,6 +341,38 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
     steps
 }
 
+/// The random stream swarm mode draws from.
+pub(crate) fn swarm_rng(seed: u64) -> ChaCha20Rng {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    rng.set_stream(u64::MAX);
+    rng
+}
+
+/// Swarm mode: latency, loss, step timing and the storage fault drawn from the seed.
+pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
+    let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo + 1);
+    let min = pick(1, 20);
+    let max = min + pick(0, 40);
+    scenario.network.min_latency = Duration::from_millis(min);
+    scenario.network.max_latency = Duration::from_millis(max);
+    for step in &mut scenario.steps {
+        let step = step.get_mut();
+        if let Some(at) = step.at {
+            // Shift each timed step by up to +-25% (at least +-50 ms).
+            let spread = (at.as_millis() as u64 / 4).max(50);
+            let shift = pick(0, 2 * spread);
+            let at_ms = (at.as_millis() as u64 + shift).saturating_sub(spread);
+            step.at = Some(Duration::from_millis(at_ms));
+        }
+    }
+    // Half the seeds run with the storage fault (commits take 1-10 ms, and a crash during
+    // one loses it), unless the scenario asks for it always.
+    if pick(0, 1) == 1 {
+        scenario.storage_fault = true;
+        scenario.commit_latency = Duration::from_millis(pick(1, 10));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -1,0 +1,34 @@
+//! A node's simulated disk.
+
+use std::time::Duration;
+
+use p2p_handler::store::{Commit, KvOp, Row};
+use p2p_handler::{MemoryStore, Store, StoreError};
+
+/// A node's simulated disk: survives crashes and restarts of its host. Under the storage
+/// fault a commit takes virtual time, and a crash meanwhile drops it unapplied.
+pub(super) struct SimStore {
+    pub(super) rows: MemoryStore,
+    pub(super) latency: Option<Duration>,
+}
+
+impl Store for SimStore {
+    fn load(&mut self) -> Result<Vec<Row>, StoreError> {
+        self.rows.load()
+    }
+
+    fn commit(&mut self, ops: Vec<KvOp>) -> Commit {
+        let mut rows = self.rows.clone();
+        match self.latency {
+            None => rows.commit(ops),
+            Some(latency) => Box::pin(async move {
+                tokio::time::sleep(latency).await;
+                rows.commit(ops).await
+            }),
+        }
+    }
+
+    fn location(&self) -> String {
+        "simulated disk".into()
+    }
+}

@@ -1,0 +1,268 @@
+//! The judge: the invariants every run must keep and the scenario's expectations.
+
+use p2p_handler::Status;
+
+use super::timeline::Timeline;
+use super::world::Shared;
+use crate::scenario::Scenario;
+
+pub(super) fn check(
+    scenario: &Scenario,
+    s: &Shared,
+    statuses: &[Option<Status>],
+    timeline: &Timeline,
+    expectations: bool,
+    failures: &mut Vec<String>,
+) {
+    // Invariant: no request reaches an application twice.
+    for ((node, _, peer, exchange), n) in &s.delivered {
+        if *n > 1 {
+            let dialer = s.by_peer.get(peer).copied().unwrap_or(*node);
+            failures.push(format!(
+                "duplicate: {} delivered {} times to {}",
+                s.label(dialer, *exchange),
+                n,
+                s.names[*node]
+            ));
+        }
+    }
+    // Invariant: every request ends in exactly one reply or failure (unless its node died).
+    for ((node, inc, exchange), n) in &s.outcomes {
+        // A durable node's exchange outlives a crash: its outcome is owed after a restart.
+        // A memory node's dies with a crash, but a graceful stop hands it back.
+        let alive = (s.nodes[*node].up && s.incarnation_key(*node) == *inc)
+            || s.stopped.contains(&(*node, *inc));
+        if *n > 1 || (*n == 0 && alive) {
+            failures.push(format!(
+                "exchange {} ended {} times (exactly once expected)",
+                s.label(*node, *exchange),
+                n
+            ));
+        }
+    }
+    // Invariant: nothing acknowledged is lost: a request the dialer saw acknowledged by a
+    // durable responder reached that responder's application (in some incarnation).
+    for (dialer, responder, exchange) in &s.acked {
+        let peer = s.keys[*dialer].peer_id();
+        let reached = s
+            .delivered
+            .keys()
+            .any(|(n, _, p, x)| n == responder && *p == peer && x == exchange);
+        if s.scenario.durable_of(*responder) && !reached {
+            failures.push(format!(
+                "lost: {} was acknowledged by {} but never reached its application",
+                s.label(*dialer, *exchange),
+                s.names[*responder]
+            ));
+        }
+    }
+    // Invariant: resends stay within the configured bound.
+    for ((node, exchange), attempt) in &s.attempts {
+        let max = scenario.config_of(*node).max_attempts;
+        if *attempt > max {
+            failures.push(format!(
+                "{} was sent {attempt} times; max_attempts is {max}",
+                s.label(*node, *exchange)
+            ));
+        }
+    }
+    // Invariant: no connection or task leaks at the end.
+    let open: u64 = statuses
+        .iter()
+        .flatten()
+        .map(|st| st.open_connections as u64)
+        .sum();
+    let tasks: u64 = statuses
+        .iter()
+        .flatten()
+        .map(|st| st.connection_tasks as u64)
+        .sum();
+    match scenario.expect.open_connections {
+        Some(count) if !count.holds(open) => failures.push(format!(
+            "open connections at the end: {open}, expected {count}"
+        )),
+        Some(_) => {}
+        None if open > 0 || tasks > 0 => failures.push(format!(
+            "leak: {open} connection(s) and {tasks} connection task(s) still open at the end"
+        )),
+        None => {}
+    }
+    for (i, status) in statuses.iter().enumerate() {
+        if status.is_none() && s.nodes[i].up {
+            failures.push(format!("{} did not report its status", s.names[i]));
+        }
+    }
+    // Invariant: progress once healed. Probes sent after the last heal must be answered:
+    // a failure ends an exchange but is not progress.
+    for f in &s.probe_failures {
+        failures.push(format!(
+            "liveness: probe {f} (sent after the last heal) failed"
+        ));
+    }
+    // Invariant: liveness once healed.
+    if s.last_outcome > timeline.last_fault + scenario.liveness {
+        failures.push(format!(
+            "liveness: last exchange ended at {:?}, more than {:?} after the last fault ({:?})",
+            s.last_outcome, scenario.liveness, timeline.last_fault
+        ));
+    }
+    // Invariant (membership): every member of the newest document reached it, within
+    // `liveness` of the last fault.
+    if let Some(m) = &s.membership {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let behind = m.behind(&up);
+        if let Some(target) = m.target()
+            && !behind.is_empty()
+        {
+            let names: Vec<String> = behind
+                .iter()
+                .map(|&i| format!("{} (epoch {})", s.names[i], m.held(i).0))
+                .collect();
+            failures.push(format!(
+                "membership: not every member reached epoch {} by the end: {}",
+                target.epoch(),
+                names.join(", ")
+            ));
+        }
+        let since = timeline.last_fault.max(s.last_handed);
+        if s.last_membership > since + scenario.liveness {
+            failures.push(format!(
+                "liveness: the last membership document was applied at {:?}, more than {:?} \
+                 after the last fault or document handed over ({since:?})",
+                s.last_membership, scenario.liveness
+            ));
+        }
+    }
+    // Invariants (records): no dial steered by a record its owner did not sign; every node
+    // up holds every other's newest record, within `liveness` of the last fault.
+    if let Some(r) = &s.records {
+        failures.extend(r.violations.iter().take(10).cloned());
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let behind = r.behind(&up);
+        if !behind.is_empty() {
+            let pairs: Vec<String> = behind
+                .iter()
+                .map(|(receiver, owner)| {
+                    format!("{} lacks {}'s newest", s.names[*receiver], s.names[*owner])
+                })
+                .collect();
+            failures.push(format!(
+                "records: not every node holds every other's newest record by the end: {}",
+                pairs.join(", ")
+            ));
+        }
+    }
+    // A step the handler refused is a mistake in the scenario unless it says it expects
+    // refusals (`refused = N`): otherwise it would pass having tested nothing.
+    if scenario.expect.refused.is_none() {
+        for why in &s.refused {
+            failures.push(format!(
+                "step refused by the handler ({why}); add `refused = N` to [expect] if intended"
+            ));
+        }
+    }
+    // Scenario expectations (they assume the scenario's own timing, so a swarm run, which
+    // shifts timing and latency, checks only the invariants above).
+    if !expectations {
+        return;
+    }
+    let sum = |f: fn(&Status) -> u64| -> u64 { statuses.iter().flatten().map(f).sum() };
+    let delivered = s
+        .delivered
+        .iter()
+        .filter(|(k, _)| !s.probe_deliveries.contains(k))
+        .map(|(_, n)| u64::from(*n))
+        .sum::<u64>();
+    let e = &scenario.expect;
+    let redelivered = s.redelivered.values().map(|n| u64::from(*n)).sum::<u64>();
+    let counts: [(&str, Option<crate::scenario::Count>, u64); 13] = [
+        ("delivered", e.delivered, delivered),
+        ("refused", e.refused, s.refused.len() as u64),
+        ("redelivered", e.redelivered, redelivered),
+        ("replied", e.replied, s.replied),
+        ("failed", e.failed, s.failures.len() as u64),
+        ("resends", e.resends, sum(|st| st.stats.resends)),
+        ("redials", e.redials, sum(|st| st.stats.redials)),
+        (
+            "duplicates_dropped",
+            e.duplicates_dropped,
+            sum(|st| st.stats.duplicates_dropped),
+        ),
+        (
+            "settled_refused",
+            e.settled_refused,
+            sum(|st| st.stats.settled_refused),
+        ),
+        (
+            "replies_from_cache",
+            e.replies_from_cache,
+            sum(|st| st.stats.replies_from_cache),
+        ),
+        ("nacks", e.nacks, sum(|st| st.stats.nacks_received)),
+        ("peer_errors", e.peer_errors, s.peer_errors),
+        ("rate_limited", e.rate_limited, s.rate_limited),
+    ];
+    let membership_counts = [
+        (
+            "membership_refused",
+            e.membership_refused,
+            s.membership_refused,
+        ),
+        ("membership_forks", e.membership_forks, s.membership_forks),
+        (
+            "records_refused",
+            e.records_refused,
+            s.records.as_ref().map_or(0, |r| r.refused),
+        ),
+        (
+            "records_inactive",
+            e.records_inactive,
+            s.records.as_ref().map_or(0, |r| r.inactive),
+        ),
+    ];
+    if let (Some(want), Some(m)) = (e.membership_epoch, &s.membership) {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        for i in (0..s.names.len()).filter(|&i| up[i]) {
+            let member = m
+                .target()
+                .is_none_or(|t| t.document().member(&s.keys[i].peer_id()).is_some());
+            if member && m.held(i).0 != want {
+                failures.push(format!(
+                    "expected membership_epoch = {want} at {}, got {}",
+                    s.names[i],
+                    m.held(i).0
+                ));
+            }
+        }
+    }
+    for (what, want, got) in counts.into_iter().chain(membership_counts) {
+        if let Some(want) = want
+            && !want.holds(got)
+        {
+            failures.push(format!("expected {what} = {want}, got {got}"));
+        }
+    }
+    if let Some(kind) = &e.failure {
+        for f in &s.failures {
+            if !f.starts_with(kind.as_str()) {
+                failures.push(format!("expected failures of kind {kind}, got {f}"));
+            }
+        }
+    }
+    if let Some(within) = e.completes_within
+        && s.last_outcome > within
+    {
+        failures.push(format!(
+            "last exchange ended at {:?}, expected by {within:?}",
+            s.last_outcome
+        ));
+    }
+    if let Some(after) = e.completes_after
+        && s.last_outcome < after
+    {
+        failures.push(format!(
+            "last exchange ended at {:?}, expected after {after:?}",
+            s.last_outcome
+        ));
+    }
+}

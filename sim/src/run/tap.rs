@@ -1,0 +1,342 @@
+//! The tap in each node: every message through it is traced, counted against triggers
+//! and offered to the step's message faults.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use p2p_handler::wire::{AckOf, ExchangeId, Message};
+use p2p_handler::{Arrival, ConnError, ConnEvent, PeerId, Tap, Verdict};
+
+use super::world::{Shared, lock};
+use crate::coverage;
+use crate::scenario::{ActionKind, App, MessageMatch, MsgKind, NACK_REASON, Scenario};
+use crate::trace::What;
+
+/// A message fault armed by a step.
+#[derive(Debug, Clone)]
+pub(super) struct Rule {
+    pub(super) step: usize,
+    pub(super) action: ActionKind,
+    pub(super) matches: Matcher,
+    pub(super) delay: Duration,
+    pub(super) remaining: u32,
+}
+
+/// A trigger waiting for its nth message.
+#[derive(Debug, Clone)]
+pub(super) struct Waiting {
+    pub(super) step: usize,
+    pub(super) matches: Matcher,
+    pub(super) sent: bool,
+    pub(super) nth: u32,
+    pub(super) seen: u32,
+}
+
+/// A `MessageMatch` with node names resolved to indices.
+#[derive(Debug, Clone)]
+pub(super) struct Matcher {
+    pub(super) kind: MsgKind,
+    pub(super) from: Option<usize>,
+    pub(super) to: Option<usize>,
+    pub(super) of: Option<MsgKind>,
+    pub(super) resend: Option<bool>,
+}
+
+impl Matcher {
+    pub(super) fn new(m: &MessageMatch, scenario: &Scenario) -> Self {
+        let idx = |n: &Option<String>| n.as_deref().and_then(|n| scenario.node_index(n));
+        Self {
+            kind: m.kind,
+            from: idx(&m.from),
+            to: idx(&m.to),
+            of: m.of,
+            resend: m.resend,
+        }
+    }
+
+    pub(super) fn matches(&self, from: usize, to: usize, message: &Message) -> bool {
+        let kind = match message {
+            Message::Request { .. } => MsgKind::Request,
+            Message::Ack { .. } => MsgKind::Ack,
+            Message::Nack { .. } => MsgKind::Nack,
+            Message::Reply { .. } => MsgKind::Reply,
+            Message::Abort { .. } => MsgKind::Abort,
+            Message::Close { .. } => MsgKind::Close,
+            Message::Progress { .. } => MsgKind::Progress,
+            Message::Epoch { .. } => MsgKind::Epoch,
+            Message::Fetch { .. } => MsgKind::Fetch,
+            Message::Documents { .. } => MsgKind::Documents,
+            Message::RecordSeqs { .. } => MsgKind::RecordSeqs,
+            Message::Records { .. } => MsgKind::Records,
+        };
+        let of = match message {
+            Message::Ack {
+                of: AckOf::Request, ..
+            } => Some(MsgKind::Request),
+            Message::Ack {
+                of: AckOf::Reply, ..
+            } => Some(MsgKind::Reply),
+            _ => None,
+        };
+        let resend = message.attempt().map(|a| a > 1);
+        kind == self.kind
+            && self.from.is_none_or(|f| f == from)
+            && self.to.is_none_or(|t| t == to)
+            && (self.of.is_none() || self.of == of)
+            && (self.resend.is_none() || self.resend == resend)
+    }
+}
+
+/// The node that owns the exchange a message belongs to: the dialer sends Requests and the
+/// Ack of a Reply; everything else comes from the responder.
+pub(super) fn dialer_of(from: usize, to: usize, message: &Message) -> usize {
+    match message {
+        Message::Request { .. }
+        | Message::Ack {
+            of: AckOf::Reply, ..
+        } => from,
+        _ => to,
+    }
+}
+
+pub(super) struct SimTap {
+    pub(super) shared: Arc<Mutex<Shared>>,
+    pub(super) node: usize,
+}
+
+impl Tap for SimTap {
+    fn outgoing(&self, conn: p2p_handler::ConnId, peer: PeerId, message: &Message) -> Verdict {
+        let mut s = lock(&self.shared);
+        let Some(&to) = s.by_peer.get(&peer) else {
+            return Verdict::Pass;
+        };
+        let from = self.node;
+        let dialer = dialer_of(from, to, message);
+        s.coverage.extend(coverage::message(message));
+        if let Message::Request {
+            exchange, attempt, ..
+        } = message
+        {
+            let max = s.attempts.entry((from, *exchange)).or_insert(0);
+            *max = (*max).max(*attempt);
+        }
+        let text = s.describe(dialer, message);
+        let rule = s.rules.iter_mut().find(|r| {
+            r.remaining > 0 && r.action != ActionKind::Nack && r.matches.matches(from, to, message)
+        });
+        let verdict = match rule {
+            None => Verdict::Pass,
+            Some(rule) => {
+                rule.remaining -= 1;
+                let (verdict, what) = match rule.action {
+                    ActionKind::Drop => (Verdict::Drop, format!("drop {text}")),
+                    ActionKind::Corrupt => (Verdict::Corrupt, format!("corrupt {text}")),
+                    ActionKind::Duplicate => (
+                        Verdict::Duplicate(rule.delay),
+                        format!("duplicate {text} after {:?}", rule.delay),
+                    ),
+                    _ => (
+                        Verdict::Delay(rule.delay),
+                        format!("delay {text} by {:?}", rule.delay),
+                    ),
+                };
+                let step = rule.step;
+                let rule = s.rule_text(step);
+                let link = Some((s.names[from].clone(), s.names[to].clone()));
+                s.push(from, What::Fault { what, rule, link });
+                verdict
+            }
+        };
+        if verdict != Verdict::Drop {
+            let to_name = s.names[to].clone();
+            s.push(
+                from,
+                What::Send {
+                    to: to_name,
+                    message: format!("{conn} {text}"),
+                },
+            );
+            s.count_triggers(from, to, message, true);
+        }
+        verdict
+    }
+
+    fn incoming(&self, conn: p2p_handler::ConnId, peer: PeerId, message: &Message) -> Arrival {
+        let mut s = lock(&self.shared);
+        let Some(&from) = s.by_peer.get(&peer) else {
+            return Arrival::Pass;
+        };
+        let to = self.node;
+        let dialer = match message {
+            // Either side sends it; the connection says who dialed it.
+            Message::Progress { .. } if conn.is_inbound() => from,
+            Message::Progress { .. } => to,
+            _ => dialer_of(from, to, message),
+        };
+        if let Message::Progress { .. } = message {
+            // Sent by the connection itself, so never seen going out.
+            s.coverage.extend(coverage::message(message));
+        }
+        let text = s.describe(dialer, message);
+        let from_name = s.names[from].clone();
+        s.push(
+            to,
+            What::Recv {
+                from: from_name,
+                message: format!("{conn} {text}"),
+            },
+        );
+        s.count_triggers(from, to, message, false);
+        if let Message::Ack {
+            exchange,
+            of: AckOf::Request,
+            ..
+        } = message
+        {
+            s.acked.insert((to, from, *exchange));
+        }
+        if !matches!(message, Message::Request { .. }) {
+            return Arrival::Pass;
+        }
+        // A `refuse` application, or a `nack` step, answers with a Nack.
+        let refuse_first = match s.scenario.nodes[to].app {
+            App::Refuse { first } => first,
+            _ => 0,
+        };
+        if s.nodes[to].refused < refuse_first {
+            s.nodes[to].refused += 1;
+            s.push(
+                to,
+                What::App(format!(
+                    "refuse {text} (app refuses the first {refuse_first})"
+                )),
+            );
+            return Arrival::Nack(NACK_REASON);
+        }
+        let rule = s.rules.iter_mut().find(|r| {
+            r.remaining > 0 && r.action == ActionKind::Nack && r.matches.matches(from, to, message)
+        });
+        if let Some(rule) = rule {
+            rule.remaining -= 1;
+            let step = rule.step;
+            let rule = s.rule_text(step);
+            let link = Some((s.names[to].clone(), s.names[from].clone()));
+            s.push(
+                to,
+                What::Fault {
+                    what: format!("answer {text} with Nack({NACK_REASON:?})"),
+                    rule,
+                    link,
+                },
+            );
+            return Arrival::Nack(NACK_REASON);
+        }
+        Arrival::Pass
+    }
+
+    fn dial(&self, conn: p2p_handler::ConnId, peer: PeerId, addr: SocketAddr) {
+        let mut s = lock(&self.shared);
+        if let Some(target) = s.by_peer.get(&peer).copied() {
+            let names = s.names.clone();
+            if let Some(r) = s.records.as_mut() {
+                r.on_dial(self.node, target, addr, &names);
+            }
+        }
+        let name = s.name(&peer);
+        let host = host_of(addr);
+        s.push(
+            self.node,
+            What::Conn(format!("{conn} dial {name} at {host}")),
+        );
+    }
+
+    fn connection(&self, conn: p2p_handler::ConnId, peer: Option<PeerId>, event: &ConnEvent) {
+        let mut s = lock(&self.shared);
+        let name = peer.map_or_else(|| "?".to_owned(), |p| s.name(&p));
+        let text = match event {
+            ConnEvent::Established { .. } => format!("{conn} established with {name}"),
+            ConnEvent::Closed(closed) => {
+                s.coverage.extend(coverage::closed(closed));
+                format!("{conn} closed ({name}): {}", closed_text(closed))
+            }
+            ConnEvent::Oversized { len, .. } => {
+                format!("{conn} oversized message of {len} B from {name}")
+            }
+            ConnEvent::Receiving { kind, .. } => {
+                format!("{conn} a large {kind:?} from {name} arriving")
+            }
+            // Traced as messages (sent, received), as on the session.
+            ConnEvent::Early { .. } | ConnEvent::Message(_) => return,
+        };
+        s.push(self.node, What::Conn(text));
+    }
+
+    fn wants_transitions(&self) -> bool {
+        true
+    }
+
+    fn transition(
+        &self,
+        direction: p2p_handler::Direction,
+        peer: PeerId,
+        exchange: ExchangeId,
+        from: Option<&'static str>,
+        to: Option<&'static str>,
+    ) {
+        let mut s = lock(&self.shared);
+        let other = s.by_peer.get(&peer).copied().unwrap_or(self.node);
+        let dialer = match direction {
+            p2p_handler::Direction::Outbound => self.node,
+            p2p_handler::Direction::Inbound => other,
+        };
+        let label = match direction {
+            p2p_handler::Direction::Outbound => s.label_or_assign(dialer, exchange),
+            p2p_handler::Direction::Inbound => s.label(dialer, exchange),
+        };
+        let text = format!(
+            "{label} {} -> {}",
+            from.unwrap_or("new"),
+            to.unwrap_or("finished")
+        );
+        s.coverage.insert(coverage::transition(direction, from, to));
+        s.push(self.node, What::State(text));
+    }
+
+    fn rejected(&self, error: &ConnError) {
+        let mut s = lock(&self.shared);
+        let text = error_text(&s, error);
+        s.push(self.node, What::Conn(format!("rejected: {text}")));
+    }
+}
+
+pub(super) fn closed_text(closed: &p2p_handler::Closed) -> String {
+    match closed {
+        p2p_handler::Closed::ByPeer(r) => format!("by peer, {r:?}"),
+        p2p_handler::Closed::Locally(r) => format!("locally, {r:?}"),
+        p2p_handler::Closed::Error(e) => format!("error: {}", short_error(e)),
+        p2p_handler::Closed::Io(e) => format!("io: {e}"),
+    }
+}
+
+/// Error kinds without addresses or ids (which vary), for stable traces.
+pub(super) fn short_error(e: &ConnError) -> String {
+    let text = format!("{e:?}");
+    text.split([' ', '{', '('])
+        .next()
+        .unwrap_or("error")
+        .to_owned()
+}
+
+pub(super) fn error_text(s: &Shared, e: &ConnError) -> String {
+    let who = e
+        .remote()
+        .peer
+        .map_or_else(|| "unknown peer".to_owned(), |p| s.name(&p));
+    format!("{} from {who}", short_error(e))
+}
+
+/// The turmoil host name at `addr` (inside a host, reverse lookup gives it).
+pub(super) fn host_of(addr: SocketAddr) -> String {
+    turmoil::reverse_lookup(addr.ip()).unwrap_or_else(|| addr.ip().to_string())
+}

@@ -1,0 +1,72 @@
+//! Which steps are due: timed steps, fired triggers and a crash-prone app's restarts.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::steps::{crash, execute, restart};
+use super::world::{Shared, lock};
+use crate::scenario::{App, Scenario};
+
+/// A timed or triggered step, ready to run.
+pub(super) struct Timeline {
+    /// (virtual time, step index), in time order.
+    pub(super) timed: VecDeque<(Duration, usize)>,
+    /// (virtual time, node) restarts scheduled by crash-prone apps.
+    pub(super) restarts: Vec<(Duration, usize)>,
+    /// Virtual time of the last fault or heal.
+    pub(super) last_fault: Duration,
+}
+
+/// Exchanges issued by live incarnations that have no outcome yet.
+pub(super) fn pending_exchanges(s: &Shared) -> usize {
+    s.outcomes
+        .iter()
+        .filter(|((node, inc, _), n)| {
+            **n == 0 && s.nodes[*node].up && s.incarnation_key(*node) == *inc
+        })
+        .count()
+}
+
+pub(super) fn run_due_steps(
+    sim: &mut turmoil::Sim<'_>,
+    shared: &Arc<Mutex<Shared>>,
+    scenario: &Scenario,
+    timeline: &mut Timeline,
+    now: Duration,
+) {
+    let mut due: Vec<usize> = Vec::new();
+    while timeline.timed.front().is_some_and(|(at, _)| *at <= now) {
+        if let Some((_, i)) = timeline.timed.pop_front() {
+            due.push(i);
+        }
+    }
+    let (fired, crashes): (Vec<usize>, Vec<usize>) = {
+        let mut s = lock(shared);
+        (
+            s.fired.drain(..).collect(),
+            s.crash_requests.drain(..).collect(),
+        )
+    };
+    due.extend(fired);
+    for i in due {
+        if let Some(step) = scenario.steps.get(i) {
+            execute(sim, shared, scenario, timeline, i, step.get_ref(), now);
+        }
+    }
+    for node in crashes {
+        let restart_after = match scenario.nodes[node].app {
+            App::CrashProne { restart_after, .. } => restart_after,
+            _ => Duration::ZERO,
+        };
+        crash(sim, shared, node, "app is crash-prone".into());
+        timeline.restarts.push((now + restart_after, node));
+        timeline.last_fault = now;
+    }
+    let (ready, later): (Vec<_>, Vec<_>) = timeline.restarts.iter().partition(|(at, _)| *at <= now);
+    timeline.restarts = later;
+    for (_, node) in ready {
+        restart(sim, shared, node, "crash-prone app restarts".into());
+        timeline.last_fault = now;
+    }
+}

@@ -1,0 +1,247 @@
+//! What the hosts and the simulator share: names, keys, each node's state, the trace and
+//! every count the judge reads.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use p2p_handler::wire::{ExchangeId, Message};
+use p2p_handler::{Keypair, MemoryStore, PeerId};
+use tokio::sync::mpsc;
+
+use super::node::NodeCommand;
+use super::tap::{Rule, Waiting};
+use crate::scenario::Scenario;
+use crate::trace::{Trace, What};
+
+#[derive(Default)]
+pub(super) struct NodeState {
+    pub(super) incarnation: u64,
+    /// Its disk, when the node is durable.
+    pub(super) store: Option<MemoryStore>,
+    pub(super) up: bool,
+    pub(super) commands: Option<mpsc::UnboundedSender<NodeCommand>>,
+    /// Set before the node is crashed or bounced: its streams then close in order.
+    pub(super) crash_switch: Option<crate::transport::CrashSwitch>,
+    /// Request copies seen by a `refuse` app, and requests by a `crash_prone` app.
+    pub(super) refused: u32,
+    pub(super) received: u32,
+}
+
+/// Everything hosts and the simulator share. Single-threaded in practice (turmoil runs
+/// hosts one at a time); the mutex satisfies the handler's `Send + Sync` tap bound.
+pub(super) struct Shared {
+    pub(super) names: Vec<String>,
+    pub(super) keys: Vec<Keypair>,
+    pub(super) by_peer: BTreeMap<PeerId, usize>,
+    pub(super) scenario: Scenario,
+    pub(super) seed: u64,
+    pub(super) nodes: Vec<NodeState>,
+    pub(super) trace: Trace,
+    pub(super) rules: Vec<Rule>,
+    pub(super) waiting: Vec<Waiting>,
+    pub(super) fired: VecDeque<usize>,
+    pub(super) crash_requests: VecDeque<usize>,
+    /// Exchange labels for the trace: (dialer, id) -> "alice#3".
+    pub(super) labels: BTreeMap<(usize, ExchangeId), String>,
+    pub(super) issued_count: Vec<u32>,
+    /// (dialer, incarnation, id) -> outcome count. A durable node's exchanges outlive its
+    /// incarnations: their incarnation is 0. Outcomes flagged `redelivered` count only when
+    /// no outcome came before (the application may have taken it just before a crash).
+    pub(super) outcomes: BTreeMap<(usize, u64, ExchangeId), u32>,
+    /// (responder, incarnation, dialer peer, id) -> deliveries not flagged `redelivered`
+    /// (incarnation 0 for durable responders, as for outcomes).
+    pub(super) delivered: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
+    /// (responder, dialer peer, id) -> flagged redeliveries.
+    pub(super) redelivered: BTreeMap<(usize, PeerId, ExchangeId), u32>,
+    /// (responder, dialer peer, id) answered by the application (respond returned Ok).
+    pub(super) answered: BTreeSet<(usize, PeerId, ExchangeId)>,
+    /// (dialer, responder, id) whose Request the dialer saw acknowledged.
+    pub(super) acked: BTreeSet<(usize, usize, ExchangeId)>,
+    /// (dialer, id) -> highest attempt sent.
+    pub(super) attempts: BTreeMap<(usize, ExchangeId), u32>,
+    pub(super) replied: u64,
+    pub(super) failures: Vec<String>,
+    /// Steps the handler refused, with the reason.
+    pub(super) refused: Vec<String>,
+    /// What the run exercised.
+    pub(super) coverage: BTreeSet<String>,
+    /// The healing phase's probe requests, and how those that failed failed.
+    pub(super) probes: BTreeSet<(usize, ExchangeId)>,
+    pub(super) probe_failures: Vec<String>,
+    /// Deliveries of probes (not counted in `delivered` expectations).
+    pub(super) probe_deliveries: BTreeSet<(usize, u64, PeerId, ExchangeId)>,
+    pub(super) peer_errors: u64,
+    pub(super) rate_limited: u64,
+    pub(super) last_outcome: Duration,
+    pub(super) errors: Vec<String>,
+    /// Incarnations of memory-only nodes that stopped gracefully: unlike a crash, a stop
+    /// hands every unfinished exchange back, so each still owes exactly one outcome.
+    pub(super) stopped: BTreeSet<(usize, u64)>,
+    /// Signed membership, with a `[membership]` table.
+    pub(super) membership: Option<crate::membership::Registry>,
+    pub(super) membership_refused: u64,
+    pub(super) membership_forks: u64,
+    /// Virtual time a node last applied a membership document.
+    pub(super) last_membership: Duration,
+    /// Virtual time a `membership` step last handed one over.
+    pub(super) last_handed: Duration,
+    /// Address records, with a `[records]` table.
+    pub(super) records: Option<crate::records::Tracker>,
+}
+
+pub(super) fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
+impl Shared {
+    /// The incarnation exchanges of `node` are keyed by: 0 for a durable node, whose
+    /// exchanges outlive its incarnations.
+    pub(super) fn incarnation_key(&self, node: usize) -> u64 {
+        if self.scenario.durable_of(node) {
+            0
+        } else {
+            self.nodes[node].incarnation
+        }
+    }
+
+    /// Records an outcome; a redelivered one counts only if none came before. Returns
+    /// whether it counted.
+    /// Counts an outcome; false for a redelivered one already counted. A probe's outcome
+    /// counts for exactly-once but not for the scenario's own counters and timing.
+    pub(super) fn count_outcome(
+        &mut self,
+        node: usize,
+        inc: u64,
+        exchange: ExchangeId,
+        again: bool,
+    ) -> bool {
+        let probe = self.probes.contains(&(node, exchange));
+        let n = self.outcomes.entry((node, inc, exchange)).or_default();
+        if again && *n > 0 {
+            return false;
+        }
+        *n += 1;
+        if probe {
+            return false;
+        }
+        self.last_outcome = now();
+        true
+    }
+}
+
+impl Shared {
+    pub(super) fn name(&self, peer: &PeerId) -> String {
+        self.by_peer
+            .get(peer)
+            .map_or_else(|| peer.short(), |i| self.names[*i].clone())
+    }
+
+    /// The label of `dialer`'s exchange `id`, assigning the next one on first sight.
+    pub(super) fn label_or_assign(&mut self, dialer: usize, id: ExchangeId) -> String {
+        if let Some(label) = self.labels.get(&(dialer, id)) {
+            return label.clone();
+        }
+        self.issued_count[dialer] += 1;
+        let label = format!("{}#{}", self.names[dialer], self.issued_count[dialer]);
+        self.labels.insert((dialer, id), label.clone());
+        label
+    }
+
+    /// The label of `peer`'s exchange `id`, as seen by `node`, its responder.
+    pub(super) fn inbound_label(&self, node: usize, peer: &PeerId, id: ExchangeId) -> String {
+        self.label(self.by_peer.get(peer).copied().unwrap_or(node), id)
+    }
+
+    pub(super) fn label(&self, dialer: usize, id: ExchangeId) -> String {
+        self.labels
+            .get(&(dialer, id))
+            .cloned()
+            .unwrap_or_else(|| format!("{}:{id}", self.names[dialer]))
+    }
+
+    /// Describes a message, naming its exchange by label. `dialer` is the node that owns
+    /// the exchange (the sender of Requests).
+    pub(super) fn describe(&self, dialer: usize, message: &Message) -> String {
+        let ex = |id: &ExchangeId| self.label(dialer, *id);
+        match message {
+            Message::Request {
+                exchange,
+                attempt,
+                payload,
+            } => format!(
+                "Request {} try {attempt} ({} B)",
+                ex(exchange),
+                payload.len()
+            ),
+            Message::Ack {
+                exchange,
+                attempt,
+                of,
+            } => format!("Ack({of:?}) {} try {attempt}", ex(exchange)),
+            Message::Nack {
+                exchange,
+                attempt,
+                reason,
+                ..
+            } => format!("Nack({reason:?}) {} try {attempt}", ex(exchange)),
+            Message::Reply {
+                exchange,
+                attempt,
+                payload,
+            } => format!("Reply {} try {attempt} ({} B)", ex(exchange), payload.len()),
+            Message::Abort {
+                exchange,
+                attempt,
+                reason,
+            } => format!("Abort({reason:?}) {} try {attempt}", ex(exchange)),
+            Message::Close { reason } => format!("Close({reason:?})"),
+            Message::Progress {
+                exchange,
+                attempt,
+                received,
+            } => format!("Progress {} try {attempt} ({received} B in)", ex(exchange)),
+            Message::Epoch { epoch, digest } => {
+                format!(
+                    "Epoch {epoch} ({})",
+                    p2p_handler::membership::Digest(*digest).short()
+                )
+            }
+            Message::Fetch { after } => format!("Fetch after {after}"),
+            Message::Documents { docs } => format!("Documents ({} docs)", docs.len()),
+            Message::RecordSeqs { seqs } => format!("RecordSeqs ({} held)", seqs.len()),
+            Message::Records { records } => format!("Records ({})", records.len()),
+        }
+    }
+
+    pub(super) fn push(&mut self, node: usize, what: What) {
+        let name = self.names[node].clone();
+        self.trace.push(now(), &name, what);
+    }
+
+    pub(super) fn rule_text(&self, step: usize) -> String {
+        match self.scenario.step_lines.get(step).copied().unwrap_or(0) {
+            0 => format!("step {}, drawn by [swarm]", step + 1),
+            line => format!("step {}, line {line}", step + 1),
+        }
+    }
+
+    /// Counts a message against waiting triggers; fired steps run after this tick.
+    pub(super) fn count_triggers(&mut self, from: usize, to: usize, message: &Message, sent: bool) {
+        for w in &mut self.waiting {
+            if w.sent == sent && w.seen < w.nth && w.matches.matches(from, to, message) {
+                w.seen += 1;
+                if w.seen == w.nth {
+                    self.fired.push_back(w.step);
+                }
+            }
+        }
+    }
+}
+
+/// Locks the shared state; a poisoned lock means a host panicked, which the run reports.
+pub(super) fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
