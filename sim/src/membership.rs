@@ -39,63 +39,14 @@ use std::net::SocketAddr;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
-use serde::{Deserialize, Serialize};
 
 use p2p_handler::Keypair;
 use p2p_handler::membership::{
     Digest, Document, GovernanceKey, Member, Signed, check_genesis, check_successor,
 };
 
+pub use crate::scenario::{MembershipPlan, POOL};
 use crate::scenario::{Scenario, Step};
-
-/// Governance keys the simulator holds; a committee is a subset of them.
-pub const POOL: usize = 8;
-
-/// The `[membership]` table.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MembershipPlan {
-    /// The genesis committee: pool keys `0..committee`.
-    #[serde(default = "default_committee")]
-    pub committee: usize,
-    /// Its threshold.
-    #[serde(default = "default_threshold")]
-    pub threshold: u8,
-    /// The genesis's members (default: every node).
-    #[serde(default)]
-    pub members: Option<Vec<String>>,
-}
-
-fn default_committee() -> usize {
-    3
-}
-fn default_threshold() -> u8 {
-    2
-}
-
-impl MembershipPlan {
-    /// Checks the plan against the scenario's nodes.
-    pub(crate) fn validate(&self, scenario: &Scenario) -> Result<(), String> {
-        if self.committee == 0 || self.committee > POOL {
-            return Err(format!(
-                "[membership] committee = {}: 1 to {POOL} keys",
-                self.committee
-            ));
-        }
-        if self.threshold == 0 || usize::from(self.threshold) > self.committee {
-            return Err(format!(
-                "[membership] threshold = {}: 1 to the committee's size ({})",
-                self.threshold, self.committee
-            ));
-        }
-        for name in self.members.iter().flatten() {
-            if scenario.node_index(name).is_none() {
-                return Err(format!("[membership] members: unknown node {name:?}"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The documents of one run and what each node holds.
 pub(crate) struct Registry {

@@ -37,46 +37,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use p2p_handler::endpoint::RecordEvent;
 
-use crate::scenario::Scenario;
-
-/// The `[records]` table.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RecordsPlan {
-    /// Each record's life.
-    #[serde(default = "default_ttl", with = "humantime_serde")]
-    pub ttl: Duration,
-}
-
-fn default_ttl() -> Duration {
-    Duration::from_secs(60)
-}
-
-impl RecordsPlan {
-    /// Checks the plan against the scenario.
-    pub(crate) fn validate(&self, scenario: &Scenario) -> Result<(), String> {
-        if scenario.membership.is_none() {
-            return Err(
-                "[records] needs a [membership] table (records are sealed for the \
-                        members and signed by keys the membership lists)"
-                    .into(),
-            );
-        }
-        let min = p2p_handler::endpoint::MIN_RECORD_TTL;
-        let max = Duration::from_secs(p2p_handler::records::MAX_RECORD_TTL);
-        if self.ttl < min || self.ttl > max {
-            return Err(format!(
-                "[records] ttl = {:?}: {min:?} to {max:?}",
-                self.ttl
-            ));
-        }
-        Ok(())
-    }
-}
+pub use crate::scenario::RecordsPlan;
 
 /// What one run's nodes published and hold.
 pub(crate) struct Tracker {

@@ -12,6 +12,10 @@ use p2p_handler::Config;
 use p2p_handler::wire::NackReason;
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod tables;
+
+pub use tables::{FaultKind, MembershipPlan, POOL, RecordsPlan, SwarmPlan};
+
 /// A parsed, validated scenario.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -67,15 +71,15 @@ pub struct Scenario {
     pub probes: bool,
     /// Random faults drawn from the seed (see [`crate::swarm`]).
     #[serde(default)]
-    pub swarm: Option<crate::swarm::SwarmPlan>,
+    pub swarm: Option<SwarmPlan>,
     /// Signed membership: a committee governs every node's allow list (see
     /// [`crate::membership`]).
     #[serde(default)]
-    pub membership: Option<crate::membership::MembershipPlan>,
+    pub membership: Option<MembershipPlan>,
     /// Address records: members publish where they listen and find each other by peer id
     /// (needs `[membership]`; see [`crate::records`]).
     #[serde(default)]
-    pub records: Option<crate::records::RecordsPlan>,
+    pub records: Option<RecordsPlan>,
     /// Line of each step, filled in after parsing (0 for steps drawn by a swarm).
     #[serde(skip)]
     pub step_lines: Vec<usize>,
@@ -1022,6 +1026,73 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+impl SwarmPlan {
+    /// Checks the plan against the scenario (names, sizes); the message names the field.
+    pub fn validate(&self, scenario: &Scenario) -> Result<(), String> {
+        if self.window.is_zero() || self.max_fault.is_zero() {
+            return Err("[swarm]: window and max_fault must be positive".into());
+        }
+        if self.kinds.is_empty() && self.faults > 0 {
+            return Err("[swarm]: kinds is empty but faults > 0".into());
+        }
+        for name in self.crash.iter().flatten() {
+            if scenario.node_index(name).is_none() {
+                return Err(format!("[swarm]: crash: unknown node {name:?}"));
+            }
+        }
+        if scenario.nodes.len() < 2 {
+            return Err("[swarm]: needs at least two nodes".into());
+        }
+        Ok(())
+    }
+}
+
+impl MembershipPlan {
+    /// Checks the plan against the scenario's nodes.
+    pub fn validate(&self, scenario: &Scenario) -> Result<(), String> {
+        if self.committee == 0 || self.committee > POOL {
+            return Err(format!(
+                "[membership] committee = {}: 1 to {POOL} keys",
+                self.committee
+            ));
+        }
+        if self.threshold == 0 || usize::from(self.threshold) > self.committee {
+            return Err(format!(
+                "[membership] threshold = {}: 1 to the committee's size ({})",
+                self.threshold, self.committee
+            ));
+        }
+        for name in self.members.iter().flatten() {
+            if scenario.node_index(name).is_none() {
+                return Err(format!("[membership] members: unknown node {name:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RecordsPlan {
+    /// Checks the plan against the scenario.
+    pub fn validate(&self, scenario: &Scenario) -> Result<(), String> {
+        if scenario.membership.is_none() {
+            return Err(
+                "[records] needs a [membership] table (records are sealed for the \
+                        members and signed by keys the membership lists)"
+                    .into(),
+            );
+        }
+        let min = p2p_handler::endpoint::MIN_RECORD_TTL;
+        let max = Duration::from_secs(p2p_handler::records::MAX_RECORD_TTL);
+        if self.ttl < min || self.ttl > max {
+            return Err(format!(
+                "[records] ttl = {:?}: {min:?} to {max:?}",
+                self.ttl
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The reason a `nack` step answers with.

@@ -16,103 +16,12 @@ use std::time::Duration;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
 use crate::scenario::{ActionKind, MessageMatch, MsgKind, Scenario, Step};
+pub use crate::scenario::{FaultKind, SwarmPlan};
 
 /// The payload of the probes of the healing phase.
 pub const PROBE: &str = "liveness probe";
-
-/// A fault a swarm may draw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-#[allow(missing_docs)]
-pub enum FaultKind {
-    Partition,
-    PartitionOneway,
-    Hold,
-    FailRate,
-    Drop,
-    Delay,
-    Corrupt,
-    Nack,
-    Crash,
-    Revoke,
-    /// A graceful stop (drain, shutdown) of a node that may crash, and its restart. Drawn
-    /// only when `kinds` names it, so the default schedules stay as they were.
-    Stop,
-}
-
-const ALL: [FaultKind; 10] = [
-    FaultKind::Partition,
-    FaultKind::PartitionOneway,
-    FaultKind::Hold,
-    FaultKind::FailRate,
-    FaultKind::Drop,
-    FaultKind::Delay,
-    FaultKind::Corrupt,
-    FaultKind::Nack,
-    FaultKind::Crash,
-    FaultKind::Revoke,
-];
-
-/// `[swarm]`: what to draw, and how much. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SwarmPlan {
-    /// Faults drawn in the window.
-    pub faults: u32,
-    /// Requests drawn in the window, between random pairs that allow each other.
-    pub requests: u32,
-    /// Faults and requests start within this much virtual time.
-    #[serde(with = "humantime_serde")]
-    pub window: Duration,
-    /// The longest a fault lasts before it is healed.
-    #[serde(with = "humantime_serde")]
-    pub max_fault: Duration,
-    /// The kinds drawn from (default: all).
-    pub kinds: Vec<FaultKind>,
-    /// Nodes that may crash (default: every durable node; a memory-only node that crashes
-    /// forgets what it delivered, which the duplicate invariant would rightly flag).
-    pub crash: Option<Vec<String>>,
-    /// After the last heal, every node sends one probe request, which must be answered.
-    pub probes: bool,
-}
-
-impl Default for SwarmPlan {
-    fn default() -> Self {
-        Self {
-            faults: 6,
-            requests: 10,
-            window: Duration::from_secs(5),
-            max_fault: Duration::from_secs(2),
-            kinds: ALL.to_vec(),
-            crash: None,
-            probes: true,
-        }
-    }
-}
-
-impl SwarmPlan {
-    /// Checks the plan against the scenario (names, sizes); the message names the field.
-    pub fn validate(&self, scenario: &Scenario) -> Result<(), String> {
-        if self.window.is_zero() || self.max_fault.is_zero() {
-            return Err("[swarm]: window and max_fault must be positive".into());
-        }
-        if self.kinds.is_empty() && self.faults > 0 {
-            return Err("[swarm]: kinds is empty but faults > 0".into());
-        }
-        for name in self.crash.iter().flatten() {
-            if scenario.node_index(name).is_none() {
-                return Err(format!("[swarm]: crash: unknown node {name:?}"));
-            }
-        }
-        if scenario.nodes.len() < 2 {
-            return Err("[swarm]: needs at least two nodes".into());
-        }
-        Ok(())
-    }
-}
 
 /// Whether `a` and `b` may exchange: each allows the other.
 fn allowed(scenario: &Scenario, a: usize, b: usize) -> bool {
@@ -378,6 +287,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::scenario::tables::ALL;
 
     fn ring() -> Scenario {
         let text = "[[node]]\nname = \"a\"\nallow = [\"b\"]\n\n[[node]]\nname = \"b\"\nallow = [\"a\", \"c\"]\n\n\
