@@ -10,7 +10,7 @@
 //! node keys, each handler's seed (exchange ids, jitter, ephemeral keys) and, in swarm mode,
 //! the randomised latency, loss and step timing. Same scenario, same seed, same trace.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -35,9 +35,8 @@ mod world;
 
 use judge::check;
 use node::{collect_statuses, node_main, request_statuses};
-use tap::{Matcher, Waiting};
 use timeline::{Timeline, pending_exchanges, run_due_steps};
-use world::{NodeState, Shared, lock};
+use world::{Shared, lock};
 
 /// The port every node listens on.
 pub const PORT: u16 = 7000;
@@ -93,255 +92,47 @@ impl Outcome {
 /// randomised from the seed too.
 pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     let started = Instant::now();
-    let mut scenario = scenario.clone();
+    let scenario = prepare(scenario, seed, swarm);
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    if swarm {
-        // From a stream of its own: the keys and everything after them are the same with
-        // and without swarm, so a swarm run written out as explicit steps replays exactly.
-        randomise(&mut scenario, &mut swarm_rng(seed));
-    }
-    if let Some(plan) = scenario.swarm.clone() {
-        for step in crate::swarm::draw(&scenario, &plan, seed) {
-            scenario.push_drawn(step);
-        }
-    }
-    if scenario.probes {
-        // After the last timed step: by then every fault the file writes is healed.
-        let last = scenario
-            .steps
-            .iter()
-            .filter_map(|s| s.get_ref().at)
-            .max()
-            .unwrap_or_default();
-        for step in crate::swarm::probe_steps(&scenario, last + Duration::from_millis(500)) {
-            scenario.push_drawn(step);
-        }
-        scenario.probes = false;
-    }
     let keys: Vec<Keypair> = scenario
         .nodes
         .iter()
         .map(|_| Keypair::generate(&mut rng))
         .collect();
     let names: Vec<String> = scenario.nodes.iter().map(|n| n.name.clone()).collect();
-    let shared = Arc::new(Mutex::new(Shared {
-        by_peer: keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.peer_id(), i))
-            .collect(),
-        names: names.clone(),
-        keys,
-        seed,
-        nodes: scenario
-            .nodes
-            .iter()
-            .map(|_| NodeState::default())
-            .collect(),
-        trace: Trace::default(),
-        rules: Vec::new(),
-        waiting: Vec::new(),
-        fired: VecDeque::new(),
-        crash_requests: VecDeque::new(),
-        redelivered: BTreeMap::new(),
-        answered: BTreeSet::new(),
-        acked: BTreeSet::new(),
-        labels: BTreeMap::new(),
-        issued_count: vec![0; scenario.nodes.len()],
-        outcomes: BTreeMap::new(),
-        delivered: BTreeMap::new(),
-        attempts: BTreeMap::new(),
-        replied: 0,
-        failures: Vec::new(),
-        refused: Vec::new(),
-        coverage: BTreeSet::new(),
-        probes: BTreeSet::new(),
-        probe_failures: Vec::new(),
-        probe_deliveries: BTreeSet::new(),
-        peer_errors: 0,
-        rate_limited: 0,
-        last_outcome: Duration::ZERO,
-        errors: Vec::new(),
-        stopped: BTreeSet::new(),
-        membership: None,
-        membership_refused: 0,
-        membership_forks: 0,
-        last_membership: Duration::ZERO,
-        last_handed: Duration::ZERO,
-        records: None,
-        scenario: scenario.clone(),
-    }));
-    // The longest a connection can legitimately stay open once nothing is pending: a reply
-    // waiting for its Ack, then the idle timeout. Runs end early when nothing is open.
-    let settle = (0..scenario.nodes.len())
-        .map(|i| {
-            let c = scenario.config_of(i);
-            c.response_timeout + c.reply_ack_timeout + c.idle_timeout + c.connect_timeout
-        })
-        .max()
-        .unwrap_or_default()
-        + SETTLE_MARGIN;
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-        .tick_duration(TICK)
-        .simulation_duration(scenario.duration + settle + Duration::from_secs(60))
-        .min_message_latency(scenario.network.min_latency)
-        .max_message_latency(scenario.network.max_latency)
-        .fail_rate(scenario.network.fail_rate)
-        .repair_rate(scenario.network.repair_rate)
-        .build();
+    let shared = Arc::new(Mutex::new(Shared::new(&scenario, keys, seed)));
+    let settle = settle_time(&scenario);
+    let mut sim = build_sim(&scenario, seed, settle);
     for (i, name) in names.iter().enumerate() {
         let shared = shared.clone();
         sim.host(name.as_str(), move || node_main(shared.clone(), i));
     }
     let mut failures = Vec::new();
-    if let Some(plan) = &scenario.membership {
-        let addrs: Vec<SocketAddr> = names
-            .iter()
-            .map(|n| SocketAddr::new(sim.lookup(n.as_str()), PORT))
-            .collect();
-        let mut s = lock(&shared);
-        match crate::membership::Registry::new(plan, &scenario, &s.keys, &addrs, seed) {
-            Ok(registry) => s.membership = Some(registry),
-            Err(e) => failures.push(e),
-        }
-        if let Some(plan) = &scenario.records {
-            let ips = addrs.iter().map(SocketAddr::ip).collect();
-            s.records = Some(crate::records::Tracker::new(plan, ips, PORT));
-        }
-    }
-    for link in &scenario.network.links {
-        if let Some(latency) = link.latency {
-            sim.set_link_latency(link.a.as_str(), link.b.as_str(), latency);
-        }
-        if let Some(rate) = link.fail_rate {
-            sim.set_link_fail_rate(link.a.as_str(), link.b.as_str(), rate);
-        }
-    }
-    let mut timeline = Timeline {
-        timed: VecDeque::new(),
-        restarts: Vec::new(),
-        last_fault: Duration::ZERO,
-    };
-    {
-        let mut s = lock(&shared);
-        let mut timed: Vec<(Duration, usize)> = Vec::new();
-        for (i, step) in scenario.steps.iter().enumerate() {
-            let step = step.get_ref();
-            match &step.on {
-                Some(trigger) => s.waiting.push(Waiting {
-                    step: i,
-                    matches: Matcher::new(&trigger.message, &scenario),
-                    sent: trigger.sent,
-                    nth: trigger.nth.max(1),
-                    seen: 0,
-                }),
-                None => timed.push((step.at.unwrap_or_default(), i)),
-            }
-        }
-        timed.sort_by_key(|(at, i)| (*at, *i));
-        timeline.timed = timed.into();
-    }
-    // Let every node bind its listener before the timeline starts.
-    for _ in 0..1_000 {
-        if lock(&shared).nodes.iter().all(|n| n.commands.is_some()) {
-            break;
-        }
-        if let Err(e) = sim.step() {
-            failures.push(format!("simulation error while starting: {e}"));
-            break;
-        }
-    }
-    let mut quiet_since: Option<Duration> = None;
-    let mut records_behind_since: Option<Duration> = None;
-    let mut records_late = false;
-    let mut probe: Option<Vec<Option<oneshot::Receiver<Status>>>> = None;
-    let mut probe_clean = true;
-    let mut last_probe = Duration::ZERO;
-    let limit = scenario.duration;
+    install_tables(&sim, &shared, &scenario, seed, &mut failures);
+    let mut timeline = Timeline::new(&scenario, &mut lock(&shared));
+    start_nodes(&mut sim, &shared, &mut failures);
+    let mut watch = Watch::default();
     loop {
         let now = sim.elapsed();
         run_due_steps(&mut sim, &shared, &scenario, &mut timeline, now);
         let (pending, busy) = {
             let s = lock(&shared);
-            let pending = pending_exchanges(&s);
-            let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
-            // Members still behind the newest document keep the run going (until the
-            // time limit, where the convergence invariant reports them).
-            let records_behind = s.records.as_ref().map(|r| r.behind(&up));
-            let spreading = s
-                .membership
-                .as_ref()
-                .is_some_and(|m| !m.behind(&up).is_empty())
-                || records_behind.as_ref().is_some_and(|b| !b.is_empty());
-            // Invariant (records, liveness): once faults heal, a record reaches every node
-            // up within `liveness` (a refresh makes nodes briefly behind: each episode is
-            // measured from its start, or from the last fault if later).
-            match records_behind {
-                Some(behind) if !behind.is_empty() => {
-                    let since = *records_behind_since.get_or_insert(now);
-                    let from = since.max(timeline.last_fault);
-                    if now > from + scenario.liveness && !records_late {
-                        records_late = true;
-                        let (receiver, owner) = behind[0];
-                        failures.push(format!(
-                            "liveness: {} still lacked {}'s newest record at {now:?}, more \
-                             than {:?} after {from:?}",
-                            s.names[receiver], s.names[owner], scenario.liveness
-                        ));
-                    }
-                }
-                _ => records_behind_since = None,
-            }
-            let busy = !timeline.timed.is_empty()
-                || !timeline.restarts.is_empty()
-                || !s.fired.is_empty()
-                || !s.crash_requests.is_empty()
-                || spreading;
-            (pending, busy)
+            let busy =
+                timeline.busy(&s) | watch.records(&s, &scenario, &timeline, now, &mut failures);
+            (pending_exchanges(&s), busy)
         };
         if pending == 0 && !busy {
-            let since = *quiet_since.get_or_insert(now);
-            if now >= since + settle {
+            if watch.quiet(&shared, now, settle) {
                 break;
             }
-            // Quiet: stop as soon as every node reports nothing open, rather than always
-            // waiting out the idle timeout.
-            match &mut probe {
-                Some(receivers) if receivers.iter().all(|r| r.is_none()) => {
-                    if probe_clean {
-                        break;
-                    }
-                    probe = None;
-                }
-                Some(receivers) => {
-                    for r in receivers.iter_mut() {
-                        if let Some(rx) = r
-                            && let Ok(status) = rx.try_recv()
-                        {
-                            probe_clean &= status.open_connections == 0
-                                && status.connection_tasks == 0
-                                && status.pending_responses == 0;
-                            *r = None;
-                        }
-                    }
-                }
-                None if now >= last_probe + PROBE_EVERY => {
-                    last_probe = now;
-                    probe_clean = true;
-                    probe = Some(request_statuses(&shared));
-                }
-                None => {}
-            }
         } else {
-            quiet_since = None;
-            probe = None;
+            watch.noisy();
         }
-        if now >= limit {
+        if now >= scenario.duration {
             if pending > 0 {
                 failures.push(format!(
-                    "liveness: {pending} exchange(s) still pending at the time limit ({limit:?})"
+                    "liveness: {pending} exchange(s) still pending at the time limit ({:?})",
+                    scenario.duration
                 ));
             }
             break;
@@ -370,5 +161,206 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         trace: s.trace.clone(),
         nodes: names,
         coverage: s.coverage.clone(),
+    }
+}
+
+/// The scenario as this seed runs it: swarm's randomisation, its drawn steps, and the
+/// healing phase's probes written out as ordinary steps.
+fn prepare(scenario: &Scenario, seed: u64, swarm: bool) -> Scenario {
+    let mut scenario = scenario.clone();
+    if swarm {
+        // From a stream of its own: the keys and everything after them are the same with
+        // and without swarm, so a swarm run written out as explicit steps replays exactly.
+        randomise(&mut scenario, &mut swarm_rng(seed));
+    }
+    if let Some(plan) = scenario.swarm.clone() {
+        for step in crate::swarm::draw(&scenario, &plan, seed) {
+            scenario.push_drawn(step);
+        }
+    }
+    if scenario.probes {
+        // After the last timed step: by then every fault the file writes is healed.
+        let last = scenario
+            .steps
+            .iter()
+            .filter_map(|s| s.get_ref().at)
+            .max()
+            .unwrap_or_default();
+        for step in crate::swarm::probe_steps(&scenario, last + Duration::from_millis(500)) {
+            scenario.push_drawn(step);
+        }
+        scenario.probes = false;
+    }
+    scenario
+}
+
+/// The longest a connection can legitimately stay open once nothing is pending: a reply
+/// waiting for its Ack, then the idle timeout. Runs end early when nothing is open.
+fn settle_time(scenario: &Scenario) -> Duration {
+    (0..scenario.nodes.len())
+        .map(|i| {
+            let c = scenario.config_of(i);
+            c.response_timeout + c.reply_ack_timeout + c.idle_timeout + c.connect_timeout
+        })
+        .max()
+        .unwrap_or_default()
+        + SETTLE_MARGIN
+}
+
+/// Turmoil, seeded and clocked by the run, with the scenario's network and links.
+fn build_sim(scenario: &Scenario, seed: u64, settle: Duration) -> turmoil::Sim<'static> {
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        .tick_duration(TICK)
+        .simulation_duration(scenario.duration + settle + Duration::from_secs(60))
+        .min_message_latency(scenario.network.min_latency)
+        .max_message_latency(scenario.network.max_latency)
+        .fail_rate(scenario.network.fail_rate)
+        .repair_rate(scenario.network.repair_rate)
+        .build();
+    for link in &scenario.network.links {
+        if let Some(latency) = link.latency {
+            sim.set_link_latency(link.a.as_str(), link.b.as_str(), latency);
+        }
+        if let Some(rate) = link.fail_rate {
+            sim.set_link_fail_rate(link.a.as_str(), link.b.as_str(), rate);
+        }
+    }
+    sim
+}
+
+/// The `[membership]` and `[records]` tables' trackers, which need the hosts' addresses.
+fn install_tables(
+    sim: &turmoil::Sim<'_>,
+    shared: &Arc<Mutex<Shared>>,
+    scenario: &Scenario,
+    seed: u64,
+    failures: &mut Vec<String>,
+) {
+    let Some(plan) = &scenario.membership else {
+        return;
+    };
+    let addrs: Vec<SocketAddr> = scenario
+        .nodes
+        .iter()
+        .map(|n| SocketAddr::new(sim.lookup(n.name.as_str()), PORT))
+        .collect();
+    let mut s = lock(shared);
+    match crate::membership::Registry::new(plan, scenario, &s.keys, &addrs, seed) {
+        Ok(registry) => s.membership = Some(registry),
+        Err(e) => failures.push(e),
+    }
+    if let Some(plan) = &scenario.records {
+        let ips = addrs.iter().map(SocketAddr::ip).collect();
+        s.records = Some(crate::records::Tracker::new(plan, ips, PORT));
+    }
+}
+
+/// Lets every node bind its listener before the timeline starts.
+fn start_nodes(
+    sim: &mut turmoil::Sim<'_>,
+    shared: &Arc<Mutex<Shared>>,
+    failures: &mut Vec<String>,
+) {
+    for _ in 0..1_000 {
+        if lock(shared).nodes.iter().all(|n| n.commands.is_some()) {
+            break;
+        }
+        if let Err(e) = sim.step() {
+            failures.push(format!("simulation error while starting: {e}"));
+            break;
+        }
+    }
+}
+
+/// What the main loop watches across ticks: the records liveness clock, and the quiet
+/// phase in which the run asks the nodes whether anything is still open.
+#[derive(Default)]
+struct Watch {
+    quiet_since: Option<Duration>,
+    records_behind_since: Option<Duration>,
+    records_late: bool,
+    probe: Option<Vec<Option<oneshot::Receiver<Status>>>>,
+    probe_clean: bool,
+    last_probe: Duration,
+}
+
+impl Watch {
+    /// Whether some node still lacks another's newest record (which keeps the run going
+    /// until the time limit). Invariant (records, liveness): once faults heal, a record
+    /// reaches every node up within `liveness` (a refresh makes nodes briefly behind: each
+    /// episode is measured from its start, or from the last fault if later).
+    fn records(
+        &mut self,
+        s: &Shared,
+        scenario: &Scenario,
+        timeline: &Timeline,
+        now: Duration,
+        failures: &mut Vec<String>,
+    ) -> bool {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let behind = match s.records.as_ref().map(|r| r.behind(&up)) {
+            Some(behind) if !behind.is_empty() => behind,
+            _ => {
+                self.records_behind_since = None;
+                return false;
+            }
+        };
+        let since = *self.records_behind_since.get_or_insert(now);
+        let from = since.max(timeline.last_fault);
+        if now > from + scenario.liveness && !self.records_late {
+            self.records_late = true;
+            let (receiver, owner) = behind[0];
+            failures.push(format!(
+                "liveness: {} still lacked {}'s newest record at {now:?}, more than {:?} \
+                 after {from:?}",
+                s.names[receiver], s.names[owner], scenario.liveness
+            ));
+        }
+        true
+    }
+
+    /// Nothing pending and nothing due: whether the run may end. It ends once `settle`
+    /// passed, or as soon as every node reports nothing open, rather than always waiting
+    /// out the idle timeout.
+    fn quiet(&mut self, shared: &Arc<Mutex<Shared>>, now: Duration, settle: Duration) -> bool {
+        let since = *self.quiet_since.get_or_insert(now);
+        if now >= since + settle {
+            return true;
+        }
+        match &mut self.probe {
+            Some(receivers) if receivers.iter().all(|r| r.is_none()) => {
+                if self.probe_clean {
+                    return true;
+                }
+                self.probe = None;
+            }
+            Some(receivers) => {
+                for r in receivers.iter_mut() {
+                    if let Some(rx) = r
+                        && let Ok(status) = rx.try_recv()
+                    {
+                        self.probe_clean &= status.open_connections == 0
+                            && status.connection_tasks == 0
+                            && status.pending_responses == 0;
+                        *r = None;
+                    }
+                }
+            }
+            None if now >= self.last_probe + PROBE_EVERY => {
+                self.last_probe = now;
+                self.probe_clean = true;
+                self.probe = Some(request_statuses(shared));
+            }
+            None => {}
+        }
+        false
+    }
+
+    /// Something is pending or due: the quiet phase starts over.
+    fn noisy(&mut self) {
+        self.quiet_since = None;
+        self.probe = None;
     }
 }

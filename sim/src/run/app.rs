@@ -49,66 +49,14 @@ pub(super) fn on_event(
             redelivered,
             ..
         } => {
-            let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
-            let label = s.label(dialer, exchange);
-            if redelivered {
-                *s.redelivered.entry((node, peer, exchange)).or_default() += 1;
-                if s.answered.contains(&(node, peer, exchange)) {
-                    let name = s.names[node].clone();
-                    s.errors.push(format!(
-                        "{label} redelivered to {name} after its application answered it"
-                    ));
-                }
-            } else {
-                *s.delivered
-                    .entry((node, incarnation, peer, exchange))
-                    .or_default() += 1;
-                if payload == crate::swarm::PROBE.as_bytes() {
-                    s.probe_deliveries
-                        .insert((node, incarnation, peer, exchange));
-                }
-            }
-            let again = if redelivered { ", redelivered" } else { "" };
-            s.push(
-                node,
-                What::Event(format!("request {label} ({} B{again})", payload.len())),
-            );
-            s.nodes[node].received += 1;
-            let mut reply = b"re:".to_vec();
-            reply.extend_from_slice(&payload);
-            let delay = match app {
-                App::Echo | App::Refuse { .. } => Some(Duration::ZERO),
-                App::Slow { reply_after } => Some(*reply_after),
-                App::CrashProne { after, .. } => {
-                    if s.nodes[node].received >= *after {
-                        s.crash_requests.push_back(node);
-                        None
-                    } else {
-                        Some(Duration::ZERO)
-                    }
-                }
-                App::Never | App::Manual => None,
-                App::Reject => {
-                    let handler = handler.clone();
-                    tokio::spawn(async move {
-                        let _ = handler.reject(peer, exchange).await;
-                    });
-                    None
-                }
-            };
             drop(s);
-            if let Some(delay) = delay {
-                let handler = handler.clone();
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    if handler.response_to(peer, exchange, reply).await.is_ok() {
-                        lock(&shared).answered.insert((node, peer, exchange));
-                    }
-                });
-            }
+            let request = Delivery {
+                peer,
+                exchange,
+                payload,
+                redelivered,
+            };
+            on_request(shared, node, handler, app, request);
         }
         Event::Reply {
             exchange,
@@ -134,6 +82,93 @@ pub(super) fn on_event(
             drop(s);
             on_notice(shared, node, Notice::Event(other));
         }
+    }
+}
+
+/// A request the handler delivered to a node's application.
+struct Delivery {
+    peer: PeerId,
+    exchange: p2p_handler::wire::ExchangeId,
+    payload: bytes::Bytes,
+    redelivered: bool,
+}
+
+/// Counts a delivery (invariants: no duplicate, nothing redelivered once answered) and
+/// answers it as the node's application does.
+fn on_request(
+    shared: &Arc<Mutex<Shared>>,
+    node: usize,
+    handler: &Handler,
+    app: &App,
+    request: Delivery,
+) {
+    let Delivery {
+        peer,
+        exchange,
+        payload,
+        redelivered,
+    } = request;
+    let mut s = lock(shared);
+    let incarnation = s.incarnation_key(node);
+    let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+    let label = s.label(dialer, exchange);
+    if redelivered {
+        *s.redelivered.entry((node, peer, exchange)).or_default() += 1;
+        if s.answered.contains(&(node, peer, exchange)) {
+            let name = s.names[node].clone();
+            s.errors.push(format!(
+                "{label} redelivered to {name} after its application answered it"
+            ));
+        }
+    } else {
+        *s.delivered
+            .entry((node, incarnation, peer, exchange))
+            .or_default() += 1;
+        if payload == crate::swarm::PROBE.as_bytes() {
+            s.probe_deliveries
+                .insert((node, incarnation, peer, exchange));
+        }
+    }
+    let again = if redelivered { ", redelivered" } else { "" };
+    s.push(
+        node,
+        What::Event(format!("request {label} ({} B{again})", payload.len())),
+    );
+    s.nodes[node].received += 1;
+    let mut reply = b"re:".to_vec();
+    reply.extend_from_slice(&payload);
+    let delay = match app {
+        App::Echo | App::Refuse { .. } => Some(Duration::ZERO),
+        App::Slow { reply_after } => Some(*reply_after),
+        App::CrashProne { after, .. } => {
+            if s.nodes[node].received >= *after {
+                s.crash_requests.push_back(node);
+                None
+            } else {
+                Some(Duration::ZERO)
+            }
+        }
+        App::Never | App::Manual => None,
+        App::Reject => {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _ = handler.reject(peer, exchange).await;
+            });
+            None
+        }
+    };
+    drop(s);
+    if let Some(delay) = delay {
+        let handler = handler.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if handler.response_to(peer, exchange, reply).await.is_ok() {
+                lock(&shared).answered.insert((node, peer, exchange));
+            }
+        });
     }
 }
 

@@ -6,6 +6,7 @@ use super::timeline::Timeline;
 use super::world::Shared;
 use crate::scenario::Scenario;
 
+/// Judges a finished run: the invariants always, the expectations when asked.
 pub(super) fn check(
     scenario: &Scenario,
     s: &Shared,
@@ -14,6 +15,24 @@ pub(super) fn check(
     expectations: bool,
     failures: &mut Vec<String>,
 ) {
+    duplicates(s, failures);
+    exactly_once(s, failures);
+    nothing_lost(s, failures);
+    attempts_bounded(scenario, s, failures);
+    no_leaks(scenario, s, statuses, failures);
+    healed(scenario, s, timeline, failures);
+    membership(scenario, s, timeline, failures);
+    records(s, failures);
+    refusals(scenario, s, failures);
+    // They assume the scenario's own timing, so a swarm run, which shifts timing and
+    // latency, checks only the invariants above.
+    if expectations {
+        expected(scenario, s, statuses, failures);
+    }
+}
+
+/// No request reaches an application twice.
+fn duplicates(s: &Shared, failures: &mut Vec<String>) {
     // Invariant: no request reaches an application twice.
     for ((node, _, peer, exchange), n) in &s.delivered {
         if *n > 1 {
@@ -26,6 +45,10 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// Every request ends in exactly one reply or failure (unless its node died).
+fn exactly_once(s: &Shared, failures: &mut Vec<String>) {
     // Invariant: every request ends in exactly one reply or failure (unless its node died).
     for ((node, inc, exchange), n) in &s.outcomes {
         // A durable node's exchange outlives a crash: its outcome is owed after a restart.
@@ -40,6 +63,11 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// Nothing acknowledged is lost: a request the dialer saw acknowledged by a durable
+/// responder reached that responder's application (in some incarnation).
+fn nothing_lost(s: &Shared, failures: &mut Vec<String>) {
     // Invariant: nothing acknowledged is lost: a request the dialer saw acknowledged by a
     // durable responder reached that responder's application (in some incarnation).
     for (dialer, responder, exchange) in &s.acked {
@@ -56,6 +84,10 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// Resends stay within the configured bound.
+fn attempts_bounded(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
     // Invariant: resends stay within the configured bound.
     for ((node, exchange), attempt) in &s.attempts {
         let max = scenario.config_of(*node).max_attempts;
@@ -66,6 +98,15 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// No connection or task leaks at the end, and every node up reports its status.
+fn no_leaks(
+    scenario: &Scenario,
+    s: &Shared,
+    statuses: &[Option<Status>],
+    failures: &mut Vec<String>,
+) {
     // Invariant: no connection or task leaks at the end.
     let open: u64 = statuses
         .iter()
@@ -92,6 +133,10 @@ pub(super) fn check(
             failures.push(format!("{} did not report its status", s.names[i]));
         }
     }
+}
+
+/// Progress and liveness once healed.
+fn healed(scenario: &Scenario, s: &Shared, timeline: &Timeline, failures: &mut Vec<String>) {
     // Invariant: progress once healed. Probes sent after the last heal must be answered:
     // a failure ends an exchange but is not progress.
     for f in &s.probe_failures {
@@ -106,6 +151,11 @@ pub(super) fn check(
             s.last_outcome, scenario.liveness, timeline.last_fault
         ));
     }
+}
+
+/// Membership: every member of the newest document reached it, within `liveness` of
+/// the last fault.
+fn membership(scenario: &Scenario, s: &Shared, timeline: &Timeline, failures: &mut Vec<String>) {
     // Invariant (membership): every member of the newest document reached it, within
     // `liveness` of the last fault.
     if let Some(m) = &s.membership {
@@ -133,6 +183,11 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// Records: no dial steered by a record its owner did not sign; every node up holds
+/// every other's newest record.
+fn records(s: &Shared, failures: &mut Vec<String>) {
     // Invariants (records): no dial steered by a record its owner did not sign; every node
     // up holds every other's newest record, within `liveness` of the last fault.
     if let Some(r) = &s.records {
@@ -152,6 +207,11 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// A step the handler refused is a mistake in the scenario unless it says it expects
+/// refusals (`refused = N`): otherwise it would pass having tested nothing.
+fn refusals(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
     // A step the handler refused is a mistake in the scenario unless it says it expects
     // refusals (`refused = N`): otherwise it would pass having tested nothing.
     if scenario.expect.refused.is_none() {
@@ -161,11 +221,17 @@ pub(super) fn check(
             ));
         }
     }
+}
+
+/// The scenario's own expectations.
+fn expected(
+    scenario: &Scenario,
+    s: &Shared,
+    statuses: &[Option<Status>],
+    failures: &mut Vec<String>,
+) {
     // Scenario expectations (they assume the scenario's own timing, so a swarm run, which
     // shifts timing and latency, checks only the invariants above).
-    if !expectations {
-        return;
-    }
     let sum = |f: fn(&Status) -> u64| -> u64 { statuses.iter().flatten().map(f).sum() };
     let delivered = s
         .delivered
@@ -220,21 +286,7 @@ pub(super) fn check(
             s.records.as_ref().map_or(0, |r| r.inactive),
         ),
     ];
-    if let (Some(want), Some(m)) = (e.membership_epoch, &s.membership) {
-        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
-        for i in (0..s.names.len()).filter(|&i| up[i]) {
-            let member = m
-                .target()
-                .is_none_or(|t| t.document().member(&s.keys[i].peer_id()).is_some());
-            if member && m.held(i).0 != want {
-                failures.push(format!(
-                    "expected membership_epoch = {want} at {}, got {}",
-                    s.names[i],
-                    m.held(i).0
-                ));
-            }
-        }
-    }
+    membership_epoch(s, e.membership_epoch, failures);
     for (what, want, got) in counts.into_iter().chain(membership_counts) {
         if let Some(want) = want
             && !want.holds(got)
@@ -264,5 +316,24 @@ pub(super) fn check(
             "last exchange ended at {:?}, expected after {after:?}",
             s.last_outcome
         ));
+    }
+}
+
+/// `membership_epoch = N`: every member up holds epoch N at the end.
+fn membership_epoch(s: &Shared, want: Option<u64>, failures: &mut Vec<String>) {
+    if let (Some(want), Some(m)) = (want, &s.membership) {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        for i in (0..s.names.len()).filter(|&i| up[i]) {
+            let member = m
+                .target()
+                .is_none_or(|t| t.document().member(&s.keys[i].peer_id()).is_some());
+            if member && m.held(i).0 != want {
+                failures.push(format!(
+                    "expected membership_epoch = {want} at {}, got {}",
+                    s.names[i],
+                    m.held(i).0
+                ));
+            }
+        }
     }
 }

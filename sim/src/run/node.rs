@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use p2p_handler::endpoint::Failure;
 use p2p_handler::{
-    AllowList, AllowedPeer, Event, Handler, Inbox, MemoryStore, Notice, Options, PeerId, Status,
+    AllowList, AllowedPeer, Event, Handler, Inbox, Keypair, MemoryStore, Notice, Options, PeerId,
+    Status,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -60,108 +61,23 @@ pub(super) enum NodeCommand {
     },
 }
 
+/// A node's host: starts the handler as the scenario configures this node, then serves the
+/// simulator's commands and hands the handler's events to the application until a stop.
 pub(super) async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoil::Result {
     let (tx, mut commands) = mpsc::unbounded_channel();
-    let (key, allow, config, seed, app, incarnation, store, sabotage) = {
-        let mut s = lock(&shared);
-        let durable = s.scenario.durable_of(node);
-        let latency = s
-            .scenario
-            .storage_fault
-            .then_some(s.scenario.commit_latency);
-        let state = &mut s.nodes[node];
-        state.incarnation += 1;
-        state.up = true;
-        state.received = 0;
-        let incarnation = state.incarnation;
-        let store = durable.then(|| SimStore {
-            rows: state.store.get_or_insert_with(MemoryStore::new).clone(),
-            latency,
-        });
-        let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
-        rng.set_stream(1 + node as u64 * 1000 + incarnation);
-        let mut seed = [0u8; 32];
-        rng.fill_bytes(&mut seed);
-        let spec = &s.scenario.nodes[node];
-        let allowed: Vec<[u8; 32]> = match &spec.allow {
-            Some(names) => names
-                .iter()
-                .filter_map(|n| s.scenario.node_index(n))
-                .map(|i| *s.keys[i].public_bytes())
-                .collect(),
-            None => s
-                .keys
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != node)
-                .map(|(_, k)| *k.public_bytes())
-                .collect(),
-        };
-        // Members of one network know each other's keys: they dial each other with IK.
-        let allow = if spec.know_keys {
-            AllowList::from_keys(allowed)
-        } else {
-            AllowList::from_peers(allowed.iter().map(p2p_handler::PeerId::from_public_key))
-        };
-        let app = spec.app.clone();
-        let config = s.scenario.config_of(node);
-        let sabotage = s.scenario.sabotage;
-        s.push(node, What::Start);
-        let genesis = s.membership.as_mut().map(|m| {
-            m.on_start(node, durable);
-            m.genesis().clone()
-        });
-        let records = s.records.as_mut().map(|r| {
-            r.on_start(node, durable);
-            (r.listen_addr(node), r.ttl)
-        });
-        (
-            s.keys[node].clone(),
-            allow,
-            config,
-            seed,
-            app,
-            incarnation,
-            store,
-            (sabotage, genesis, records),
-        )
-    };
-    let (sabotage, genesis, records) = sabotage;
-    let tap = Arc::new(SimTap {
-        shared: shared.clone(),
-        node,
-    });
-    let port = records.map_or(PORT, |(addr, _)| addr.port());
-    let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-    // The wall clock is virtual too: a fixed epoch plus simulated time, so stored deadlines
-    // replay identically.
-    let wall: p2p_handler::WallClock =
-        Arc::new(|| std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now());
-    let mut options = Options::new(config, seed)
-        .incarnation(incarnation)
-        .tap(tap)
-        .wall_clock(wall);
-    options.sabotage = sabotage;
-    if let Some(genesis) = genesis {
-        options = options.membership(genesis);
-    }
-    if let Some((addr, ttl)) = records {
-        // No directory: members find each other from the document's first addresses and
-        // pass records on among themselves.
-        options = options.records(p2p_handler::records::RecordOptions {
-            addresses: vec![addr],
-            ttl,
-            ..Default::default()
-        });
-    }
-    if let Some(store) = store {
-        options = options.store(store);
-    }
+    let start = Start::new(&shared, node);
     let transport = TurmoilTransport::new();
     lock(&shared).nodes[node].crash_switch = Some(transport.crashing());
-    let (handler, mut inbox) = Handler::spawn_with(transport, listen, key, allow, options)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (handler, mut inbox) = Handler::spawn_with(
+        transport,
+        start.listen,
+        start.key,
+        start.allow,
+        start.options,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let app = start.app;
     // Listening: from now on the simulator may send this node commands.
     lock(&shared).nodes[node].commands = Some(tx);
     loop {
@@ -180,6 +96,117 @@ pub(super) async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoi
         }
     }
     Ok(())
+}
+
+/// What a node starts its handler with, in this incarnation.
+struct Start {
+    key: Keypair,
+    allow: AllowList,
+    app: App,
+    listen: SocketAddr,
+    options: Options,
+}
+
+impl Start {
+    /// Counts the new incarnation (the node is up from here) and derives everything the
+    /// handler needs from the scenario and the seed.
+    fn new(shared: &Arc<Mutex<Shared>>, node: usize) -> Self {
+        let mut s = lock(shared);
+        let durable = s.scenario.durable_of(node);
+        let latency = s
+            .scenario
+            .storage_fault
+            .then_some(s.scenario.commit_latency);
+        let state = &mut s.nodes[node];
+        state.incarnation += 1;
+        state.up = true;
+        state.received = 0;
+        let incarnation = state.incarnation;
+        let store = durable.then(|| SimStore {
+            rows: state.store.get_or_insert_with(MemoryStore::new).clone(),
+            latency,
+        });
+        let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
+        rng.set_stream(1 + node as u64 * 1000 + incarnation);
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let allow = allow_list(&s, node);
+        let app = s.scenario.nodes[node].app.clone();
+        let config = s.scenario.config_of(node);
+        let sabotage = s.scenario.sabotage;
+        s.push(node, What::Start);
+        let genesis = s.membership.as_mut().map(|m| {
+            m.on_start(node, durable);
+            m.genesis().clone()
+        });
+        let records = s.records.as_mut().map(|r| {
+            r.on_start(node, durable);
+            (r.listen_addr(node), r.ttl)
+        });
+        let key = s.keys[node].clone();
+        drop(s);
+        let tap = Arc::new(SimTap {
+            shared: shared.clone(),
+            node,
+        });
+        let port = records.map_or(PORT, |(addr, _)| addr.port());
+        // The wall clock is virtual too: a fixed epoch plus simulated time, so stored
+        // deadlines replay identically.
+        let wall: p2p_handler::WallClock =
+            Arc::new(|| std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + now());
+        let mut options = Options::new(config, seed)
+            .incarnation(incarnation)
+            .tap(tap)
+            .wall_clock(wall);
+        options.sabotage = sabotage;
+        if let Some(genesis) = genesis {
+            options = options.membership(genesis);
+        }
+        if let Some((addr, ttl)) = records {
+            // No directory: members find each other from the document's first addresses
+            // and pass records on among themselves.
+            options = options.records(p2p_handler::records::RecordOptions {
+                addresses: vec![addr],
+                ttl,
+                ..Default::default()
+            });
+        }
+        if let Some(store) = store {
+            options = options.store(store);
+        }
+        Self {
+            key,
+            allow,
+            app,
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            options,
+        }
+    }
+}
+
+/// The node's allow list: the nodes it names, or every other node.
+fn allow_list(s: &Shared, node: usize) -> AllowList {
+    let spec = &s.scenario.nodes[node];
+    let allowed: Vec<[u8; 32]> = match &spec.allow {
+        Some(names) => names
+            .iter()
+            .filter_map(|n| s.scenario.node_index(n))
+            .map(|i| *s.keys[i].public_bytes())
+            .collect(),
+        None => s
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != node)
+            .map(|(_, k)| *k.public_bytes())
+            .collect(),
+    };
+    // Members of one network know each other's keys: they dial each other with IK.
+    if spec.know_keys {
+        AllowList::from_keys(allowed)
+    } else {
+        AllowList::from_peers(allowed.iter().map(p2p_handler::PeerId::from_public_key))
+    }
 }
 
 /// How long a `stop` step lets started work finish when it names no grace.
@@ -350,23 +377,7 @@ pub(super) async fn run_command(
             }
         }
         NodeCommand::OfferMembership { document } => {
-            let epoch = document.epoch();
-            let text = match handler.offer_membership(*document).await {
-                Ok(applied) if applied.is_empty() => {
-                    format!("membership epoch {epoch}: held already")
-                }
-                Ok(_) => format!("membership epoch {epoch} offered: accepted"),
-                Err(p2p_handler::HandlerError::MembershipRefused(refused)) => format!(
-                    "membership epoch {epoch} offered: refused ({})",
-                    refused
-                        .reasons
-                        .iter()
-                        .map(|r| r.code())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                Err(e) => format!("membership epoch {epoch} offered: {e}"),
-            };
+            let text = offer_membership(handler, *document).await;
             lock(shared).push(node, What::App(text));
         }
         NodeCommand::OfferRecords { records } => {
@@ -379,6 +390,25 @@ pub(super) async fn run_command(
         }
         // Handled by the node's loop, which ends with it.
         NodeCommand::Stop { .. } => {}
+    }
+}
+
+/// Hands a document to the handler as its operator would; what came of it, for the trace.
+async fn offer_membership(handler: &Handler, document: p2p_handler::membership::Signed) -> String {
+    let epoch = document.epoch();
+    match handler.offer_membership(document).await {
+        Ok(applied) if applied.is_empty() => format!("membership epoch {epoch}: held already"),
+        Ok(_) => format!("membership epoch {epoch} offered: accepted"),
+        Err(p2p_handler::HandlerError::MembershipRefused(refused)) => format!(
+            "membership epoch {epoch} offered: refused ({})",
+            refused
+                .reasons
+                .iter()
+                .map(|r| r.code())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Err(e) => format!("membership epoch {epoch} offered: {e}"),
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use p2p_handler::PeerId;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
@@ -131,6 +132,7 @@ pub(super) fn offer_record(
     }
 }
 
+/// Runs step `index` now.
 pub(super) fn execute(
     sim: &mut turmoil::Sim<'_>,
     shared: &Arc<Mutex<Shared>>,
@@ -140,240 +142,297 @@ pub(super) fn execute(
     step: &Step,
     now: Duration,
 ) {
-    let idx = |n: &Option<String>| {
-        n.as_deref()
-            .and_then(|n| scenario.node_index(n))
-            .unwrap_or(0)
-    };
-    let name = |n: &Option<String>| n.clone().unwrap_or_default();
     let rule = lock(shared).rule_text(index);
     lock(shared).coverage.insert(coverage::step(step.action));
     if step.action.is_fault() || step.action.is_heal() {
         timeline.last_fault = now;
     }
-    let fault = |what: String| {
-        let mut s = lock(shared);
+    let mut exec = Exec {
+        sim,
+        shared,
+        scenario,
+        index,
+        step,
+        now,
+        rule,
+    };
+    use ActionKind as A;
+    match step.action {
+        A::Request => exec.request(),
+        A::Respond | A::Allow | A::Revoke | A::AllowList => exec.app_command(),
+        A::Partition
+        | A::PartitionOneway
+        | A::Hold
+        | A::Release
+        | A::Repair
+        | A::RepairOneway
+        | A::Latency
+        | A::FailRate => exec.network(),
+        A::Crash | A::Stop | A::Restart => exec.node_fault(),
+        A::Membership => exec.membership(),
+        A::OfferRecord => exec.offer_record(),
+        A::Drop | A::Delay | A::Duplicate | A::Corrupt | A::Nack => exec.arm_rule(),
+    }
+}
+
+/// One step being executed, and the helpers its actions share.
+struct Exec<'a, 'b> {
+    sim: &'a mut turmoil::Sim<'b>,
+    shared: &'a Arc<Mutex<Shared>>,
+    scenario: &'a Scenario,
+    index: usize,
+    step: &'a Step,
+    now: Duration,
+    /// Where the step came from, for the trace.
+    rule: String,
+}
+
+impl Exec<'_, '_> {
+    /// A node named by the step (the first node if absent: validation rules that out).
+    fn idx(&self, n: &Option<String>) -> usize {
+        n.as_deref()
+            .and_then(|n| self.scenario.node_index(n))
+            .unwrap_or(0)
+    }
+
+    fn name(n: &Option<String>) -> String {
+        n.clone().unwrap_or_default()
+    }
+
+    /// Traces a fault (or a skipped step) on the simulator's lane.
+    fn fault(&self, what: String) {
+        let mut s = lock(self.shared);
         s.trace.push(
-            now,
+            self.now,
             "sim",
             What::Fault {
                 what,
-                rule: rule.clone(),
+                rule: self.rule.clone(),
                 link: None,
             },
         );
-    };
-    let send = |node: usize, command: NodeCommand| {
-        let s = lock(shared);
+    }
+
+    /// Traces what a step made a node's application do.
+    fn app(&self, node: &Option<String>, text: String) {
+        lock(self.shared)
+            .trace
+            .push(self.now, &Self::name(node), What::App(text));
+    }
+
+    /// Sends a command to a node; false when it is down.
+    fn send(&self, node: usize, command: NodeCommand) -> bool {
+        let s = lock(self.shared);
         match &s.nodes[node].commands {
             Some(tx) if s.nodes[node].up => tx.send(command).is_ok(),
             _ => false,
         }
-    };
-    let peer = |i: usize| lock(shared).keys[i].peer_id();
-    let key = |i: usize| *lock(shared).keys[i].public_bytes();
-    let addr = |i: usize| SocketAddr::new(sim.lookup(scenario.nodes[i].name.as_str()), PORT);
-    // With records, requests go by peer id alone: the address comes from records.
-    let by_id = scenario.records.is_some();
-    use ActionKind as A;
-    match step.action {
-        A::Request => {
-            let (from, to) = (idx(&step.from), idx(&step.to));
-            let target = step.via.as_ref().map_or(to, |v| idx(&Some(v.clone())));
-            let payload = match (step.size, &step.payload) {
-                (Some(n), _) => Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
-                (None, Some(p)) => Bytes::from(p.clone()),
-                (None, None) => Bytes::from(format!("hello from {}", name(&step.from))),
+    }
+
+    fn peer(&self, i: usize) -> PeerId {
+        lock(self.shared).keys[i].peer_id()
+    }
+
+    fn key(&self, i: usize) -> [u8; 32] {
+        *lock(self.shared).keys[i].public_bytes()
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(self.sim.lookup(self.scenario.nodes[i].name.as_str()), PORT)
+    }
+
+    fn request(&mut self) {
+        let step = self.step;
+        let (from, to) = (self.idx(&step.from), self.idx(&step.to));
+        let target = step.via.as_ref().map_or(to, |v| self.idx(&Some(v.clone())));
+        let payload = match (step.size, &step.payload) {
+            (Some(n), _) => Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+            (None, Some(p)) => Bytes::from(p.clone()),
+            (None, None) => Bytes::from(format!("hello from {}", Self::name(&step.from))),
+        };
+        // With records, requests go by peer id alone: the address comes from records.
+        let by_id = self.scenario.records.is_some();
+        for _ in 0..step.count.unwrap_or(1) {
+            let command = NodeCommand::Request {
+                to: self.peer(to),
+                addr: (!by_id || step.via.is_some()).then(|| self.addr(target)),
+                payload: payload.clone(),
             };
-            for _ in 0..step.count.unwrap_or(1) {
-                let command = NodeCommand::Request {
-                    to: peer(to),
-                    addr: (!by_id || step.via.is_some()).then(|| addr(target)),
-                    payload: payload.clone(),
-                };
-                if !send(from, command) {
-                    fault(format!(
-                        "request from {} skipped: node is down",
-                        name(&step.from)
+            if !self.send(from, command) {
+                self.fault(format!(
+                    "request from {} skipped: node is down",
+                    Self::name(&step.from)
+                ));
+            }
+        }
+    }
+
+    /// Steps that change what a node's application or allow list does.
+    fn app_command(&mut self) {
+        let step = self.step;
+        let node = self.idx(&step.node);
+        let to = self.idx(&step.to);
+        use ActionKind as A;
+        match step.action {
+            A::Respond => {
+                let _ = self.send(
+                    node,
+                    NodeCommand::Respond {
+                        peer: self.peer(to),
+                    },
+                );
+            }
+            A::Allow => {
+                let _ = self.send(node, NodeCommand::Allow { key: self.key(to) });
+                self.app(&step.node, format!("allow {}", Self::name(&step.to)));
+            }
+            A::Revoke => {
+                let _ = self.send(
+                    node,
+                    NodeCommand::Revoke {
+                        peer: self.peer(to),
+                    },
+                );
+                self.app(&step.node, format!("revoke {}", Self::name(&step.to)));
+            }
+            _ => {
+                let names: Vec<String> = step.peers.iter().flatten().cloned().collect();
+                let keys = names
+                    .iter()
+                    .map(|n| self.key(self.idx(&Some(n.clone()))))
+                    .collect();
+                let _ = self.send(node, NodeCommand::SetAllowList { keys });
+                self.app(&step.node, format!("allow list [{}]", names.join(", ")));
+            }
+        }
+    }
+
+    /// Partitions, holds, repairs, latency and loss: turmoil's own verbs.
+    fn network(&mut self) {
+        let step = self.step;
+        let (a, b) = (Self::name(&step.a), Self::name(&step.b));
+        let (from, to) = (Self::name(&step.from), Self::name(&step.to));
+        let (a, b, from, to) = (a.as_str(), b.as_str(), from.as_str(), to.as_str());
+        use ActionKind as A;
+        let what = match step.action {
+            A::Partition => format!("partition {a} | {b}"),
+            A::PartitionOneway => format!("partition {from} -> {to}"),
+            A::Hold => format!("hold {a} | {b}"),
+            A::Release => format!("release {a} | {b}"),
+            A::Repair => format!("repair {a} | {b}"),
+            A::RepairOneway => format!("repair {from} -> {to}"),
+            A::Latency => format!("latency {a} | {b} = {:?}", step.latency.unwrap_or_default()),
+            _ => format!("fail rate {a} | {b} = {}", step.rate.unwrap_or_default()),
+        };
+        self.fault(what);
+        let sim = &mut *self.sim;
+        match step.action {
+            A::Partition => sim.partition(a, b),
+            A::PartitionOneway => sim.partition_oneway(from, to),
+            A::Hold => sim.hold(a, b),
+            A::Release => sim.release(a, b),
+            A::Repair => sim.repair(a, b),
+            A::RepairOneway => sim.repair_oneway(from, to),
+            A::Latency => sim.set_link_latency(a, b, step.latency.unwrap_or_default()),
+            _ => sim.set_link_fail_rate(a, b, step.rate.unwrap_or_default()),
+        }
+    }
+
+    /// Crash, graceful stop, restart (on another port with records: a move).
+    fn node_fault(&mut self) {
+        let step = self.step;
+        let node = self.idx(&step.node);
+        match step.action {
+            ActionKind::Crash => crash(self.sim, self.shared, node, self.rule.clone()),
+            ActionKind::Stop => {
+                let grace = step.grace.unwrap_or(DEFAULT_GRACE);
+                if self.send(node, NodeCommand::Stop { grace }) {
+                    self.fault(format!("stop {} (grace {grace:?})", Self::name(&step.node)));
+                }
+            }
+            _ => {
+                if let Some(port) = step.port
+                    && let Some(r) = lock(self.shared).records.as_mut()
+                {
+                    r.move_to(node, port);
+                }
+                restart(self.sim, self.shared, node, self.rule.clone());
+            }
+        }
+    }
+
+    /// A membership document made and signed as the step says, handed to a node.
+    fn membership(&mut self) {
+        let step = self.step;
+        let node = self.idx(&step.node);
+        let made = {
+            let mut s = lock(self.shared);
+            match s.membership.as_mut() {
+                Some(m) => m.make(step, self.scenario),
+                None => Err("no [membership] table".to_owned()),
+            }
+        };
+        let document = match made {
+            Ok(document) => document,
+            Err(e) => {
+                let e = format!("step {}: {e}", self.index + 1);
+                lock(self.shared).errors.push(e);
+                return;
+            }
+        };
+        let text = format!(
+            "hand membership epoch {} ({}) signed by {} to {}",
+            document.epoch(),
+            document.digest().short(),
+            document.signatures().len(),
+            Self::name(&step.node)
+        );
+        self.app(&step.node, text);
+        lock(self.shared).last_handed = self.now;
+        let document = Box::new(document);
+        if !self.send(node, NodeCommand::OfferMembership { document }) {
+            self.fault(format!(
+                "membership for {} skipped: node is down",
+                Self::name(&step.node)
+            ));
+        }
+    }
+
+    /// A replayed or forged record handed to a node as its directory would.
+    fn offer_record(&mut self) {
+        let step = self.step;
+        let (receiver, owner) = (self.idx(&step.node), self.idx(&step.to));
+        let forger = self.idx(&step.from);
+        let record = offer_record(&mut lock(self.shared), step, owner, forger);
+        match record {
+            Ok((text, bytes)) => {
+                self.app(&step.node, text);
+                let records = vec![bytes];
+                if !self.send(receiver, NodeCommand::OfferRecords { records }) {
+                    self.fault(format!(
+                        "record for {} skipped: node is down",
+                        Self::name(&step.node)
                     ));
                 }
             }
-        }
-        A::Respond => {
-            let _ = send(
-                idx(&step.node),
-                NodeCommand::Respond {
-                    peer: peer(idx(&step.to)),
-                },
-            );
-        }
-        A::Allow => {
-            let _ = send(
-                idx(&step.node),
-                NodeCommand::Allow {
-                    key: key(idx(&step.to)),
-                },
-            );
-            lock(shared).trace.push(
-                now,
-                &name(&step.node),
-                What::App(format!("allow {}", name(&step.to))),
-            );
-        }
-        A::Revoke => {
-            let _ = send(
-                idx(&step.node),
-                NodeCommand::Revoke {
-                    peer: peer(idx(&step.to)),
-                },
-            );
-            lock(shared).trace.push(
-                now,
-                &name(&step.node),
-                What::App(format!("revoke {}", name(&step.to))),
-            );
-        }
-        A::AllowList => {
-            let names: Vec<String> = step.peers.iter().flatten().cloned().collect();
-            let keys = names.iter().map(|n| key(idx(&Some(n.clone())))).collect();
-            let _ = send(idx(&step.node), NodeCommand::SetAllowList { keys });
-            lock(shared).trace.push(
-                now,
-                &name(&step.node),
-                What::App(format!("allow list [{}]", names.join(", "))),
-            );
-        }
-        A::Partition => {
-            fault(format!("partition {} | {}", name(&step.a), name(&step.b)));
-            sim.partition(name(&step.a).as_str(), name(&step.b).as_str());
-        }
-        A::PartitionOneway => {
-            fault(format!(
-                "partition {} -> {}",
-                name(&step.from),
-                name(&step.to)
-            ));
-            sim.partition_oneway(name(&step.from).as_str(), name(&step.to).as_str());
-        }
-        A::Hold => {
-            fault(format!("hold {} | {}", name(&step.a), name(&step.b)));
-            sim.hold(name(&step.a).as_str(), name(&step.b).as_str());
-        }
-        A::Release => {
-            fault(format!("release {} | {}", name(&step.a), name(&step.b)));
-            sim.release(name(&step.a).as_str(), name(&step.b).as_str());
-        }
-        A::Repair => {
-            fault(format!("repair {} | {}", name(&step.a), name(&step.b)));
-            sim.repair(name(&step.a).as_str(), name(&step.b).as_str());
-        }
-        A::RepairOneway => {
-            fault(format!("repair {} -> {}", name(&step.from), name(&step.to)));
-            sim.repair_oneway(name(&step.from).as_str(), name(&step.to).as_str());
-        }
-        A::Membership => {
-            let node = idx(&step.node);
-            let made = {
-                let mut s = lock(shared);
-                match s.membership.as_mut() {
-                    Some(m) => m.make(step, scenario),
-                    None => Err("no [membership] table".to_owned()),
-                }
-            };
-            match made {
-                Ok(document) => {
-                    let text = format!(
-                        "hand membership epoch {} ({}) signed by {} to {}",
-                        document.epoch(),
-                        document.digest().short(),
-                        document.signatures().len(),
-                        name(&step.node)
-                    );
-                    let mut s = lock(shared);
-                    s.trace.push(now, &name(&step.node), What::App(text));
-                    s.last_handed = now;
-                    drop(s);
-                    let document = Box::new(document);
-                    if !send(node, NodeCommand::OfferMembership { document }) {
-                        fault(format!(
-                            "membership for {} skipped: node is down",
-                            name(&step.node)
-                        ));
-                    }
-                }
-                Err(e) => lock(shared).errors.push(format!("step {}: {e}", index + 1)),
+            Err(e) => {
+                let e = format!("step {}: {e}", self.index + 1);
+                lock(self.shared).errors.push(e);
             }
         }
-        A::Crash => crash(sim, shared, idx(&step.node), rule.clone()),
-        A::Stop => {
-            let grace = step.grace.unwrap_or(DEFAULT_GRACE);
-            if send(idx(&step.node), NodeCommand::Stop { grace }) {
-                fault(format!("stop {} (grace {grace:?})", name(&step.node)));
-            }
-        }
-        A::Restart => {
-            if let Some(port) = step.port
-                && let Some(r) = lock(shared).records.as_mut()
-            {
-                r.move_to(idx(&step.node), port);
-            }
-            restart(sim, shared, idx(&step.node), rule.clone())
-        }
-        A::OfferRecord => {
-            let (receiver, owner) = (idx(&step.node), idx(&step.to));
-            let record = {
-                let mut s = lock(shared);
-                offer_record(&mut s, step, owner, idx(&step.from))
-            };
-            match record {
-                Ok((text, bytes)) => {
-                    lock(shared)
-                        .trace
-                        .push(now, &name(&step.node), What::App(text));
-                    if !send(
-                        receiver,
-                        NodeCommand::OfferRecords {
-                            records: vec![bytes],
-                        },
-                    ) {
-                        fault(format!(
-                            "record for {} skipped: node is down",
-                            name(&step.node)
-                        ));
-                    }
-                }
-                Err(e) => lock(shared).errors.push(format!("step {}: {e}", index + 1)),
-            }
-        }
-        A::Latency => {
-            let latency = step.latency.unwrap_or_default();
-            fault(format!(
-                "latency {} | {} = {latency:?}",
-                name(&step.a),
-                name(&step.b)
-            ));
-            sim.set_link_latency(name(&step.a).as_str(), name(&step.b).as_str(), latency);
-        }
-        A::FailRate => {
-            let rate = step.rate.unwrap_or_default();
-            fault(format!(
-                "fail rate {} | {} = {rate}",
-                name(&step.a),
-                name(&step.b)
-            ));
-            sim.set_link_fail_rate(name(&step.a).as_str(), name(&step.b).as_str(), rate);
-        }
-        A::Drop | A::Delay | A::Duplicate | A::Corrupt | A::Nack => {
-            if let Some(m) = &step.matches {
-                let mut s = lock(shared);
-                s.rules.push(Rule {
-                    step: index,
-                    action: step.action,
-                    matches: Matcher::new(m, scenario),
-                    delay: step.by.unwrap_or_default(),
-                    remaining: step.count.unwrap_or(1),
-                });
-            }
+    }
+
+    /// A message fault, armed until it has applied `count` times.
+    fn arm_rule(&mut self) {
+        let step = self.step;
+        if let Some(m) = &step.matches {
+            lock(self.shared).rules.push(Rule {
+                step: self.index,
+                action: step.action,
+                matches: Matcher::new(m, self.scenario),
+                delay: step.by.unwrap_or_default(),
+                remaining: step.count.unwrap_or(1),
+            });
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::steps::{crash, execute, restart};
+use super::tap::{Matcher, Waiting};
 use super::world::{Shared, lock};
 use crate::scenario::{App, Scenario};
 
@@ -16,6 +17,47 @@ pub(super) struct Timeline {
     pub(super) restarts: Vec<(Duration, usize)>,
     /// Virtual time of the last fault or heal.
     pub(super) last_fault: Duration,
+}
+
+impl Timeline {
+    /// Timed steps in time order; triggered steps wait in `s.waiting` for their message.
+    pub(super) fn new(scenario: &Scenario, s: &mut Shared) -> Self {
+        let mut timed: Vec<(Duration, usize)> = Vec::new();
+        for (i, step) in scenario.steps.iter().enumerate() {
+            let step = step.get_ref();
+            match &step.on {
+                Some(trigger) => s.waiting.push(Waiting {
+                    step: i,
+                    matches: Matcher::new(&trigger.message, scenario),
+                    sent: trigger.sent,
+                    nth: trigger.nth.max(1),
+                    seen: 0,
+                }),
+                None => timed.push((step.at.unwrap_or_default(), i)),
+            }
+        }
+        timed.sort_by_key(|(at, i)| (*at, *i));
+        Self {
+            timed: timed.into(),
+            restarts: Vec::new(),
+            last_fault: Duration::ZERO,
+        }
+    }
+
+    /// Whether anything is still to run: a step, a restart, a fired trigger, a crash an
+    /// app asked for, or a membership document still spreading (members behind the newest
+    /// keep the run going until the time limit, where the convergence invariant reports
+    /// them).
+    pub(super) fn busy(&self, s: &Shared) -> bool {
+        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        !self.timed.is_empty()
+            || !self.restarts.is_empty()
+            || !s.fired.is_empty()
+            || !s.crash_requests.is_empty()
+            || s.membership
+                .as_ref()
+                .is_some_and(|m| !m.behind(&up).is_empty())
+    }
 }
 
 /// Exchanges issued by live incarnations that have no outcome yet.

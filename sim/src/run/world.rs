@@ -95,6 +95,57 @@ pub(super) fn now() -> Duration {
 }
 
 impl Shared {
+    /// The state of a run that has not started: nodes down, nothing counted.
+    pub(super) fn new(scenario: &Scenario, keys: Vec<Keypair>, seed: u64) -> Self {
+        Self {
+            by_peer: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.peer_id(), i))
+                .collect(),
+            names: scenario.nodes.iter().map(|n| n.name.clone()).collect(),
+            keys,
+            seed,
+            nodes: scenario
+                .nodes
+                .iter()
+                .map(|_| NodeState::default())
+                .collect(),
+            trace: Trace::default(),
+            rules: Vec::new(),
+            waiting: Vec::new(),
+            fired: VecDeque::new(),
+            crash_requests: VecDeque::new(),
+            redelivered: BTreeMap::new(),
+            answered: BTreeSet::new(),
+            acked: BTreeSet::new(),
+            labels: BTreeMap::new(),
+            issued_count: vec![0; scenario.nodes.len()],
+            outcomes: BTreeMap::new(),
+            delivered: BTreeMap::new(),
+            attempts: BTreeMap::new(),
+            replied: 0,
+            failures: Vec::new(),
+            refused: Vec::new(),
+            coverage: BTreeSet::new(),
+            probes: BTreeSet::new(),
+            probe_failures: Vec::new(),
+            probe_deliveries: BTreeSet::new(),
+            peer_errors: 0,
+            rate_limited: 0,
+            last_outcome: Duration::ZERO,
+            errors: Vec::new(),
+            stopped: BTreeSet::new(),
+            membership: None,
+            membership_refused: 0,
+            membership_forks: 0,
+            last_membership: Duration::ZERO,
+            last_handed: Duration::ZERO,
+            records: None,
+            scenario: scenario.clone(),
+        }
+    }
+
     /// The incarnation exchanges of `node` are keyed by: 0 for a durable node, whose
     /// exchanges outlive its incarnations.
     pub(super) fn incarnation_key(&self, node: usize) -> u64 {
