@@ -61,6 +61,7 @@ const MESSAGES: &[&str] = &[
     "Nack",
     "Reply",
     "Abort",
+    "Close",
     "Progress",
     "Epoch",
     "Fetch",
@@ -153,9 +154,8 @@ pub fn transition(direction: Direction, from: Option<&str>, to: Option<&str>) ->
     )
 }
 
-/// The items of a message sent: its kind, and its reason if it carries one. (`Close` is
-/// written by the connection itself, not sent as an exchange message: its reasons come
-/// from [`closed`].)
+/// The items of a message sent: its kind, and its reason if it carries one. (A Close's
+/// reason also counts from [`closed`], whichever side closed.)
 pub fn message(message: &Message) -> Vec<String> {
     match message {
         Message::Request { attempt, .. } if *attempt > 1 => vec!["message Request resend".into()],

@@ -115,6 +115,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     loop {
         let now = sim.elapsed();
         run_due_steps(&mut sim, &shared, &scenario, &mut timeline, now);
+        timeline.tick(now);
         let (pending, busy) = {
             let s = lock(&shared);
             let busy =
@@ -341,9 +342,12 @@ impl Watch {
                     if let Some(rx) = r
                         && let Ok(status) = rx.try_recv()
                     {
+                        // `drained`: no reply still awaits its Ack either, so every
+                        // responder-side outcome (unconfirmed too) is in before the end.
                         self.probe_clean &= status.open_connections == 0
                             && status.connection_tasks == 0
-                            && status.pending_responses == 0;
+                            && status.pending_responses == 0
+                            && status.drained;
                         *r = None;
                     }
                 }

@@ -334,6 +334,11 @@ pub struct Step {
     /// `from`'s record key, naming `from`'s host).
     #[serde(default)]
     pub record: Option<String>,
+    /// A message fault or trigger that need not apply in the scenario's own run (a
+    /// negative test: a selector that must not match). Otherwise one that never applied
+    /// fails the run, having tested nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub may_not_apply: bool,
 }
 
 impl Step {
@@ -366,6 +371,7 @@ impl Step {
             replay: None,
             port: None,
             record: None,
+            may_not_apply: false,
         }
     }
 }
@@ -476,6 +482,58 @@ pub struct MessageMatch {
     pub resend: Option<bool>,
 }
 
+impl MessageMatch {
+    /// Refuses a selector no message can match (a fault or trigger that can never apply
+    /// would pass silently, having tested nothing).
+    fn can_match(&self) -> Result<(), String> {
+        if self.from.is_some() && self.from == self.to {
+            return Err("`from` and `to` name the same node: no node sends to itself".into());
+        }
+        match self.of {
+            Some(_) if self.kind != MsgKind::Ack => {
+                return Err("`of` selects what an Ack acknowledges: `kind` must be \"ack\"".into());
+            }
+            Some(MsgKind::Request | MsgKind::Reply) | None => {}
+            Some(_) => return Err("`of` is \"request\" or \"reply\"".into()),
+        }
+        let attempts = matches!(
+            self.kind,
+            MsgKind::Request
+                | MsgKind::Ack
+                | MsgKind::Nack
+                | MsgKind::Reply
+                | MsgKind::Abort
+                | MsgKind::Progress
+        );
+        if self.resend.is_some() && !attempts {
+            return Err(format!(
+                "`resend`: a {:?} carries no attempt number",
+                self.kind
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a message fault that can never apply to the messages selected.
+    fn can_apply(&self, action: ActionKind) -> Result<(), String> {
+        use ActionKind as A;
+        match (self.kind, action) {
+            (MsgKind::Progress, _) => Err(
+                "a Progress is written by the receiving connection, not sent through the \
+                 tap: no fault applies to it"
+                    .into(),
+            ),
+            // The connection ends with it: nothing is left to delay, repeat or corrupt it
+            // on.
+            (MsgKind::Close, A::Delay | A::Duplicate | A::Corrupt) => Err(format!(
+                "a Close ends its connection: only `drop` applies to it, not `{}`",
+                format!("{action:?}").to_lowercase()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Fires a step when the `nth` message matching `message` is sent or received.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -569,6 +627,8 @@ pub struct Expect {
     pub peer_errors: Option<Count>,
     /// Rate-limit notices (all nodes).
     pub rate_limited: Option<Count>,
+    /// Replies whose Ack never came in `reply_ack_timeout` (all nodes, as responders).
+    pub unconfirmed: Option<Count>,
     /// Connections open at the end (all nodes). The leak invariant expects 0 when unset.
     pub open_connections: Option<Count>,
     /// Steps the handler refuses (request to oneself, payload over the maximum, queue
@@ -864,6 +924,7 @@ impl Expect {
             ("nacks", &self.nacks),
             ("peer_errors", &self.peer_errors),
             ("rate_limited", &self.rate_limited),
+            ("unconfirmed", &self.unconfirmed),
             ("open_connections", &self.open_connections),
             ("refused", &self.refused),
             ("membership_refused", &self.membership_refused),
@@ -920,6 +981,20 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
     {
         known("from", &m.from)?;
         known("to", &m.to)?;
+        m.can_match()?;
+    }
+    if let Some(m) = &step.matches {
+        m.can_apply(step.action)?;
+    }
+    if let Some(trigger) = &step.on
+        && trigger.sent
+        && trigger.message.kind == MsgKind::Progress
+    {
+        return Err(
+            "a Progress is written by the receiving connection and never seen going \
+                    out: use `sent = false`"
+                .into(),
+        );
     }
     if let Some(trigger) = &step.on
         && trigger.nth == 0
@@ -1296,6 +1371,69 @@ to = "bob"
             .collect();
         let e = err(&nodes);
         assert!(e.contains("257 nodes") && e.contains("at most 256"), "{e}");
+    }
+
+    #[test]
+    fn selectors_and_faults_that_can_never_apply_are_refused() {
+        let base = "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\n";
+        let rule = |action: &str, matches: &str| {
+            err(&format!(
+                "{base}\n[[step]]\ndo = \"{action}\"\nby = \"10ms\"\nmatch = {{ {matches} }}\n"
+            ))
+        };
+        let cases = [
+            (
+                "drop",
+                "kind = \"request\", from = \"bob\", to = \"bob\"",
+                "same node",
+            ),
+            (
+                "drop",
+                "kind = \"reply\", of = \"request\"",
+                "`kind` must be \"ack\"",
+            ),
+            (
+                "drop",
+                "kind = \"ack\", of = \"close\"",
+                "\"request\" or \"reply\"",
+            ),
+            (
+                "drop",
+                "kind = \"close\", resend = true",
+                "carries no attempt",
+            ),
+            (
+                "drop",
+                "kind = \"epoch\", resend = false",
+                "carries no attempt",
+            ),
+            ("drop", "kind = \"progress\"", "no fault applies"),
+            ("delay", "kind = \"close\"", "only `drop`"),
+            ("duplicate", "kind = \"close\"", "only `drop`"),
+            ("corrupt", "kind = \"close\"", "only `drop`"),
+        ];
+        for (action, matches, want) in cases {
+            let e = rule(action, matches);
+            assert!(e.contains(want), "{action} {matches}: {e}");
+        }
+        let e = err(&format!(
+            "{base}\n[[step]]\ndo = \"crash\"\nnode = \"bob\"\non = {{ kind = \"progress\", sent = true }}\n"
+        ));
+        assert!(e.contains("never seen going out"), "{e}");
+        // What can apply still parses.
+        for (action, matches) in [
+            ("drop", "kind = \"close\", from = \"alice\""),
+            ("drop", "kind = \"ack\", of = \"reply\", resend = false"),
+            ("delay", "kind = \"reply\", resend = true"),
+        ] {
+            let text = format!(
+                "{base}\n[[step]]\ndo = \"{action}\"\nby = \"10ms\"\nmatch = {{ {matches} }}\n"
+            );
+            assert!(
+                Scenario::parse(&text, "t", "t").is_ok(),
+                "{action} {matches}"
+            );
+        }
     }
 
     #[test]

@@ -176,3 +176,53 @@ fn records_that_do_not_spread_are_caught() {
     );
     assert!(f.contains("a lacks b's newest"), "{f}");
 }
+
+#[test]
+fn a_fault_or_trigger_that_never_applied_fails_the_run_unless_the_step_allows_it() {
+    // Bob sends no Request, so neither step below ever meets a message.
+    let steps = "[[step]]\ndo = \"drop\"\nmatch = { kind = \"request\", from = \"bob\" }\n\n\
+                 [[step]]\non = { kind = \"request\", from = \"bob\" }\ndo = \"crash\"\nnode = \"alice\"\n\n\
+                 [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n";
+    let text = format!("{PAIR}\n{steps}");
+    let scenario = Scenario::parse(&text, "<test>", "probe").unwrap();
+    let outcome = run(&scenario, scenario.seed, false);
+    let f = one_matching(&outcome.failures, "`Drop` never applied");
+    assert!(f.starts_with("step 1, line 7"), "{f}");
+    let f = one_matching(&outcome.failures, "never fired");
+    assert!(
+        f.contains("step 2") && f.contains("0 of 1 matching messages received"),
+        "{f}"
+    );
+    // Marked as a negative test, both pass; and a swarm run (steps drawn blind) never
+    // counts them.
+    let marked = text.replace(
+        "from = \"bob\" }\n",
+        "from = \"bob\" }\nmay_not_apply = true\n",
+    );
+    let scenario = Scenario::parse(&marked, "<test>", "probe").unwrap();
+    let outcome = run(&scenario, scenario.seed, false);
+    assert!(outcome.passed(), "{:?}", outcome.failures);
+    let scenario = Scenario::parse(&text, "<test>", "probe").unwrap();
+    assert!(run(&scenario, 7, true).passed());
+}
+
+#[test]
+fn the_final_ack_and_the_close_pass_the_tap() {
+    // Dropping the Ack of the Reply (sent in the same instant as the Close) applies: Bob
+    // never hears it and reports the reply unconfirmed. Dropping the Close applies too.
+    let text = format!(
+        "[config]\nreply_ack_timeout = \"300ms\"\n\n{PAIR}\n\
+         [[step]]\ndo = \"drop\"\nmatch = {{ kind = \"ack\", of = \"reply\" }}\n\n\
+         [[step]]\ndo = \"drop\"\nmatch = {{ kind = \"close\" }}\n\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n\n\
+         [expect]\nreplied = 1\nunconfirmed = 1\n"
+    );
+    let scenario = Scenario::parse(&text, "<test>", "probe").unwrap();
+    let outcome = run(&scenario, scenario.seed, false);
+    assert!(outcome.passed(), "{:?}", outcome.failures);
+    let trace = outcome.trace.text();
+    assert!(trace.contains("fault drop Ack(Reply) alice#1"), "{trace}");
+    assert!(trace.contains("fault drop Close(Done)"), "{trace}");
+    assert!(trace.contains("reply alice#1 unconfirmed"), "{trace}");
+    assert!(outcome.coverage.contains("message Close"));
+}

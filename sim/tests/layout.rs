@@ -1,6 +1,8 @@
 //! The engine's shape, kept: no cycle between the simulator's files, and no function in
 //! the engine (`sim/src/run/`) longer than a screen or two.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

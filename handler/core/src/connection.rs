@@ -696,6 +696,13 @@ impl Connection {
             // Sending can only fail if not established, which was just checked.
             let _ = self.send(&Message::Close { reason });
         }
+        self.close_quietly(reason);
+    }
+
+    /// Input: closes the connection without a Close message: what a Close lost on its way
+    /// looks like (the driver drops the stream, so the peer sees it end). For fault
+    /// injection; [`Connection::close`] is the way to close.
+    pub fn close_quietly(&mut self, reason: CloseReason) {
         self.seal_pending();
         if !self.closed_reported {
             self.closed_reported = true;

@@ -1003,7 +1003,7 @@ impl Net {
                     self.ship_frames(link, Side::Dialer);
                 }
             }
-            Output::Send { conn, message } => {
+            Output::Send { conn, message, .. } => {
                 let Some(&link) = self.nodes[node].conn_links.get(&conn) else {
                     return;
                 };
@@ -1073,7 +1073,7 @@ impl Net {
             }
             // Handshakes here check the endpoint's own list: nothing to copy.
             Output::AllowList(_) => self.log(format!("{name} allow list replaced")),
-            Output::Close { conn, reason } => {
+            Output::Close { conn, reason, .. } => {
                 self.log(format!("{name} close {conn} ({reason:?})"));
                 let Some(link) = self.nodes[node].conn_links.remove(&conn) else {
                     return;

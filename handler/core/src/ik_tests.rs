@@ -351,7 +351,7 @@ fn a_refused_early_request_is_sent_again_at_once_on_the_session() {
     assert!(
         matches!(
             outputs.as_slice(),
-            [Output::Send { conn: c, message: Message::Request { attempt: 2, .. } }] if *c == conn
+            [Output::Send { conn: c, message: Message::Request { attempt: 2, .. }, .. }] if *c == conn
         ),
         "{outputs:?}"
     );

@@ -93,7 +93,9 @@ impl Fx {
         self.take()
             .into_iter()
             .filter_map(|o| match o {
-                Output::Send { conn, message } if is_membership(&message) => Some((conn, message)),
+                Output::Send { conn, message, .. } if is_membership(&message) => {
+                    Some((conn, message))
+                }
                 _ => None,
             })
             .collect()
@@ -394,7 +396,7 @@ fn a_sync_dial_that_reaches_a_member_without_the_feature_is_closed_and_not_repea
     assert!(
         out.iter().any(|o| matches!(
             o,
-            Output::Close { conn: c, reason: CloseReason::Done } if *c == conn
+            Output::Close { conn: c, reason: CloseReason::Done, .. } if *c == conn
         )),
         "{out:?}"
     );

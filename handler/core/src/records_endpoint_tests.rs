@@ -60,7 +60,7 @@ impl Fx {
     fn sent(&mut self) -> Vec<(ConnId, Message)> {
         std::iter::from_fn(|| self.ep.poll_output())
             .filter_map(|o| match o {
-                Output::Send { conn, message }
+                Output::Send { conn, message, .. }
                     if matches!(
                         message,
                         Message::Records { .. } | Message::RecordSeqs { .. }

@@ -1345,6 +1345,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Send {
                 conn: c,
+                peer: f.peer,
                 message: Message::Ack {
                     exchange: ExchangeId(7),
                     attempt: 1,
@@ -1395,6 +1396,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Send {
                 conn: c2,
+                peer: f.peer,
                 message: Message::Ack {
                     exchange: ExchangeId(8),
                     attempt: 1,
@@ -1448,6 +1450,7 @@ mod endpoint_unit {
         );
         assert!(outputs(&mut f.ep).contains(&Output::Close {
             conn,
+            peer: Some(f.peer),
             reason: CloseReason::ProtocolViolation
         }));
     }
@@ -1474,6 +1477,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Close {
                 conn: c,
+                peer: Some(f.peer),
                 reason: CloseReason::ProtocolViolation
             }]
         );
@@ -1499,6 +1503,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Send {
                 conn: c,
+                peer: f.peer,
                 message: Message::Nack {
                     exchange: ExchangeId(3),
                     attempt: 1,
@@ -1573,7 +1578,7 @@ mod endpoint_unit {
         assert!(
             matches!(
                 outs.last(),
-                Some(Output::Send { conn, message: Message::Nack { reason: NackReason::Busy, .. } }) if *conn == c2
+                Some(Output::Send { conn, message: Message::Nack { reason: NackReason::Busy, .. }, .. }) if *conn == c2
             ),
             "{outs:?}"
         );
@@ -1628,6 +1633,7 @@ mod endpoint_unit {
         assert_eq!(retry_after, Some(1000));
         assert!(outs.contains(&Output::Close {
             conn: c,
+            peer: Some(f.peer),
             reason: CloseReason::RateLimited
         }));
     }
@@ -1707,6 +1713,7 @@ mod endpoint_unit {
                 outputs(&mut f.ep),
                 vec![Output::Send {
                     conn: c,
+                    peer: f.peer,
                     message: Message::Abort {
                         exchange: ExchangeId(stale),
                         attempt: 3,
@@ -1832,6 +1839,7 @@ mod endpoint_unit {
         f.ep.handle_conn_event(c, request(1, 2), f.now);
         assert!(outputs(&mut f.ep).contains(&Output::Send {
             conn: c,
+            peer: f.peer,
             message: Message::Abort {
                 exchange: ExchangeId(1),
                 attempt: 2,
@@ -1855,6 +1863,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Close {
                 conn,
+                peer: Some(f.peer),
                 reason: CloseReason::Done
             }]
         );
@@ -2087,6 +2096,7 @@ mod endpoint_unit {
         );
         assert!(outputs(&mut f.ep).contains(&Output::Close {
             conn: theirs,
+            peer: Some(other),
             reason: CloseReason::ProtocolViolation
         }));
         assert_eq!(f.ep.outbound_in_flight(), 2, "both exchanges live on");
@@ -2125,6 +2135,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Close {
                 conn,
+                peer: Some(f.peer),
                 reason: CloseReason::ProtocolViolation
             }]
         );
@@ -2161,6 +2172,7 @@ mod endpoint_unit {
             outputs(&mut f.ep),
             vec![Output::Close {
                 conn,
+                peer: Some(f.peer),
                 reason: CloseReason::ProtocolViolation
             }]
         );
@@ -2212,6 +2224,7 @@ mod endpoint_unit {
         f.ep.handle_timeout(later);
         assert!(outputs(&mut f.ep).contains(&Output::Close {
             conn,
+            peer: Some(f.peer),
             reason: CloseReason::Idle
         }));
         assert_eq!(f.ep.open_connections(), 0);
@@ -2324,6 +2337,7 @@ mod endpoint_unit {
                 outputs(&mut f.ep),
                 vec![Output::Close {
                     conn: bad,
+                    peer: Some(f.peer),
                     reason: CloseReason::ProtocolViolation
                 }]
             );
@@ -2762,7 +2776,7 @@ mod endpoint_unit {
         f.ep.request(f.peer, f.addr, &b"again"[..], f.now).unwrap();
         let outs = outputs(&mut f.ep);
         assert!(
-            matches!(outs.as_slice(), [Output::Send { conn: c, message: Message::Request { .. } }] if *c == conn),
+            matches!(outs.as_slice(), [Output::Send { conn: c, message: Message::Request { .. }, .. }] if *c == conn),
             "{outs:?}"
         );
     }

@@ -26,6 +26,8 @@ pub(super) enum ConnCommand {
     Send(Message),
     SendCorrupted(Message),
     Close(CloseReason),
+    /// Close without the Close message (the tap dropped it).
+    CloseQuietly(CloseReason),
 }
 
 pub(super) fn codec() -> LengthDelimitedCodec {
@@ -249,6 +251,7 @@ impl ConnTask {
                 }
             }
             ConnCommand::Close(reason) => self.connection.close(reason),
+            ConnCommand::CloseQuietly(reason) => self.connection.close_quietly(reason),
         }
     }
 
@@ -372,7 +375,9 @@ impl ConnTask {
                     return Written::Failed(format!("write stalled: no progress for {stall:?}"));
                 }
                 WriteStep::Command(None) => return Written::Abandoned,
-                WriteStep::Command(Some(ConnCommand::Close(reason))) => {
+                WriteStep::Command(Some(
+                    ConnCommand::Close(reason) | ConnCommand::CloseQuietly(reason),
+                )) => {
                     self.connection.close(reason);
                     tracing::debug!(conn = %self.conn, remote = %self.connection.remote(),
                         "closed while the peer was not reading: abandoned");
@@ -465,7 +470,7 @@ impl ConnTask {
             tokio::select! {
                 biased;
                 command = commands.recv() => match command {
-                    None | Some(ConnCommand::Close(_)) => return,
+                    None | Some(ConnCommand::Close(_) | ConnCommand::CloseQuietly(_)) => return,
                     Some(_) => {}
                 },
                 frame = framed.next() => match frame {

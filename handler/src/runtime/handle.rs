@@ -760,7 +760,6 @@ impl Handler {
             gate: gate_for_status,
             pending_net: VecDeque::new(),
             states: BTreeMap::new(),
-            closing: BTreeMap::new(),
             published: published_tx,
             awaiting_address: Vec::new(),
         };

@@ -82,8 +82,6 @@ pub(super) struct HandlerTask {
     pub(super) observer: Observer,
     /// Durable mode: the commit running, and what waits for it.
     pub(super) in_flight: Option<(Commit, Effects)>,
-    /// At shutdown: the peer of each connection the endpoint is closing.
-    pub(super) closing: BTreeMap<ConnId, PeerId>,
     /// Where our newly published address records go (the records backend's task).
     pub(super) published: Option<mpsc::UnboundedSender<bytes::Bytes>>,
     /// `request_to` calls waiting for their peer's address record, oldest first.
@@ -425,16 +423,13 @@ impl HandlerTask {
                         return;
                     }
                 }
-                Output::Send { conn, message } => {
-                    let peer = self
-                        .endpoint
-                        .peer_of(conn)
-                        .or_else(|| self.closing.get(&conn).copied());
-                    observe::message(true, conn, peer, &message);
-                    let verdict = match peer {
-                        Some(peer) => self.tap.outgoing(conn, peer, &message),
-                        None => Verdict::Pass,
-                    };
+                Output::Send {
+                    conn,
+                    peer,
+                    message,
+                } => {
+                    observe::message(true, conn, Some(peer), &message);
+                    let verdict = self.tap.outgoing(conn, peer, &message);
                     let command = match verdict {
                         Verdict::Pass => ConnCommand::Send(message),
                         Verdict::Corrupt => ConnCommand::SendCorrupted(message),
@@ -455,7 +450,7 @@ impl HandlerTask {
                         *allow = list;
                     }
                 }
-                Output::Close { conn, reason } => {
+                Output::Close { conn, peer, reason } => {
                     // The endpoint refuses with this reason at `max_connections`, and also
                     // when it cannot track one more peer: only the first is this notice.
                     let at_limit =
@@ -469,7 +464,16 @@ impl HandlerTask {
                             direction: Direction::Inbound,
                         });
                     }
-                    self.send_direct(conn, ConnCommand::Close(reason)).await;
+                    // On an established connection the Close message passes the tap like
+                    // any other: it may be lost (the stream still ends). Only Pass and Drop
+                    // apply to it.
+                    let close = Message::Close { reason };
+                    observe::message(true, conn, peer, &close);
+                    let command = match peer.map(|peer| self.tap.outgoing(conn, peer, &close)) {
+                        Some(Verdict::Drop) => ConnCommand::CloseQuietly(reason),
+                        _ => ConnCommand::Close(reason),
+                    };
+                    self.send_direct(conn, command).await;
                 }
             }
         }
@@ -483,7 +487,7 @@ impl HandlerTask {
     async fn send_direct(&mut self, conn: ConnId, command: ConnCommand) {
         match forward(&self.slots, conn, command) {
             Forwarded::Sent => {}
-            Forwarded::Unknown(ConnCommand::Close(reason)) => {
+            Forwarded::Unknown(ConnCommand::Close(reason) | ConnCommand::CloseQuietly(reason)) => {
                 let _ = self.network.send(NetCommand::Close { conn, reason }).await;
             }
             // The connection is gone; the endpoint hears of it through its Closed event.
@@ -952,17 +956,6 @@ impl HandlerTask {
             },
             ..ShutdownReport::default()
         };
-        // The endpoint forgets its connections as it shuts down, but the Aborts it sends on
-        // them are still reported (log, tap) with the peer they go to.
-        let conns: Vec<ConnId> = self
-            .slots
-            .lock()
-            .map(|slots| slots.keys().copied().collect())
-            .unwrap_or_default();
-        self.closing = conns
-            .into_iter()
-            .filter_map(|conn| Some((conn, self.endpoint.peer_of(conn)?)))
-            .collect();
         self.endpoint.shutdown(now());
         // The application handed its inbox back: what it did not read goes into the
         // report, taken (so settled, unless it must be confirmed), before the last commit.

@@ -245,6 +245,7 @@ pub(super) fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice
             )
         }
         Notice::Event(Event::ResponseUnconfirmed { peer, exchange }) => {
+            s.unconfirmed += 1;
             format!(
                 "reply {} unconfirmed",
                 s.inbound_label(node, &peer, exchange)

@@ -28,6 +28,40 @@ pub(super) fn check(
     // latency, checks only the invariants above.
     if expectations {
         expected(scenario, s, statuses, failures);
+        unapplied(scenario, s, failures);
+    }
+}
+
+/// A message fault that never applied, or a trigger that never fired, tested nothing: the
+/// scenario's own steps (not those swarm drew) must each have done something.
+fn unapplied(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
+    // Steps the file wrote (swarm's are drawn blind) that must apply.
+    let written = |step: usize| {
+        scenario.step_lines.get(step).is_some_and(|l| *l > 0)
+            && scenario
+                .steps
+                .get(step)
+                .is_some_and(|s| !s.get_ref().may_not_apply)
+    };
+    for rule in s.rules.iter().filter(|r| written(r.step) && r.applied == 0) {
+        failures.push(format!(
+            "{}: `{:?}` never applied (no message matched it)",
+            s.rule_text(rule.step),
+            rule.action
+        ));
+    }
+    for w in s
+        .waiting
+        .iter()
+        .filter(|w| written(w.step) && w.seen < w.nth)
+    {
+        failures.push(format!(
+            "{}: never fired ({} of {} matching messages {})",
+            s.rule_text(w.step),
+            w.seen,
+            w.nth,
+            if w.sent { "sent" } else { "received" }
+        ));
     }
 }
 
@@ -241,7 +275,7 @@ fn expected(
         .sum::<u64>();
     let e = &scenario.expect;
     let redelivered = s.redelivered.values().map(|n| u64::from(*n)).sum::<u64>();
-    let counts: [(&str, Option<crate::scenario::Count>, u64); 13] = [
+    let counts: [(&str, Option<crate::scenario::Count>, u64); 14] = [
         ("delivered", e.delivered, delivered),
         ("refused", e.refused, s.refused.len() as u64),
         ("redelivered", e.redelivered, redelivered),
@@ -267,6 +301,7 @@ fn expected(
         ("nacks", e.nacks, sum(|st| st.stats.nacks_received)),
         ("peer_errors", e.peer_errors, s.peer_errors),
         ("rate_limited", e.rate_limited, s.rate_limited),
+        ("unconfirmed", e.unconfirmed, s.unconfirmed),
     ];
     let membership_counts = [
         (

@@ -147,6 +147,10 @@ pub(super) fn execute(
     if step.action.is_fault() || step.action.is_heal() {
         timeline.last_fault = now;
     }
+    if step.action == ActionKind::FailRate {
+        let (a, b) = (Exec::name(&step.a), Exec::name(&step.b));
+        timeline.set_fail_rate(&a, &b, step.rate.unwrap_or_default());
+    }
     let mut exec = Exec {
         sim,
         shared,
@@ -432,6 +436,7 @@ impl Exec<'_, '_> {
                 matches: Matcher::new(m, self.scenario),
                 delay: step.by.unwrap_or_default(),
                 remaining: step.count.unwrap_or(1),
+                applied: 0,
             });
         }
     }

@@ -21,6 +21,8 @@ pub(super) struct Rule {
     pub(super) matches: Matcher,
     pub(super) delay: Duration,
     pub(super) remaining: u32,
+    /// Times it applied.
+    pub(super) applied: u32,
 }
 
 /// A trigger waiting for its nth message.
@@ -129,6 +131,7 @@ impl Tap for SimTap {
             None => Verdict::Pass,
             Some(rule) => {
                 rule.remaining -= 1;
+                rule.applied += 1;
                 let (verdict, what) = match rule.action {
                     ActionKind::Drop => (Verdict::Drop, format!("drop {text}")),
                     ActionKind::Corrupt => (Verdict::Corrupt, format!("corrupt {text}")),
@@ -219,6 +222,7 @@ impl Tap for SimTap {
         });
         if let Some(rule) = rule {
             rule.remaining -= 1;
+            rule.applied += 1;
             let step = rule.step;
             let rule = s.rule_text(step);
             let link = Some((s.names[to].clone(), s.names[from].clone()));
@@ -258,6 +262,14 @@ impl Tap for SimTap {
             ConnEvent::Established { .. } => format!("{conn} established with {name}"),
             ConnEvent::Closed(closed) => {
                 s.coverage.extend(coverage::closed(closed));
+                // A Close received ends the connection rather than arriving as a message:
+                // it counts for `sent = false` triggers here.
+                if let (p2p_handler::Closed::ByPeer(reason), Some(from)) =
+                    (closed, peer.and_then(|p| s.by_peer.get(&p).copied()))
+                {
+                    let close = Message::Close { reason: *reason };
+                    s.count_triggers(from, self.node, &close, false);
+                }
                 format!("{conn} closed ({name}): {}", closed_text(closed))
             }
             ConnEvent::Oversized { len, .. } => {

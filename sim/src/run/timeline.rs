@@ -1,6 +1,6 @@
 //! Which steps are due: timed steps, fired triggers and a crash-prone app's restarts.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,10 @@ pub(super) struct Timeline {
     pub(super) restarts: Vec<(Duration, usize)>,
     /// Virtual time of the last fault or heal.
     pub(super) last_fault: Duration,
+    /// Links whose fail rate is above zero (names sorted), and whether the whole network's
+    /// is: while any is, connections break at random, and every tick counts as a fault.
+    pub(super) lossy: BTreeSet<(String, String)>,
+    pub(super) lossy_everywhere: bool,
 }
 
 impl Timeline {
@@ -37,10 +41,37 @@ impl Timeline {
             }
         }
         timed.sort_by_key(|(at, i)| (*at, *i));
-        Self {
+        let mut timeline = Self {
             timed: timed.into(),
             restarts: Vec::new(),
             last_fault: Duration::ZERO,
+            lossy: BTreeSet::new(),
+            lossy_everywhere: scenario.network.fail_rate > 0.0,
+        };
+        for link in &scenario.network.links {
+            if let Some(rate) = link.fail_rate {
+                timeline.set_fail_rate(&link.a, &link.b, rate);
+            }
+        }
+        timeline
+    }
+
+    /// A link's fail rate changed.
+    pub(super) fn set_fail_rate(&mut self, a: &str, b: &str, rate: f64) {
+        let link = if a <= b { (a, b) } else { (b, a) };
+        let link = (link.0.to_owned(), link.1.to_owned());
+        if rate > 0.0 {
+            self.lossy.insert(link);
+        } else {
+            self.lossy.remove(&link);
+        }
+    }
+
+    /// A tick passed: while a fail rate breaks connections, the liveness clock measures
+    /// from now.
+    pub(super) fn tick(&mut self, now: Duration) {
+        if self.lossy_everywhere || !self.lossy.is_empty() {
+            self.last_fault = now;
         }
     }
 

@@ -73,6 +73,8 @@ pub(super) struct Shared {
     pub(super) probe_deliveries: BTreeSet<(usize, u64, PeerId, ExchangeId)>,
     pub(super) peer_errors: u64,
     pub(super) rate_limited: u64,
+    /// Replies reported unconfirmed.
+    pub(super) unconfirmed: u64,
     pub(super) last_outcome: Duration,
     pub(super) errors: Vec<String>,
     /// Incarnations of memory-only nodes that stopped gracefully: unlike a crash, a stop
@@ -133,6 +135,7 @@ impl Shared {
             probe_deliveries: BTreeSet::new(),
             peer_errors: 0,
             rate_limited: 0,
+            unconfirmed: 0,
             last_outcome: Duration::ZERO,
             errors: Vec::new(),
             stopped: BTreeSet::new(),

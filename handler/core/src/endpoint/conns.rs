@@ -258,7 +258,11 @@ impl Endpoint {
         let Some(c) = self.forget_conn(conn) else {
             return;
         };
-        self.outputs.push_back(Output::Close { conn, reason });
+        self.outputs.push_back(Output::Close {
+            conn,
+            peer: c.established.then_some(c.peer),
+            reason,
+        });
         self.membership_conn_closed(conn);
         if c.sync {
             self.sync_closed(conn, c.peer, now);
@@ -329,8 +333,13 @@ impl Endpoint {
     }
 
     pub(super) fn send(&mut self, conn: ConnId, message: Message) {
-        if self.conns.get(&conn).is_some_and(|c| c.established) {
-            self.outputs.push_back(Output::Send { conn, message });
+        if let Some(c) = self.conns.get(&conn).filter(|c| c.established) {
+            let peer = c.peer;
+            self.outputs.push_back(Output::Send {
+                conn,
+                peer,
+                message,
+            });
         }
     }
 

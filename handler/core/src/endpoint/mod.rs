@@ -158,6 +158,9 @@ pub enum Output {
     Send {
         /// Where.
         conn: ConnId,
+        /// To whom (the connection's peer: the driver may no longer find it through
+        /// [`Endpoint::peer_of`] when the same input also closed the connection).
+        peer: PeerId,
         /// What.
         message: Message,
     },
@@ -166,6 +169,9 @@ pub enum Output {
     Close {
         /// Which.
         conn: ConnId,
+        /// Its peer, when the connection is established: a Close message to it then goes
+        /// first, and passes the driver's tap like any other.
+        peer: Option<PeerId>,
         /// Why.
         reason: CloseReason,
     },
@@ -995,6 +1001,7 @@ impl Endpoint {
             // A driver bug; refuse the connection rather than corrupt our tables.
             self.outputs.push_back(Output::Close {
                 conn,
+                peer: Some(peer),
                 reason: CloseReason::ProtocolViolation,
             });
             return;
@@ -1025,7 +1032,11 @@ impl Endpoint {
                     disconnected: true,
                 });
             }
-            self.outputs.push_back(Output::Close { conn, reason });
+            self.outputs.push_back(Output::Close {
+                conn,
+                peer: Some(peer),
+                reason,
+            });
             return;
         }
         self.conns.insert(
