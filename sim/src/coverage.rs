@@ -99,6 +99,8 @@ const CLOSES: &[CloseReason] = &[
 const STEPS: &[ActionKind] = &[
     ActionKind::Request,
     ActionKind::Respond,
+    ActionKind::Reject,
+    ActionKind::Cancel,
     ActionKind::Allow,
     ActionKind::Revoke,
     ActionKind::AllowList,

@@ -181,10 +181,8 @@ fn prepare(scenario: &Scenario, seed: u64, swarm: bool) -> Scenario {
     }
     if scenario.probes {
         // After the last timed step: by then every fault the file writes is healed.
-        let last = scenario
-            .steps
-            .iter()
-            .filter_map(|s| s.get_ref().at)
+        let last = (0..scenario.steps.len())
+            .filter_map(|i| scenario.nominal_time(i))
             .max()
             .unwrap_or_default();
         for step in crate::swarm::probe_steps(&scenario, last + Duration::from_millis(500)) {

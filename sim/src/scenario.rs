@@ -249,9 +249,17 @@ pub enum App {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
-    /// When (virtual time since start). Default: at the start, unless `on` is given.
+    /// A name other steps' `after` may give.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// When (virtual time since start; with `after`, since that step ran). Default: at the
+    /// start, unless `on` is given.
     #[serde(default, with = "humantime_serde")]
     pub at: Option<Duration>,
+    /// Run once the step of this name has run (`at` then counts from there): the order
+    /// holds whatever swarm mode does to the times.
+    #[serde(default)]
+    pub after: Option<String>,
     /// Or: when a message matching this is seen (the nth such).
     #[serde(default)]
     pub on: Option<Trigger>,
@@ -339,13 +347,22 @@ pub struct Step {
     /// fails the run, having tested nothing.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub may_not_apply: bool,
+    /// Request: the exchange must end within this (`Failed(DeadlineExceeded)` otherwise),
+    /// retried until then whatever `max_attempts` says.
+    #[serde(default, with = "humantime_serde")]
+    pub deadline: Option<Duration>,
+    /// Cancel: the exchange, by its trace label (`"alice#2"`: alice's second request).
+    #[serde(default)]
+    pub exchange: Option<String>,
 }
 
 impl Step {
     /// A step doing `action` at the start, every other field unset.
     pub fn new(action: ActionKind) -> Self {
         Self {
+            name: None,
             at: None,
+            after: None,
             on: None,
             action,
             node: None,
@@ -372,6 +389,8 @@ impl Step {
             port: None,
             record: None,
             may_not_apply: false,
+            deadline: None,
+            exchange: None,
         }
     }
 }
@@ -384,6 +403,10 @@ pub enum ActionKind {
     // Application.
     Request,
     Respond,
+    /// A `manual` or `never` node refuses its oldest pending request from `to`.
+    Reject,
+    /// A node cancels one of its exchanges (`exchange`).
+    Cancel,
     Allow,
     Revoke,
     /// Replace a node's allow list as a whole (a reloaded file).
@@ -883,10 +906,33 @@ impl Scenario {
                 }
             }
         }
+        self.validate_order()?;
         for (i, step) in self.steps.iter().enumerate() {
             let line = self.step_lines.get(i).copied().unwrap_or(0);
             let step = step.get_ref();
+            let app = |name: &Option<String>| {
+                name.as_deref()
+                    .and_then(|n| self.node_index(n))
+                    .map(|i| &self.nodes[i].app)
+            };
             validate_step(step, &known)
+                .and_then(|()| match (step.action, app(&step.node)) {
+                    (ActionKind::Respond, Some(App::Manual)) => Ok(()),
+                    (ActionKind::Reject, Some(App::Manual | App::Never)) => Ok(()),
+                    (ActionKind::Respond | ActionKind::Reject, _) => Err(
+                        "only a node whose application leaves requests pending (`manual`; \
+                         `never` for `reject`) has one to answer or refuse"
+                            .into(),
+                    ),
+                    _ => Ok(()),
+                })
+                .and_then(|()| match step.deadline {
+                    Some(_) if step.action != ActionKind::Request => {
+                        Err("`deadline` is for `request` steps".into())
+                    }
+                    Some(d) if d.is_zero() => Err("`deadline` must be positive".into()),
+                    _ => Ok(()),
+                })
                 .and_then(|()| match step.at {
                     Some(at) if at > self.duration => Err(format!(
                         "at = {} is after the end of the run (duration = {}): it would never fire",
@@ -1019,9 +1065,30 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
                 ));
             }
         }
-        A::Respond => {
+        A::Respond | A::Reject => {
             need("node", step.node.is_some())?;
             need("to", step.to.is_some())?;
+        }
+        A::Cancel => {
+            need("node", step.node.is_some())?;
+            let label = step.exchange.as_deref().ok_or("needs `exchange`")?;
+            let owner = label.split_once('#').and_then(|(node, n)| {
+                let n: u32 = n.parse().ok().filter(|n| *n > 0)?;
+                Some((node, n))
+            });
+            match owner {
+                Some((node, _)) if Some(node) == step.node.as_deref() => {}
+                Some(_) => {
+                    return Err("a node cancels only its own exchanges: `exchange` \
+                                       must be \"<node>#<n>\" with <node> = `node`"
+                        .into());
+                }
+                None => {
+                    return Err(format!(
+                        "`exchange` = {label:?}: an exchange label, \"<node>#<n>\" (n from 1)"
+                    ));
+                }
+            }
         }
         A::Allow | A::Revoke => {
             need("node", step.node.is_some())?;
@@ -1165,6 +1232,76 @@ impl RecordsPlan {
                 "[records] ttl = {:?}: {min:?} to {max:?}",
                 self.ttl
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Scenario {
+    /// When step `i` runs if nothing delays it: its `at`, plus, through `after`, the times
+    /// of the steps it follows. `None` for a step a message triggers.
+    pub fn nominal_time(&self, i: usize) -> Option<Duration> {
+        let mut total = Duration::ZERO;
+        let mut step = self.steps.get(i)?.get_ref();
+        for _ in 0..=self.steps.len() {
+            if step.on.is_some() {
+                return None;
+            }
+            total += step.at.unwrap_or_default();
+            let Some(after) = &step.after else {
+                return Some(total);
+            };
+            step = self
+                .steps
+                .iter()
+                .map(|s| s.get_ref())
+                .find(|s| s.name.as_ref() == Some(after))?;
+        }
+        None
+    }
+
+    /// Step names are unique; `after` names a step, never together with `on`, and the
+    /// chain of `after`s ends at a step that runs by itself (no cycle).
+    fn validate_order(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeMap::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            if let Some(name) = &step.get_ref().name
+                && names.insert(name.as_str(), i).is_some()
+            {
+                let line = self.step_lines.get(i).copied().unwrap_or(0);
+                return Err(format!(
+                    "line {line}: step {}: name {name:?} is taken",
+                    i + 1
+                ));
+            }
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            let line = self.step_lines.get(i).copied().unwrap_or(0);
+            let at = |e: String| format!("line {line}: step {}: {e}", i + 1);
+            let step = step.get_ref();
+            let Some(after) = &step.after else { continue };
+            if step.on.is_some() {
+                return Err(at("give `after` or `on`, not both".into()));
+            }
+            // Follow the chain: it must reach a step without `after` within as many hops
+            // as there are steps.
+            let mut next = after.as_str();
+            let mut hops = 0;
+            loop {
+                let &j = names
+                    .get(next)
+                    .ok_or_else(|| at(format!("after = {next:?}: no step has that name")))?;
+                match &self.steps[j].get_ref().after {
+                    None => break,
+                    Some(a) => next = a.as_str(),
+                }
+                hops += 1;
+                if hops > self.steps.len() {
+                    return Err(at(format!(
+                        "after = {after:?}: the steps wait on each other"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -1434,6 +1571,62 @@ to = "bob"
                 "{action} {matches}"
             );
         }
+    }
+
+    #[test]
+    fn step_order_and_application_steps_are_checked() {
+        let base = "[[node]]\nname = \"alice\"\n[[node]]\nname = \"bob\"\napp = \"manual\"\n";
+        let req = |name: &str, extra: &str| {
+            format!(
+                "[[step]]\nname = \"{name}\"\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n{extra}\n"
+            )
+        };
+        let cases = [
+            (req("x", "") + &req("x", ""), "name \"x\" is taken"),
+            (req("x", "after = \"nope\""), "no step has that name"),
+            (
+                req("x", "after = \"y\"") + &req("y", "after = \"x\""),
+                "wait on each other",
+            ),
+            (req("x", "after = \"x\""), "wait on each other"),
+            (
+                req("x", "") + &req("y", "after = \"x\"\non = { kind = \"reply\" }"),
+                "`after` or `on`",
+            ),
+            (req("x", "deadline = \"0s\""), "`deadline` must be positive"),
+            (
+                "[[step]]\ndo = \"crash\"\nnode = \"bob\"\ndeadline = \"1s\"\n".into(),
+                "`deadline` is for `request`",
+            ),
+            (
+                "[[step]]\ndo = \"cancel\"\nnode = \"alice\"\nexchange = \"bob#1\"\n".into(),
+                "only its own exchanges",
+            ),
+            (
+                "[[step]]\ndo = \"cancel\"\nnode = \"alice\"\nexchange = \"alice#0\"\n".into(),
+                "an exchange label",
+            ),
+            (
+                "[[step]]\ndo = \"cancel\"\nnode = \"alice\"\n".into(),
+                "needs `exchange`",
+            ),
+            (
+                "[[step]]\ndo = \"reject\"\nnode = \"alice\"\nto = \"bob\"\n".into(),
+                "leaves requests pending",
+            ),
+            (
+                "[[step]]\ndo = \"respond\"\nnode = \"alice\"\nto = \"bob\"\n".into(),
+                "leaves requests pending",
+            ),
+        ];
+        for (steps, want) in cases {
+            let e = err(&format!("{base}\n{steps}"));
+            assert!(e.contains(want), "{steps}: {e}");
+        }
+        let good =
+            req("x", "") + &req("y", "after = \"x\"\nat = \"1s\"") + &req("z", "after = \"y\"");
+        let scenario = Scenario::parse(&format!("{base}\n{good}"), "t", "t").unwrap();
+        assert_eq!(scenario.nominal_time(2), Some(Duration::from_secs(1)));
     }
 
     #[test]

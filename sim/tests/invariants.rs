@@ -226,3 +226,52 @@ fn the_final_ack_and_the_close_pass_the_tap() {
     assert!(trace.contains("reply alice#1 unconfirmed"), "{trace}");
     assert!(outcome.coverage.contains("message Close"));
 }
+
+#[test]
+fn a_step_after_another_keeps_its_order_whatever_swarm_does_to_the_times() {
+    // The restart is written 1 ms after the crash; swarm shifts every time by up to 25% (at
+    // least 50 ms), so without `after` a sweep would restart Bob before it crashes him.
+    let text = format!(
+        "{PAIR}durable = true\n\n\
+         [[step]]\nname = \"down\"\nat = \"300ms\"\ndo = \"crash\"\nnode = \"bob\"\n\n\
+         [[step]]\nafter = \"down\"\nat = \"1ms\"\ndo = \"restart\"\nnode = \"bob\"\n\n\
+         [[step]]\nat = \"10ms\"\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let scenario = Scenario::parse(&text, "<test>", "probe").unwrap();
+    for seed in 0..20 {
+        let outcome = run(&scenario, seed, true);
+        assert!(outcome.passed(), "seed {seed}: {:?}", outcome.failures);
+        let trace = outcome.trace.text();
+        let crash = trace.find("fault crash bob").expect("crashed");
+        let restart = trace.find("fault restart bob").expect("restarted");
+        assert!(
+            crash < restart,
+            "seed {seed}: restart before crash\n{trace}"
+        );
+    }
+}
+
+#[test]
+fn application_steps_that_find_nothing_to_act_on_fail_the_run() {
+    // Bob holds nothing from Alice when told to answer or refuse; Alice cancels an exchange
+    // she never made and one already finished.
+    let text = "[[node]]\nname = \"alice\"\n\n[[node]]\nname = \"bob\"\napp = \"manual\"\n\n\
+                [[step]]\ndo = \"respond\"\nnode = \"bob\"\nto = \"alice\"\n\n\
+                [[step]]\ndo = \"reject\"\nnode = \"bob\"\nto = \"alice\"\n\n\
+                [[step]]\ndo = \"cancel\"\nnode = \"alice\"\nexchange = \"alice#7\"\n";
+    let scenario = Scenario::parse(text, "<test>", "probe").unwrap();
+    let failures = run(&scenario, scenario.seed, false).failures;
+    assert!(
+        one_matching(&failures, "step 1").contains("did nothing (respond to alice:"),
+        "{failures:?}"
+    );
+    assert!(
+        one_matching(&failures, "step 2")
+            .contains("did nothing (reject a request from alice: nothing pending)"),
+        "{failures:?}"
+    );
+    assert!(
+        one_matching(&failures, "step 3").contains("no exchange alice#7 was issued"),
+        "{failures:?}"
+    );
+}

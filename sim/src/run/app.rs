@@ -148,7 +148,10 @@ fn on_request(
                 Some(Duration::ZERO)
             }
         }
-        App::Never | App::Manual => None,
+        App::Never | App::Manual => {
+            s.pending.entry((node, peer)).or_default().push(exchange);
+            None
+        }
         App::Reject => {
             let handler = handler.clone();
             tokio::spawn(async move {
@@ -223,6 +226,7 @@ pub(super) fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice
             format!("rate limited {name} ({limit:?}, disconnected: {disconnected})")
         }
         Notice::Event(Event::ResponseTimedOut { peer, exchange }) => {
+            s.settle_pending(node, peer, exchange);
             format!(
                 "response timed out for {}",
                 s.inbound_label(node, &peer, exchange)
@@ -233,12 +237,14 @@ pub(super) fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice
             exchange,
             reason,
         }) => {
+            s.settle_pending(node, peer, exchange);
             format!(
                 "response aborted for {} ({reason:?})",
                 s.inbound_label(node, &peer, exchange)
             )
         }
         Notice::Event(Event::ResponseCancelled { peer, exchange }) => {
+            s.settle_pending(node, peer, exchange);
             format!(
                 "response cancelled for {}",
                 s.inbound_label(node, &peer, exchange)

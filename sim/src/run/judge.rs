@@ -50,6 +50,9 @@ fn unapplied(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
             rule.action
         ));
     }
+    for (step, why) in s.idle_steps.iter().filter(|(step, _)| written(*step)) {
+        failures.push(format!("{}: did nothing ({why})", s.rule_text(*step)));
+    }
     for w in s
         .waiting
         .iter()

@@ -30,6 +30,18 @@ pub(super) enum NodeCommand {
         /// `None`: by peer id alone (`request_to`), the address from records.
         addr: Option<SocketAddr>,
         payload: Bytes,
+        deadline: Option<Duration>,
+    },
+    /// Refuse the oldest request pending from `peer` (step `step`).
+    Reject {
+        peer: PeerId,
+        step: usize,
+    },
+    /// Cancel our exchange `exchange` (step `step`), labelled `label` in the trace.
+    Cancel {
+        exchange: p2p_handler::wire::ExchangeId,
+        label: String,
+        step: usize,
     },
     /// Records as the node's records directory would hand them over.
     OfferRecords {
@@ -37,6 +49,7 @@ pub(super) enum NodeCommand {
     },
     Respond {
         peer: PeerId,
+        step: usize,
     },
     /// Allow the peer whose static key this is (nodes of one network know each other's
     /// keys, so they dial each other with IK).
@@ -117,6 +130,9 @@ impl Start {
             .scenario
             .storage_fault
             .then_some(s.scenario.commit_latency);
+        // Requests the last incarnation's application held are gone with it (a durable
+        // node's come again, flagged redelivered).
+        s.pending.retain(|(n, _), _| *n != node);
         let state = &mut s.nodes[node];
         state.incarnation += 1;
         state.up = true;
@@ -305,12 +321,21 @@ pub(super) async fn run_command(
     command: NodeCommand,
 ) {
     match command {
-        NodeCommand::Request { to, addr, payload } => {
+        NodeCommand::Request {
+            to,
+            addr,
+            payload,
+            deadline,
+        } => {
             let len = payload.len();
             let probe = payload == crate::swarm::PROBE.as_bytes();
+            let options = match deadline {
+                Some(within) => p2p_handler::RequestOptions::new().deadline(within),
+                None => p2p_handler::RequestOptions::new(),
+            };
             let result = match addr {
-                Some(addr) => handler.request(to, addr, payload).await,
-                None => handler.request_to(to, payload).await,
+                Some(addr) => handler.request_with(to, addr, payload, options).await,
+                None => handler.request_to_with(to, payload, options).await,
             };
             let mut s = lock(shared);
             let to_name = s.name(&to);
@@ -335,18 +360,9 @@ pub(super) async fn run_command(
                 }
             }
         }
-        NodeCommand::Respond { peer } => {
-            let result = handler
-                .response(peer, Bytes::from_static(b"manual reply"))
-                .await;
-            let mut s = lock(shared);
-            let name = s.name(&peer);
-            let text = match result {
-                Ok(id) => format!("respond to {}", s.inbound_label(node, &peer, id)),
-                Err(e) => format!("respond to {name} failed: {e}"),
-            };
-            s.push(node, What::App(text));
-        }
+        command @ (NodeCommand::Respond { .. }
+        | NodeCommand::Reject { .. }
+        | NodeCommand::Cancel { .. }) => settle_by_hand(shared, node, handler, command).await,
         NodeCommand::Allow { key } => {
             let entry = AllowedPeer {
                 public_key: Some(key),
@@ -390,6 +406,80 @@ pub(super) async fn run_command(
         }
         // Handled by the node's loop, which ends with it.
         NodeCommand::Stop { .. } => {}
+    }
+}
+
+/// `respond`, `reject` and `cancel`: the application ends an exchange by hand. One that
+/// finds nothing to act on is an idle step.
+async fn settle_by_hand(
+    shared: &Arc<Mutex<Shared>>,
+    node: usize,
+    handler: &Handler,
+    command: NodeCommand,
+) {
+    match command {
+        NodeCommand::Respond { peer, step } => {
+            let result = handler
+                .response(peer, Bytes::from_static(b"manual reply"))
+                .await;
+            let mut s = lock(shared);
+            let text = match result {
+                Ok(id) => {
+                    s.answered.insert((node, peer, id));
+                    s.settle_pending(node, peer, id);
+                    format!("respond to {}", s.inbound_label(node, &peer, id))
+                }
+                Err(e) => {
+                    let why = format!("respond to {}: {e}", s.name(&peer));
+                    s.idle_steps.push((step, why.clone()));
+                    why
+                }
+            };
+            s.push(node, What::App(text));
+        }
+        NodeCommand::Reject { peer, step } => {
+            let oldest = lock(shared).oldest_pending(node, peer);
+            let result = match oldest {
+                Some(id) => handler
+                    .reject(peer, id)
+                    .await
+                    .map(|()| id)
+                    .map_err(|e| e.to_string()),
+                None => Err("nothing pending".to_owned()),
+            };
+            let mut s = lock(shared);
+            let text = match result {
+                Ok(id) => {
+                    s.settle_pending(node, peer, id);
+                    format!("reject {}", s.inbound_label(node, &peer, id))
+                }
+                Err(e) => {
+                    let why = format!("reject a request from {}: {e}", s.name(&peer));
+                    s.idle_steps.push((step, why.clone()));
+                    why
+                }
+            };
+            s.push(node, What::App(text));
+        }
+        NodeCommand::Cancel {
+            exchange,
+            label,
+            step,
+        } => {
+            let result = handler.cancel(exchange).await;
+            let mut s = lock(shared);
+            let text = match result {
+                Ok(true) => format!("cancel {label}"),
+                Ok(false) => {
+                    let why = format!("cancel {label}: already finished");
+                    s.idle_steps.push((step, why.clone()));
+                    why
+                }
+                Err(e) => format!("cancel {label}: {e}"),
+            };
+            s.push(node, What::App(text));
+        }
+        _ => {}
     }
 }
 

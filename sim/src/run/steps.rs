@@ -163,7 +163,9 @@ pub(super) fn execute(
     use ActionKind as A;
     match step.action {
         A::Request => exec.request(),
-        A::Respond | A::Allow | A::Revoke | A::AllowList => exec.app_command(),
+        A::Respond | A::Reject | A::Cancel | A::Allow | A::Revoke | A::AllowList => {
+            exec.app_command()
+        }
         A::Partition
         | A::PartitionOneway
         | A::Hold
@@ -224,6 +226,13 @@ impl Exec<'_, '_> {
             .push(self.now, &Self::name(node), What::App(text));
     }
 
+    /// The step could do nothing: traced, and (in the scenario's own run) a failure.
+    fn idle(&self, why: String) {
+        let text = format!("{:?} skipped: {why}", self.step.action).to_lowercase();
+        self.fault(text);
+        lock(self.shared).idle_steps.push((self.index, why));
+    }
+
     /// Sends a command to a node; false when it is down.
     fn send(&self, node: usize, command: NodeCommand) -> bool {
         let s = lock(self.shared);
@@ -261,6 +270,7 @@ impl Exec<'_, '_> {
                 to: self.peer(to),
                 addr: (!by_id || step.via.is_some()).then(|| self.addr(target)),
                 payload: payload.clone(),
+                deadline: step.deadline,
             };
             if !self.send(from, command) {
                 self.fault(format!(
@@ -278,13 +288,36 @@ impl Exec<'_, '_> {
         let to = self.idx(&step.to);
         use ActionKind as A;
         match step.action {
-            A::Respond => {
-                let _ = self.send(
-                    node,
-                    NodeCommand::Respond {
-                        peer: self.peer(to),
-                    },
-                );
+            A::Respond | A::Reject => {
+                let (peer, step) = (self.peer(to), self.index);
+                let command = match self.step.action {
+                    A::Respond => NodeCommand::Respond { peer, step },
+                    _ => NodeCommand::Reject { peer, step },
+                };
+                if !self.send(node, command) {
+                    self.idle(format!("{} is down", Self::name(&self.step.node)));
+                }
+            }
+            A::Cancel => {
+                let label = self.step.exchange.clone().unwrap_or_default();
+                let found = lock(self.shared)
+                    .labels
+                    .iter()
+                    .find(|(_, l)| **l == label)
+                    .map(|((_, id), _)| *id);
+                let Some(exchange) = found else {
+                    self.idle(format!("no exchange {label} was issued"));
+                    return;
+                };
+                let step = self.index;
+                let command = NodeCommand::Cancel {
+                    exchange,
+                    label,
+                    step,
+                };
+                if !self.send(node, command) {
+                    self.idle(format!("{} is down", Self::name(&self.step.node)));
+                }
             }
             A::Allow => {
                 let _ = self.send(node, NodeCommand::Allow { key: self.key(to) });

@@ -1,6 +1,6 @@
 //! Which steps are due: timed steps, fired triggers and a crash-prone app's restarts.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,14 +21,21 @@ pub(super) struct Timeline {
     /// is: while any is, connections break at random, and every tick counts as a fault.
     pub(super) lossy: BTreeSet<(String, String)>,
     pub(super) lossy_everywhere: bool,
+    /// Step name -> the steps that run `after` it, in file order.
+    pub(super) dependents: BTreeMap<String, Vec<usize>>,
 }
 
 impl Timeline {
     /// Timed steps in time order; triggered steps wait in `s.waiting` for their message.
     pub(super) fn new(scenario: &Scenario, s: &mut Shared) -> Self {
         let mut timed: Vec<(Duration, usize)> = Vec::new();
+        let mut dependents: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, step) in scenario.steps.iter().enumerate() {
             let step = step.get_ref();
+            if let Some(after) = &step.after {
+                dependents.entry(after.clone()).or_default().push(i);
+                continue;
+            }
             match &step.on {
                 Some(trigger) => s.waiting.push(Waiting {
                     step: i,
@@ -47,6 +54,7 @@ impl Timeline {
             last_fault: Duration::ZERO,
             lossy: BTreeSet::new(),
             lossy_everywhere: scenario.network.fail_rate > 0.0,
+            dependents,
         };
         for link in &scenario.network.links {
             if let Some(rate) = link.fail_rate {
@@ -64,6 +72,22 @@ impl Timeline {
             self.lossy.insert(link);
         } else {
             self.lossy.remove(&link);
+        }
+    }
+
+    /// Step `i` ran at `now`: the steps `after` it are due their `at` later.
+    fn ran(&mut self, scenario: &Scenario, i: usize, now: Duration) {
+        let Some(name) = scenario
+            .steps
+            .get(i)
+            .and_then(|s| s.get_ref().name.as_ref())
+        else {
+            return;
+        };
+        for &j in self.dependents.get(name).into_iter().flatten() {
+            let at = now + scenario.steps[j].get_ref().at.unwrap_or_default();
+            let pos = self.timed.partition_point(|&(t, k)| (t, k) <= (at, j));
+            self.timed.insert(pos, (at, j));
         }
     }
 
@@ -108,23 +132,30 @@ pub(super) fn run_due_steps(
     timeline: &mut Timeline,
     now: Duration,
 ) {
-    let mut due: Vec<usize> = Vec::new();
-    while timeline.timed.front().is_some_and(|(at, _)| *at <= now) {
-        if let Some((_, i)) = timeline.timed.pop_front() {
-            due.push(i);
-        }
-    }
-    let (fired, crashes): (Vec<usize>, Vec<usize>) = {
+    let (mut fired, crashes): (Vec<usize>, Vec<usize>) = {
         let mut s = lock(shared);
         (
             s.fired.drain(..).collect(),
             s.crash_requests.drain(..).collect(),
         )
     };
-    due.extend(fired);
-    for i in due {
-        if let Some(step) = scenario.steps.get(i) {
-            execute(sim, shared, scenario, timeline, i, step.get_ref(), now);
+    // Until nothing is due: a step `after` another with no delay runs in the same tick.
+    loop {
+        let mut due: Vec<usize> = Vec::new();
+        while timeline.timed.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, i)) = timeline.timed.pop_front() {
+                due.push(i);
+            }
+        }
+        due.append(&mut fired);
+        if due.is_empty() {
+            break;
+        }
+        for i in due {
+            if let Some(step) = scenario.steps.get(i) {
+                execute(sim, shared, scenario, timeline, i, step.get_ref(), now);
+                timeline.ran(scenario, i, now);
+            }
         }
     }
     for node in crashes {

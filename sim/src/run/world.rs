@@ -75,6 +75,12 @@ pub(super) struct Shared {
     pub(super) rate_limited: u64,
     /// Replies reported unconfirmed.
     pub(super) unconfirmed: u64,
+    /// (node, dialer peer) -> requests its `manual` or `never` application holds, oldest
+    /// first (what `respond` and `reject` steps act on).
+    pub(super) pending: BTreeMap<(usize, PeerId), Vec<ExchangeId>>,
+    /// Steps that did nothing (respond or reject with nothing pending, cancel of a finished
+    /// exchange), with why: in a scenario's own run, a step that tested nothing fails it.
+    pub(super) idle_steps: Vec<(usize, String)>,
     pub(super) last_outcome: Duration,
     pub(super) errors: Vec<String>,
     /// Incarnations of memory-only nodes that stopped gracefully: unlike a crash, a stop
@@ -136,6 +142,8 @@ impl Shared {
             peer_errors: 0,
             rate_limited: 0,
             unconfirmed: 0,
+            pending: BTreeMap::new(),
+            idle_steps: Vec::new(),
             last_outcome: Duration::ZERO,
             errors: Vec::new(),
             stopped: BTreeSet::new(),
@@ -156,6 +164,19 @@ impl Shared {
             0
         } else {
             self.nodes[node].incarnation
+        }
+    }
+
+    /// The oldest request `node`'s application holds from `peer`.
+    pub(super) fn oldest_pending(&self, node: usize, peer: PeerId) -> Option<ExchangeId> {
+        self.pending.get(&(node, peer))?.first().copied()
+    }
+
+    /// `node`'s application no longer holds `peer`'s request `id` (answered, refused,
+    /// timed out, aborted or cancelled).
+    pub(super) fn settle_pending(&mut self, node: usize, peer: PeerId, id: ExchangeId) {
+        if let Some(ids) = self.pending.get_mut(&(node, peer)) {
+            ids.retain(|x| *x != id);
         }
     }
 
