@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use p2p_handler::endpoint::Sabotage;
 use p2p_sim::report::{RunRecord, parse_lines, summary};
 use p2p_sim::run::{Outcome, run};
 use p2p_sim::scenario::Scenario;
@@ -60,7 +61,13 @@ enum Cmd {
         /// and what no run reached.
         #[arg(long)]
         coverage: bool,
+        /// Plant this defect in every node's handler (one of `p2p-sim defects`): how a
+        /// sweep is seen to catch a bug no scenario was written for.
+        #[arg(long, value_parser = parse_defect)]
+        plant: Option<Sabotage>,
     },
+    /// List the defects `sweep --plant` can plant.
+    Defects,
     /// Turn a failing run into the smallest scenario file that still fails the same way
     /// (its random choices written down as explicit steps, then steps, nodes and values
     /// removed while the failure persists). `p2p-sim run` replays the result.
@@ -134,6 +141,7 @@ fn main() -> ExitCode {
             shard,
             json,
             coverage,
+            plant,
         } => cmd_sweep(
             &paths,
             &SweepPlan {
@@ -141,10 +149,17 @@ fn main() -> ExitCode {
                 first_seed,
                 jobs,
                 shard,
+                plant,
             },
             json.as_deref(),
             coverage,
         ),
+        Cmd::Defects => {
+            for defect in Sabotage::ALL {
+                println!("{defect:?}");
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Merge {
             files,
             coverage,
@@ -292,16 +307,27 @@ struct SweepPlan {
     first_seed: u64,
     jobs: Option<usize>,
     shard: Option<(u64, u64)>,
+    plant: Option<Sabotage>,
+}
+
+fn parse_defect(s: &str) -> Result<Sabotage, String> {
+    Sabotage::ALL
+        .into_iter()
+        .find(|d| format!("{d:?}").eq_ignore_ascii_case(s))
+        .ok_or_else(|| format!("no defect {s:?}: `p2p-sim defects` lists them"))
 }
 
 fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage: bool) -> ExitCode {
-    let scenarios = match load_all(paths) {
+    let mut scenarios = match load_all(paths) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("p2p-sim: {e}");
             return ExitCode::FAILURE;
         }
     };
+    for (_, scenario) in &mut scenarios {
+        scenario.sabotage = plan.plant;
+    }
     // Every (scenario, seed) pair, then this shard's share of them.
     let mut work: Vec<(usize, u64)> = Vec::new();
     for (i, _) in scenarios.iter().enumerate() {

@@ -27,6 +27,7 @@ use crate::trace::Trace;
 mod app;
 mod disk;
 mod judge;
+mod model;
 mod node;
 mod steps;
 mod tap;
@@ -112,18 +113,24 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     let mut timeline = Timeline::new(&scenario, &mut lock(&shared));
     start_nodes(&mut sim, &shared, &mut failures);
     let mut watch = Watch::default();
+    let mut quietly = false;
     loop {
         let now = sim.elapsed();
         run_due_steps(&mut sim, &shared, &scenario, &mut timeline, now);
         timeline.tick(now);
         let (pending, busy) = {
-            let s = lock(&shared);
+            let mut s = lock(&shared);
+            if s.model.owes() {
+                let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+                s.model.overdue(now, &up);
+            }
             let busy =
                 timeline.busy(&s) | watch.records(&s, &scenario, &timeline, now, &mut failures);
             (pending_exchanges(&s), busy)
         };
         if pending == 0 && !busy {
             if watch.quiet(&shared, now, settle) {
+                quietly = true;
                 break;
             }
         } else {
@@ -145,8 +152,16 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     }
     let end = sim.elapsed();
     let statuses = collect_statuses(&mut sim, &shared);
-    let s = lock(&shared);
-    check(&scenario, &s, &statuses, &timeline, !swarm, &mut failures);
+    let mut s = lock(&shared);
+    check(
+        &scenario,
+        &mut s,
+        &statuses,
+        &timeline,
+        !swarm,
+        quietly,
+        &mut failures,
+    );
     failures.extend(s.errors.iter().cloned());
     Outcome {
         scenario: scenario.name.clone(),
@@ -345,7 +360,8 @@ impl Watch {
                         self.probe_clean &= status.open_connections == 0
                             && status.connection_tasks == 0
                             && status.pending_responses == 0
-                            && status.drained;
+                            && status.drained
+                            && !status.settling;
                         *r = None;
                     }
                 }

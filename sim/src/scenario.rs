@@ -801,6 +801,13 @@ impl Scenario {
         self.configs.get(i).cloned().unwrap_or_default()
     }
 
+    /// The largest message node `i` takes (without copying its whole configuration).
+    pub fn max_message_size_of(&self, i: usize) -> usize {
+        self.configs
+            .get(i)
+            .map_or(Config::default().max_message_size, |c| c.max_message_size)
+    }
+
     /// The handler configuration of node `i`: the scenario's `[config]`, then the node's.
     fn try_config_of(&self, i: usize) -> Result<Config, String> {
         let mut table = toml::Table::new();

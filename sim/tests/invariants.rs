@@ -275,3 +275,75 @@ fn application_steps_that_find_nothing_to_act_on_fail_the_run() {
         "{failures:?}"
     );
 }
+
+// The reference model's rules (sim/src/run/model.rs), each seen to fire on a defect
+// planted for it, naming the rule and the exchange.
+
+#[test]
+fn queued_exchanges_leaving_out_of_order_are_caught_by_the_model() {
+    // Three requests to Bob at once: the second and third wait behind the first, and must
+    // leave in the order they were made.
+    let text =
+        format!("{PAIR}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\ncount = 3\n");
+    let failures = caught(&text, Sabotage::QueueOutOfOrder);
+    let f = one_matching(&failures, "model (order)");
+    assert!(f.contains("alice#3: sent (try 1) while alice#2"), "{f}");
+}
+
+#[test]
+fn a_resend_that_repeats_its_attempt_number_is_caught_by_the_model() {
+    let text = format!(
+        "{PAIR}\n[[step]]\ndo = \"nack\"\nmatch = {{ kind = \"request\", from = \"alice\" }}\n\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::AttemptRepeated);
+    let f = one_matching(&failures, "model (attempts)");
+    assert!(
+        f.contains("alice#1: a copy with try 1 after one with try 1"),
+        "{f}"
+    );
+}
+
+#[test]
+fn a_repeated_reply_left_unacknowledged_is_caught_by_the_model() {
+    // Bob's Reply goes twice (a stale copy 50 ms later, on the same connection, which
+    // connection reuse keeps open): the dialer must Ack the repeat too.
+    let text = format!(
+        "[config]\nreuse_connections = true\n\n{PAIR}\n\
+         [[step]]\ndo = \"duplicate\"\nby = \"50ms\"\nmatch = {{ kind = \"reply\", from = \"bob\" }}\n\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::NoAckOfRepeatedReply);
+    let f = one_matching(&failures, "model (final Ack)");
+    assert!(
+        f.contains("alice#1: its Reply (try 1) was never acknowledged"),
+        "{f}"
+    );
+}
+
+#[test]
+fn a_reply_that_ends_without_a_responder_side_outcome_is_caught_by_the_model() {
+    let text = format!(
+        "[config]\nreply_ack_timeout = \"300ms\"\n\n{PAIR}\n\
+         [[step]]\ndo = \"drop\"\nmatch = {{ kind = \"ack\", of = \"reply\" }}\n\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::SilentUnconfirmed);
+    let f = one_matching(&failures, "model (responder outcome)");
+    assert!(
+        f.contains("alice#1: delivered to bob, which never reported how it ended"),
+        "{f}"
+    );
+}
+
+#[test]
+fn a_revoked_peer_left_connected_is_caught_by_the_model() {
+    // Bob holds Alice's request (slow app) when he revokes her.
+    let text = "[[node]]\nname = \"alice\"\n\n[[node]]\nname = \"bob\"\n\
+                app = { slow = { reply_after = \"2s\" } }\n\n\
+                [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n\n\
+                [[step]]\nat = \"200ms\"\ndo = \"revoke\"\nnode = \"bob\"\nto = \"alice\"\n";
+    let failures = caught(text, Sabotage::RevokeKeepsConnections);
+    let f = one_matching(&failures, "model (revoked)");
+    assert!(f.contains("bob still connected to alice"), "{f}");
+}

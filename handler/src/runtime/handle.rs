@@ -196,6 +196,10 @@ pub struct Status {
     /// Nothing is left to finish: no exchange of ours, no peer's request awaiting our
     /// answer or the Ack of our reply. Shutting down now loses nothing.
     pub drained: bool,
+    /// Something already decided has not reached the application or the network yet: a
+    /// commit is running (durable mode: what it confirms leaves when it completes), or
+    /// the next one is about to start.
+    pub settling: bool,
     /// Exchange counters.
     pub stats: Stats,
     /// Members that are inactive (address records on: no unexpired record), ascending.

@@ -731,6 +731,7 @@ impl HandlerTask {
                     pending_responses: self.endpoint.pending_responses(),
                     draining: self.endpoint.is_draining(),
                     drained: self.endpoint.is_drained(),
+                    settling: self.in_flight.is_some() || self.endpoint.has_pending_effects(),
                     stats: self.endpoint.stats().clone(),
                     inactive_members: self.endpoint.inactive_members(now),
                     records_held: self.endpoint.records_held(),

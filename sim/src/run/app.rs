@@ -75,6 +75,7 @@ pub(super) fn on_event(
             }
         }
         Event::ResponseDelivered { peer, exchange } => {
+            responder_outcome(&mut s, node, peer, exchange, "reply delivered");
             let label = s.inbound_label(node, &peer, exchange);
             s.push(node, What::Event(format!("reply {label} delivered")));
         }
@@ -129,6 +130,7 @@ fn on_request(
                 .insert((node, incarnation, peer, exchange));
         }
     }
+    s.model.delivered(node, incarnation, peer, exchange);
     let again = if redelivered { ", redelivered" } else { "" };
     s.push(
         node,
@@ -225,38 +227,12 @@ pub(super) fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice
             let name = s.name(&peer);
             format!("rate limited {name} ({limit:?}, disconnected: {disconnected})")
         }
-        Notice::Event(Event::ResponseTimedOut { peer, exchange }) => {
-            s.settle_pending(node, peer, exchange);
-            format!(
-                "response timed out for {}",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
-        Notice::Event(Event::ResponseAborted {
-            peer,
-            exchange,
-            reason,
-        }) => {
-            s.settle_pending(node, peer, exchange);
-            format!(
-                "response aborted for {} ({reason:?})",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
-        Notice::Event(Event::ResponseCancelled { peer, exchange }) => {
-            s.settle_pending(node, peer, exchange);
-            format!(
-                "response cancelled for {}",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
-        Notice::Event(Event::ResponseUnconfirmed { peer, exchange }) => {
-            s.unconfirmed += 1;
-            format!(
-                "reply {} unconfirmed",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
+        Notice::Event(
+            event @ (Event::ResponseTimedOut { .. }
+            | Event::ResponseAborted { .. }
+            | Event::ResponseCancelled { .. }
+            | Event::ResponseUnconfirmed { .. }),
+        ) => responder_notice(&mut s, node, event),
         Notice::Event(Event::Membership(event)) => membership_event(&mut s, node, &event),
         Notice::Event(Event::Record(event)) => {
             let names = s.names.clone();
@@ -338,5 +314,62 @@ pub(super) fn membership_event(
         }
         M::Expired { epoch, .. } => format!("ALARM membership epoch {epoch} expired"),
         other => format!("{other}"),
+    }
+}
+
+/// Hands a responder-side outcome to the model.
+fn responder_outcome(
+    s: &mut Shared,
+    node: usize,
+    peer: PeerId,
+    id: p2p_handler::wire::ExchangeId,
+    what: &str,
+) {
+    let inc = s.incarnation_key(node);
+    let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
+    s.model.responder_outcome(node, inc, peer, id, dialer, what);
+}
+
+/// How a request of a peer ended at this responder (not answered in time, aborted,
+/// cancelled, unconfirmed): traced, and handed to the model.
+fn responder_notice(s: &mut Shared, node: usize, event: Event) -> String {
+    match event {
+        Event::ResponseTimedOut { peer, exchange } => {
+            s.settle_pending(node, peer, exchange);
+            responder_outcome(s, node, peer, exchange, "timed out");
+            format!(
+                "response timed out for {}",
+                s.inbound_label(node, &peer, exchange)
+            )
+        }
+        Event::ResponseAborted {
+            peer,
+            exchange,
+            reason,
+        } => {
+            s.settle_pending(node, peer, exchange);
+            responder_outcome(s, node, peer, exchange, "aborted");
+            format!(
+                "response aborted for {} ({reason:?})",
+                s.inbound_label(node, &peer, exchange)
+            )
+        }
+        Event::ResponseCancelled { peer, exchange } => {
+            s.settle_pending(node, peer, exchange);
+            responder_outcome(s, node, peer, exchange, "cancelled");
+            format!(
+                "response cancelled for {}",
+                s.inbound_label(node, &peer, exchange)
+            )
+        }
+        Event::ResponseUnconfirmed { peer, exchange } => {
+            s.unconfirmed += 1;
+            responder_outcome(s, node, peer, exchange, "unconfirmed");
+            format!(
+                "reply {} unconfirmed",
+                s.inbound_label(node, &peer, exchange)
+            )
+        }
+        other => format!("{other:?}"),
     }
 }

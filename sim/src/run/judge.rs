@@ -9,12 +9,15 @@ use crate::scenario::Scenario;
 /// Judges a finished run: the invariants always, the expectations when asked.
 pub(super) fn check(
     scenario: &Scenario,
-    s: &Shared,
+    s: &mut Shared,
     statuses: &[Option<Status>],
     timeline: &Timeline,
     expectations: bool,
+    quietly: bool,
     failures: &mut Vec<String>,
 ) {
+    model(s, quietly, failures);
+    let s = &*s;
     duplicates(s, failures);
     exactly_once(s, failures);
     nothing_lost(s, failures);
@@ -65,6 +68,39 @@ fn unapplied(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
             w.nth,
             if w.sent { "sent" } else { "received" }
         ));
+    }
+}
+
+/// The reference model's verdict (see `model.rs`), each violation naming its rule and
+/// exchange. The end-of-run rules apply only to a run that ended `quietly` (not at the
+/// time limit, where work may legitimately still be open).
+fn model(s: &mut Shared, quietly: bool, failures: &mut Vec<String>) {
+    let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+    s.model.overdue(
+        super::world::now() + std::time::Duration::from_secs(3600),
+        &up,
+    );
+    if quietly {
+        let live: Vec<Option<u64>> = (0..s.nodes.len())
+            .map(|i| s.nodes[i].up.then(|| s.incarnation_key(i)))
+            .collect();
+        let by_peer = &s.by_peer;
+        s.model.finish(
+            |node, inc| live.get(node).copied().flatten() == Some(inc),
+            |peer| by_peer.get(peer).copied(),
+        );
+    }
+    let s = &*s;
+    for v in s.model.violations().iter().take(10) {
+        let label = |(dialer, id): (usize, _)| s.label(dialer, id);
+        let detail = match v.other {
+            Some(other) => v.detail.replace("{other}", &label(other)),
+            None => v.detail.clone(),
+        };
+        match v.exchange {
+            Some(x) => failures.push(format!("model ({}): {}: {detail}", v.rule, label(x))),
+            None => failures.push(format!("model ({}): {detail}", v.rule)),
+        }
     }
 }
 

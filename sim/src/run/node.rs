@@ -101,6 +101,20 @@ pub(super) async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoi
                     let node = Node { shared: &shared, index: node, handler: &handler, app: &app };
                     return stop(node, &mut commands, &mut inbox, grace).await;
                 }
+                Some(NodeCommand::Status { reply }) => {
+                    // Everything the handler said before this status is read first: a run
+                    // that ends on it has seen every event of the nodes that report.
+                    let status = handler.status().await;
+                    while let Ok(event) = inbox.received.try_recv() {
+                        on_event(&shared, node, &handler, &app, event);
+                    }
+                    while let Ok(notice) = inbox.priority.try_recv() {
+                        on_notice(&shared, node, notice);
+                    }
+                    if let Ok(status) = status {
+                        let _ = reply.send(status);
+                    }
+                }
                 Some(command) => run_command(&shared, node, &handler, command).await,
                 None => break,
             },
@@ -133,6 +147,13 @@ impl Start {
         // Requests the last incarnation's application held are gone with it (a durable
         // node's come again, flagged redelivered).
         s.pending.retain(|(n, _), _| *n != node);
+        {
+            let inc = s.incarnation_key(node);
+            let s = &mut *s;
+            let outcomes = &s.outcomes;
+            s.model
+                .started(node, |id| outcomes.contains_key(&(node, inc, id)));
+        }
         let state = &mut s.nodes[node];
         state.incarnation += 1;
         state.up = true;
@@ -363,29 +384,10 @@ pub(super) async fn run_command(
         command @ (NodeCommand::Respond { .. }
         | NodeCommand::Reject { .. }
         | NodeCommand::Cancel { .. }) => settle_by_hand(shared, node, handler, command).await,
-        NodeCommand::Allow { key } => {
-            let entry = AllowedPeer {
-                public_key: Some(key),
-                ..AllowedPeer::default()
-            };
-            let _ = handler
-                .allow(p2p_handler::PeerId::from_public_key(&key), entry)
-                .await;
-        }
-        NodeCommand::Revoke { peer } => {
-            let _ = handler.revoke(peer).await;
-        }
-        NodeCommand::SetAllowList { keys } => {
-            if let Ok(removed) = handler.set_allow_list(AllowList::from_keys(keys)).await {
-                let mut s = lock(shared);
-                let names: Vec<String> = removed.iter().map(|p| s.name(p)).collect();
-                if !names.is_empty() {
-                    s.push(
-                        node,
-                        What::App(format!("allow list removed {}", names.join(", "))),
-                    );
-                }
-            }
+        command @ (NodeCommand::Allow { .. }
+        | NodeCommand::Revoke { .. }
+        | NodeCommand::SetAllowList { .. }) => {
+            change_allow_list(shared, node, handler, command).await
         }
         NodeCommand::Status { reply } => {
             if let Ok(status) = handler.status().await {
@@ -406,6 +408,64 @@ pub(super) async fn run_command(
         }
         // Handled by the node's loop, which ends with it.
         NodeCommand::Stop { .. } => {}
+    }
+}
+
+/// `allow`, `revoke` and `allow_list`: the node's allow list changed at runtime (the model
+/// hears who is revoked and who allowed again).
+async fn change_allow_list(
+    shared: &Arc<Mutex<Shared>>,
+    node: usize,
+    handler: &Handler,
+    command: NodeCommand,
+) {
+    match command {
+        NodeCommand::Allow { key } => {
+            let entry = AllowedPeer {
+                public_key: Some(key),
+                ..AllowedPeer::default()
+            };
+            let peer = p2p_handler::PeerId::from_public_key(&key);
+            if handler.allow(peer, entry).await.is_ok() {
+                let mut s = lock(shared);
+                if let Some(other) = s.by_peer.get(&peer).copied() {
+                    s.model.allowed(node, other);
+                }
+            }
+        }
+        NodeCommand::Revoke { peer } => {
+            if let Ok(true) = handler.revoke(peer).await {
+                let mut s = lock(shared);
+                if let Some(other) = s.by_peer.get(&peer).copied() {
+                    s.model.revoked(node, other, now());
+                }
+            }
+        }
+        NodeCommand::SetAllowList { keys } => {
+            let listed: Vec<PeerId> = keys.iter().map(PeerId::from_public_key).collect();
+            if let Ok(removed) = handler.set_allow_list(AllowList::from_keys(keys)).await {
+                let mut s = lock(shared);
+                for (peer, gone) in listed
+                    .iter()
+                    .map(|p| (p, false))
+                    .chain(removed.iter().map(|p| (p, true)))
+                {
+                    match s.by_peer.get(peer).copied() {
+                        Some(other) if gone => s.model.revoked(node, other, now()),
+                        Some(other) => s.model.allowed(node, other),
+                        None => {}
+                    }
+                }
+                let names: Vec<String> = removed.iter().map(|p| s.name(p)).collect();
+                if !names.is_empty() {
+                    s.push(
+                        node,
+                        What::App(format!("allow list removed {}", names.join(", "))),
+                    );
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use p2p_handler::wire::{AckOf, ExchangeId, Message};
 use p2p_handler::{Arrival, ConnError, ConnEvent, PeerId, Tap, Verdict};
 
-use super::world::{Shared, lock};
+use super::world::{Shared, lock, now};
 use crate::coverage;
 use crate::scenario::{ActionKind, App, MessageMatch, MsgKind, NACK_REASON, Scenario};
 use crate::trace::What;
@@ -116,12 +116,21 @@ impl Tap for SimTap {
         let from = self.node;
         let dialer = dialer_of(from, to, message);
         s.coverage.extend(coverage::message(message));
-        if let Message::Request {
-            exchange, attempt, ..
-        } = message
-        {
-            let max = s.attempts.entry((from, *exchange)).or_insert(0);
-            *max = (*max).max(*attempt);
+        match message {
+            Message::Request {
+                exchange, attempt, ..
+            } => {
+                let max = s.attempts.entry((from, *exchange)).or_insert(0);
+                *max = (*max).max(*attempt);
+                let dialer = (from, s.incarnation_key(from), s.nodes[from].incarnation);
+                s.model.request_sent(dialer, to, *exchange, *attempt);
+            }
+            Message::Ack {
+                exchange,
+                attempt,
+                of: AckOf::Reply,
+            } => s.model.reply_acked(from, *exchange, *attempt),
+            _ => {}
         }
         let text = s.describe(dialer, message);
         let rule = s.rules.iter_mut().find(|r| {
@@ -191,6 +200,15 @@ impl Tap for SimTap {
             },
         );
         s.count_triggers(from, to, message, false);
+        if let Message::Reply {
+            exchange,
+            attempt,
+            payload,
+        } = message
+            && payload.len() <= s.scenario.max_message_size_of(to)
+        {
+            s.model.reply_received(to, *exchange, *attempt, now());
+        }
         if let Message::Ack {
             exchange,
             of: AckOf::Request,
@@ -257,7 +275,21 @@ impl Tap for SimTap {
 
     fn connection(&self, conn: p2p_handler::ConnId, peer: Option<PeerId>, event: &ConnEvent) {
         let mut s = lock(&self.shared);
-        let name = peer.map_or_else(|| "?".to_owned(), |p| s.name(&p));
+        let other = peer
+            .and_then(|p| s.by_peer.get(&p).copied())
+            .or_else(|| s.model.peer_of_conn(self.node, conn));
+        let name = match (other, peer) {
+            (Some(i), _) => s.names[i].clone(),
+            (None, Some(p)) => s.name(&p),
+            (None, None) => "?".to_owned(),
+        };
+        match (event, other) {
+            (ConnEvent::Established { .. }, Some(other)) => {
+                s.model.established(self.node, other, conn, now());
+            }
+            (ConnEvent::Closed(_), _) => s.model.closed(self.node, conn),
+            _ => {}
+        }
         let text = match event {
             ConnEvent::Established { .. } => format!("{conn} established with {name}"),
             ConnEvent::Closed(closed) => {
@@ -313,6 +345,14 @@ impl Tap for SimTap {
         );
         s.coverage.insert(coverage::transition(direction, from, to));
         s.push(self.node, What::State(text));
+        if direction == p2p_handler::Direction::Outbound {
+            let inc = s.incarnation_key(self.node);
+            match (from, to) {
+                (None, Some(_)) => s.model.began(self.node, inc, other, exchange),
+                (Some(_), None) => s.model.ended(self.node, inc, exchange),
+                _ => {}
+            }
+        }
     }
 
     fn rejected(&self, error: &ConnError) {

@@ -96,6 +96,8 @@ pub(super) struct Shared {
     pub(super) last_handed: Duration,
     /// Address records, with a `[records]` table.
     pub(super) records: Option<crate::records::Tracker>,
+    /// The reference model every exchange is checked against.
+    pub(super) model: super::model::Model,
 }
 
 pub(super) fn now() -> Duration {
@@ -153,6 +155,9 @@ impl Shared {
             last_membership: Duration::ZERO,
             last_handed: Duration::ZERO,
             records: None,
+            model: super::model::Model::new(
+                scenario.nodes.iter().map(|n| n.name.clone()).collect(),
+            ),
             scenario: scenario.clone(),
         }
     }

@@ -222,6 +222,7 @@ impl Endpoint {
     }
 
     fn send_request(&mut self, id: ExchangeId, conn: ConnId, now: Instant) {
+        let repeat_attempts = self.sabotaged(super::Sabotage::AttemptRepeated);
         let Some(ex) = self.outbound.get_mut(&id) else {
             return;
         };
@@ -240,7 +241,10 @@ impl Endpoint {
             self.finish(id, Err(failure), now);
             return;
         }
-        ex.attempt += 1;
+        // (Sabotage: a resend repeats the attempt number it had.)
+        if !(repeat_attempts && ex.attempt > 0) {
+            ex.attempt += 1;
+        }
         ex.state = OutState::AwaitingAck { conn };
         let message = Message::Request {
             exchange: id,
@@ -452,11 +456,17 @@ impl Endpoint {
     }
 
     pub(super) fn start_next(&mut self, peer: PeerId, now: Instant) {
+        let newest_first = self.sabotaged(super::Sabotage::QueueOutOfOrder);
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
         debug_assert!(p.active.is_none());
-        if let Some(next) = p.queue.pop_front() {
+        let next = if newest_first {
+            p.queue.pop_back()
+        } else {
+            p.queue.pop_front()
+        };
+        if let Some(next) = next {
             p.active = Some(next);
             self.begin(next, now);
         }
@@ -582,7 +592,9 @@ impl Endpoint {
             _ => {
                 // Unknown or finished exchange. A duplicate Reply still deserves an Ack so the
                 // responder can stop waiting; anything else is stale and ignored.
-                if let Message::Reply { attempt, .. } = message {
+                if let Message::Reply { attempt, .. } = message
+                    && !self.sabotaged(super::Sabotage::NoAckOfRepeatedReply)
+                {
                     self.send(
                         conn,
                         Message::Ack {

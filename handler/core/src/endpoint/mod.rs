@@ -322,6 +322,37 @@ pub enum Sabotage {
     RecordsIgnoreSignatures,
     /// Address records are never passed to other members (own or relayed).
     RecordsNoSpread,
+    /// A peer's queued exchanges start newest first.
+    QueueOutOfOrder,
+    /// A Request sent on a reused connection repeats the previous attempt number.
+    AttemptRepeated,
+    /// A Reply of an exchange already finished (a repeat) is not acknowledged.
+    NoAckOfRepeatedReply,
+    /// A reply whose Ack never came is dropped without telling the application.
+    SilentUnconfirmed,
+    /// Revoking a peer keeps its connections open.
+    RevokeKeepsConnections,
+}
+
+impl Sabotage {
+    /// Every defect, for tools that plant each in turn.
+    pub const ALL: [Sabotage; 15] = [
+        Sabotage::NoDedupe,
+        Sabotage::DoubleOutcome,
+        Sabotage::SwallowDelivery,
+        Sabotage::ExtraResend,
+        Sabotage::KeepIdleConnections,
+        Sabotage::SlowRetries,
+        Sabotage::MembershipIgnoresSignatures,
+        Sabotage::MembershipNoSpread,
+        Sabotage::RecordsIgnoreSignatures,
+        Sabotage::RecordsNoSpread,
+        Sabotage::QueueOutOfOrder,
+        Sabotage::AttemptRepeated,
+        Sabotage::NoAckOfRepeatedReply,
+        Sabotage::SilentUnconfirmed,
+        Sabotage::RevokeKeepsConnections,
+    ];
 }
 
 /// The exchange state machine of one node. See the module docs for the call order.
@@ -836,8 +867,10 @@ impl Endpoint {
         if listed {
             self.fail_peer_exchanges(*peer, &Failure::Revoked, now);
             let conns: Vec<ConnId> = self.conns_of(peer);
-            for conn in conns {
-                self.close(conn, CloseReason::NotAllowed, now);
+            if !self.sabotaged(Sabotage::RevokeKeepsConnections) {
+                for conn in conns {
+                    self.close(conn, CloseReason::NotAllowed, now);
+                }
             }
             self.cancel_inbound_of(*peer, now);
         }
@@ -1168,6 +1201,14 @@ impl Endpoint {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// Whether outputs, events or journal writes wait to be polled: what the endpoint
+    /// decided has not all left it yet.
+    pub fn has_pending_effects(&self) -> bool {
+        !self.outputs.is_empty()
+            || !self.events.is_empty()
+            || self.journal.as_ref().is_some_and(|j| !j.is_empty())
     }
 
     /// Whether the endpoint keeps a journal ([`Endpoint::restore`] was called).

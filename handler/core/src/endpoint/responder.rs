@@ -510,8 +510,10 @@ impl Endpoint {
                 // Stored as reported, so that a restart does not raise it again.
                 self.persist_inbound((peer, exchange), None);
                 self.unbind_inbound(conn, exchange, now);
-                self.events
-                    .push_back(Event::ResponseUnconfirmed { peer, exchange });
+                if !self.sabotaged(super::Sabotage::SilentUnconfirmed) {
+                    self.events
+                        .push_back(Event::ResponseUnconfirmed { peer, exchange });
+                }
             }
             _ => {}
         }
