@@ -123,6 +123,7 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
             FaultKind::Drop => Step::new(ActionKind::Drop),
             FaultKind::Delay => Step::new(ActionKind::Delay),
             FaultKind::Corrupt => Step::new(ActionKind::Corrupt),
+            FaultKind::Duplicate => Step::new(ActionKind::Duplicate),
             FaultKind::Nack => Step::new(ActionKind::Nack),
         };
         fault.at = at(start);
@@ -187,7 +188,11 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 h.to = name(b);
                 Some(h)
             }
-            FaultKind::Drop | FaultKind::Delay | FaultKind::Corrupt | FaultKind::Nack => {
+            FaultKind::Drop
+            | FaultKind::Delay
+            | FaultKind::Corrupt
+            | FaultKind::Duplicate
+            | FaultKind::Nack => {
                 let kinds = [MsgKind::Request, MsgKind::Ack, MsgKind::Reply];
                 let msg_kind = if kind == FaultKind::Nack {
                     MsgKind::Request
@@ -202,7 +207,7 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                     resend: None,
                 });
                 fault.count = Some(1 + pick(3) as u32);
-                if kind == FaultKind::Delay {
+                if matches!(kind, FaultKind::Delay | FaultKind::Duplicate) {
                     fault.by = Some(Duration::from_millis(50 + pick(450)));
                 }
                 None

@@ -18,6 +18,9 @@ pub enum FaultKind {
     Drop,
     Delay,
     Corrupt,
+    /// A message sent again later on its connection (a stale copy, as a slow network path
+    /// delivers one): Requests, Acks and Replies, so repeats reach both sides.
+    Duplicate,
     Nack,
     Crash,
     Revoke,
@@ -26,7 +29,7 @@ pub enum FaultKind {
     Stop,
 }
 
-pub(crate) const ALL: [FaultKind; 10] = [
+pub(crate) const ALL: [FaultKind; 11] = [
     FaultKind::Partition,
     FaultKind::PartitionOneway,
     FaultKind::Hold,
@@ -34,6 +37,7 @@ pub(crate) const ALL: [FaultKind; 10] = [
     FaultKind::Drop,
     FaultKind::Delay,
     FaultKind::Corrupt,
+    FaultKind::Duplicate,
     FaultKind::Nack,
     FaultKind::Crash,
     FaultKind::Revoke,
