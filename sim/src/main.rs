@@ -83,6 +83,9 @@ enum Cmd {
         /// Where to write the result (default: traces/<scenario>-seed<N>-shrunk.toml).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The failure came from a sweep with this defect planted (`sweep --plant`).
+        #[arg(long, value_parser = parse_defect)]
+        plant: Option<Sabotage>,
     },
     /// Combine the `sweep --json` files of a sharded sweep into the report an unsharded
     /// sweep prints.
@@ -170,7 +173,8 @@ fn main() -> ExitCode {
             seed,
             swarm,
             out,
-        } => cmd_shrink(&file, seed, swarm, out),
+            plant,
+        } => cmd_shrink(&file, seed, swarm, out, plant),
         Cmd::Trace {
             file,
             seed,
@@ -439,14 +443,21 @@ fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage:
     }
 }
 
-fn cmd_shrink(file: &Path, seed: u64, swarm: bool, out: Option<PathBuf>) -> ExitCode {
-    let scenario = match Scenario::load(file) {
+fn cmd_shrink(
+    file: &Path,
+    seed: u64,
+    swarm: bool,
+    out: Option<PathBuf>,
+    plant: Option<Sabotage>,
+) -> ExitCode {
+    let mut scenario = match Scenario::load(file) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("p2p-sim: {e}");
             return ExitCode::FAILURE;
         }
     };
+    scenario.sabotage = plant;
     let shrunk = match p2p_sim::shrink::shrink(&scenario, seed, swarm) {
         Ok(s) => s,
         Err(e) => {

@@ -246,7 +246,7 @@ pub enum App {
 }
 
 /// One timeline entry: an action, triggered at a virtual time or by a message.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// A name other steps' `after` may give.

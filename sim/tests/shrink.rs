@@ -103,3 +103,92 @@ fn an_invariant_broken_in_a_fault_swarm_shrinks_to_fewer_steps_that_still_break_
     let sound = run(&replay, replay.seed, false);
     assert!(sound.passed(), "{:?}", sound.failures);
 }
+
+/// Every scenario file, in name order.
+fn scenario_files() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Plants `defect`, finds the first failing run (seed by seed over every scenario, in
+/// swarm mode or at each file's own seed), shrinks it, and replays the shrunk file as
+/// written: on the broken handler it fails the same way, on the sound one it passes.
+/// Returns what it shrank, for the report.
+fn shrink_never_lies(defect: Sabotage, swarm: bool, seeds: u64) -> Option<String> {
+    let files = scenario_files();
+    let mut found = None;
+    'search: for seed in 0..seeds {
+        for file in &files {
+            let mut scenario = Scenario::load(file).unwrap();
+            scenario.sabotage = Some(defect);
+            let seed = if swarm { seed } else { scenario.seed };
+            if !run(&scenario, seed, swarm).passed() {
+                found = Some((scenario, seed));
+                break 'search;
+            }
+        }
+        if !swarm {
+            break;
+        }
+    }
+    let (scenario, seed) = found?;
+    let shrunk = shrink(&scenario, seed, swarm)
+        .unwrap_or_else(|e| panic!("{defect:?}, {} seed {seed}: {e}", scenario.name));
+    let text = to_toml(&shrunk.scenario).unwrap();
+    let mut replay = Scenario::parse(&text, "<shrunk>", "shrunk").unwrap();
+    replay.sabotage = Some(defect);
+    let broken = run(&replay, replay.seed, false);
+    assert!(
+        broken
+            .failures
+            .iter()
+            .any(|f| signature(f) == shrunk.signature),
+        "{defect:?}: the shrunk file no longer fails with {}: {:?}\n{text}",
+        shrunk.signature,
+        broken.failures
+    );
+    replay.sabotage = None;
+    let sound = run(&replay, replay.seed, false);
+    assert!(
+        sound.passed(),
+        "{defect:?}: the shrunk file of {} (seed {seed}) fails on the sound handler: {:?}\n{text}",
+        scenario.name,
+        sound.failures
+    );
+    Some(format!(
+        "{defect:?}: {} seed {seed}{}: {} -> {} steps, {}",
+        scenario.name,
+        if swarm { " swarm" } else { "" },
+        shrunk.steps.0,
+        shrunk.steps.1,
+        shrunk.signature
+    ))
+}
+
+#[test]
+fn a_shrunk_double_outcome_fails_only_on_the_broken_handler() {
+    let done = shrink_never_lies(Sabotage::DoubleOutcome, false, 1);
+    assert!(done.is_some(), "no scenario caught the defect");
+}
+
+#[test]
+#[ignore = "heavy: .ci/run runs it (cargo test --release -p p2p-sim --test shrink -- --ignored)"]
+fn every_defect_shrinks_to_a_file_that_fails_only_on_the_broken_handler() {
+    let mut report = Vec::new();
+    for defect in Sabotage::ALL {
+        // The scenarios' own runs (expectations too), then the sweeps (invariants and model).
+        for swarm in [false, true] {
+            if let Some(line) = shrink_never_lies(defect, swarm, 10) {
+                report.push(line);
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(report.len() >= Sabotage::ALL.len(), "{report:#?}");
+}
