@@ -333,43 +333,41 @@ fn responder_outcome(
 /// How a request of a peer ended at this responder (not answered in time, aborted,
 /// cancelled, unconfirmed): traced, and handed to the model.
 fn responder_notice(s: &mut Shared, node: usize, event: Event) -> String {
-    match event {
-        Event::ResponseTimedOut { peer, exchange } => {
-            s.settle_pending(node, peer, exchange);
-            responder_outcome(s, node, peer, exchange, "timed out");
-            format!(
-                "response timed out for {}",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
+    let (peer, exchange, what, text) = match event {
+        Event::ResponseTimedOut { peer, exchange } => (
+            peer,
+            exchange,
+            "timed out",
+            "response timed out for {}".to_owned(),
+        ),
         Event::ResponseAborted {
             peer,
             exchange,
             reason,
-        } => {
-            s.settle_pending(node, peer, exchange);
-            responder_outcome(s, node, peer, exchange, "aborted");
-            format!(
-                "response aborted for {} ({reason:?})",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
-        Event::ResponseCancelled { peer, exchange } => {
-            s.settle_pending(node, peer, exchange);
-            responder_outcome(s, node, peer, exchange, "cancelled");
-            format!(
-                "response cancelled for {}",
-                s.inbound_label(node, &peer, exchange)
-            )
-        }
+        } => (
+            peer,
+            exchange,
+            "aborted",
+            format!("response aborted for {{}} ({reason:?})"),
+        ),
+        Event::ResponseCancelled { peer, exchange } => (
+            peer,
+            exchange,
+            "cancelled",
+            "response cancelled for {}".to_owned(),
+        ),
         Event::ResponseUnconfirmed { peer, exchange } => {
             s.unconfirmed += 1;
-            responder_outcome(s, node, peer, exchange, "unconfirmed");
-            format!(
-                "reply {} unconfirmed",
-                s.inbound_label(node, &peer, exchange)
+            (
+                peer,
+                exchange,
+                "unconfirmed",
+                "reply {} unconfirmed".to_owned(),
             )
         }
-        other => format!("{other:?}"),
-    }
+        other => return format!("{other:?}"),
+    };
+    s.settle_pending(node, peer, exchange);
+    responder_outcome(s, node, peer, exchange, what);
+    text.replace("{}", &s.inbound_label(node, &peer, exchange))
 }

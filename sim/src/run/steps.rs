@@ -25,26 +25,39 @@ pub(super) fn crash(
     node: usize,
     rule: String,
 ) {
-    let name = {
+    {
         let mut s = lock(shared);
         s.nodes[node].up = false;
         s.nodes[node].commands = None;
-        if let Some(switch) = s.nodes[node].crash_switch.take() {
-            switch.set();
-        }
-        let name = s.names[node].clone();
-        s.trace.push(
-            sim.elapsed(),
-            "sim",
-            What::Fault {
-                what: format!("crash {name}"),
-                rule,
-                link: None,
-            },
-        );
-        name
-    };
+    }
+    let name = cut_streams(sim, shared, node, "crash", rule);
     sim.crash(name.as_str());
+}
+
+/// Closes a node's streams in order (as its process dying would) and traces the fault;
+/// returns the node's name.
+fn cut_streams(
+    sim: &turmoil::Sim<'_>,
+    shared: &Arc<Mutex<Shared>>,
+    node: usize,
+    verb: &str,
+    rule: String,
+) -> String {
+    let mut s = lock(shared);
+    if let Some(switch) = s.nodes[node].crash_switch.take() {
+        switch.set();
+    }
+    let name = s.names[node].clone();
+    s.trace.push(
+        sim.elapsed(),
+        "sim",
+        What::Fault {
+            what: format!("{verb} {name}"),
+            rule,
+            link: None,
+        },
+    );
+    name
 }
 
 pub(super) fn restart(
@@ -53,24 +66,8 @@ pub(super) fn restart(
     node: usize,
     rule: String,
 ) {
-    let name = {
-        let mut s = lock(shared);
-        // A node still up is crashed by the bounce: its streams close in order too.
-        if let Some(switch) = s.nodes[node].crash_switch.take() {
-            switch.set();
-        }
-        let name = s.names[node].clone();
-        s.trace.push(
-            sim.elapsed(),
-            "sim",
-            What::Fault {
-                what: format!("restart {name}"),
-                rule,
-                link: None,
-            },
-        );
-        name
-    };
+    // A node still up is crashed by the bounce: its streams close in order too.
+    let name = cut_streams(sim, shared, node, "restart", rule);
     sim.bounce(name.as_str());
 }
 
