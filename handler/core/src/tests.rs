@@ -1861,9 +1861,10 @@ mod endpoint_unit {
         f.ep.handle_timeout(deadline);
         assert_eq!(
             outputs(&mut f.ep),
+            // Never established: no Close message goes first, so no peer to name.
             vec![Output::Close {
                 conn,
-                peer: Some(f.peer),
+                peer: None,
                 reason: CloseReason::Done
             }]
         );
