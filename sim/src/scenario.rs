@@ -801,6 +801,34 @@ impl Scenario {
         self.configs.get(i).cloned().unwrap_or_default()
     }
 
+    /// Sets `max_message_size` for every node in `[config]` (written down, so a shrunk file
+    /// replays it), unless a node overrides it itself. Returns whether it applied.
+    pub(crate) fn limit_messages(&mut self, max: usize) -> bool {
+        let overridden = self.nodes.iter().any(|n| {
+            n.config
+                .as_ref()
+                .is_some_and(|c| c.get_ref().contains_key("max_message_size"))
+        }) || self
+            .config
+            .as_ref()
+            .is_some_and(|c| c.get_ref().contains_key("max_message_size"));
+        let larger = self
+            .steps
+            .iter()
+            .any(|s| s.get_ref().size.is_some_and(|n| n > max));
+        if overridden || larger {
+            return false;
+        }
+        let mut table = self
+            .config
+            .take()
+            .map(|c| c.into_inner())
+            .unwrap_or_default();
+        table.insert("max_message_size".into(), toml::Value::Integer(max as i64));
+        self.config = Some(toml::Spanned::new(0..0, table));
+        self.reload_configs().is_ok()
+    }
+
     /// The largest message node `i` takes (without copying its whole configuration).
     pub fn max_message_size_of(&self, i: usize) -> usize {
         self.configs

@@ -222,6 +222,12 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
     }
     // Requests, after the faults so that none is drawn from a node that has revoked its
     // peer at that moment (the handler would refuse it, rightly).
+    let limit = scenario
+        .config
+        .as_ref()
+        .and_then(|c| c.get_ref().get("max_message_size"))
+        .and_then(toml::Value::as_integer)
+        .and_then(|n| usize::try_from(n).ok());
     for _ in 0..plan.requests {
         if pairs.is_empty() {
             break;
@@ -245,6 +251,11 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
         step.at = at(when);
         step.from = name(a);
         step.to = name(b);
+        // With a limit written in [config] (swarm mode draws one for some seeds), every
+        // third request is exactly at it.
+        if limit.is_some() && steps.len().is_multiple_of(3) {
+            step.size = limit;
+        }
         steps.push(step);
     }
     if plan.probes {
@@ -284,6 +295,21 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
     if pick(0, 1) == 1 {
         scenario.storage_fault = true;
         scenario.commit_latency = Duration::from_millis(pick(1, 10));
+    }
+    // A quarter of the seeds draw a message size limit (256 B to 64 KiB) and send every
+    // third request step's payload at exactly that size: a message at the limit must pass.
+    let limit = pick(256, 65_536) as usize;
+    if pick(0, 3) == 0 && scenario.limit_messages(limit) {
+        let mut n = 0;
+        for step in &mut scenario.steps {
+            let step = step.get_mut();
+            if step.action == ActionKind::Request && step.size.is_none() && step.payload.is_none() {
+                n += 1;
+                if n % 3 == 1 {
+                    step.size = Some(limit);
+                }
+            }
+        }
     }
 }
 

@@ -347,3 +347,17 @@ fn a_revoked_peer_left_connected_is_caught_by_the_model() {
     let f = one_matching(&failures, "model (revoked)");
     assert!(f.contains("bob still connected to alice"), "{f}");
 }
+
+#[test]
+fn a_message_of_exactly_the_size_limit_refused_is_caught_by_the_model() {
+    let text = format!(
+        "[config]\nmax_message_size = 1000\n\n{PAIR}\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\nsize = 1000\n"
+    );
+    let failures = caught(&text, Sabotage::OffByOneMaxSize);
+    let f = one_matching(&failures, "model (size limit)");
+    assert!(
+        f.contains("alice#1: 1000 B refused as too large, though both ends take 1000 B"),
+        "{f}"
+    );
+}

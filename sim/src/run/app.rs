@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use p2p_handler::endpoint::Failure;
+use p2p_handler::wire::NackReason;
 use p2p_handler::{Event, Handler, Notice, PeerId};
 
 use super::tap::short_error;
@@ -139,6 +140,8 @@ fn on_request(
     s.nodes[node].received += 1;
     let mut reply = b"re:".to_vec();
     reply.extend_from_slice(&payload);
+    // A request at the size limit gets a reply at the limit, not over it.
+    reply.truncate(s.scenario.max_message_size_of(node));
     let delay = match app {
         App::Echo | App::Refuse { .. } => Some(Duration::ZERO),
         App::Slow { reply_after } => Some(*reply_after),
@@ -182,14 +185,25 @@ pub(super) fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice
     let incarnation = s.incarnation_key(node);
     let text = match notice {
         Notice::Event(Event::Failed {
+            peer,
             exchange,
             failure,
             payload,
             redelivered,
-            ..
         }) => {
             let label = s.label(node, exchange);
             let kind = failure_kind(&failure);
+            if matches!(
+                failure,
+                Failure::TooLarge { .. } | Failure::Refused(NackReason::TooLarge)
+            ) && let Some(&responder) = s.by_peer.get(&peer)
+            {
+                let fits = s
+                    .scenario
+                    .max_message_size_of(node)
+                    .min(s.scenario.max_message_size_of(responder));
+                s.model.too_large(node, exchange, payload.len(), fits);
+            }
             if s.count_outcome(node, incarnation, exchange, redelivered) {
                 s.failures.push(kind.clone());
             }

@@ -13,7 +13,10 @@
 //! * **final Ack**: every Reply a dialer receives, a repeat too, is acknowledged at once
 //!   (the responder stops waiting only then);
 //! * **revoked**: a revoked peer's connections close, and no new one is established while
-//!   it stays revoked.
+//!   it stays revoked;
+//! * **size limit**: a request no larger than both ends' `max_message_size` is never
+//!   refused as too large (swarm mode draws a limit for some seeds and sends requests at
+//!   exactly it).
 //!
 //! The model sees what the tap sees (messages, connection events, state transitions: all
 //! in the handler task's own order) and what the application sees. It keeps its own
@@ -189,6 +192,19 @@ impl Model {
     /// `dialer` acknowledged a Reply.
     pub(super) fn reply_acked(&mut self, dialer: usize, id: ExchangeId, attempt: u32) {
         self.owed_acks.remove(&(dialer, id, attempt));
+    }
+
+    /// `dialer`'s exchange failed as too large, its payload `len` bytes where both ends take
+    /// `fits`.
+    pub(super) fn too_large(&mut self, dialer: usize, id: ExchangeId, len: usize, fits: usize) {
+        if len <= fits {
+            self.violations.push(Violation {
+                rule: "size limit",
+                exchange: Some((dialer, id)),
+                detail: format!("{len} B refused as too large, though both ends take {fits} B"),
+                other: None,
+            });
+        }
     }
 
     /// `node` revoked `peer` (or dropped it from its allow list).

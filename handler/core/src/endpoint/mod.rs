@@ -332,11 +332,13 @@ pub enum Sabotage {
     SilentUnconfirmed,
     /// Revoking a peer keeps its connections open.
     RevokeKeepsConnections,
+    /// A request of exactly `max_message_size` bytes is refused as too large.
+    OffByOneMaxSize,
 }
 
 impl Sabotage {
     /// Every defect, for tools that plant each in turn.
-    pub const ALL: [Sabotage; 15] = [
+    pub const ALL: [Sabotage; 16] = [
         Sabotage::NoDedupe,
         Sabotage::DoubleOutcome,
         Sabotage::SwallowDelivery,
@@ -352,6 +354,7 @@ impl Sabotage {
         Sabotage::NoAckOfRepeatedReply,
         Sabotage::SilentUnconfirmed,
         Sabotage::RevokeKeepsConnections,
+        Sabotage::OffByOneMaxSize,
     ];
 }
 

@@ -229,7 +229,12 @@ impl Endpoint {
             return self.send_nack(conn, nack(NackReason::Busy, 0));
         }
         // The reassembler bounds the encoded message; the payload bound is checked here.
-        if payload.len() > self.config.max_message_size {
+        let limit = if self.sabotaged(super::Sabotage::OffByOneMaxSize) {
+            self.config.max_message_size.saturating_sub(1)
+        } else {
+            self.config.max_message_size
+        };
+        if payload.len() > limit {
             return self.send_nack(conn, nack(NackReason::TooLarge, 0));
         }
         if self.pending_inbound >= self.config.max_pending_inbound || !self.make_room(peer) {
