@@ -162,12 +162,12 @@ fn nothing_lost(s: &Shared, failures: &mut Vec<String>) {
 /// Resends stay within the configured bound.
 fn attempts_bounded(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
     // Invariant: resends stay within the configured bound.
-    for ((node, exchange), attempt) in &s.attempts {
-        let max = scenario.config_of(*node).max_attempts;
-        if *attempt > max {
+    for ((node, exchange), attempt) in s.model.highest_attempts() {
+        let max = scenario.config_of(node).max_attempts;
+        if attempt > max {
             failures.push(format!(
                 "{} was sent {attempt} times; max_attempts is {max}",
-                s.label(*node, *exchange)
+                s.label(node, exchange)
             ));
         }
     }

@@ -207,6 +207,16 @@ impl Model {
         }
     }
 
+    /// (dialer, id) -> the highest attempt any incarnation of the dialer sent.
+    pub(super) fn highest_attempts(&self) -> BTreeMap<(usize, ExchangeId), u32> {
+        let mut highest: BTreeMap<(usize, ExchangeId), u32> = BTreeMap::new();
+        for ((dialer, _, id), attempt) in &self.attempts {
+            let max = highest.entry((*dialer, *id)).or_insert(0);
+            *max = (*max).max(*attempt);
+        }
+        highest
+    }
+
     /// `node` revoked `peer` (or dropped it from its allow list).
     pub(super) fn revoked(&mut self, node: usize, peer: usize, now: Duration) {
         self.revoked.entry((node, peer)).or_insert(now);

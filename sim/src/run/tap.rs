@@ -120,8 +120,6 @@ impl Tap for SimTap {
             Message::Request {
                 exchange, attempt, ..
             } => {
-                let max = s.attempts.entry((from, *exchange)).or_insert(0);
-                *max = (*max).max(*attempt);
                 let dialer = (from, s.incarnation_key(from), s.nodes[from].incarnation);
                 s.model.request_sent(dialer, to, *exchange, *attempt);
             }

@@ -58,8 +58,6 @@ pub(super) struct Shared {
     pub(super) answered: BTreeSet<(usize, PeerId, ExchangeId)>,
     /// (dialer, responder, id) whose Request the dialer saw acknowledged.
     pub(super) acked: BTreeSet<(usize, usize, ExchangeId)>,
-    /// (dialer, id) -> highest attempt sent.
-    pub(super) attempts: BTreeMap<(usize, ExchangeId), u32>,
     pub(super) replied: u64,
     pub(super) failures: Vec<String>,
     /// Steps the handler refused, with the reason.
@@ -133,7 +131,6 @@ impl Shared {
             issued_count: vec![0; scenario.nodes.len()],
             outcomes: BTreeMap::new(),
             delivered: BTreeMap::new(),
-            attempts: BTreeMap::new(),
             replied: 0,
             failures: Vec::new(),
             refused: Vec::new(),
