@@ -120,12 +120,13 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         timeline.tick(now);
         let (pending, busy) = {
             let mut s = lock(&shared);
+            // Which nodes are up, once per tick for every check below.
+            let up = s.up();
             if s.model.owes() {
-                let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
                 s.model.overdue(now, &up);
             }
-            let busy =
-                timeline.busy(&s) | watch.records(&s, &scenario, &timeline, now, &mut failures);
+            let busy = timeline.busy(&s, &up)
+                | watch.records(&s, &up, &scenario, &timeline, now, &mut failures);
             (pending_exchanges(&s), busy)
         };
         if pending == 0 && !busy {
@@ -308,13 +309,13 @@ impl Watch {
     fn records(
         &mut self,
         s: &Shared,
+        up: &[bool],
         scenario: &Scenario,
         timeline: &Timeline,
         now: Duration,
         failures: &mut Vec<String>,
     ) -> bool {
-        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
-        let behind = match s.records.as_ref().map(|r| r.behind(&up)) {
+        let behind = match s.records.as_ref().map(|r| r.behind(up)) {
             Some(behind) if !behind.is_empty() => behind,
             _ => {
                 self.records_behind_since = None;

@@ -75,7 +75,7 @@ fn unapplied(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
 /// exchange. The end-of-run rules apply only to a run that ended `quietly` (not at the
 /// time limit, where work may legitimately still be open).
 fn model(s: &mut Shared, quietly: bool, failures: &mut Vec<String>) {
-    let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+    let up = s.up();
     s.model.overdue(
         super::world::now() + std::time::Duration::from_secs(3600),
         &up,
@@ -232,7 +232,7 @@ fn membership(scenario: &Scenario, s: &Shared, timeline: &Timeline, failures: &m
     // Invariant (membership): every member of the newest document reached it, within
     // `liveness` of the last fault.
     if let Some(m) = &s.membership {
-        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let up = s.up();
         let behind = m.behind(&up);
         if let Some(target) = m.target()
             && !behind.is_empty()
@@ -265,7 +265,7 @@ fn records(s: &Shared, failures: &mut Vec<String>) {
     // up holds every other's newest record, within `liveness` of the last fault.
     if let Some(r) = &s.records {
         failures.extend(r.violations.iter().take(10).cloned());
-        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let up = s.up();
         let behind = r.behind(&up);
         if !behind.is_empty() {
             let pairs: Vec<String> = behind
@@ -396,7 +396,7 @@ fn expected(
 /// `membership_epoch = N`: every member up holds epoch N at the end.
 fn membership_epoch(s: &Shared, want: Option<u64>, failures: &mut Vec<String>) {
     if let (Some(want), Some(m)) = (want, &s.membership) {
-        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+        let up = s.up();
         for i in (0..s.names.len()).filter(|&i| up[i]) {
             let member = m
                 .target()

@@ -103,15 +103,14 @@ impl Timeline {
     /// app asked for, or a membership document still spreading (members behind the newest
     /// keep the run going until the time limit, where the convergence invariant reports
     /// them).
-    pub(super) fn busy(&self, s: &Shared) -> bool {
-        let up: Vec<bool> = s.nodes.iter().map(|n| n.up).collect();
+    pub(super) fn busy(&self, s: &Shared, up: &[bool]) -> bool {
         !self.timed.is_empty()
             || !self.restarts.is_empty()
             || !s.fired.is_empty()
             || !s.crash_requests.is_empty()
             || s.membership
                 .as_ref()
-                .is_some_and(|m| !m.behind(&up).is_empty())
+                .is_some_and(|m| !m.behind(up).is_empty())
     }
 }
 

@@ -169,6 +169,11 @@ impl Shared {
         }
     }
 
+    /// Which nodes are up, by index.
+    pub(super) fn up(&self) -> Vec<bool> {
+        self.nodes.iter().map(|n| n.up).collect()
+    }
+
     /// The oldest request `node`'s application holds from `peer`.
     pub(super) fn oldest_pending(&self, node: usize, peer: PeerId) -> Option<ExchangeId> {
         self.pending.get(&(node, peer))?.first().copied()
