@@ -123,7 +123,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
             // Which nodes are up, once per tick for every check below.
             let up = s.up();
             if s.model.owes() {
-                s.model.overdue(now, &up);
+                s.model.overdue(Some(now), &up);
             }
             let busy = timeline.busy(&s, &up)
                 | watch.records(&s, &up, &scenario, &timeline, now, &mut failures);

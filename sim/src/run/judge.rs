@@ -76,10 +76,7 @@ fn unapplied(scenario: &Scenario, s: &Shared, failures: &mut Vec<String>) {
 /// time limit, where work may legitimately still be open).
 fn model(s: &mut Shared, quietly: bool, failures: &mut Vec<String>) {
     let up = s.up();
-    s.model.overdue(
-        super::world::now() + std::time::Duration::from_secs(3600),
-        &up,
-    );
+    s.model.overdue(None, &up);
     if quietly {
         let live: Vec<Option<u64>> = (0..s.nodes.len())
             .map(|i| s.nodes[i].up.then(|| s.incarnation_key(i)))

@@ -62,8 +62,9 @@ pub(super) struct Model {
     responder: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
     /// (dialer, id, attempt) -> when a Reply arrived that is not acknowledged yet.
     owed_acks: BTreeMap<(usize, ExchangeId, u32), Duration>,
-    /// (node, peer) -> when the node revoked the peer.
-    revoked: BTreeMap<(usize, usize), Duration>,
+    /// (node, peer) -> when the node revoked the peer, and whether a connection it kept
+    /// was reported (once per revocation).
+    revoked: BTreeMap<(usize, usize), (Duration, bool)>,
     /// (node, peer) -> connections established between them and not closed.
     open: BTreeMap<(usize, usize), BTreeSet<p2p_handler::ConnId>>,
     violations: Vec<Violation>,
@@ -219,7 +220,7 @@ impl Model {
 
     /// `node` revoked `peer` (or dropped it from its allow list).
     pub(super) fn revoked(&mut self, node: usize, peer: usize, now: Duration) {
-        self.revoked.entry((node, peer)).or_insert(now);
+        self.revoked.entry((node, peer)).or_insert((now, false));
     }
 
     /// `node` allows `peer` again.
@@ -254,7 +255,7 @@ impl Model {
         now: Duration,
     ) {
         self.open.entry((node, peer)).or_default().insert(conn);
-        if let Some(since) = self.revoked.get(&(node, peer)) {
+        if let Some((since, _)) = self.revoked.get(&(node, peer)) {
             self.violations.push(Violation {
                 rule: "revoked",
                 exchange: None,
@@ -269,13 +270,15 @@ impl Model {
         }
     }
 
-    /// What a node should have done by now and did not. Called as the run goes (cheap when
-    /// nothing is owed) and at its end.
-    pub(super) fn overdue(&mut self, now: Duration, up: &[bool]) {
+    /// What a node should have done by `now` and did not. Called as the run goes (cheap
+    /// when nothing is owed) and at its end (`now` = `None`: whatever is still owed then
+    /// was never done).
+    pub(super) fn overdue(&mut self, now: Option<Duration>, up: &[bool]) {
+        let late_by = |since: Duration| now.is_none_or(|now| now > since + PROMPT);
         let late: Vec<(usize, ExchangeId, u32)> = self
             .owed_acks
             .iter()
-            .filter(|(_, since)| now > **since + PROMPT)
+            .filter(|(_, since)| late_by(**since))
             .map(|(k, _)| *k)
             .collect();
         for (dialer, id, attempt) in late {
@@ -292,20 +295,19 @@ impl Model {
         let kept: Vec<((usize, usize), Duration)> = self
             .revoked
             .iter()
-            .filter(|(key, since)| {
-                now > **since + PROMPT && self.open.get(key).is_some_and(|c| !c.is_empty())
+            .filter(|(key, (since, reported))| {
+                !reported && late_by(*since) && self.open.get(key).is_some_and(|c| !c.is_empty())
             })
-            .map(|(k, v)| (*k, *v))
+            .map(|(k, (since, _))| (*k, *since))
             .collect();
+        let when = now.map_or_else(|| "at the end".to_owned(), |now| format!("at {now:?}"));
         for ((node, peer), since) in kept {
-            // Once per revocation.
-            self.revoked
-                .insert((node, peer), now + Duration::from_secs(3600));
+            self.revoked.insert((node, peer), (since, true));
             self.violations.push(Violation {
                 rule: "revoked",
                 exchange: None,
                 detail: format!(
-                    "{} still connected to {} at {now:?}, though it revoked it at {since:?}",
+                    "{} still connected to {} {when}, though it revoked it at {since:?}",
                     self.name(node),
                     self.name(peer)
                 ),
@@ -316,7 +318,7 @@ impl Model {
 
     /// Whether anything is owed: the main loop checks `overdue` only then.
     pub(super) fn owes(&self) -> bool {
-        !self.owed_acks.is_empty() || !self.revoked.is_empty()
+        !self.owed_acks.is_empty() || self.revoked.values().any(|(_, reported)| !reported)
     }
 
     /// The end of the run: delivered requests without a responder-side outcome, at
