@@ -105,12 +105,8 @@ pub(super) async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoi
                     // Everything the handler said before this status is read first: a run
                     // that ends on it has seen every event of the nodes that report.
                     let status = handler.status().await;
-                    while let Ok(event) = inbox.received.try_recv() {
-                        on_event(&shared, node, &handler, &app, event);
-                    }
-                    while let Ok(notice) = inbox.priority.try_recv() {
-                        on_notice(&shared, node, notice);
-                    }
+                    let node = Node { shared: &shared, index: node, handler: &handler, app: &app };
+                    read_inbox(node, &mut inbox);
                     if let Ok(status) = status {
                         let _ = reply.send(status);
                     }
@@ -258,6 +254,22 @@ pub(super) struct Node<'a> {
     pub(super) app: &'a App,
 }
 
+/// Hands the application everything waiting in its inbox, events then notices.
+fn read_inbox(node: Node<'_>, inbox: &mut Inbox) {
+    let Node {
+        shared,
+        index,
+        handler,
+        app,
+    } = node;
+    while let Ok(event) = inbox.received.try_recv() {
+        on_event(shared, index, handler, app, event);
+    }
+    while let Ok(notice) = inbox.priority.try_recv() {
+        on_notice(shared, index, notice);
+    }
+}
+
 /// A graceful stop, as `p2p-node` does on SIGTERM: drain (new work is refused, started work
 /// goes on, and the application goes on answering and taking steps), wait until nothing is
 /// left or `grace` ran out, shut down. The application then reads what is left in its
@@ -294,12 +306,7 @@ pub(super) async fn stop(
         }
     }
     let report = handler.shutdown().await.map_err(|e| e.to_string())?;
-    while let Ok(event) = inbox.received.try_recv() {
-        on_event(shared, index, handler, app, event);
-    }
-    while let Ok(notice) = inbox.priority.try_recv() {
-        on_notice(shared, index, notice);
-    }
+    read_inbox(node, inbox);
     for (peer, exchange, payload) in report.failed {
         let failed = Event::Failed {
             peer,
