@@ -127,33 +127,33 @@ pub fn shrink(scenario: &Scenario, seed: u64, swarm: bool) -> Result<Shrunk, Str
     let mut start = materialise(scenario, seed, swarm);
     start.expect = wanted_expectation(&start.expect, &want);
     // The kinds the written-down run fails with (expectations not kept cannot fail).
-    let allowed: BTreeSet<String> = run(&start, start.seed, false)
-        .failures
-        .iter()
-        .map(|f| signature(f))
-        .collect();
+    let written = run(&start, start.seed, false);
+    let allowed: BTreeSet<String> = written.failures.iter().map(|f| signature(f)).collect();
     let counts = is_count(&want);
+    let same_way = |outcome: &Outcome| {
+        let kinds: BTreeSet<String> = outcome.failures.iter().map(|f| signature(f)).collect();
+        // A count must come out as wrong as it did ("expected replied = 2, got 1"): a
+        // different count is a different scenario's.
+        let same = !counts || outcome.failures.iter().any(|f| f == first);
+        same && kinds.contains(&want) && kinds.is_subset(&allowed)
+    };
+    if start.validate().is_err() || !same_way(&written) {
+        return Err(format!(
+            "the written-down run does not fail with {want:?} (a replay bug in the \
+             simulator): {:?}",
+            written.failures
+        ));
+    }
     let guard = Guard::new(&start, counts, &original.failures);
-    let mut runs = 1;
+    let mut runs = 2;
     let mut fails = |candidate: &Scenario| -> Option<Outcome> {
         if candidate.validate().is_err() || !guard.keeps(candidate) {
             return None;
         }
         runs += 1;
         let outcome = run(candidate, candidate.seed, false);
-        let kinds: BTreeSet<String> = outcome.failures.iter().map(|f| signature(f)).collect();
-        // A count must come out as wrong as it did ("expected replied = 2, got 1"): a
-        // different count is a different scenario's.
-        let same = !counts || outcome.failures.iter().any(|f| f == first);
-        (same && kinds.contains(&want) && kinds.is_subset(&allowed)).then_some(outcome)
+        same_way(&outcome).then_some(outcome)
     };
-    if fails(&start).is_none() {
-        return Err(format!(
-            "the written-down run does not fail with {want:?} (a replay bug in the \
-             simulator): {:?}",
-            run(&start, start.seed, false).failures
-        ));
-    }
     let before = (start.steps.len(), start.nodes.len());
     let mut best = start;
     // 1. Steps, by delta debugging: try removing chunks, halving the chunk size, and at
