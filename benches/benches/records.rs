@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use p2p_bench::{keys, noise_ik_pair};
 use p2p_handler::membership::{Digest, Document, GovernanceKey, Member};
-use p2p_handler::records::{Record, RecordBook, RecordSigner, open, seal};
+use p2p_handler::records::{Record, RecordBook, RecordSigner, SealedRecord, open, seal};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
@@ -50,6 +50,17 @@ fn record(seq: u64) -> Record {
     }
 }
 
+/// A record of member 0, sealed for the members of `doc`.
+fn sealed_by_first(doc: &Document, keys: &[p2p_handler::Keypair]) -> SealedRecord {
+    seal(
+        &RecordSigner::new(&keys[0]),
+        &record(1),
+        doc,
+        &mut ChaCha20Rng::seed_from_u64(1),
+    )
+    .unwrap()
+}
+
 fn records(c: &mut Criterion) {
     let k = keys(2);
     c.bench_function("records/limit_noise_ik_handshake", |b| {
@@ -69,13 +80,7 @@ fn records(c: &mut Criterion) {
     let mut open_group = c.benchmark_group("records/open");
     for n in [4usize, 100, 1000] {
         let (doc, keys) = document(n);
-        let sealed = seal(
-            &RecordSigner::new(&keys[0]),
-            &record(1),
-            &doc,
-            &mut ChaCha20Rng::seed_from_u64(1),
-        )
-        .unwrap();
+        let sealed = sealed_by_first(&doc, &keys);
         let reader = RecordSigner::new(&keys[1]);
         open_group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| open(&sealed, &doc, &reader).unwrap());
@@ -84,18 +89,12 @@ fn records(c: &mut Criterion) {
     open_group.finish();
     // The whole acceptance by a book (decode, open, times, seq), fresh book each time.
     let (doc, keys) = document(100);
-    let sealed = seal(
-        &RecordSigner::new(&keys[0]),
-        &record(1),
-        &doc,
-        &mut ChaCha20Rng::seed_from_u64(1),
-    )
-    .unwrap();
+    let sealed = sealed_by_first(&doc, &keys);
     let reader = RecordSigner::new(&keys[1]);
     c.bench_function("records/book_offer/100", |b| {
         b.iter(|| {
             let mut book = RecordBook::new();
-            let copy = p2p_handler::records::SealedRecord::decode(sealed.bytes()).unwrap();
+            let copy = SealedRecord::decode(sealed.bytes()).unwrap();
             book.offer(copy, &doc, &reader, NOW).unwrap()
         });
     });
