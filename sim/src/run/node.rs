@@ -498,8 +498,7 @@ async fn settle_by_hand(
                 }
                 Err(e) => {
                     let why = format!("respond to {}: {e}", s.name(&peer));
-                    s.idle_steps.push((step, why.clone()));
-                    why
+                    s.did_nothing(step, why)
                 }
             };
             s.push(node, What::App(text));
@@ -522,8 +521,7 @@ async fn settle_by_hand(
                 }
                 Err(e) => {
                     let why = format!("reject a request from {}: {e}", s.name(&peer));
-                    s.idle_steps.push((step, why.clone()));
-                    why
+                    s.did_nothing(step, why)
                 }
             };
             s.push(node, What::App(text));
@@ -537,11 +535,7 @@ async fn settle_by_hand(
             let mut s = lock(shared);
             let text = match result {
                 Ok(true) => format!("cancel {label}"),
-                Ok(false) => {
-                    let why = format!("cancel {label}: already finished");
-                    s.idle_steps.push((step, why.clone()));
-                    why
-                }
+                Ok(false) => s.did_nothing(step, format!("cancel {label}: already finished")),
                 Err(e) => format!("cancel {label}: {e}"),
             };
             s.push(node, What::App(text));

@@ -227,7 +227,7 @@ impl Exec<'_, '_> {
     fn idle(&self, why: String) {
         let text = format!("{:?} skipped: {why}", self.step.action).to_lowercase();
         self.fault(text);
-        lock(self.shared).idle_steps.push((self.index, why));
+        lock(self.shared).did_nothing(self.index, why);
     }
 
     /// Sends a command to a node; false when it is down.

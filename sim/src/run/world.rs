@@ -169,6 +169,13 @@ impl Shared {
         }
     }
 
+    /// Step `step` found nothing to act on, for `why`: kept for the judge (a failure in the
+    /// scenario's own run); returns `why` for the trace.
+    pub(super) fn did_nothing(&mut self, step: usize, why: String) -> String {
+        self.idle_steps.push((step, why.clone()));
+        why
+    }
+
     /// Which nodes are up, by index.
     pub(super) fn up(&self) -> Vec<bool> {
         self.nodes.iter().map(|n| n.up).collect()
