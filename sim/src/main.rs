@@ -332,10 +332,11 @@ fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage:
     for (_, scenario) in &mut scenarios {
         scenario.sabotage = plan.plant;
     }
-    // Every (scenario, seed) pair, then this shard's share of them.
+    // Every (scenario, seed) pair, seed by seed (the first runs cover every scenario, so a
+    // sweep stopped early or split into shards has tried each), then this shard's share.
     let mut work: Vec<(usize, u64)> = Vec::new();
-    for (i, _) in scenarios.iter().enumerate() {
-        for seed in plan.first_seed..plan.first_seed + plan.seeds {
+    for seed in plan.first_seed..plan.first_seed + plan.seeds {
+        for i in 0..scenarios.len() {
             work.push((i, seed));
         }
     }

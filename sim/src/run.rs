@@ -42,9 +42,6 @@ use world::{Shared, lock};
 /// The port every node listens on.
 pub const PORT: u16 = 7000;
 
-/// Length of a simulation tick (turmoil's default).
-const TICK: Duration = Duration::from_millis(1);
-
 /// Extra virtual time after the last exchange, for idle connections to close.
 const SETTLE_MARGIN: Duration = Duration::from_secs(2);
 
@@ -227,7 +224,7 @@ fn build_sim(scenario: &Scenario, seed: u64, settle: Duration) -> turmoil::Sim<'
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-        .tick_duration(TICK)
+        .tick_duration(scenario.network.tick)
         .simulation_duration(scenario.duration + settle + Duration::from_secs(60))
         .min_message_latency(scenario.network.min_latency)
         .max_message_latency(scenario.network.max_latency)

@@ -128,6 +128,12 @@ pub struct Network {
     /// Per-link settings.
     #[serde(default, rename = "link")]
     pub links: Vec<LinkSpec>,
+    /// How much virtual time one simulation step covers (1 ms to 10 ms). A message arrives
+    /// at the first step boundary after its latency has passed, so no latency is shorter
+    /// than a tick; timers fire at their exact time whatever the tick. Swarm mode uses the
+    /// drawn minimum latency, up to 5 ms: fewer steps, the same latencies.
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub tick: Duration,
 }
 
 fn default_min_latency() -> Duration {
@@ -136,6 +142,11 @@ fn default_min_latency() -> Duration {
 fn default_max_latency() -> Duration {
     Duration::from_millis(10)
 }
+fn default_tick() -> Duration {
+    Duration::from_millis(1)
+}
+/// The longest tick a scenario may ask for.
+pub const MAX_TICK: Duration = Duration::from_millis(10);
 fn default_repair_rate() -> f64 {
     1.0
 }
@@ -165,6 +176,7 @@ impl Default for Network {
             fail_rate: 0.0,
             repair_rate: default_repair_rate(),
             links: Vec::new(),
+            tick: default_tick(),
         }
     }
 }
@@ -904,6 +916,15 @@ impl Scenario {
         if self.network.min_latency > self.network.max_latency {
             return Err("network: min_latency exceeds max_latency".into());
         }
+        let tick = self.network.tick;
+        if tick < Duration::from_millis(1)
+            || tick > MAX_TICK
+            || tick.subsec_nanos() % 1_000_000 != 0
+        {
+            return Err(format!(
+                "network: tick {tick:?} is not a whole number of milliseconds from 1 ms to {MAX_TICK:?}"
+            ));
+        }
         if let Some(plan) = &self.swarm {
             plan.validate(self)?;
         }
@@ -1543,6 +1564,18 @@ to = "bob"
             .collect();
         let e = err(&nodes);
         assert!(e.contains("257 nodes") && e.contains("at most 256"), "{e}");
+        for tick in ["0ms", "11ms", "1500us"] {
+            let e = err(&format!("{base}[network]\ntick = \"{tick}\"\n"));
+            assert!(
+                e.contains("network: tick") && e.contains("1 ms to 10ms"),
+                "{e}"
+            );
+        }
+        let ok = Scenario::parse(&format!("{base}[network]\ntick = \"10ms\"\n"), "<t>", "t");
+        assert_eq!(
+            ok.map(|s| s.network.tick).ok(),
+            Some(Duration::from_millis(10))
+        );
     }
 
     #[test]

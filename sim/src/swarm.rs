@@ -280,6 +280,10 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
     let max = min + pick(0, 40);
     scenario.network.min_latency = Duration::from_millis(min);
     scenario.network.max_latency = Duration::from_millis(max);
+    // A tick no longer than the shortest latency changes no latency by more than itself,
+    // and a 5 ms tick takes about a third of the 1 ms tick's time (turmoil steps every
+    // host's runtime every tick, whether or not anything is due).
+    scenario.network.tick = Duration::from_millis(min.min(5));
     for step in &mut scenario.steps {
         let step = step.get_mut();
         if let Some(at) = step.at {
@@ -325,6 +329,24 @@ mod tests {
                     [[node]]\nname = \"c\"\nallow = [\"b\"]\ndurable = false\n\n\
                     [swarm]\nfaults = 40\nrequests = 40\n";
         Scenario::parse(text, "<test>", "ring").unwrap()
+    }
+
+    #[test]
+    fn the_drawn_tick_is_the_shortest_latency_up_to_5_ms() {
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            let mut s = ring();
+            randomise(&mut s, &mut swarm_rng(seed));
+            let min = s.network.min_latency;
+            assert_eq!(
+                s.network.tick,
+                min.min(Duration::from_millis(5)),
+                "seed {seed}"
+            );
+            assert!(s.validate().is_ok(), "seed {seed}");
+            seen.insert(s.network.tick);
+        }
+        assert_eq!(seen.len(), 5, "{seen:?}");
     }
 
     #[test]
