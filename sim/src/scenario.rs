@@ -919,7 +919,7 @@ impl Scenario {
         let tick = self.network.tick;
         if tick < Duration::from_millis(1)
             || tick > MAX_TICK
-            || tick.subsec_nanos() % 1_000_000 != 0
+            || !tick.subsec_nanos().is_multiple_of(1_000_000)
         {
             return Err(format!(
                 "network: tick {tick:?} is not a whole number of milliseconds from 1 ms to {MAX_TICK:?}"
