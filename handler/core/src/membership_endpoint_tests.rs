@@ -44,6 +44,10 @@ impl Fx {
     }
 
     fn with(members: &[usize], edit: impl FnOnce(&mut Document)) -> Self {
+        Self::with_config(members, Config::default(), edit)
+    }
+
+    fn with_config(members: &[usize], config: Config, edit: impl FnOnce(&mut Document)) -> Self {
         let keys = Net::new(41, &NAMES, Config::default());
         let now = keys.now;
         let mut doc = Document {
@@ -57,8 +61,7 @@ impl Fx {
         };
         edit(&mut doc);
         let genesis = sign_with(Signed::new(doc).unwrap(), &committee(), &[0, 1]);
-        let mut ep =
-            Endpoint::new(Config::default(), keys.id(0), AllowList::new(), [9; 32]).unwrap();
+        let mut ep = Endpoint::new(config, keys.id(0), AllowList::new(), [9; 32]).unwrap();
         ep.set_wall_clock(now, keys.wall_ms());
         ep.install_membership(Some(genesis.clone()), now).unwrap();
         let mut fx = Self {
@@ -773,4 +776,93 @@ fn an_expiring_document_raises_its_alarm_once_and_only_when_it_expires() {
     fx.advance(Duration::from_secs(120));
     assert!(!fx.ep.allow_list().contains(&fx.id(2)));
     assert_eq!(expired(&mut fx), 0, "the alarm repeated");
+}
+
+#[test]
+fn a_document_no_member_could_receive_from_us_is_refused_before_it_takes_effect() {
+    let size = {
+        let fx = Fx::new(&[0, 1]);
+        fx.chain(1)[0].encode().len()
+    };
+    // A Documents message frames the list (3 bytes) and each document (4 bytes).
+    for (max_message_size, fits) in [(size + 6, false), (size + 7, true)] {
+        let config = Config {
+            max_message_size,
+            ..Config::default()
+        };
+        let mut fx = Fx::with_config(&[0, 1], config, |_| {});
+        let doc = fx.chain(1).remove(0);
+        assert_eq!(doc.encode().len(), size);
+        let result = fx.ep.offer_membership(doc, fx.now);
+        let events = fx.events();
+        if fits {
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(fx.ep.membership().unwrap().epoch(), 2);
+            continue;
+        }
+        let err = result.unwrap_err();
+        assert_eq!(err.reason().map(Refusal::code), Some("too_large"));
+        assert!(
+            err.to_string().contains(&format!("it is {size} bytes")),
+            "{err}"
+        );
+        assert_eq!(
+            fx.ep.membership().unwrap().epoch(),
+            1,
+            "nothing took effect"
+        );
+        assert_eq!(fx.ep.stats().membership_refused, 1);
+        assert!(
+            matches!(
+                &events[..],
+                [MembershipEvent::Refused {
+                    source: Source::Local,
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+    }
+}
+
+#[test]
+fn a_member_asking_for_a_document_too_large_for_it_is_told_nothing_and_we_say_why_once() {
+    let mut fx = Fx::new(&[0, 1]);
+    let doc = fx.chain(1).remove(0);
+    let size = doc.encode().len();
+    fx.ep.offer_membership(doc, fx.now).unwrap();
+    fx.events();
+    let conn = fx.accept_max(1, 1, size + 6);
+    fx.take();
+    let g = fx.genesis.clone();
+    let m = fx.epoch_msg(&g);
+    fx.deliver(conn, m);
+    for round in 0..2 {
+        fx.deliver(conn, Message::Fetch { after: 1 });
+        let docs: Vec<Message> = fx
+            .said()
+            .into_iter()
+            .filter_map(|(_, m)| matches!(m, Message::Documents { .. }).then_some(m))
+            .collect();
+        assert!(
+            matches!(&docs[..], [Message::Documents { docs }] if docs.is_empty()),
+            "{docs:?}"
+        );
+        let events = fx.events();
+        if round == 0 {
+            let peer = fx.id(1);
+            assert_eq!(
+                events,
+                vec![MembershipEvent::Unsendable {
+                    peer,
+                    epoch: 2,
+                    size,
+                    max: size - 1
+                }]
+            );
+        } else {
+            assert!(events.is_empty(), "reported once: {events:?}");
+        }
+    }
+    assert_eq!(fx.ep.stats().membership_unsendable, 1);
 }

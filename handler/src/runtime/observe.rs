@@ -25,9 +25,10 @@
 //! connection tasks, `p2p_bytes_sent_total` / `p2p_bytes_received_total` (wire bytes,
 //! encryption and framing included). Membership: `p2p_membership_epoch` (gauge),
 //! `p2p_membership_applied_total`, `p2p_membership_refused_total{reason}` (by
-//! `Refusal::code`), `p2p_membership_forks_total`, `p2p_membership_expired_total`. Each
-//! applied epoch is an `info` line, each refusal a `warn` line (once per copy), a fork or
-//! an expired document an `error` line (alarms). Address records:
+//! `Refusal::code`), `p2p_membership_forks_total`, `p2p_membership_expired_total`,
+//! `p2p_membership_unsendable_total`. Each applied epoch is an `info` line, each refusal a
+//! `warn` line (once per copy), a fork, an expired document or a document too large for a
+//! member an `error` line (alarms). Address records:
 //! `p2p_records_published_total`, `p2p_records_accepted_total`,
 //! `p2p_records_refused_total{reason}` (by `Refusal::label`), `p2p_records_inactive_total`
 //! and the gauge `p2p_records_inactive_members`; a refusal or a member going inactive is a
@@ -442,6 +443,10 @@ fn membership(event: &MembershipEvent) {
         }
         MembershipEvent::Expired { .. } => {
             metrics::counter!("p2p_membership_expired_total").increment(1);
+            tracing::error!("{event}");
+        }
+        MembershipEvent::Unsendable { .. } => {
+            metrics::counter!("p2p_membership_unsendable_total").increment(1);
             tracing::error!("{event}");
         }
         _ => tracing::info!("{event}"),

@@ -327,6 +327,15 @@ pub(super) fn membership_event(
             )
         }
         M::Expired { epoch, .. } => format!("ALARM membership epoch {epoch} expired"),
+        M::Unsendable {
+            peer,
+            epoch,
+            size,
+            max,
+        } => format!(
+            "membership epoch {epoch} ({size} B) unsendable to {}: at most {max} B",
+            s.name(peer)
+        ),
         other => format!("{other}"),
     }
 }

@@ -453,6 +453,19 @@ pub enum MembershipEvent {
         /// Its digest.
         digest: Digest,
     },
+    /// A member asked for a document this node holds but cannot send it: the document is
+    /// larger than the member's (or this node's) `max_message_size` allows. The member
+    /// stays behind until the limit is raised. Reported once per member and epoch.
+    Unsendable {
+        /// The member.
+        peer: PeerId,
+        /// The epoch it needs next.
+        epoch: u64,
+        /// The document's encoded size.
+        size: usize,
+        /// The most one Documents message to that member may carry.
+        max: usize,
+    },
 }
 
 impl fmt::Display for MembershipEvent {
@@ -477,6 +490,15 @@ impl fmt::Display for MembershipEvent {
             Self::Fork { source, fork } => {
                 write!(f, "ALARM: membership {fork} (shown by {source})")
             }
+            Self::Unsendable {
+                peer,
+                epoch,
+                size,
+                max,
+            } => write!(
+                f,
+                "membership epoch {epoch} ({size} B) cannot be sent to {peer}: a Documents message to it carries at most {max} B (raise max_message_size on both nodes)"
+            ),
             Self::Expired { epoch, digest } => write!(
                 f,
                 "ALARM: membership epoch {epoch} ({}) has expired and no newer one arrived; \
@@ -782,6 +804,8 @@ pub struct Stats {
     pub membership_applied: u64,
     /// Membership documents refused (each copy counted once).
     pub membership_refused: u64,
+    /// Members that asked for a document too large to send them (`Unsendable`).
+    pub membership_unsendable: u64,
     /// Membership forks found.
     pub membership_forks: u64,
     /// Connections dialed only to spread or learn the membership (or address records).

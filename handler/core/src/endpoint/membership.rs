@@ -93,6 +93,9 @@ pub(super) struct Membership {
     pending: Option<Signed>,
     /// Whether the expiry of the current document was reported.
     expiry_reported: bool,
+    /// Members told about a document too large to send them (`Unsendable`), and its epoch:
+    /// reported once each.
+    unsendable: BTreeMap<PeerId, u64>,
 }
 
 /// What installing a membership found, for the driver to log.
@@ -121,6 +124,14 @@ pub enum InstallError {
     /// Neither a document nor a stored ledger.
     #[error("no membership document given and none stored")]
     Nothing,
+}
+
+/// The bytes of documents one Documents message may carry to a peer that takes messages
+/// of at most `max_message_size` bytes.
+fn documents_budget(max_message_size: usize) -> usize {
+    max_message_size
+        .min(MAX_DOCUMENTS_BYTES)
+        .saturating_sub(DOCUMENTS_OVERHEAD)
 }
 
 impl Endpoint {
@@ -219,6 +230,7 @@ impl Endpoint {
             sync: BTreeMap::new(),
             pending,
             expiry_reported: false,
+            unsendable: BTreeMap::new(),
         }));
         self.apply_membership_allow_list(now);
         self.plan_start_contacts(now);
@@ -274,6 +286,24 @@ impl Endpoint {
             return Ok(Vec::new()); // In force already: nothing to do, nothing to report.
         }
         let (epoch, digest) = (document.epoch(), document.digest());
+        // One this node could never pass on: refused before anything changes, so that an
+        // operator's document never takes effect here while no member can receive it.
+        let size = document.encode().len();
+        let max = documents_budget(self.config.max_message_size).saturating_sub(DOCUMENT_OVERHEAD);
+        if size > max {
+            let refused = Refused {
+                epoch,
+                digest,
+                reasons: vec![Refusal::TooLarge { size, max }],
+            };
+            self.stats.membership_refused += 1;
+            self.events
+                .push_back(Event::Membership(MembershipEvent::Refused {
+                    source: Source::Local,
+                    refused: refused.clone(),
+                }));
+            return Err(refused);
+        }
         let out = self.offer_chain(Source::Local, std::slice::from_ref(&document), false, now);
         if out.wanted.is_some()
             && let Some(m) = self.membership.as_deref_mut()
@@ -438,13 +468,11 @@ impl Endpoint {
         let Some(m) = self.membership.as_deref() else {
             return;
         };
-        let budget = remote_max
-            .min(MAX_DOCUMENTS_BYTES)
-            .saturating_sub(DOCUMENTS_OVERHEAD);
+        let budget = documents_budget(remote_max);
         let mut used = 0usize;
-        let docs: Vec<Bytes> = m
-            .ledger
-            .chain_after(after, budget)
+        let chain = m.ledger.chain_after(after, budget);
+        let first = chain.first().map(|doc| (doc.epoch(), doc.encode().len()));
+        let docs: Vec<Bytes> = chain
             .into_iter()
             .take(MAX_DOCUMENTS_PER_MESSAGE)
             .map(|doc| Bytes::from(doc.encode()))
@@ -453,6 +481,23 @@ impl Endpoint {
                 used <= budget
             })
             .collect();
+        // The peer is behind and the next document does not fit: it can never catch up
+        // through us, so say so (once per peer and epoch) rather than answer "nothing".
+        if docs.is_empty()
+            && let Some((epoch, size)) = first
+            && let Some(m) = self.membership.as_deref_mut()
+            && m.unsendable.get(&peer) != Some(&epoch)
+        {
+            m.unsendable.insert(peer, epoch);
+            self.stats.membership_unsendable += 1;
+            self.events
+                .push_back(Event::Membership(MembershipEvent::Unsendable {
+                    peer,
+                    epoch,
+                    size,
+                    max: budget.saturating_sub(DOCUMENT_OVERHEAD),
+                }));
+        }
         self.send(conn, Message::Documents { docs });
     }
 

@@ -98,6 +98,17 @@ pub enum Refusal {
         /// The document's epoch.
         epoch: u64,
     },
+    /// Larger than this node can send to anyone: its members could never receive it from
+    /// here. Raise `max_message_size` on every node first, then offer the document again.
+    #[error(
+        "it is {size} bytes, and this node's max_message_size lets it send documents of at most {max} bytes: no member could receive it (raise max_message_size on every node first)"
+    )]
+    TooLarge {
+        /// The document's encoded size.
+        size: usize,
+        /// The most a Documents message of this node carries.
+        max: usize,
+    },
     /// The newest document offered has expired.
     #[error("it expired at {expires} (Unix seconds); it is now {now}")]
     Expired {
@@ -125,6 +136,7 @@ impl Refusal {
             Self::BadSignature(_) => "bad_signature",
             Self::NeedsCurrent { .. } => "needs_current",
             Self::Expired { .. } => "expired",
+            Self::TooLarge { .. } => "too_large",
         }
     }
 
