@@ -814,31 +814,41 @@ impl Scenario {
     }
 
     /// Sets `max_message_size` for every node in `[config]` (written down, so a shrunk file
-    /// replays it), unless a node overrides it itself. Returns whether it applied.
+    /// replays it), unless a node overrides it itself or a step sends more. Returns whether
+    /// it applied.
     pub(crate) fn limit_messages(&mut self, max: usize) -> bool {
-        let overridden = self.nodes.iter().any(|n| {
-            n.config
-                .as_ref()
-                .is_some_and(|c| c.get_ref().contains_key("max_message_size"))
-        }) || self
-            .config
-            .as_ref()
-            .is_some_and(|c| c.get_ref().contains_key("max_message_size"));
         let larger = self
             .steps
             .iter()
             .any(|s| s.get_ref().size.is_some_and(|n| n > max));
-        if overridden || larger {
+        !larger && self.draw_config("max_message_size", max as i64)
+    }
+
+    /// Sets `key` for every node in `[config]` (written down, so a shrunk file replays it),
+    /// unless the file sets it anywhere already: a scenario's own values are never
+    /// overridden. Returns whether it applied (false too if the result does not validate,
+    /// in which case nothing changed).
+    pub(crate) fn draw_config(&mut self, key: &str, value: i64) -> bool {
+        let set = |c: &Option<toml::Spanned<toml::Table>>| {
+            c.as_ref().is_some_and(|c| c.get_ref().contains_key(key))
+        };
+        if set(&self.config) || self.nodes.iter().any(|n| set(&n.config)) {
             return false;
         }
+        let before = self.config.clone();
         let mut table = self
             .config
             .take()
             .map(|c| c.into_inner())
             .unwrap_or_default();
-        table.insert("max_message_size".into(), toml::Value::Integer(max as i64));
+        table.insert(key.into(), toml::Value::Integer(value));
         self.config = Some(toml::Spanned::new(0..0, table));
-        self.reload_configs().is_ok()
+        if self.reload_configs().is_ok() {
+            return true;
+        }
+        self.config = before;
+        let _ = self.reload_configs();
+        false
     }
 
     /// The largest message node `i` takes (without copying its whole configuration).

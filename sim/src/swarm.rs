@@ -302,7 +302,12 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
     }
     // A quarter of the seeds draw a message size limit (256 B to 64 KiB) and send every
     // third request step's payload at exactly that size: a message at the limit must pass.
-    let limit = pick(256, 65_536) as usize;
+    let mut limit = pick(256, 65_536) as usize;
+    if scenario.membership.is_some() {
+        // Signed documents must fit one message (a smaller limit is refused when the
+        // operator offers one, and reported when a member asks): not what this draw tests.
+        limit = limit.max(4_096);
+    }
     if pick(0, 3) == 0 && scenario.limit_messages(limit) {
         let mut n = 0;
         for step in &mut scenario.steps {
@@ -314,6 +319,20 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
                 }
             }
         }
+    }
+    // A quarter of the seeds shrink the responder's tables to a few entries, so that runs
+    // evict dedupe records and skip the reply cache (checked by the core's own bounds in
+    // every step, and by the model): dedupe per peer 2-8, dedupe bytes 2-4 records per
+    // peer, reply cache 16 B-4 KiB. At least two records per peer: one exchange may wait
+    // for its reply's Ack while the next one arrives, and with no room at all the run
+    // would only measure how long Busy lasts. (Queues keep their bound: a full queue
+    // refuses the request, which only a scenario's own `refused = N` may expect.)
+    let peers = scenario.nodes.len().saturating_sub(1).max(1) as u64;
+    let (per_peer, records, cache) = (pick(2, 8), peers * pick(2, 4), pick(16, 4096));
+    if pick(0, 3) == 0 {
+        scenario.draw_config("dedupe_per_peer", per_peer as i64);
+        scenario.draw_config("dedupe_bytes", (records * 256) as i64);
+        scenario.draw_config("reply_cache_bytes", cache as i64);
     }
 }
 

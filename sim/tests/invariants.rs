@@ -361,3 +361,18 @@ fn a_message_of_exactly_the_size_limit_refused_is_caught_by_the_model() {
         "{f}"
     );
 }
+
+#[test]
+fn a_dedupe_table_over_its_bound_is_caught_by_the_core_tables_rule() {
+    // Room for two records; three requests in turn leave three finished ones behind.
+    let text = format!(
+        "[config]\ndedupe_bytes = 512\n\n{PAIR}\n\
+         [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\ncount = 3\n"
+    );
+    let failures = caught(&text, Sabotage::DedupeOverBound);
+    let f = one_matching(&failures, "model (tables): bob");
+    assert!(
+        f.contains("dedupe records over dedupe_bytes: 3 records > 2"),
+        "{f}"
+    );
+}

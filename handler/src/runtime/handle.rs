@@ -206,6 +206,11 @@ pub struct Status {
     pub inactive_members: Vec<PeerId>,
     /// Address records held (ours included).
     pub records_held: usize,
+    /// With the `invariants` feature (the simulator, tests): the first of the core's
+    /// cross-table invariants found broken, checked after every step of the handler task
+    /// (dedupe records, cached replies and queues within their bounds, every connection
+    /// bound or idling, ...). Always `None` without the feature.
+    pub broken_invariant: Option<String>,
 }
 
 /// What shutdown handed back.
@@ -758,6 +763,7 @@ impl Handler {
             in_flight: None,
             connection_tasks: 0,
             notices_dropped: 0,
+            broken_invariant: None,
             evicted_unauthenticated: 0,
             parked_connections: 0,
             first_messages: crate::guard::GuardStats::default(),

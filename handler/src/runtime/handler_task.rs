@@ -47,6 +47,8 @@ pub(super) struct HandlerTask {
     /// to stop the node for an application that does not read them.
     pub(super) prio_backlog: VecDeque<Notice>,
     pub(super) notices_dropped: u64,
+    /// The first of the core's invariants found broken (feature `invariants`).
+    pub(super) broken_invariant: Option<String>,
     pub(super) connection_tasks: usize,
     pub(super) evicted_unauthenticated: u64,
     /// Accepted streams waiting for a handshake slot (the router's count).
@@ -145,6 +147,14 @@ impl HandlerTask {
             // Durable mode: nothing leaves (answer, message, event) before the state that
             // explains it is committed. In memory, everything leaves at once.
             self.settle().await;
+            #[cfg(feature = "invariants")]
+            if self.broken_invariant.is_none()
+                && let Err(broken) = self.endpoint.invariants()
+            {
+                tracing::error!(%broken, "invariant broken");
+                self.tap.broken_invariant(&broken);
+                self.broken_invariant = Some(broken);
+            }
             if std::mem::take(&mut self.stop_accepting) {
                 let _ = self.network.send(NetCommand::StopAccepting).await;
             }
@@ -735,6 +745,7 @@ impl HandlerTask {
                     stats: self.endpoint.stats().clone(),
                     inactive_members: self.endpoint.inactive_members(now),
                     records_held: self.endpoint.records_held(),
+                    broken_invariant: self.broken_invariant.clone(),
                 });
             }
             Command::Shutdown { .. } => {}

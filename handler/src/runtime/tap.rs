@@ -53,6 +53,9 @@ pub trait Tap: Send + Sync + 'static {
     fn connection(&self, _conn: ConnId, _peer: Option<PeerId>, _event: &ConnEvent) {}
     /// An inbound connection failed before it was established.
     fn rejected(&self, _error: &ConnError) {}
+    /// With the `invariants` feature: one of the core's cross-table invariants (a bound,
+    /// a count, a binding) was found broken after a step. Reported once per handler.
+    fn broken_invariant(&self, _what: &str) {}
     /// Whether to report exchange state transitions (costs a scan per input).
     fn wants_transitions(&self) -> bool {
         false

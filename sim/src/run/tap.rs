@@ -358,6 +358,16 @@ impl Tap for SimTap {
         let text = error_text(&s, error);
         s.push(self.node, What::Conn(format!("rejected: {text}")));
     }
+
+    fn broken_invariant(&self, what: &str) {
+        let mut s = lock(&self.shared);
+        let name = s.names[self.node].clone();
+        let at = now();
+        s.errors.push(format!(
+            "model (tables): {name} at {:.3}s: {what}",
+            at.as_secs_f64()
+        ));
+    }
 }
 
 pub(super) fn closed_text(closed: &p2p_handler::Closed) -> String {

@@ -334,11 +334,13 @@ pub enum Sabotage {
     RevokeKeepsConnections,
     /// A request of exactly `max_message_size` bytes is refused as too large.
     OffByOneMaxSize,
+    /// The dedupe table keeps one record more than `dedupe_bytes` allows.
+    DedupeOverBound,
 }
 
 impl Sabotage {
     /// Every defect, for tools that plant each in turn.
-    pub const ALL: [Sabotage; 16] = [
+    pub const ALL: [Sabotage; 17] = [
         Sabotage::NoDedupe,
         Sabotage::DoubleOutcome,
         Sabotage::SwallowDelivery,
@@ -355,6 +357,7 @@ impl Sabotage {
         Sabotage::SilentUnconfirmed,
         Sabotage::RevokeKeepsConnections,
         Sabotage::OffByOneMaxSize,
+        Sabotage::DedupeOverBound,
     ];
 }
 

@@ -632,7 +632,10 @@ impl Endpoint {
             };
             self.forget_record((peer, id));
         }
-        let records = (self.config.dedupe_bytes / DEDUPE_RECORD_COST).max(1);
+        let mut records = (self.config.dedupe_bytes / DEDUPE_RECORD_COST).max(1);
+        if self.sabotaged(super::Sabotage::DedupeOverBound) {
+            records += 1;
+        }
         while self.inbound.len() >= records {
             // The order is compacted lazily: keys of forgotten records are skipped.
             while self
