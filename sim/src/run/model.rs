@@ -223,9 +223,23 @@ impl Model {
         self.revoked.entry((node, peer)).or_insert((now, false));
     }
 
-    /// `node` allows `peer` again.
-    pub(super) fn allowed(&mut self, node: usize, peer: usize) {
-        self.revoked.remove(&(node, peer));
+    /// `node` allows `peer` again. Called before the handler is told (it may accept the
+    /// peer's connection before the caller hears back); returns what to put back with
+    /// [`Model::still_revoked`] if the handler refuses.
+    pub(super) fn allowed(&mut self, node: usize, peer: usize) -> Option<(Duration, bool)> {
+        self.revoked.remove(&(node, peer))
+    }
+
+    /// An allow [`Model::allowed`] announced did not happen: `peer` stays revoked.
+    pub(super) fn still_revoked(
+        &mut self,
+        node: usize,
+        peer: usize,
+        was: Option<(Duration, bool)>,
+    ) {
+        if let Some(was) = was {
+            self.revoked.insert((node, peer), was);
+        }
     }
 
     /// The peer of `node`'s open connection `conn` (a connection closed locally is reported

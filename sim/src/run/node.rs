@@ -433,11 +433,14 @@ async fn change_allow_list(
                 ..AllowedPeer::default()
             };
             let peer = p2p_handler::PeerId::from_public_key(&key);
-            if handler.allow(peer, entry).await.is_ok() {
-                let mut s = lock(shared);
-                if let Some(other) = s.by_peer.get(&peer).copied() {
-                    s.model.allowed(node, other);
-                }
+            // The model hears first: the handler may take the peer's connection before
+            // this task runs again.
+            let other = lock(shared).by_peer.get(&peer).copied();
+            let was = other.map(|o| lock(shared).model.allowed(node, o));
+            if handler.allow(peer, entry).await.is_err()
+                && let (Some(other), Some(was)) = (other, was)
+            {
+                lock(shared).model.still_revoked(node, other, was);
             }
         }
         NodeCommand::Revoke { peer } => {
@@ -450,17 +453,31 @@ async fn change_allow_list(
         }
         NodeCommand::SetAllowList { keys } => {
             let listed: Vec<PeerId> = keys.iter().map(PeerId::from_public_key).collect();
-            if let Ok(removed) = handler.set_allow_list(AllowList::from_keys(keys)).await {
+            // The listed peers are allowed before the handler is told (it may take their
+            // connections before this task runs again), the removed ones revoked after.
+            let was: Vec<(usize, Option<(Duration, bool)>)> = {
                 let mut s = lock(shared);
-                for (peer, gone) in listed
+                let others: Vec<usize> = listed
                     .iter()
-                    .map(|p| (p, false))
-                    .chain(removed.iter().map(|p| (p, true)))
-                {
-                    match s.by_peer.get(peer).copied() {
-                        Some(other) if gone => s.model.revoked(node, other, now()),
-                        Some(other) => s.model.allowed(node, other),
-                        None => {}
+                    .filter_map(|p| s.by_peer.get(p).copied())
+                    .collect();
+                others
+                    .into_iter()
+                    .map(|other| (other, s.model.allowed(node, other)))
+                    .collect()
+            };
+            let result = handler.set_allow_list(AllowList::from_keys(keys)).await;
+            if result.is_err() {
+                let mut s = lock(shared);
+                for (other, was) in was {
+                    s.model.still_revoked(node, other, was);
+                }
+            }
+            if let Ok(removed) = result {
+                let mut s = lock(shared);
+                for peer in &removed {
+                    if let Some(other) = s.by_peer.get(peer).copied() {
+                        s.model.revoked(node, other, now());
                     }
                 }
                 let names: Vec<String> = removed.iter().map(|p| s.name(p)).collect();
