@@ -355,11 +355,14 @@ impl Watch {
                     {
                         // `drained`: no reply still awaits its Ack either, so every
                         // responder-side outcome (unconfirmed too) is in before the end.
+                        // No membership sync planned either: a member that applied an
+                        // epoch dials the others after a random delay.
                         self.probe_clean &= status.open_connections == 0
                             && status.connection_tasks == 0
                             && status.pending_responses == 0
                             && status.drained
-                            && !status.settling;
+                            && !status.settling
+                            && status.membership_syncs == 0;
                         *r = None;
                     }
                 }

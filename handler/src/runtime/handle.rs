@@ -206,6 +206,9 @@ pub struct Status {
     pub inactive_members: Vec<PeerId>,
     /// Address records held (ours included).
     pub records_held: usize,
+    /// Members this node still means to dial, or is connected to, to spread or learn the
+    /// membership (0 once they all said they hold its epoch).
+    pub membership_syncs: usize,
     /// With the `invariants` feature (the simulator, tests): the first of the core's
     /// cross-table invariants found broken, checked after every step of the handler task
     /// (dedupe records, cached replies and queues within their bounds, every connection

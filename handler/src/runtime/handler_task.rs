@@ -745,6 +745,7 @@ impl HandlerTask {
                     stats: self.endpoint.stats().clone(),
                     inactive_members: self.endpoint.inactive_members(now),
                     records_held: self.endpoint.records_held(),
+                    membership_syncs: self.endpoint.membership_syncs(),
                     broken_invariant: self.broken_invariant.clone(),
                 });
             }

@@ -256,6 +256,12 @@ impl Endpoint {
             .map(Signed::epoch)
     }
 
+    /// Members this node still means to dial (or is connected to) to spread or learn the
+    /// membership: zero once every member it knows of has said it holds our epoch.
+    pub fn membership_syncs(&self) -> usize {
+        self.membership.as_deref().map_or(0, |m| m.sync.len())
+    }
+
     /// What `peer` last said it holds (epoch), if it said.
     pub fn membership_heard(&self, peer: &PeerId) -> Option<u64> {
         self.membership
