@@ -16,6 +16,38 @@ use p2p_handler::{Closed, Direction};
 
 use crate::scenario::ActionKind;
 
+/// An exploration item: two transitions of one exchange in a row, on one side
+/// (`pair dialer AwaitingAck -> Backoff -> Connecting`). `before` is the state the
+/// exchange entered last; `from` is normally the same.
+pub fn pair(direction: Direction, before: &str, from: Option<&str>, to: Option<&str>) -> String {
+    let side = side(direction);
+    let from = from.unwrap_or("new");
+    let to = to.unwrap_or("finished");
+    if from == before {
+        format!("pair {side} {before} -> {from} -> {to}")
+    } else {
+        format!("pair {side} {before} => {from} -> {to}")
+    }
+}
+
+/// An exploration item: a transition while faults are in force (`dialer AwaitingAck ->
+/// Backoff under cut+down`).
+pub fn under(direction: Direction, from: Option<&str>, to: Option<&str>, faults: &str) -> String {
+    format!(
+        "{} {} -> {} under {faults}",
+        side(direction),
+        from.unwrap_or("new"),
+        to.unwrap_or("finished")
+    )
+}
+
+fn side(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Outbound => "dialer",
+        Direction::Inbound => "responder",
+    }
+}
+
 /// The dialer's transitions, as its diagram draws them ("new" before the first state,
 /// "finished" after the last).
 const DIALER: &[(&str, &str)] = &[
@@ -145,12 +177,9 @@ pub fn universe() -> BTreeSet<String> {
 
 /// The item of a state transition (`None` before the first state and after the last).
 pub fn transition(direction: Direction, from: Option<&str>, to: Option<&str>) -> String {
-    let side = match direction {
-        Direction::Outbound => "dialer",
-        Direction::Inbound => "responder",
-    };
     format!(
-        "{side} {} -> {}",
+        "{} {} -> {}",
+        side(direction),
         from.unwrap_or("new"),
         to.unwrap_or("finished")
     )

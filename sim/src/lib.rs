@@ -5,6 +5,7 @@
 //!   scenario's expectations, and records a [`trace::Trace`].
 //! * [`transport`]: the handler's transport trait over turmoil's TCP.
 //! * [`coverage`]: what a run exercised (transitions, messages, reasons, steps).
+//! * [`explore`]: guided exploration: runs derived from those that reached new items.
 //! * [`membership`]: signed membership documents a scenario makes, and their invariants.
 //! * [`swarm`]: random fault schedules drawn from the seed (`[swarm]`).
 //! * [`shrink`]: a failing run written down and reduced to the smallest scenario that
@@ -14,6 +15,7 @@
 //! The `p2p-sim` binary runs directories of scenarios, sweeps seeds, and writes traces.
 
 pub mod coverage;
+pub mod explore;
 pub mod membership;
 pub mod records;
 pub mod report;

@@ -66,6 +66,33 @@ enum Cmd {
         #[arg(long, value_parser = parse_defect)]
         plant: Option<Sabotage>,
     },
+    /// Guided exploration: keep the runs that reach an item no run reached before
+    /// (transitions, pairs of transitions, transitions under each combination of faults,
+    /// messages, reasons) and derive the next runs from them. Failing runs are written
+    /// down as scenario files `p2p-sim run` replays.
+    Explore {
+        /// Files or directories (default: scenarios/).
+        paths: Vec<PathBuf>,
+        /// Runs to make (at least 1).
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+        runs: u64,
+        /// Parallel jobs (default: the number of cores; 1 to 1024). The result does not
+        /// depend on it.
+        #[arg(long, value_parser = parse_jobs)]
+        jobs: Option<usize>,
+        /// Seed of the exploration's own choices.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also make as many runs of a uniform sweep and compare the items reached.
+        #[arg(long)]
+        compare: bool,
+        /// Plant this defect in every node's handler (one of `p2p-sim defects`).
+        #[arg(long, value_parser = parse_defect)]
+        plant: Option<Sabotage>,
+        /// Where failing runs are written.
+        #[arg(long, default_value = "traces/explore")]
+        out: PathBuf,
+    },
     /// List the defects `sweep --plant` can plant.
     Defects,
     /// Turn a failing run into the smallest scenario file that still fails the same way
@@ -157,6 +184,15 @@ fn main() -> ExitCode {
             json.as_deref(),
             coverage,
         ),
+        Cmd::Explore {
+            paths,
+            runs,
+            jobs,
+            seed,
+            compare,
+            plant,
+            out,
+        } => cmd_explore(&paths, runs as usize, jobs, seed, compare, plant, &out),
         Cmd::Defects => {
             for defect in Sabotage::ALL {
                 println!("{defect:?}");
@@ -321,6 +357,99 @@ fn parse_defect(s: &str) -> Result<Sabotage, String> {
         .ok_or_else(|| format!("no defect {s:?}: `p2p-sim defects` lists them"))
 }
 
+fn cmd_explore(
+    paths: &[PathBuf],
+    runs: usize,
+    jobs: Option<usize>,
+    seed: u64,
+    compare: bool,
+    plant: Option<Sabotage>,
+    out: &Path,
+) -> ExitCode {
+    let scenarios: Vec<Scenario> = match load_all(paths) {
+        Ok(s) => s
+            .into_iter()
+            .map(|(_, mut s)| {
+                s.sabotage = plant;
+                s
+            })
+            .collect(),
+        Err(e) => {
+            eprintln!("p2p-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let jobs = jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let started = std::time::Instant::now();
+    let guided = p2p_sim::explore::guided(&scenarios, runs, jobs, seed);
+    println!(
+        "guided: {} items in {} runs ({} kept; failed: {} broke an invariant or the model, {} only liveness), {:.1}s",
+        guided.items.len(),
+        guided.runs,
+        guided.kept,
+        guided.broken().count(),
+        guided.suspect().count(),
+        started.elapsed().as_secs_f64()
+    );
+    if compare {
+        let started = std::time::Instant::now();
+        let uniform = p2p_sim::explore::uniform(&scenarios, runs, jobs);
+        println!(
+            "uniform: {} items in {} runs ({} failed), {:.1}s",
+            uniform.items.len(),
+            uniform.runs,
+            uniform.failures.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let only = |a: &p2p_sim::explore::Report, b: &p2p_sim::explore::Report| {
+            a.items.difference(&b.items).count()
+        };
+        println!(
+            "reached only by guided: {}; only by uniform: {}",
+            only(&guided, &uniform),
+            only(&uniform, &guided)
+        );
+        for (label, report) in [("guided", &guided), ("uniform", &uniform)] {
+            let points: Vec<String> = report
+                .growth
+                .iter()
+                .filter(|(n, _)| n.is_power_of_two() || *n == report.runs)
+                .map(|(n, items)| format!("{n}:{items}"))
+                .collect();
+            println!("{label} growth (runs:items): {}", points.join(" "));
+        }
+    }
+    if guided.failures.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = std::fs::create_dir_all(out) {
+        eprintln!("p2p-sim: cannot create {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    let runs = guided.broken().map(|f| ("FAILED", f));
+    let runs = runs.chain(guided.suspect().map(|f| ("SUSPECT (liveness only)", f)));
+    for (n, (label, (name, seed, failures, scenario))) in runs.enumerate() {
+        let path = out.join(format!("{name}-explore{n}.toml"));
+        let written = p2p_sim::shrink::to_toml(scenario)
+            .and_then(|text| std::fs::write(&path, text).map_err(|e| e.to_string()));
+        match written {
+            Ok(()) => println!(
+                "{label} {name} (seed {seed}): {}\n  reproduce: p2p-sim run {}",
+                failures.join("; "),
+                path.display()
+            ),
+            Err(e) => eprintln!("p2p-sim: cannot write {}: {e}", path.display()),
+        }
+    }
+    if guided.broken().next().is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage: bool) -> ExitCode {
     let mut scenarios = match load_all(paths) {
         Ok(s) => s,
@@ -341,10 +470,15 @@ fn cmd_sweep(paths: &[PathBuf], plan: &SweepPlan, json: Option<&Path>, coverage:
         }
     }
     if let Some((k, m)) = plan.shard {
+        // A contiguous share: whole seeds of every scenario, so that shards cost alike
+        // whatever the scenarios cost (a stride would give each shard the same scenarios
+        // whenever M divides their number).
+        let len = work.len() as u64;
+        let (from, to) = ((k - 1) * len / m, k * len / m);
         work = work
             .into_iter()
             .enumerate()
-            .filter(|(n, _)| (*n as u64) % m == k - 1)
+            .filter(|(n, _)| (from..to).contains(&(*n as u64)))
             .map(|(_, w)| w)
             .collect();
     }

@@ -77,6 +77,10 @@ pub struct Outcome {
     pub nodes: Vec<String>,
     /// What the run exercised (see [`crate::coverage`]).
     pub coverage: BTreeSet<String>,
+    /// `coverage` and the finer items exploration steers by: transition pairs and
+    /// transitions under each combination of faults in force ([`crate::coverage::pair`],
+    /// [`crate::coverage::under`]).
+    pub explored: BTreeSet<String>,
 }
 
 impl Outcome {
@@ -117,6 +121,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         timeline.tick(now);
         let (pending, busy) = {
             let mut s = lock(&shared);
+            s.lossy = timeline.is_lossy();
             // Which nodes are up, once per tick for every check below.
             let up = s.up();
             if s.model.owes() {
@@ -175,6 +180,7 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
         trace: s.trace.clone(),
         nodes: names,
         coverage: s.coverage.clone(),
+        explored: s.coverage.union(&s.explored).cloned().collect(),
     }
 }
 

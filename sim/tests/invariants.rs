@@ -76,7 +76,7 @@ fn one_attempt_too_many_is_caught() {
                 [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n";
     let failures = caught(text, Sabotage::ExtraResend);
     let f = one_matching(&failures, "max_attempts is 3");
-    assert!(f.contains("alice#1 was sent 4 times"), "{f}");
+    assert!(f.contains("alice#1 reached its peer 4 times"), "{f}");
 }
 
 #[test]
@@ -375,4 +375,25 @@ fn a_dedupe_table_over_its_bound_is_caught_by_the_core_tables_rule() {
         f.contains("dedupe records over dedupe_bytes: 3 records > 2"),
         "{f}"
     );
+}
+
+#[test]
+fn tries_refused_before_the_peer_read_them_do_not_count_against_max_attempts() {
+    // Bob tracks one peer and Alice holds him for 2 s: Carol's tries are closed
+    // TooManyConnections before Bob reads them, many more than her max_attempts of 2.
+    // The handler bounds those by the exchange budget (time), not by the count, and the
+    // attempts invariant counts only tries that reached Bob.
+    let text = "[[node]]\nname = \"alice\"\n\n\
+                [[node]]\nname = \"bob\"\napp = { slow = { reply_after = \"2s\" } }\n\
+                config = { max_tracked_peers = 1 }\n\n\
+                [[node]]\nname = \"carol\"\n\
+                config = { max_attempts = 2, backoff_initial = \"50ms\", backoff_max = \"100ms\" }\n\n\
+                [[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n\n\
+                [[step]]\nat = \"100ms\"\ndo = \"request\"\nfrom = \"carol\"\nto = \"bob\"\n";
+    let scenario = Scenario::parse(text, "<test>", "probe").unwrap();
+    let outcome = run(&scenario, scenario.seed, false);
+    assert!(outcome.passed(), "{:?}", outcome.failures);
+    let trace = outcome.trace.text();
+    assert!(trace.contains("Request carol#1 try 5"), "{trace}");
+    assert!(trace.contains("event reply carol#1"), "{trace}");
 }

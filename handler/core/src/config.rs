@@ -28,8 +28,10 @@ pub struct RateLimit {
 pub struct Config {
     /// Largest application payload, in bytes, accepted or sent. Default 16 MiB.
     pub max_message_size: usize,
-    /// How many times one exchange's request is tried (first try included), counting failed
-    /// dials, before the app gets a failure with its payload back. Default 6.
+    /// How many tries of one exchange's request may reach the peer (first try included)
+    /// before the app gets a failure with its payload back. Tries that never reach it (a
+    /// failed dial, a peer closing the connection for having too many) are bounded by time
+    /// instead: none starts after [`Config::exchange_budget`]. Default 6.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt. Default 100 ms.
     #[serde(with = "humantime_serde")]

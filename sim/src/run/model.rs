@@ -58,6 +58,8 @@ pub(super) struct Model {
     /// for a durable node: an exchange resumed after a restart starts again from attempt
     /// 1 (PROTOCOL.md, "Exchanges").
     attempts: BTreeMap<(usize, u64, ExchangeId), u32>,
+    /// (dialer, id) -> the attempt numbers of its Requests the responder read.
+    received: BTreeMap<(usize, ExchangeId), BTreeSet<u32>>,
     /// (responder, incarnation, dialer peer, id) -> responder-side outcomes seen.
     responder: BTreeMap<(usize, u64, PeerId, ExchangeId), u32>,
     /// (dialer, id, attempt) -> when a Reply arrived that is not acknowledged yet.
@@ -208,14 +210,18 @@ impl Model {
         }
     }
 
-    /// (dialer, id) -> the highest attempt any incarnation of the dialer sent.
-    pub(super) fn highest_attempts(&self) -> BTreeMap<(usize, ExchangeId), u32> {
-        let mut highest: BTreeMap<(usize, ExchangeId), u32> = BTreeMap::new();
-        for ((dialer, _, id), attempt) in &self.attempts {
-            let max = highest.entry((*dialer, *id)).or_insert(0);
-            *max = (*max).max(*attempt);
-        }
-        highest
+    /// The dialer's Request `id`, try `attempt`, reached its responder.
+    pub(super) fn request_received(&mut self, dialer: usize, id: ExchangeId, attempt: u32) {
+        self.received
+            .entry((dialer, id))
+            .or_default()
+            .insert(attempt);
+    }
+
+    /// (dialer, id) -> the tries of it that reached the responder (each attempt number
+    /// once; a resumed exchange starts again at 1, so restarts add no numbers).
+    pub(super) fn tries_received(&self) -> &BTreeMap<(usize, ExchangeId), BTreeSet<u32>> {
+        &self.received
     }
 
     /// `node` revoked `peer` (or dropped it from its allow list).

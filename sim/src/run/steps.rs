@@ -359,6 +359,25 @@ impl Exec<'_, '_> {
             _ => format!("fail rate {a} | {b} = {}", step.rate.unwrap_or_default()),
         };
         self.fault(what);
+        {
+            let link = |x: &str, y: &str| (x.to_owned(), y.to_owned());
+            let mut s = lock(self.shared);
+            match step.action {
+                A::Partition | A::Hold => {
+                    s.cut.insert(link(a.min(b), a.max(b)));
+                }
+                A::PartitionOneway => {
+                    s.cut.insert(link(from, to));
+                }
+                A::Release | A::Repair => {
+                    s.cut.remove(&link(a.min(b), a.max(b)));
+                }
+                A::RepairOneway => {
+                    s.cut.remove(&link(from, to));
+                }
+                _ => {}
+            }
+        }
         let sim = &mut *self.sim;
         match step.action {
             A::Partition => sim.partition(a, b),

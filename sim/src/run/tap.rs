@@ -131,27 +131,26 @@ impl Tap for SimTap {
             _ => {}
         }
         let text = s.describe(dialer, message);
-        let rule = s.rules.iter_mut().find(|r| {
+        let rule = s.rules.iter().position(|r| {
             r.remaining > 0 && r.action != ActionKind::Nack && r.matches.matches(from, to, message)
         });
         let verdict = match rule {
             None => Verdict::Pass,
-            Some(rule) => {
+            Some(i) => {
+                let rule = &mut s.rules[i];
                 rule.remaining -= 1;
                 rule.applied += 1;
-                let (verdict, what) = match rule.action {
+                let (action, delay, step) = (rule.action, rule.delay, rule.step);
+                s.last_message_fault = now();
+                let (verdict, what) = match action {
                     ActionKind::Drop => (Verdict::Drop, format!("drop {text}")),
                     ActionKind::Corrupt => (Verdict::Corrupt, format!("corrupt {text}")),
                     ActionKind::Duplicate => (
-                        Verdict::Duplicate(rule.delay),
-                        format!("duplicate {text} after {:?}", rule.delay),
+                        Verdict::Duplicate(delay),
+                        format!("duplicate {text} after {delay:?}"),
                     ),
-                    _ => (
-                        Verdict::Delay(rule.delay),
-                        format!("delay {text} by {:?}", rule.delay),
-                    ),
+                    _ => (Verdict::Delay(delay), format!("delay {text} by {delay:?}")),
                 };
-                let step = rule.step;
                 let rule = s.rule_text(step);
                 let link = Some((s.names[from].clone(), s.names[to].clone()));
                 s.push(from, What::Fault { what, rule, link });
@@ -198,6 +197,12 @@ impl Tap for SimTap {
             },
         );
         s.count_triggers(from, to, message, false);
+        if let Message::Request {
+            exchange, attempt, ..
+        } = message
+        {
+            s.model.request_received(from, *exchange, *attempt);
+        }
         if let Message::Reply {
             exchange,
             attempt,
@@ -240,6 +245,7 @@ impl Tap for SimTap {
             rule.remaining -= 1;
             rule.applied += 1;
             let step = rule.step;
+            s.last_message_fault = now();
             let rule = s.rule_text(step);
             let link = Some((s.names[to].clone(), s.names[from].clone()));
             s.push(
@@ -342,6 +348,25 @@ impl Tap for SimTap {
             to.unwrap_or("finished")
         );
         s.coverage.insert(coverage::transition(direction, from, to));
+        let key = (
+            self.node,
+            direction == p2p_handler::Direction::Outbound,
+            peer,
+            exchange,
+        );
+        let before = match to {
+            Some(to) => s.last_state.insert(key, to),
+            None => s.last_state.remove(&key),
+        };
+        if let Some(before) = before {
+            s.explored
+                .insert(coverage::pair(direction, before, from, to));
+        }
+        let state = s.fault_state();
+        if !state.is_empty() {
+            s.explored
+                .insert(coverage::under(direction, from, to, &state));
+        }
         s.push(self.node, What::State(text));
         if direction == p2p_handler::Direction::Outbound {
             let inc = s.incarnation_key(self.node);

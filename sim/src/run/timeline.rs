@@ -94,9 +94,14 @@ impl Timeline {
     /// A tick passed: while a fail rate breaks connections, the liveness clock measures
     /// from now.
     pub(super) fn tick(&mut self, now: Duration) {
-        if self.lossy_everywhere || !self.lossy.is_empty() {
+        if self.is_lossy() {
             self.last_fault = now;
         }
+    }
+
+    /// Whether a fail rate above zero breaks connections somewhere.
+    pub(super) fn is_lossy(&self) -> bool {
+        self.lossy_everywhere || !self.lossy.is_empty()
     }
 
     /// Whether anything is still to run: a step, a restart, a fired trigger, a crash an

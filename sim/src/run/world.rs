@@ -64,6 +64,16 @@ pub(super) struct Shared {
     pub(super) refused: Vec<String>,
     /// What the run exercised.
     pub(super) coverage: BTreeSet<String>,
+    /// Finer items, for exploration only (see [`crate::coverage::pair`] and
+    /// [`crate::coverage::under`]): transition pairs, and transitions under a fault state.
+    pub(super) explored: BTreeSet<String>,
+    /// The last state of each exchange, per node and side: (node, outbound, peer, id).
+    pub(super) last_state: BTreeMap<(usize, bool, PeerId, ExchangeId), &'static str>,
+    /// Links cut by a partition or hold step and not repaired or released yet.
+    pub(super) cut: BTreeSet<(String, String)>,
+    /// Whether some link's (or the network's) fail rate is above zero (the main loop's
+    /// copy of the timeline's view, for the fault state of exploration items).
+    pub(super) lossy: bool,
     /// The healing phase's probe requests, and how those that failed failed.
     pub(super) probes: BTreeSet<(usize, ExchangeId)>,
     pub(super) probe_failures: Vec<String>,
@@ -80,6 +90,10 @@ pub(super) struct Shared {
     /// exchange), with why: in a scenario's own run, a step that tested nothing fails it.
     pub(super) idle_steps: Vec<(usize, String)>,
     pub(super) last_outcome: Duration,
+    /// When a message fault (drop, delay, corrupt, duplicate, Nack) last applied: for the
+    /// liveness clock, a fault as much as a partition (a Reply dropped late costs the
+    /// dialer a whole reply timeout).
+    pub(super) last_message_fault: Duration,
     pub(super) errors: Vec<String>,
     /// Incarnations of memory-only nodes that stopped gracefully: unlike a crash, a stop
     /// hands every unfinished exchange back, so each still owes exactly one outcome.
@@ -135,6 +149,10 @@ impl Shared {
             failures: Vec::new(),
             refused: Vec::new(),
             coverage: BTreeSet::new(),
+            explored: BTreeSet::new(),
+            last_state: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            lossy: false,
             probes: BTreeSet::new(),
             probe_failures: Vec::new(),
             probe_deliveries: BTreeSet::new(),
@@ -145,6 +163,7 @@ impl Shared {
             idle_steps: Vec::new(),
             last_outcome: Duration::ZERO,
             errors: Vec::new(),
+            last_message_fault: Duration::ZERO,
             stopped: BTreeSet::new(),
             membership: None,
             membership_refused: 0,
@@ -301,6 +320,25 @@ impl Shared {
             Message::RecordSeqs { seqs } => format!("RecordSeqs ({} held)", seqs.len()),
             Message::Records { records } => format!("Records ({})", records.len()),
         }
+    }
+
+    /// The faults in force, for exploration items: "" when none, else some of `cut`,
+    /// `down`, `lossy`, `message` (a message fault still to apply), joined by `+`.
+    pub(super) fn fault_state(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.cut.is_empty() {
+            parts.push("cut");
+        }
+        if self.nodes.iter().any(|n| !n.up) {
+            parts.push("down");
+        }
+        if self.lossy {
+            parts.push("lossy");
+        }
+        if self.rules.iter().any(|r| r.remaining > 0) {
+            parts.push("message");
+        }
+        parts.join("+")
     }
 
     pub(super) fn push(&mut self, node: usize, what: What) {
