@@ -397,3 +397,15 @@ fn tries_refused_before_the_peer_read_them_do_not_count_against_max_attempts() {
     assert!(trace.contains("Request carol#1 try 5"), "{trace}");
     assert!(trace.contains("event reply carol#1"), "{trace}");
 }
+
+#[test]
+fn a_counter_that_disagrees_with_the_application_is_caught() {
+    let text =
+        format!("{PAIR}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\ncount = 2\n");
+    let failures = caught(&text, Sabotage::UncountedDelivery);
+    let f = one_matching(&failures, "model (counters)");
+    assert!(
+        f.contains("bob: Stats::requests_delivered says 0, its application was handed 2"),
+        "{f}"
+    );
+}

@@ -50,6 +50,7 @@ pub(super) fn on_event(
             redelivered,
             ..
         } => {
+            s.nodes[node].requests_seen += 1;
             drop(s);
             let request = Delivery {
                 peer,

@@ -23,6 +23,7 @@ pub(super) fn check(
     nothing_lost(s, failures);
     attempts_bounded(scenario, s, failures);
     no_leaks(scenario, s, statuses, failures);
+    counters(s, statuses, failures);
     healed(scenario, s, timeline, failures);
     membership(scenario, s, timeline, failures);
     records(s, failures);
@@ -205,6 +206,23 @@ fn no_leaks(
     for (i, status) in statuses.iter().enumerate() {
         if status.is_none() && s.nodes[i].up {
             failures.push(format!("{} did not report its status", s.names[i]));
+        }
+    }
+}
+
+/// The handler's counters (what an operator's metrics show) agree with what its
+/// application saw, for each node up at the end (counters start afresh with each
+/// incarnation, as the sim counts them).
+fn counters(s: &Shared, statuses: &[Option<Status>], failures: &mut Vec<String>) {
+    for (i, status) in statuses.iter().enumerate() {
+        let Some(status) = status else { continue };
+        let (said, saw) = (status.stats.requests_delivered, s.nodes[i].requests_seen);
+        if said != saw {
+            failures.push(format!(
+                "model (counters): {}: Stats::requests_delivered says {said}, its application \
+                 was handed {saw}",
+                s.names[i]
+            ));
         }
     }
 }

@@ -154,6 +154,7 @@ impl Start {
         state.incarnation += 1;
         state.up = true;
         state.received = 0;
+        state.requests_seen = 0;
         let incarnation = state.incarnation;
         let store = durable.then(|| SimStore {
             rows: state.store.get_or_insert_with(MemoryStore::new).clone(),

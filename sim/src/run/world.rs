@@ -26,6 +26,9 @@ pub(super) struct NodeState {
     /// Request copies seen by a `refuse` app, and requests by a `crash_prone` app.
     pub(super) refused: u32,
     pub(super) received: u32,
+    /// Requests this incarnation's application was handed (redelivered ones too): what
+    /// the handler's `Stats::requests_delivered` must say.
+    pub(super) requests_seen: u64,
 }
 
 /// Everything hosts and the simulator share. Single-threaded in practice (turmoil runs

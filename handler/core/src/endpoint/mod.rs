@@ -336,11 +336,13 @@ pub enum Sabotage {
     OffByOneMaxSize,
     /// The dedupe table keeps one record more than `dedupe_bytes` allows.
     DedupeOverBound,
+    /// Requests handed to the application are not counted in `Stats::requests_delivered`.
+    UncountedDelivery,
 }
 
 impl Sabotage {
     /// Every defect, for tools that plant each in turn.
-    pub const ALL: [Sabotage; 17] = [
+    pub const ALL: [Sabotage; 18] = [
         Sabotage::NoDedupe,
         Sabotage::DoubleOutcome,
         Sabotage::SwallowDelivery,
@@ -358,6 +360,7 @@ impl Sabotage {
         Sabotage::RevokeKeepsConnections,
         Sabotage::OffByOneMaxSize,
         Sabotage::DedupeOverBound,
+        Sabotage::UncountedDelivery,
     ];
 }
 

@@ -276,7 +276,9 @@ impl Endpoint {
         if self.sabotaged(super::Sabotage::SwallowDelivery) {
             return;
         }
-        self.stats.requests_delivered += 1;
+        if !self.sabotaged(super::Sabotage::UncountedDelivery) {
+            self.stats.requests_delivered += 1;
+        }
         self.events.push_back(Event::Request {
             peer,
             addr,
