@@ -292,6 +292,12 @@ fn start_nodes(
     }
 }
 
+/// Each node's (up, incarnation): what a probe's answers stand for.
+fn nodes_now(shared: &Arc<Mutex<Shared>>) -> Vec<(bool, u64)> {
+    let s = lock(shared);
+    s.nodes.iter().map(|n| (n.up, n.incarnation)).collect()
+}
+
 /// What the main loop watches across ticks: the records liveness clock, and the quiet
 /// phase in which the run asks the nodes whether anything is still open.
 #[derive(Default)]
@@ -301,6 +307,9 @@ struct Watch {
     records_late: bool,
     probe: Option<Vec<Option<oneshot::Receiver<Status>>>>,
     probe_clean: bool,
+    /// Which nodes were up (with their incarnations) when the probe was asked: a node
+    /// that came up (or restarted) since was not asked, so the probe says nothing of it.
+    probe_nodes: Vec<(bool, u64)>,
     last_probe: Duration,
 }
 
@@ -349,7 +358,7 @@ impl Watch {
         }
         match &mut self.probe {
             Some(receivers) if receivers.iter().all(|r| r.is_none()) => {
-                if self.probe_clean {
+                if self.probe_clean && self.probe_nodes == nodes_now(shared) {
                     return true;
                 }
                 self.probe = None;
@@ -376,6 +385,7 @@ impl Watch {
             None if now >= self.last_probe + PROBE_EVERY => {
                 self.last_probe = now;
                 self.probe_clean = true;
+                self.probe_nodes = nodes_now(shared);
                 self.probe = Some(request_statuses(shared));
             }
             None => {}
