@@ -143,6 +143,7 @@ const STEPS: &[ActionKind] = &[
     ActionKind::Repair,
     ActionKind::RepairOneway,
     ActionKind::Crash,
+    ActionKind::DiskFull,
     ActionKind::Restart,
     ActionKind::Stop,
     ActionKind::Membership,

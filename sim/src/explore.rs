@@ -248,7 +248,11 @@ fn derive(parent: &Scenario, rng: &mut ChaCha20Rng) -> Input {
 fn anchor_restarts(s: &mut Scenario) {
     for i in 0..s.steps.len() {
         let step = s.steps[i].get_ref();
-        if step.on.is_none() || !matches!(step.action, ActionKind::Crash | ActionKind::Stop) {
+        let stops = matches!(
+            step.action,
+            ActionKind::Crash | ActionKind::Stop | ActionKind::DiskFull
+        );
+        if step.on.is_none() || !stops {
             continue;
         }
         let node = step.node.clone();

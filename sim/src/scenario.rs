@@ -435,6 +435,10 @@ pub enum ActionKind {
     /// A graceful stop: drain (new work refused, started work goes on), wait for the work to
     /// finish or the grace to run out, shut down. A `restart` brings the node back.
     Stop,
+    /// The node's disk fills up: its next commit fails (and every one after, until a
+    /// `restart`, where the operator has made room). The handler stops, keeping what it
+    /// committed; the node's process exits as `p2p-node` does.
+    DiskFull,
     /// Hand a signed membership document to a node, as its operator would.
     Membership,
     /// Hand an address record to a node as its records directory would (a replayed or
@@ -461,6 +465,7 @@ impl ActionKind {
                 | Self::Hold
                 | Self::Crash
                 | Self::Stop
+                | Self::DiskFull
                 | Self::FailRate
         )
     }
@@ -1172,7 +1177,7 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
             need("from", step.from.is_some())?;
             need("to", step.to.is_some())?;
         }
-        A::Crash | A::Stop => need("node", step.node.is_some())?,
+        A::Crash | A::Stop | A::DiskFull => need("node", step.node.is_some())?,
         A::Restart => {
             need("node", step.node.is_some())?;
             if step.port == Some(0) {

@@ -344,7 +344,7 @@ fn heals(fault: &Step, heal: &Step) -> bool {
     match (fault.action, heal.action) {
         (A::Partition, A::Repair) | (A::Hold, A::Release) => same_link,
         (A::PartitionOneway, A::RepairOneway) => same_way,
-        (A::Crash | A::Stop, A::Restart) => fault.node == heal.node,
+        (A::Crash | A::Stop | A::DiskFull, A::Restart) => fault.node == heal.node,
         (A::FailRate, A::FailRate) => {
             same_link && fault.rate.unwrap_or(0.0) > 0.0 && heal.rate.unwrap_or(0.0) == 0.0
         }

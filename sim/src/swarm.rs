@@ -120,6 +120,13 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 }
                 Step::new(ActionKind::Stop)
             }
+            FaultKind::DiskFull => {
+                // Only a durable node commits, so only its disk can fill.
+                if !crashable.iter().any(|&i| scenario.durable_of(i)) {
+                    continue;
+                }
+                Step::new(ActionKind::DiskFull)
+            }
             FaultKind::Drop => Step::new(ActionKind::Drop),
             FaultKind::Delay => Step::new(ActionKind::Delay),
             FaultKind::Corrupt => Step::new(ActionKind::Corrupt),
@@ -158,9 +165,11 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 h.rate = Some(0.0);
                 Some(h)
             }
-            FaultKind::Crash | FaultKind::Stop => {
+            FaultKind::Crash | FaultKind::Stop | FaultKind::DiskFull => {
                 let node = crashable[pick(crashable.len() as u64) as usize];
-                if down_until[node] >= start {
+                if down_until[node] >= start
+                    || (kind == FaultKind::DiskFull && !scenario.durable_of(node))
+                {
                     continue;
                 }
                 down_until[node] = heal;
@@ -168,6 +177,11 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 if kind == FaultKind::Stop {
                     // The restart may come before the grace ends: a stop cut short.
                     fault.grace = Some(Duration::from_millis(1 + pick(max_fault_ms)));
+                    stopping.push((node, start, heal));
+                }
+                if kind == FaultKind::DiskFull {
+                    // Its handler stops at its next commit: it sends nothing meanwhile (a
+                    // request to a stopped handler is refused, rightly).
                     stopping.push((node, start, heal));
                 }
                 let mut h = Step::new(ActionKind::Restart);

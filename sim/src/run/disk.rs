@@ -1,15 +1,19 @@
 //! A node's simulated disk.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::{MemoryStore, Store, StoreError};
 
 /// A node's simulated disk: survives crashes and restarts of its host. Under the storage
-/// fault a commit takes virtual time, and a crash meanwhile drops it unapplied.
+/// fault a commit takes virtual time, and a crash meanwhile drops it unapplied. A full
+/// disk (`disk_full`) fails every commit, writing nothing, until the node restarts.
 pub(super) struct SimStore {
     pub(super) rows: MemoryStore,
     pub(super) latency: Option<Duration>,
+    pub(super) full: Arc<AtomicBool>,
 }
 
 impl Store for SimStore {
@@ -18,6 +22,14 @@ impl Store for SimStore {
     }
 
     fn commit(&mut self, ops: Vec<KvOp>) -> Commit {
+        if self.full.load(Ordering::Relaxed) {
+            return Box::pin(async {
+                Err(StoreError::Io {
+                    path: "simulated disk".into(),
+                    detail: "No space left on device (os error 28)".into(),
+                })
+            });
+        }
         let mut rows = self.rows.clone();
         match self.latency {
             None => rows.commit(ops),

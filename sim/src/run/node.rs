@@ -114,7 +114,19 @@ pub(super) async fn node_main(shared: Arc<Mutex<Shared>>, node: usize) -> turmoi
                 Some(command) => run_command(&shared, node, &handler, command).await,
                 None => break,
             },
-            Some(event) = inbox.received.recv() => on_event(&shared, node, &handler, &app, event),
+            event = inbox.received.recv() => match event {
+                Some(event) => on_event(&shared, node, &handler, &app, event),
+                // The handler stopped on its own (its store failed): the process exits,
+                // as p2p-node's does, and the simulator carries that out as a crash.
+                None => {
+                    {
+                        let mut s = lock(&shared);
+                        let incarnation = s.nodes[node].incarnation;
+                        s.exits.push_back((node, incarnation));
+                    }
+                    std::future::pending::<()>().await;
+                }
+            },
             Some(notice) = inbox.priority.recv() => on_notice(&shared, node, notice),
         }
     }
@@ -156,9 +168,14 @@ impl Start {
         state.received = 0;
         state.requests_seen = 0;
         let incarnation = state.incarnation;
+        // Restarted: the operator made room on the disk.
+        state
+            .disk_full
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let store = durable.then(|| SimStore {
             rows: state.store.get_or_insert_with(MemoryStore::new).clone(),
             latency,
+            full: state.disk_full.clone(),
         });
         let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
         rng.set_stream(1 + node as u64 * 1000 + incarnation);

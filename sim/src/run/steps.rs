@@ -66,7 +66,9 @@ pub(super) fn restart(
     node: usize,
     rule: String,
 ) {
-    // A node still up is crashed by the bounce: its streams close in order too.
+    // A node still up is crashed by the bounce: its streams close in order too. An exit
+    // its stopped handler asked for is overtaken by the restart.
+    lock(shared).exits.retain(|(n, _)| *n != node);
     let name = cut_streams(sim, shared, node, "restart", rule);
     sim.bounce(name.as_str());
 }
@@ -171,7 +173,7 @@ pub(super) fn execute(
         | A::RepairOneway
         | A::Latency
         | A::FailRate => exec.network(),
-        A::Crash | A::Stop | A::Restart => exec.node_fault(),
+        A::Crash | A::Stop | A::Restart | A::DiskFull => exec.node_fault(),
         A::Membership => exec.membership(),
         A::OfferRecord => exec.offer_record(),
         A::Drop | A::Delay | A::Duplicate | A::Corrupt | A::Nack => exec.arm_rule(),
@@ -397,6 +399,18 @@ impl Exec<'_, '_> {
         let node = self.idx(&step.node);
         match step.action {
             ActionKind::Crash => crash(self.sim, self.shared, node, self.rule.clone()),
+            ActionKind::DiskFull => {
+                let mut s = lock(self.shared);
+                if s.nodes[node].up {
+                    s.nodes[node]
+                        .disk_full
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    drop(s);
+                    self.fault(format!("disk full {}", Self::name(&step.node)));
+                } else {
+                    s.did_nothing(self.index, format!("{} is down", Self::name(&step.node)));
+                }
+            }
             ActionKind::Stop => {
                 let grace = step.grace.unwrap_or(DEFAULT_GRACE);
                 if self.send(node, NodeCommand::Stop { grace }) {

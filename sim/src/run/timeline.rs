@@ -113,6 +113,7 @@ impl Timeline {
             || !self.restarts.is_empty()
             || !s.fired.is_empty()
             || !s.crash_requests.is_empty()
+            || !s.exits.is_empty()
             || s.membership
                 .as_ref()
                 .is_some_and(|m| !m.behind(up).is_empty())
@@ -136,13 +137,31 @@ pub(super) fn run_due_steps(
     timeline: &mut Timeline,
     now: Duration,
 ) {
-    let (mut fired, crashes): (Vec<usize>, Vec<usize>) = {
+    let (mut fired, crashes, exits): (Vec<usize>, Vec<usize>, Vec<(usize, u64)>) = {
         let mut s = lock(shared);
         (
             s.fired.drain(..).collect(),
             s.crash_requests.drain(..).collect(),
+            s.exits.drain(..).collect(),
         )
     };
+    // Processes whose handler stopped exit first: a restart due in this tick then brings
+    // them back, rather than being cut short by the exit.
+    for (node, incarnation) in exits {
+        let current = {
+            let s = lock(shared);
+            s.nodes[node].up && s.nodes[node].incarnation == incarnation
+        };
+        if current {
+            crash(
+                sim,
+                shared,
+                node,
+                "its handler stopped (store failed)".into(),
+            );
+            timeline.last_fault = now;
+        }
+    }
     // Until nothing is due: a step `after` another with no delay runs in the same tick.
     loop {
         let mut due: Vec<usize> = Vec::new();

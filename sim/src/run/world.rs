@@ -19,6 +19,8 @@ pub(super) struct NodeState {
     pub(super) incarnation: u64,
     /// Its disk, when the node is durable.
     pub(super) store: Option<MemoryStore>,
+    /// Whether its disk is full (a `disk_full` step; a restart makes room).
+    pub(super) disk_full: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub(super) up: bool,
     pub(super) commands: Option<mpsc::UnboundedSender<NodeCommand>>,
     /// Set before the node is crashed or bounced: its streams then close in order.
@@ -45,6 +47,9 @@ pub(super) struct Shared {
     pub(super) waiting: Vec<Waiting>,
     pub(super) fired: VecDeque<usize>,
     pub(super) crash_requests: VecDeque<usize>,
+    /// Nodes whose handler stopped on its own (its store failed), with their incarnation:
+    /// their process exits, which the main loop carries out as a crash.
+    pub(super) exits: VecDeque<(usize, u64)>,
     /// Exchange labels for the trace: (dialer, id) -> "alice#3".
     pub(super) labels: BTreeMap<(usize, ExchangeId), String>,
     pub(super) issued_count: Vec<u32>,
@@ -141,6 +146,7 @@ impl Shared {
             waiting: Vec::new(),
             fired: VecDeque::new(),
             crash_requests: VecDeque::new(),
+            exits: VecDeque::new(),
             redelivered: BTreeMap::new(),
             answered: BTreeSet::new(),
             acked: BTreeSet::new(),

@@ -27,6 +27,9 @@ pub enum FaultKind {
     /// A graceful stop (drain, shutdown) of a node that may crash, and its restart. Drawn
     /// only when `kinds` names it, so the default schedules stay as they were.
     Stop,
+    /// A full disk on a durable node that may crash (its handler stops at the failed
+    /// commit, its process exits), and its restart. Drawn only when `kinds` names it.
+    DiskFull,
 }
 
 pub(crate) const ALL: [FaultKind; 11] = [
