@@ -118,9 +118,10 @@ enum Cmd {
         #[arg(long, value_parser = jobs_in_range)]
         jobs: Option<usize>,
         /// How long the application may take to answer a request; a command still running
-        /// then is killed, and the dialer is told (Abort NoResponse). Default 25.
-        #[arg(long, value_name = "SECONDS")]
-        response_timeout: Option<u64>,
+        /// then is killed, and the dialer is told (Abort NoResponse). Seconds ("25") or a
+        /// duration ("10s", "1m 30s"), at least 1 s. Default 25s.
+        #[arg(long, value_name = "DURATION", value_parser = response_timeout_of)]
+        response_timeout: Option<Duration>,
         /// Keep exchanges in this directory, so that a restart (even after a crash) loses
         /// none: requests acknowledged and not answered are run again (the command sees
         /// P2P_REDELIVERED=1), answered ones are never run twice.
@@ -168,8 +169,9 @@ enum Cmd {
         to: String,
         /// The message; read from stdin when absent.
         message: Option<String>,
-        /// Send it this many times, one exchange after another, and print timing statistics.
-        #[arg(long, default_value_t = 1)]
+        /// Send it this many times (at least 1), one exchange after another, and print timing
+        /// statistics.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
         /// Give up waiting after this long. Default: the handler's own bound, one second
         /// past it, so that a dead or slow peer shows the handler's real cause rather than
@@ -285,8 +287,8 @@ fn run(command: Cmd) -> Result<()> {
         } => {
             let file = configure(config.as_deref(), log_format, "info")?;
             let mut handler = file.handler_config();
-            if let Some(secs) = response_timeout {
-                handler.response_timeout = Duration::from_secs(secs.max(1));
+            if let Some(timeout) = response_timeout {
+                handler.response_timeout = timeout;
             }
             let key = key.or(file.key).ok_or(NO_KEY)?;
             let data_dir = data_dir.or(file.data_dir);
@@ -432,7 +434,7 @@ fn run(command: Cmd) -> Result<()> {
                 load_key(&key)?,
                 (peer, addr, records.as_deref()),
                 message,
-                repeat.max(1),
+                repeat,
                 timeout,
                 request,
                 start,
@@ -523,6 +525,22 @@ fn describe_outcome(event: &Event) -> String {
 const NO_KEY: &str = "no key: give --key FILE (or `key` in the config file)";
 
 /// `--jobs`: the bound the config file's `jobs` has too.
+/// `--response-timeout`: whole seconds as before ("25"), or a duration like every other
+/// time option ("10s"); at least one second (a command needs time to start).
+fn response_timeout_of(text: &str) -> std::result::Result<Duration, String> {
+    let timeout = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is neither seconds nor a duration like \"10s\": {e}"))?,
+    };
+    if timeout < Duration::from_secs(1) {
+        return Err(format!(
+            "{text:?} is under a second: a command needs time to start"
+        ));
+    }
+    Ok(timeout)
+}
+
 fn jobs_in_range(text: &str) -> std::result::Result<usize, String> {
     let jobs: usize = text
         .parse()
@@ -1132,4 +1150,20 @@ fn send(
     }
     node.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_timeout_is_seconds_or_a_duration_and_at_least_a_second() {
+        assert_eq!(response_timeout_of("25"), Ok(Duration::from_secs(25)));
+        assert_eq!(response_timeout_of("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(response_timeout_of("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(response_timeout_of("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["0", "999ms", "", "ten"] {
+            assert!(response_timeout_of(bad).is_err(), "{bad:?}");
+        }
+    }
 }

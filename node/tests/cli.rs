@@ -106,6 +106,46 @@ fn bad_arguments_fail_with_a_message() {
         err.contains("bad address \"127.0.0.1\"") && err.contains("expected HOST:PORT"),
         "{err}"
     );
+    // `--repeat 0` sends nothing rather than one; a response timeout under a second is no
+    // time for a command to start. Both refused before anything runs.
+    let out = node()
+        .args([
+            "send",
+            "--key",
+            "/nonexistent.key",
+            "--to",
+            "nope",
+            "--repeat",
+            "0",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--repeat") && err.contains("0 is not in 1.."),
+        "{err}"
+    );
+    for bad in ["500ms", "0", "soon"] {
+        let out = node()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-any-peer-insecure",
+            ])
+            .args(["--response-timeout", bad, "--key"])
+            .arg(dir.join("k.key"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--response-timeout") && err.contains(bad),
+            "{err}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -198,7 +238,8 @@ fn a_slow_command_for_one_peer_does_not_delay_another() {
 fn a_command_past_the_response_timeout_is_killed_and_serving_goes_on() {
     let setup = Setup::new("timeout");
     let script = setup.gated_echo();
-    let (mut server, target) = setup.serve(&["--exec", &script, "--response-timeout", "1"]);
+    // A duration like every other time option ("1" alone, whole seconds, still works).
+    let (mut server, target) = setup.serve(&["--exec", &script, "--response-timeout", "1s"]);
     // The gate never opens: the command is killed, the dialer told.
     let out = setup.send("alice", &target).arg("slow").output().unwrap();
     assert!(!out.status.success());
