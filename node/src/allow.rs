@@ -138,9 +138,9 @@ impl AllowFile {
                         self.report_membership(node, "unchanged");
                     } else if forced {
                         tracing::info!(
-                            "allow list {} unchanged: {} peers in force",
+                            "allow list {} unchanged: {} in force",
                             self.shown(),
-                            self.applied.peers().count()
+                            peers(self.applied.peers().count())
                         );
                     }
                 }
@@ -161,11 +161,11 @@ impl AllowFile {
     fn report_membership(&self, node: &P2pHandler, what: &str) {
         if let Ok(Some(m)) = node.membership() {
             tracing::info!(
-                "membership file {} {what}: epoch {} ({}) in force, {} peers allowed",
+                "membership file {} {what}: epoch {} ({}) in force, {} allowed",
                 self.shown(),
                 m.epoch,
                 m.digest.short(),
-                m.allowed
+                peers(m.allowed)
             );
         }
     }
@@ -208,9 +208,9 @@ impl AllowFile {
                 let (applied, expired) = self.list.in_force_at(now, now);
                 let removed = self.apply(node, applied);
                 tracing::info!(
-                    "allow list {} reloaded: {} peers in force{}",
+                    "allow list {} reloaded: {} in force{}",
                     self.shown(),
-                    self.applied.peers().count(),
+                    peers(self.applied.peers().count()),
                     listed(" removed: ", &removed)
                 );
                 self.report_expired(&expired, "in the new file");
@@ -282,6 +282,15 @@ fn read(path: &Path) -> Result<String, String> {
 
 fn parse(text: &str, path: &Path) -> Result<AllowList, String> {
     AllowList::from_toml_str(text, &path.display().to_string()).map_err(|e| e.to_string())
+}
+
+/// "1 peer", "0 peers", "12 peers".
+pub(crate) fn peers(n: usize) -> String {
+    if n == 1 {
+        "1 peer".to_owned()
+    } else {
+        format!("{n} peers")
+    }
 }
 
 fn listed(prefix: &str, peers: &[PeerId]) -> String {

@@ -796,11 +796,11 @@ fn serve(
         // Best effort: whoever started us may have stopped reading after the first line.
         let _ = writeln!(
             std::io::stdout(),
-            "membership: network {:?}, epoch {} ({}), {} peers allowed",
+            "membership: network {:?}, epoch {} ({}), {} allowed",
             m.network,
             m.epoch,
             m.digest.short(),
-            m.allowed
+            allow::peers(m.allowed)
         );
     }
     std::io::stdout().flush()?;
@@ -1165,5 +1165,12 @@ mod tests {
         for bad in ["0", "999ms", "", "ten"] {
             assert!(response_timeout_of(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn one_peer_is_a_peer() {
+        assert_eq!(allow::peers(0), "0 peers");
+        assert_eq!(allow::peers(1), "1 peer");
+        assert_eq!(allow::peers(2), "2 peers");
     }
 }
