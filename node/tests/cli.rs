@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use common::RawPeer;
 use p2p_handler::Keypair;
 use p2p_handler::wire::{AbortReason, AckOf, ExchangeId, Message};
-use support::{Setup, keygen, node, output};
+use support::{Setup, failure, keygen, node, output};
 
 #[test]
 fn two_nodes_exchange_a_message_through_a_command() {
@@ -43,32 +43,28 @@ fn two_nodes_exchange_a_message_through_a_command() {
 fn a_log_filter_with_an_unknown_word_or_a_thread_count_out_of_bounds_is_refused() {
     let setup = Setup::new("bad-values");
     // RUST_LOG=verbos would have turned every line off, silently.
-    let out = node()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--allow-any-peer-insecure",
-            "--key",
-        ])
-        .arg(setup.dir.join("bob.key"))
-        .env("RUST_LOG", "verbos")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(
+        node()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--allow-any-peer-insecure",
+                "--key",
+            ])
+            .arg(setup.dir.join("bob.key"))
+            .env("RUST_LOG", "verbos"),
+    );
     assert!(
         err.contains("invalid RUST_LOG \"verbos\"") && err.contains("is not a level"),
         "{err}"
     );
     for jobs in ["0", "1000000000000"] {
-        let out = node()
-            .args(["serve", "--jobs", jobs, "--key"])
-            .arg(setup.dir.join("bob.key"))
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = failure(
+            node()
+                .args(["serve", "--jobs", jobs, "--key"])
+                .arg(setup.dir.join("bob.key")),
+        );
         assert!(
             err.contains("--jobs") && err.contains("1 to 1024"),
             "{jobs}: {err}"
@@ -78,69 +74,55 @@ fn a_log_filter_with_an_unknown_word_or_a_thread_count_out_of_bounds_is_refused(
 
 #[test]
 fn bad_arguments_fail_with_a_message() {
-    let out = node()
-        .args(["send", "--key", "/nonexistent.key", "--to", "nope", "x"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(node().args(["send", "--key", "/nonexistent.key", "--to", "nope", "x"]));
     assert!(err.contains("PEER_ID@HOST:PORT"), "{err}");
     // A listening address without its port names the input and the form expected.
     let dir = std::env::temp_dir().join(format!("p2p-node-listen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     keygen(&dir, "k.key");
-    let out = node()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1",
-            "--allow-any-peer-insecure",
-            "--key",
-        ])
-        .arg(dir.join("k.key"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(
+        node()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1",
+                "--allow-any-peer-insecure",
+                "--key",
+            ])
+            .arg(dir.join("k.key")),
+    );
     assert!(
         err.contains("bad address \"127.0.0.1\"") && err.contains("expected HOST:PORT"),
         "{err}"
     );
     // `--repeat 0` sends nothing rather than one; a response timeout under a second is no
     // time for a command to start. Both refused before anything runs.
-    let out = node()
-        .args([
-            "send",
-            "--key",
-            "/nonexistent.key",
-            "--to",
-            "nope",
-            "--repeat",
-            "0",
-            "x",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(node().args([
+        "send",
+        "--key",
+        "/nonexistent.key",
+        "--to",
+        "nope",
+        "--repeat",
+        "0",
+        "x",
+    ]));
     assert!(
         err.contains("--repeat") && err.contains("0 is not in 1.."),
         "{err}"
     );
     for bad in ["500ms", "0", "soon"] {
-        let out = node()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--allow-any-peer-insecure",
-            ])
-            .args(["--response-timeout", bad, "--key"])
-            .arg(dir.join("k.key"))
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = failure(
+            node()
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--allow-any-peer-insecure",
+                ])
+                .args(["--response-timeout", bad, "--key"])
+                .arg(dir.join("k.key")),
+        );
         assert!(
             err.contains("--response-timeout") && err.contains(bad),
             "{err}"
@@ -168,15 +150,13 @@ fn a_dead_peer_shows_the_handlers_cause_as_a_sentence() {
          reply_timeout = \"400ms\"\nresponse_timeout = \"300ms\"\n",
     )
     .unwrap();
-    let out = setup
-        .send("alice", &target)
-        .arg("--config")
-        .arg(&config)
-        .arg("anyone?")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(
+        setup
+            .send("alice", &target)
+            .arg("--config")
+            .arg(&config)
+            .arg("anyone?"),
+    );
     assert!(
         err.contains("gave up after")
             && err.contains("attempts (last: could not connect")
@@ -241,9 +221,7 @@ fn a_command_past_the_response_timeout_is_killed_and_serving_goes_on() {
     // A duration like every other time option ("1" alone, whole seconds, still works).
     let (mut server, target) = setup.serve(&["--exec", &script, "--response-timeout", "1s"]);
     // The gate never opens: the command is killed, the dialer told.
-    let out = setup.send("alice", &target).arg("slow").output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(setup.send("alice", &target).arg("slow"));
     // A sentence, not Rust's Debug output.
     assert!(
         err.contains("the peer gave up after accepting it: its application did not answer in time"),

@@ -21,6 +21,17 @@ pub(crate) fn output(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs `cmd`, which must fail; its standard error.
+pub(crate) fn failure(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub(crate) fn keygen(dir: &Path, name: &str) -> String {
     let path = dir.join(name);
     let id = output(node().args(["keygen", "--out"]).arg(&path));
