@@ -209,11 +209,6 @@ pub struct Status {
     /// Members this node still means to dial, or is connected to, to spread or learn the
     /// membership (0 once they all said they hold its epoch).
     pub membership_syncs: usize,
-    /// With the `invariants` feature (the simulator, tests): the first of the core's
-    /// cross-table invariants found broken, checked after every step of the handler task
-    /// (dedupe records, cached replies and queues within their bounds, every connection
-    /// bound or idling, ...). Always `None` without the feature.
-    pub broken_invariant: Option<String>,
 }
 
 /// What shutdown handed back.
@@ -766,7 +761,7 @@ impl Handler {
             in_flight: None,
             connection_tasks: 0,
             notices_dropped: 0,
-            broken_invariant: None,
+            invariant_broken: false,
             evicted_unauthenticated: 0,
             parked_connections: 0,
             first_messages: crate::guard::GuardStats::default(),

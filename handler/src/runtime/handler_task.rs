@@ -47,8 +47,9 @@ pub(super) struct HandlerTask {
     /// to stop the node for an application that does not read them.
     pub(super) prio_backlog: VecDeque<Notice>,
     pub(super) notices_dropped: u64,
-    /// The first of the core's invariants found broken (feature `invariants`).
-    pub(super) broken_invariant: Option<String>,
+    /// One of the core's invariants was found broken and reported (feature `invariants`):
+    /// reported once, and not checked again.
+    pub(super) invariant_broken: bool,
     pub(super) connection_tasks: usize,
     pub(super) evicted_unauthenticated: u64,
     /// Accepted streams waiting for a handshake slot (the router's count).
@@ -148,12 +149,12 @@ impl HandlerTask {
             // explains it is committed. In memory, everything leaves at once.
             self.settle().await;
             #[cfg(feature = "invariants")]
-            if self.broken_invariant.is_none()
+            if !self.invariant_broken
                 && let Err(broken) = self.endpoint.invariants()
             {
                 tracing::error!(%broken, "invariant broken");
                 self.tap.broken_invariant(&broken);
-                self.broken_invariant = Some(broken);
+                self.invariant_broken = true;
             }
             if std::mem::take(&mut self.stop_accepting) {
                 let _ = self.network.send(NetCommand::StopAccepting).await;
@@ -746,7 +747,6 @@ impl HandlerTask {
                     inactive_members: self.endpoint.inactive_members(now),
                     records_held: self.endpoint.records_held(),
                     membership_syncs: self.endpoint.membership_syncs(),
-                    broken_invariant: self.broken_invariant.clone(),
                 });
             }
             Command::Shutdown { .. } => {}
