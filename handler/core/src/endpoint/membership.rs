@@ -477,9 +477,8 @@ impl Endpoint {
         let budget = documents_budget(remote_max);
         let mut used = 0usize;
         let chain = m.ledger.chain_after(after, budget);
-        let first = chain.first().map(|doc| (doc.epoch(), doc.encode().len()));
         let docs: Vec<Bytes> = chain
-            .into_iter()
+            .iter()
             .take(MAX_DOCUMENTS_PER_MESSAGE)
             .map(|doc| Bytes::from(doc.encode()))
             .take_while(|bytes| {
@@ -489,8 +488,9 @@ impl Endpoint {
             .collect();
         // The peer is behind and the next document does not fit: it can never catch up
         // through us, so say so (once per peer and epoch) rather than answer "nothing".
+        // (Encoded again only then: every other answer encodes each document once.)
         if docs.is_empty()
-            && let Some((epoch, size)) = first
+            && let Some((epoch, size)) = chain.first().map(|d| (d.epoch(), d.encode().len()))
             && let Some(m) = self.membership.as_deref_mut()
             && m.unsendable.get(&peer) != Some(&epoch)
         {
