@@ -148,6 +148,7 @@ const STEPS: &[ActionKind] = &[
     ActionKind::Stop,
     ActionKind::Membership,
     ActionKind::OfferRecord,
+    ActionKind::Attack,
     ActionKind::Latency,
     ActionKind::FailRate,
     ActionKind::Drop,

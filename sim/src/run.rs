@@ -26,6 +26,7 @@ use crate::trace::Trace;
 
 mod app;
 mod disk;
+mod hostile;
 mod judge;
 mod model;
 mod node;
@@ -108,6 +109,10 @@ pub fn run(scenario: &Scenario, seed: u64, swarm: bool) -> Outcome {
     for (i, name) in names.iter().enumerate() {
         let shared = shared.clone();
         sim.host(name.as_str(), move || node_main(shared.clone(), i));
+    }
+    if scenario.has_attacks() {
+        let shared = shared.clone();
+        sim.host(hostile::HOST, move || hostile::mallory_main(shared.clone()));
     }
     let mut failures = Vec::new();
     install_tables(&sim, &shared, &scenario, seed, &mut failures);

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) mod tables;
 
-pub use tables::{FaultKind, MembershipPlan, POOL, RecordsPlan, SwarmPlan};
+pub use tables::{AttackKind, FaultKind, MembershipPlan, POOL, RecordsPlan, SwarmPlan};
 
 /// A parsed, validated scenario.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -366,6 +366,9 @@ pub struct Step {
     /// Cancel: the exchange, by its trace label (`"alice#2"`: alice's second request).
     #[serde(default)]
     pub exchange: Option<String>,
+    /// Attack: what the hostile peer does.
+    #[serde(default)]
+    pub attack: Option<AttackKind>,
 }
 
 impl Step {
@@ -403,6 +406,7 @@ impl Step {
             may_not_apply: false,
             deadline: None,
             exchange: None,
+            attack: None,
         }
     }
 }
@@ -444,6 +448,8 @@ pub enum ActionKind {
     /// Hand an address record to a node as its records directory would (a replayed or
     /// forged one: see `record`).
     OfferRecord,
+    /// A hostile peer attacks `to` (`attack`; see [`AttackKind`]).
+    Attack,
     Latency,
     FailRate,
     // Message faults, keyed on decoded messages.
@@ -829,11 +835,26 @@ impl Scenario {
         !larger && self.draw_config("max_message_size", max as i64)
     }
 
+    /// Whether a step (written or drawn) attacks a node: the run then has a hostile host.
+    pub fn has_attacks(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.get_ref().action == ActionKind::Attack)
+    }
+
+    /// The largest message every node takes.
+    pub fn smallest_message_limit(&self) -> usize {
+        (0..self.nodes.len())
+            .map(|i| self.max_message_size_of(i))
+            .min()
+            .unwrap_or(Config::default().max_message_size)
+    }
+
     /// Sets `key` for every node in `[config]` (written down, so a shrunk file replays it),
     /// unless the file sets it anywhere already: a scenario's own values are never
     /// overridden. Returns whether it applied (false too if the result does not validate,
     /// in which case nothing changed).
-    pub(crate) fn draw_config(&mut self, key: &str, value: i64) -> bool {
+    pub(crate) fn draw_config(&mut self, key: &str, value: impl Into<toml::Value>) -> bool {
         let set = |c: &Option<toml::Spanned<toml::Table>>| {
             c.as_ref().is_some_and(|c| c.get_ref().contains_key(key))
         };
@@ -846,7 +867,7 @@ impl Scenario {
             .take()
             .map(|c| c.into_inner())
             .unwrap_or_default();
-        table.insert(key.into(), toml::Value::Integer(value));
+        table.insert(key.into(), value.into());
         self.config = Some(toml::Spanned::new(0..0, table));
         if self.reload_configs().is_ok() {
             return true;
@@ -1024,6 +1045,8 @@ pub const MAX_NODES: usize = 256;
 pub const MAX_COUNT: u32 = 100_000;
 /// The largest `size` a request step may ask for: the protocol's own ceiling on a message.
 pub const MAX_SIZE: usize = p2p_handler::wire::MAX_MESSAGE_SIZE_LIMIT;
+/// The most connections one `flood` attack opens.
+pub const MAX_FLOOD: u32 = 256;
 
 impl Expect {
     /// Every range must be satisfiable.
@@ -1193,6 +1216,24 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
                 _ => {
                     return Err("`record` must be \"previous\" (a replay) or \"forged\"".into());
                 }
+            }
+        }
+        A::Attack => {
+            need("to", step.to.is_some())?;
+            match step.attack {
+                None => return Err("needs `attack`".into()),
+                Some(kind) if kind.insider() => need("from", step.from.is_some())?,
+                Some(AttackKind::Flood) => {
+                    if step.count.is_some_and(|c| c > MAX_FLOOD) {
+                        return Err(format!("a flood is at most {MAX_FLOOD} connections"));
+                    }
+                }
+                Some(_) => {}
+            }
+            if step.from.is_some() && !step.attack.is_some_and(AttackKind::insider) {
+                return Err(
+                    "only `idle` and `violation` use an allowed peer's key (`from`)".into(),
+                );
             }
         }
         A::Membership => {

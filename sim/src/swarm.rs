@@ -132,6 +132,7 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
             FaultKind::Corrupt => Step::new(ActionKind::Corrupt),
             FaultKind::Duplicate => Step::new(ActionKind::Duplicate),
             FaultKind::Nack => Step::new(ActionKind::Nack),
+            FaultKind::Attack => Step::new(ActionKind::Attack),
         };
         fault.at = at(start);
         let heal_step = match kind {
@@ -201,6 +202,26 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
                 h.node = name(a);
                 h.to = name(b);
                 Some(h)
+            }
+            FaultKind::Attack => {
+                use crate::scenario::AttackKind;
+                let kind = AttackKind::ALL[pick(AttackKind::ALL.len() as u64) as usize];
+                fault.attack = Some(kind);
+                fault.to = name(a);
+                match kind {
+                    AttackKind::Flood => fault.count = Some(4 + pick(29) as u32),
+                    AttackKind::Idle | AttackKind::Violation => {
+                        // With the key of a peer the target allows.
+                        let insiders: Vec<usize> =
+                            (0..n).filter(|&i| allowed(scenario, a, i)).collect();
+                        if insiders.is_empty() {
+                            continue;
+                        }
+                        fault.from = name(insiders[pick(insiders.len() as u64) as usize]);
+                    }
+                    _ => {}
+                }
+                None
             }
             FaultKind::Drop
             | FaultKind::Delay
@@ -348,6 +369,61 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
         scenario.draw_config("dedupe_bytes", (records * 256) as i64);
         scenario.draw_config("reply_cache_bytes", cache as i64);
     }
+    // A quarter of the seeds send every third unsized request at one of the wire's own
+    // boundaries (a Noise message exactly full, one byte over it, an IK first flight
+    // exactly full and one byte over): a message at a limit nobody configured must pass
+    // too.
+    let boundary = WIRE_BOUNDARIES[pick(0, WIRE_BOUNDARIES.len() as u64 - 1) as usize];
+    if pick(0, 3) == 0 && boundary <= scenario.smallest_message_limit() {
+        let mut n = 0;
+        for step in &mut scenario.steps {
+            let step = step.get_mut();
+            if step.action == ActionKind::Request && step.size.is_none() && step.payload.is_none() {
+                n += 1;
+                if n % 3 == 2 {
+                    step.size = Some(boundary);
+                }
+            }
+        }
+    }
+    draw_timing(scenario, &mut pick);
+}
+
+/// Request payloads at the wire's boundaries: the largest that fits one Noise message
+/// (its frame exactly `MAX_FRAME_LEN`), one byte more (a full frame, then a one-byte
+/// chunk), and the same two around the largest Request an IK first flight carries.
+pub(crate) const WIRE_BOUNDARIES: [usize; 4] = {
+    use p2p_handler::wire::{EARLY_MAX_LEN, EXCHANGE_HEADER_LEN, MAX_CHUNK_LEN};
+    // A message's FIRST chunk holds a flags byte and its 4-byte total length.
+    let one_frame = MAX_CHUNK_LEN - 1 - 4 - EXCHANGE_HEADER_LEN;
+    let early = EARLY_MAX_LEN - EXCHANGE_HEADER_LEN;
+    [one_frame, one_frame + 1, early, early + 1]
+};
+
+/// A quarter of the seeds each: other timeouts and backoffs (within what the handler
+/// documents; a scenario's own values stay), one-slot to eight-slot channels between the
+/// handler's tasks, and connections kept for reuse.
+fn draw_timing(scenario: &mut Scenario, pick: &mut impl FnMut(u64, u64) -> u64) {
+    let ms = |n: u64| format!("{n}ms");
+    let (ack, delay) = (pick(150, 2_000), pick(0, 20));
+    let (backoff, factor) = (pick(10, 200), pick(2, 16));
+    if pick(0, 3) == 0 {
+        scenario.draw_config("ack_timeout", ms(ack));
+        scenario.draw_config("ack_delay", ms(delay.min(ack / 2)));
+        scenario.draw_config("backoff_initial", ms(backoff));
+        scenario.draw_config("backoff_max", ms(backoff * factor));
+    }
+    let capacity = pick(1, 8);
+    // Not with [membership] or [records]: their judges read the nodes' notices, and a
+    // notice the application has not read when `channel_capacity` more are waiting is
+    // dropped (counted in `Status::notices_dropped`), as documented.
+    let notices_judged = scenario.membership.is_some() || scenario.records.is_some();
+    if pick(0, 3) == 0 && !notices_judged {
+        scenario.draw_config("channel_capacity", capacity as i64);
+    }
+    if pick(0, 3) == 0 {
+        scenario.draw_config("reuse_connections", true);
+    }
 }
 
 #[cfg(test)]
@@ -481,5 +557,30 @@ mod tests {
                 .count();
             assert_eq!(probes, 3, "one per node");
         }
+    }
+
+    #[test]
+    fn wire_boundaries_fill_a_noise_message_and_an_ik_first_flight_exactly() {
+        use p2p_handler::wire::{
+            EARLY_MAX_LEN, ExchangeId, MAX_CHUNK_LEN, MAX_FRAME_LEN, Message, TAG_LEN,
+            chunk_message,
+        };
+        let request = |len: usize| Message::Request {
+            exchange: ExchangeId(7),
+            attempt: 1,
+            payload: vec![0; len].into(),
+        };
+        let [one_frame, over, early, over_early] = WIRE_BOUNDARIES;
+        let chunks = |len| {
+            chunk_message(&request(len))
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(MAX_CHUNK_LEN + TAG_LEN, MAX_FRAME_LEN);
+        assert_eq!(chunks(one_frame), [MAX_CHUNK_LEN]);
+        assert_eq!(chunks(over), [MAX_CHUNK_LEN, 2]);
+        assert_eq!(request(early).encoded_len(), EARLY_MAX_LEN);
+        assert_eq!(request(over_early).encoded_len(), EARLY_MAX_LEN + 1);
     }
 }

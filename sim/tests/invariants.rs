@@ -409,3 +409,75 @@ fn a_counter_that_disagrees_with_the_application_is_caught() {
         "{f}"
     );
 }
+
+#[test]
+fn a_violation_the_node_does_not_report_is_caught_by_the_hostile_rule() {
+    // Alice's key, in a hostile host's hands, breaks the protocol on an established
+    // session: Bob must tell it why, hang up, and report it naming Alice.
+    let text = format!(
+        "{PAIR}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n\n\
+         [[step]]\nat = \"100ms\"\ndo = \"attack\"\nattack = \"violation\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::UnreportedViolation);
+    let f = one_matching(&failures, "hostile:");
+    assert!(
+        f.contains("bob reported no peer error naming alice after"),
+        "{f}"
+    );
+}
+
+#[test]
+fn every_attack_ends_in_a_closed_connection_and_the_run_says_so() {
+    let mut text = format!("{PAIR}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n");
+    for (i, attack) in [
+        "silent",
+        "garbage",
+        "slow",
+        "stranger",
+        "flood",
+        "violation",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let from = if *attack == "violation" {
+            "from = \"alice\"\n"
+        } else {
+            ""
+        };
+        text.push_str(&format!(
+            "\n[[step]]\nat = \"{}ms\"\ndo = \"attack\"\nattack = \"{attack}\"\nto = \"bob\"\n{from}",
+            100 * (i + 1)
+        ));
+    }
+    let scenario = Scenario::parse(&text, "<test>", "probe").unwrap();
+    let outcome = run(&scenario, scenario.seed, false);
+    assert!(outcome.passed(), "{:?}", outcome.failures);
+    let trace = outcome.trace.text();
+    for attack in ["silent", "garbage", "slow", "stranger", "violation"] {
+        assert!(
+            trace.contains(&format!(
+                "mallory's {attack} connection to bob: closed by the node"
+            )),
+            "{attack}: {trace}"
+        );
+    }
+    let floods = trace
+        .matches("mallory's flood connection to bob: closed by the node")
+        .count();
+    assert_eq!(floods, 32, "{trace}");
+}
+
+#[test]
+fn a_silent_session_the_node_never_closes_is_caught_by_the_hostile_rule() {
+    let text = format!(
+        "{PAIR}\nconfig = {{ idle_timeout = \"1s\" }}\n\n\
+         [[step]]\ndo = \"attack\"\nattack = \"idle\"\nfrom = \"alice\"\nto = \"bob\"\n"
+    );
+    let failures = caught(&text, Sabotage::KeepIdleConnections);
+    let f = one_matching(&failures, "hostile:");
+    assert!(
+        f.contains("bob kept 1 of mallory's connections open for"),
+        "{f}"
+    );
+}

@@ -219,6 +219,7 @@ pub(super) fn on_notice(shared: &Arc<Mutex<Shared>>, node: usize, notice: Notice
         }
         Notice::Event(Event::PeerError(e)) => {
             s.peer_errors += 1;
+            s.peer_error_log.push((now(), node, e.remote().peer));
             let who = e
                 .remote()
                 .peer

@@ -28,6 +28,7 @@ pub(super) fn check(
     membership(scenario, s, timeline, failures);
     records(s, failures);
     refusals(scenario, s, failures);
+    super::hostile::judge(s, scenario.network.fail_rate > 0.0, failures);
     // They assume the scenario's own timing, so a swarm run, which shifts timing and
     // latency, checks only the invariants above.
     if expectations {

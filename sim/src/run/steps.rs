@@ -176,6 +176,7 @@ pub(super) fn execute(
         A::Crash | A::Stop | A::Restart | A::DiskFull => exec.node_fault(),
         A::Membership => exec.membership(),
         A::OfferRecord => exec.offer_record(),
+        A::Attack => exec.attack(),
         A::Drop | A::Delay | A::Duplicate | A::Corrupt | A::Nack => exec.arm_rule(),
     }
 }
@@ -487,6 +488,75 @@ impl Exec<'_, '_> {
                 lock(self.shared).errors.push(e);
             }
         }
+    }
+
+    /// A hostile peer's attack on `to`, handed to the hostile host.
+    fn attack(&mut self) {
+        use super::hostile::{Attack, AttackRecord, FLOOD, bound, violations};
+        use crate::scenario::AttackKind;
+        let step = self.step;
+        let Some(kind) = step.attack else {
+            return;
+        };
+        let target = self.idx(&step.to);
+        let insider = step.from.as_ref().map(|_| self.idx(&step.from));
+        let config = self.scenario.config_of(target);
+        let allowed_for = match kind {
+            AttackKind::Idle => config.idle_timeout,
+            _ => config.handshake_timeout,
+        };
+        let bound = bound(allowed_for, self.scenario.network.max_latency);
+        let connections = match kind {
+            AttackKind::Flood => step.count.unwrap_or(FLOOD),
+            _ => 1,
+        };
+        let addr = self.addr(target);
+        let mut s = lock(self.shared);
+        // Mixed, so that each step of a run draws its own violation and strangers.
+        let seed = (s.seed ^ 0x4d41_4c4c)
+            .wrapping_add(self.index as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut record = AttackRecord::new(self.index, kind, target, bound);
+        record.insider = insider;
+        record.incarnation = s.nodes[target].incarnation;
+        record.open = connections;
+        if kind == AttackKind::Violation {
+            let all = violations();
+            record.violation = Some(all[((seed >> 32) % all.len() as u64) as usize].0);
+        }
+        let text = format!(
+            "mallory: {} attack on {}{}{}",
+            kind.name(),
+            s.names[target],
+            insider.map_or_else(String::new, |i| format!(" with {}'s key", s.names[i])),
+            record
+                .violation
+                .map_or_else(String::new, |v| format!(": {v}"))
+        );
+        let attack = Attack {
+            record: s.attacks.len(),
+            kind,
+            addr,
+            target_name: s.names[target].clone(),
+            key: insider.map(|i| s.keys[i].clone()),
+            connections,
+            bound,
+            seed,
+        };
+        s.attacks.push(record);
+        let sent = s
+            .attacker
+            .as_ref()
+            .is_some_and(|tx| tx.send(attack).is_ok());
+        if !sent {
+            // The hostile host runs from the start of every run that has an attack.
+            s.errors.push(format!(
+                "step {}: the hostile host is not running",
+                self.index + 1
+            ));
+        }
+        drop(s);
+        self.fault(text);
     }
 
     /// A message fault, armed until it has applied `count` times.

@@ -209,6 +209,9 @@ impl Tap for SimTap {
             payload,
         } = message
             && payload.len() <= s.scenario.max_message_size_of(to)
+            // A Reply from the peer that dialed is a protocol violation (a hostile peer's),
+            // never acknowledged.
+            && !conn.is_inbound()
         {
             s.model.reply_received(to, *exchange, *attempt, now());
         }

@@ -114,6 +114,7 @@ impl Timeline {
             || !s.fired.is_empty()
             || !s.crash_requests.is_empty()
             || !s.exits.is_empty()
+            || s.attacks.iter().any(|a| a.open > 0)
             || s.membership
                 .as_ref()
                 .is_some_and(|m| !m.behind(up).is_empty())

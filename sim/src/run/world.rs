@@ -118,6 +118,11 @@ pub(super) struct Shared {
     pub(super) records: Option<crate::records::Tracker>,
     /// The reference model every exchange is checked against.
     pub(super) model: super::model::Model,
+    /// The hostile host's inbox (once it runs), and every attack of the run.
+    pub(super) attacker: Option<mpsc::UnboundedSender<super::hostile::Attack>>,
+    pub(super) attacks: Vec<super::hostile::AttackRecord>,
+    /// Every peer error a node reported: when, which node, naming which peer.
+    pub(super) peer_error_log: Vec<(Duration, usize, Option<PeerId>)>,
 }
 
 pub(super) fn now() -> Duration {
@@ -183,6 +188,9 @@ impl Shared {
             model: super::model::Model::new(
                 scenario.nodes.iter().map(|n| n.name.clone()).collect(),
             ),
+            attacker: None,
+            attacks: Vec::new(),
+            peer_error_log: Vec::new(),
             scenario: scenario.clone(),
         }
     }

@@ -30,6 +30,62 @@ pub enum FaultKind {
     /// A full disk on a durable node that may crash (its handler stops at the failed
     /// commit, its process exits), and its restart. Drawn only when `kinds` names it.
     DiskFull,
+    /// A hostile peer's attack on a node (see [`AttackKind`]). Drawn only when `kinds`
+    /// names it.
+    Attack,
+}
+
+/// What a hostile peer (the simulator's host `mallory`) does to a node (`attack` step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttackKind {
+    /// Opens a connection and sends nothing.
+    Silent,
+    /// Sends a frame of random bytes as its first message.
+    Garbage,
+    /// Sends a valid first handshake message one byte every 400 ms.
+    Slow,
+    /// Completes a handshake with a key no allow list names.
+    Stranger,
+    /// `count` strangers at once (default 32).
+    Flood,
+    /// An allowed peer's key (`from`): completes the handshake, then says nothing (the
+    /// node must close it after its `idle_timeout`).
+    Idle,
+    /// An allowed peer's key (`from`): completes the handshake, then breaks the protocol
+    /// once (one of eight violations, by seed: framing, chunking, encoding, roles).
+    Violation,
+}
+
+impl AttackKind {
+    /// Every attack, for swarm draws.
+    pub const ALL: [AttackKind; 7] = [
+        AttackKind::Silent,
+        AttackKind::Garbage,
+        AttackKind::Slow,
+        AttackKind::Stranger,
+        AttackKind::Flood,
+        AttackKind::Idle,
+        AttackKind::Violation,
+    ];
+
+    /// Whether it uses an allowed peer's key (`from`).
+    pub fn insider(self) -> bool {
+        matches!(self, Self::Idle | Self::Violation)
+    }
+
+    /// Its name in a scenario file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Silent => "silent",
+            Self::Garbage => "garbage",
+            Self::Slow => "slow",
+            Self::Stranger => "stranger",
+            Self::Flood => "flood",
+            Self::Idle => "idle",
+            Self::Violation => "violation",
+        }
+    }
 }
 
 pub(crate) const ALL: [FaultKind; 11] = [

@@ -90,6 +90,11 @@ impl Endpoint {
         // timed out is the network's doing, not the peer's: it is a retry cause instead.
         let report = match &closed {
             Closed::Error(ConnError::HandshakeTimeout { .. }) => None,
+            Closed::Error(ConnError::Protocol { .. } | ConnError::BadFrame { .. })
+                if self.sabotaged(super::Sabotage::UnreportedViolation) =>
+            {
+                None
+            }
             Closed::Error(e) => Some(PeerError::Connection(e.clone())),
             _ => None,
         };
@@ -139,8 +144,10 @@ impl Endpoint {
 
     pub(super) fn violation(&mut self, conn: ConnId, detail: &'static str, now: Instant) {
         let remote = self.remote_of(conn);
-        self.events
-            .push_back(Event::PeerError(PeerError::Violation { remote, detail }));
+        if !self.sabotaged(super::Sabotage::UnreportedViolation) {
+            self.events
+                .push_back(Event::PeerError(PeerError::Violation { remote, detail }));
+        }
         self.close(conn, CloseReason::ProtocolViolation, now);
     }
 

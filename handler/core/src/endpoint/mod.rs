@@ -338,11 +338,13 @@ pub enum Sabotage {
     DedupeOverBound,
     /// Requests handed to the application are not counted in `Stats::requests_delivered`.
     UncountedDelivery,
+    /// A peer that breaks the protocol is disconnected without a word to the application.
+    UnreportedViolation,
 }
 
 impl Sabotage {
     /// Every defect, for tools that plant each in turn.
-    pub const ALL: [Sabotage; 18] = [
+    pub const ALL: [Sabotage; 19] = [
         Sabotage::NoDedupe,
         Sabotage::DoubleOutcome,
         Sabotage::SwallowDelivery,
@@ -361,6 +363,7 @@ impl Sabotage {
         Sabotage::OffByOneMaxSize,
         Sabotage::DedupeOverBound,
         Sabotage::UncountedDelivery,
+        Sabotage::UnreportedViolation,
     ];
 }
 
