@@ -308,6 +308,58 @@ async fn dead_letters_survive_a_restart_and_go_once_taken() {
 }
 
 #[tokio::test]
+async fn the_fate_of_a_reply_the_application_did_not_read_survives_a_restart() {
+    // Bob answers Alice; "Alice has your reply" is stored with the step that raises it. Bob's
+    // application stops before reading it (a kill would lose the inbox): after the restart
+    // it comes again, flagged; once read, never again.
+    let net = Net::new();
+    let store = MemoryStore::new();
+    let start = || options().store(store.clone());
+    let (bob, mut bob_in) = net.start("bob", start()).await.unwrap();
+    let (alice, mut alice_in) = net.start("alice", options()).await.unwrap();
+    let id = alice
+        .request(net.bob.peer_id(), net.bob_addr(), &b"sign this"[..])
+        .await
+        .unwrap();
+    let Event::Request { peer, exchange, .. } = next(&mut bob_in).await else {
+        panic!("no request");
+    };
+    bob.response_to(peer, exchange, &b"signed"[..])
+        .await
+        .unwrap();
+    assert!(
+        matches!(next_exchange_event(&mut alice_in).await, Event::Reply { exchange, .. } if exchange == id)
+    );
+    // Bob's fate-of-reply row is written before the event is handed out; wait for it,
+    // bounded (a hang fails the test).
+    for _ in 0..2_000 {
+        if store.rows(Table::Responses) == 1 {
+            break;
+        }
+        bob.status().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(store.rows(Table::Responses), 1);
+    bob.shutdown().await.unwrap();
+    drop(bob_in);
+    let (bob, mut bob_in) = net.start("bob", start()).await.unwrap();
+    let again = next(&mut bob_in).await;
+    assert_eq!(
+        again,
+        Event::ResponseDelivered {
+            peer: net.alice.peer_id(),
+            exchange: id,
+            redelivered: true
+        }
+    );
+    bob.shutdown().await.unwrap();
+    drop(bob_in);
+    assert_eq!(store.rows(Table::Responses), 0, "read: gone for good");
+    let (_bob, mut bob_in) = net.start("bob", start()).await.unwrap();
+    assert!(bob_in.received.try_recv().is_err());
+}
+
+#[tokio::test]
 async fn unread_outcomes_are_bounded() {
     let net = Net::new();
     let config = Config {

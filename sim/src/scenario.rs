@@ -56,6 +56,12 @@ pub struct Scenario {
     /// How long a commit takes under the storage fault.
     #[serde(default = "default_commit_latency", with = "humantime_serde")]
     pub commit_latency: Duration,
+    /// Under the storage fault, a commit may reach the disk at the start of its latency
+    /// rather than at the end (drawn per commit): a crash during it then finds it on
+    /// disk, though the handler never learnt so and acted on none of it. Both are what an
+    /// atomic store (redb) may leave after a crash; the handler must cope with either.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub torn: bool,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeSpec>,

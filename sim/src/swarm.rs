@@ -424,6 +424,10 @@ fn draw_timing(scenario: &mut Scenario, pick: &mut impl FnMut(u64, u64) -> u64) 
     if pick(0, 3) == 0 {
         scenario.draw_config("reuse_connections", true);
     }
+    // Half the seeds with the storage fault let commits land early (see `Scenario::torn`).
+    if pick(0, 1) == 1 && scenario.storage_fault {
+        scenario.torn = true;
+    }
 }
 
 #[cfg(test)]

@@ -481,3 +481,22 @@ fn a_silent_session_the_node_never_closes_is_caught_by_the_hostile_rule() {
         "{f}"
     );
 }
+
+#[test]
+fn a_commit_that_landed_as_the_node_died_still_gets_its_outcome_reported() {
+    // Under torn commits, seed 15 of this scenario has Bob's commit of "Alice has my
+    // reply" reach his disk just before he crashes, before his application heard of it.
+    // The restarted Bob must tell it, flagged: the model wants one responder outcome.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scenarios/crash-responder-after-final-ack.toml"
+    );
+    let scenario = Scenario::load(std::path::Path::new(path)).unwrap();
+    let outcome = run(&scenario, 15, true);
+    assert!(outcome.passed(), "{:?}", outcome.failures);
+    let trace = outcome.trace.text();
+    assert!(
+        trace.contains("bob   event reply alice#1 delivered, redelivered"),
+        "{trace}"
+    );
+}

@@ -9,7 +9,8 @@
 //! durable state that explains it. On restart the driver reads every row back, [`decode`]s
 //! them into a [`Recovered`] state, and hands it to the new endpoint.
 //!
-//! Four tables, each row's value starting with [`FORMAT`]:
+//! The tables, each row's value starting with [`FORMAT`] (`membership` and `records` hold
+//! signed documents and sealed records; see their modules):
 //!
 //! | table      | key                     | value                                        |
 //! |------------|-------------------------|----------------------------------------------|
@@ -18,6 +19,7 @@
 //! | `outcomes` | id (u64 BE)             | its outcome (reply or failure) not yet taken by the application |
 //! | `inbound`  | seq (u64 BE)            | a peer's exchange: peer, id, digest, state, the request while unanswered, our reply while cached |
 //! | `settled`  | seq (u64 BE)            | a peer's settled floor: every id of it at or below this one is settled |
+//! | `responses` | seq (u64 BE)           | the outcome of a peer's exchange (our reply delivered, unconfirmed, timed out, aborted, cancelled) not yet taken by the application |
 //!
 //! Every key grows with time (ids and `seq` are handed out in order), so the rows a busy
 //! node writes sit together at the end of each table: a commit rewrites a few pages of the
@@ -70,11 +72,14 @@ pub enum Table {
     /// The freshest address record of each member (ours included), by peer id: what a
     /// restarted node resumes, and the floor under each member's sequence numbers.
     Records,
+    /// Outcomes of peers' exchanges (our reply delivered, unconfirmed, timed out, aborted,
+    /// cancelled) the application has not taken yet.
+    Responses,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Meta,
         Table::Outbound,
         Table::Outcomes,
@@ -82,6 +87,7 @@ impl Table {
         Table::Settled,
         Table::Membership,
         Table::Records,
+        Table::Responses,
     ];
 
     /// The table's name in a store.
@@ -94,6 +100,7 @@ impl Table {
             Self::Settled => "settled",
             Self::Membership => "membership",
             Self::Records => "records",
+            Self::Responses => "responses",
         }
     }
 }
@@ -221,6 +228,9 @@ pub struct Recovered {
     pub membership: Vec<crate::membership::Signed>,
     /// The freshest address record of each member: owner, sequence number, sealed bytes.
     pub records: Vec<(PeerId, u64, Bytes)>,
+    /// Responder outcomes the application has not taken, oldest first, flagged
+    /// `redelivered`, with the seq each is kept under.
+    pub responses: Vec<(u64, Event)>,
     /// The store's format version (`None`: a fresh store). Older than [`FORMAT`]: the
     /// driver rewrites the header at its first commit.
     pub format: Option<u8>,
@@ -287,6 +297,43 @@ pub(crate) fn put_outbound(id: ExchangeId, record: &OutboundRecord) -> KvOp {
             w.extend_from_slice(&record.deadline_ms.unwrap_or(0).to_be_bytes());
         }),
     )
+}
+
+/// The outcome of a peer's exchange, until the application takes it: kept under `seq` (the
+/// node's acceptance counter), so that a restart hands it out again, flagged
+/// `redelivered`. Only responder outcomes come here.
+pub(crate) fn put_response(seq: u64, event: &Event) -> KvOp {
+    let value = versioned(|w| {
+        let (kind, peer, exchange, reason) = match event {
+            Event::ResponseDelivered { peer, exchange, .. } => (1, peer, exchange, None),
+            Event::ResponseUnconfirmed { peer, exchange, .. } => (2, peer, exchange, None),
+            Event::ResponseTimedOut { peer, exchange, .. } => (3, peer, exchange, None),
+            Event::ResponseAborted {
+                peer,
+                exchange,
+                reason,
+                ..
+            } => (4, peer, exchange, Some(*reason)),
+            Event::ResponseCancelled { peer, exchange, .. } => (5, peer, exchange, None),
+            // Only responder outcomes come here.
+            _ => return w.push(0),
+        };
+        w.push(kind);
+        w.extend_from_slice(peer.as_bytes());
+        w.extend_from_slice(&exchange.0.to_be_bytes());
+        if let Some(reason) = reason {
+            w.push(reason.code());
+        }
+    });
+    put(Table::Responses, seq.to_be_bytes().to_vec(), value)
+}
+
+/// The application took the responder outcome kept under `seq`: forget it.
+pub(crate) fn delete_response(seq: u64) -> KvOp {
+    KvOp::Delete {
+        table: Table::Responses,
+        key: seq.to_be_bytes().to_vec(),
+    }
 }
 
 /// The application took the outcome of exchange `id`: forget it.
@@ -704,6 +751,43 @@ where
                         Bytes::copy_from_slice(sealed),
                     ));
                 }
+                Table::Responses => {
+                    let seq = key_u64(&key)?;
+                    let kind = r.u8()?;
+                    let peer = PeerId::from_bytes(r.array()?);
+                    let exchange = ExchangeId(r.u64()?);
+                    let redelivered = true;
+                    let event = match kind {
+                        1 => Event::ResponseDelivered {
+                            peer,
+                            exchange,
+                            redelivered,
+                        },
+                        2 => Event::ResponseUnconfirmed {
+                            peer,
+                            exchange,
+                            redelivered,
+                        },
+                        3 => Event::ResponseTimedOut {
+                            peer,
+                            exchange,
+                            redelivered,
+                        },
+                        4 => Event::ResponseAborted {
+                            peer,
+                            exchange,
+                            reason: AbortReason::from_code(r.u8()?),
+                            redelivered,
+                        },
+                        5 => Event::ResponseCancelled {
+                            peer,
+                            exchange,
+                            redelivered,
+                        },
+                        k => return Err(format!("unknown response outcome kind {k}")),
+                    };
+                    recovered.responses.push((seq, event));
+                }
             }
             r.end()
         })();
@@ -723,6 +807,7 @@ where
         .membership
         .sort_by_key(crate::membership::Signed::epoch);
     outcomes.sort_by_key(|o: &StoredOutcome| o.seq);
+    recovered.responses.sort_by_key(|(seq, _)| *seq);
     recovered.outcomes = outcomes;
     Ok(recovered)
 }

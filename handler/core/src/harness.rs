@@ -1193,14 +1193,17 @@ impl Net {
                 App::Manual => {}
             }
         }
-        if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &event {
-            // The application takes its outcome at once: the store forgets it.
-            if self.nodes[node].takes_outcomes {
-                self.nodes[node].endpoint.outcome_settled(*exchange);
-                let journal = self.nodes[node].endpoint.poll_journal();
-                if let Some(store) = &mut self.nodes[node].store {
-                    apply(store, journal);
-                }
+        // The application takes its outcomes at once: the store forgets them.
+        if self.nodes[node].takes_outcomes {
+            let endpoint = &mut self.nodes[node].endpoint;
+            if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = &event {
+                endpoint.outcome_settled(*exchange);
+            } else if let Some((peer, exchange)) = event.response_of() {
+                endpoint.response_outcome_taken(peer, exchange);
+            }
+            let journal = endpoint.poll_journal();
+            if let Some(store) = &mut self.nodes[node].store {
+                apply(store, journal);
             }
         }
         self.nodes[node].events.push(event);

@@ -60,7 +60,8 @@ fn happy_path_request_ack_reply_ack() {
     );
     assert!(net.nodes[BOB].events.contains(&Event::ResponseDelivered {
         peer: net.id(ALICE),
-        exchange: id
+        exchange: id,
+        redelivered: false
     }));
     // Without reuse the dialer disconnects after the exchange; nothing is left open.
     assert_eq!(net.open_links(), 0);
@@ -98,7 +99,7 @@ fn one_exchange_gives_each_application_exactly_its_events() {
         .iter()
         .map(|e| match e {
             Event::Request { peer, exchange, .. } => (*peer, *exchange, "request"),
-            Event::ResponseDelivered { peer, exchange } => (*peer, *exchange, "delivered"),
+            Event::ResponseDelivered { peer, exchange, .. } => (*peer, *exchange, "delivered"),
             other => panic!("Bob's application saw {other:?}"),
         })
         .collect();
@@ -252,11 +253,13 @@ fn lost_reply_is_resent_from_the_responders_cache() {
     let bob_events = &net.nodes[BOB].events;
     assert!(bob_events.contains(&Event::ResponseUnconfirmed {
         peer: net.id(ALICE),
-        exchange: id
+        exchange: id,
+        redelivered: false
     }));
     assert!(!bob_events.contains(&Event::ResponseDelivered {
         peer: net.id(ALICE),
-        exchange: id
+        exchange: id,
+        redelivered: false
     }));
 }
 
@@ -277,7 +280,8 @@ fn lost_reply_ack_reports_unconfirmed_once() {
         outcomes,
         vec![&Event::ResponseUnconfirmed {
             peer: net.id(ALICE),
-            exchange: id
+            exchange: id,
+            redelivered: false
         }]
     );
 }
@@ -576,7 +580,8 @@ fn application_that_never_replies_times_out_on_both_sides() {
     let alice = net.id(ALICE);
     assert!(net.nodes[BOB].events.contains(&Event::ResponseTimedOut {
         peer: alice,
-        exchange: id
+        exchange: id,
+        redelivered: false
     }));
     assert_eq!(
         net.failures(ALICE),
@@ -2252,7 +2257,8 @@ mod endpoint_unit {
         assert!(
             evs.contains(&Event::ResponseDelivered {
                 peer: f.peer,
-                exchange: ExchangeId(1)
+                exchange: ExchangeId(1),
+                redelivered: false
             }),
             "{evs:?}"
         );
@@ -2649,9 +2655,21 @@ mod endpoint_unit {
             .is_priority()
         );
         for outcome in [
-            Event::ResponseDelivered { peer, exchange: x },
-            Event::ResponseTimedOut { peer, exchange: x },
-            Event::ResponseCancelled { peer, exchange: x },
+            Event::ResponseDelivered {
+                peer,
+                exchange: x,
+                redelivered: false,
+            },
+            Event::ResponseTimedOut {
+                peer,
+                exchange: x,
+                redelivered: false,
+            },
+            Event::ResponseCancelled {
+                peer,
+                exchange: x,
+                redelivered: false,
+            },
             Event::Failed {
                 peer,
                 exchange: x,
@@ -2907,7 +2925,8 @@ fn reply_over_the_dialers_limit_is_aborted_and_both_sides_told() {
         vec![&Event::ResponseAborted {
             peer: net.id(ALICE),
             exchange: id,
-            reason: AbortReason::ReplyTooLarge
+            reason: AbortReason::ReplyTooLarge,
+            redelivered: false
         }]
     );
     // It is over: a second answer is refused.
@@ -2973,7 +2992,8 @@ fn shutdown_gives_a_delivered_request_its_one_outcome() {
         vec![Event::ResponseAborted {
             peer: net.id(ALICE),
             exchange: id,
-            reason: AbortReason::ShuttingDown
+            reason: AbortReason::ShuttingDown,
+            redelivered: false
         }]
     );
     assert_eq!(
@@ -2995,7 +3015,8 @@ fn revoking_a_peer_gives_its_delivered_request_its_one_outcome() {
         inbound_outcomes(&net, BOB, id),
         vec![Event::ResponseCancelled {
             peer: alice,
-            exchange: id
+            exchange: id,
+            redelivered: false
         }]
     );
     assert_eq!(
@@ -3368,6 +3389,83 @@ mod durable {
         }
     }
 
+    /// Bob's outcomes of Alice's exchanges, `(redelivered, what)` in order.
+    fn responder_outcomes(net: &Net, id: ExchangeId) -> Vec<(bool, &'static str)> {
+        net.nodes[BOB]
+            .events
+            .iter()
+            .filter(|e| e.response_of().is_some_and(|(_, x)| x == id))
+            .map(|e| match e {
+                Event::ResponseDelivered { redelivered, .. } => (*redelivered, "delivered"),
+                Event::ResponseUnconfirmed { redelivered, .. } => (*redelivered, "unconfirmed"),
+                Event::ResponseTimedOut { redelivered, .. } => (*redelivered, "timed out"),
+                Event::ResponseAborted { redelivered, .. } => (*redelivered, "aborted"),
+                Event::ResponseCancelled { redelivered, .. } => (*redelivered, "cancelled"),
+                _ => (false, "?"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_responder_outcome_the_application_did_not_take_is_handed_out_after_a_restart() {
+        // Bob's application has not read "Alice has our reply" when he crashes: whether the
+        // event was lost in his inbox or the commit landed as he died, it must come again.
+        let mut net = durable_pair();
+        net.nodes[BOB].takes_outcomes = false;
+        let id = net.request(ALICE, BOB, b"q");
+        net.run(secs(5));
+        assert_eq!(responder_outcomes(&net, id), vec![(false, "delivered")]);
+        net.crash(BOB);
+        net.restart(BOB);
+        assert_eq!(
+            responder_outcomes(&net, id),
+            vec![(false, "delivered"), (true, "delivered")]
+        );
+        // Taken now (the harness's application takes what it is handed): forgotten.
+        net.nodes[BOB].takes_outcomes = true;
+        let alice = net.id(ALICE);
+        net.nodes[BOB].endpoint.response_outcome_taken(alice, id);
+        net.commit(BOB);
+        net.crash(BOB);
+        net.restart(BOB);
+        assert_eq!(responder_outcomes(&net, id).len(), 2, "not a third time");
+        // Every kind of outcome is kept the same way: a timed-out one too.
+        net.nodes[BOB].takes_outcomes = false;
+        net.nodes[BOB].app = App::Manual;
+        let late = net.request(ALICE, BOB, b"never answered");
+        net.run(secs(60));
+        assert_eq!(responder_outcomes(&net, late), vec![(false, "timed out")]);
+        net.crash(BOB);
+        net.restart(BOB);
+        assert_eq!(
+            responder_outcomes(&net, late),
+            vec![(false, "timed out"), (true, "timed out")]
+        );
+    }
+
+    #[test]
+    fn responder_outcomes_kept_for_a_restart_stay_within_max_unread_outcomes() {
+        let mut net = durable_pair();
+        net.nodes[BOB].config.max_unread_outcomes = 2;
+        net.nodes[BOB].takes_outcomes = false;
+        net.crash(BOB);
+        net.restart(BOB);
+        let ids: Vec<ExchangeId> = (0..3).map(|_| net.request(ALICE, BOB, b"q")).collect();
+        net.run(secs(10));
+        assert_eq!(net.nodes[BOB].endpoint.unread_responses(), 2);
+        net.crash(BOB);
+        net.restart(BOB);
+        let again: Vec<usize> = ids
+            .iter()
+            .map(|id| responder_outcomes(&net, *id).len())
+            .collect();
+        assert_eq!(
+            again,
+            [1, 2, 2],
+            "the oldest is no longer kept; the two newest come again"
+        );
+    }
+
     #[test]
     fn exchange_ids_are_never_reused_by_a_restart_with_the_same_seed() {
         let me = Keypair::from_private_bytes([1; 32]).peer_id();
@@ -3493,7 +3591,8 @@ mod durable {
         let (_, events) = r.drain();
         assert!(events.contains(&Event::ResponseCancelled {
             peer: r.peer,
-            exchange: ExchangeId(2)
+            exchange: ExchangeId(2),
+            redelivered: false
         }));
         r.ep.allow(r.peer, AllowedPeer::default());
         r.reconnect(2);
@@ -3675,7 +3774,8 @@ mod durable {
             events,
             vec![Event::ResponseCancelled {
                 peer,
-                exchange: ExchangeId(7)
+                exchange: ExchangeId(7),
+                redelivered: false
             }]
         );
         // Stored as aborted, so that a resend after the peer is allowed again gets the
@@ -3785,16 +3885,37 @@ fn events_and_failures_read_as_sentences() {
             redelivered: true,
         }
         .to_string(),
-        Event::ResponseDelivered { peer, exchange: x }.to_string(),
-        Event::ResponseUnconfirmed { peer, exchange: x }.to_string(),
-        Event::ResponseTimedOut { peer, exchange: x }.to_string(),
+        Event::ResponseDelivered {
+            peer,
+            exchange: x,
+            redelivered: false,
+        }
+        .to_string(),
+        Event::ResponseUnconfirmed {
+            peer,
+            exchange: x,
+            redelivered: false,
+        }
+        .to_string(),
+        Event::ResponseTimedOut {
+            peer,
+            exchange: x,
+            redelivered: false,
+        }
+        .to_string(),
         Event::ResponseAborted {
             peer,
             exchange: x,
             reason: AbortReason::ReplyTooLarge,
+            redelivered: false,
         }
         .to_string(),
-        Event::ResponseCancelled { peer, exchange: x }.to_string(),
+        Event::ResponseCancelled {
+            peer,
+            exchange: x,
+            redelivered: false,
+        }
+        .to_string(),
         Event::RateLimited {
             peer,
             limit: crate::endpoint::LimitKind::Connections,

@@ -485,7 +485,29 @@ impl std::fmt::Debug for Options {
 #[derive(Debug)]
 pub struct Received {
     rx: mpsc::Receiver<Event>,
-    taken: mpsc::UnboundedSender<ExchangeId>,
+    taken: mpsc::UnboundedSender<Taken>,
+}
+
+/// What the application took from its `received` channel that a durable node keeps until
+/// it is taken: the outcome of one of our exchanges, or of a peer's.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Taken {
+    Outcome(ExchangeId),
+    Response(PeerId, ExchangeId),
+}
+
+impl Taken {
+    /// What taking `event` settles, if anything.
+    pub(super) fn of(event: &Event) -> Option<Self> {
+        match event {
+            Event::Reply { exchange, .. } | Event::Failed { exchange, .. } => {
+                Some(Self::Outcome(*exchange))
+            }
+            other => other
+                .response_of()
+                .map(|(peer, exchange)| Self::Response(peer, exchange)),
+        }
+    }
 }
 
 impl Received {
@@ -504,9 +526,9 @@ impl Received {
     }
 
     fn took(&self, event: &Event) {
-        if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = event {
+        if let Some(taken) = Taken::of(event) {
             // The handler may be gone; then nothing needs forgetting.
-            let _ = self.taken.send(*exchange);
+            let _ = self.taken.send(taken);
         }
     }
 }

@@ -49,6 +49,7 @@ pub(super) struct HandlerTask {
     pub(super) notices_dropped: u64,
     /// One of the core's invariants was found broken and reported (feature `invariants`):
     /// reported once, and not checked again.
+    #[cfg_attr(not(feature = "invariants"), allow(dead_code))]
     pub(super) invariant_broken: bool,
     pub(super) connection_tasks: usize,
     pub(super) evicted_unauthenticated: u64,
@@ -74,7 +75,7 @@ pub(super) struct HandlerTask {
     /// Writes of the driver's own for the next commit (the store header, taken outcomes).
     pub(super) pending_ops: Vec<KvOp>,
     /// Outcomes the application took (reported by its `Received`).
-    pub(super) taken: mpsc::UnboundedReceiver<ExchangeId>,
+    pub(super) taken: mpsc::UnboundedReceiver<super::handle::Taken>,
     /// Answers to commands, held until what they confirm is committed.
     pub(super) deferred: Vec<Box<dyn FnOnce() + Send>>,
     /// A shutdown command met while gathering a batch.
@@ -327,11 +328,19 @@ impl HandlerTask {
         let _ = self.priority.try_send(Notice::StoreFailed(e.to_string()));
     }
 
-    /// The application took the outcome of `id`. Unless it must confirm it, that settles
-    /// it: a durable node forgets it.
-    fn on_taken(&mut self, id: ExchangeId) {
-        if !self.confirm_outcomes {
-            self.settle_outcome(id);
+    /// The application took an outcome. One of ours is settled by it unless it must be
+    /// confirmed; a peer's (the fate of our reply) always is. A durable node forgets it.
+    fn on_taken(&mut self, taken: super::handle::Taken) {
+        use super::handle::Taken;
+        match taken {
+            Taken::Outcome(id) => {
+                if !self.confirm_outcomes {
+                    self.settle_outcome(id);
+                }
+            }
+            Taken::Response(peer, exchange) => {
+                self.endpoint.response_outcome_taken(peer, exchange);
+            }
         }
     }
 
@@ -982,8 +991,8 @@ impl HandlerTask {
             }
             report.unread.extend(self.recv_backlog.drain(..));
             for event in &report.unread {
-                if let Event::Reply { exchange, .. } | Event::Failed { exchange, .. } = event {
-                    self.on_taken(*exchange);
+                if let Some(taken) = super::handle::Taken::of(event) {
+                    self.on_taken(taken);
                 }
             }
         }

@@ -171,11 +171,11 @@ impl Observer {
                     format!("request {exchange} to {} failed: {failure}", peer.short()),
                 );
             }
-            Event::ResponseDelivered { peer, exchange } => {
+            Event::ResponseDelivered { peer, exchange, .. } => {
                 metrics::counter!("p2p_responses_total", "outcome" => "delivered").increment(1);
                 tracing::debug!(peer = %peer.short(), %exchange, "reply confirmed");
             }
-            Event::ResponseUnconfirmed { peer, exchange } => {
+            Event::ResponseUnconfirmed { peer, exchange, .. } => {
                 metrics::counter!("p2p_responses_total", "outcome" => "unconfirmed").increment(1);
                 self.warn(
                     ("reply_unconfirmed", Some(*peer)),
@@ -185,7 +185,7 @@ impl Observer {
                     ),
                 );
             }
-            Event::ResponseTimedOut { peer, exchange } => {
+            Event::ResponseTimedOut { peer, exchange, .. } => {
                 metrics::counter!("p2p_responses_total", "outcome" => "timed_out").increment(1);
                 self.warn(
                     ("response_timed_out", Some(*peer)),
@@ -199,6 +199,7 @@ impl Observer {
                 peer,
                 exchange,
                 reason,
+                ..
             } => {
                 metrics::counter!("p2p_responses_total", "outcome" => "aborted").increment(1);
                 self.warn(
@@ -206,7 +207,7 @@ impl Observer {
                     format!("request {exchange} from {} aborted: {reason}", peer.short()),
                 );
             }
-            Event::ResponseCancelled { peer, exchange } => {
+            Event::ResponseCancelled { peer, exchange, .. } => {
                 metrics::counter!("p2p_responses_total", "outcome" => "cancelled").increment(1);
                 tracing::info!(peer = %peer.short(), %exchange, "request cancelled: the peer was revoked");
             }
@@ -390,11 +391,11 @@ fn exchange_of(event: &Event) -> Option<(PeerId, crate::wire::ExchangeId)> {
         Event::Request { peer, exchange, .. }
         | Event::Reply { peer, exchange, .. }
         | Event::Failed { peer, exchange, .. }
-        | Event::ResponseDelivered { peer, exchange }
-        | Event::ResponseUnconfirmed { peer, exchange }
-        | Event::ResponseTimedOut { peer, exchange }
+        | Event::ResponseDelivered { peer, exchange, .. }
+        | Event::ResponseUnconfirmed { peer, exchange, .. }
+        | Event::ResponseTimedOut { peer, exchange, .. }
         | Event::ResponseAborted { peer, exchange, .. }
-        | Event::ResponseCancelled { peer, exchange } => Some((*peer, *exchange)),
+        | Event::ResponseCancelled { peer, exchange, .. } => Some((*peer, *exchange)),
         _ => None,
     }
 }

@@ -76,10 +76,21 @@ pub(super) fn on_event(
                 s.replied += 1;
             }
         }
-        Event::ResponseDelivered { peer, exchange } => {
-            responder_outcome(&mut s, node, peer, exchange, "reply delivered");
+        Event::ResponseDelivered {
+            peer,
+            exchange,
+            redelivered,
+        } => {
+            responder_outcome(
+                &mut s,
+                node,
+                (peer, exchange),
+                "reply delivered",
+                redelivered,
+            );
             let label = s.inbound_label(node, &peer, exchange);
-            s.push(node, What::Event(format!("reply {label} delivered")));
+            let again = if redelivered { ", redelivered" } else { "" };
+            s.push(node, What::Event(format!("reply {label} delivered{again}")));
         }
         other => {
             drop(s);
@@ -346,20 +357,37 @@ pub(super) fn membership_event(
 fn responder_outcome(
     s: &mut Shared,
     node: usize,
-    peer: PeerId,
-    id: p2p_handler::wire::ExchangeId,
+    (peer, id): (PeerId, p2p_handler::wire::ExchangeId),
     what: &str,
+    redelivered: bool,
 ) {
     let inc = s.incarnation_key(node);
     let dialer = s.by_peer.get(&peer).copied().unwrap_or(node);
-    s.model.responder_outcome(node, inc, peer, id, dialer, what);
+    s.model
+        .responder_outcome((node, inc), (peer, id, dialer), what, redelivered);
 }
 
 /// How a request of a peer ended at this responder (not answered in time, aborted,
 /// cancelled, unconfirmed): traced, and handed to the model.
 fn responder_notice(s: &mut Shared, node: usize, event: Event) -> String {
+    let redelivered = matches!(
+        event,
+        Event::ResponseTimedOut {
+            redelivered: true,
+            ..
+        } | Event::ResponseAborted {
+            redelivered: true,
+            ..
+        } | Event::ResponseCancelled {
+            redelivered: true,
+            ..
+        } | Event::ResponseUnconfirmed {
+            redelivered: true,
+            ..
+        }
+    );
     let (peer, exchange, what, text) = match event {
-        Event::ResponseTimedOut { peer, exchange } => (
+        Event::ResponseTimedOut { peer, exchange, .. } => (
             peer,
             exchange,
             "timed out",
@@ -369,20 +397,21 @@ fn responder_notice(s: &mut Shared, node: usize, event: Event) -> String {
             peer,
             exchange,
             reason,
+            ..
         } => (
             peer,
             exchange,
             "aborted",
             format!("response aborted for {{}} ({reason:?})"),
         ),
-        Event::ResponseCancelled { peer, exchange } => (
+        Event::ResponseCancelled { peer, exchange, .. } => (
             peer,
             exchange,
             "cancelled",
             "response cancelled for {}".to_owned(),
         ),
-        Event::ResponseUnconfirmed { peer, exchange } => {
-            s.unconfirmed += 1;
+        Event::ResponseUnconfirmed { peer, exchange, .. } => {
+            s.unconfirmed += u64::from(!redelivered);
             (
                 peer,
                 exchange,
@@ -393,6 +422,7 @@ fn responder_notice(s: &mut Shared, node: usize, event: Event) -> String {
         other => return format!("{other:?}"),
     };
     s.settle_pending(node, peer, exchange);
-    responder_outcome(s, node, peer, exchange, what);
-    text.replace("{}", &s.inbound_label(node, &peer, exchange))
+    responder_outcome(s, node, (peer, exchange), what, redelivered);
+    let again = if redelivered { ", redelivered" } else { "" };
+    text.replace("{}", &s.inbound_label(node, &peer, exchange)) + again
 }

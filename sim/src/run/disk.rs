@@ -6,14 +6,20 @@ use std::time::Duration;
 
 use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::{MemoryStore, Store, StoreError};
+use rand_chacha::ChaCha20Rng;
+use rand_core::Rng;
 
 /// A node's simulated disk: survives crashes and restarts of its host. Under the storage
-/// fault a commit takes virtual time, and a crash meanwhile drops it unapplied. A full
+/// fault a commit takes virtual time, and a crash meanwhile drops it unapplied (or, when
+/// `torn`, finds it applied for half the commits: it reached the disk, the sync had not
+/// returned). A full
 /// disk (`disk_full`) fails every commit, writing nothing, until the node restarts.
 pub(super) struct SimStore {
     pub(super) rows: MemoryStore,
     pub(super) latency: Option<Duration>,
     pub(super) full: Arc<AtomicBool>,
+    /// With `torn`: draws, per commit, whether it lands at the start of its latency.
+    pub(super) torn: Option<ChaCha20Rng>,
 }
 
 impl Store for SimStore {
@@ -31,8 +37,20 @@ impl Store for SimStore {
             });
         }
         let mut rows = self.rows.clone();
+        let early = self
+            .torn
+            .as_mut()
+            .is_some_and(|rng| rng.next_u32() % 2 == 0);
         match self.latency {
             None => rows.commit(ops),
+            Some(latency) if early => {
+                // On disk already; the handler hears so only after the latency.
+                let landed = rows.commit(ops);
+                Box::pin(async move {
+                    tokio::time::sleep(latency).await;
+                    landed.await
+                })
+            }
             Some(latency) => Box::pin(async move {
                 tokio::time::sleep(latency).await;
                 rows.commit(ops).await

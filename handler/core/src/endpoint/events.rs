@@ -222,6 +222,9 @@ pub enum Event {
         peer: PeerId,
         /// Exchange.
         exchange: ExchangeId,
+        /// Recovered from the store after a restart: the application may have taken this
+        /// outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// Our reply was not acknowledged within `reply_ack_timeout`. It stays cached for a
     /// resent request, but no further event follows.
@@ -230,6 +233,9 @@ pub enum Event {
         peer: PeerId,
         /// Exchange.
         exchange: ExchangeId,
+        /// Recovered from the store after a restart: the application may have taken this
+        /// outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// We did not answer within `response_timeout`; the dialer was told (Abort).
     ResponseTimedOut {
@@ -237,6 +243,9 @@ pub enum Event {
         peer: PeerId,
         /// Exchange.
         exchange: ExchangeId,
+        /// Recovered from the store after a restart: the application may have taken this
+        /// outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// We gave up on a request the application had received, and told the dialer with an
     /// Abort carrying `reason`: the reply was larger than the dialer accepts
@@ -249,6 +258,9 @@ pub enum Event {
         exchange: ExchangeId,
         /// What the dialer was told.
         reason: AbortReason,
+        /// Recovered from the store after a restart: the application may have taken this
+        /// outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// The peer was revoked while its request awaited our answer: it was disconnected
     /// (`Close{NotAllowed}`) and the request forgotten; an answer now is refused.
@@ -257,6 +269,9 @@ pub enum Event {
         peer: PeerId,
         /// Exchange.
         exchange: ExchangeId,
+        /// Recovered from the store after a restart: the application may have taken this
+        /// outcome just before the node stopped (durable nodes only).
+        redelivered: bool,
     },
     /// A peer misbehaved or a connection failed in a way worth reporting; it is disconnected.
     PeerError(PeerError),
@@ -558,24 +573,51 @@ impl fmt::Display for Event {
                 "request {exchange} to {peer} failed{}: {failure}",
                 again(*redelivered)
             ),
-            Self::ResponseDelivered { peer, exchange } => {
-                write!(f, "{peer} acknowledged our reply to {exchange}")
-            }
-            Self::ResponseUnconfirmed { peer, exchange } => {
-                write!(f, "{peer} did not acknowledge our reply to {exchange}")
-            }
-            Self::ResponseTimedOut { peer, exchange } => write!(
+            Self::ResponseDelivered {
+                peer,
+                exchange,
+                redelivered,
+            } => write!(
                 f,
-                "request {exchange} from {peer} was not answered within response_timeout"
+                "{peer} acknowledged our reply to {exchange}{}",
+                again(*redelivered)
+            ),
+            Self::ResponseUnconfirmed {
+                peer,
+                exchange,
+                redelivered,
+            } => write!(
+                f,
+                "{peer} did not acknowledge our reply to {exchange}{}",
+                again(*redelivered)
+            ),
+            Self::ResponseTimedOut {
+                peer,
+                exchange,
+                redelivered,
+            } => write!(
+                f,
+                "request {exchange} from {peer} was not answered within response_timeout{}",
+                again(*redelivered)
             ),
             Self::ResponseAborted {
                 peer,
                 exchange,
                 reason,
-            } => write!(f, "request {exchange} from {peer} abandoned: {reason}"),
-            Self::ResponseCancelled { peer, exchange } => write!(
+                redelivered,
+            } => write!(
                 f,
-                "request {exchange} from {peer} cancelled: the peer was revoked"
+                "request {exchange} from {peer} abandoned{}: {reason}",
+                again(*redelivered)
+            ),
+            Self::ResponseCancelled {
+                peer,
+                exchange,
+                redelivered,
+            } => write!(
+                f,
+                "request {exchange} from {peer} cancelled{}: the peer was revoked",
+                again(*redelivered)
             ),
             Self::PeerError(error) => error.fmt(f),
             Self::RateLimited {
@@ -598,6 +640,19 @@ impl fmt::Display for Event {
 }
 
 impl Event {
+    /// The peer and exchange of a responder outcome (`ResponseDelivered`,
+    /// `ResponseUnconfirmed`, `ResponseTimedOut`, `ResponseAborted`, `ResponseCancelled`).
+    pub fn response_of(&self) -> Option<(PeerId, ExchangeId)> {
+        match self {
+            Self::ResponseDelivered { peer, exchange, .. }
+            | Self::ResponseUnconfirmed { peer, exchange, .. }
+            | Self::ResponseTimedOut { peer, exchange, .. }
+            | Self::ResponseAborted { peer, exchange, .. }
+            | Self::ResponseCancelled { peer, exchange, .. } => Some((*peer, *exchange)),
+            _ => None,
+        }
+    }
+
     /// Whether this event is only informational (a peer error, a rate limit), rather than
     /// a request or the outcome of an exchange. Drivers may deliver informational events on
     /// a separate channel and drop them when nobody reads it; outcomes must never be

@@ -54,6 +54,14 @@ impl Endpoint {
             })
             .sum();
         ensure_eq!(cached, self.cache_bytes, "cache bytes");
+        ensure!(
+            self.unread_responses.len() <= self.config.max_unread_outcomes,
+            "unread responder outcomes within max_unread_outcomes"
+        );
+        ensure!(
+            self.journal.is_some() || self.unread_responses.is_empty(),
+            "responder outcomes kept only by a durable node"
+        );
         for (id, ex) in &self.outbound {
             let p = &self.peers[&ex.peer];
             let queued = p.queue.contains(id);

@@ -405,6 +405,10 @@ pub struct Endpoint {
     /// ([`Endpoint::outcome_settled`]), so that [`Endpoint::lookup`] can tell them. Bounded
     /// by the driver's `max_unread_outcomes`.
     keyed_outcomes: BTreeMap<ExchangeId, (Bytes, Event)>,
+    /// Durable mode: responder outcomes the application has not taken yet, and the seq
+    /// each is stored under (so that a restart hands them out again). At most
+    /// `max_unread_outcomes`: past that, the oldest is no longer kept for a restart.
+    unread_responses: BTreeMap<(PeerId, ExchangeId), u64>,
     /// Order of acceptance of records, kept across restarts (durable mode).
     next_seq: u64,
     /// Durable mode: the writes the driver must commit before acting on this step's outputs.
@@ -479,6 +483,7 @@ impl Endpoint {
             settled: BTreeMap::new(),
             keys: BTreeMap::new(),
             keyed_outcomes: BTreeMap::new(),
+            unread_responses: BTreeMap::new(),
             next_seq: 0,
             journal: None,
             ids_left: 0,
@@ -762,6 +767,48 @@ impl Endpoint {
         {
             self.keys.remove(&(peer, key));
         }
+    }
+
+    /// The application took the outcome of `peer`'s exchange `exchange` (delivered,
+    /// unconfirmed, timed out, aborted or cancelled): a durable node forgets its stored
+    /// copy, which a restart would otherwise hand out again.
+    pub fn response_outcome_taken(&mut self, peer: PeerId, exchange: ExchangeId) {
+        if let Some(seq) = self.unread_responses.remove(&(peer, exchange))
+            && let Some(journal) = &mut self.journal
+        {
+            journal.push(durable::delete_response(seq));
+        }
+    }
+
+    /// Responder outcomes a durable node keeps until the application takes them.
+    pub fn unread_responses(&self) -> usize {
+        self.unread_responses.len()
+    }
+
+    /// Hands the application a responder outcome; a durable node keeps it until the
+    /// application takes it ([`Endpoint::response_outcome_taken`]), so that a crash in
+    /// between does not lose it: a restart hands it out again, flagged `redelivered`.
+    pub(super) fn response_outcome(&mut self, event: Event) {
+        if let (Some(key), Some(_)) = (event.response_of(), &self.journal) {
+            if self.unread_responses.len() >= self.config.max_unread_outcomes
+                && !self.unread_responses.contains_key(&key)
+                && let Some((&oldest, _)) = self.unread_responses.iter().min_by_key(|(_, s)| **s)
+            {
+                // An application that reads nothing: the oldest outcome is handed out
+                // (it may still be read), but no longer kept for a restart.
+                self.response_outcome_taken(oldest.0, oldest.1);
+            }
+            let seq = self.alloc_seq();
+            if let Some(old) = self.unread_responses.insert(key, seq)
+                && let Some(journal) = &mut self.journal
+            {
+                journal.push(durable::delete_response(old));
+            }
+            if let Some(journal) = &mut self.journal {
+                journal.push(durable::put_response(seq, &event));
+            }
+        }
+        self.events.push_back(event);
     }
 
     /// The application confirms it stored `peer`'s request `exchange` (the driver's

@@ -34,8 +34,9 @@ impl Endpoint {
     ///   measured on the wall clock: `unix_ms` is the driver's reading of it now; one that
     ///   passed while the node was down fails at once with `DeadlineExceeded`).
     ///
-    /// Returns the outcomes the application had not settled (`recovered.outcomes`), oldest
-    /// first and flagged `redelivered`: the driver hands them out. The endpoint keeps those
+    /// Returns the outcomes the application had not taken, flagged `redelivered`: the
+    /// responder outcomes (`recovered.responses`), then those of our exchanges it had not
+    /// settled (`recovered.outcomes`), each oldest first. The driver hands them out. The endpoint keeps those
     /// of keyed exchanges for [`Endpoint::lookup`] until they are settled.
     pub fn restore(&mut self, recovered: Recovered, now: Instant, unix_ms: u64) -> Vec<Event> {
         self.journal = Some(Vec::new());
@@ -62,6 +63,13 @@ impl Endpoint {
         }
         let mut starts: Vec<PeerId> = Vec::new();
         let mut outcomes = Vec::with_capacity(recovered.outcomes.len());
+        for (seq, event) in recovered.responses {
+            self.next_seq = self.next_seq.max(seq.saturating_add(1));
+            if let Some(key) = event.response_of() {
+                self.unread_responses.insert(key, seq);
+            }
+            outcomes.push(event);
+        }
         for stored in recovered.outcomes {
             if let (
                 Some(key),
@@ -166,8 +174,11 @@ impl Endpoint {
                 InState::AwaitingResponse
             }
             InboundStage::Pending { .. } => {
-                self.events
-                    .push_back(Event::ResponseCancelled { peer, exchange: id });
+                self.response_outcome(Event::ResponseCancelled {
+                    peer,
+                    exchange: id,
+                    redelivered: false,
+                });
                 InState::Aborted(AbortReason::NoResponse)
             }
             InboundStage::Replied { reply } => {

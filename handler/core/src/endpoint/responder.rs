@@ -491,8 +491,11 @@ impl Endpoint {
         self.persist_inbound(key, None);
         self.timers.cancel(Timer::Inbound(peer, exchange));
         if confirm {
-            self.events
-                .push_back(Event::ResponseDelivered { peer, exchange });
+            self.response_outcome(Event::ResponseDelivered {
+                peer,
+                exchange,
+                redelivered: false,
+            });
         }
         // The Ack may come on another connection than the Reply's (the dialer redialed):
         // release both, or the Reply's would stay bound to a finished exchange forever.
@@ -518,8 +521,11 @@ impl Endpoint {
                 self.persist_inbound((peer, exchange), None);
                 self.unbind_inbound(conn, exchange, now);
                 if !self.sabotaged(super::Sabotage::SilentUnconfirmed) {
-                    self.events
-                        .push_back(Event::ResponseUnconfirmed { peer, exchange });
+                    self.response_outcome(Event::ResponseUnconfirmed {
+                        peer,
+                        exchange,
+                        redelivered: false,
+                    });
                 }
             }
             _ => {}
@@ -562,12 +568,17 @@ impl Endpoint {
             },
         );
         self.unbind_inbound(conn, exchange, now);
-        self.events.push_back(match reason {
-            AbortReason::NoResponse => Event::ResponseTimedOut { peer, exchange },
+        self.response_outcome(match reason {
+            AbortReason::NoResponse => Event::ResponseTimedOut {
+                peer,
+                exchange,
+                redelivered: false,
+            },
             reason => Event::ResponseAborted {
                 peer,
                 exchange,
                 reason,
+                redelivered: false,
             },
         });
     }
@@ -779,9 +790,10 @@ impl Endpoint {
                 .get(&key)
                 .is_some_and(|r| r.state == InState::AwaitingResponse)
             {
-                self.events.push_back(Event::ResponseCancelled {
+                self.response_outcome(Event::ResponseCancelled {
                     peer: key.0,
                     exchange: key.1,
+                    redelivered: false,
                 });
             }
             self.forget_record(key);
@@ -803,9 +815,10 @@ impl Endpoint {
                     record.state = InState::Aborted(AbortReason::NoResponse);
                     record.ack_held = false;
                     self.pending_inbound -= 1;
-                    self.events.push_back(Event::ResponseCancelled {
+                    self.response_outcome(Event::ResponseCancelled {
                         peer: key.0,
                         exchange: key.1,
+                        redelivered: false,
                     });
                     self.persist_inbound(key, None);
                 }
