@@ -564,3 +564,41 @@ fn redial_after(
         assert!(*now < limit, "never dialed again");
     }
 }
+
+#[test]
+fn a_resend_that_rides_in_message_1_counts_as_a_resend() {
+    // Alice reuses connections and knows Bob's key. Her second exchange's first try goes on
+    // the connection the first left open and is lost; the connection is cut, so her next
+    // try is her exchange's first dial, its Request in IK message 1 as attempt 2: a resend.
+    let config = Config {
+        reuse_connections: true,
+        ..Config::default()
+    };
+    let mut net = Net::new(6, &["a", "b"], config).with_wall_clocks();
+    first_exchange(&mut net);
+    net.rules.push(
+        crate::harness::Rule::new(
+            0,
+            1,
+            crate::wire::Kind::Request,
+            crate::harness::Action::Drop,
+        )
+        .times(1),
+    );
+    let id = net.request(0, 1, b"second");
+    let replied = net.run_until(Duration::from_secs(30), |n| {
+        n.replies(0).iter().any(|(x, _)| *x == id)
+    });
+    assert!(replied, "{}", net.trace.join("\n"));
+    assert!(
+        net.trace
+            .iter()
+            .any(|l| l.contains("Early {") && l.contains(" #2,")),
+        "the resend rode in message 1: {}",
+        net.trace.join("\n")
+    );
+    let stats = net.nodes[0].endpoint.stats();
+    // Two exchanges, each ended: every try beyond each one's first is a resend.
+    assert_eq!(stats.resends, stats.requests_sent - 2, "{stats:?}");
+    assert!(stats.resends >= 1);
+}

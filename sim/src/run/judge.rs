@@ -4,7 +4,7 @@ use p2p_handler::Status;
 
 use super::timeline::Timeline;
 use super::world::Shared;
-use crate::scenario::Scenario;
+use crate::scenario::{ActionKind, Scenario};
 
 /// Judges a finished run: the invariants always, the expectations when asked.
 pub(super) fn check(
@@ -220,15 +220,60 @@ fn no_leaks(
 /// application saw, for each node up at the end (counters start afresh with each
 /// incarnation, as the sim counts them).
 fn counters(s: &Shared, statuses: &[Option<Status>], failures: &mut Vec<String>) {
+    // Where a record may be gone (evicted from shrunk tables, the peer revoked or removed)
+    // or a copy refused before the lookup (rate limits), a copy of a delivered request
+    // need not count as a duplicate.
+    let records_kept = s.rate_limited == 0
+        && s.scenario.membership.is_none()
+        && !s.scenario.steps.iter().any(|st| {
+            matches!(
+                st.get_ref().action,
+                ActionKind::Revoke | ActionKind::AllowList | ActionKind::Attack
+            )
+        });
     for (i, status) in statuses.iter().enumerate() {
         let Some(status) = status else { continue };
-        let (said, saw) = (status.stats.requests_delivered, s.nodes[i].requests_seen);
-        if said != saw {
+        let name = &s.names[i];
+        let mut wrong = |what: &str, said: u64, saw: String| {
             failures.push(format!(
-                "model (counters): {}: Stats::requests_delivered says {said}, its application \
-                 was handed {saw}",
-                s.names[i]
+                "model (counters): {name}: Stats::{what} says {said}, {saw}"
             ));
+        };
+        let stats = &status.stats;
+        let node = &s.nodes[i];
+        if stats.requests_delivered != node.requests_seen {
+            let saw = format!("its application was handed {}", node.requests_seen);
+            wrong("requests_delivered", stats.requests_delivered, saw);
+        }
+        if stats.resends != node.copies.resent {
+            let saw = format!(
+                "it sent {} Requests with an attempt above 1",
+                node.copies.resent
+            );
+            wrong("resends", stats.resends, saw);
+        }
+        let copies = &node.copies;
+        // A memory-only node's first copy of an exchange in an incarnation is never a
+        // duplicate (it remembers nothing older).
+        let repeats = copies.received - copies.distinct.len() as u64;
+        if !s.scenario.durable_of(i) && stats.duplicates_dropped > repeats {
+            let saw = format!(
+                "it was handed {} Request copies of {} exchanges",
+                copies.received,
+                copies.distinct.len()
+            );
+            wrong("duplicates_dropped", stats.duplicates_dropped, saw);
+        }
+        let config = s.scenario.config_of(i);
+        let default = p2p_handler::Config::default();
+        let unbounded = config.dedupe_per_peer >= default.dedupe_per_peer
+            && config.dedupe_bytes >= default.dedupe_bytes;
+        if records_kept && unbounded && stats.duplicates_dropped < copies.after_delivery {
+            let saw = format!(
+                "it was handed {} copies of requests its application already had",
+                copies.after_delivery
+            );
+            wrong("duplicates_dropped", stats.duplicates_dropped, saw);
         }
     }
 }

@@ -168,6 +168,7 @@ impl Start {
         state.up = true;
         state.received = 0;
         state.requests_seen = 0;
+        state.copies = Default::default();
         let incarnation = state.incarnation;
         // Restarted: the operator made room on the disk.
         state

@@ -122,6 +122,7 @@ impl Tap for SimTap {
             } => {
                 let dialer = (from, s.incarnation_key(from), s.nodes[from].incarnation);
                 s.model.request_sent(dialer, to, *exchange, *attempt);
+                s.nodes[from].copies.resent += u64::from(*attempt > 1);
             }
             Message::Ack {
                 exchange,
@@ -260,6 +261,16 @@ impl Tap for SimTap {
                 },
             );
             return Arrival::Nack(NACK_REASON);
+        }
+        // Handed to the endpoint: what its duplicate counter is checked against.
+        if let Message::Request { exchange, .. } = message {
+            let inc = s.incarnation_key(to);
+            let delivered = s.delivered.contains_key(&(to, inc, peer, *exchange))
+                || s.redelivered.contains_key(&(to, peer, *exchange));
+            let copies = &mut s.nodes[to].copies;
+            copies.received += 1;
+            copies.after_delivery += u64::from(delivered);
+            copies.distinct.insert((peer, *exchange));
         }
         Arrival::Pass
     }

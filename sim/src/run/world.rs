@@ -31,6 +31,23 @@ pub(super) struct NodeState {
     /// Requests this incarnation's application was handed (redelivered ones too): what
     /// the handler's `Stats::requests_delivered` must say.
     pub(super) requests_seen: u64,
+    /// This incarnation's Request copies, as the tap saw them: what its duplicate and
+    /// resend counters are checked against.
+    pub(super) copies: Copies,
+}
+
+/// Request copies one incarnation of a node sent and received (see the `counters` rule).
+#[derive(Default)]
+pub(super) struct Copies {
+    /// Copies handed to its endpoint (not Nacked or dropped by a fault).
+    pub(super) received: u64,
+    /// Of those, copies of a request its application already had (a record of it exists
+    /// from then on: a duplicate, unless the record was evicted or the copy rate-limited).
+    pub(super) after_delivery: u64,
+    /// The distinct (peer, exchange) among them.
+    pub(super) distinct: BTreeSet<(PeerId, ExchangeId)>,
+    /// Requests it sent with an attempt above 1.
+    pub(super) resent: u64,
 }
 
 /// Everything hosts and the simulator share. Single-threaded in practice (turmoil runs

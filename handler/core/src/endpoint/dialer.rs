@@ -204,9 +204,11 @@ impl Endpoint {
         if self.push_dial(conn, peer, addr, early, now)
             && let Some(ex) = self.outbound.get_mut(&id)
         {
-            // The first dial: attempt 1, never a resend.
+            // The exchange's first dial; a resend all the same when its first try went on
+            // a reused connection.
             ex.attempt += 1;
             self.stats.requests_sent += 1;
+            self.stats.resends += u64::from(ex.attempt > 1);
         }
     }
 
