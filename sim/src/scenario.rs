@@ -62,6 +62,11 @@ pub struct Scenario {
     /// atomic store (redb) may leave after a crash; the handler must cope with either.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub torn: bool,
+    /// The driver's fault points (`Options::buggify`): each node's tasks now and then
+    /// fall behind by 1-20 ms (a write or read that comes late, a handler task that takes
+    /// its next input late), deterministically from the seed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub buggify: bool,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeSpec>,

@@ -402,7 +402,8 @@ pub(crate) const WIRE_BOUNDARIES: [usize; 4] = {
 
 /// A quarter of the seeds each: other timeouts and backoffs (within what the handler
 /// documents; a scenario's own values stay), one-slot to eight-slot channels between the
-/// handler's tasks, and connections kept for reuse.
+/// handler's tasks, connections kept for reuse, and the driver's fault points; half of
+/// those with the storage fault, torn commits.
 fn draw_timing(scenario: &mut Scenario, pick: &mut impl FnMut(u64, u64) -> u64) {
     let ms = |n: u64| format!("{n}ms");
     let (ack, delay) = (pick(150, 2_000), pick(0, 20));
@@ -427,6 +428,10 @@ fn draw_timing(scenario: &mut Scenario, pick: &mut impl FnMut(u64, u64) -> u64) 
     // Half the seeds with the storage fault let commits land early (see `Scenario::torn`).
     if pick(0, 1) == 1 && scenario.storage_fault {
         scenario.torn = true;
+    }
+    // A quarter of the seeds turn the driver's fault points on (see `Scenario::buggify`).
+    if pick(0, 3) == 0 {
+        scenario.buggify = true;
     }
 }
 

@@ -233,3 +233,24 @@ fn a_swarm_run_written_down_replays_the_same_trace() {
         assert_eq!(swarm.virtual_time, replay.virtual_time, "seed {seed}");
     }
 }
+
+#[test]
+fn the_drivers_fault_points_delay_its_tasks_and_replay_identically() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/queued-in-order.toml");
+    let mut scenario = Scenario::load(&path).unwrap();
+    let plain = run(&scenario, scenario.seed, false);
+    scenario.buggify = true;
+    let first = run(&scenario, scenario.seed, false);
+    let second = run(&scenario, scenario.seed, false);
+    assert!(first.passed(), "{:?}", first.failures);
+    assert_eq!(
+        first.trace.text(),
+        second.trace.text(),
+        "same seed, same delays"
+    );
+    assert_ne!(
+        first.trace.text(),
+        plain.trace.text(),
+        "some task fell behind somewhere"
+    );
+}

@@ -150,6 +150,8 @@ impl ByteCounters {
 /// its events. Holds no protocol logic.
 pub(super) struct ConnTask {
     pub(super) conn: ConnId,
+    /// Fault points: a write or a read that comes late (see `buggify`).
+    pub(super) buggify: super::buggify::Points,
     /// Whether the endpoint knows this connection (dials always; accepts once established).
     pub(super) announced: bool,
     /// Accepted streams: the admission table, which may evict this connection until it
@@ -199,6 +201,8 @@ impl ConnTask {
             if self.held {
                 return self.hold(&mut framed).await;
             }
+            // Fault point: the frames the connection produced leave late.
+            self.buggify.delay().await;
             match self
                 .write_out(&mut framed, &mut frames_seen, &mut stall_timer)
                 .await
@@ -226,6 +230,8 @@ impl ConnTask {
                     }
                 }
                 frame = framed.next() => {
+                    // Fault point: the frame read is handled late.
+                    self.buggify.delay().await;
                     if let Err(why) = self.on_frame(frame, &mut frames_seen).await {
                         return self.lost(why, frames_seen).await;
                     }

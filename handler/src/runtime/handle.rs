@@ -398,6 +398,11 @@ pub struct Options {
     /// to show that each invariant catches what it should.
     #[cfg(feature = "sabotage")]
     pub sabotage: Option<crate::endpoint::Sabotage>,
+    /// Fault points in the driver (feature `buggify`): with a seed, its tasks now and then
+    /// fall behind (a connection task writes or reads late, the handler task takes its next
+    /// input late), as on a busy machine, deterministically from the seed.
+    #[cfg(feature = "buggify")]
+    pub buggify: Option<u64>,
 }
 
 impl Options {
@@ -415,7 +420,16 @@ impl Options {
             records: None,
             #[cfg(feature = "sabotage")]
             sabotage: None,
+            #[cfg(feature = "buggify")]
+            buggify: None,
         }
+    }
+
+    /// Turns the driver's fault points on (feature `buggify`; see [`Options::buggify`]).
+    #[cfg(feature = "buggify")]
+    pub fn buggify(mut self, seed: u64) -> Self {
+        self.buggify = Some(seed);
+        self
     }
 
     /// Publishes and reads address records (see [`Options::records`]).
@@ -622,7 +636,11 @@ impl Handler {
             records,
             #[cfg(feature = "sabotage")]
             sabotage,
+            #[cfg(feature = "buggify")]
+            buggify,
         } = options;
+        #[cfg(not(feature = "buggify"))]
+        let buggify: Option<u64> = None;
         if records.is_some() && membership.is_none() {
             return Err(HandlerError::Records(
                 crate::endpoint::RecordsError::NoMembership,
@@ -755,9 +773,12 @@ impl Handler {
             gate,
             parked: BTreeMap::new(),
             bytes: super::conn_task::ByteCounters::new(),
+            buggify,
+            next_stream: 1,
         };
         let network = tokio::spawn(router.run(listener));
         let task = HandlerTask {
+            buggify: super::buggify::Points::new(buggify, 0),
             slots,
             tap,
             endpoint,

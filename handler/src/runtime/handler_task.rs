@@ -31,6 +31,8 @@ use tokio::sync::oneshot;
 pub(super) struct HandlerTask {
     /// Connection tasks, for sending to them directly.
     pub(super) slots: Slots,
+    /// Fault point: the next input is taken late (see `buggify`).
+    pub(super) buggify: super::buggify::Points,
     pub(super) tap: Arc<dyn Tap>,
     pub(super) endpoint: Endpoint,
     pub(super) allow: SharedAllow,
@@ -125,6 +127,22 @@ impl Effects {
 /// Inputs taken into one commit at most, beyond the one that woke the handler task.
 const BATCH: usize = 256;
 
+/// Writes that only forget an outcome the application took wait for the next commit
+/// (see `settle`), unless this many have gathered.
+const LAZY_FORGETS: usize = 256;
+
+/// Whether `op` only forgets an outcome the application took (ours or a peer's).
+fn forgets_outcome(op: &KvOp) -> bool {
+    use crate::durable::Table;
+    matches!(
+        op,
+        KvOp::Delete {
+            table: Table::Outcomes | Table::Responses,
+            ..
+        }
+    )
+}
+
 /// What stopped the main loop.
 enum Stop {
     /// Every handle dropped, or a shutdown command (with the inbox it handed back, and
@@ -171,6 +189,7 @@ impl HandlerTask {
                 address_timer.arm(self.awaiting_address.iter().map(|a| a.until).min());
             // Only what must not be lost holds the network back.
             let backlog = self.recv_backlog.len();
+            self.buggify.delay().await;
             tokio::select! {
                 biased;
                 // The commit finished: what waited for it may leave. Inputs taken while it
@@ -254,7 +273,13 @@ impl HandlerTask {
         while self.in_flight.is_none() {
             if let Some(store) = &mut self.store {
                 self.pending_ops.extend(self.endpoint.poll_journal());
-                if !self.pending_ops.is_empty() {
+                // Forgetting an outcome the application took explains nothing that leaves,
+                // so it waits for the next commit that happens anyway (a crash before then
+                // hands the outcome out again, flagged `redelivered`, as documented): a
+                // busy node pays no sync of its own for it.
+                let due = self.pending_ops.len() >= LAZY_FORGETS
+                    || self.pending_ops.iter().any(|op| !forgets_outcome(op));
+                if due {
                     let commit = store.commit(std::mem::take(&mut self.pending_ops));
                     let effects = self.take_effects();
                     self.in_flight = Some((commit, effects));

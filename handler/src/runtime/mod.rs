@@ -37,8 +37,10 @@
 //! One file per task or concern: `handle` (the application's [`Handler`] and what it
 //! receives), `handler_task`, `router` (listener, dials, limits, and the handler/network
 //! messages), `slots` (the live connection table both of those use), `conn_task`, `records`
-//! (the task that reads and writes a records backend), and `tap` (the simulator's hook).
+//! (the task that reads and writes a records backend), `tap` (the simulator's hook) and
+//! `buggify` (fault points that make tasks fall behind, for the simulator).
 
+mod buggify;
 mod conn_task;
 mod handle;
 mod handler_task;

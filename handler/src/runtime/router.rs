@@ -115,11 +115,22 @@ pub(super) struct Router<T: Transport> {
     pub(super) parked: BTreeMap<ConnId, tokio::sync::oneshot::Sender<()>>,
     /// Shared by every connection task.
     pub(super) bytes: ByteCounters,
+    /// The driver's fault points' seed (see `buggify`), and the stream the next
+    /// connection task draws them from.
+    pub(super) buggify: Option<u64>,
+    pub(super) next_stream: u64,
 }
 
 pub(super) type Accepted<S> = io::Result<(S, SocketAddr)>;
 
 impl<T: Transport> Router<T> {
+    /// The fault points of the next connection task (off unless a seed turned them on).
+    fn fault_points(&mut self) -> super::buggify::Points {
+        let stream = self.next_stream;
+        self.next_stream += 1;
+        super::buggify::Points::new(self.buggify, stream)
+    }
+
     pub(super) async fn run(mut self, listener: T::Listener) {
         let (accept_tx, mut accept_rx) = mpsc::channel::<Accepted<T::Stream>>(64);
         let mut acceptor = Some(tokio::spawn(accept_loop(listener, accept_tx)));
@@ -253,6 +264,7 @@ impl<T: Transport> Router<T> {
         let bytes = self.bytes.clone();
         let allow = self.allow.clone();
         let events = self.events.clone();
+        let buggify = self.fault_points();
         let abort = self.tasks.spawn(async move {
             let mut rx = rx;
             // While connecting, a Close (the endpoint's connect timeout) or a dropped channel
@@ -297,6 +309,7 @@ impl<T: Transport> Router<T> {
                         peer_progressed: false,
                         write_stall_timeout: config.write_stall_timeout,
                         bytes,
+                        buggify,
                     };
                     task.run(stream).await;
                 }
@@ -443,6 +456,7 @@ impl<T: Transport> Router<T> {
             peer_progressed: false,
             write_stall_timeout: self.config.write_stall_timeout,
             bytes: self.bytes.clone(),
+            buggify: self.fault_points(),
         };
         let abort = self.tasks.spawn(async move {
             task.run(stream).await;

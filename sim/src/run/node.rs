@@ -193,6 +193,12 @@ impl Start {
         let app = s.scenario.nodes[node].app.clone();
         let config = s.scenario.config_of(node);
         let sabotage = s.scenario.sabotage;
+        // Its own stream of the run's seed per node and incarnation.
+        let buggify = s.scenario.buggify.then(|| {
+            (s.seed ^ 0x4255_4747)
+                .wrapping_add((node as u64) << 32 | incarnation)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
         s.push(node, What::Start);
         let genesis = s.membership.as_mut().map(|m| {
             m.on_start(node, durable);
@@ -218,6 +224,7 @@ impl Start {
             .tap(tap)
             .wall_clock(wall);
         options.sabotage = sabotage;
+        options.buggify = buggify;
         if let Some(genesis) = genesis {
             options = options.membership(genesis);
         }
