@@ -67,6 +67,16 @@ pub struct Scenario {
     /// its next input late), deterministically from the seed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub buggify: bool,
+    /// A disk whose sync lies: every durable node's commit reports success at once and
+    /// reaches the disk only this much later; a crash loses what had not. The handler
+    /// cannot tell (see "Durability" in ARCHITECTURE.md for what it promises then); never
+    /// drawn by swarm mode.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sync_lies: Option<Duration>,
     /// The nodes.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeSpec>,

@@ -500,3 +500,40 @@ fn a_commit_that_landed_as_the_node_died_still_gets_its_outcome_reported() {
         "{trace}"
     );
 }
+
+#[test]
+fn a_disk_whose_sync_lies_costs_what_it_lost_and_nothing_else() {
+    // Bob's disk acknowledges every commit at once and writes it 500 ms later; he crashes
+    // right after acknowledging Alice's first request. The handler cannot tell: restarted
+    // on the older (consistent) state, he takes Alice's resend for a new request and hands
+    // it to his application again, unflagged. That is the whole cost: he comes back, every
+    // exchange ends once at Alice, nothing is lost on her side, no reply answers another
+    // request, and no other rule breaks. (ARCHITECTURE.md, "Durability", says so.)
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scenarios/crash-responder-after-ack.toml"
+    );
+    let mut scenario = Scenario::load(std::path::Path::new(path)).unwrap();
+    assert!(run(&scenario, scenario.seed, false).passed());
+    scenario.sync_lies = Some(std::time::Duration::from_millis(500));
+    let outcome = run(&scenario, scenario.seed, false);
+    let unexpected: Vec<&String> = outcome
+        .failures
+        .iter()
+        .filter(|f| {
+            !(f.starts_with("duplicate: alice#1 delivered 2 times to bob")
+                || f.contains("Stats::duplicates_dropped says 0, it was handed 1 copies")
+                || f.starts_with("expected delivered = ")
+                || f.starts_with("expected redelivered = "))
+        })
+        .collect();
+    assert!(
+        outcome
+            .failures
+            .iter()
+            .any(|f| f.starts_with("duplicate: alice#1 delivered 2 times to bob")),
+        "{:?}",
+        outcome.failures
+    );
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+}

@@ -8,6 +8,7 @@ use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::{MemoryStore, Store, StoreError};
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
+use tokio::sync::mpsc;
 
 /// A node's simulated disk: survives crashes and restarts of its host. Under the storage
 /// fault a commit takes virtual time, and a crash meanwhile drops it unapplied (or, when
@@ -20,6 +21,31 @@ pub(super) struct SimStore {
     pub(super) full: Arc<AtomicBool>,
     /// With `torn`: draws, per commit, whether it lands at the start of its latency.
     pub(super) torn: Option<ChaCha20Rng>,
+    /// With `sync_lies`: the disk's write cache. A commit reports success at once and
+    /// reaches the disk only a while later, in order; a crash loses what had not.
+    pub(super) cache: Option<WriteCache>,
+}
+
+/// A disk whose sync lies: what it acknowledged reaches the platters `lag` later.
+pub(super) struct WriteCache {
+    lag: Duration,
+    pending: mpsc::UnboundedSender<(tokio::time::Instant, Vec<KvOp>)>,
+}
+
+impl WriteCache {
+    /// Starts the disk's flusher on the node's host: it dies with the host, and what it
+    /// had not written with it.
+    pub(super) fn start(rows: &MemoryStore, lag: Duration) -> Self {
+        let (pending, mut queue) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<KvOp>)>();
+        let mut rows = rows.clone();
+        tokio::spawn(async move {
+            while let Some((at, ops)) = queue.recv().await {
+                tokio::time::sleep_until(at).await;
+                let _ = rows.commit(ops).await;
+            }
+        });
+        Self { lag, pending }
+    }
 }
 
 impl Store for SimStore {
@@ -35,6 +61,11 @@ impl Store for SimStore {
                     detail: "No space left on device (os error 28)".into(),
                 })
             });
+        }
+        if let Some(cache) = &self.cache {
+            let at = tokio::time::Instant::now() + cache.lag;
+            let _ = cache.pending.send((at, ops));
+            return Box::pin(std::future::ready(Ok(())));
         }
         let mut rows = self.rows.clone();
         let early = self

@@ -152,7 +152,7 @@ impl Start {
             .scenario
             .storage_fault
             .then_some(s.scenario.commit_latency);
-        let (torn, seed) = (s.scenario.torn, s.seed);
+        let (torn, seed, lies) = (s.scenario.torn, s.seed, s.scenario.sync_lies);
         // Requests the last incarnation's application held are gone with it (a durable
         // node's come again, flagged redelivered).
         s.pending.retain(|(n, _), _| *n != node);
@@ -179,11 +179,15 @@ impl Start {
             rng.set_stream(u64::MAX - 1 - node as u64 * 1000 - incarnation);
             rng
         });
-        let store = durable.then(|| SimStore {
-            rows: state.store.get_or_insert_with(MemoryStore::new).clone(),
-            latency,
-            full: state.disk_full.clone(),
-            torn,
+        let store = durable.then(|| {
+            let rows = state.store.get_or_insert_with(MemoryStore::new).clone();
+            SimStore {
+                cache: lies.map(|lag| super::disk::WriteCache::start(&rows, lag)),
+                rows,
+                latency,
+                full: state.disk_full.clone(),
+                torn,
+            }
         });
         let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
         rng.set_stream(1 + node as u64 * 1000 + incarnation);
