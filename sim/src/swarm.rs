@@ -344,16 +344,7 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
         limit = limit.max(4_096);
     }
     if pick(0, 3) == 0 && scenario.limit_messages(limit) {
-        let mut n = 0;
-        for step in &mut scenario.steps {
-            let step = step.get_mut();
-            if step.action == ActionKind::Request && step.size.is_none() && step.payload.is_none() {
-                n += 1;
-                if n % 3 == 1 {
-                    step.size = Some(limit);
-                }
-            }
-        }
+        size_every_third(scenario, 1, limit);
     }
     // A quarter of the seeds shrink the responder's tables to a few entries, so that runs
     // evict dedupe records and skip the reply cache (checked by the core's own bounds in
@@ -375,18 +366,24 @@ pub(crate) fn randomise(scenario: &mut Scenario, rng: &mut ChaCha20Rng) {
     // too.
     let boundary = WIRE_BOUNDARIES[pick(0, WIRE_BOUNDARIES.len() as u64 - 1) as usize];
     if pick(0, 3) == 0 && boundary <= scenario.smallest_message_limit() {
-        let mut n = 0;
-        for step in &mut scenario.steps {
-            let step = step.get_mut();
-            if step.action == ActionKind::Request && step.size.is_none() && step.payload.is_none() {
-                n += 1;
-                if n % 3 == 2 {
-                    step.size = Some(boundary);
-                }
+        size_every_third(scenario, 2, boundary);
+    }
+    draw_timing(scenario, &mut pick);
+}
+
+/// Sends every third request step with neither payload nor size (the `nth` of each three,
+/// counting from 1) at `size` bytes.
+fn size_every_third(scenario: &mut Scenario, nth: usize, size: usize) {
+    let mut n = 0;
+    for step in &mut scenario.steps {
+        let step = step.get_mut();
+        if step.action == ActionKind::Request && step.size.is_none() && step.payload.is_none() {
+            n += 1;
+            if n % 3 == nth % 3 {
+                step.size = Some(size);
             }
         }
     }
-    draw_timing(scenario, &mut pick);
 }
 
 /// Request payloads at the wire's boundaries: the largest that fits one Noise message
