@@ -7,7 +7,9 @@ use std::time::Duration;
 use p2p_handler::store::{Commit, KvOp, Row};
 use p2p_handler::{MemoryStore, Store, StoreError};
 use rand_chacha::ChaCha20Rng;
-use rand_core::Rng;
+use rand_core::{Rng, SeedableRng};
+
+use super::world::Shared;
 use tokio::sync::mpsc;
 
 /// A node's simulated disk: survives crashes and restarts of its host. Under the storage
@@ -24,6 +26,30 @@ pub(super) struct SimStore {
     /// With `sync_lies`: the disk's write cache. A commit reports success at once and
     /// reaches the disk only a while later, in order; a crash loses what had not.
     pub(super) cache: Option<WriteCache>,
+}
+
+impl SimStore {
+    /// Incarnation `incarnation` of durable node `node`'s disk, with the scenario's
+    /// storage faults. Started on the node's host (a lying disk's flusher runs there).
+    pub(super) fn for_node(s: &mut Shared, node: usize, incarnation: u64) -> Self {
+        let scenario = &s.scenario;
+        let latency = scenario.storage_fault.then_some(scenario.commit_latency);
+        let torn = (latency.is_some() && scenario.torn).then(|| {
+            let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
+            rng.set_stream(u64::MAX - 1 - node as u64 * 1000 - incarnation);
+            rng
+        });
+        let lies = scenario.sync_lies;
+        let state = &mut s.nodes[node];
+        let rows = state.store.get_or_insert_with(MemoryStore::new).clone();
+        Self {
+            cache: lies.map(|lag| WriteCache::start(&rows, lag)),
+            rows,
+            latency,
+            full: state.disk_full.clone(),
+            torn,
+        }
+    }
 }
 
 /// A disk whose sync lies: what it acknowledged reaches the platters `lag` later.

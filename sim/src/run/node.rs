@@ -8,8 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use p2p_handler::endpoint::Failure;
 use p2p_handler::{
-    AllowList, AllowedPeer, Event, Handler, Inbox, Keypair, MemoryStore, Notice, Options, PeerId,
-    Status,
+    AllowList, AllowedPeer, Event, Handler, Inbox, Keypair, Notice, Options, PeerId, Status,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -148,11 +147,6 @@ impl Start {
     fn new(shared: &Arc<Mutex<Shared>>, node: usize) -> Self {
         let mut s = lock(shared);
         let durable = s.scenario.durable_of(node);
-        let latency = s
-            .scenario
-            .storage_fault
-            .then_some(s.scenario.commit_latency);
-        let (torn, seed, lies) = (s.scenario.torn, s.seed, s.scenario.sync_lies);
         // Requests the last incarnation's application held are gone with it (a durable
         // node's come again, flagged redelivered).
         s.pending.retain(|(n, _), _| *n != node);
@@ -174,21 +168,7 @@ impl Start {
         state
             .disk_full
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        let torn = (latency.is_some() && torn).then(|| {
-            let mut rng = ChaCha20Rng::seed_from_u64(seed);
-            rng.set_stream(u64::MAX - 1 - node as u64 * 1000 - incarnation);
-            rng
-        });
-        let store = durable.then(|| {
-            let rows = state.store.get_or_insert_with(MemoryStore::new).clone();
-            SimStore {
-                cache: lies.map(|lag| super::disk::WriteCache::start(&rows, lag)),
-                rows,
-                latency,
-                full: state.disk_full.clone(),
-                torn,
-            }
-        });
+        let store = durable.then(|| SimStore::for_node(&mut s, node, incarnation));
         let mut rng = ChaCha20Rng::seed_from_u64(s.seed);
         rng.set_stream(1 + node as u64 * 1000 + incarnation);
         let mut seed = [0u8; 32];

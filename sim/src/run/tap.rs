@@ -224,54 +224,20 @@ impl Tap for SimTap {
         {
             s.acked.insert((to, from, *exchange));
         }
-        if !matches!(message, Message::Request { .. }) {
+        let Message::Request { exchange, .. } = message else {
             return Arrival::Pass;
-        }
-        // A `refuse` application, or a `nack` step, answers with a Nack.
-        let refuse_first = match s.scenario.nodes[to].app {
-            App::Refuse { first } => first,
-            _ => 0,
         };
-        if s.nodes[to].refused < refuse_first {
-            s.nodes[to].refused += 1;
-            s.push(
-                to,
-                What::App(format!(
-                    "refuse {text} (app refuses the first {refuse_first})"
-                )),
-            );
-            return Arrival::Nack(NACK_REASON);
-        }
-        let rule = s.rules.iter_mut().find(|r| {
-            r.remaining > 0 && r.action == ActionKind::Nack && r.matches.matches(from, to, message)
-        });
-        if let Some(rule) = rule {
-            rule.remaining -= 1;
-            rule.applied += 1;
-            let step = rule.step;
-            s.last_message_fault = now();
-            let rule = s.rule_text(step);
-            let link = Some((s.names[to].clone(), s.names[from].clone()));
-            s.push(
-                to,
-                What::Fault {
-                    what: format!("answer {text} with Nack({NACK_REASON:?})"),
-                    rule,
-                    link,
-                },
-            );
-            return Arrival::Nack(NACK_REASON);
+        if let Some(nack) = injected_nack(&mut s, (from, to), message, &text) {
+            return nack;
         }
         // Handed to the endpoint: what its duplicate counter is checked against.
-        if let Message::Request { exchange, .. } = message {
-            let inc = s.incarnation_key(to);
-            let delivered = s.delivered.contains_key(&(to, inc, peer, *exchange))
-                || s.redelivered.contains_key(&(to, peer, *exchange));
-            let copies = &mut s.nodes[to].copies;
-            copies.received += 1;
-            copies.after_delivery += u64::from(delivered);
-            copies.distinct.insert((peer, *exchange));
-        }
+        let inc = s.incarnation_key(to);
+        let delivered = s.delivered.contains_key(&(to, inc, peer, *exchange))
+            || s.redelivered.contains_key(&(to, peer, *exchange));
+        let copies = &mut s.nodes[to].copies;
+        copies.received += 1;
+        copies.after_delivery += u64::from(delivered);
+        copies.distinct.insert((peer, *exchange));
         Arrival::Pass
     }
 
@@ -407,6 +373,48 @@ impl Tap for SimTap {
             at.as_secs_f64()
         ));
     }
+}
+
+/// A `refuse` application, or a `nack` step, answers a Request with a Nack instead of
+/// handing it to the endpoint.
+fn injected_nack(
+    s: &mut Shared,
+    (from, to): (usize, usize),
+    message: &Message,
+    text: &str,
+) -> Option<Arrival> {
+    let refuse_first = match s.scenario.nodes[to].app {
+        App::Refuse { first } => first,
+        _ => 0,
+    };
+    if s.nodes[to].refused < refuse_first {
+        s.nodes[to].refused += 1;
+        s.push(
+            to,
+            What::App(format!(
+                "refuse {text} (app refuses the first {refuse_first})"
+            )),
+        );
+        return Some(Arrival::Nack(NACK_REASON));
+    }
+    let rule = s.rules.iter_mut().find(|r| {
+        r.remaining > 0 && r.action == ActionKind::Nack && r.matches.matches(from, to, message)
+    })?;
+    rule.remaining -= 1;
+    rule.applied += 1;
+    let step = rule.step;
+    s.last_message_fault = now();
+    let rule = s.rule_text(step);
+    let link = Some((s.names[to].clone(), s.names[from].clone()));
+    s.push(
+        to,
+        What::Fault {
+            what: format!("answer {text} with Nack({NACK_REASON:?})"),
+            rule,
+            link,
+        },
+    );
+    Some(Arrival::Nack(NACK_REASON))
 }
 
 pub(super) fn closed_text(closed: &p2p_handler::Closed) -> String {
