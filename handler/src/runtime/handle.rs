@@ -796,6 +796,8 @@ impl Handler {
             prio_backlog: VecDeque::new(),
             store,
             pending_ops,
+            forgets_since: None,
+            commit_forgets: false,
             taken: taken_rx,
             deferred: Vec::new(),
             stop: None,

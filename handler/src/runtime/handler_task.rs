@@ -76,6 +76,10 @@ pub(super) struct HandlerTask {
     pub(super) store: Option<Box<dyn Store>>,
     /// Writes of the driver's own for the next commit (the store header, taken outcomes).
     pub(super) pending_ops: Vec<KvOp>,
+    /// Since when writes that only forget taken outcomes wait for a commit (see
+    /// `settle`), and whether they waited long enough to make one of their own.
+    pub(super) forgets_since: Option<std::time::Instant>,
+    pub(super) commit_forgets: bool,
     /// Outcomes the application took (reported by its `Received`).
     pub(super) taken: mpsc::UnboundedReceiver<super::handle::Taken>,
     /// Answers to commands, held until what they confirm is committed.
@@ -128,8 +132,9 @@ impl Effects {
 const BATCH: usize = 256;
 
 /// Writes that only forget an outcome the application took wait for the next commit
-/// (see `settle`), unless this many have gathered.
+/// (see `settle`), unless this many have gathered or they waited `LAZY_WAIT`.
 const LAZY_FORGETS: usize = 256;
+const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Whether `op` only forgets an outcome the application took (ours or a peer's).
 fn forgets_outcome(op: &KvOp) -> bool {
@@ -163,6 +168,7 @@ impl HandlerTask {
         let mut endpoint_timer = Timer::new();
         let mut summary_timer = Timer::new();
         let mut address_timer = Timer::new();
+        let mut forget_timer = Timer::new();
         let stop = loop {
             // Durable mode: nothing leaves (answer, message, event) before the state that
             // explains it is committed. In memory, everything leaves at once.
@@ -187,6 +193,7 @@ impl HandlerTask {
             let summary_due = summary_timer.arm(summary_due.map(tokio::time::Instant::into_std));
             let address_due =
                 address_timer.arm(self.awaiting_address.iter().map(|a| a.until).min());
+            let forget_due = forget_timer.arm(self.forgets_since.map(|at| at + LAZY_WAIT));
             // Only what must not be lost holds the network back.
             let backlog = self.recv_backlog.len();
             self.buggify.delay().await;
@@ -239,6 +246,12 @@ impl HandlerTask {
                     address_timer.fired();
                     self.retry_awaiting(None);
                 }
+                // Forgets waited long enough for a commit to carry them: an idle node
+                // makes one of its own, so that a crash later repeats nothing taken.
+                () = forget_timer.wait(), if forget_due => {
+                    forget_timer.fired();
+                    self.commit_forgets = true;
+                }
             }
             if self.store.is_some() {
                 if self.in_flight.is_none() {
@@ -277,9 +290,14 @@ impl HandlerTask {
                 // so it waits for the next commit that happens anyway (a crash before then
                 // hands the outcome out again, flagged `redelivered`, as documented): a
                 // busy node pays no sync of its own for it.
-                let due = self.pending_ops.len() >= LAZY_FORGETS
+                let due = std::mem::take(&mut self.commit_forgets)
+                    || self.pending_ops.len() >= LAZY_FORGETS
                     || self.pending_ops.iter().any(|op| !forgets_outcome(op));
-                if due {
+                if !due && !self.pending_ops.is_empty() {
+                    self.forgets_since.get_or_insert_with(now);
+                }
+                if due && !self.pending_ops.is_empty() {
+                    self.forgets_since = None;
                     let commit = store.commit(std::mem::take(&mut self.pending_ops));
                     let effects = self.take_effects();
                     self.in_flight = Some((commit, effects));
