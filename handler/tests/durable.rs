@@ -201,7 +201,11 @@ async fn a_durable_dialer_resumes_its_request_after_a_restart() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(store.rows(Table::Outcomes), 0, "forgotten without a shutdown");
+    assert_eq!(
+        store.rows(Table::Outcomes),
+        0,
+        "forgotten without a shutdown"
+    );
     drop(alice);
 }
 

@@ -135,7 +135,16 @@ impl Tracker {
                 ..
             } => {
                 if let Some(owner) = index_of(peer) {
-                    self.held[node].insert(owner, *seq);
+                    let before = self.held[node].insert(owner, *seq);
+                    if before.is_some_and(|held| held > *seq) {
+                        self.violations.push(format!(
+                            "records: {} took {}'s record seq {seq} though it held seq {} \
+                             (a rollback)",
+                            names[node],
+                            names[owner],
+                            before.unwrap_or_default()
+                        ));
+                    }
                 }
                 self.last_change = now;
                 let from = match source {
@@ -214,4 +223,42 @@ fn list(addresses: &[SocketAddr]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use p2p_handler::endpoint::Source;
+    use p2p_handler::{Keypair, PeerId};
+
+    #[test]
+    fn a_node_that_goes_back_to_an_older_record_is_a_violation() {
+        let ips = vec![IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2])];
+        let plan = RecordsPlan {
+            ttl: Duration::from_secs(60),
+        };
+        let mut tracker = Tracker::new(&plan, ips, 7000);
+        let owner = Keypair::from_private_bytes([2; 32]).peer_id();
+        let index_of = |p: &PeerId| (*p == owner).then_some(1);
+        let names = ["a".to_owned(), "b".to_owned()];
+        let accepted = |seq| RecordEvent::Accepted {
+            peer: owner,
+            source: Source::Local,
+            seq,
+            addresses: Vec::new(),
+            moved: false,
+            first: false,
+        };
+        for seq in [5, 7] {
+            tracker.on_event(0, &accepted(seq), &names, index_of, Duration::ZERO);
+        }
+        assert!(tracker.violations.is_empty());
+        tracker.on_event(0, &accepted(6), &names, index_of, Duration::ZERO);
+        assert_eq!(
+            tracker.violations,
+            ["records: a took b's record seq 6 though it held seq 7 (a rollback)"]
+        );
+    }
 }

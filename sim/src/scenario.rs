@@ -1243,6 +1243,10 @@ fn validate_step(step: &Step, known: &NodeCheck<'_>) -> Result<(), String> {
             need("to", step.to.is_some())?;
             match step.attack {
                 None => return Err("needs `attack`".into()),
+                Some(AttackKind::Replay) => {
+                    need("from", step.from.is_some())?;
+                    need("node", step.node.is_some())?;
+                }
                 Some(kind) if kind.insider() => need("from", step.from.is_some())?,
                 Some(AttackKind::Flood) => {
                     if step.count.is_some_and(|c| c > MAX_FLOOD) {

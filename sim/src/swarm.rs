@@ -205,12 +205,18 @@ pub fn draw(scenario: &Scenario, plan: &SwarmPlan, seed: u64) -> Vec<Step> {
             }
             FaultKind::Attack => {
                 use crate::scenario::AttackKind;
-                let kind = AttackKind::ALL[pick(AttackKind::ALL.len() as u64) as usize];
+                let mut kind = AttackKind::ALL[pick(AttackKind::ALL.len() as u64) as usize];
+                if scenario.records.is_some() && pick(4) == 0 {
+                    // A replay of `b`'s previous record, when there is one by then.
+                    kind = AttackKind::Replay;
+                    fault.node = name(b);
+                    fault.may_not_apply = true;
+                }
                 fault.attack = Some(kind);
                 fault.to = name(a);
                 match kind {
                     AttackKind::Flood => fault.count = Some(4 + pick(29) as u32),
-                    AttackKind::Idle | AttackKind::Violation => {
+                    AttackKind::Idle | AttackKind::Replay | AttackKind::Violation => {
                         // With the key of a peer the target allows.
                         let insiders: Vec<usize> =
                             (0..n).filter(|&i| allowed(scenario, a, i)).collect();
@@ -429,6 +435,15 @@ fn draw_timing(scenario: &mut Scenario, pick: &mut impl FnMut(u64, u64) -> u64) 
     // A quarter of the seeds turn the driver's fault points on (see `Scenario::buggify`).
     if pick(0, 3) == 0 {
         scenario.buggify = true;
+    }
+    // A quarter: other connect and handshake timeouts (300 ms-5 s: a dial to a crashed
+    // host ends sooner, a slow handshake is cut sooner). (Not the queue per peer: a request
+    // beyond it is refused at once, which the `refusals` rule rightly fails when the
+    // scenario did not ask for it.)
+    let (connect, handshake) = (pick(300, 5_000), pick(300, 5_000));
+    if pick(0, 3) == 0 {
+        scenario.draw_config("connect_timeout", ms(connect));
+        scenario.draw_config("handshake_timeout", ms(handshake));
     }
 }
 

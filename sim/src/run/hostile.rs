@@ -10,6 +10,8 @@
 //! * a protocol violation on an established session is answered with
 //!   `Close{ProtocolViolation}` before the stream ends, and reported to the application
 //!   as a peer error naming the peer;
+//! * a replayed address record never takes a node back to an older one (the records
+//!   judge);
 //! * and, as in every run, the allowed peers' own exchanges keep every invariant.
 //!
 //! A target that is down, crashes or restarts while attacked excuses the connection (its
@@ -63,6 +65,8 @@ pub(super) struct Attack {
     pub(super) bound: Duration,
     /// Which violation (an index into [`violations`]), and the strangers' keys.
     pub(super) seed: u64,
+    /// `replay`: the sealed record to send again.
+    pub(super) record_bytes: Option<bytes::Bytes>,
 }
 
 /// What became of an attack's connections.
@@ -118,6 +122,8 @@ impl AttackRecord {
 /// How one connection ended.
 enum End {
     Closed(Option<Message>, bool),
+    /// The attacker hung up itself, its work done (`replay`).
+    Left,
     Unreachable,
     KeptOpen,
 }
@@ -155,6 +161,10 @@ fn finish(shared: &Arc<Mutex<Shared>>, attack: &Attack, end: End) {
                 r.last_message = last;
             }
             "closed by the node"
+        }
+        End::Left => {
+            r.closed += 1;
+            "done, mallory hung up"
         }
         End::Unreachable => {
             r.unreachable += 1;
@@ -215,6 +225,12 @@ async fn connection(attack: &Attack, n: u32) -> End {
             };
             return violate(&mut stream, key, attack.seed, &mut rng).await;
         }
+        AttackKind::Replay => {
+            let (Some(key), Some(record)) = (&attack.key, &attack.record_bytes) else {
+                return End::Unreachable;
+            };
+            return replay(&mut stream, key, record.clone(), &mut rng).await;
+        }
     }
     drain(&mut stream).await;
     End::Closed(None, false)
@@ -255,11 +271,15 @@ async fn slow(stream: &mut TcpStream, rng: &mut ChaCha20Rng) -> End {
 
 /// This attacker's hello: no features, so the node sends it nothing but exchanges.
 fn hello() -> [u8; Hello::LEN] {
+    hello_with(0)
+}
+
+fn hello_with(features: u32) -> [u8; Hello::LEN] {
     Hello {
         version: PROTOCOL_VERSION,
         max_message_size: 1 << 20,
         progress_ms: 0,
-        features: 0,
+        features,
     }
     .encode()
 }
@@ -291,9 +311,18 @@ async fn handshake_as(
     key: &Keypair,
     rng: &mut ChaCha20Rng,
 ) -> Option<snow::TransportState> {
+    handshake_with(stream, key, rng, hello()).await
+}
+
+async fn handshake_with(
+    stream: &mut TcpStream,
+    key: &Keypair,
+    rng: &mut ChaCha20Rng,
+    hello: [u8; Hello::LEN],
+) -> Option<snow::TransportState> {
     let mut hs = handshake(key, HandshakeRole::Initiator, seed_of(rng)).ok()?;
     let mut buf = vec![0u8; 65_535];
-    let n = hs.write_message(&hello(), &mut buf).ok()?;
+    let n = hs.write_message(&hello, &mut buf).ok()?;
     write_frame(stream, &buf[..n]).await.ok()?;
     let msg2 = read_frame(stream).await?;
     hs.read_message(&msg2, &mut buf).ok()?;
@@ -406,6 +435,39 @@ async fn violate(stream: &mut TcpStream, key: &Keypair, seed: u64, rng: &mut Cha
     }
     End::Closed(last, false)
 }
+
+/// An insider replays an old address record: a valid session whose hello speaks records,
+/// one Records message, then a while to let the node take (or refuse) it, then hangs up.
+/// The records judge checks that no node ever goes back to an older record.
+async fn replay(
+    stream: &mut TcpStream,
+    key: &Keypair,
+    record: bytes::Bytes,
+    rng: &mut ChaCha20Rng,
+) -> End {
+    use p2p_handler::wire::{FEATURE_MEMBERSHIP, FEATURE_RECORDS};
+    let hello = hello_with(FEATURE_MEMBERSHIP | FEATURE_RECORDS);
+    let Some(mut session) = handshake_with(stream, key, rng, hello).await else {
+        return End::Closed(None, false);
+    };
+    let message = Message::Records {
+        records: vec![record],
+    };
+    for chunk in chunk_message(&message) {
+        let Some(frame) = seal(&mut session, &chunk) else {
+            return End::Unreachable;
+        };
+        if write_frame(stream, &frame).await.is_err() {
+            return End::Closed(None, false);
+        }
+    }
+    // Whatever the node answers (its own seqs, records), read for a while, then go.
+    let _ = tokio::time::timeout(REPLAY_LINGER, drain(stream)).await;
+    End::Left
+}
+
+/// How long a replaying insider stays after sending its record.
+const REPLAY_LINGER: Duration = Duration::from_millis(500);
 
 /// The judge's `hostile` rule over every attack of the run.
 pub(super) fn judge(s: &Shared, lossy: bool, failures: &mut Vec<String>) {

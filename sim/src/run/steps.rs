@@ -533,8 +533,24 @@ impl Exec<'_, '_> {
                 .violation
                 .map_or_else(String::new, |v| format!(": {v}"))
         );
+        // A replay's record: the one `node` published before its newest.
+        let replayed = (kind == AttackKind::Replay)
+            .then(|| {
+                let owner = self.idx(&step.node);
+                let published = s.records.as_ref()?.published(owner);
+                let [.., (_, bytes), _] = published else {
+                    return None;
+                };
+                Some(bytes.clone())
+            })
+            .flatten();
+        if kind == AttackKind::Replay && replayed.is_none() {
+            drop(s);
+            return self.idle("no earlier record to replay".into());
+        }
         let attack = Attack {
             record: s.attacks.len(),
+            record_bytes: replayed,
             kind,
             addr,
             target_name: s.names[target].clone(),

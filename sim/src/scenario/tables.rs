@@ -52,6 +52,10 @@ pub enum AttackKind {
     /// An allowed peer's key (`from`): completes the handshake, then says nothing (the
     /// node must close it after its `idle_timeout`).
     Idle,
+    /// An allowed peer's key (`from`): completes the handshake and sends, in a Records
+    /// message, the record `node` published before its newest (a replay; needs
+    /// `[records]`). The target must keep the newest.
+    Replay,
     /// An allowed peer's key (`from`): completes the handshake, then breaks the protocol
     /// once (one of eight violations, by seed: framing, chunking, encoding, roles).
     Violation,
@@ -71,7 +75,7 @@ impl AttackKind {
 
     /// Whether it uses an allowed peer's key (`from`).
     pub fn insider(self) -> bool {
-        matches!(self, Self::Idle | Self::Violation)
+        matches!(self, Self::Idle | Self::Replay | Self::Violation)
     }
 
     /// Its name in a scenario file.
@@ -83,6 +87,7 @@ impl AttackKind {
             Self::Stranger => "stranger",
             Self::Flood => "flood",
             Self::Idle => "idle",
+            Self::Replay => "replay",
             Self::Violation => "violation",
         }
     }
