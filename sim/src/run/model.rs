@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use p2p_handler::PeerId;
-use p2p_handler::wire::ExchangeId;
+use p2p_handler::wire::{ExchangeId, Message};
 
 /// How long a node may take to do what the model expects of it at once (an Ack of a
 /// Reply, closing a revoked peer's connections): the handler does it in the same step, so
@@ -69,6 +69,10 @@ pub(super) struct Model {
     revoked: BTreeMap<(usize, usize), (Duration, bool)>,
     /// (node, peer) -> connections established between them and not closed.
     open: BTreeMap<(usize, usize), BTreeSet<p2p_handler::ConnId>>,
+    /// (node, connection) -> the features the peer's hello offered (rule `wire`).
+    features: BTreeMap<(usize, p2p_handler::ConnId), u32>,
+    /// (node, connection) -> the epoch it last told on it.
+    epochs_sent: BTreeMap<(usize, p2p_handler::ConnId), u64>,
     violations: Vec<Violation>,
 }
 
@@ -93,6 +97,9 @@ impl Model {
         self.owed_acks.retain(|(n, _, _), _| *n != node);
         self.open.retain(|(n, _), _| *n != node);
         self.revoked.retain(|(n, _), _| *n != node);
+        // Connection ids start again with each incarnation.
+        self.features.retain(|(n, _), _| *n != node);
+        self.epochs_sent.retain(|(n, _), _| *n != node);
     }
 
     /// An exchange of `dialer` to `peer` began (or, after a durable restart, resumed).
@@ -270,6 +277,64 @@ impl Model {
         }
     }
 
+    /// `node`'s connection `conn` is established; the peer's hello offered `features`.
+    pub(super) fn features(&mut self, node: usize, conn: p2p_handler::ConnId, features: u32) {
+        self.features.insert((node, conn), features);
+        self.epochs_sent.remove(&(node, conn));
+    }
+
+    /// Rule `wire`: what `from` sends `to` on `conn` keeps PROTOCOL.md's rules about whom
+    /// to send what: membership and record messages only to a peer whose hello has that
+    /// feature, and an epoch told once per connection (again only once it changed).
+    pub(super) fn wire(
+        &mut self,
+        from: usize,
+        to: usize,
+        conn: p2p_handler::ConnId,
+        message: &Message,
+    ) {
+        use p2p_handler::wire::{FEATURE_MEMBERSHIP, FEATURE_RECORDS};
+        let needs = match message {
+            Message::Epoch { .. } | Message::Fetch { .. } | Message::Documents { .. } => {
+                Some((FEATURE_MEMBERSHIP, "membership"))
+            }
+            Message::RecordSeqs { .. } | Message::Records { .. } => {
+                Some((FEATURE_RECORDS, "records"))
+            }
+            _ => None,
+        };
+        let features = self.features.get(&(from, conn)).copied();
+        if let (Some((bit, what)), Some(features)) = (needs, features)
+            && features & bit == 0
+        {
+            self.violations.push(Violation {
+                rule: "wire",
+                exchange: None,
+                detail: format!(
+                    "{conn}: {} sent {:?} to {}, whose hello lacks the {what} feature",
+                    self.name(from),
+                    message.kind(),
+                    self.name(to)
+                ),
+                other: None,
+            });
+        }
+        if let Message::Epoch { epoch, .. } = message
+            && self.epochs_sent.insert((from, conn), *epoch) == Some(*epoch)
+        {
+            self.violations.push(Violation {
+                rule: "wire",
+                exchange: None,
+                detail: format!(
+                    "{conn}: {} told {} its epoch {epoch} twice on one connection",
+                    self.name(from),
+                    self.name(to)
+                ),
+                other: None,
+            });
+        }
+    }
+
     /// A connection of `node` with `peer` was established.
     pub(super) fn established(
         &mut self,
@@ -380,5 +445,47 @@ impl Model {
     /// The rules broken so far.
     pub(super) fn violations(&self) -> &[Violation] {
         &self.violations
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_handler::ConnId;
+    use p2p_handler::wire::{FEATURE_MEMBERSHIP, FEATURE_RECORDS};
+
+    fn rules(model: &Model) -> Vec<String> {
+        model
+            .violations()
+            .iter()
+            .map(|v| v.detail.clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_wire_rule_holds_senders_to_their_peers_features_and_one_epoch_per_connection() {
+        let mut model = Model::new(vec!["a".into(), "b".into()]);
+        let (bare, full) = (ConnId::inbound(1), ConnId::inbound(2));
+        model.features(0, bare, 0);
+        model.features(0, full, FEATURE_MEMBERSHIP | FEATURE_RECORDS);
+        let epoch = |epoch| Message::Epoch {
+            epoch,
+            digest: [0; 32],
+        };
+        model.wire(0, 1, full, &epoch(1));
+        model.wire(0, 1, full, &epoch(2));
+        model.wire(0, 1, full, &Message::Records { records: vec![] });
+        assert!(rules(&model).is_empty(), "{:?}", rules(&model));
+        model.wire(0, 1, full, &epoch(2));
+        model.wire(0, 1, bare, &epoch(2));
+        model.wire(0, 1, bare, &Message::RecordSeqs { seqs: vec![] });
+        assert_eq!(
+            rules(&model),
+            [
+                "i2: a told b its epoch 2 twice on one connection",
+                "i1: a sent Epoch to b, whose hello lacks the membership feature",
+                "i1: a sent RecordSeqs to b, whose hello lacks the records feature",
+            ]
+        );
     }
 }

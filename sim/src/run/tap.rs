@@ -116,6 +116,7 @@ impl Tap for SimTap {
         let from = self.node;
         let dialer = dialer_of(from, to, message);
         s.coverage.extend(coverage::message(message));
+        s.model.wire(from, to, conn, message);
         match message {
             Message::Request {
                 exchange, attempt, ..
@@ -268,8 +269,14 @@ impl Tap for SimTap {
             (None, None) => "?".to_owned(),
         };
         match (event, other) {
-            (ConnEvent::Established { .. }, Some(other)) => {
+            (
+                ConnEvent::Established {
+                    remote_features, ..
+                },
+                Some(other),
+            ) => {
                 s.model.established(self.node, other, conn, now());
+                s.model.features(self.node, conn, *remote_features);
             }
             (ConnEvent::Closed(_), _) => s.model.closed(self.node, conn),
             _ => {}
