@@ -297,6 +297,7 @@ pub(super) fn membership_event(
             added,
             removed,
         } => {
+            s.nodes[node].membership_applied += 1;
             let broken = s
                 .membership
                 .as_mut()

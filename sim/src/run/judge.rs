@@ -252,6 +252,14 @@ fn counters(s: &Shared, statuses: &[Option<Status>], failures: &mut Vec<String>)
             );
             wrong("resends", stats.resends, saw);
         }
+        // Each Applied event applies one document or more, none beyond the newest made.
+        let newest = s.membership.as_ref().map_or(0, |m| m.newest().epoch());
+        let (events, docs) = (node.membership_applied, stats.membership_applied);
+        if docs < events || docs > events.saturating_mul(newest) {
+            let saw =
+                format!("its application heard {events} Applied events (newest epoch {newest})");
+            wrong("membership_applied", docs, saw);
+        }
         let copies = &node.copies;
         // A memory-only node's first copy of an exchange in an incarnation is never a
         // duplicate (it remembers nothing older).

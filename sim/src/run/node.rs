@@ -163,6 +163,7 @@ impl Start {
         state.received = 0;
         state.requests_seen = 0;
         state.copies = Default::default();
+        state.membership_applied = 0;
         let incarnation = state.incarnation;
         // Restarted: the operator made room on the disk.
         state

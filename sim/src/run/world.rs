@@ -34,6 +34,9 @@ pub(super) struct NodeState {
     /// This incarnation's Request copies, as the tap saw them: what its duplicate and
     /// resend counters are checked against.
     pub(super) copies: Copies,
+    /// Membership `Applied` events this incarnation's application heard (each applies one
+    /// document or more).
+    pub(super) membership_applied: u64,
 }
 
 /// Request copies one incarnation of a node sent and received (see the `counters` rule).
