@@ -371,53 +371,35 @@ fn responder_outcome(
 /// How a request of a peer ended at this responder (not answered in time, aborted,
 /// cancelled, unconfirmed): traced, and handed to the model.
 fn responder_notice(s: &mut Shared, node: usize, event: Event) -> String {
-    let redelivered = matches!(
-        event,
-        Event::ResponseTimedOut {
-            redelivered: true,
-            ..
-        } | Event::ResponseAborted {
-            redelivered: true,
-            ..
-        } | Event::ResponseCancelled {
-            redelivered: true,
-            ..
-        } | Event::ResponseUnconfirmed {
-            redelivered: true,
-            ..
-        }
-    );
-    let (peer, exchange, what, text) = match event {
-        Event::ResponseTimedOut { peer, exchange, .. } => (
-            peer,
-            exchange,
+    let Some((peer, exchange)) = event.response_of() else {
+        return format!("{event:?}");
+    };
+    let (what, text, redelivered) = match event {
+        Event::ResponseTimedOut { redelivered, .. } => (
             "timed out",
             "response timed out for {}".to_owned(),
+            redelivered,
         ),
         Event::ResponseAborted {
-            peer,
-            exchange,
             reason,
+            redelivered,
             ..
         } => (
-            peer,
-            exchange,
             "aborted",
             format!("response aborted for {{}} ({reason:?})"),
+            redelivered,
         ),
-        Event::ResponseCancelled { peer, exchange, .. } => (
-            peer,
-            exchange,
+        Event::ResponseCancelled { redelivered, .. } => (
             "cancelled",
             "response cancelled for {}".to_owned(),
+            redelivered,
         ),
-        Event::ResponseUnconfirmed { peer, exchange, .. } => {
+        Event::ResponseUnconfirmed { redelivered, .. } => {
             s.unconfirmed += u64::from(!redelivered);
             (
-                peer,
-                exchange,
                 "unconfirmed",
                 "reply {} unconfirmed".to_owned(),
+                redelivered,
             )
         }
         other => return format!("{other:?}"),
