@@ -365,10 +365,17 @@ fn ack_body() -> Vec<u8> {
     body
 }
 
+/// The violation an attack with `seed` sends: its name, and what goes on the wire (see
+/// [`violations`]). The trace names it when the attack starts, the attacker sends it.
+pub(super) fn violation(seed: u64) -> (&'static str, Option<Vec<u8>>) {
+    let mut all = violations();
+    all.swap_remove(((seed >> 32) % all.len() as u64) as usize)
+}
+
 /// What a violating insider sends after the handshake: one chunk's plaintext, or `None`
 /// for a frame of zero bytes (no Noise message is empty). Each breaks `docs/PROTOCOL.md`
 /// at a different layer: framing, chunking, message encoding, roles.
-pub(super) fn violations() -> Vec<(&'static str, Option<Vec<u8>>)> {
+fn violations() -> Vec<(&'static str, Option<Vec<u8>>)> {
     let mut trailing = ack_body();
     trailing.push(0);
     let mut first = vec![FIRST];
@@ -405,11 +412,10 @@ async fn violate(stream: &mut TcpStream, key: &Keypair, seed: u64, rng: &mut Cha
         // Refused during the handshake (revoked meanwhile, too many connections).
         return End::Closed(None, false);
     };
-    let all = violations();
-    let (_, send) = &all[((seed >> 32) % all.len() as u64) as usize];
+    let (_, send) = violation(seed);
     let frame = match send {
         None => Some(Vec::new()),
-        Some(plain) => seal(&mut session, plain),
+        Some(plain) => seal(&mut session, &plain),
     };
     let Some(frame) = frame else {
         return End::Unreachable;

@@ -492,7 +492,7 @@ impl Exec<'_, '_> {
 
     /// A hostile peer's attack on `to`, handed to the hostile host.
     fn attack(&mut self) {
-        use super::hostile::{Attack, AttackRecord, FLOOD, bound, violations};
+        use super::hostile::{Attack, AttackRecord, FLOOD, bound, violation};
         use crate::scenario::AttackKind;
         let step = self.step;
         let Some(kind) = step.attack else {
@@ -521,8 +521,7 @@ impl Exec<'_, '_> {
         record.incarnation = s.nodes[target].incarnation;
         record.open = connections;
         if kind == AttackKind::Violation {
-            let all = violations();
-            record.violation = Some(all[((seed >> 32) % all.len() as u64) as usize].0);
+            record.violation = Some(violation(seed).0);
         }
         let text = format!(
             "mallory: {} attack on {}{}{}",
