@@ -290,18 +290,19 @@ impl HandlerTask {
                 // so it waits for the next commit that happens anyway (a crash before then
                 // hands the outcome out again, flagged `redelivered`, as documented): a
                 // busy node pays no sync of its own for it.
-                let due = std::mem::take(&mut self.commit_forgets)
-                    || self.pending_ops.len() >= LAZY_FORGETS
-                    || self.pending_ops.iter().any(|op| !forgets_outcome(op));
-                if !due && !self.pending_ops.is_empty() {
+                let forced = std::mem::take(&mut self.commit_forgets);
+                if !self.pending_ops.is_empty() {
+                    let due = forced
+                        || self.pending_ops.len() >= LAZY_FORGETS
+                        || self.pending_ops.iter().any(|op| !forgets_outcome(op));
+                    if due {
+                        self.forgets_since = None;
+                        let commit = store.commit(std::mem::take(&mut self.pending_ops));
+                        let effects = self.take_effects();
+                        self.in_flight = Some((commit, effects));
+                        return;
+                    }
                     self.forgets_since.get_or_insert_with(now);
-                }
-                if due && !self.pending_ops.is_empty() {
-                    self.forgets_since = None;
-                    let commit = store.commit(std::mem::take(&mut self.pending_ops));
-                    let effects = self.take_effects();
-                    self.in_flight = Some((commit, effects));
-                    return;
                 }
             }
             let effects = self.take_effects();

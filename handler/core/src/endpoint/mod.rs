@@ -799,12 +799,9 @@ impl Endpoint {
                 self.response_outcome_taken(oldest.0, oldest.1);
             }
             let seq = self.alloc_seq();
-            if let Some(old) = self.unread_responses.insert(key, seq)
-                && let Some(journal) = &mut self.journal
-            {
-                journal.push(durable::delete_response(old));
-            }
+            let old = self.unread_responses.insert(key, seq);
             if let Some(journal) = &mut self.journal {
+                journal.extend(old.map(durable::delete_response));
                 journal.push(durable::put_response(seq, &event));
             }
         }
