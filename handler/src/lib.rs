@@ -40,8 +40,8 @@ pub use allow_list::{AllowList, AllowedPeer, Expiry, Rejection};
 pub use config::{Config, RateLimit};
 pub use connection::{Closed, ConnError, ConnEvent, Connection, Remote};
 pub use endpoint::{
-    ConnId, Direction, Endpoint, Event, Failure, KeyedExchange, MembershipEvent, Output, Receipt,
-    RequestError, RespondError, Source,
+    ConnId, Direction, Endpoint, Event, Failure, KeyedExchange, MembershipEvent, Output,
+    PeerSummary, Receipt, RequestError, RespondError, Source,
 };
 pub use facade::P2pHandler;
 pub use identity::{Keypair, PeerId};
@@ -49,6 +49,8 @@ pub use runtime::{
     Arrival, Handler, HandlerError, Inbox, MembershipStatus, NoTap, Notice, Options, Received,
     RequestOptions, ShutdownReport, Status, Tap, Verdict, WallClock,
 };
+/// The exchange-duration histogram's name and buckets (seconds), for an exporter.
+pub use runtime::{EXCHANGE_DURATION, EXCHANGE_DURATION_BUCKETS};
 pub use store::{MemoryStore, RedbStore, Store, StoreError};
 pub use transport::{MemoryTransport, TcpTransport, Transport};
 pub use wire::{ExchangeId, Message};

@@ -20,6 +20,8 @@ use std::time::SystemTime;
 use p2p_handler::membership::Signed;
 use p2p_handler::{AllowList, HandlerError, P2pHandler, PeerId};
 
+use crate::metrics::{AllowReport, reloaded};
+
 /// Where the list comes from.
 pub(crate) enum AllowSource {
     /// A file, watched.
@@ -100,6 +102,20 @@ impl AllowFile {
         Ok(file)
     }
 
+    /// Where the list comes from, for `/status`.
+    pub(crate) fn report(&self) -> AllowReport {
+        let source = match (&self.path, &self.membership) {
+            (_, Some(_)) => "membership",
+            (Some(_), None) => "file",
+            (None, None) => "any-peer-insecure",
+        };
+        AllowReport {
+            source: source.to_owned(),
+            path: self.path.as_ref().map(|p| p.display().to_string()),
+            ..AllowReport::default()
+        }
+    }
+
     /// Membership mode: the document to start the handler with.
     pub(crate) fn membership(&self) -> Option<&Signed> {
         self.membership.as_ref()
@@ -128,11 +144,15 @@ impl AllowFile {
             match read(&path) {
                 Err(e) => {
                     if forced || self.pending.is_none() {
+                        reloaded(Reload::Failed);
                         tracing::warn!("{e}; the allow list in force stays");
                     }
                 }
                 Ok(text) if text == self.text => {
                     self.pending = None;
+                    if forced {
+                        reloaded(Reload::Unchanged);
+                    }
                     if forced && self.membership.is_some() {
                         // A reload asked for and nothing to do: say so.
                         self.report_membership(node, "unchanged");
@@ -177,20 +197,31 @@ impl AllowFile {
         let doc = match Signed::from_toml(&self.text, &origin) {
             Ok(doc) => doc,
             Err(e) => {
+                reloaded(Reload::Failed);
                 return tracing::error!("{e}; the node keeps its membership epoch");
             }
         };
         let epoch = doc.epoch();
         match node.offer_membership(doc) {
-            Ok(applied) if applied.is_empty() => self.report_membership(node, "unchanged"),
-            Ok(_) => self.report_membership(node, &format!("applied (epoch {epoch})")),
+            Ok(applied) if applied.is_empty() => {
+                reloaded(Reload::Unchanged);
+                self.report_membership(node, "unchanged");
+            }
+            Ok(_) => {
+                reloaded(Reload::Applied);
+                self.report_membership(node, &format!("applied (epoch {epoch})"));
+            }
             Err(HandlerError::MembershipRefused(refused)) => {
+                reloaded(Reload::Failed);
                 let held = node.membership().ok().flatten().map_or(0, |m| m.epoch);
                 tracing::error!(
                     "membership file {origin} refused: {refused}; the node keeps epoch {held}"
                 );
             }
-            Err(e) => tracing::error!("membership file {origin}: {e}"),
+            Err(e) => {
+                reloaded(Reload::Failed);
+                tracing::error!("membership file {origin}: {e}");
+            }
         }
     }
 
@@ -201,8 +232,12 @@ impl AllowFile {
         let parsed = parse(&text, path);
         self.text = text;
         match parsed {
-            Err(e) => tracing::error!("{e}; the allow list in force stays"),
+            Err(e) => {
+                reloaded(Reload::Failed);
+                tracing::error!("{e}; the allow list in force stays");
+            }
             Ok(list) => {
+                reloaded(Reload::Applied);
                 self.list = list;
                 self.loaded = now;
                 let (applied, expired) = self.list.in_force_at(now, now);
@@ -272,6 +307,29 @@ impl AllowFile {
         self.path
             .as_ref()
             .map_or_else(|| "(any peer)".to_owned(), |p| p.display().to_string())
+    }
+}
+
+/// How a reload of the allow-list (or membership) file ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Reload {
+    /// A changed file took effect.
+    Applied,
+    /// Asked for (SIGHUP), and the file held nothing new.
+    Unchanged,
+    /// The file could not be read, did not parse, or was refused: the list in force stays.
+    Failed,
+}
+
+impl Reload {
+    pub(crate) const ALL: [Reload; 3] = [Reload::Applied, Reload::Unchanged, Reload::Failed];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Reload::Applied => "applied",
+            Reload::Unchanged => "unchanged",
+            Reload::Failed => "failed",
+        }
     }
 }
 

@@ -754,10 +754,14 @@ fn serve(
     options: &ServeOptions,
 ) -> Result<()> {
     // Before the handler starts, so that its metrics register with the recorder.
-    if let Some(addr) = options.metrics {
-        let bound = metrics::serve(addr)?;
-        println!("metrics on http://{bound}/metrics");
-    }
+    let health = match options.metrics {
+        Some(addr) => {
+            let (bound, health) = metrics::serve(addr)?;
+            println!("metrics on http://{bound}/metrics");
+            Some(health)
+        }
+        None => None,
+    };
     let deadline = start.config.response_timeout;
     let mut allow = AllowFile::load(allow, SystemTime::now())?;
     let signals = Signals::register()?;
@@ -809,6 +813,9 @@ fn serve(
         node.local_address(),
         node.local_peer_id()
     );
+    if let Some(health) = &health {
+        health.ready(node.handler().clone(), allow.report());
+    }
     let answered = AtomicU64::new(0);
     let done = |answered: &AtomicU64| {
         options
@@ -836,6 +843,9 @@ fn serve(
             match (signals.stop.load(Ordering::Acquire), draining_since) {
                 (0, _) => {}
                 (_, None) => {
+                    if let Some(health) = &health {
+                        health.stopping();
+                    }
                     tracing::info!(
                         "stopping: no new requests; exchanges in flight have {:?} to finish",
                         options.grace
@@ -915,6 +925,9 @@ fn serve(
         stopped.store(true, Ordering::Release);
         Ok(())
     });
+    if let Some(health) = &health {
+        health.stopping();
+    }
     let report = node.shutdown();
     tracing::info!(
         "stopped: answered {} requests; {} unanswered at shutdown{}",

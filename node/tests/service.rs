@@ -151,15 +151,19 @@ impl Served {
         (status, log)
     }
 
-    /// One scrape of `/metrics`.
+    /// One scrape of `/metrics` (the whole response, head and body).
     fn scrape(&self) -> String {
+        let response = self.http("GET", "/metrics");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+
+    /// One HTTP/1.1 request to the metrics listener; the whole response.
+    fn http(&self, method: &str, path: &str) -> String {
         let mut stream = TcpStream::connect(self.metrics.unwrap()).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-            .unwrap();
+        write!(stream, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         response
     }
 
@@ -315,6 +319,136 @@ fn metrics_are_scraped_over_http_and_count_exchanges() {
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
     drop(TcpStream::connect(served.metrics.unwrap()).unwrap());
     assert_eq!(served.metric("p2p_requests_delivered_total"), Some(3.0));
+}
+
+/// The body of an HTTP response.
+fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+/// A header's value in an HTTP response.
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        key.eq_ignore_ascii_case(name).then_some(value.trim())
+    })
+}
+
+#[test]
+fn the_exposition_follows_prometheus_practice_and_the_probes_follow_the_node() {
+    let setup = Setup::new("exposition");
+    let echo = gated_echo(&setup);
+    let mut served = Served::start(
+        &setup,
+        &serve_args(&["--metrics", "127.0.0.1:0", "--exec", &echo, "--grace", "60s"]),
+        &[("RUST_LOG", "info,p2p_node=debug")],
+    );
+    let (ok, _, err) = send(&setup, "alice", &served.target, "one");
+    assert!(ok, "{err}");
+    served.wait_metric("p2p_responses_total{outcome=\"delivered\"}", 1.0);
+    served.signal("HUP");
+    served.wait_log("unchanged");
+    served.wait_metric("p2p_node_allow_reloads_total{result=\"unchanged\"}", 1.0);
+
+    let response = served.scrape();
+    let text = body(&response);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    // Every family has its help text and a type.
+    for sample in &scrape.samples {
+        // The parser gives a histogram's sum and count as samples of their own.
+        let family = ["_sum", "_count"]
+            .iter()
+            .find_map(|suffix| sample.metric.strip_suffix(suffix))
+            .filter(|base| scrape.docs.contains_key(*base))
+            .unwrap_or(&sample.metric);
+        assert!(
+            scrape.docs.contains_key(family),
+            "no # HELP for {}:\n{text}",
+            sample.metric
+        );
+        assert!(
+            family != sample.metric || !matches!(sample.value, prometheus_parse::Value::Untyped(_)),
+            "no # TYPE for {}",
+            sample.metric
+        );
+    }
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| s.value.clone())
+    };
+    let number = |name: &str, label: Option<(&str, &str)>| match value(name, label) {
+        Some(prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v)) => v,
+        other => panic!("{name} {label:?}: {other:?}\n{text}"),
+    };
+    // A node that only served shows its own exchanges' family, at zero.
+    assert_eq!(number("p2p_exchanges_total", Some(("outcome", "reply"))), 0.0);
+    assert_eq!(number("p2p_responses_total", Some(("outcome", "delivered"))), 1.0);
+    // One meaning per family: connections and connection tasks are two.
+    assert!(value("p2p_connections", None).is_none(), "{text}");
+    assert!(value("p2p_connections_established", None).is_some());
+    assert!(value("p2p_connection_tasks", None).is_some());
+    // The exchange's duration, in seconds, by role and outcome.
+    match value(
+        "p2p_exchange_duration_seconds",
+        Some(("outcome", "delivered")),
+    ) {
+        Some(prometheus_parse::Value::Histogram(buckets)) => {
+            assert!(buckets.len() > 10, "{buckets:?}");
+            let all = buckets.last().unwrap();
+            assert!(all.less_than.is_infinite() && all.count == 1.0, "{buckets:?}");
+        }
+        other => panic!("no duration histogram: {other:?}\n{text}"),
+    }
+    assert!(text.contains("role=\"responder\""), "{text}");
+    // What is running, and the process.
+    assert_eq!(
+        number("p2p_node_build_info", Some(("version", env!("CARGO_PKG_VERSION")))),
+        1.0
+    );
+    // (The metrics facade's counters are integers: CPU time counts whole seconds.)
+    assert!(number("process_cpu_seconds_total", None) >= 0.0);
+    assert!(number("process_resident_memory_bytes", None) > 0.0);
+    assert!(number("process_start_time_seconds", None) > 1.6e9);
+    // Reloads: the SIGHUP's, and when the last one succeeded.
+    assert_eq!(number("p2p_node_allow_reloads_total", Some(("result", "failed"))), 0.0);
+    assert!(number("p2p_node_allow_last_reload_success_timestamp_seconds", None) > 1.6e9);
+
+    // HEAD answers like GET, without a body; other methods are refused.
+    let head = served.http("HEAD", "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body(&head).is_empty(), "{head}");
+    assert!(header(&head, "content-length").unwrap().parse::<usize>().unwrap() > 1000);
+    let post = served.http("POST", "/metrics");
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert_eq!(header(&post, "allow"), Some("GET, HEAD"));
+    for method in ["GET", "HEAD"] {
+        for path in ["/healthz", "/readyz"] {
+            let response = served.http(method, path);
+            assert!(response.starts_with("HTTP/1.1 200"), "{method} {path}: {response}");
+        }
+    }
+    assert_eq!(body(&served.http("GET", "/readyz")), "ready\n");
+
+    // Stopping with an exchange in flight: no longer ready, still alive.
+    let slow = send_cmd(&setup, "carol", &served.target, "slow one")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    served.wait_metric("p2p_pending_responses", 1.0);
+    served.signal("TERM");
+    served.wait_log("stopping");
+    let ready = served.http("GET", "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && body(&ready) == "stopping\n", "{ready}");
+    assert!(served.http("GET", "/healthz").starts_with("HTTP/1.1 200"));
+    open_gate(&setup);
+    let out = slow.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, log) = served.exit();
+    assert!(status.success(), "{log:#?}");
 }
 
 #[test]

@@ -209,6 +209,9 @@ pub struct Status {
     /// Members this node still means to dial, or is connected to, to spread or learn the
     /// membership (0 once they all said they hold its epoch).
     pub membership_syncs: usize,
+    /// Each peer allowed, connected or with an exchange: its connections, our exchanges
+    /// with it (queued and under way) and its requests here, ascending by peer.
+    pub peers: Vec<crate::endpoint::PeerSummary>,
 }
 
 /// What shutdown handed back.

@@ -653,6 +653,9 @@ impl HandlerTask {
                     self.endpoint
                         .request_with(peer, addr, payload, options.key, deadline, now)
                 };
+                if let Ok(exchange) = &result {
+                    self.observer.request_started(peer, *exchange);
+                }
                 self.answer(reply, result);
             }
             Command::Lookup { peer, key, reply } => {
@@ -800,6 +803,7 @@ impl HandlerTask {
                     inactive_members: self.endpoint.inactive_members(now),
                     records_held: self.endpoint.records_held(),
                     membership_syncs: self.endpoint.membership_syncs(),
+                    peers: self.endpoint.peer_summaries(),
                 });
             }
             Command::Shutdown { .. } => {}
@@ -818,8 +822,13 @@ impl HandlerTask {
             return Err(RequestError::Unread { limit });
         }
         let deadline = self.deadline_of(options, now);
-        self.endpoint
-            .request_to_with(peer, payload, options.key.clone(), deadline, now)
+        let result = self
+            .endpoint
+            .request_to_with(peer, payload, options.key.clone(), deadline, now);
+        if let Ok(exchange) = &result {
+            self.observer.request_started(peer, *exchange);
+        }
+        result
     }
 
     /// A request's deadline, at `now` and on the wall clock (a durable node stores it so).

@@ -41,6 +41,7 @@
 //! `buggify` (fault points that make tasks fall behind, for the simulator).
 
 mod buggify;
+mod catalog;
 mod conn_task;
 mod handle;
 mod handler_task;
@@ -55,6 +56,7 @@ pub use handle::{
     ShutdownReport, Status, WallClock,
 };
 pub use tap::{Arrival, NoTap, Tap, Verdict};
+pub use catalog::{EXCHANGE_DURATION, EXCHANGE_DURATION_BUCKETS};
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

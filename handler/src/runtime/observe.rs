@@ -20,7 +20,7 @@
 //! `p2p_ik_dials_total`), what the guard made of inbound IK message 1s
 //! (`p2p_first_messages_total{verdict="wrong_mac1"|"cookie_sent"|"cookie_proven"|
 //! "ticket_redeemed"|"ticket_unknown"}`, `p2p_tickets_issued_total`),
-//! gauges (`p2p_connections{state="established"|"tasks"}`, `p2p_outbound_in_flight`,
+//! gauges (`p2p_connections_established`, `p2p_connection_tasks`, `p2p_outbound_in_flight`,
 //! `p2p_pending_responses`, `p2p_receive_backlog`, `p2p_unread_outcomes`) and, from the
 //! connection tasks, `p2p_bytes_sent_total` / `p2p_bytes_received_total` (wire bytes,
 //! encryption and framing included). Membership: `p2p_membership_epoch` (gauge),
@@ -45,12 +45,17 @@ use crate::endpoint::{
     ConnId, Event, Failure, Installed, LimitKind, MembershipEvent, PeerError, Stats,
 };
 use crate::identity::PeerId;
-use crate::wire::{Kind, Message};
+use crate::wire::{ExchangeId, Kind, Message};
 
+use super::catalog;
 use super::handle::Notice;
 
 /// How long repeated lines of one cause are held back and counted.
 pub(crate) const WINDOW: Duration = Duration::from_secs(10);
+
+/// How many exchanges' start times are kept for the duration histogram; an exchange that
+/// starts beyond it is not timed (exchanges in flight are bounded far below it anyway).
+const MAX_TIMED: usize = 1 << 16;
 
 /// How many distinct causes are throttled at once; beyond it the oldest window is closed
 /// (its summary written) early. Bounds memory whatever the peers do.
@@ -83,12 +88,17 @@ pub(super) struct Observer {
     /// stores.
     counters: [metrics::Counter; 17],
     gauges: [metrics::Gauge; 6],
+    /// When each exchange in flight started, by role (`true`: ours), peer and id, for
+    /// [`catalog::EXCHANGE_DURATION`]. At most [`MAX_TIMED`].
+    started: BTreeMap<(bool, PeerId, ExchangeId), Instant>,
 }
 
 impl Observer {
     pub(super) fn new() -> Self {
+        catalog::describe();
         Self {
             held: BTreeMap::new(),
+            started: BTreeMap::new(),
             counters: [
                 metrics::counter!("p2p_dials_total"),
                 metrics::counter!("p2p_redials_total"),
@@ -109,8 +119,8 @@ impl Observer {
                 metrics::counter!("p2p_tickets_issued_total"),
             ],
             gauges: [
-                metrics::gauge!("p2p_connections", "state" => "established"),
-                metrics::gauge!("p2p_connections", "state" => "tasks"),
+                metrics::gauge!("p2p_connections_established"),
+                metrics::gauge!("p2p_connection_tasks"),
                 metrics::gauge!("p2p_outbound_in_flight"),
                 metrics::gauge!("p2p_pending_responses"),
                 metrics::gauge!("p2p_receive_backlog"),
@@ -142,6 +152,7 @@ impl Observer {
             None => tracing::Span::none(),
         };
         let _entered = span.enter();
+        self.time(event);
         match event {
             Event::Request {
                 peer,
@@ -245,6 +256,48 @@ impl Observer {
             Event::Membership(event) => membership(event),
             Event::Record(event) => record(event),
             _ => {}
+        }
+    }
+
+    /// One of our requests was accepted: its exchange starts now.
+    pub(super) fn request_started(&mut self, peer: PeerId, exchange: ExchangeId) {
+        if self.started.len() < MAX_TIMED {
+            // A keyed request may name an exchange already started: keep its first start.
+            self.started
+                .entry((true, peer, exchange))
+                .or_insert_with(Instant::now);
+        }
+    }
+
+    /// Starts timing a peer's request at its delivery, or records how long an exchange
+    /// took at its outcome.
+    fn time(&mut self, event: &Event) {
+        let (ours, outcome) = match event {
+            Event::Request { peer, exchange, .. } => {
+                if self.started.len() < MAX_TIMED {
+                    self.started
+                        .entry((false, *peer, *exchange))
+                        .or_insert_with(Instant::now);
+                }
+                return;
+            }
+            Event::Reply { .. } => (true, "reply"),
+            Event::Failed { failure, .. } => (true, failure_cause(failure)),
+            Event::ResponseDelivered { .. } => (false, "delivered"),
+            Event::ResponseUnconfirmed { .. } => (false, "unconfirmed"),
+            Event::ResponseTimedOut { .. } => (false, "timed_out"),
+            Event::ResponseAborted { .. } => (false, "aborted"),
+            Event::ResponseCancelled { .. } => (false, "cancelled"),
+            _ => return,
+        };
+        let Some((peer, exchange)) = exchange_of(event) else {
+            return;
+        };
+        // An outcome from before a restart was not timed by this run.
+        if let Some(since) = self.started.remove(&(ours, peer, exchange)) {
+            let role = if ours { "dialer" } else { "responder" };
+            metrics::histogram!(catalog::EXCHANGE_DURATION, "role" => role, "outcome" => outcome)
+                .record(since.elapsed().as_secs_f64());
         }
     }
 
@@ -386,7 +439,7 @@ fn summarise(held: &Held) {
 }
 
 /// The peer and exchange an event is about, if it is about one.
-fn exchange_of(event: &Event) -> Option<(PeerId, crate::wire::ExchangeId)> {
+fn exchange_of(event: &Event) -> Option<(PeerId, ExchangeId)> {
     match event {
         Event::Request { peer, exchange, .. }
         | Event::Reply { peer, exchange, .. }

@@ -830,6 +830,47 @@ pub enum RespondError {
     },
 }
 
+/// One peer as a status page shows it ([`crate::Endpoint::peer_summaries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerSummary {
+    /// Who.
+    pub peer: PeerId,
+    /// Its allow-list (or membership) entry's label, if any.
+    pub name: Option<String>,
+    /// The allow list in force lets it talk to us.
+    pub allowed: bool,
+    /// Established connections with it.
+    pub connections: usize,
+    /// Connections with it still dialing or handshaking.
+    pub connecting: usize,
+    /// Our exchanges with it waiting their turn (one runs per peer at a time).
+    pub queued: usize,
+    /// Our exchanges with it under way (dialing, awaiting an Ack or a reply, backing off).
+    pub active: usize,
+    /// Its requests delivered to our application and not answered yet.
+    pub awaiting_answer: usize,
+    /// Our replies to it not acknowledged yet.
+    pub awaiting_ack: usize,
+}
+
+impl PeerSummary {
+    /// `peer`, with nothing open.
+    pub fn new(peer: PeerId) -> Self {
+        Self {
+            peer,
+            name: None,
+            allowed: false,
+            connections: 0,
+            connecting: 0,
+            queued: 0,
+            active: 0,
+            awaiting_answer: 0,
+            awaiting_ack: 0,
+        }
+    }
+}
+
 /// Counters, for tests, the simulator and monitoring.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]

@@ -37,7 +37,7 @@ mod responder;
 pub use dialer::Deadline;
 pub use events::{
     Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, Receipt, RecordEvent,
-    RequestError, RespondError, RetryCause, Source, Stats,
+    PeerSummary, RequestError, RespondError, RetryCause, Source, Stats,
 };
 pub use membership::{
     InstallError, Installed, MAX_DOCUMENTS_BYTES, MAX_DOCUMENTS_PER_MESSAGE, MAX_SYNC_DIALS,
@@ -572,6 +572,45 @@ impl Endpoint {
             (Direction::Inbound, *peer, *id, state)
         });
         outbound.chain(inbound).collect()
+    }
+
+    /// Per peer, what is open and in flight now, ascending by peer: every allowed peer,
+    /// and any other with a connection or an exchange (a revoked peer's last records).
+    /// Allocates: for status pages, not hot paths.
+    pub fn peer_summaries(&self) -> Vec<PeerSummary> {
+        let mut peers: BTreeMap<PeerId, PeerSummary> = BTreeMap::new();
+        fn entry(peers: &mut BTreeMap<PeerId, PeerSummary>, peer: PeerId) -> &mut PeerSummary {
+            peers.entry(peer).or_insert_with(|| PeerSummary::new(peer))
+        }
+        for (peer, allowed) in self.allow.peers() {
+            let summary = entry(&mut peers, *peer);
+            summary.allowed = true;
+            summary.name.clone_from(&allowed.name);
+        }
+        for conn in self.conns.values() {
+            let summary = entry(&mut peers, conn.peer);
+            if conn.established {
+                summary.connections += 1;
+            } else {
+                summary.connecting += 1;
+            }
+        }
+        for ex in self.outbound.values() {
+            let summary = entry(&mut peers, ex.peer);
+            if matches!(ex.state, OutState::Queued) {
+                summary.queued += 1;
+            } else {
+                summary.active += 1;
+            }
+        }
+        for ((peer, _), record) in &self.inbound {
+            match record.state {
+                InState::AwaitingResponse => entry(&mut peers, *peer).awaiting_answer += 1,
+                InState::AwaitingReplyAck { .. } => entry(&mut peers, *peer).awaiting_ack += 1,
+                _ => {}
+            }
+        }
+        peers.into_values().collect()
     }
 
     /// `peer`'s settled floor: its exchanges whose records were forgotten end at or below
