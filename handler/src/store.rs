@@ -153,6 +153,12 @@ impl RedbStore {
             path: path.display().to_string(),
             detail,
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(io(
+                dir,
+                "not a directory (a data directory is a folder)".into(),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| io(dir, format!("cannot create: {e}")))?;
         let path = dir.join(DB_FILE);
         let db = redb::Database::create(&path).map_err(|e| io(&path, e.to_string()))?;

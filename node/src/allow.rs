@@ -23,6 +23,7 @@ use p2p_handler::{AllowList, HandlerError, P2pHandler, PeerId};
 use crate::metrics::{AllowReport, reloaded};
 
 /// Where the list comes from.
+#[derive(Debug, Clone)]
 pub(crate) enum AllowSource {
     /// A file, watched.
     File(PathBuf),

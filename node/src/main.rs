@@ -20,10 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 mod allow;
+mod check;
 mod config;
 mod logging;
 mod membership;
 mod metrics;
+mod status;
 
 use allow::{AllowFile, AllowSource};
 use clap::{Parser, Subcommand};
@@ -46,6 +48,81 @@ otherwise. --log-format json writes one JSON object per line."
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `serve`'s flags (and `check`'s, which checks what `serve` would start with).
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Node config file (TOML; see deploy/node.toml). Flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's key file.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Address to listen on (port 0 picks one and prints it). Default 127.0.0.1:7000.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Allow-list file (TOML) of the peers that may talk to this node.
+    #[arg(long, conflicts_with = "membership")]
+    allow: Option<PathBuf>,
+    /// Signed membership document (from `membership combine`), in place of --allow: the
+    /// committee's members may talk to this node. Re-read when it changes (and at once
+    /// on SIGHUP): a newer epoch signed by the committee is applied and spread to every
+    /// member; anything else is refused and logged, and the node keeps its epoch. With
+    /// --data-dir the node remembers the newest epoch it accepted, so a restart never
+    /// goes back to an older one, whatever the file says.
+    #[arg(long, value_name = "SIGNED")]
+    membership: Option<PathBuf>,
+    /// Accept any authenticated peer. Only for experiments.
+    #[arg(long)]
+    allow_any_peer_insecure: bool,
+    /// Shell command that turns each request (on stdin) into its reply (stdout).
+    #[arg(long)]
+    exec: Option<String>,
+    /// Stop after answering this many requests (default: run until stopped).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Commands run at once, for different requests; more requests wait their turn.
+    /// 1 to 1024; default 8.
+    #[arg(long, value_parser = jobs_in_range)]
+    jobs: Option<usize>,
+    /// How long the application may take to answer a request; a command still running
+    /// then is killed, and the dialer is told (Abort NoResponse). Seconds ("25") or a
+    /// duration ("10s", "1m 30s"), at least 1 s. Default 25s.
+    #[arg(long, value_name = "DURATION", value_parser = response_timeout_of)]
+    response_timeout: Option<Duration>,
+    /// Keep exchanges in this directory, so that a restart (even after a crash) loses
+    /// none: requests acknowledged and not answered are run again (the command sees
+    /// P2P_REDELIVERED=1), answered ones are never run twice.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, how long exchanges in flight may take to finish
+    /// (e.g. "10s"). Default 10s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// A folder shared with the other members (a mounted bucket, a synced folder):
+    /// this node writes its signed, encrypted address record there and reads theirs, so
+    /// members find each other by peer id alone and a node that moves is followed.
+    /// Needs --membership.
+    #[arg(long, value_name = "DIR")]
+    records: Option<PathBuf>,
+    /// An address to publish in this node's record (repeat for several, most preferred
+    /// first); default: the listen address (which must then be one peers can dial).
+    #[arg(long, value_name = "ADDR")]
+    publish: Vec<SocketAddr>,
+    /// How long each address record lives (e.g. "1h"); it is refreshed at half that.
+    /// A node that stops refreshing is inactive to the others once it expires.
+    #[arg(long, value_parser = parse_record_ttl)]
+    record_ttl: Option<Duration>,
+    /// How often the records directory is read (e.g. "30s", the default).
+    #[arg(long, value_parser = parse_positive_duration)]
+    records_interval: Option<Duration>,
+    /// Log format: text (default) or json (one object per line).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -83,77 +160,25 @@ enum Cmd {
     /// Runs until SIGTERM or Ctrl-C (or `--count`), then stops gracefully: it stops accepting,
     /// refuses new requests, and gives exchanges in flight `grace` to finish. SIGHUP reloads
     /// the allow list at once (it is also reloaded when its file changes).
-    Serve {
-        /// Node config file (TOML; see deploy/node.toml). Flags override it.
-        #[arg(long)]
+    Serve(ServeArgs),
+    /// Check a node's configuration without starting it: the config file, the key, the
+    /// allow list or membership document, the data and records directories, the command;
+    /// every check `serve` makes at start, with the same flags, and nothing bound.
+    /// Exits 0 when `serve` would start.
+    Check(ServeArgs),
+    /// Ask a running node what it is doing: its peers and their connections and queues,
+    /// exchanges in flight, the allow list's source and epoch, inactive members. Reads the
+    /// node's `/status` on its metrics listener.
+    Status {
+        /// The node's config file: its `[metrics] listen` is asked.
+        #[arg(long, conflicts_with = "metrics")]
         config: Option<PathBuf>,
-        /// This node's key file.
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Address to listen on (port 0 picks one and prints it). Default 127.0.0.1:7000.
-        #[arg(long)]
-        listen: Option<String>,
-        /// Allow-list file (TOML) of the peers that may talk to this node.
-        #[arg(long, conflicts_with = "membership")]
-        allow: Option<PathBuf>,
-        /// Signed membership document (from `membership combine`), in place of --allow: the
-        /// committee's members may talk to this node. Re-read when it changes (and at once
-        /// on SIGHUP): a newer epoch signed by the committee is applied and spread to every
-        /// member; anything else is refused and logged, and the node keeps its epoch. With
-        /// --data-dir the node remembers the newest epoch it accepted, so a restart never
-        /// goes back to an older one, whatever the file says.
-        #[arg(long, value_name = "SIGNED")]
-        membership: Option<PathBuf>,
-        /// Accept any authenticated peer. Only for experiments.
-        #[arg(long)]
-        allow_any_peer_insecure: bool,
-        /// Shell command that turns each request (on stdin) into its reply (stdout).
-        #[arg(long)]
-        exec: Option<String>,
-        /// Stop after answering this many requests (default: run until stopped).
-        #[arg(long)]
-        count: Option<u64>,
-        /// Commands run at once, for different requests; more requests wait their turn.
-        /// 1 to 1024; default 8.
-        #[arg(long, value_parser = jobs_in_range)]
-        jobs: Option<usize>,
-        /// How long the application may take to answer a request; a command still running
-        /// then is killed, and the dialer is told (Abort NoResponse). Seconds ("25") or a
-        /// duration ("10s", "1m 30s"), at least 1 s. Default 25s.
-        #[arg(long, value_name = "DURATION", value_parser = response_timeout_of)]
-        response_timeout: Option<Duration>,
-        /// Keep exchanges in this directory, so that a restart (even after a crash) loses
-        /// none: requests acknowledged and not answered are run again (the command sees
-        /// P2P_REDELIVERED=1), answered ones are never run twice.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// On SIGTERM or Ctrl-C, how long exchanges in flight may take to finish
-        /// (e.g. "10s"). Default 10s.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        grace: Option<Duration>,
-        /// Serve Prometheus metrics on this address (GET /metrics).
+        /// The node's metrics address (as given to `serve --metrics`).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
-        /// A folder shared with the other members (a mounted bucket, a synced folder):
-        /// this node writes its signed, encrypted address record there and reads theirs, so
-        /// members find each other by peer id alone and a node that moves is followed.
-        /// Needs --membership.
-        #[arg(long, value_name = "DIR")]
-        records: Option<PathBuf>,
-        /// An address to publish in this node's record (repeat for several, most preferred
-        /// first); default: the listen address (which must then be one peers can dial).
-        #[arg(long, value_name = "ADDR")]
-        publish: Vec<SocketAddr>,
-        /// How long each address record lives (e.g. "1h"); it is refreshed at half that.
-        /// A node that stops refreshing is inactive to the others once it expires.
-        #[arg(long, value_parser = parse_record_ttl)]
-        record_ttl: Option<Duration>,
-        /// How often the records directory is read (e.g. "30s", the default).
-        #[arg(long, value_parser = parse_positive_duration)]
-        records_interval: Option<Duration>,
-        /// Log format: text (default) or json (one object per line).
-        #[arg(long, value_enum)]
-        log_format: Option<LogFormat>,
+        /// Print the node's JSON answer as it is.
+        #[arg(long)]
+        json: bool,
     },
     /// Send one request (or several) and print the reply and timings.
     Send {
@@ -265,102 +290,23 @@ fn run(command: Cmd) -> Result<()> {
             logging::init(LogFormat::Text, None, "warn")?;
             membership::run(command)
         }
-        Cmd::Serve {
-            config,
-            key,
-            listen,
-            allow,
-            membership,
-            allow_any_peer_insecure,
-            exec,
-            count,
-            jobs,
-            response_timeout,
-            data_dir,
-            grace,
-            metrics,
-            records,
-            publish,
-            record_ttl,
-            records_interval,
-            log_format,
-        } => {
-            let file = configure(config.as_deref(), log_format, "info")?;
-            let mut handler = file.handler_config();
-            if let Some(timeout) = response_timeout {
-                handler.response_timeout = timeout;
-            }
-            let key = key.or(file.key).ok_or(NO_KEY)?;
-            let data_dir = data_dir.or(file.data_dir);
-            // A flag wins over the config file, whichever of the two it names.
-            let from_flags = allow.is_some() || membership.is_some();
-            let (allow, membership) = if from_flags {
-                (allow, membership)
-            } else {
-                (file.allow, file.membership)
-            };
-            let allow = match (allow, membership) {
-                (Some(path), _) => AllowSource::File(path),
-                (None, Some(path)) => {
-                    if data_dir.is_none() {
-                        tracing::warn!(
-                            "--membership without --data-dir: the node does not remember the \
-                             newest epoch it accepted, so a restart starts again from the \
-                             file's epoch"
-                        );
-                    }
-                    AllowSource::Membership(path)
-                }
-                (None, None) if allow_any_peer_insecure || file.allow_any_peer_insecure => {
-                    AllowSource::AnyPeerInsecure
-                }
-                (None, None) => {
-                    return Err("--allow FILE or --membership SIGNED (or `allow` or \
-                                `membership` in the config file) is required; \
-                                --allow-any-peer-insecure accepts anyone, for experiments"
-                        .into());
-                }
-            };
-            let records_dir = records.or(file.records.clone());
-            let records = match records_dir {
-                Some(dir) => {
-                    if !matches!(allow, AllowSource::Membership(_)) {
-                        return Err("--records needs --membership: records are sealed for the \
-                                    members and signed by keys the membership lists"
-                            .into());
-                    }
-                    Some(record_options(
-                        &dir,
-                        if publish.is_empty() {
-                            file.publish.clone()
-                        } else {
-                            publish
-                        },
-                        record_ttl.or(file.record_ttl),
-                        records_interval.or(file.records_interval),
-                        true,
-                    )?)
-                }
-                None => None,
-            };
-            let options = ServeOptions {
-                exec: exec.or(file.exec),
-                count,
-                jobs: jobs.or(file.jobs).unwrap_or(8),
-                grace: grace.or(file.grace).unwrap_or(Duration::from_secs(10)),
-                allow_reload_interval: file.allow_reload_interval.unwrap_or(Duration::from_secs(2)),
-                metrics: metrics.or(file.metrics.listen),
-            };
-            let listen = listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
-            // The key first: a node that cannot be itself touches no data directory.
-            let key = load_key(&key)?;
-            let mut start = start_options(handler, data_dir.as_deref())?;
-            if let Some(records) = records {
+        Cmd::Serve(args) => {
+            let plan = plan(args, "info")?;
+            check::command(plan.options.exec.as_deref())?;
+            let mut start = start_options(plan.handler, plan.data_dir.as_deref())?;
+            if let Some(records) = plan.records {
                 start = start.records(records);
             }
-            serve(key, &listen, allow, start, &options)
+            serve(plan.key, &plan.listen, plan.allow, start, &plan.options)
+        }
+        Cmd::Check(args) => Ok(check::run(&plan(args, "warn")?)?),
+        Cmd::Status {
+            config,
+            metrics,
+            json,
+        } => {
+            logging::init(LogFormat::Text, None, "warn")?;
+            Ok(status::run(config.as_deref(), metrics, json)?)
         }
         Cmd::Send {
             config,
@@ -449,6 +395,125 @@ fn run(command: Cmd) -> Result<()> {
             outcomes(&load_key(&key)?, &data_dir, keep)
         }
     }
+}
+
+/// What `serve` starts with, from its flags over its config file, checked; nothing opened
+/// or bound yet.
+struct ServePlan {
+    key: Keypair,
+    key_path: PathBuf,
+    listen: String,
+    allow: AllowSource,
+    handler: Config,
+    data_dir: Option<PathBuf>,
+    records: Option<p2p_handler::records::RecordOptions>,
+    options: ServeOptions,
+}
+
+/// Reads `serve`'s flags and config file (starting the logs at `default_level`) into a
+/// [`ServePlan`].
+fn plan(args: ServeArgs, default_level: &str) -> Result<ServePlan> {
+    let ServeArgs {
+        config,
+        key,
+        listen,
+        allow,
+        membership,
+        allow_any_peer_insecure,
+        exec,
+        count,
+        jobs,
+        response_timeout,
+        data_dir,
+        grace,
+        metrics,
+        records,
+        publish,
+        record_ttl,
+        records_interval,
+        log_format,
+    } = args;
+    let file = configure(config.as_deref(), log_format, default_level)?;
+    let mut handler = file.handler_config();
+    if let Some(timeout) = response_timeout {
+        handler.response_timeout = timeout;
+    }
+    let key_path = key.or(file.key).ok_or(NO_KEY)?;
+    let data_dir = data_dir.or(file.data_dir);
+    // A flag wins over the config file, whichever of the two it names.
+    let from_flags = allow.is_some() || membership.is_some();
+    let (allow, membership) = if from_flags {
+        (allow, membership)
+    } else {
+        (file.allow, file.membership)
+    };
+    let allow = match (allow, membership) {
+        (Some(path), _) => AllowSource::File(path),
+        (None, Some(path)) => {
+            if data_dir.is_none() {
+                tracing::warn!(
+                    "--membership without --data-dir: the node does not remember the \
+                     newest epoch it accepted, so a restart starts again from the \
+                     file's epoch"
+                );
+            }
+            AllowSource::Membership(path)
+        }
+        (None, None) if allow_any_peer_insecure || file.allow_any_peer_insecure => {
+            AllowSource::AnyPeerInsecure
+        }
+        (None, None) => {
+            return Err("--allow FILE or --membership SIGNED (or `allow` or \
+                        `membership` in the config file) is required; \
+                        --allow-any-peer-insecure accepts anyone, for experiments"
+                .into());
+        }
+    };
+    let records_dir = records.or(file.records.clone());
+    let records = match records_dir {
+        Some(dir) => {
+            if !matches!(allow, AllowSource::Membership(_)) {
+                return Err("--records needs --membership: records are sealed for the \
+                            members and signed by keys the membership lists"
+                    .into());
+            }
+            Some(record_options(
+                &dir,
+                if publish.is_empty() {
+                    file.publish.clone()
+                } else {
+                    publish
+                },
+                record_ttl.or(file.record_ttl),
+                records_interval.or(file.records_interval),
+                true,
+            )?)
+        }
+        None => None,
+    };
+    let options = ServeOptions {
+        exec: exec.or(file.exec),
+        count,
+        jobs: jobs.or(file.jobs).unwrap_or(8),
+        grace: grace.or(file.grace).unwrap_or(Duration::from_secs(10)),
+        allow_reload_interval: file.allow_reload_interval.unwrap_or(Duration::from_secs(2)),
+        metrics: metrics.or(file.metrics.listen),
+    };
+    let listen = listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
+    // The key first: a node that cannot be itself touches no data directory.
+    let key = load_key(&key_path)?;
+    Ok(ServePlan {
+        key,
+        key_path,
+        listen,
+        allow,
+        handler,
+        data_dir,
+        records,
+        options,
+    })
 }
 
 /// `p2p-node outcomes`: reads the store directly (no handler starts, nothing is sent),

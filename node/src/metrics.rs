@@ -197,7 +197,11 @@ impl Server {
         let (status, kind, body) = if method == "GET" || head {
             self.route(path)
         } else {
-            ("405 Method Not Allowed", TEXT, "use GET or HEAD\n".to_owned())
+            (
+                "405 Method Not Allowed",
+                TEXT,
+                "use GET or HEAD\n".to_owned(),
+            )
         };
         let mut out = stream;
         write!(

@@ -501,3 +501,90 @@ fn outcomes_collects_what_a_data_directory_holds_without_sending() {
     assert_eq!(none, "");
     assert!(note.contains("0 outcomes collected"), "{note}");
 }
+
+#[test]
+fn check_lists_every_problem_serve_would_meet_and_passes_what_it_would_start() {
+    let setup = Setup::new("check");
+    let dir = &setup.dir;
+    std::fs::write(dir.join("afile"), "").unwrap();
+    std::fs::write(dir.join("broken.toml"), "[[peer]]\nid = \"not hex\"\n").unwrap();
+    std::fs::write(
+        dir.join("node.toml"),
+        "key = \"bob.key\"\nallow = \"broken.toml\"\nlisten = \"127.0.0.1:0\"\n\
+         data_dir = \"afile\"\nexec = \"no-such-program-here --x\"\n",
+    )
+    .unwrap();
+    // Three problems, all listed by one run, each naming its input; nothing is bound.
+    let err = failure(
+        node()
+            .args(["check", "--config"])
+            .arg(dir.join("node.toml")),
+    );
+    for expected in [
+        "allow:",
+        "broken.toml",
+        "line 2",
+        "data_dir:",
+        "afile",
+        "not a directory",
+        "\"no-such-program-here\" is not a command",
+        "3 problems found",
+    ] {
+        assert!(err.contains(expected), "{expected:?} missing: {err}");
+    }
+    // `serve` refuses the same command and the same file at start, rather than starting
+    // and refusing every request (or saying "File exists").
+    let err = failure(
+        node()
+            .args(["serve", "--config"])
+            .arg(dir.join("node.toml"))
+            .args(["--allow", "allow.toml", "--data-dir", "data"])
+            .current_dir(dir),
+    );
+    assert!(
+        err.contains("\"no-such-program-here\" is not a command"),
+        "{err}"
+    );
+    let err = failure(
+        node()
+            .args(["serve", "--config"])
+            .arg(dir.join("node.toml"))
+            .args(["--allow", "allow.toml", "--exec", "cat"])
+            .current_dir(dir),
+    );
+    assert!(err.contains("afile: not a directory"), "{err}");
+    // A shell command the shell cannot read is refused too; one it can is passed.
+    let err = failure(
+        node()
+            .args(["check", "--config"])
+            .arg(dir.join("node.toml"))
+            .args([
+                "--allow",
+                "allow.toml",
+                "--data-dir",
+                "data",
+                "--exec",
+                "tr 'a-z",
+            ])
+            .current_dir(dir),
+    );
+    assert!(err.contains("the shell cannot read"), "{err}");
+    // Fixed by flags (which override the file, as for serve): it passes, says what it
+    // found, and creates nothing.
+    let out = output(
+        node()
+            .args(["check", "--config"])
+            .arg(dir.join("node.toml"))
+            .args(["--allow", "allow.toml", "--data-dir", "data"])
+            .args(["--exec", "x=$(cat); printf '%s' \"$x\" | tr a-z A-Z"])
+            .current_dir(dir),
+    );
+    assert!(out.contains(&setup.bob), "{out}");
+    assert!(out.contains("2 peers in force"), "{out}");
+    assert!(out.contains("created at start"), "{out}");
+    assert!(out.contains("serve` would start"), "{out}");
+    assert!(
+        !dir.join("data").exists(),
+        "check created the data directory"
+    );
+}

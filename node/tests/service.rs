@@ -340,7 +340,14 @@ fn the_exposition_follows_prometheus_practice_and_the_probes_follow_the_node() {
     let echo = gated_echo(&setup);
     let mut served = Served::start(
         &setup,
-        &serve_args(&["--metrics", "127.0.0.1:0", "--exec", &echo, "--grace", "60s"]),
+        &serve_args(&[
+            "--metrics",
+            "127.0.0.1:0",
+            "--exec",
+            &echo,
+            "--grace",
+            "60s",
+        ]),
         &[("RUST_LOG", "info,p2p_node=debug")],
     );
     let (ok, _, err) = send(&setup, "alice", &served.target, "one");
@@ -384,8 +391,14 @@ fn the_exposition_follows_prometheus_practice_and_the_probes_follow_the_node() {
         other => panic!("{name} {label:?}: {other:?}\n{text}"),
     };
     // A node that only served shows its own exchanges' family, at zero.
-    assert_eq!(number("p2p_exchanges_total", Some(("outcome", "reply"))), 0.0);
-    assert_eq!(number("p2p_responses_total", Some(("outcome", "delivered"))), 1.0);
+    assert_eq!(
+        number("p2p_exchanges_total", Some(("outcome", "reply"))),
+        0.0
+    );
+    assert_eq!(
+        number("p2p_responses_total", Some(("outcome", "delivered"))),
+        1.0
+    );
     // One meaning per family: connections and connection tasks are two.
     assert!(value("p2p_connections", None).is_none(), "{text}");
     assert!(value("p2p_connections_established", None).is_some());
@@ -398,14 +411,20 @@ fn the_exposition_follows_prometheus_practice_and_the_probes_follow_the_node() {
         Some(prometheus_parse::Value::Histogram(buckets)) => {
             assert!(buckets.len() > 10, "{buckets:?}");
             let all = buckets.last().unwrap();
-            assert!(all.less_than.is_infinite() && all.count == 1.0, "{buckets:?}");
+            assert!(
+                all.less_than.is_infinite() && all.count == 1.0,
+                "{buckets:?}"
+            );
         }
         other => panic!("no duration histogram: {other:?}\n{text}"),
     }
     assert!(text.contains("role=\"responder\""), "{text}");
     // What is running, and the process.
     assert_eq!(
-        number("p2p_node_build_info", Some(("version", env!("CARGO_PKG_VERSION")))),
+        number(
+            "p2p_node_build_info",
+            Some(("version", env!("CARGO_PKG_VERSION")))
+        ),
         1.0
     );
     // (The metrics facade's counters are integers: CPU time counts whole seconds.)
@@ -413,21 +432,33 @@ fn the_exposition_follows_prometheus_practice_and_the_probes_follow_the_node() {
     assert!(number("process_resident_memory_bytes", None) > 0.0);
     assert!(number("process_start_time_seconds", None) > 1.6e9);
     // Reloads: the SIGHUP's, and when the last one succeeded.
-    assert_eq!(number("p2p_node_allow_reloads_total", Some(("result", "failed"))), 0.0);
+    assert_eq!(
+        number("p2p_node_allow_reloads_total", Some(("result", "failed"))),
+        0.0
+    );
     assert!(number("p2p_node_allow_last_reload_success_timestamp_seconds", None) > 1.6e9);
 
     // HEAD answers like GET, without a body; other methods are refused.
     let head = served.http("HEAD", "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body(&head).is_empty(), "{head}");
-    assert!(header(&head, "content-length").unwrap().parse::<usize>().unwrap() > 1000);
+    assert!(
+        header(&head, "content-length")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            > 1000
+    );
     let post = served.http("POST", "/metrics");
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
     assert_eq!(header(&post, "allow"), Some("GET, HEAD"));
     for method in ["GET", "HEAD"] {
         for path in ["/healthz", "/readyz"] {
             let response = served.http(method, path);
-            assert!(response.starts_with("HTTP/1.1 200"), "{method} {path}: {response}");
+            assert!(
+                response.starts_with("HTTP/1.1 200"),
+                "{method} {path}: {response}"
+            );
         }
     }
     assert_eq!(body(&served.http("GET", "/readyz")), "ready\n");
@@ -442,13 +473,83 @@ fn the_exposition_follows_prometheus_practice_and_the_probes_follow_the_node() {
     served.signal("TERM");
     served.wait_log("stopping");
     let ready = served.http("GET", "/readyz");
-    assert!(ready.starts_with("HTTP/1.1 503") && body(&ready) == "stopping\n", "{ready}");
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && body(&ready) == "stopping\n",
+        "{ready}"
+    );
     assert!(served.http("GET", "/healthz").starts_with("HTTP/1.1 200"));
     open_gate(&setup);
     let out = slow.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (status, log) = served.exit();
     assert!(status.success(), "{log:#?}");
+}
+
+#[test]
+fn status_shows_a_running_nodes_peers_queues_and_exchanges() {
+    let setup = Setup::new("status");
+    let echo = gated_echo(&setup);
+    let alice = id_of(&setup, "alice");
+    let served = Served::start(
+        &setup,
+        &serve_args(&[
+            "--metrics",
+            "127.0.0.1:0",
+            "--exec",
+            &echo,
+            "--data-dir",
+            "data",
+        ]),
+        &[],
+    );
+    let metrics = served.metrics.unwrap().to_string();
+    let slow = send_cmd(&setup, "alice", &served.target, "slow one")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    served.wait_metric("p2p_pending_responses", 1.0);
+    // For a person: who it is, the allow list, what waits, and one row per peer.
+    let out = support::output(node().args(["status", "--metrics", &metrics]));
+    assert!(out.contains(&setup.bob) && out.contains(": ready"), "{out}");
+    assert!(out.contains("allow list: file allow.toml"), "{out}");
+    assert!(out.contains("not reloaded since the start"), "{out}");
+    assert!(out.contains("1 of peers' waiting on us"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with(&alice[..16]))
+        .unwrap_or_else(|| panic!("no row for alice: {out}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // PEER NAME ALLOWED CONNS DIALING QUEUED ACTIVE TO-ANSWER UNACKED
+    assert_eq!(cells[2..], ["yes", "1", "0", "0", "0", "1", "0"], "{out}");
+    // For a program: the node's JSON as it is.
+    let json = support::output(node().args(["status", "--json", "--metrics", &metrics]));
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(value["pending_responses"], 1, "{json}");
+    let peers = value["peers"].as_array().unwrap();
+    let at_alice = peers.iter().find(|p| p["peer"] == alice.as_str()).unwrap();
+    assert_eq!(at_alice["awaiting_answer"], 1, "{json}");
+    // `check` on the same configuration does not touch a store a running node holds.
+    let out = support::output(
+        node()
+            .arg("check")
+            .args(serve_args(&["--data-dir", "data"]))
+            .current_dir(&setup.dir),
+    );
+    assert!(out.contains("in use by a running node"), "{out}");
+    open_gate(&setup);
+    let out = slow.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // A node without a metrics listener cannot be asked, and says where to look.
+    let err = support::failure(node().args(["status", "--metrics", "127.0.0.1:1"]));
+    assert!(
+        err.contains("cannot reach") && err.contains("--metrics"),
+        "{err}"
+    );
 }
 
 #[test]

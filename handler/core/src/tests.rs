@@ -469,10 +469,18 @@ fn peer_summaries_count_what_is_open_and_in_flight_on_each_side() {
     let bob = net.id(BOB);
     let alice = net.id(ALICE);
     let ours = net.nodes[ALICE].endpoint.peer_summaries();
-    let at_bob = ours.iter().find(|s| s.peer == bob).expect("bob is summarised");
+    let at_bob = ours
+        .iter()
+        .find(|s| s.peer == bob)
+        .expect("bob is summarised");
     assert!(at_bob.allowed);
     assert_eq!(
-        (at_bob.connections, at_bob.connecting, at_bob.active, at_bob.queued),
+        (
+            at_bob.connections,
+            at_bob.connecting,
+            at_bob.active,
+            at_bob.queued
+        ),
         (1, 0, 1, 2),
         "one exchange runs on one connection, two wait: {at_bob:?}"
     );
@@ -480,7 +488,11 @@ fn peer_summaries_count_what_is_open_and_in_flight_on_each_side() {
     let theirs = net.nodes[BOB].endpoint.peer_summaries();
     let at_alice = theirs.iter().find(|s| s.peer == alice).expect("alice too");
     assert_eq!(
-        (at_alice.connections, at_alice.awaiting_answer, at_alice.awaiting_ack),
+        (
+            at_alice.connections,
+            at_alice.awaiting_answer,
+            at_alice.awaiting_ack
+        ),
         (1, 1, 0)
     );
     assert_eq!((at_alice.active, at_alice.queued), (0, 0));
@@ -493,11 +505,19 @@ fn peer_summaries_count_what_is_open_and_in_flight_on_each_side() {
             .map(|s| (s.awaiting_answer, s.awaiting_ack))
     };
     net.respond(BOB, alice, ids[0], b"r0");
-    assert_eq!(awaiting_ack(&net), Some((0, 1)), "the reply waits for its Ack");
+    assert_eq!(
+        awaiting_ack(&net),
+        Some((0, 1)),
+        "the reply waits for its Ack"
+    );
     net.run_until(secs(5), |n| {
         n.replies(ALICE).len() == 1 && awaiting_ack(n) == Some((1, 0))
     });
-    assert_eq!(awaiting_ack(&net), Some((1, 0)), "acknowledged; the next request came");
+    assert_eq!(
+        awaiting_ack(&net),
+        Some((1, 0)),
+        "acknowledged; the next request came"
+    );
     let ours = net.nodes[ALICE].endpoint.peer_summaries();
     let at_bob = ours.iter().find(|s| s.peer == bob).expect("bob");
     assert_eq!((at_bob.active, at_bob.queued), (1, 1));

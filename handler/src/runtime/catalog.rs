@@ -30,8 +30,13 @@ pub(super) const EXCHANGE_OUTCOMES: [&str; 13] = [
 ];
 
 /// How peers' requests end on our side.
-pub(super) const RESPONSE_OUTCOMES: [&str; 5] =
-    ["delivered", "unconfirmed", "timed_out", "aborted", "cancelled"];
+pub(super) const RESPONSE_OUTCOMES: [&str; 5] = [
+    "delivered",
+    "unconfirmed",
+    "timed_out",
+    "aborted",
+    "cancelled",
+];
 
 /// Handshake failures, by cause (`ConnError` in the core).
 pub(super) const HANDSHAKE_CAUSES: [&str; 9] = [
@@ -66,8 +71,7 @@ pub const EXCHANGE_DURATION: &str = "p2p_exchange_duration_seconds";
 /// Upper bounds of [`EXCHANGE_DURATION`]'s buckets, in seconds: a loopback exchange takes
 /// about a millisecond, one that retries through an outage minutes.
 pub const EXCHANGE_DURATION_BUCKETS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// The counters without labels: name and help.
@@ -143,7 +147,10 @@ const COUNTERS: [(&str, &str); 22] = [
         "p2p_membership_refused_total",
         "Membership documents refused, by reason.",
     ),
-    ("p2p_records_refused_total", "Address records refused, by reason."),
+    (
+        "p2p_records_refused_total",
+        "Address records refused, by reason.",
+    ),
     (
         "p2p_first_messages_total",
         "Inbound IK first messages, by what the guard made of them before any Diffie-Hellman.",
@@ -160,10 +167,7 @@ const GAUGES: [(&str, &str); 8] = [
         "p2p_connection_tasks",
         "Connection tasks alive on the network side (handshaking ones included).",
     ),
-    (
-        "p2p_outbound_in_flight",
-        "Our exchanges not finished yet.",
-    ),
+    ("p2p_outbound_in_flight", "Our exchanges not finished yet."),
     (
         "p2p_pending_responses",
         "Peers' requests waiting for our answer or for the Ack of our reply.",

@@ -822,9 +822,9 @@ impl HandlerTask {
             return Err(RequestError::Unread { limit });
         }
         let deadline = self.deadline_of(options, now);
-        let result = self
-            .endpoint
-            .request_to_with(peer, payload, options.key.clone(), deadline, now);
+        let result =
+            self.endpoint
+                .request_to_with(peer, payload, options.key.clone(), deadline, now);
         if let Ok(exchange) = &result {
             self.observer.request_started(peer, *exchange);
         }

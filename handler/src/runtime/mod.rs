@@ -51,12 +51,12 @@ mod router;
 mod slots;
 mod tap;
 
+pub use catalog::{EXCHANGE_DURATION, EXCHANGE_DURATION_BUCKETS};
 pub use handle::{
     Handler, HandlerError, Inbox, MembershipStatus, Notice, Options, Received, RequestOptions,
     ShutdownReport, Status, WallClock,
 };
 pub use tap::{Arrival, NoTap, Tap, Verdict};
-pub use catalog::{EXCHANGE_DURATION, EXCHANGE_DURATION_BUCKETS};
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

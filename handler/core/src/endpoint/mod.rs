@@ -36,8 +36,8 @@ mod responder;
 
 pub use dialer::Deadline;
 pub use events::{
-    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, Receipt, RecordEvent,
-    PeerSummary, RequestError, RespondError, RetryCause, Source, Stats,
+    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, PeerSummary, Receipt,
+    RecordEvent, RequestError, RespondError, RetryCause, Source, Stats,
 };
 pub use membership::{
     InstallError, Installed, MAX_DOCUMENTS_BYTES, MAX_DOCUMENTS_PER_MESSAGE, MAX_SYNC_DIALS,
