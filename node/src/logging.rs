@@ -9,8 +9,12 @@ use crate::config::LogFormat;
 /// Installs the subscriber. The filter is `RUST_LOG` when set, else `level` (from the config
 /// file), else `default`. A filter that does not parse is an error naming it.
 pub(crate) fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
+    let mut overridden = None;
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => {
+            if let Some(level) = level {
+                overridden = Some((env.clone(), level.to_owned()));
+            }
             filter(&env).map_err(|e| format!("invalid RUST_LOG {env:?}: {e}"))?
         }
         _ => {
@@ -32,6 +36,9 @@ pub(crate) fn init(format: LogFormat, level: Option<&str>, default: &str) -> Res
             .with_span_list(false)
             .try_init(),
     };
+    if let Some((env, level)) = overridden {
+        tracing::info!("RUST_LOG={env:?} overrides the config's [log] level {level:?}");
+    }
     Ok(())
 }
 

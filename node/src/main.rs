@@ -881,6 +881,11 @@ fn serve(
     if let Some(health) = &health {
         health.ready(node.handler().clone(), allow.report());
     }
+    let status = format!("listening on {}", node.local_address());
+    systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     let answered = AtomicU64::new(0);
     let done = |answered: &AtomicU64| {
         options
@@ -911,6 +916,10 @@ fn serve(
                     if let Some(health) = &health {
                         health.stopping();
                     }
+                    systemd(&[
+                        sd_notify::NotifyState::Stopping,
+                        sd_notify::NotifyState::Status("draining"),
+                    ]);
                     tracing::info!(
                         "stopping: no new requests; exchanges in flight have {:?} to finish",
                         options.grace
@@ -993,6 +1002,7 @@ fn serve(
     if let Some(health) = &health {
         health.stopping();
     }
+    systemd(&[sd_notify::NotifyState::Stopping]);
     let report = node.shutdown();
     tracing::info!(
         "stopped: answered {} requests; {} unanswered at shutdown{}",
@@ -1005,6 +1015,14 @@ fn serve(
         }
     );
     result
+}
+
+/// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET` is set) how the node stands;
+/// without systemd, nothing.
+fn systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
 }
 
 /// Reports how a request of an earlier run (kept in the data directory) ended.
@@ -1056,6 +1074,8 @@ fn pipe(
         .arg("-c")
         .arg(cmd)
         .envs(env.iter().map(|(k, v)| (k, v)))
+        // systemd's socket is the node's, not its commands'.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     #[cfg(unix)]

@@ -43,6 +43,33 @@ fn the_systemd_unit_verifies_and_runs_the_example_config() {
         .unwrap();
     assert_eq!(format!("/var/lib/{state}"), data_dir());
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // Readiness comes from the node itself (READY=1 once it listens), and the config's
+    // [log] level is not overridden behind the operator's back.
+    assert!(unit.contains("\nType=notify\n"), "{unit}");
+    assert!(
+        !unit.lines().any(|l| l.starts_with("Environment=RUST_LOG")),
+        "the unit overrides [log] level"
+    );
+    // Every Documentation= file is one the install steps above it put there, from a
+    // file this repository has.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for doc in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Documentation="))
+    {
+        let path = doc
+            .strip_prefix("file://")
+            .unwrap_or_else(|| panic!("{doc}"));
+        let words: Vec<&str> = unit
+            .lines()
+            .filter(|l| l.starts_with("#   install "))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|words| words.contains(&path))
+            .unwrap_or_else(|| panic!("nothing installs {path}"));
+        let at = words.iter().position(|w| *w == path).unwrap();
+        let source = words[at - 1];
+        assert!(root.join(source).is_file(), "{words:?}: no {source}");
+    }
     // The example config it names loads (with its relative key and allow paths).
     let out = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
         .args(["serve", "--config"])
@@ -82,6 +109,37 @@ fn the_systemd_unit_verifies_and_runs_the_example_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     // Unknown keys and bad values are only warnings to systemd: fail on any output.
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
+
+#[test]
+fn the_systemd_unit_is_rated_2_5_or_better_by_systemd_analyze_security() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not found: unit not rated on this machine");
+        return;
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager", "--threshold=25"])
+        .arg(deploy("p2p-node.service"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let rating: f64 = text
+        .lines()
+        .chain(err.lines())
+        .find_map(|l| {
+            l.split("Overall exposure level for p2p-node.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rating: {text}{err}"));
+    assert!(rating <= 2.5, "rated {rating}:\n{text}");
+    assert!(out.status.success(), "over the threshold:\n{text}{err}");
 }
 
 #[test]

@@ -553,6 +553,43 @@ fn status_shows_a_running_nodes_peers_queues_and_exchanges() {
 }
 
 #[test]
+fn systemd_hears_ready_once_the_node_listens_and_stopping_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let setup = Setup::new("notify");
+    // systemd's side of Type=notify: a datagram socket named in $NOTIFY_SOCKET.
+    let path = setup.dir.join("notify.sock");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(WAIT)).unwrap();
+    write(&setup, "node.toml", "[log]\nlevel = \"info\"\n");
+    let mut served = Served::start(
+        &setup,
+        &serve_args(&["--config", "node.toml"]),
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("RUST_LOG", "info,p2p_node=debug"),
+        ],
+    );
+    let mut buf = [0u8; 512];
+    let n = systemd.recv(&mut buf).unwrap();
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready.contains(&format!("STATUS=listening on {}", served.addr)),
+        "{ready:?}"
+    );
+    // READY came after the listener: a request sent now is served.
+    assert!(send(&setup, "alice", &served.target, "hi").0);
+    // An operator's RUST_LOG wins over the config's level, and the log says so.
+    served.wait_log("overrides the config's [log] level \"info\"");
+    served.signal("TERM");
+    let n = systemd.recv(&mut buf).unwrap();
+    let stopping = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    let (status, log) = served.exit();
+    assert!(status.success(), "{log:#?}");
+}
+
+#[test]
 fn sigterm_mid_burst_lets_exchanges_in_flight_finish_and_exits_zero() {
     let setup = Setup::new("sigterm");
     let echo = gated_echo(&setup);
@@ -844,6 +881,7 @@ fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    assert!(first.wait_log("store ").contains("new, nothing to resume"));
     first.wait_log("request");
     first.signal("TERM");
     let addr = first.addr;
@@ -855,7 +893,7 @@ fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
     );
     // Started again on the same address and data directory, with a command that answers:
     // the kept request is delivered again and the dialer, still retrying, gets its reply.
-    let second = Served::start(
+    let mut second = Served::start(
         &setup,
         &[
             "--key",
@@ -870,6 +908,13 @@ fn a_durable_node_stopped_gracefully_keeps_what_is_left_for_its_next_start() {
             "printf 'redelivered=%s ' \"$P2P_REDELIVERED\"; cat",
         ],
         &[],
+    );
+    // Its start says what it found, at the default level.
+    let line = second.wait_log("resuming");
+    assert!(
+        line.contains("resuming 0 requests of ours")
+            && line.contains("delivering 1 request from peers again"),
+        "{line}"
     );
     let out = sender.wait_with_output().unwrap();
     assert!(

@@ -661,6 +661,7 @@ impl Handler {
                         path: store.location(),
                         record,
                     })?;
+                super::observe::resumed(&store.location(), fresh, &recovered);
                 Some((fresh, recovered))
             }
             None => None,

@@ -562,13 +562,67 @@ pub(super) fn membership_installed(installed: &Installed) {
     }
 }
 
+/// What a durable node found in its store at start: one `info` line with the counts, and
+/// at `debug` one line per exchange it resumes or delivers again.
+pub(super) fn resumed(location: &str, fresh: bool, recovered: &crate::durable::Recovered) {
+    use crate::durable::InboundStage;
+    if fresh {
+        tracing::info!("store {location}: new, nothing to resume");
+        return;
+    }
+    let redeliver = recovered
+        .inbound
+        .iter()
+        .filter(|(_, r)| matches!(r.stage, InboundStage::Pending { payload: Some(_) }))
+        .count();
+    let awaiting_ack = recovered
+        .inbound
+        .iter()
+        .filter(|(_, r)| matches!(r.stage, InboundStage::Replied { .. }))
+        .count();
+    let unacked = recovered.outbound.iter().filter(|(_, r)| !r.acked).count();
+    tracing::info!(
+        resumed = recovered.outbound.len(),
+        redelivered = redeliver,
+        outcomes = recovered.outcomes.len() + recovered.responses.len(),
+        "store {location}: resuming {} of ours ({} not yet acknowledged by the peer, sent \
+         again); delivering {} from peers again (acknowledged, not answered); {} awaiting \
+         the peer's Ack; {} not taken before the stop, handed out again (flagged redelivered)",
+        counted(recovered.outbound.len(), "request", "requests"),
+        unacked,
+        counted(redeliver, "request", "requests"),
+        counted(awaiting_ack, "reply", "replies"),
+        counted(
+            recovered.outcomes.len() + recovered.responses.len(),
+            "outcome",
+            "outcomes"
+        )
+    );
+    for (exchange, record) in &recovered.outbound {
+        tracing::debug!(peer = %record.peer.short(), %exchange, acked = record.acked, "resuming our request");
+    }
+    for ((peer, exchange), record) in &recovered.inbound {
+        if matches!(record.stage, InboundStage::Pending { payload: Some(_) }) {
+            tracing::debug!(peer = %peer.short(), %exchange, "delivering a peer's request again");
+        }
+    }
+}
+
+/// "1 request", "2 requests".
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 pub(super) fn dial(conn: ConnId, peer: PeerId, addr: std::net::SocketAddr) {
     tracing::debug!(%conn, peer = %peer.short(), %addr, "dial");
 }
 
 /// A connection's handshake completed, at `debug`.
 pub(super) fn established(conn: ConnId, peer: PeerId, addr: Option<std::net::SocketAddr>) {
-    tracing::debug!(%conn, peer = %peer.short(), addr = ?addr, "connection established");
+    match addr {
+        Some(addr) => tracing::debug!(%conn, peer = %peer.short(), %addr, "connection established"),
+        None => tracing::debug!(%conn, peer = %peer.short(), "connection established"),
+    }
 }
 
 /// A label for how one of our exchanges failed.
