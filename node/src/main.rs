@@ -177,8 +177,12 @@ enum Cmd {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
         /// Print the node's JSON answer as it is.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "probe")]
         json: bool,
+        /// Only ask whether the node is alive (its /healthz, or /readyz with `ready`):
+        /// exit 0 if so, 1 with the node's answer if not. For container health checks.
+        #[arg(long, value_name = "WHAT", num_args = 0..=1, default_missing_value = "health")]
+        probe: Option<status::Probe>,
     },
     /// Send one request (or several) and print the reply and timings.
     Send {
@@ -304,9 +308,11 @@ fn run(command: Cmd) -> Result<()> {
             config,
             metrics,
             json,
+            probe,
         } => {
             logging::init(LogFormat::Text, None, "warn")?;
-            Ok(status::run(config.as_deref(), metrics, json)?)
+            let ask = status::Ask { json, probe };
+            Ok(status::run(config.as_deref(), metrics, ask)?)
         }
         Cmd::Send {
             config,
@@ -646,6 +652,11 @@ fn load_config(path: Option<&Path>) -> Result<NodeFile> {
 
 /// Loads a key file, warning when other users can read it.
 fn load_key(path: &Path) -> Result<Keypair> {
+    if let Err(e) = std::fs::File::open(path)
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        return Err(unreadable_key(path, &e).into());
+    }
     let key = Keypair::from_file(path)?;
     #[cfg(unix)]
     {
@@ -662,6 +673,35 @@ fn load_key(path: &Path) -> Result<Keypair> {
         }
     }
     Ok(key)
+}
+
+/// A key file this process may not read: says who owns it and who runs, and how to fix
+/// it (a key written by `keygen` on the host is its user's, mode 600; in a container the
+/// node runs as another user).
+fn unreadable_key(path: &Path, e: &std::io::Error) -> String {
+    let shown = path.display();
+    #[cfg(unix)]
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map(|m| m.uid()).ok()
+    };
+    #[cfg(not(unix))]
+    let owner: Option<u32> = None;
+    // Linux: this process's real uid, from /proc (no libc call needed).
+    let me = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next()?.parse::<u32>().ok())
+        });
+    match (owner, me) {
+        (Some(owner), Some(me)) if owner != me => format!(
+            "cannot read key file {shown}: {e}: it belongs to uid {owner} and this node runs \
+             as uid {me}; give it to the node's user (`chown {me} {shown}`, keep mode 600)"
+        ),
+        _ => format!("cannot read key file {shown}: {e}"),
+    }
 }
 
 fn keygen(out: &Path, force: bool) -> Result<()> {

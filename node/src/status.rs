@@ -12,11 +12,28 @@ use crate::metrics::{PeerReport, Report};
 /// How long the node may take to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Which probe `--probe` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Probe {
+    /// `/healthz`: the handler answers.
+    Health,
+    /// `/readyz`: listening and not stopping.
+    Ready,
+}
+
+/// What to ask and print.
+pub(crate) struct Ask {
+    /// The node's JSON as it is.
+    pub(crate) json: bool,
+    /// Only a probe.
+    pub(crate) probe: Option<Probe>,
+}
+
 /// Asks the node at `metrics` (or at its config file's `[metrics] listen`) and prints.
 pub(crate) fn run(
     config: Option<&Path>,
     metrics: Option<SocketAddr>,
-    json: bool,
+    ask: Ask,
 ) -> Result<(), String> {
     let addr = match (metrics, config) {
         (Some(addr), _) => addr,
@@ -35,8 +52,16 @@ pub(crate) fn run(
         }
     };
     let addr = reachable(addr);
+    if let Some(probe) = ask.probe {
+        let path = match probe {
+            Probe::Health => "/healthz",
+            Probe::Ready => "/readyz",
+        };
+        print!("{}", get(addr, path)?);
+        return Ok(());
+    }
     let body = get(addr, "/status")?;
-    if json {
+    if ask.json {
         print!("{body}");
         return Ok(());
     }

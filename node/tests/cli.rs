@@ -588,3 +588,35 @@ fn check_lists_every_problem_serve_would_meet_and_passes_what_it_would_start() {
         "check created the data directory"
     );
 }
+
+#[test]
+fn a_key_another_user_owns_is_named_with_both_users_and_the_fix() {
+    // As a container does it: the key belongs to the user who ran keygen, mode 600, and
+    // the node runs as another. Only root can play both users here.
+    let me = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = me
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .is_some_and(|ids| ids.split_whitespace().next() == Some("0"));
+    if !root || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("not root, or no setpriv: cannot run the node as another user here");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("p2p-node-owner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    keygen(&dir, "k.key");
+    let err = failure(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_p2p-node"))
+            .args(["check", "--allow-any-peer-insecure", "--key"])
+            .arg(dir.join("k.key")),
+    );
+    assert!(
+        err.contains("belongs to uid 0")
+            && err.contains("runs as uid 65534")
+            && err.contains("chown 65534"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -166,3 +166,172 @@ fn the_container_image_is_multi_stage_non_root_with_the_data_dir_as_a_volume() {
     // The build uses the lock file, as CI does.
     assert!(dockerfile.contains("cargo build --release --locked -p p2p-node"));
 }
+
+/// A `serve` process, killed when dropped.
+struct Node(std::process::Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `p2p-node serve ARGS`; returns it, its address and its metrics address.
+fn serve(args: &[&str]) -> (Node, String, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+        .arg("serve")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let node = Node(child);
+    let mut metrics = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "serve ended early"
+        );
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["metrics", "on", url] => {
+                metrics = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .to_owned();
+            }
+            ["listening", "on", addr, "as", _] => return (node, (*addr).to_owned(), metrics),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_compose_files_scripts_make_three_nodes_that_talk() {
+    let compose = read("compose.yaml");
+    let dir = std::env::temp_dir().join(format!("p2p-compose-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("conf");
+    // init.sh, as compose runs it, on the host: keys, allow lists, configs.
+    let init = |what: &str| {
+        let status = Command::new("sh")
+            .arg(deploy("compose/init.sh"))
+            .env("CONF", &conf)
+            .env("P2P_NODE", env!("CARGO_BIN_EXE_p2p-node"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "init.sh failed {what}");
+    };
+    init("the first time");
+    let key_a = std::fs::read(conf.join("a/node.key")).unwrap();
+    init("again");
+    assert_eq!(
+        std::fs::read(conf.join("a/node.key")).unwrap(),
+        key_a,
+        "a second run replaced a key"
+    );
+    // Each service serves the config init.sh wrote for it, from the conf volume.
+    for n in ["a", "b", "c"] {
+        let config = conf.join(n).join("node.toml");
+        assert!(config.is_file());
+        assert!(
+            compose.contains(&format!(
+                "[\"serve\", \"--config\", \"/conf/{n}/node.toml\"]"
+            )),
+            "service {n}"
+        );
+        let check = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    assert!(compose.contains("condition: service_completed_successfully"));
+    // The three nodes, on loopback ports of their own (flags override the configs').
+    let mut nodes = Vec::new();
+    let mut env = Vec::new();
+    for n in ["a", "b", "c"] {
+        let config = conf.join(n).join("node.toml");
+        let data = dir.join(format!("data-{n}"));
+        let (node, addr, metrics) = serve(&[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        nodes.push((node, metrics));
+        env.push((format!("ADDR_{}", n.to_uppercase()), addr));
+    }
+    // talk.sh, as the compose `talk` service runs it: a -> b -> c -> a.
+    let out = Command::new("sh")
+        .arg(deploy("compose/talk.sh"))
+        .env("CONF", &conf)
+        .env("P2P_NODE", env!("CARGO_BIN_EXE_p2p-node"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let replies = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{replies}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pair in ["a to b", "b to c", "c to a"] {
+        assert!(replies.contains(&format!("hello from {pair}")), "{replies}");
+    }
+    // The image's health check command, against a running node.
+    let dockerfile = read("Dockerfile");
+    let healthcheck = dockerfile
+        .lines()
+        .find(|l| l.contains("CMD [\"/usr/local/bin/p2p-node\", \"status\""))
+        .unwrap();
+    assert!(healthcheck.contains("\"--probe\""), "{healthcheck}");
+    let probe = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+        .args(["status", "--probe", "--metrics", &nodes[0].1])
+        .output()
+        .unwrap();
+    assert!(probe.status.success());
+    assert_eq!(String::from_utf8_lossy(&probe.stdout), "ok\n");
+    drop(nodes);
+    // With the node gone the probe fails, as Docker must see it.
+    let probe = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+        .args(["status", "--probe", "--metrics", &env[0].1])
+        .output()
+        .unwrap();
+    assert!(!probe.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_images_build_from_a_small_context_and_the_sim_image_serves_the_sweep_job() {
+    let ignore =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.dockerignore"))
+            .unwrap();
+    for kept_out in ["**/target", ".git", "/fuzz/corpus"] {
+        assert!(ignore.lines().any(|l| l == kept_out), "{kept_out}");
+    }
+    let sim = read("sim.Dockerfile");
+    assert!(sim.contains("cargo build --release --locked -p p2p-sim"));
+    assert!(sim.contains("COPY scenarios /scenarios"));
+    let user = sim.lines().find_map(|l| l.strip_prefix("USER ")).unwrap();
+    assert!(user != "root" && user != "0");
+    // The sweep job runs that image's p2p-sim on its /scenarios.
+    let job = read("sweep/k8s-indexed-job.yaml");
+    assert!(job.contains("image: p2p-sim:latest") && job.contains("p2p-sim sweep /scenarios"));
+    assert!(job.contains("deploy/sim.Dockerfile"));
+}
