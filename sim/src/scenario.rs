@@ -393,6 +393,45 @@ pub struct Step {
 }
 
 impl Step {
+    /// `from` sends a request to `to` (one; see [`Step::count`]).
+    pub fn request(from: &str, to: &str) -> Self {
+        Self {
+            from: Some(from.to_owned()),
+            to: Some(to.to_owned()),
+            ..Self::new(ActionKind::Request)
+        }
+    }
+
+    /// A fault or its healing on the link between `a` and `b` (`partition`, `hold`,
+    /// `release`, `repair`...).
+    pub fn link(action: ActionKind, a: &str, b: &str) -> Self {
+        Self {
+            a: Some(a.to_owned()),
+            b: Some(b.to_owned()),
+            ..Self::new(action)
+        }
+    }
+
+    /// `action` done by or to `node` (`crash`, `restart`, `stop`, `disk_full`...).
+    pub fn node(action: ActionKind, node: &str) -> Self {
+        Self {
+            node: Some(node.to_owned()),
+            ..Self::new(action)
+        }
+    }
+
+    /// At this virtual time (since the start, or since the `after` step).
+    pub fn at(mut self, at: Duration) -> Self {
+        self.at = Some(at);
+        self
+    }
+
+    /// How many requests, or how many messages a message fault applies to.
+    pub fn count(mut self, count: u32) -> Self {
+        self.count = Some(count);
+        self
+    }
+
     /// A step doing `action` at the start, every other field unset.
     pub fn new(action: ActionKind) -> Self {
         Self {
@@ -817,6 +856,39 @@ impl Scenario {
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// A scenario of the named nodes (echoing applications, every default, seed 1), for
+    /// a simulation written in code rather than in a file: add steps with
+    /// [`Scenario::push`], set `expect`, and [`crate::run::run`] it.
+    ///
+    /// ```
+    /// use p2p_sim::scenario::{ActionKind, Count, Scenario, Step};
+    /// let mut scenario = Scenario::with_nodes(["alice", "bob"]).unwrap();
+    /// scenario.push(Step::request("alice", "bob").count(3)).unwrap();
+    /// scenario.expect.replied = Some(Count::Exactly(3));
+    /// let outcome = p2p_sim::run::run(&scenario, scenario.seed, false);
+    /// assert!(outcome.passed(), "{:?}", outcome.failures);
+    /// ```
+    pub fn with_nodes<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut text = String::new();
+        for name in names {
+            text.push_str(&format!("[[node]]\nname = {}\n\n", toml::Value::from(name)));
+        }
+        Self::parse(&text, "<code>", "in-code").map_err(|e| e.to_string())
+    }
+
+    /// Appends `step` and checks the scenario as a file's would be checked (names that
+    /// exist, the fields the action needs); a step that does not fit is refused and not
+    /// kept.
+    pub fn push(&mut self, step: Step) -> Result<&mut Self, String> {
+        self.push_drawn(step);
+        if let Err(e) = self.validate() {
+            self.steps.pop();
+            self.step_lines.pop();
+            return Err(e);
+        }
+        Ok(self)
     }
 
     /// Appends a step that no file line wrote (drawn by a swarm, a probe): line 0.
