@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
 
+mod svg_check;
+
 use std::path::Path;
 
 use p2p_sim::run::run;
@@ -56,11 +58,33 @@ fn swarm_runs_are_deterministic_too() {
 
 #[test]
 fn traces_match_snapshots() {
+    // The same runs draw their pictures: text on the canvas, no trace shorthand in
+    // labels, `#` and `;` only as Mermaid's entity codes.
+    let mut pictures = Vec::new();
     insta::glob!("../../scenarios", "*.toml", |path| {
         let scenario = Scenario::load(path).unwrap();
         let outcome = run(&scenario, scenario.seed, false);
         insta::assert_snapshot!(outcome.trace.text());
+        let svg = outcome.trace.svg(&outcome.nodes);
+        let name = &scenario.name;
+        pictures.extend(
+            svg_check::problems(&svg)
+                .into_iter()
+                .map(|p| format!("{name}: {p}")),
+        );
+        for line in outcome.trace.mermaid(&outcome.nodes).lines() {
+            let stripped = line.replace("#35;", "").replace("#59;", "");
+            if stripped.contains('#') || stripped.contains(';') {
+                pictures.push(format!("{name}: Mermaid line {line:?}"));
+            }
+        }
     });
+    assert!(
+        pictures.is_empty(),
+        "{} problems in the pictures:\n{}",
+        pictures.len(),
+        pictures.join("\n")
+    );
 }
 
 /// Runs every scenario over `seeds` swarm seeds on two threads; returns the failures.

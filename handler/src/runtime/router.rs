@@ -281,7 +281,7 @@ impl<T: Transport> Router<T> {
             let stream = match connected {
                 Ok(stream) => stream,
                 Err(e) => {
-                    let event = ConnEvent::Closed(Closed::Io(format!("connect to {addr}: {e}")));
+                    let event = ConnEvent::Closed(Closed::Io(connect_failed(addr, &e)));
                     let _ = events.send(NetEvent::Conn { conn, event }).await;
                     return conn;
                 }
@@ -504,5 +504,37 @@ pub(super) async fn accept_loop<L: Listener>(
         } else {
             backoff = Duration::from_millis(10);
         }
+    }
+}
+
+/// Why a dial to `addr` failed, in words: the error's own text, or its kind when the text
+/// says nothing more than the address (some transports' errors carry only that).
+fn connect_failed(addr: SocketAddr, e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let why = if text.is_empty() || text == addr.to_string() {
+        e.kind().to_string()
+    } else {
+        text
+    };
+    format!("connect to {addr}: {why}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_failed;
+
+    #[test]
+    fn a_connect_error_that_only_repeats_the_address_says_its_kind() {
+        let addr: std::net::SocketAddr = "192.168.0.1:7000".parse().unwrap();
+        let bare = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, addr.to_string());
+        assert_eq!(
+            connect_failed(addr, &bare),
+            "connect to 192.168.0.1:7000: connection refused"
+        );
+        let said = std::io::Error::new(std::io::ErrorKind::TimedOut, "no route to host");
+        assert_eq!(
+            connect_failed(addr, &said),
+            "connect to 192.168.0.1:7000: no route to host"
+        );
     }
 }
