@@ -220,6 +220,14 @@ impl P2pHandler {
         self.block_on(self.handler.cancel(exchange))?
     }
 
+    /// How our unfinished exchange stands; see [`Handler::progress`].
+    pub fn progress(
+        &self,
+        exchange: ExchangeId,
+    ) -> Result<Option<crate::endpoint::Progress>, HandlerError> {
+        self.block_on(self.handler.progress(exchange))?
+    }
+
     /// Refuses `peer_id`'s request `exchange` at once; see [`Handler::reject`].
     pub fn reject(&self, peer_id: PeerId, exchange: ExchangeId) -> Result<(), HandlerError> {
         self.block_on(self.handler.reject(peer_id, exchange))?

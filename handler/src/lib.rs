@@ -41,7 +41,7 @@ pub use config::{Config, RateLimit};
 pub use connection::{Closed, ConnError, ConnEvent, Connection, Remote};
 pub use endpoint::{
     ConnId, Direction, Endpoint, Event, Failure, KeyedExchange, MembershipEvent, Output,
-    PeerSummary, Receipt, RequestError, RespondError, Source,
+    PeerSummary, Progress, Receipt, RequestError, RespondError, RetryCause, Source,
 };
 pub use facade::P2pHandler;
 pub use identity::{Keypair, PeerId};

@@ -728,9 +728,18 @@ pub(crate) fn write_secret(out: &Path, force: bool, text: &str) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(out)
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    let mut file = options.open(out).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            format!(
+                "{} exists: a key is an identity, so it is never replaced unasked; pass \
+                 --force to overwrite it (whoever knows the old one by its id will not know \
+                 the new one)",
+                out.display()
+            )
+        } else {
+            format!("cannot write {}: {e}", out.display())
+        }
+    })?;
     file.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -1265,7 +1274,14 @@ fn send(
                 }
                 // Outcomes of requests a previous run left in the data directory.
                 Some(other) => report_outcome(&other),
-                None => return Err(format!("no reply within {timeout:?}").into()),
+                None => {
+                    // Say why, if the handler knows: the state and the last failed try.
+                    let why = match node.progress(id) {
+                        Ok(Some(progress)) => format!(": {progress}"),
+                        _ => String::new(),
+                    };
+                    return Err(format!("no reply within {timeout:?}{why}").into());
+                }
             }
         }
     }

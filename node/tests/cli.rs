@@ -620,3 +620,54 @@ fn a_key_another_user_owns_is_named_with_both_users_and_the_fix() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_send_that_times_out_says_why_and_names_a_peer_that_speaks_another_protocol() {
+    let setup = Setup::new("not-p2p");
+    // Something that is not a node: it answers the handshake with an HTTP error and
+    // hangs up, as a web server on the wrong port does.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten().take(64) {
+            let mut stream = stream;
+            let mut buf = [0u8; 512];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let err = failure(setup.send("alice", &format!("{}@{addr}", setup.bob)).args([
+        "--timeout",
+        "10",
+        "hello?",
+    ]));
+    assert!(err.contains("no reply within 10s: "), "{err}");
+    assert!(
+        err.contains("the last: could not connect")
+            && err.contains("the connection ended in the middle of a frame")
+            && err.contains("is the other end a p2p-handler node?"),
+        "{err}"
+    );
+    assert!(!err.contains("bytes remaining on stream"), "{err}");
+}
+
+#[test]
+fn keygen_never_replaces_a_key_unasked_and_says_how_to() {
+    let dir = std::env::temp_dir().join(format!("p2p-node-keygen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = keygen(&dir, "k.key");
+    let err = failure(node().args(["keygen", "--out"]).arg(dir.join("k.key")));
+    assert!(
+        err.contains("k.key exists") && err.contains("--force"),
+        "{err}"
+    );
+    let again = output(node().args(["id", "--key"]).arg(dir.join("k.key")));
+    assert_eq!(again.trim(), first, "the key was replaced");
+    let second = output(
+        node()
+            .args(["keygen", "--force", "--out"])
+            .arg(dir.join("k.key")),
+    );
+    assert_ne!(second.trim(), first);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -62,5 +62,8 @@ fn every_field_of_the_scenario_format_is_documented() {
         }
     }
     assert!(seen > 60, "only {seen} fields found: the reader is broken");
-    assert!(missing.is_empty(), "undocumented in docs/SCENARIOS.md: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "undocumented in docs/SCENARIOS.md: {missing:#?}"
+    );
 }

@@ -524,6 +524,55 @@ fn peer_summaries_count_what_is_open_and_in_flight_on_each_side() {
 }
 
 #[test]
+fn progress_says_how_an_unfinished_exchange_stands_and_why_its_last_try_failed() {
+    let mut net = pair();
+    net.nodes[BOB].app = App::Manual;
+    net.partition(ALICE, BOB);
+    let id = net.request(ALICE, BOB, b"anyone?");
+    let fresh = net.nodes[ALICE].endpoint.progress(id).expect("unfinished");
+    assert_eq!((fresh.failed_tries, fresh.last_cause.clone()), (0, None));
+    net.run_until(secs(30), |n| {
+        n.nodes[ALICE]
+            .endpoint
+            .progress(id)
+            .is_some_and(|p| p.failed_tries >= 2)
+    });
+    let stuck = net.nodes[ALICE]
+        .endpoint
+        .progress(id)
+        .expect("still unfinished");
+    assert!(stuck.failed_tries >= 2, "{stuck:?}");
+    assert!(!stuck.acked);
+    assert!(
+        matches!(
+            stuck.last_cause,
+            Some(RetryCause::DialFailed(_) | RetryCause::ConnectTimeout)
+        ),
+        "{stuck:?}"
+    );
+    assert!(
+        stuck.to_string().contains("failed tries; the last: "),
+        "{stuck}"
+    );
+    net.repair(ALICE, BOB);
+    net.run_until(secs(60), |n| {
+        n.nodes[ALICE]
+            .endpoint
+            .progress(id)
+            .is_some_and(|p| p.acked)
+    });
+    let bob_has_it = net.nodes[ALICE]
+        .endpoint
+        .progress(id)
+        .expect("not answered yet");
+    assert!(bob_has_it.acked, "{bob_has_it:?}");
+    let alice = net.id(ALICE);
+    net.respond(BOB, alice, id, b"here");
+    net.run_until(secs(10), |n| n.replies(ALICE).len() == 1);
+    assert_eq!(net.nodes[ALICE].endpoint.progress(id), None, "ended");
+}
+
+#[test]
 fn a_burst_to_one_peer_rides_one_connection_closed_after_the_last() {
     // Without reuse, requests already queued behind an exchange follow it on its
     // connection; the last one closes it.

@@ -272,7 +272,7 @@ impl ConnTask {
             Some(Ok(frame)) => frame,
             Some(Err(e)) => {
                 *frames_seen = true;
-                return Err(format!("read failed: {e}"));
+                return Err(read_failed(&e));
             }
             None => return Err("connection closed by peer".into()),
         };
@@ -557,5 +557,18 @@ impl ConnTask {
             return;
         };
         let _ = self.events.send(message).await;
+    }
+}
+
+/// A failed read, in words. The framing codec's "bytes remaining on stream" means the
+/// stream ended inside a frame: the other end closed mid-message, or never spoke this
+/// protocol at all (an HTTP server answering our handshake with its own error).
+fn read_failed(e: &io::Error) -> String {
+    if e.to_string() == "bytes remaining on stream" {
+        "read failed: the connection ended in the middle of a frame (is the other end a \
+         p2p-handler node?)"
+            .to_owned()
+    } else {
+        format!("read failed: {e}")
     }
 }

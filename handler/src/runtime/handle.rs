@@ -299,6 +299,10 @@ pub(super) enum Command {
         exchange: ExchangeId,
         reply: oneshot::Sender<bool>,
     },
+    Progress {
+        exchange: ExchangeId,
+        reply: oneshot::Sender<Option<crate::endpoint::Progress>>,
+    },
     Reject {
         peer: PeerId,
         exchange: ExchangeId,
@@ -1015,6 +1019,16 @@ impl Handler {
     /// the peer's application). Returns whether it was unfinished.
     pub async fn cancel(&self, exchange: ExchangeId) -> Result<bool, HandlerError> {
         self.call(|reply| Command::Cancel { exchange, reply }).await
+    }
+
+    /// How our unfinished exchange `exchange` stands (its state, failed tries, why the
+    /// last one failed); `None` once it has ended.
+    pub async fn progress(
+        &self,
+        exchange: ExchangeId,
+    ) -> Result<Option<crate::endpoint::Progress>, HandlerError> {
+        self.call(|reply| Command::Progress { exchange, reply })
+            .await
     }
 
     /// Refuses `peer`'s request `exchange` instead of answering it: the dialer's exchange

@@ -670,6 +670,9 @@ impl HandlerTask {
                 };
                 self.answer(reply, confirmed);
             }
+            Command::Progress { exchange, reply } => {
+                let _ = reply.send(self.endpoint.progress(exchange));
+            }
             Command::Cancel { exchange, reply } => {
                 let cancelled = self.endpoint.cancel(exchange, now);
                 self.answer(reply, cancelled);

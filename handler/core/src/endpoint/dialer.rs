@@ -88,18 +88,27 @@ pub(super) struct Outbound {
     pub(super) state: OutState,
 }
 
-/// An exchange's idempotency key and deadline ([`Endpoint::request_with`]).
-#[derive(Debug)]
+/// An exchange's idempotency key and deadline ([`Endpoint::request_with`]), and why its
+/// last try failed: what only some exchanges carry.
+#[derive(Debug, Default)]
 pub(super) struct Extras {
     pub(super) key: Option<Bytes>,
     /// Then tries are bounded by it alone, not by `max_attempts` or the exchange budget.
     pub(super) deadline: Option<Deadline>,
+    /// Why the last try failed, once one has ([`Endpoint::progress`]).
+    pub(super) last_cause: Option<RetryCause>,
 }
 
 impl Extras {
     /// Boxed, or nothing when there is nothing to keep.
     pub(super) fn new(key: Option<Bytes>, deadline: Option<Deadline>) -> Option<Box<Self>> {
-        (key.is_some() || deadline.is_some()).then(|| Box::new(Self { key, deadline }))
+        (key.is_some() || deadline.is_some()).then(|| {
+            Box::new(Self {
+                key,
+                deadline,
+                last_cause: None,
+            })
+        })
     }
 }
 
@@ -299,6 +308,7 @@ impl Endpoint {
             ex.failures += 1;
         }
         ex.state = OutState::Backoff { conn };
+        ex.extras.get_or_insert_default().last_cause = Some(cause.clone());
         let (tries, deadline, started) = (ex.failures + ex.unreached, ex.deadline(), ex.started);
         let delay = self.backoff(tries).max(hint.min(self.config.backoff_max));
         let Some(ex) = self.outbound.get_mut(&id) else {

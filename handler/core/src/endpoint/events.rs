@@ -830,6 +830,38 @@ pub enum RespondError {
     },
 }
 
+/// How one of our exchanges stands ([`crate::Endpoint::progress`]): for an application
+/// that waited long and wants to say why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Progress {
+    /// Its state (`Queued`, `Connecting`, `AwaitingAck`, `AwaitingReply`, `Backoff`).
+    pub state: &'static str,
+    /// Tries that failed so far.
+    pub failed_tries: u32,
+    /// The responder acknowledged the request: its application has it.
+    pub acked: bool,
+    /// Why the last try failed, if one has.
+    pub last_cause: Option<RetryCause>,
+}
+
+impl fmt::Display for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tries = match self.failed_tries {
+            1 => "1 failed try".to_owned(),
+            n => format!("{n} failed tries"),
+        };
+        write!(f, "{}, {tries}", self.state)?;
+        if self.acked {
+            f.write_str(", acknowledged by the peer")?;
+        }
+        if let Some(cause) = &self.last_cause {
+            write!(f, "; the last: {cause}")?;
+        }
+        Ok(())
+    }
+}
+
 /// One peer as a status page shows it ([`crate::Endpoint::peer_summaries`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

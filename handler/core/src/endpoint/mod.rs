@@ -36,8 +36,8 @@ mod responder;
 
 pub use dialer::Deadline;
 pub use events::{
-    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, PeerSummary, Receipt,
-    RecordEvent, RequestError, RespondError, RetryCause, Source, Stats,
+    Event, Failure, KeyedExchange, LimitKind, MembershipEvent, PeerError, PeerSummary, Progress,
+    Receipt, RecordEvent, RequestError, RespondError, RetryCause, Source, Stats,
 };
 pub use membership::{
     InstallError, Installed, MAX_DOCUMENTS_BYTES, MAX_DOCUMENTS_PER_MESSAGE, MAX_SYNC_DIALS,
@@ -572,6 +572,24 @@ impl Endpoint {
             (Direction::Inbound, *peer, *id, state)
         });
         outbound.chain(inbound).collect()
+    }
+
+    /// How our exchange `id` stands, while it is unfinished.
+    pub fn progress(&self, id: ExchangeId) -> Option<Progress> {
+        let ex = self.outbound.get(&id)?;
+        let state = match ex.state {
+            OutState::Queued => "Queued",
+            OutState::Connecting { .. } => "Connecting",
+            OutState::AwaitingAck { .. } => "AwaitingAck",
+            OutState::AwaitingReply { .. } => "AwaitingReply",
+            OutState::Backoff { .. } => "Backoff",
+        };
+        Some(Progress {
+            state,
+            failed_tries: ex.failures + ex.unreached,
+            acked: ex.acked,
+            last_cause: ex.extras.as_ref().and_then(|e| e.last_cause.clone()),
+        })
     }
 
     /// Per peer, what is open and in flight now, ascending by peer: every allowed peer,
