@@ -845,7 +845,9 @@ fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
 
     let mut verbose = Served::start(&setup, &args, &[("RUST_LOG", "debug")]);
     assert!(send(&setup, "alice", &verbose.target, "three").0);
-    verbose.wait_log("connection established");
+    // Addresses as people write them, not as Rust debugs an Option.
+    let line = verbose.wait_log("connection established");
+    assert!(line.contains("addr=127.0.0.1:"), "{line}");
     // Lines about one exchange sit in its span: peer, id, attempt.
     let line = verbose.wait_log("received");
     assert!(
@@ -861,6 +863,9 @@ fn a_successful_exchange_logs_nothing_by_default_and_every_message_at_debug() {
         line.contains("conn{conn=i") && line.contains("remote=127.0.0.1:"),
         "{line}"
     );
+    verbose.signal("TERM");
+    let (_, log) = verbose.exit();
+    assert!(!log.iter().any(|l| l.contains("Some(")), "{log:#?}");
 }
 
 #[test]

@@ -59,6 +59,17 @@ impl OutState {
             Self::Backoff { conn } => conn,
         }
     }
+
+    /// The state's name, as traces and [`super::Endpoint::progress`] show it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "Queued",
+            Self::Connecting { .. } => "Connecting",
+            Self::AwaitingAck { .. } => "AwaitingAck",
+            Self::AwaitingReply { .. } => "AwaitingReply",
+            Self::Backoff { .. } => "Backoff",
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -551,16 +551,10 @@ impl Endpoint {
     /// `AwaitingReplyAck`, `Unconfirmed`, `Done`, `Aborted`). Finished outbound exchanges are
     /// absent. Allocates: meant for simulators and debugging, not hot paths.
     pub fn exchange_states(&self) -> Vec<(Direction, PeerId, ExchangeId, &'static str)> {
-        let outbound = self.outbound.iter().map(|(id, ex)| {
-            let state = match ex.state {
-                OutState::Queued => "Queued",
-                OutState::Connecting { .. } => "Connecting",
-                OutState::AwaitingAck { .. } => "AwaitingAck",
-                OutState::AwaitingReply { .. } => "AwaitingReply",
-                OutState::Backoff { .. } => "Backoff",
-            };
-            (Direction::Outbound, ex.peer, *id, state)
-        });
+        let outbound = self
+            .outbound
+            .iter()
+            .map(|(id, ex)| (Direction::Outbound, ex.peer, *id, ex.state.name()));
         let inbound = self.inbound.iter().map(|((peer, id), r)| {
             let state = match r.state {
                 InState::AwaitingResponse => "AwaitingResponse",
@@ -577,15 +571,8 @@ impl Endpoint {
     /// How our exchange `id` stands, while it is unfinished.
     pub fn progress(&self, id: ExchangeId) -> Option<Progress> {
         let ex = self.outbound.get(&id)?;
-        let state = match ex.state {
-            OutState::Queued => "Queued",
-            OutState::Connecting { .. } => "Connecting",
-            OutState::AwaitingAck { .. } => "AwaitingAck",
-            OutState::AwaitingReply { .. } => "AwaitingReply",
-            OutState::Backoff { .. } => "Backoff",
-        };
         Some(Progress {
-            state,
+            state: ex.state.name(),
             failed_tries: ex.failures + ex.unreached,
             acked: ex.acked,
             last_cause: ex.extras.as_ref().and_then(|e| e.last_cause.clone()),
