@@ -411,6 +411,20 @@ fn a_counter_that_disagrees_with_the_application_is_caught() {
 }
 
 #[test]
+fn an_early_request_the_responder_does_not_count_is_caught() {
+    // Alice knows Bob's key, so her first dial carries the request in IK message 1; Bob
+    // takes it there, and must count it.
+    let text = format!("{PAIR}\n[[step]]\ndo = \"request\"\nfrom = \"alice\"\nto = \"bob\"\n");
+    let failures = caught(&text, Sabotage::UncountedEarlyRequest);
+    let f = one_matching(&failures, "model (counters)");
+    assert!(
+        f.contains("bob: Stats::early_requests_taken + early_requests_refused says 0")
+            && f.contains("the tap saw 1 Requests arrived in IK message 1"),
+        "{f}"
+    );
+}
+
+#[test]
 fn a_violation_the_node_does_not_report_is_caught_by_the_hostile_rule() {
     // Alice's key, in a hostile host's hands, breaks the protocol on an established
     // session: Bob must tell it why, hang up, and report it naming Alice.

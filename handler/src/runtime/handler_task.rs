@@ -923,13 +923,14 @@ impl HandlerTask {
             NetEvent::Conn { conn, event } => {
                 let peer = self.endpoint.peer_of(conn);
                 let arrival = match (&event, peer) {
-                    // A Request in IK message 1 is seen, and may be faulted, as any.
-                    (
-                        ConnEvent::Message(message) | ConnEvent::Early { message, .. },
-                        Some(peer),
-                    ) => {
+                    (ConnEvent::Message(message), Some(peer)) => {
                         observe::message(false, conn, Some(peer), message);
                         self.tap.incoming(conn, peer, message)
+                    }
+                    // A Request in IK message 1 is seen, and may be faulted, as any.
+                    (ConnEvent::Early { message, .. }, Some(peer)) => {
+                        observe::message(false, conn, Some(peer), message);
+                        self.tap.early(conn, peer, message)
                     }
                     (ConnEvent::Message(_) | ConnEvent::Early { .. }, None) => Arrival::Pass,
                     (other, peer) => {

@@ -47,6 +47,11 @@ pub trait Tap: Send + Sync + 'static {
     fn incoming(&self, _conn: ConnId, _peer: PeerId, _message: &Message) -> Arrival {
         Arrival::Pass
     }
+    /// A Request arrived in IK message 1 on `conn` (before the session): by default, as
+    /// any arrival.
+    fn early(&self, conn: ConnId, peer: PeerId, message: &Message) -> Arrival {
+        self.incoming(conn, peer, message)
+    }
     /// The endpoint asked for a dial.
     fn dial(&self, _conn: ConnId, _peer: PeerId, _addr: SocketAddr) {}
     /// A connection was established, closed or failed (`peer` once known).

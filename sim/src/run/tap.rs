@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use p2p_handler::wire::{AckOf, ExchangeId, Message};
+use p2p_handler::wire::{AckOf, ExchangeId, Message, NackReason};
 use p2p_handler::{Arrival, ConnError, ConnEvent, PeerId, Tap, Verdict};
 
 use super::world::{Shared, lock, now};
@@ -124,6 +124,19 @@ impl Tap for SimTap {
                 let dialer = (from, s.incarnation_key(from), s.nodes[from].incarnation);
                 s.model.request_sent(dialer, to, *exchange, *attempt);
                 s.nodes[from].copies.resent += u64::from(*attempt > 1);
+                let copies = &mut s.nodes[from].copies;
+                copies.requests_out += 1;
+                copies.early_out += u64::from(copies.dialing.contains(&conn));
+            }
+            Message::Nack { reason, .. } => {
+                let copies = &mut s.nodes[from].copies;
+                copies.nacks_out += 1;
+                copies.early_refused_out += u64::from(*reason == NackReason::EarlyRefused);
+            }
+            Message::Reply { exchange, .. } => {
+                let copies = &mut s.nodes[from].copies;
+                copies.replies_out += 1;
+                copies.replied.insert((peer, *exchange));
             }
             Message::Ack {
                 exchange,
@@ -199,6 +212,9 @@ impl Tap for SimTap {
             },
         );
         s.count_triggers(from, to, message, false);
+        if let Message::Nack { .. } = message {
+            s.nodes[to].copies.nacks_in += 1;
+        }
         if let Message::Request {
             exchange, attempt, ..
         } = message
@@ -242,8 +258,18 @@ impl Tap for SimTap {
         Arrival::Pass
     }
 
+    fn early(&self, conn: p2p_handler::ConnId, peer: PeerId, message: &Message) -> Arrival {
+        let arrival = self.incoming(conn, peer, message);
+        if arrival == Arrival::Pass {
+            lock(&self.shared).nodes[self.node].copies.early_in += 1;
+        }
+        arrival
+    }
+
     fn dial(&self, conn: p2p_handler::ConnId, peer: PeerId, addr: SocketAddr) {
         let mut s = lock(&self.shared);
+        s.nodes[self.node].copies.dials += 1;
+        s.nodes[self.node].copies.dialing.insert(conn);
         if let Some(target) = s.by_peer.get(&peer).copied() {
             let names = s.names.clone();
             if let Some(r) = s.records.as_mut() {
@@ -260,6 +286,8 @@ impl Tap for SimTap {
 
     fn connection(&self, conn: p2p_handler::ConnId, peer: Option<PeerId>, event: &ConnEvent) {
         let mut s = lock(&self.shared);
+        // Established or gone: what it carries from now on is not message 1's.
+        s.nodes[self.node].copies.dialing.remove(&conn);
         let other = peer
             .and_then(|p| s.by_peer.get(&p).copied())
             .or_else(|| s.model.peer_of_conn(self.node, conn));
@@ -402,6 +430,7 @@ fn injected_nack(
                 "refuse {text} (app refuses the first {refuse_first})"
             )),
         );
+        s.nodes[to].copies.nacks_injected += 1;
         return Some(Arrival::Nack(NACK_REASON));
     }
     let rule = s.rules.iter_mut().find(|r| {
@@ -421,6 +450,7 @@ fn injected_nack(
             link,
         },
     );
+    s.nodes[to].copies.nacks_injected += 1;
     Some(Arrival::Nack(NACK_REASON))
 }
 

@@ -51,6 +51,27 @@ pub(super) struct Copies {
     pub(super) distinct: BTreeSet<(PeerId, ExchangeId)>,
     /// Requests it sent with an attempt above 1.
     pub(super) resent: u64,
+    /// Requests it sent (every copy the tap saw leave, message 1's included).
+    pub(super) requests_out: u64,
+    /// Dials it made (every one the tap saw).
+    pub(super) dials: u64,
+    /// Nacks it sent, and those of them the simulator injected for it.
+    pub(super) nacks_out: u64,
+    pub(super) nacks_injected: u64,
+    /// Nacks that reached it.
+    pub(super) nacks_in: u64,
+    /// Replies it sent, and the exchanges they answered.
+    pub(super) replies_out: u64,
+    pub(super) replied: BTreeSet<(PeerId, ExchangeId)>,
+    /// Its dials not established yet: a Request on one rides in IK message 1.
+    pub(super) dialing: BTreeSet<p2p_handler::ConnId>,
+    /// Requests it sent in IK message 1.
+    pub(super) early_out: u64,
+    /// Requests in IK message 1 that reached its endpoint (not dropped or Nacked by a
+    /// fault).
+    pub(super) early_in: u64,
+    /// Nacks it sent refusing a Request in IK message 1 (`EarlyRefused`).
+    pub(super) early_refused_out: u64,
 }
 
 /// Everything hosts and the simulator share. Single-threaded in practice (turmoil runs

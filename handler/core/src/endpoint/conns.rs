@@ -241,7 +241,9 @@ impl Endpoint {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.early_floor = sent_unix_ms;
             }
-            self.stats.early_requests_taken += 1;
+            if !self.sabotaged(super::Sabotage::UncountedEarlyRequest) {
+                self.stats.early_requests_taken += 1;
+            }
             return self.on_message(conn, message, now);
         }
         self.stats.early_requests_refused += 1;

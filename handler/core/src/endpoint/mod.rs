@@ -340,11 +340,13 @@ pub enum Sabotage {
     UncountedDelivery,
     /// A peer that breaks the protocol is disconnected without a word to the application.
     UnreportedViolation,
+    /// A Request taken from IK message 1 is not counted in `Stats::early_requests_taken`.
+    UncountedEarlyRequest,
 }
 
 impl Sabotage {
     /// Every defect, for tools that plant each in turn.
-    pub const ALL: [Sabotage; 19] = [
+    pub const ALL: [Sabotage; 20] = [
         Sabotage::NoDedupe,
         Sabotage::DoubleOutcome,
         Sabotage::SwallowDelivery,
@@ -364,6 +366,7 @@ impl Sabotage {
         Sabotage::DedupeOverBound,
         Sabotage::UncountedDelivery,
         Sabotage::UnreportedViolation,
+        Sabotage::UncountedEarlyRequest,
     ];
 }
 
