@@ -261,65 +261,8 @@ fn counters(s: &Shared, statuses: &[Option<Status>], failures: &mut Vec<String>)
             wrong("membership_applied", docs, saw);
         }
         let copies = &node.copies;
-        // What the tap saw leave and arrive pins the traffic counters down: every dial,
-        // every Request (message 1's included), every Nack of the endpoint's own; Nacks
-        // counted as received and replies counted as from the cache within what arrived
-        // and left; IK message 1 Requests sent, and taken or refused, exactly.
-        let exact = [
-            (
-                "dials + membership_sync_dials",
-                stats.dials + stats.membership_sync_dials,
-                copies.dials,
-                "dials",
-            ),
-            (
-                "requests_sent",
-                stats.requests_sent,
-                copies.requests_out,
-                "Requests sent",
-            ),
-            (
-                "nacks_sent + the simulator's injected Nacks",
-                stats.nacks_sent + copies.nacks_injected,
-                copies.nacks_out,
-                "Nacks sent",
-            ),
-            (
-                "early_requests_sent",
-                stats.early_requests_sent,
-                copies.early_out,
-                "Requests sent in IK message 1",
-            ),
-            (
-                "early_requests_taken + early_requests_refused",
-                stats.early_requests_taken + stats.early_requests_refused,
-                copies.early_in,
-                "Requests arrived in IK message 1",
-            ),
-            (
-                "early_requests_refused",
-                stats.early_requests_refused,
-                copies.early_refused_out,
-                "Nacks EarlyRefused sent",
-            ),
-        ];
-        for (what, said, saw, of) in exact {
-            if said != saw {
-                wrong(what, said, format!("the tap saw {saw} {of}"));
-            }
-        }
-        if stats.nacks_received > copies.nacks_in {
-            let saw = format!("only {} Nacks reached it", copies.nacks_in);
-            wrong("nacks_received", stats.nacks_received, saw);
-        }
-        let repeated = copies.replies_out - copies.replied.len() as u64;
-        if stats.replies_from_cache > copies.replies_out || stats.replies_from_cache < repeated {
-            let saw = format!(
-                "it sent {} Replies to {} exchanges",
-                copies.replies_out,
-                copies.replied.len()
-            );
-            wrong("replies_from_cache", stats.replies_from_cache, saw);
+        for (what, said, saw) in traffic(stats, copies) {
+            wrong(what, said, saw);
         }
         // A memory-only node's first copy of an exchange in an incarnation is never a
         // duplicate (it remembers nothing older).
@@ -344,6 +287,76 @@ fn counters(s: &Shared, statuses: &[Option<Status>], failures: &mut Vec<String>)
             wrong("duplicates_dropped", stats.duplicates_dropped, saw);
         }
     }
+}
+
+/// The traffic counters against what the tap saw leave and arrive: each disagreement as
+/// (counter, what it says, what was seen).
+fn traffic(
+    stats: &p2p_handler::endpoint::Stats,
+    copies: &super::world::Copies,
+) -> Vec<(&'static str, u64, String)> {
+    let mut out = Vec::new();
+    // What the tap saw leave and arrive pins the traffic counters down: every dial,
+    // every Request (message 1's included), every Nack of the endpoint's own; Nacks
+    // counted as received and replies counted as from the cache within what arrived
+    // and left; IK message 1 Requests sent, and taken or refused, exactly.
+    let exact = [
+        (
+            "dials + membership_sync_dials",
+            stats.dials + stats.membership_sync_dials,
+            copies.dials,
+            "dials",
+        ),
+        (
+            "requests_sent",
+            stats.requests_sent,
+            copies.requests_out,
+            "Requests sent",
+        ),
+        (
+            "nacks_sent + the simulator's injected Nacks",
+            stats.nacks_sent + copies.nacks_injected,
+            copies.nacks_out,
+            "Nacks sent",
+        ),
+        (
+            "early_requests_sent",
+            stats.early_requests_sent,
+            copies.early_out,
+            "Requests sent in IK message 1",
+        ),
+        (
+            "early_requests_taken + early_requests_refused",
+            stats.early_requests_taken + stats.early_requests_refused,
+            copies.early_in,
+            "Requests arrived in IK message 1",
+        ),
+        (
+            "early_requests_refused",
+            stats.early_requests_refused,
+            copies.early_refused_out,
+            "Nacks EarlyRefused sent",
+        ),
+    ];
+    for (what, said, saw, of) in exact {
+        if said != saw {
+            out.push((what, said, format!("the tap saw {saw} {of}")));
+        }
+    }
+    if stats.nacks_received > copies.nacks_in {
+        let saw = format!("only {} Nacks reached it", copies.nacks_in);
+        out.push(("nacks_received", stats.nacks_received, saw));
+    }
+    let repeated = copies.replies_out - copies.replied.len() as u64;
+    if stats.replies_from_cache > copies.replies_out || stats.replies_from_cache < repeated {
+        let saw = format!(
+            "it sent {} Replies to {} exchanges",
+            copies.replies_out,
+            copies.replied.len()
+        );
+        out.push(("replies_from_cache", stats.replies_from_cache, saw));
+    }
+    out
 }
 
 /// Progress and liveness once healed.
