@@ -152,7 +152,7 @@ impl Observer {
             None => tracing::Span::none(),
         };
         let _entered = span.enter();
-        self.time(event);
+        self.count_and_time(event);
         match event {
             Event::Request {
                 peer,
@@ -161,7 +161,6 @@ impl Observer {
                 ..
             } => tracing::debug!(peer = %peer.short(), %exchange, redelivered, "request delivered"),
             Event::Reply { peer, exchange, .. } => {
-                metrics::counter!("p2p_exchanges_total", "outcome" => "reply").increment(1);
                 tracing::debug!(peer = %peer.short(), %exchange, "reply received");
             }
             Event::Failed {
@@ -170,8 +169,6 @@ impl Observer {
                 failure,
                 ..
             } => {
-                let cause = failure_cause(failure);
-                metrics::counter!("p2p_exchanges_total", "outcome" => cause).increment(1);
                 if *failure == Failure::Cancelled {
                     // The application asked for it: not a problem.
                     tracing::debug!(peer = %peer.short(), %exchange, "request cancelled");
@@ -183,11 +180,9 @@ impl Observer {
                 );
             }
             Event::ResponseDelivered { peer, exchange, .. } => {
-                metrics::counter!("p2p_responses_total", "outcome" => "delivered").increment(1);
                 tracing::debug!(peer = %peer.short(), %exchange, "reply confirmed");
             }
             Event::ResponseUnconfirmed { peer, exchange, .. } => {
-                metrics::counter!("p2p_responses_total", "outcome" => "unconfirmed").increment(1);
                 self.warn(
                     ("reply_unconfirmed", Some(*peer)),
                     format!(
@@ -197,7 +192,6 @@ impl Observer {
                 );
             }
             Event::ResponseTimedOut { peer, exchange, .. } => {
-                metrics::counter!("p2p_responses_total", "outcome" => "timed_out").increment(1);
                 self.warn(
                     ("response_timed_out", Some(*peer)),
                     format!(
@@ -212,14 +206,12 @@ impl Observer {
                 reason,
                 ..
             } => {
-                metrics::counter!("p2p_responses_total", "outcome" => "aborted").increment(1);
                 self.warn(
                     ("response_aborted", Some(*peer)),
                     format!("request {exchange} from {} aborted: {reason}", peer.short()),
                 );
             }
             Event::ResponseCancelled { peer, exchange, .. } => {
-                metrics::counter!("p2p_responses_total", "outcome" => "cancelled").increment(1);
                 tracing::info!(peer = %peer.short(), %exchange, "request cancelled: the peer was revoked");
             }
             Event::PeerError(error) => {
@@ -261,26 +253,23 @@ impl Observer {
 
     /// One of our requests was accepted: its exchange starts now.
     pub(super) fn request_started(&mut self, peer: PeerId, exchange: ExchangeId) {
+        self.start((true, peer, exchange));
+    }
+
+    /// Starts timing an exchange, unless [`MAX_TIMED`] are timed already. A keyed request
+    /// may name an exchange already started: its first start is kept.
+    fn start(&mut self, key: (bool, PeerId, ExchangeId)) {
         if self.started.len() < MAX_TIMED {
-            // A keyed request may name an exchange already started: keep its first start.
-            self.started
-                .entry((true, peer, exchange))
-                .or_insert_with(Instant::now);
+            self.started.entry(key).or_insert_with(Instant::now);
         }
     }
 
-    /// Starts timing a peer's request at its delivery, or records how long an exchange
-    /// took at its outcome.
-    fn time(&mut self, event: &Event) {
+    /// An exchange's outcome, counted by role (`p2p_exchanges_total` for ours,
+    /// `p2p_responses_total` for peers') and, when this run saw it start, timed; a peer's
+    /// request starts being timed at its delivery.
+    fn count_and_time(&mut self, event: &Event) {
         let (ours, outcome) = match event {
-            Event::Request { peer, exchange, .. } => {
-                if self.started.len() < MAX_TIMED {
-                    self.started
-                        .entry((false, *peer, *exchange))
-                        .or_insert_with(Instant::now);
-                }
-                return;
-            }
+            Event::Request { peer, exchange, .. } => return self.start((false, *peer, *exchange)),
             Event::Reply { .. } => (true, "reply"),
             Event::Failed { failure, .. } => (true, failure_cause(failure)),
             Event::ResponseDelivered { .. } => (false, "delivered"),
@@ -290,12 +279,17 @@ impl Observer {
             Event::ResponseCancelled { .. } => (false, "cancelled"),
             _ => return,
         };
+        let (family, role) = if ours {
+            ("p2p_exchanges_total", "dialer")
+        } else {
+            ("p2p_responses_total", "responder")
+        };
+        metrics::counter!(family, "outcome" => outcome).increment(1);
         let Some((peer, exchange)) = exchange_of(event) else {
             return;
         };
         // An outcome from before a restart was not timed by this run.
         if let Some(since) = self.started.remove(&(ours, peer, exchange)) {
-            let role = if ours { "dialer" } else { "responder" };
             metrics::histogram!(catalog::EXCHANGE_DURATION, "role" => role, "outcome" => outcome)
                 .record(since.elapsed().as_secs_f64());
         }
