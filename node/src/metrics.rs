@@ -23,7 +23,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{Unit, describe_counter, describe_gauge};
@@ -50,10 +50,8 @@ pub(crate) const LAST_RELOAD: &str = "p2p_node_allow_last_reload_success_timesta
 pub(crate) struct Health {
     /// [`STARTING`], [`READY`] or [`STOPPING`].
     state: AtomicU8,
-    /// The running handler, once it runs.
-    handler: OnceLock<Handler>,
-    /// The allow list's source, for `/status`.
-    allow: Mutex<AllowReport>,
+    /// The running handler and where its allow list comes from, once it runs.
+    running: OnceLock<(Handler, AllowReport)>,
 }
 
 const STARTING: u8 = 0;
@@ -66,8 +64,7 @@ static LAST_RELOAD_UNIX: AtomicU64 = AtomicU64::new(0);
 impl Health {
     /// The node listens: ready for work.
     pub(crate) fn ready(&self, handler: Handler, allow: AllowReport) {
-        let _ = self.handler.set(handler);
-        self.set_allow(allow);
+        let _ = self.running.set((handler, allow));
         self.state.store(READY, Ordering::Release);
     }
 
@@ -76,10 +73,12 @@ impl Health {
         self.state.store(STOPPING, Ordering::Release);
     }
 
-    /// The allow list's source changed what it says (after a reload).
-    pub(crate) fn set_allow(&self, allow: AllowReport) {
-        if let Ok(mut held) = self.allow.lock() {
-            *held = allow;
+    /// "starting", "ready" or "stopping": what `/readyz` and `/status` say.
+    fn state(&self) -> &'static str {
+        match self.state.load(Ordering::Acquire) {
+            READY => "ready",
+            STARTING => "starting",
+            _ => "stopping",
         }
     }
 }
@@ -226,10 +225,9 @@ impl Server {
                 Ok(_) => ("200 OK", TEXT, "ok\n".to_owned()),
                 Err(why) => ("503 Service Unavailable", TEXT, format!("{why}\n")),
             },
-            "/readyz" => match self.health.state.load(Ordering::Acquire) {
-                READY => ("200 OK", TEXT, "ready\n".to_owned()),
-                STARTING => ("503 Service Unavailable", TEXT, "starting\n".to_owned()),
-                _ => ("503 Service Unavailable", TEXT, "stopping\n".to_owned()),
+            "/readyz" => match self.health.state() {
+                "ready" => ("200 OK", TEXT, "ready\n".to_owned()),
+                other => ("503 Service Unavailable", TEXT, format!("{other}\n")),
             },
             "/status" => match self.report() {
                 Ok(report) => match serde_json::to_string_pretty(&report) {
@@ -246,47 +244,40 @@ impl Server {
         }
     }
 
-    /// The handler's status, if it answers in time.
-    fn status(&self) -> Result<Status, String> {
-        let handler = self.health.handler.get().ok_or("starting")?;
+    /// The running handler's answer to `ask`, if it runs and answers in time.
+    fn ask<T>(
+        &self,
+        ask: impl AsyncFnOnce(&Handler) -> Result<T, p2p_handler::HandlerError>,
+    ) -> Result<T, String> {
+        let (handler, _) = self.health.running.get().ok_or("starting")?;
         self.runtime
-            .block_on(async { tokio::time::timeout(PROBE_TIMEOUT, handler.status()).await })
+            // The timer is made inside the runtime: it needs its time driver.
+            .block_on(async { tokio::time::timeout(PROBE_TIMEOUT, ask(handler)).await })
             .map_err(|_| format!("the handler did not answer within {PROBE_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())
     }
 
+    /// The handler's status, if it answers in time.
+    fn status(&self) -> Result<Status, String> {
+        self.ask(async |h| h.status().await)
+    }
+
     fn report(&self) -> Result<Report, String> {
         let status = self.status()?;
-        let handler = self.health.handler.get().ok_or("starting")?;
-        let membership = self
-            .runtime
-            .block_on(async { tokio::time::timeout(PROBE_TIMEOUT, handler.membership()).await })
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
-        let allow = self
-            .health
-            .allow
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        let state = match self.health.state.load(Ordering::Acquire) {
-            READY => "ready",
-            STARTING => "starting",
-            _ => "stopping",
-        };
+        let (handler, allow) = self.health.running.get().ok_or("starting")?;
+        let membership = self.ask(async |h| h.membership().await).ok().flatten();
         Ok(Report {
             peer_id: handler.local_peer_id().to_string(),
             listen: handler.local_addr().to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            state: state.to_owned(),
+            state: self.health.state().to_owned(),
             allow: AllowReport {
                 last_reload_unix: match LAST_RELOAD_UNIX.load(Ordering::Acquire) {
                     0 => None,
                     t => Some(t),
                 },
                 epoch: membership.as_ref().map(|m| m.epoch),
-                ..allow
+                ..allow.clone()
             },
             connections: status.open_connections,
             connection_tasks: status.connection_tasks,
