@@ -652,12 +652,15 @@ fn load_config(path: Option<&Path>) -> Result<NodeFile> {
 
 /// Loads a key file, warning when other users can read it.
 fn load_key(path: &Path) -> Result<Keypair> {
-    if let Err(e) = std::fs::File::open(path)
-        && e.kind() == std::io::ErrorKind::PermissionDenied
-    {
-        return Err(unreadable_key(path, &e).into());
-    }
-    let key = Keypair::from_file(path)?;
+    let key = Keypair::from_file(path).map_err(|error| {
+        // Unreadable (not missing, not malformed): say whose it is and who runs.
+        match std::fs::File::open(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                unreadable_key(path, &e).into()
+            }
+            _ => Box::<dyn std::error::Error>::from(error),
+        }
+    })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
