@@ -6,8 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is a failed test.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use support::Server;
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,7 +75,7 @@ fn the_systemd_unit_verifies_and_runs_the_example_config() {
         assert!(root.join(source).is_file(), "{words:?}: no {source}");
     }
     // The example config it names loads (with its relative key and allow paths).
-    let out = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+    let out = support::node()
         .args(["serve", "--config"])
         .arg(deploy("node.toml"))
         .output()
@@ -167,20 +171,10 @@ fn the_container_image_is_multi_stage_non_root_with_the_data_dir_as_a_volume() {
     assert!(dockerfile.contains("cargo build --release --locked -p p2p-node"));
 }
 
-/// A `serve` process, killed when dropped.
-struct Node(std::process::Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `p2p-node serve ARGS`; returns it, its address and its metrics address.
-fn serve(args: &[&str]) -> (Node, String, String) {
+fn serve(args: &[&str]) -> (Server, String, String) {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+    let mut child = support::node()
         .arg("serve")
         .args(args)
         .env_remove("RUST_LOG")
@@ -189,7 +183,7 @@ fn serve(args: &[&str]) -> (Node, String, String) {
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let node = Node(child);
+    let node = Server(child);
     let mut metrics = String::new();
     loop {
         let mut line = String::new();
@@ -246,7 +240,7 @@ fn the_compose_files_scripts_make_three_nodes_that_talk() {
             )),
             "service {n}"
         );
-        let check = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+        let check = support::node()
             .args(["check", "--config"])
             .arg(&config)
             .output()
@@ -301,7 +295,7 @@ fn the_compose_files_scripts_make_three_nodes_that_talk() {
         .find(|l| l.contains("CMD [\"/usr/local/bin/p2p-node\", \"status\""))
         .unwrap();
     assert!(healthcheck.contains("\"--probe\""), "{healthcheck}");
-    let probe = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+    let probe = support::node()
         .args(["status", "--probe", "--metrics", &nodes[0].1])
         .output()
         .unwrap();
@@ -309,7 +303,7 @@ fn the_compose_files_scripts_make_three_nodes_that_talk() {
     assert_eq!(String::from_utf8_lossy(&probe.stdout), "ok\n");
     drop(nodes);
     // With the node gone the probe fails, as Docker must see it.
-    let probe = Command::new(env!("CARGO_BIN_EXE_p2p-node"))
+    let probe = support::node()
         .args(["status", "--probe", "--metrics", &env[0].1])
         .output()
         .unwrap();
